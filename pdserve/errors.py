@@ -1,0 +1,25 @@
+"""Typed errors raised inside pdserve; the server maps each to one HTTP status in one place."""
+
+
+class PDServeError(Exception):
+    """Base of every error pdserve raises on purpose."""
+
+
+class InvalidRequestError(PDServeError, ValueError):
+    """The request itself is wrong (bad value, prompt too long): the client's fault, HTTP 400."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFoundError(PDServeError):
+    """The request names a model this server does not serve: HTTP 404."""
+
+
+class OverloadedError(PDServeError):
+    """The server's bounded queue is full: HTTP 503, the client may retry later."""
+
+
+class EngineDeadError(PDServeError):
+    """The engine loop has stopped and cannot serve: HTTP 503."""

@@ -1,0 +1,1 @@
+"""Model code (Llama, Qwen2, Qwen3), the architecture registry, weight loading and model preparation."""
