@@ -1,0 +1,58 @@
+"""Incremental detokenization and stop strings, per request.
+
+Text is decoded from a sliding window of token ids, so a multi-byte UTF-8 character split across tokens
+is only emitted once complete (a trailing U+FFFD means "wait"), and word-leading spaces come out right.
+Stop strings are never emitted: the last `max_stop_len - 1` characters are held back until they cannot
+start a stop string any more, and the text is cut where a stop string begins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONTEXT_TOKENS = 5
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str], skip_special: bool) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_token_ids[-CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.skip_special = skip_special
+        self.text = ""  # all output text so far (cut at a stop string)
+        self.sent = 0  # characters of `text` already handed out
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special))
+
+    def add_token(self, token_id: int) -> bool:
+        """Add one generated token; returns True when a stop string was found (text is cut there)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return False
+        old_len = len(self.text)
+        self.text += full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._cut_at_stop(old_len)
+
+    def _cut_at_stop(self, old_len: int) -> bool:
+        if not self.stop:
+            return False
+        search_from = max(0, old_len - self.hold)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+    def take(self, finished: bool) -> str:
+        """The text that is safe to hand out now (all of it once the request has finished)."""
+        end = len(self.text) if finished else max(self.sent, len(self.text) - self.hold)
+        out = self.text[self.sent : end]
+        self.sent = end
+        return out

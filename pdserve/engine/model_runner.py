@@ -1,0 +1,138 @@
+"""The model runner: owns the device, the model weights and the KV cache tensors; runs one step.
+
+KV cache layout, one tensor for the whole pool:
+
+    kv_cache: [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
+
+so one block of one layer is a contiguous range, and a layer's K (or V) for a list of blocks is one
+gather: the unit of a KV transfer. The runner knows nothing of scheduling or text.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pdserve.config import CacheConfig, ModelConfig
+from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.layers.attention.backend import get_backend_class
+from pdserve.layers.attention.metadata import AttentionMetadata
+from pdserve.layers.sampler import SampleResult, sample
+from pdserve.models.llama import head_dim_of
+from pdserve.models.loader import build_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of the pool; two peers exchanging KV must agree on it."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:  # all layers, K and V
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any) -> None:
+        self.device = torch.device(model_config.device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        torch.manual_seed(model_config.seed)
+        backend = get_backend_class(self.device)
+        self.model = build_model(
+            hf_config, model_config.path, backend, self.dtype, self.device, model_config.load_format, model_config.seed
+        )
+        self.layout = KVLayout(
+            hf_config.num_hidden_layers,
+            hf_config.num_key_value_heads,
+            head_dim_of(hf_config),
+            cache_config.block_size,
+            self.dtype,
+        )
+        self.num_blocks = self._pool_blocks(cache_config)
+        lay = self.layout
+        self.kv_cache = torch.zeros(
+            (lay.num_layers, 2, self.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv_caches = list(self.kv_cache.unbind(0))
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, lay.block_size,
+                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+
+    def _pool_blocks(self, cache: CacheConfig) -> int:
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        budget = cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
+        return max(2, budget // self.layout.bytes_per_block)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> list[SampleResult]:
+        """Run the chunks (decodes first) through the model; sample for the chunks that reach the end.
+
+        Returns one result per sampling chunk, in the order of `chunks`.
+        """
+        input_ids, positions, meta = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
+        rows = [meta.query_start_loc[i + 1] - 1 for i, c in enumerate(chunks) if c.samples]
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        return sample(logits, [c.request for c in chunks if c.samples])
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.layout.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        ctx: list[int] = []
+        for c in chunks:
+            req, start, end = c.request, c.start, c.start + c.num_tokens
+            ids.extend(req.token_ids[start:end])
+            pos.extend(range(start, end))
+            slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, end))
+            starts.append(starts[-1] + c.num_tokens)
+            ctx.append(end)
+        max_blocks = max(len(c.request.block_ids) for c in chunks)
+        tables = [c.request.block_ids + [0] * (max_blocks - len(c.request.block_ids)) for c in chunks]
+        num_decodes = 0
+        while num_decodes < len(chunks) and chunks[num_decodes].num_tokens == 1:
+            num_decodes += 1
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            seq_lens=torch.tensor(ctx, dtype=torch.long, device=dev),
+            query_start_loc=starts,
+            context_lens=ctx,
+            num_decodes=num_decodes,
+            block_size=bs,
+        )
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(pos, dtype=torch.long, device=dev),
+            meta,
+        )

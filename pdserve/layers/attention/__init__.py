@@ -1,0 +1,1 @@
+"""Paged attention behind a small interface: the metadata one step needs, and the backends."""

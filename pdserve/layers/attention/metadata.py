@@ -1,0 +1,31 @@
+"""What attention needs to know about one step's flattened batch.
+
+Tokens of all scheduled requests are laid end to end, decodes first:
+
+    tokens:  [d0 d1 d2 | p0 p0 p0 p0 | p1 p1]     d = one decode token, p = a prompt chunk
+    seq:       0  1  2    3             4
+    query_start_loc = [0, 1, 2, 3, 7, 9]       seq_lens = context length after this step
+
+slot_mapping[t] = block_id * block_size + offset: where token t's K and V are written in the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
+    seq_lens: torch.Tensor  # [num_seqs] int64: tokens of context after this step
+    query_start_loc: list[int]  # num_seqs + 1 offsets into the flattened tokens
+    context_lens: list[int]  # host copy of seq_lens
+    num_decodes: int  # the first num_decodes sequences have exactly one query token
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)

@@ -1,0 +1,82 @@
+"""Pure-PyTorch paged attention: correct everywhere, fast enough on CPU.
+
+Decodes are attended together (keys gathered through the block tables, padded, masked); each prompt
+chunk is attended alone, causally, over its cached prefix plus itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.layers.attention.backend import AttentionBackend
+from pdserve.layers.attention.metadata import AttentionMetadata
+
+
+class TorchAttentionBackend(AttentionBackend):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, H_kv, D]
+        flat_shape = (-1, self.num_kv_heads, self.head_dim)
+        k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+        for i in range(nd, meta.num_seqs):
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            out[start:end] = self._prefill(q[start:end], k_cache, v_cache, meta, i)
+        return out
+
+    def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+        # block_table [..., nb] -> [..., H_kv, length, D]
+        x = cache[block_table]  # [..., nb, block_size, H_kv, D]
+        x = x.flatten(-4, -3)[..., :length, :, :]
+        return x.transpose(-3, -2)
+
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        nd = q.shape[0]
+        max_len = max(meta.context_lens[:nd])
+        nb = -(-max_len // meta.block_size)
+        tables = meta.block_tables[:nd, :nb]
+        keys = self._gather(k_cache, tables, max_len)  # [nd, H_kv, L, D]
+        values = self._gather(v_cache, tables, max_len)
+        mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:nd, None]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [nd, H, 1, D]
+            keys,
+            values,
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return out.squeeze(2)
+
+    def _prefill(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, i: int
+    ) -> torch.Tensor:
+        n, ctx = q.shape[0], meta.context_lens[i]
+        nb = -(-ctx // meta.block_size)
+        keys = self._gather(k_cache, meta.block_tables[i, :nb], ctx)  # [H_kv, ctx, D]
+        values = self._gather(v_cache, meta.block_tables[i, :nb], ctx)
+        qh = q.transpose(0, 1)  # [H, n, D]
+        if n == ctx:
+            out = F.scaled_dot_product_attention(
+                qh, keys, values, is_causal=True, scale=self.scale, enable_gqa=True
+            )
+        else:
+            q_pos = torch.arange(ctx - n, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+            out = F.scaled_dot_product_attention(
+                qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+        return out.transpose(0, 1)

@@ -1,0 +1,167 @@
+"""The Llama decoder (also the base of Qwen2 and Qwen3): pre-norm blocks of GQA attention and SwiGLU MLP.
+
+Parameter names follow the Hugging Face checkpoints, except that q/k/v and gate/up are stacked into
+`qkv_proj` and `gate_up_proj` (see layers/linear.py); `load_weight` maps checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pdserve.layers.activation import silu_and_mul
+from pdserve.layers.attention.backend import AttentionBackend
+from pdserve.layers.attention.metadata import AttentionMetadata
+from pdserve.layers.linear import MergedLinear
+from pdserve.layers.norm import RMSNorm
+from pdserve.layers.rotary import RotaryEmbedding
+
+# checkpoint name fragment -> (our module fragment, shard)
+STACKED = {
+    ".q_proj.": (".qkv_proj.", "q"),
+    ".k_proj.": (".qkv_proj.", "k"),
+    ".v_proj.": (".qkv_proj.", "v"),
+    ".gate_proj.": (".gate_up_proj.", "gate"),
+    ".up_proj.": (".gate_up_proj.", "up"),
+}
+
+
+def head_dim_of(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, cfg: Any, rotary: RotaryEmbedding, backend_cls: type[AttentionBackend], bias: bool, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = head_dim_of(cfg)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.rotary = rotary
+        self.attn = backend_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.splits = [q_size, kv_size, kv_size]
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn.forward(q, k, v, kv_cache, meta)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": size, "up": size}, bias=False)
+        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, attn: Attention) -> None:
+        super().__init__()
+        self.self_attn = attn
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.forward_residual(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.forward_residual(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: Any, backend_cls: type[AttentionBackend], bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg, head_dim_of(cfg), cfg.max_position_embeddings)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, Attention(cfg, rotary, backend_cls, bias, qk_norm))
+            for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x, residual = layer(positions, x, residual, kv_cache, meta)
+        assert residual is not None
+        return self.norm.forward_residual(x, residual)[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids in, hidden states out (`forward`); `compute_logits` on the rows that sample."""
+
+    qkv_bias_default = False
+    qk_norm = False
+
+    def __init__(self, cfg: Any, backend_cls: type[AttentionBackend]) -> None:
+        super().__init__()
+        self.config = cfg
+        bias = bool(getattr(cfg, "attention_bias", self.qkv_bias_default))
+        self.model = DecoderModel(cfg, backend_cls, bias, self.qk_norm)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weight(self, name: str, tensor: torch.Tensor, params: dict[str, nn.Parameter]) -> list[str]:
+        """Copy one checkpoint tensor into place; returns the parameter names it filled."""
+        if "rotary_emb" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            return []
+        for frag, (ours, shard) in STACKED.items():
+            if frag in name:
+                target = name.replace(frag, ours)
+                module = self.get_submodule(target.rsplit(".", 1)[0])
+                assert isinstance(module, MergedLinear)
+                module.load_shard(shard, target.rsplit(".", 1)[1], tensor)
+                return [f"{target}:{shard}"]
+        if name not in params:
+            raise KeyError(f"checkpoint tensor {name} has no place in {type(self).__name__}")
+        param = params[name]
+        if param.shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+        return [name]

@@ -1,0 +1,76 @@
+"""Build a model from a local HF directory: safetensors weights by name, or random (`dummy`) weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from pdserve.layers.attention.backend import AttentionBackend
+from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.registry import model_class
+
+
+def build_model(
+    hf_config: Any,
+    model_dir: str,
+    backend_cls: type[AttentionBackend],
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    cls = model_class(hf_config)
+    with torch.device(device):
+        model = cls(hf_config, backend_cls)
+    model.to(dtype=dtype)
+    if load_format == "dummy":
+        init_dummy(model, seed)
+    else:
+        load_safetensors(model, model_dir)
+    # rotary tables stay float32; they are cast per use
+    return model.eval().requires_grad_(False)
+
+
+def load_safetensors(model: LlamaForCausalLM, model_dir: str) -> None:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                filled.update(model.load_weight(name, f.get_tensor(name), params))
+    expected = _expected_fills(model, params)
+    missing = sorted(expected - filled)
+    if missing:
+        raise ValueError(f"weights missing from {model_dir}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def _expected_fills(model: LlamaForCausalLM, params: dict[str, torch.nn.Parameter]) -> set[str]:
+    from pdserve.layers.linear import MergedLinear
+
+    expected = set(params)
+    for mod_name, module in model.named_modules():
+        if isinstance(module, MergedLinear):
+            for p in ("weight", "bias"):
+                if getattr(module, p) is not None:
+                    expected.discard(f"{mod_name}.{p}")
+                    expected.update(f"{mod_name}.{p}:{s}" for s in module.shards)
+    if model.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    return expected
+
+
+def init_dummy(model: LlamaForCausalLM, seed: int) -> None:
+    """Random weights of a sane scale, so that large shapes can be timed without a checkpoint."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))

@@ -1,0 +1,102 @@
+"""Prometheus metrics of one server: the metric objects, a per-request tracker, and scrape-time gauges.
+
+Every app gets its own CollectorRegistry (never the global one), so several apps can live in one
+process (tests, router + instance). Latencies are measured on the asyncio side, so they include queueing.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pdserve.engine.outputs import EngineStats, RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+
+class ServerMetrics:
+    """The metric objects of one app, registered in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pdserve_requests", "Requests by outcome (finish reason or error kind)", ["outcome"], registry=r
+        )
+        self.ttft = Histogram(
+            "pdserve_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "pdserve_time_per_output_token_seconds",
+            "Inter-token latency after the first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdserve_e2e_request_latency_seconds", "Arrival to last token", buckets=_E2E_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("pdserve_generation_tokens", "Generated tokens", registry=r)
+        self.running = Gauge("pdserve_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("pdserve_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("pdserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
+        self.kv_free = Gauge("pdserve_kv_cache_free_blocks", "Free KV blocks", registry=r)
+        self.prefix_hit_rate = Gauge(
+            "pdserve_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up", registry=r
+        )
+        self.preemptions = Gauge("pdserve_num_preemptions", "Preemptions since start", registry=r)
+
+    def count(self, outcome: str) -> None:
+        self.requests.labels(outcome=outcome).inc()
+
+    def set_engine_stats(self, stats: EngineStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.kv_free.set(stats.num_free_blocks)
+        queries = stats.prefix_cache_queries
+        self.prefix_hit_rate.set(stats.prefix_cache_hits / queries if queries else 0.0)
+        self.preemptions.set(stats.num_preemptions)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Times one engine request from arrival to its last output and records it once when it ends."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        self.last_token_time: float | None = None
+        self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
+        self.done = False
+
+    def on_output(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        n = len(out.new_token_ids)
+        if n:
+            if self.last_token_time is None:
+                self.metrics.ttft.observe(now - self.arrival)
+            else:
+                self.metrics.tpot.observe((now - self.last_token_time) / n)
+            self.last_token_time = now
+            self.num_output_tokens += n
+            self.metrics.generation_tokens.inc(n)
+        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
+        if out.finished:
+            self.finish(out.finish_reason or "stop")
+
+    def finish(self, outcome: str) -> None:
+        """Record the request's end (idempotent); `outcome` is its finish reason or why it was cut."""
+        if self.done:
+            return
+        self.done = True
+        self.metrics.count(outcome)
+        self.metrics.e2e.observe(time.monotonic() - self.arrival)
+        self.metrics.prompt_tokens.inc(self.num_prompt_tokens)
