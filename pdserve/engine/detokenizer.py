@@ -14,7 +14,9 @@ CONTEXT_TOKENS = 5
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str], skip_special: bool) -> None:
+    def __init__(
+        self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str], skip_special: bool
+    ) -> None:
         self.tokenizer = tokenizer
         self.ids = list(prompt_token_ids[-CONTEXT_TOKENS:])
         self.prefix_offset = 0

@@ -133,7 +133,10 @@ class Engine:
         )
 
     def check_pool_free(self) -> bool:
-        return not self.scheduler.has_unfinished and self.block_manager.num_free_blocks == self.block_manager.num_blocks
+        return (
+            not self.scheduler.has_unfinished
+            and self.block_manager.num_free_blocks == self.block_manager.num_blocks
+        )
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -40,8 +40,12 @@ class LLM:
         seed: int = 0,
     ) -> None:
         config = EngineConfig(
-            model=ModelConfig(path=model or "", dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
-            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
+            model=ModelConfig(
+                path=model or "", dtype=dtype, device=device, max_model_len=max_model_len, seed=seed
+            ),
+            cache=CacheConfig(
+                block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
+            ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=1 << 30
             ),
@@ -59,13 +63,17 @@ class LLM:
         token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
         return self.generate_ids(token_lists, params or SamplingParams())
 
-    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]], params: SamplingParams | None = None) -> list[Completion]:
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        params: SamplingParams | None = None,
+    ) -> list[Completion]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         token_lists = [self.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
         return self.generate_ids(token_lists, params or SamplingParams())
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return [int(t) for t in ids]
 

@@ -62,7 +62,13 @@ class ModelRunner:
         torch.manual_seed(model_config.seed)
         backend = get_backend_class(self.device)
         self.model = build_model(
-            hf_config, model_config.path, backend, self.dtype, self.device, model_config.load_format, model_config.seed
+            hf_config,
+            model_config.path,
+            backend,
+            self.dtype,
+            self.device,
+            model_config.load_format,
+            model_config.seed,
         )
         self.layout = KVLayout(
             hf_config.num_hidden_layers,
@@ -79,8 +85,12 @@ class ModelRunner:
             device=self.device,
         )
         self.kv_caches = list(self.kv_cache.unbind(0))
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, lay.block_size,
-                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            self.num_blocks,
+            lay.block_size,
+            self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
+        )
 
     def _pool_blocks(self, cache: CacheConfig) -> int:
         if cache.num_blocks is not None:

@@ -30,7 +30,9 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         if req.params.has_penalties:
             _apply_penalties(logits[row], req)
         if req.num_output_tokens < req.params.min_tokens:
-            banned = list(req.params.stop_token_ids) + ([] if req.params.ignore_eos else list(req.eos_token_ids))
+            banned = list(req.params.stop_token_ids) + (
+                [] if req.params.ignore_eos else list(req.eos_token_ids)
+            )
             if banned:
                 logits[row, banned] = float("-inf")
     tokens = logits.argmax(dim=-1)
@@ -40,7 +42,9 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         tokens[idx] = _sample_random(logits[idx], [requests[i] for i in random_rows])
     token_list = tokens.tolist()
     return [
-        SampleResult(tok, _logprob(raw[i], tok, req.params.logprobs) if req.params.logprobs is not None else None)
+        SampleResult(
+            tok, _logprob(raw[i], tok, req.params.logprobs) if req.params.logprobs is not None else None
+        )
         for i, (tok, req) in enumerate(zip(token_list, requests, strict=True))
     ]
 

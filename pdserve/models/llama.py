@@ -34,7 +34,12 @@ def head_dim_of(cfg: Any) -> int:
 
 class Attention(nn.Module):
     def __init__(
-        self, cfg: Any, rotary: RotaryEmbedding, backend_cls: type[AttentionBackend], bias: bool, qk_norm: bool
+        self,
+        cfg: Any,
+        rotary: RotaryEmbedding,
+        backend_cls: type[AttentionBackend],
+        bias: bool,
+        qk_norm: bool,
     ) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -112,7 +117,11 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
@@ -139,7 +148,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 

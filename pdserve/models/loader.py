@@ -47,7 +47,9 @@ def load_safetensors(model: LlamaForCausalLM, model_dir: str) -> None:
     expected = _expected_fills(model, params)
     missing = sorted(expected - filled)
     if missing:
-        raise ValueError(f"weights missing from {model_dir}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(
+            f"weights missing from {model_dir}: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
 
 
 def _expected_fills(model: LlamaForCausalLM, params: dict[str, torch.nn.Parameter]) -> set[str]:

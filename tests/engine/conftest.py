@@ -9,7 +9,7 @@ from pdserve.models.prepare import resolve_model
 
 PROMPTS = [
     "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "List three colors:",
     "Once upon a time, in a small village by the sea, there lived an old fisherman who every morning "
     "walked down to the harbour before sunrise. One day he found",
