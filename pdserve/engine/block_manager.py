@@ -5,12 +5,15 @@
     free:   b7 b3 b5 ...                      front is evicted first; a free block may still be cached
 
 A full block gets a hash chained to its parent's: hash(parent_hash, its tokens). A later prompt with the
-same prefix reuses the block (refcount + 1) after comparing the stored tokens, so a hash collision can
-never hand out wrong KV. Freed blocks keep their hash until the pool needs them back (LRU).
+same prefix reuses the block (refcount + 1) after comparing its stored tokens and parent hash, so even a
+hash collision cannot hand out KV computed after another prefix (and SHA-256 makes one infeasible to
+craft). Freed blocks keep their hash until the pool needs them back (LRU).
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,11 +24,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    """SHA-256 of the parent's digest and this block's tokens: collisions cannot be crafted."""
+    return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
+
+
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
+    parent: bytes | None = None  # the previous block's hash: compared on a hit along with the tokens
     token_ids: tuple[int, ...] = ()
 
 
@@ -38,7 +47,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
         self.query_tokens = 0
         self.hit_tokens = 0
 
@@ -55,7 +64,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(request.block_hashes), request.num_tokens // bs):
             parent = request.block_hashes[i - 1] if i else None
-            request.block_hashes.append(hash((parent, tuple(request.token_ids[i * bs : (i + 1) * bs]))))
+            request.block_hashes.append(block_hash(parent, request.token_ids[i * bs : (i + 1) * bs]))
 
     def get_computed_blocks(self, request: Request) -> list[int]:
         """The longest cached prefix of full blocks, leaving at least one token to compute."""
@@ -67,12 +76,15 @@ class BlockManager:
         hits: list[int] = []
         for i, h in enumerate(request.block_hashes[:max_blocks]):
             block_id = self.cached.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tuple(
-                request.token_ids[i * bs : (i + 1) * bs]
-            ):
+            if block_id is None or not self._matches(self.blocks[block_id], request, i):
                 break
             hits.append(block_id)
         return hits
+
+    def _matches(self, block: Block, request: Request, i: int) -> bool:
+        bs = self.block_size
+        parent = request.block_hashes[i - 1] if i else None
+        return block.parent == parent and block.token_ids == tuple(request.token_ids[i * bs : (i + 1) * bs])
 
     def can_allocate(self, request: Request, num_new_tokens: int, computed: list[int] | None = None) -> bool:
         return self._num_blocks_to_take(request, num_new_tokens, computed or []) <= self.num_free_blocks
@@ -111,6 +123,7 @@ class BlockManager:
             if block.hash is not None:
                 continue
             block.hash = request.block_hashes[i]
+            block.parent = request.block_hashes[i - 1] if i else None
             block.token_ids = tuple(request.token_ids[i * bs : (i + 1) * bs])
             self.cached.setdefault(block.hash, block.block_id)
 
@@ -147,4 +160,5 @@ class BlockManager:
         if block.hash is not None and self.cached.get(block.hash) == block.block_id:
             del self.cached[block.hash]
         block.hash = None
+        block.parent = None
         block.token_ids = ()

@@ -72,7 +72,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.block_ids: list[int] = []
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         self.logprobs: list[Logprob] = []
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
