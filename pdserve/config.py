@@ -48,6 +48,30 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
 
 
+ROLES = ("both", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    """This instance's role and its KV/control endpoint (used when the role is prefill or decode)."""
+
+    role: str = "both"
+    kv_transport: str = "tcp"  # tcp | inproc
+    kv_host: str = "127.0.0.1"  # where the KV/control socket binds
+    kv_port: int = 0  # 0: a free port
+    kv_advertise_host: str | None = None  # the address peers use, when it differs from kv_host
+    kv_transfer_timeout: float = 120.0
+    peer_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.role != "both"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine needs."""
@@ -55,6 +79,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import logging
 import queue
@@ -331,7 +332,5 @@ class AsyncEngine:
 
 
 def _put(sink: _Sink, out: RequestOutput) -> None:
-    try:
+    with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody is listening any more
         sink.loop.call_soon_threadsafe(sink.outputs.put_nowait, out)
-    except RuntimeError:
-        pass  # that event loop is closed: nobody is listening any more

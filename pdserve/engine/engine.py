@@ -1,25 +1,30 @@
 """Engine.step(): schedule -> run -> update. Owns the scheduler, the runner and per-request detokenizers.
 
 Single-threaded by design: AsyncEngine drives it from one thread. Text exists only here and above;
-the scheduler and runner see token ids.
+the scheduler and runner see token ids. With a KV connector (role prefill or decode), each step first
+applies what arrived from peers: prompts to prefill for a decode instance, KV that landed for ours.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from pdserve.config import EngineConfig
+from pdserve.disagg.connector import AbortPrefill, Event, KVConnector, KVReady, NewPrefill, TransferFailed
+from pdserve.disagg.transport.base import make_transport
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import EngineStats, RequestOutput
-from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.request import Logprob, Request, RequestStatus
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import InvalidRequestError, PDServeError
 from pdserve.layers.sampler import SampleResult
 from pdserve.models.prepare import resolve_model
 
@@ -40,11 +45,31 @@ class Engine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.connector = self._make_connector() if config.disagg.enabled else None
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.connector)
         self.detokenizers: dict[str, Detokenizer] = {}
         self.pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
         self.num_steps = 0
-        self.num_prefill_tokens = 0
+        self.num_prefill_tokens = 0  # prompt tokens this instance ran through the model
+
+    def _make_connector(self) -> KVConnector:
+        d = self.config.disagg
+        transport = make_transport(d.kv_transport, d.kv_host, d.kv_port, d.kv_advertise_host)
+        lay = self.runner.layout
+        layout = {
+            "num_layers": lay.num_layers,
+            "num_kv_heads": lay.num_kv_heads,
+            "head_dim": lay.head_dim,
+            "block_size": lay.block_size,
+            "dtype": str(lay.dtype),
+        }
+        return KVConnector(
+            transport, self.runner.kv_cache, layout, self.model_name, d.kv_transfer_timeout, d.peer_timeout
+        )
+
+    def close(self) -> None:
+        if self.connector is not None:
+            self.connector.close()
 
     def _eos_ids(self, path: str) -> tuple[int, ...]:
         ids: set[int] = set()
@@ -59,7 +84,13 @@ class Engine:
             ids.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(ids))
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        kv_transfer: dict[str, Any] | None = None,
+    ) -> None:
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -70,7 +101,16 @@ class Engine:
         vocab = self.hf_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        request = Request(request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len)
+        if kv_transfer and kv_transfer.get("prefill_kv_addr") and self.connector is None:
+            raise InvalidRequestError("this instance does not take KV from prefill instances (role both)")
+        request = Request(
+            request_id,
+            prompt_token_ids,
+            params,
+            self.eos_token_ids,
+            self.max_model_len,
+            dict(kv_transfer or {}),
+        )
         self.scheduler.add_request(request)
         self.detokenizers[request_id] = Detokenizer(
             self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens
@@ -88,6 +128,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         outputs, self.pending = self.pending, []
+        if self.connector is not None:
+            outputs += self._apply_events(self.connector.poll())
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
@@ -98,23 +140,70 @@ class Engine:
     def _update(self, sched: SchedulerOutput, results: list[SampleResult]) -> list[RequestOutput]:
         sampling = [c.request for c in sched.chunks if c.samples]
         self.num_steps += 1
-        self.num_prefill_tokens += sum(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
+        self.num_prefill_tokens += sum(
+            max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start) for c in sched.chunks
+        )
         self.scheduler.update_computed(sched)
         outputs = []
         for request, result in zip(sampling, results, strict=True):
-            request.append_token(result.token_id)
-            if result.logprob is not None:
-                request.logprobs.append(result.logprob)
-            status = request.check_stop_token()
-            if self.detokenizers[request.request_id].add_token(result.token_id) and status is None:
-                status = RequestStatus.FINISHED_STOPPED
-            if status is not None:
-                self.scheduler.finish_request(request, status)
-            logprobs = [result.logprob] if result.logprob is not None else []
-            outputs.append(self._output(request, [result.token_id], logprobs))
+            if self.connector is not None and self.connector.sends_kv(request):
+                self.connector.send_kv(request, result)  # the decode instance answers the client
+                self._finish_silently(request, RequestStatus.FINISHED_STOPPED)
+            else:
+                outputs.append(self._accept(request, result))
         return outputs
 
-    def _output(self, request: Request, new_ids: list[int], logprobs: list) -> RequestOutput:
+    def _accept(self, request: Request, result: SampleResult) -> RequestOutput:
+        """Append a sampled token, check every stop condition, and say what the client gets."""
+        request.append_token(result.token_id)
+        if result.logprob is not None:
+            request.logprobs.append(result.logprob)
+        status = request.check_stop_token()
+        if self.detokenizers[request.request_id].add_token(result.token_id) and status is None:
+            status = RequestStatus.FINISHED_STOPPED
+        if status is not None:
+            self.scheduler.finish_request(request, status)
+        return self._output(request, [result.token_id], [result.logprob] if result.logprob else [])
+
+    def _finish_silently(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish_request(request, status)
+        self.detokenizers.pop(request.request_id, None)
+
+    def _apply_events(self, events: list[Event]) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for ev in events:
+            if isinstance(ev, NewPrefill):
+                self._start_prefill_for_peer(ev)
+            elif isinstance(ev, KVReady):
+                request = self.scheduler.waiting_for_kv.get(ev.request_id)
+                if request is not None:
+                    self.scheduler.activate(request)
+                    request.num_cached_tokens = ev.num_cached_tokens
+                    if request.generator is not None and not request.params.greedy:
+                        torch.rand(self.hf_config.vocab_size, generator=request.generator)  # prefill's draw
+                    outputs.append(self._accept(request, ev.result))
+            elif isinstance(ev, TransferFailed):
+                request = self.scheduler.requests.get(ev.request_id)
+                if request is not None:
+                    request.error = f"prefill_failed: {ev.reason}"
+                    self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
+                    outputs.append(self._output(request, [], []))
+            elif isinstance(ev, AbortPrefill):
+                request = self.scheduler.requests.get(ev.request_id)
+                if request is not None:
+                    self._finish_silently(request, RequestStatus.FINISHED_ABORTED)
+        return outputs
+
+    def _start_prefill_for_peer(self, ev: NewPrefill) -> None:
+        assert self.connector is not None
+        transfer = {"transfer_id": ev.transfer_id, "decode_addr": ev.decode_addr, "block_ids": ev.block_ids}
+        try:
+            params = SamplingParams(**ev.params)
+            self.add_request(f"kv-{ev.transfer_id}", ev.prompt_token_ids, params, transfer)
+        except (PDServeError, TypeError) as e:
+            self.connector.failed_to_start(ev.transfer_id, ev.decode_addr, str(e))
+
+    def _output(self, request: Request, new_ids: list[int], logprobs: list[Logprob]) -> RequestOutput:
         finished = request.is_finished
         detok = self.detokenizers[request.request_id]
         if finished:

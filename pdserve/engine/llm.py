@@ -1,12 +1,16 @@
-"""The offline API: `LLM(model).generate(prompts, params)` and `LLM(model).chat(messages)`."""
+"""The offline API: `LLM(model).generate(prompts, params)` and `LLM(model).chat(messages)`.
+
+`LLM(model, prefill=1, decode=1)` runs the same requests disaggregated inside this process: separate
+prefill and decode engines (separate KV pools) joined by the in-process KV transport.
+"""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Logprob
 from pdserve.engine.sampling import SamplingParams
@@ -22,6 +26,7 @@ class Completion:
     finish_reason: str | None = None
     logprobs: list[Logprob] = field(default_factory=list)
     num_cached_tokens: int = 0
+    error: str | None = None
 
 
 class LLM:
@@ -38,6 +43,8 @@ class LLM:
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
         seed: int = 0,
+        prefill: int = 0,
+        decode: int = 0,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -50,7 +57,17 @@ class LLM:
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=1 << 30
             ),
         )
-        self.engine = Engine(config)
+        if (prefill > 0) != (decode > 0):
+            raise ValueError("disaggregated serving needs at least one prefill and one decode engine")
+        self.prefill_engines = [
+            Engine(replace(config, disagg=DisaggConfig(role="prefill", kv_transport="inproc")))
+            for _ in range(prefill)
+        ]
+        self.engines = [
+            Engine(replace(config, disagg=DisaggConfig(role="decode", kv_transport="inproc")))
+            for _ in range(decode)
+        ] or [Engine(config)]
+        self.engine = self.engines[0]
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -80,13 +97,19 @@ class LLM:
     def generate_ids(self, token_lists: list[list[int]], params: SamplingParams) -> list[Completion]:
         results: dict[str, Completion] = {}
         order = []
-        for ids in token_lists:
+        for i, ids in enumerate(token_lists):
             rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, ids, params)
+            transfer = None
+            if self.prefill_engines:
+                prefill = self.prefill_engines[i % len(self.prefill_engines)]
+                transfer = {"prefill_kv_addr": prefill.connector.address if prefill.connector else ""}
+            self.engines[i % len(self.engines)].add_request(rid, ids, params, transfer)
             results[rid] = Completion(prompt_token_ids=list(ids))
             order.append(rid)
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
+        while any(e.has_unfinished() for e in self.engines):
+            for p in self.prefill_engines:
+                p.step()  # no client output: its requests finish by handing KV to a decode engine
+            for out in (o for e in self.engines for o in e.step()):
                 c = results[out.request_id]
                 c.token_ids.extend(out.new_token_ids)
                 c.text += out.new_text
@@ -94,4 +117,12 @@ class LLM:
                 c.num_cached_tokens = out.num_cached_tokens
                 if out.finished:
                     c.finish_reason = out.finish_reason
+                    c.error = out.error
         return [results[r] for r in order]
+
+    def check_pool_free(self) -> bool:
+        return all(e.check_pool_free() for e in self.engines + self.prefill_engines)
+
+    def close(self) -> None:
+        for e in self.engines + self.prefill_engines:
+            e.close()

@@ -4,17 +4,25 @@ Every step has a token budget. Running requests go first (a decode needs 1 token
 its next chunk); when the pool runs dry the most recent running request is preempted (blocks freed,
 recomputed later). Then waiting requests are admitted in arrival order, reusing prefix-cache blocks,
 while budget, sequence slots and blocks last. The scheduler never touches the model or tokens' text.
+
+A request whose KV comes from a prefill instance (the connector says so) is admitted by reserving
+blocks for its whole prompt, without spending budget; it waits in WAITING_FOR_KV until `activate`.
+The waiting queue is then the decode side's bounded prealloc queue: nothing is ever over-committed.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pdserve.config import SchedulerConfig
 from pdserve.engine.block_manager import BlockManager, cdiv
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.errors import InvalidRequestError, OverloadedError
+
+if TYPE_CHECKING:
+    from pdserve.disagg.connector import KVConnector
 
 
 @dataclass
@@ -49,17 +57,25 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, connector: KVConnector | None = None
+    ) -> None:
         self.config = config
         self.bm = block_manager
+        self.connector = connector
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.waiting_for_kv: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.waiting_for_kv)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.running) + len(self.waiting_for_kv)
 
     def add_request(self, request: Request) -> None:
         """Queue a request; raises if it can never fit or the waiting queue is full."""
@@ -86,6 +102,9 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.waiting_for_kv.pop(request.request_id, None)
+        if self.connector is not None:
+            self.connector.request_finished(request)  # before the blocks can be reused
         self.bm.free(request)
         self.requests.pop(request.request_id, None)
 
@@ -113,8 +132,12 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self.num_seqs < self.config.max_num_seqs:
             request = self.waiting[0]
+            if self.connector is not None and self.connector.gets_kv_remotely(request):
+                if not self._reserve_for_remote_kv(request):
+                    return
+                continue
             computed = self.bm.get_computed_blocks(request)
             num_cached = len(computed) * self.bm.block_size
             num_new = min(request.num_tokens - num_cached, budget)
@@ -130,6 +153,25 @@ class Scheduler:
             self.running.append(request)
             out.chunks.append(ScheduledChunk(request, num_new))
             budget -= num_new
+
+    def _reserve_for_remote_kv(self, request: Request) -> bool:
+        assert self.connector is not None
+        if not self.bm.allocate(request, request.num_tokens):
+            return False
+        self.waiting.popleft()
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.waiting_for_kv[request.request_id] = request
+        self.connector.start_receive(request)
+        return True
+
+    def activate(self, request: Request) -> None:
+        """The request's prompt KV has fully arrived: it joins the running batch."""
+        del self.waiting_for_kv[request.request_id]
+        request.kv_transfer = None  # from now on it is a local request (a preemption recomputes here)
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.bm.cache_full_blocks(request)
 
     def _preempt(self, request: Request) -> None:
         self.bm.free(request)

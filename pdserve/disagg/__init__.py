@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregation: the connector the engine sees, the control protocol, KV transports."""

@@ -1,0 +1,100 @@
+"""The control messages between a prefill and a decode instance, and their wire format.
+
+    decode                                   prefill
+      | Handshake(layout, model)  ------------> |   checked once per peer; a mismatch is refused
+      | <------------ HandshakeAck(ok, reason)  |
+      | Reserve(T, prompt, params, blocks) ---> |   decode has reserved `blocks` for T's prompt
+      | <-------- KVData(T, blocks) + raw bytes |   written straight into the reserved blocks
+      | <-------------------- Done(T, token)    |   the first token; prefill frees its blocks
+      | Abort(T) / Heartbeat  ----------------> |
+      | <----------------- Failed(T) / Pong     |
+
+Each message is one small JSON frame (a `type` field plus the dataclass fields); KVData is followed by
+one frame of raw KV bytes. Every message names its sender's address so replies need no socket identity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class Message:
+    sender: str  # the sender's KV/control address, e.g. tcp://127.0.0.1:5601
+
+
+@dataclass
+class Handshake(Message):
+    model: str
+    layout: dict[str, Any]
+
+
+@dataclass
+class HandshakeAck(Message):
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class Reserve(Message):
+    transfer_id: str
+    prompt_token_ids: list[int]
+    params: dict[str, Any]
+    block_ids: list[int]
+
+
+@dataclass
+class KVData(Message):
+    transfer_id: str
+    block_ids: list[int]  # destination blocks; the payload holds all layers of them
+    nbytes: int
+
+
+@dataclass
+class Done(Message):
+    transfer_id: str
+    token_id: int
+    logprob: dict[str, Any] | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class Failed(Message):
+    transfer_id: str
+    reason: str
+
+
+@dataclass
+class Abort(Message):
+    transfer_id: str
+
+
+@dataclass
+class Heartbeat(Message):
+    transfer_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pong(Message):
+    unknown_transfer_ids: list[str] = field(default_factory=list)  # the peer has never heard of these
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.__name__: cls
+    for cls in (Handshake, HandshakeAck, Reserve, KVData, Done, Failed, Abort, Heartbeat, Pong)
+}
+
+
+def encode(msg: Message) -> bytes:
+    return json.dumps({"type": type(msg).__name__, **asdict(msg)}).encode()
+
+
+def decode(data: bytes) -> Message:
+    obj = json.loads(data)
+    cls = MESSAGE_TYPES.get(obj.pop("type", None))
+    if cls is None:
+        raise ValueError("unknown control message type")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in obj.items() if k in names})

@@ -1,0 +1,1 @@
+"""KV transports: how control messages and KV bytes travel between instances."""
