@@ -109,6 +109,7 @@ class KVConnector:
         self.outgoing: dict[str, Outgoing] = {}
         self.peer_ok: dict[str, str] = {}  # peer -> "" when the handshake passed, else the reason
         self.last_seen: dict[str, float] = {}
+        self.unanswered_since: dict[str, float] = {}  # peer -> when the oldest unanswered ping went out
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.wake: Callable[[], None] = lambda: None
         self.next_heartbeat = 0.0
@@ -211,20 +212,25 @@ class KVConnector:
             incoming = list(self.incoming.items())
             outgoing = list(self.outgoing.items())
             seen = dict(self.last_seen)
+            silent = {peer: now - t for peer, t in self.unanswered_since.items()}
         by_peer: dict[str, list[str]] = {}
         for tid, inc in incoming:
             if now - inc.started > self.transfer_timeout:
                 self._fail(tid, f"KV transfer from {inc.peer} timed out after {self.transfer_timeout:.0f}s")
-            elif now - max(seen.get(inc.peer, 0.0), inc.started) > self.peer_timeout:
+            elif silent.get(inc.peer, 0.0) > self.peer_timeout:
                 self._fail(tid, f"prefill instance {inc.peer} stopped answering")
                 self.transport.forget_peer(inc.peer)
             else:
                 by_peer.setdefault(inc.peer, []).append(tid)
         for peer, tids in by_peer.items():
+            with self.lock:
+                self.unanswered_since.setdefault(peer, now)
             self.transport.send(peer, p.Heartbeat(self.address, tids))
+        # Prefill side: a decode instance that stopped pinging has gone (or aborted): drop its work. Its
+        # pings come from its engine thread, so allow for a long step there before giving up.
         for tid, out in outgoing:
-            silent = now - max(seen.get(out.peer, 0.0), out.started)
-            if silent > self.peer_timeout or now - out.started > self.transfer_timeout:
+            quiet = now - max(seen.get(out.peer, 0.0), out.started)
+            if quiet > 4 * self.peer_timeout or now - out.started > self.transfer_timeout:
                 with self.lock:
                     self.outgoing.pop(tid, None)
                 self.events.put(AbortPrefill(out.request_id))
@@ -242,6 +248,7 @@ class KVConnector:
     def _on_message(self, msg: p.Message, payload: memoryview | None) -> None:
         with self.lock:
             self.last_seen[msg.sender] = time.monotonic()
+            self.unanswered_since.pop(msg.sender, None)
         handler = getattr(self, f"_on_{type(msg).__name__}", None)
         if handler is not None:
             handler(msg, payload)

@@ -1,0 +1,10 @@
+"""The router: one OpenAI front that picks a prefill and a decode instance (or one colocated instance).
+
+    app.py          the FastAPI app: auth, JSON check, proxying (SSE passed through), retries, /health
+    instances.py    the instances, their health, role, kv address and load, and the poller that keeps them
+    policies.py     round_robin and least_loaded: which healthy instance takes the next request
+    metrics.py      the router's Prometheus metrics (its own registry), KV-transfer totals from instances
+    cli_commands.py `pdserve router ...`
+
+The router never looks inside a completion; it validates only that the body is a JSON object.
+"""

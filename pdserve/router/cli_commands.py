@@ -1,0 +1,123 @@
+"""`pdserve router`: its arguments, and the step from arguments to a running router.
+
+    pdserve router --prefill URL [URL ...] --decode URL [URL ...]     disaggregated
+    pdserve router --instance URL [URL ...]                           colocated ("both" instances)
+
+`python -m pdserve.router.cli_commands router|up ...` runs it without the main `pdserve` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from pdserve.router.policies import POLICIES
+
+logger = logging.getLogger(__name__)
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+API_KEY_ENV = "PDSERVE_ROUTER_API_KEY"  # read when --api-key is not given (how `pdserve up` passes it)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0: {text!r}")
+    return value
+
+
+def add_routing_options(parser: argparse.ArgumentParser) -> None:
+    """The options `router` and `up` share: policy, API key, queue bound, health interval."""
+    parser.add_argument("--policy", choices=POLICIES, default="round_robin")
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    parser.add_argument(
+        "--decode-max-queued",
+        type=_count,
+        default=64,
+        help="least_loaded skips a decode instance with more queued requests, unless all have more",
+    )
+    parser.add_argument("--health-interval", type=_positive_float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--request-timeout", type=_positive_float, default=600.0, metavar="SECONDS")
+
+
+def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
+    r = subparsers.add_parser(
+        "router",
+        help="route OpenAI requests to prefill + decode instances (or colocated ones)",
+        description="Give --prefill and --decode instances (disaggregated), or --instance (colocated).",
+    )
+    r.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL")
+    r.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL")
+    r.add_argument(
+        "--instance", nargs="+", action="extend", default=[], metavar="URL", help="colocated instances"
+    )
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8000)
+    add_routing_options(r)
+    r.add_argument("--health-timeout", type=_positive_float, default=1.0, metavar="SECONDS")
+    r.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    r.set_defaults(func=run_router)
+
+
+def run_router(args: argparse.Namespace) -> None:
+    from pdserve.router.app import RouterConfig
+    from pdserve.router.app import run_router as serve
+
+    try:
+        config = RouterConfig(
+            prefill=tuple(args.prefill),
+            decode=tuple(args.decode),
+            instances=tuple(args.instance),
+            host=args.host,
+            port=args.port,
+            policy=args.policy,
+            api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+            decode_max_queued=args.decode_max_queued,
+            health_interval=args.health_interval,
+            health_timeout=args.health_timeout,
+            request_timeout=args.request_timeout,
+        )
+    except ValueError as e:
+        logger.error("%s", e)
+        raise SystemExit(2) from None
+    serve(config, args.log_level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pdserve.launcher import add_up_parser
+
+    parser = argparse.ArgumentParser(prog="pdserve", description="pdserve router and launcher")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_router_parser(sub)
+    add_up_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Callable[[argparse.Namespace], int | None] = args.func
+    return func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The router's Prometheus metrics, in a registry of its own (never the global one).
+
+Counted here: requests routed per instance, errors by kind, retries, time to first token and request
+latency as the client sees them. Set at scrape time: per-stage queue lengths and per-instance health
+from the latest load reports. KV transfer totals are summed from the instances' own /metrics
+(`pdserve_kv_transfer_bytes_total`, histogram `pdserve_kv_transfer_seconds`), scraped when the router
+is scraped; an instance that does not answer keeps its last totals, so the sums never go backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from pdserve.router.instances import Instance, Registry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+KV_BYTES = "pdserve_kv_transfer_bytes_total"
+KV_SECONDS = "pdserve_kv_transfer_seconds"
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STAGES = {
+    "disagg": ("prefill_waiting", "decode_waiting", "decode_waiting_for_kv", "decode_running"),
+    "both": ("both_waiting", "both_running"),
+}
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+@dataclass
+class KVTotals:
+    """One instance's KV transfer totals, as of its latest scrape."""
+
+    bytes: float = 0.0
+    seconds_sum: float = 0.0
+    seconds_count: float = 0.0
+    buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+
+    @classmethod
+    def parse(cls, text: str) -> KVTotals | None:
+        totals, seen = cls(), False
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == KV_BYTES:
+                    totals.bytes += s.value
+                elif s.name == KV_SECONDS + "_sum":
+                    totals.seconds_sum += s.value
+                elif s.name == KV_SECONDS + "_count":
+                    totals.seconds_count += s.value
+                elif s.name == KV_SECONDS + "_bucket":
+                    le = float(s.labels.get("le", "inf"))
+                    totals.buckets[le] = totals.buckets.get(le, 0.0) + s.value
+                else:
+                    continue
+                seen = True
+        return totals if seen else None
+
+
+class KVTransferCollector(Collector):
+    """Re-exports the sum of the instances' KV transfer totals."""
+
+    def __init__(self) -> None:
+        self.by_instance: dict[str, KVTotals] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        totals = list(self.by_instance.values())
+        transferred = CounterMetricFamily(
+            "pdserve_router_kv_transfer_bytes", "KV bytes moved between instances (sum over instances)"
+        )
+        transferred.add_metric([], sum(t.bytes for t in totals))
+        yield transferred
+        buckets: dict[float, float] = {}
+        for t in totals:
+            for le, count in t.buckets.items():
+                buckets[le] = buckets.get(le, 0.0) + count
+        seconds = HistogramMetricFamily(
+            "pdserve_router_kv_transfer_seconds", "KV transfer time per request (sum over instances)"
+        )
+        ordered = [(_le_text(le), buckets[le]) for le in sorted(buckets)]
+        if not ordered or ordered[-1][0] != "+Inf":
+            ordered.append(("+Inf", sum(t.seconds_count for t in totals)))
+        seconds.add_metric([], ordered, sum_value=sum(t.seconds_sum for t in totals))
+        yield seconds
+
+
+def _le_text(le: float) -> str:
+    return "+Inf" if le == float("inf") else repr(le)
+
+
+class RouterMetrics:
+    """The metric objects of one router app."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        labels = ["instance", "role"]
+        self.routed = Counter(
+            "pdserve_router_requests_routed", "Requests sent to each instance", labels, registry=r
+        )
+        self.errors = Counter("pdserve_router_errors", "Request errors by kind", ["kind"], registry=r)
+        self.retries = Counter(
+            "pdserve_router_retries", "Requests retried, by reason", ["reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "pdserve_router_time_to_first_token_seconds",
+            "Arrival at the router to the first content event (streams)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdserve_router_request_seconds",
+            "Arrival at the router to the answer's end",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.queue = Gauge(
+            "pdserve_router_queue_length",
+            "Requests per stage, from the latest load reports",
+            ["stage"],
+            registry=r,
+        )
+        self.healthy = Gauge("pdserve_router_instance_healthy", "1 if in the rotation", labels, registry=r)
+        self.inflight = Gauge(
+            "pdserve_router_instance_inflight",
+            "The router's requests in flight per instance",
+            labels,
+            registry=r,
+        )
+        self.kv = KVTransferCollector()
+        r.register(self.kv)
+
+    def count_error(self, kind: str) -> None:
+        self.errors.labels(kind=kind).inc()
+
+    def count_routed(self, instance: Instance) -> None:
+        self.routed.labels(instance=instance.url, role=instance.role).inc()
+
+    def set_state(self, registry: Registry) -> None:
+        stages = dict.fromkeys(_STAGES["both" if registry.colocated else "disagg"], 0)
+        for i in registry.instances:
+            self.healthy.labels(instance=i.url, role=i.role).set(1 if i.healthy else 0)
+            self.inflight.labels(instance=i.url, role=i.role).set(i.inflight)
+            load = i.load
+            if load is None or not i.healthy:
+                continue
+            stages[f"{i.role}_waiting"] += load.num_waiting
+            if i.role != "prefill":
+                stages[f"{i.role}_running"] += load.num_running
+            if i.role == "decode":
+                stages["decode_waiting_for_kv"] += load.num_waiting_for_kv
+        for stage, value in stages.items():
+            self.queue.labels(stage=stage).set(value)
+
+    async def scrape_kv(self, client: httpx.AsyncClient, instances: list[Instance], timeout: float) -> None:
+        async def one(instance: Instance) -> None:
+            try:
+                answer = await client.get(f"{instance.url}/metrics", timeout=timeout)
+                totals = KVTotals.parse(answer.text) if answer.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                return
+            if totals is not None:
+                self.kv.by_instance[instance.url] = totals
+
+        await asyncio.gather(*(one(i) for i in instances if i.healthy))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
