@@ -76,6 +76,7 @@ class Incoming:
     expected_bytes: int
     started: float = field(default_factory=time.monotonic)
     received: int = 0
+    done: p.Done | None = None  # the first token, if it overtook the KV bytes
 
 
 @dataclass
@@ -107,6 +108,7 @@ class KVConnector:
         self.lock = threading.Lock()
         self.incoming: dict[str, Incoming] = {}
         self.outgoing: dict[str, Outgoing] = {}
+        self.sent: dict[str, float] = {}  # transfers whose KV left recently: not "unknown" to a ping
         self.peer_ok: dict[str, str] = {}  # peer -> "" when the handshake passed, else the reason
         self.last_seen: dict[str, float] = {}
         self.unanswered_since: dict[str, float] = {}  # peer -> when the oldest unanswered ping went out
@@ -183,6 +185,7 @@ class KVConnector:
         with self.lock:  # queued before a heartbeat can call this transfer unknown
             if self.outgoing.pop(transfer_id, None) is None:
                 return
+            self.sent[transfer_id] = time.monotonic()
             self.transport.send(peer, p.KVData(self.address, transfer_id, dst, host.nbytes), host)
             self.transport.send(peer, done)
         self.bytes_sent += host.nbytes
@@ -209,6 +212,7 @@ class KVConnector:
             return
         self.next_heartbeat = now + HEARTBEAT_INTERVAL
         with self.lock:
+            self.sent = {t: ts for t, ts in self.sent.items() if now - ts < self.transfer_timeout}
             incoming = list(self.incoming.items())
             outgoing = list(self.outgoing.items())
             seen = dict(self.last_seen)
@@ -294,21 +298,35 @@ class KVConnector:
             self.kv_cache[:, :, dst] = src.to(self.kv_cache.device)
             inc.received += msg.nbytes
             self.bytes_received += msg.nbytes
+            ready = inc.done is not None and inc.received == inc.expected_bytes
+            if ready:
+                del self.incoming[msg.transfer_id]
+        if ready:
+            assert inc.done is not None
+            self._ready(inc, inc.done)
 
     def _on_Done(self, msg: p.Done, _: memoryview | None) -> None:  # noqa: N802
         with self.lock:
-            inc = self.incoming.pop(msg.transfer_id, None)
-        if inc is None:
-            return
+            inc = self.incoming.get(msg.transfer_id)
+            if inc is None:
+                return
+            if inc.received < inc.expected_bytes:  # the bytes are still on their way (another channel)
+                inc.done = msg
+                return
+            del self.incoming[msg.transfer_id]
         if inc.received != inc.expected_bytes:
-            reason = f"KV incomplete: {inc.received} of {inc.expected_bytes} bytes arrived"
+            reason = f"KV size mismatch: {inc.received} of {inc.expected_bytes} bytes arrived"
             self.events.put(TransferFailed(inc.request_id, reason))
-        else:
-            self.transfer_seconds.append(time.monotonic() - inc.started)
-            lp = Logprob(**msg.logprob) if msg.logprob else None
-            if lp is not None:
-                lp.top = [tuple(t) for t in lp.top]  # type: ignore[misc]
-            self.events.put(KVReady(inc.request_id, SampleResult(msg.token_id, lp), msg.num_cached_tokens))
+            self.wake()
+            return
+        self._ready(inc, msg)
+
+    def _ready(self, inc: Incoming, msg: p.Done) -> None:
+        self.transfer_seconds.append(time.monotonic() - inc.started)
+        lp = Logprob(**msg.logprob) if msg.logprob else None
+        if lp is not None:
+            lp.top = [(int(t), float(v)) for t, v in lp.top]
+        self.events.put(KVReady(inc.request_id, SampleResult(msg.token_id, lp), msg.num_cached_tokens))
         self.wake()
 
     def _on_Failed(self, msg: p.Failed, _: memoryview | None) -> None:  # noqa: N802
@@ -327,7 +345,7 @@ class KVConnector:
 
     def _on_Heartbeat(self, msg: p.Heartbeat, _: memoryview | None) -> None:  # noqa: N802
         with self.lock:
-            unknown = [t for t in msg.transfer_ids if t not in self.outgoing]
+            unknown = [t for t in msg.transfer_ids if t not in self.outgoing and t not in self.sent]
         self.transport.send(msg.sender, p.Pong(self.address, unknown))
 
     def _on_Pong(self, msg: p.Pong, _: memoryview | None) -> None:  # noqa: N802

@@ -7,6 +7,7 @@ prefill and decode engines (separate KV pools) joined by the in-process KV trans
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +46,7 @@ class LLM:
         seed: int = 0,
         prefill: int = 0,
         decode: int = 0,
+        kv_transport: str = "inproc",
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -60,11 +62,11 @@ class LLM:
         if (prefill > 0) != (decode > 0):
             raise ValueError("disaggregated serving needs at least one prefill and one decode engine")
         self.prefill_engines = [
-            Engine(replace(config, disagg=DisaggConfig(role="prefill", kv_transport="inproc")))
+            Engine(replace(config, disagg=DisaggConfig(role="prefill", kv_transport=kv_transport)))
             for _ in range(prefill)
         ]
         self.engines = [
-            Engine(replace(config, disagg=DisaggConfig(role="decode", kv_transport="inproc")))
+            Engine(replace(config, disagg=DisaggConfig(role="decode", kv_transport=kv_transport)))
             for _ in range(decode)
         ] or [Engine(config)]
         self.engine = self.engines[0]
@@ -109,7 +111,10 @@ class LLM:
         while any(e.has_unfinished() for e in self.engines):
             for p in self.prefill_engines:
                 p.step()  # no client output: its requests finish by handing KV to a decode engine
-            for out in (o for e in self.engines for o in e.step()):
+            outputs = [o for e in self.engines for o in e.step()]
+            if not outputs and self.prefill_engines:
+                time.sleep(0.001)  # KV is on its way through another thread
+            for out in outputs:
                 c = results[out.request_id]
                 c.token_ids.extend(out.new_token_ids)
                 c.text += out.new_text

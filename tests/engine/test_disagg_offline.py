@@ -17,9 +17,11 @@ from .conftest import MAX_NEW
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
 
 
-@pytest.mark.parametrize(("prefill", "decode"), [(1, 1), (2, 2)])
-def test_disaggregated_greedy_equals_transformers(model_dir, prompt_ids, hf_greedy, prefill, decode):
-    llm = LLM(model_dir, num_blocks=256, prefill=prefill, decode=decode)
+@pytest.mark.parametrize(("prefill", "decode", "transport"), [(1, 1, "tcp"), (2, 2, "inproc")])
+def test_disaggregated_greedy_equals_transformers(
+    model_dir, prompt_ids, hf_greedy, prefill, decode, transport
+):
+    llm = LLM(model_dir, num_blocks=256, prefill=prefill, decode=decode, kv_transport=transport)
     try:
         got = [c.token_ids for c in llm.generate_ids(prompt_ids, GREEDY)]
         assert got == hf_greedy
@@ -128,6 +130,8 @@ def test_decode_abort_reaches_prefill(model_dir):
 def test_colocated_refuses_kv_transfer(model_dir):
     from pdserve.errors import InvalidRequestError
 
-    engine = Engine(EngineConfig(model=ModelConfig(path=model_dir), cache=replace(CacheConfig(), num_blocks=64)))
+    engine = Engine(
+        EngineConfig(model=ModelConfig(path=model_dir), cache=replace(CacheConfig(), num_blocks=64))
+    )
     with pytest.raises(InvalidRequestError):
         engine.add_request("r", [1, 2, 3], GREEDY, {"prefill_kv_addr": "tcp://127.0.0.1:1"})

@@ -1,8 +1,15 @@
-"""TCP transport over ZeroMQ: one ROUTER socket per instance (the `--kv-port`) receives everything;
-one DEALER per peer sends. An I/O thread owns all sockets; other threads queue sends and wake it.
+"""TCP transport: control messages over ZeroMQ, KV bytes over a plain TCP stream.
 
-Wire: [header: protocol JSON] or [header, payload: raw KV bytes]. Payloads go out zero-copy (the
-gathered block buffer itself); the receiver copies each payload once, into its KV pool.
+An instance listens on two consecutive ports: `--kv-port` (a ZeroMQ ROUTER for control messages) and
+`--kv-port + 1` (KV data). Peers name an instance by its control address alone.
+
+    control: DEALER per peer -> peer's ROUTER          [JSON header]
+    data:    one TCP connection per peer, one thread    [u32 header length][JSON KVData][raw KV bytes]
+
+The data path avoids ZeroMQ because its message copies halved loopback throughput: the sender writes
+the gathered block buffer with `sendall`, the receiver `recv_into`s a reusable staging buffer and the
+connector scatters it into the pool (one copy). Control messages and data travel separately, so the
+receiver must not rely on their relative order (the connector waits for both).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import socket
+import struct
 import threading
 from typing import Any
 
@@ -20,7 +29,13 @@ from pdserve.disagg.transport.base import KVTransport, MessageHandler
 
 logger = logging.getLogger(__name__)
 
-SEND_HWM = 256  # messages queued per peer before sends are dropped
+SEND_HWM = 1024  # control messages queued per peer before sends are dropped
+_LEN = struct.Struct("!I")
+
+
+def data_address(control_addr: str) -> tuple[str, int]:
+    host, port = control_addr.removeprefix("tcp://").rsplit(":", 1)
+    return host.strip("[]"), int(port) + 1
 
 
 class TcpTransport(KVTransport):
@@ -29,12 +44,9 @@ class TcpTransport(KVTransport):
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.RCVHWM, 0)
-        if port:
-            self.router.bind(f"tcp://{host}:{port}")
-        else:
-            port = self.router.bind_to_random_port(f"tcp://{host}")
+        self.listener, port = self._bind_pair(host, port)
         self.address = f"tcp://{advertise_host or host}:{port}"
-        self.outbox: queue.SimpleQueue[tuple[str, bytes, Any]] = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         wake_addr = f"inproc://wake-{id(self)}"
         self.wake_pull = self.ctx.socket(zmq.PULL)
         self.wake_pull.bind(wake_addr)
@@ -43,19 +55,52 @@ class TcpTransport(KVTransport):
         self.wake_lock = threading.Lock()
         self.dealers: dict[str, zmq.Socket] = {}
         self.forget: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.senders: dict[str, _DataSender] = {}
+        self.senders_lock = threading.Lock()
         self.handler: MessageHandler | None = None
+        self.handler_lock = threading.Lock()  # one message handled at a time, whichever thread got it
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="kv-transport", daemon=True)
+        self.threads = [
+            threading.Thread(target=self._run, name="kv-control", daemon=True),
+            threading.Thread(target=self._accept, name="kv-data-accept", daemon=True),
+        ]
+
+    def _bind_pair(self, host: str, port: int) -> tuple[socket.socket, int]:
+        """Bind the control port and port + 1 for data (any free pair when port is 0)."""
+        for _ in range(50):
+            ctrl = port or self.router.bind_to_random_port(f"tcp://{host}", 20000, 60000)
+            if port:
+                self.router.bind(f"tcp://{host}:{port}")
+            try:
+                listener = socket.create_server((host, ctrl + 1), reuse_port=False)
+                return listener, ctrl
+            except OSError:
+                if port:
+                    raise
+                self.router.unbind(self.router.last_endpoint)
+        raise OSError("no free pair of consecutive ports for KV control and data")
 
     def start(self, on_message: MessageHandler) -> None:
         self.handler = on_message
-        self.thread.start()
+        for t in self.threads:
+            t.start()
 
     def send(self, peer: str, msg: Message, payload: Any | None = None) -> None:
-        self.outbox.put((peer, encode(msg), payload))
-        self._wake()
+        if payload is None:
+            self.outbox.put((peer, encode(msg)))
+            self._wake()
+            return
+        with self.senders_lock:
+            sender = self.senders.get(peer)
+            if sender is None:
+                sender = self.senders[peer] = _DataSender(data_address(peer))
+        sender.put(encode(msg), payload)
 
     def forget_peer(self, peer: str) -> None:
+        with self.senders_lock:
+            sender = self.senders.pop(peer, None)
+        if sender is not None:
+            sender.close()
         self.forget.put(peer)
         self._wake()
 
@@ -66,12 +111,26 @@ class TcpTransport(KVTransport):
     def close(self) -> None:
         self.stopped.set()
         self._wake()
-        if self.thread.is_alive():
-            self.thread.join(5)
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        with self.senders_lock:
+            for sender in self.senders.values():
+                sender.close()
+        if self.threads[0].is_alive():
+            self.threads[0].join(5)
         with self.wake_lock:
             self.wake_push.close(0)
         self.ctx.destroy(0)
 
+    def _handle(self, msg: Message, payload: memoryview | None) -> None:
+        assert self.handler is not None
+        try:
+            with self.handler_lock:
+                self.handler(msg, payload)
+        except Exception:  # a bad message must not kill an I/O thread
+            logger.exception("handling %s failed", type(msg).__name__)
+
+    # ---- control (ZeroMQ), one thread owns every socket -------------------------------------------
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
@@ -82,27 +141,22 @@ class TcpTransport(KVTransport):
                 while self.wake_pull.poll(0):
                     self.wake_pull.recv()
             if self.router in events:
-                self._receive_all()
+                while self.router.poll(0):
+                    self._receive_one()
             self._flush()
         for sock in self.dealers.values():
             sock.close(0)
         self.router.close(0)
         self.wake_pull.close(0)
 
-    def _receive_all(self) -> None:
-        while self.router.poll(0):
-            frames = self.router.recv_multipart(copy=False)
-            try:
-                msg = decode(frames[1].bytes)
-            except (ValueError, IndexError) as e:
-                logger.warning("dropping a malformed control message: %s", e)
-                continue
-            payload = frames[2].buffer if len(frames) > 2 else None
-            assert self.handler is not None
-            try:
-                self.handler(msg, payload)
-            except Exception:  # a bad message must not kill the I/O thread
-                logger.exception("handling %s failed", type(msg).__name__)
+    def _receive_one(self) -> None:
+        frames = self.router.recv_multipart()
+        try:
+            msg = decode(frames[1])
+        except (ValueError, IndexError, TypeError) as e:
+            logger.warning("dropping a malformed control message: %s", e)
+            return
+        self._handle(msg, None)
 
     def _flush(self) -> None:
         while not self.forget.empty():
@@ -110,12 +164,11 @@ class TcpTransport(KVTransport):
             if sock is not None:
                 sock.close(0)
         while not self.outbox.empty():
-            peer, header, payload = self.outbox.get()
-            frames = [header] if payload is None else [header, payload]
+            peer, header = self.outbox.get()
             try:
-                self._dealer(peer).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self._dealer(peer).send(header, flags=zmq.NOBLOCK)
             except zmq.Again:
-                logger.warning("send queue to %s is full; message dropped", peer)
+                logger.warning("control queue to %s is full; message dropped", peer)
 
     def _dealer(self, peer: str) -> zmq.Socket:
         sock = self.dealers.get(peer)
@@ -126,3 +179,79 @@ class TcpTransport(KVTransport):
             sock.connect(peer)
             self.dealers[peer] = sock
         return sock
+
+    # ---- data (plain TCP), a thread per incoming connection ---------------------------------------
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(
+                target=self._receive_data, args=(conn,), name="kv-data-recv", daemon=True
+            ).start()
+
+    def _receive_data(self, conn: socket.socket) -> None:
+        staging = bytearray()
+        with conn:
+            while not self.stopped.is_set():
+                try:
+                    (length,) = _LEN.unpack(_recv_exact(conn, memoryview(bytearray(_LEN.size))))
+                    msg = decode(bytes(_recv_exact(conn, memoryview(bytearray(length)))))
+                    nbytes = int(getattr(msg, "nbytes", 0))
+                    if len(staging) < nbytes:
+                        staging = bytearray(nbytes)
+                    payload = _recv_exact(conn, memoryview(staging)[:nbytes])
+                except (OSError, ConnectionError, ValueError, TypeError):
+                    return  # peer closed or sent garbage: drop the connection
+                self._handle(msg, payload)
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview:
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:], len(view) - got)
+        if n == 0:
+            raise ConnectionError("peer closed the KV data connection")
+        got += n
+    return view
+
+
+class _DataSender:
+    """One peer's outgoing KV stream: a thread writing queued (header, payload) pairs in order."""
+
+    def __init__(self, addr: tuple[str, int]) -> None:
+        self.addr = addr
+        self.queue: queue.SimpleQueue[tuple[bytes, Any] | None] = queue.SimpleQueue()
+        self.sock: socket.socket | None = None
+        threading.Thread(target=self._run, name="kv-data-send", daemon=True).start()
+
+    def put(self, header: bytes, payload: Any) -> None:
+        self.queue.put((header, payload))
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            header, payload = item
+            try:
+                if self.sock is None:
+                    self.sock = socket.create_connection(self.addr, timeout=5)
+                    self.sock.settimeout(60)
+                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sock.sendall(_LEN.pack(len(header)) + header)
+                self.sock.sendall(memoryview(payload).cast("B"))
+            except OSError as e:
+                logger.warning(
+                    "KV data to %s:%d failed (%s); the transfer will time out there", *self.addr, e
+                )
+                self._drop()
+        self._drop()
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
