@@ -60,6 +60,7 @@ class _Stop:
 
 
 _Command = _Add | _Abort | _Call | _Stop
+_Batch = list[tuple["asyncio.Queue[RequestOutput]", RequestOutput]]  # (stream queue, output) pairs
 
 
 @dataclass
@@ -316,21 +317,29 @@ class AsyncEngine:
             self._fatal = f"{type(e).__name__}: {e}"
             self._end_all("error", self._fatal)
             return
-        for out in outputs:
-            self._deliver(out)
+        self._deliver(outputs)
 
-    def _deliver(self, out: RequestOutput) -> None:
-        sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
-        if sink is not None:
-            _put(sink, out)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand each output to its stream: one wake-up per event loop per step, not one per output."""
+        batches: dict[asyncio.AbstractEventLoop, _Batch] = {}
+        for out in outputs:
+            sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+            if sink is not None:
+                batches.setdefault(sink.loop, []).append((sink.outputs, out))
+        for loop, batch in batches.items():
+            with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody is listening
+                loop.call_soon_threadsafe(_put_all, batch)
 
     def _end_all(self, reason: str, error: str | None) -> None:
         """Finish every in-flight request with `reason` (the engine is gone or going)."""
-        sinks, self._sinks = self._sinks, {}
-        for request_id, sink in sinks.items():
-            _put(sink, RequestOutput(request_id, [], "", finished=True, finish_reason=reason, error=error))
+        outputs = [
+            RequestOutput(request_id, [], "", finished=True, finish_reason=reason, error=error)
+            for request_id in self._sinks
+        ]
+        self._deliver(outputs)
+        self._sinks.clear()
 
 
-def _put(sink: _Sink, out: RequestOutput) -> None:
-    with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody is listening any more
-        sink.loop.call_soon_threadsafe(sink.outputs.put_nowait, out)
+def _put_all(batch: _Batch) -> None:
+    for outputs, out in batch:
+        outputs.put_nowait(out)

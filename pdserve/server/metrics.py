@@ -28,7 +28,10 @@ class ServerMetrics:
             "pdserve_requests", "Requests by outcome (finish reason or error kind)", ["outcome"], registry=r
         )
         self.ttft = Histogram(
-            "pdserve_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+            "pdserve_time_to_first_token_seconds",
+            "Arrival to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.tpot = Histogram(
             "pdserve_time_per_output_token_seconds",
@@ -39,7 +42,9 @@ class ServerMetrics:
         self.e2e = Histogram(
             "pdserve_e2e_request_latency_seconds", "Arrival to last token", buckets=_E2E_BUCKETS, registry=r
         )
-        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.prompt_tokens = Counter(
+            "pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
         self.generation_tokens = Counter("pdserve_generation_tokens", "Generated tokens", registry=r)
         self.running = Gauge("pdserve_num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("pdserve_num_requests_waiting", "Requests waiting to be scheduled", registry=r)

@@ -1,0 +1,161 @@
+"""The `pdserve` command: `serve` one instance, `prepare` the model (router, up, bench come later).
+
+Every option has a default, so a bare `pdserve serve` serves the default model on 127.0.0.1:8000.
+Heavy imports (torch, transformers, the server) happen inside the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12})
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, '1e9' -> 1000000000, '4096' -> 4096."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB, 512MiB or a byte count)")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="serve one instance over an OpenAI-compatible HTTP API")
+    s.add_argument(
+        "--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    s.add_argument("--served-model-name", default=None, help="the model name clients use (default: dir name)")
+    s.add_argument("--max-num-seqs", type=_positive, default=64)
+    s.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
+    s.add_argument("--max-waiting", type=_positive, default=512, help="waiting-queue bound; beyond it: 503")
+    s.add_argument("--block-size", type=_positive, default=16)
+    s.add_argument("--num-blocks", type=_positive, default=None, help="KV pool size in blocks")
+    s.add_argument(
+        "--kv-cache-memory", type=parse_size, default=None, help="KV pool size in bytes, e.g. 2GiB"
+    )
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    s.add_argument("--max-model-len", type=_positive, default=None)
+    s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_serve)
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("prepare", help="locate or convert the model once; print its directory")
+    s.add_argument(
+        "--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
+    )
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="prefill/decode disaggregated LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
+    _add_prepare(sub)
+    return parser
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The frozen config chain of one instance, from `serve`'s arguments."""
+    from pdserve.models.prepare import resolve_model
+
+    model = ModelConfig(
+        path=resolve_model(args.model),
+        dtype=args.dtype,
+        device=_resolve_device(args.device),
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+    )
+    cache = CacheConfig(
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    scheduler = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting=args.max_waiting,
+    )
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        engine=EngineConfig(model=model, cache=cache, scheduler=scheduler),
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pdserve.server.openai_api import run_server
+
+    try:
+        config = server_config(args)
+    except (FileNotFoundError, ValueError) as e:
+        logging.getLogger("pdserve").error("%s", e)
+        return 2
+    run_server(config)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pdserve.models.prepare import resolve_model
+
+    try:
+        print(resolve_model(args.model))
+    except FileNotFoundError as e:
+        logging.getLogger("pdserve").error("%s", e)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Shared fixtures: the default model, its tokenizer, and real `pdserve serve` processes for e2e tests.
+
+Servers are started lazily (only tests that ask for them pay), once per session, each in its own
+process group on a free port, and killed with their children at teardown even when tests fail. After
+every test that used a server, the KV pool of that server must return to fully free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from pdserve.models.prepare import resolve_model
+
+API_KEY = "test-key"
+MODEL = "SmolLM2-135M-Instruct"
+READY_TIMEOUT_S = 240.0  # a cold start on two contended CPU cores
+POOL_FREE_TIMEOUT_S = 60.0
+SERVER_FIXTURES = ("server", "overload_server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """One `pdserve serve` subprocess, its port and its log."""
+
+    def __init__(self, args: list[str], log_path: Path, api_key: str | None = None) -> None:
+        self.port = free_port()
+        self.api_key = api_key
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(self.port), *args]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def kv(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/debug/kv", timeout=30).json())
+
+    def wait_pool_free(self, timeout: float = POOL_FREE_TIMEOUT_S) -> dict[str, Any]:
+        """Poll until no request holds a KV block (aborts land on the engine's next step)."""
+        deadline = time.monotonic() + timeout
+        kv = self.kv()
+        while not kv["pool_free"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            kv = self.kv()
+        return kv
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the process group, SIGKILL it if it lingers; returns the server's exit code."""
+        try:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(10)
+                    return -signal.SIGKILL
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stray children, if any
+            return int(self.proc.returncode)
+        finally:
+            self._log.close()
+
+
+@contextlib.contextmanager
+def running_server(log_path: Path, args: list[str], api_key: str | None = None) -> Iterator[ServerProcess]:
+    server = ServerProcess(args, log_path, api_key)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        rc = server.stop()
+    assert rc == 0, f"server did not shut down cleanly on SIGTERM (rc={rc}):\n{server.log()}"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The main test server: a small KV pool, an API key on /v1/*."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = ["--model", model_dir, "--num-blocks", "512", "--max-num-seqs", "16", "--device", "cpu"]
+    with running_server(log, args, api_key=API_KEY) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def overload_server(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One running request and one waiting at most: the rest must get 503 at once."""
+    log = tmp_path_factory.mktemp("overload") / "server.log"
+    args = ["--model", model_dir, "--num-blocks", "128", "--max-num-seqs", "1", "--max-waiting", "1"]
+    with running_server(log, args + ["--device", "cpu"]) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def kv_pool_returns_free(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used a server: every KV block is free again."""
+    yield
+    for name in SERVER_FIXTURES:
+        if name in request.fixturenames:
+            server: ServerProcess = request.getfixturevalue(name)
+            if server.proc.poll() is None:
+                kv = server.wait_pool_free()
+                assert kv["pool_free"], f"KV blocks still held after {request.node.name}: {kv}"
