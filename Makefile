@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: install
-	$(BIN)/pdserve serve --port 8000
+	$(BIN)/pdserve up --prefill 1 --decode 1 --port 8000
 
 lint: install
 	$(BIN)/ruff check pdserve tests benchmarks

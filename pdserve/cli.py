@@ -12,7 +12,15 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from pdserve.config import (
+    ROLES,
+    CacheConfig,
+    DisaggConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12})
@@ -63,8 +71,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-model-len", type=_positive, default=None)
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument("--seed", type=int, default=0)
+    _add_disagg_args(s)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
+
+
+def _add_disagg_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("disaggregation")
+    g.add_argument("--role", choices=list(ROLES), default="both", help="prefill, decode, or both (colocated)")
+    g.add_argument("--kv-transport", choices=["tcp"], default="tcp")
+    g.add_argument("--kv-host", default=None, help="where the KV/control socket binds (default: --host)")
+    g.add_argument(
+        "--kv-port", type=int, default=0, help="KV control port (data uses the next one); 0: free ports"
+    )
+    g.add_argument("--kv-advertise-host", default=None, help="the host peers use to reach this instance")
+    g.add_argument("--kv-transfer-timeout", type=float, default=120.0, help="seconds before a transfer fails")
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -81,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_prepare(sub)
+    from pdserve.launcher import add_up_parser
+    from pdserve.router.cli_commands import add_router_parser
+
+    add_router_parser(sub)
+    add_up_parser(sub)
     return parser
 
 
@@ -114,12 +140,20 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting=args.max_waiting,
     )
+    disagg = DisaggConfig(
+        role=args.role,
+        kv_transport=args.kv_transport,
+        kv_host=args.kv_host or args.host,
+        kv_port=args.kv_port,
+        kv_advertise_host=args.kv_advertise_host,
+        kv_transfer_timeout=args.kv_transfer_timeout,
+    )
     return ServerConfig(
         host=args.host,
         port=args.port,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
-        engine=EngineConfig(model=model, cache=cache, scheduler=scheduler),
+        engine=EngineConfig(model=model, cache=cache, scheduler=scheduler, disagg=disagg),
     )
 
 

@@ -21,5 +21,9 @@ class OverloadedError(PDServeError):
     """The server's bounded queue is full: HTTP 503, the client may retry later."""
 
 
+class PrefillFailedError(PDServeError):
+    """The prefill instance could not deliver this request's KV: HTTP 502; the router may retry."""
+
+
 class EngineDeadError(PDServeError):
     """The engine loop has stopped and cannot serve: HTTP 503."""

@@ -168,7 +168,7 @@ def instance_children(args: argparse.Namespace, model: str, log_dir: Path) -> li
         for index in range(count):
             port = free_port(taken=taken)
             role_args = (
-                [] if role == "instance" else ["--role", role, "--kv-port", str(free_port(taken=taken))]
+                [] if role == "instance" else ["--role", role]  # KV ports: a free pair, chosen by each
             )
             cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
             cmd += ["--model", model, *role_args, *serve_args]

@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SubRequest = tuple[str, list[int], SamplingParams]  # (request_id, prompt_token_ids, params)
+# (request_id, prompt_token_ids, params, kv_transfer): kv_transfer names the prefill instance, if any
+SubRequest = tuple[str, list[int], SamplingParams, dict[str, Any] | None]
 
 
 @dataclass
@@ -59,7 +60,13 @@ class _Stop:
     pass
 
 
-_Command = _Add | _Abort | _Call | _Stop
+class _Wake:
+    """Something arrived from a peer (KV, a prompt to prefill): step now."""
+
+
+_Command = _Add | _Abort | _Call | _Stop | _Wake
+
+IDLE_POLL_S = 0.2  # with requests in flight elsewhere (KV transfers), step at least this often
 _Batch = list[tuple["asyncio.Queue[RequestOutput]", RequestOutput]]  # (stream queue, output) pairs
 
 
@@ -141,6 +148,7 @@ class AsyncEngine:
             self._stopped = True
             self._commands.put(_Stop())
         self._thread.join(timeout)
+        self._engine.close()
 
     def is_healthy(self) -> bool:
         thread = self._thread
@@ -173,7 +181,7 @@ class AsyncEngine:
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; stopping early (disconnect, cancel, break) aborts it."""
-        stream = await self.add([(request_id, prompt_token_ids, params)])
+        stream = await self.add([(request_id, prompt_token_ids, params, None)])
         try:
             async for out in stream:
                 yield out
@@ -244,19 +252,28 @@ class AsyncEngine:
         self.tokenizer = copy.deepcopy(self._engine.tokenizer)
         self.max_model_len = int(self._engine.max_model_len)
         self.model_name = str(self._engine.model_name)
+        self.role = self.config.disagg.role
+        connector = self._engine.connector
+        self.kv_addr: str | None = connector.address if connector is not None else None
+        if connector is not None:
+            connector.wake = lambda: self._commands.put(_Wake())
 
     def _loop(self) -> None:
         while True:
-            idle = self._fatal is not None or not self._engine.has_unfinished()
-            if not self._apply_commands(block=idle):
+            alive = self._fatal is None
+            busy = alive and self._engine.has_unfinished() and not self._engine.idle
+            # Nothing to compute: sleep until a command or a peer wakes us; with requests waiting on
+            # peers (or a connector to keep alive) wake now and then for timeouts and heartbeats.
+            timeout = IDLE_POLL_S if alive and self._engine.connector is not None else None
+            if not self._apply_commands(block=not busy, timeout=timeout):
                 return
-            if self._fatal is None and self._engine.has_unfinished():
+            if self._fatal is None and (self._engine.has_unfinished() or self._engine.connector is not None):
                 self._step()
 
-    def _apply_commands(self, block: bool) -> bool:
+    def _apply_commands(self, block: bool, timeout: float | None = None) -> bool:
         """Apply queued commands (waiting for one when `block`); False once told to stop."""
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get(block=block, timeout=timeout if block else None)
         except queue.Empty:
             return True
         while True:
@@ -274,6 +291,8 @@ class AsyncEngine:
         elif isinstance(command, _Abort):
             for request_id in command.request_ids:
                 self._abort_one(request_id)
+        elif isinstance(command, _Wake):
+            pass
         elif isinstance(command, _Call):
             if not command.done.set_running_or_notify_cancel():
                 return
@@ -290,8 +309,8 @@ class AsyncEngine:
             return
         added: list[str] = []
         try:
-            for request_id, prompt_token_ids, params in command.requests:
-                self._engine.add_request(request_id, prompt_token_ids, params)
+            for request_id, prompt_token_ids, params, kv_transfer in command.requests:
+                self._engine.add_request(request_id, prompt_token_ids, params, kv_transfer)
                 added.append(request_id)
                 self._sinks[request_id] = _Sink(command.loop, command.outputs)
         except Exception as e:  # noqa: BLE001 - InvalidRequestError/OverloadedError go to the caller

@@ -39,9 +39,10 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model_name = path.rstrip("/").rsplit("/", 1)[-1]
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 4096))
-        self.max_model_len = min(config.model.max_model_len or model_max, model_max)
         self.eos_token_ids = self._eos_ids(path)
         self.runner = ModelRunner(config.model, config.cache, self.hf_config)
+        pool_tokens = self.runner.num_blocks * config.cache.block_size
+        self.max_model_len = min(config.model.max_model_len or model_max, model_max, pool_tokens)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -51,6 +52,7 @@ class Engine:
         self.pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
         self.num_steps = 0
         self.num_prefill_tokens = 0  # prompt tokens this instance ran through the model
+        self.idle = False  # the last step had nothing to compute (all waiting on peers or blocks)
 
     def _make_connector(self) -> KVConnector:
         d = self.config.disagg
@@ -95,12 +97,14 @@ class Engine:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequestError(
-                f"prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len}",
-                param="messages",
+                f"prompt has {len(prompt_token_ids)} tokens; this server's context is {self.max_model_len}",
+                param="prompt",
             )
         vocab = self.hf_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if kv_transfer and kv_transfer.get("prefill_kv_addr") and self.connector is None:
             raise InvalidRequestError("this instance does not take KV from prefill instances (role both)")
         request = Request(
@@ -131,6 +135,7 @@ class Engine:
         if self.connector is not None:
             outputs += self._apply_events(self.connector.poll())
         sched = self.scheduler.schedule()
+        self.idle = sched.is_empty and not outputs
         if sched.is_empty:
             return outputs
         sched.chunks.sort(key=lambda c: c.num_tokens != 1)  # decodes first, as the runner wants
@@ -239,4 +244,21 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_prefill_tokens=self.num_prefill_tokens,
             num_steps=self.num_steps,
+            num_waiting_for_kv=len(self.scheduler.waiting_for_kv),
+            tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in self._queued()),
+            **self._kv_stats(),
         )
+
+    def _queued(self) -> list[Request]:
+        return list(self.scheduler.waiting) + self.scheduler.running
+
+    def _kv_stats(self) -> dict[str, Any]:
+        c = self.connector
+        if c is None:
+            return {}
+        seconds, c.transfer_seconds = c.transfer_seconds, []
+        return {
+            "kv_bytes_sent": c.bytes_sent,
+            "kv_bytes_received": c.bytes_received,
+            "kv_transfer_seconds": seconds,
+        }

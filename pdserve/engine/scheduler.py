@@ -85,7 +85,7 @@ class Scheduler:
         if cdiv(request.num_tokens + 1, self.bm.block_size) > self.bm.num_blocks:
             raise InvalidRequestError(
                 f"prompt of {request.num_tokens} tokens can never fit in the KV cache ({pool_tokens} tokens)",
-                param="messages",
+                param="prompt",
             )
         if len(self.waiting) >= self.config.max_waiting:
             raise OverloadedError(f"server is overloaded: {len(self.waiting)} requests already waiting")

@@ -25,6 +25,7 @@ from pdserve.errors import (
     ModelNotFoundError,
     OverloadedError,
     PDServeError,
+    PrefillFailedError,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ _KINDS: list[tuple[type[Exception], ErrorKind]] = [
     (AuthenticationError, ErrorKind(401, "authentication_error", "invalid_api_key", "unauthorized")),
     (OverloadedError, ErrorKind(503, "service_unavailable_error", "overloaded", "overloaded")),
     (EngineDeadError, ErrorKind(503, "service_unavailable_error", "engine_dead", "engine_dead")),
+    (PrefillFailedError, ErrorKind(502, "server_error", "prefill_failed", "prefill_failed")),
     (ClientDisconnectedError, ErrorKind(499, "invalid_request_error", "client_disconnected", "abort")),
 ]
 INTERNAL = ErrorKind(500, "server_error", "internal_error", "error")

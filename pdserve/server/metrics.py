@@ -54,6 +54,22 @@ class ServerMetrics:
             "pdserve_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up", registry=r
         )
         self.preemptions = Gauge("pdserve_num_preemptions", "Preemptions since start", registry=r)
+        self.waiting_for_kv = Gauge(
+            "pdserve_num_requests_waiting_for_kv", "Decode: blocks reserved, KV on its way", registry=r
+        )
+        self.prefill_tokens = Gauge(
+            "pdserve_prompt_tokens_computed", "Prompt tokens this instance ran through the model", registry=r
+        )
+        self.kv_bytes = Counter(
+            "pdserve_kv_transfer_bytes", "KV bytes moved between instances", ["direction"], registry=r
+        )
+        self.kv_seconds = Histogram(
+            "pdserve_kv_transfer_seconds",
+            "Decode: reserve to KV + first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._kv_seen = {"sent": 0, "received": 0}
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -66,6 +82,13 @@ class ServerMetrics:
         queries = stats.prefix_cache_queries
         self.prefix_hit_rate.set(stats.prefix_cache_hits / queries if queries else 0.0)
         self.preemptions.set(stats.num_preemptions)
+        self.waiting_for_kv.set(stats.num_waiting_for_kv)
+        self.prefill_tokens.set(stats.num_prefill_tokens)
+        for direction, total in (("sent", stats.kv_bytes_sent), ("received", stats.kv_bytes_received)):
+            self.kv_bytes.labels(direction=direction).inc(total - self._kv_seen[direction])
+            self._kv_seen[direction] = total
+        for seconds in stats.kv_transfer_seconds:
+            self.kv_seconds.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

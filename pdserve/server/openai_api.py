@@ -33,7 +33,13 @@ from pdserve.engine.async_engine import AsyncEngine, RequestStream, SubRequest
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import Logprob
 from pdserve.engine.sampling import SamplingParams
-from pdserve.errors import EngineDeadError, InvalidRequestError, ModelNotFoundError, PDServeError
+from pdserve.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PDServeError,
+    PrefillFailedError,
+)
 from pdserve.server import protocol as p
 from pdserve.server.errors import (
     AuthenticationError,
@@ -91,6 +97,7 @@ class _Generation:
     stream: bool
     include_usage: bool
     choices: list[_Choice]
+    kv_transfer: dict[str, Any] | None = None  # from the router: where this request's KV comes from
     created: int = field(default_factory=lambda: int(time.time()))
 
     def sub_request_id(self, index: int) -> str:
@@ -98,7 +105,7 @@ class _Generation:
 
     def sub_requests(self) -> list[SubRequest]:
         return [
-            (self.sub_request_id(i), self.prompt_token_ids, _choice_params(self.params, i))
+            (self.sub_request_id(i), self.prompt_token_ids, _choice_params(self.params, i), self.kv_transfer)
             for i in range(self.n)
         ]
 
@@ -285,6 +292,7 @@ class OpenAIServer:
             bool(req.stream),
             req.include_usage,
             choices,
+            req.kv_transfer_params,
         )
 
     # ---- running it ----
@@ -348,6 +356,8 @@ class OpenAIServer:
             return EngineDeadError(f"the engine stopped: {self.engine.fatal_error}")
         if out.finish_reason == "abort":
             return EngineDeadError("the request was aborted: the server is shutting down")
+        if out.error and out.error.startswith("prefill_failed:"):
+            return PrefillFailedError(out.error.removeprefix("prefill_failed:").strip())
         return RuntimeError(out.error or "the request failed in the engine")
 
     # ---- logprobs ----
@@ -581,6 +591,22 @@ def _ops_router(engine: AsyncEngine, metrics: ServerMetrics) -> APIRouter:
         if engine.is_healthy():
             metrics.set_engine_stats(await engine.stats())
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @router.get("/pd/info")
+    async def pd_info() -> Response:
+        """Role, KV/control address and load: what the router and peers need to know."""
+        stats = await engine.stats()
+        load = {
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "num_waiting_for_kv": stats.num_waiting_for_kv,
+            "num_free_blocks": stats.num_free_blocks,
+            "num_blocks": stats.num_blocks,
+            "tokens_in_flight": stats.tokens_in_flight,
+            "num_prefill_tokens": stats.num_prefill_tokens,
+        }
+        body = {"role": engine.role, "model": engine.model_name, "kv_addr": engine.kv_addr, "load": load}
+        return JSONResponse(body)
 
     @router.get("/debug/kv")
     async def debug_kv() -> Response:

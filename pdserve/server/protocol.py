@@ -65,6 +65,8 @@ class SamplingRequest(_Request):
     stop_token_ids: list[int] | None = None
     repetition_penalty: float | None = None
     skip_special_tokens: bool | None = True
+    # disaggregation: set by the router on requests it sends to a decode instance
+    kv_transfer_params: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:

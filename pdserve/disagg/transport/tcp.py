@@ -77,7 +77,7 @@ class TcpTransport(KVTransport):
             except OSError:
                 if port:
                     raise
-                self.router.unbind(self.router.last_endpoint)
+                self.router.unbind(str(self.router.last_endpoint))
         raise OSError("no free pair of consecutive ports for KV control and data")
 
     def start(self, on_message: MessageHandler) -> None:
