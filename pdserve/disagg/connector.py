@@ -63,7 +63,14 @@ class AbortPrefill:
     request_id: str
 
 
-Event = NewPrefill | KVReady | TransferFailed | AbortPrefill
+@dataclass
+class ReleaseBlocks:
+    """A finished request's blocks were being written when it ended; now they may be freed."""
+
+    request_id: str
+
+
+Event = NewPrefill | KVReady | TransferFailed | AbortPrefill | ReleaseBlocks
 
 
 @dataclass
@@ -77,6 +84,7 @@ class Incoming:
     started: float = field(default_factory=time.monotonic)
     received: int = 0
     done: p.Done | None = None  # the first token, if it overtook the KV bytes
+    writing: bool = False  # the transport is writing bytes straight into our blocks right now
 
 
 @dataclass
@@ -108,6 +116,7 @@ class KVConnector:
         self.lock = threading.Lock()
         self.incoming: dict[str, Incoming] = {}
         self.outgoing: dict[str, Outgoing] = {}
+        self.held: dict[str, Incoming] = {}  # finished while being written: blocks freed once done
         self.sent: dict[str, float] = {}  # transfers whose KV left recently: not "unknown" to a ping
         self.peer_ok: dict[str, str] = {}  # peer -> "" when the handshake passed, else the reason
         self.last_seen: dict[str, float] = {}
@@ -118,7 +127,9 @@ class KVConnector:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.transfer_seconds: list[float] = []  # drained by metrics
-        transport.start(self._on_message)
+        # host pools take KV bytes straight from the socket; device pools go through a staging copy
+        self.pool_bytes = kv_cache.view(torch.uint8).numpy() if kv_cache.device.type == "cpu" else None
+        transport.start(self._on_message, self._payload_target, self._payload_done)
 
     @property
     def address(self) -> str:
@@ -157,16 +168,21 @@ class KVConnector:
             p.Reserve(self.address, transfer_id, request.prompt_token_ids, params, list(request.block_ids)),
         )
 
-    def request_finished(self, request: Request) -> None:
-        """Called before the request's blocks are freed, on either side."""
+    def request_finished(self, request: Request) -> bool:
+        """Called before the request's blocks are freed, on either side. True: keep them until a
+        ReleaseBlocks event, because bytes are landing in them right now."""
         transfer_id = (request.kv_transfer or {}).get("transfer_id")
         if transfer_id is None:
-            return
+            return False
         with self.lock:
             incoming = self.incoming.pop(transfer_id, None)
             self.outgoing.pop(transfer_id, None)
+            hold = incoming is not None and incoming.writing
+            if hold and incoming is not None:
+                self.held[transfer_id] = incoming
         if incoming is not None:  # decode gave up first: tell prefill to stop
             self.transport.send(incoming.peer, p.Abort(self.address, transfer_id))
+        return hold
 
     # ---- prefill side -------------------------------------------------------------------------------
     def send_kv(self, request: Request, result: SampleResult) -> None:
@@ -286,6 +302,47 @@ class KVConnector:
             NewPrefill(msg.transfer_id, msg.sender, msg.prompt_token_ids, msg.params, msg.block_ids)
         )
         self.wake()
+
+    def _payload_target(self, msg: p.Message) -> list[memoryview] | None:
+        """Writable views of the reserved blocks, in the payload's order: [layer][k|v][block runs]."""
+        if not isinstance(msg, p.KVData) or self.pool_bytes is None:
+            return None
+        with self.lock:
+            inc = self.incoming.get(msg.transfer_id)
+            if inc is None or inc.writing or msg.block_ids != inc.block_ids or inc.received:
+                return None
+            inc.writing = True
+        runs: list[tuple[int, int]] = []
+        for b in msg.block_ids:
+            if runs and runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], b + 1)
+            else:
+                runs.append((b, b + 1))
+        pool = self.pool_bytes  # [layers, 2, blocks, ...] as bytes
+        layers = range(pool.shape[0])
+        return [pool[layer, kv, a:b].data.cast("B") for layer in layers for kv in (0, 1) for a, b in runs]
+
+    def _payload_done(self, msg: p.Message, ok: bool) -> None:
+        assert isinstance(msg, p.KVData)
+        with self.lock:
+            held = self.held.pop(msg.transfer_id, None)
+            inc = self.incoming.get(msg.transfer_id)
+            ready = False
+            if held is None and inc is not None:
+                inc.writing = False
+                if ok:
+                    inc.received += msg.nbytes
+                    self.bytes_received += msg.nbytes
+                    ready = inc.done is not None and inc.received == inc.expected_bytes
+                    if ready:
+                        del self.incoming[msg.transfer_id]
+        if held is not None:
+            self.events.put(ReleaseBlocks(held.request_id))
+            self.wake()
+        elif inc is not None and not ok:
+            self._fail(msg.transfer_id, f"KV data from {inc.peer} broke off")
+        elif ready and inc is not None and inc.done is not None:
+            self._ready(inc, inc.done)
 
     def _on_KVData(self, msg: p.KVData, payload: memoryview | None) -> None:  # noqa: N802
         with self.lock:  # held while writing: the blocks cannot be freed under us

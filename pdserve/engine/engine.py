@@ -15,7 +15,15 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from pdserve.config import EngineConfig
-from pdserve.disagg.connector import AbortPrefill, Event, KVConnector, KVReady, NewPrefill, TransferFailed
+from pdserve.disagg.connector import (
+    AbortPrefill,
+    Event,
+    KVConnector,
+    KVReady,
+    NewPrefill,
+    ReleaseBlocks,
+    TransferFailed,
+)
 from pdserve.disagg.transport.base import make_transport
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import Detokenizer
@@ -193,6 +201,8 @@ class Engine:
                     request.error = f"prefill_failed: {ev.reason}"
                     self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
                     outputs.append(self._output(request, [], []))
+            elif isinstance(ev, ReleaseBlocks):
+                self.scheduler.release(ev.request_id)
             elif isinstance(ev, AbortPrefill):
                 request = self.scheduler.requests.get(ev.request_id)
                 if request is not None:

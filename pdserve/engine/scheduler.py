@@ -66,6 +66,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # finished, blocks kept until the connector lets go
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
@@ -103,9 +104,10 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.waiting_for_kv.pop(request.request_id, None)
-        if self.connector is not None:
-            self.connector.request_finished(request)  # before the blocks can be reused
-        self.bm.free(request)
+        if self.connector is not None and self.connector.request_finished(request):
+            self.held[request.request_id] = request  # KV bytes are landing in its blocks right now
+        else:
+            self.bm.free(request)
         self.requests.pop(request.request_id, None)
 
     def schedule(self) -> SchedulerOutput:
@@ -163,6 +165,12 @@ class Scheduler:
         self.waiting_for_kv[request.request_id] = request
         self.connector.start_receive(request)
         return True
+
+    def release(self, request_id: str) -> None:
+        """The connector is done writing into a finished request's blocks: free them."""
+        request = self.held.pop(request_id, None)
+        if request is not None:
+            self.bm.free(request)
 
     def activate(self, request: Request) -> None:
         """The request's prompt KV has fully arrived: it joins the running batch."""

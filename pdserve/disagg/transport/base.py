@@ -15,13 +15,22 @@ from typing import Any
 from pdserve.disagg.protocol import Message
 
 MessageHandler = Callable[[Message, memoryview | None], None]
+# Zero-copy receive: where a message's payload should land (writable views, filled in order), or None
+# to get it in a staging buffer through the MessageHandler instead; then whether it all arrived.
+PayloadTarget = Callable[[Message], list[memoryview] | None]
+PayloadDone = Callable[[Message, bool], None]
 
 
 class KVTransport(ABC):
     address: str  # where peers reach this instance, e.g. tcp://127.0.0.1:5601
 
     @abstractmethod
-    def start(self, on_message: MessageHandler) -> None: ...
+    def start(
+        self,
+        on_message: MessageHandler,
+        payload_target: PayloadTarget | None = None,
+        payload_done: PayloadDone | None = None,
+    ) -> None: ...
 
     @abstractmethod
     def send(self, peer: str, msg: Message, payload: Any | None = None) -> None:

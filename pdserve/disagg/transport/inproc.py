@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from pdserve.disagg.protocol import Message
-from pdserve.disagg.transport.base import KVTransport, MessageHandler
+from pdserve.disagg.transport.base import KVTransport, MessageHandler, PayloadDone, PayloadTarget
 
 _PEERS: dict[str, InprocTransport] = {}
 _IDS = itertools.count()
@@ -23,8 +23,13 @@ class InprocTransport(KVTransport):
         self.address = f"inproc://kv-{next(_IDS)}"
         self.handler: MessageHandler | None = None
 
-    def start(self, on_message: MessageHandler) -> None:
-        self.handler = on_message
+    def start(
+        self,
+        on_message: MessageHandler,
+        payload_target: PayloadTarget | None = None,
+        payload_done: PayloadDone | None = None,
+    ) -> None:
+        self.handler = on_message  # payloads are handed over as they are: no zero-copy target needed
         with _LOCK:
             _PEERS[self.address] = self
 

@@ -7,9 +7,11 @@ An instance listens on two consecutive ports: `--kv-port` (a ZeroMQ ROUTER for c
     data:    one TCP connection per peer, one thread    [u32 header length][JSON KVData][raw KV bytes]
 
 The data path avoids ZeroMQ because its message copies halved loopback throughput: the sender writes
-the gathered block buffer with `sendall`, the receiver `recv_into`s a reusable staging buffer and the
-connector scatters it into the pool (one copy). Control messages and data travel separately, so the
-receiver must not rely on their relative order (the connector waits for both).
+the gathered block buffer with `sendall`; the receiver asks the connector where the bytes go and
+`recv_into`s them straight into the reserved blocks of the KV pool (no copy), or, where the pool is not
+host memory, into a staging buffer that the connector then scatters (one copy). Control messages and
+data travel separately, so the receiver must not rely on their relative order (the connector waits
+for both).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from typing import Any
 import zmq
 
 from pdserve.disagg.protocol import Message, decode, encode
-from pdserve.disagg.transport.base import KVTransport, MessageHandler
+from pdserve.disagg.transport.base import KVTransport, MessageHandler, PayloadDone, PayloadTarget
 
 logger = logging.getLogger(__name__)
 
+RECV_TIMEOUT_S = 30.0  # a sender silent this long mid-payload is cut off
 SEND_HWM = 1024  # control messages queued per peer before sends are dropped
 _LEN = struct.Struct("!I")
 
@@ -58,6 +61,8 @@ class TcpTransport(KVTransport):
         self.senders: dict[str, _DataSender] = {}
         self.senders_lock = threading.Lock()
         self.handler: MessageHandler | None = None
+        self.payload_target: PayloadTarget | None = None
+        self.payload_done: PayloadDone | None = None
         self.handler_lock = threading.Lock()  # one message handled at a time, whichever thread got it
         self.stopped = threading.Event()
         self.threads = [
@@ -80,8 +85,14 @@ class TcpTransport(KVTransport):
                 self.router.unbind(str(self.router.last_endpoint))
         raise OSError("no free pair of consecutive ports for KV control and data")
 
-    def start(self, on_message: MessageHandler) -> None:
+    def start(
+        self,
+        on_message: MessageHandler,
+        payload_target: PayloadTarget | None = None,
+        payload_done: PayloadDone | None = None,
+    ) -> None:
         self.handler = on_message
+        self.payload_target, self.payload_done = payload_target, payload_done
         for t in self.threads:
             t.start()
 
@@ -188,6 +199,7 @@ class TcpTransport(KVTransport):
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(RECV_TIMEOUT_S)
             threading.Thread(
                 target=self._receive_data, args=(conn,), name="kv-data-recv", daemon=True
             ).start()
@@ -199,13 +211,35 @@ class TcpTransport(KVTransport):
                 try:
                     (length,) = _LEN.unpack(_recv_exact(conn, memoryview(bytearray(_LEN.size))))
                     msg = decode(bytes(_recv_exact(conn, memoryview(bytearray(length)))))
-                    nbytes = int(getattr(msg, "nbytes", 0))
+                except (OSError, ConnectionError, ValueError, TypeError):
+                    return  # peer closed or sent garbage: drop the connection
+                nbytes = int(getattr(msg, "nbytes", 0))
+                views = self.payload_target(msg) if self.payload_target is not None else None
+                if views is not None and sum(len(v) for v in views) == nbytes:
+                    if not self._receive_in_place(conn, msg, views):
+                        return
+                    continue
+                if views is not None and self.payload_done is not None:
+                    self.payload_done(msg, False)  # a target of the wrong size: refuse it
+                try:
                     if len(staging) < nbytes:
                         staging = bytearray(nbytes)
                     payload = _recv_exact(conn, memoryview(staging)[:nbytes])
-                except (OSError, ConnectionError, ValueError, TypeError):
-                    return  # peer closed or sent garbage: drop the connection
+                except (OSError, ConnectionError):
+                    return
                 self._handle(msg, payload)
+
+    def _receive_in_place(self, conn: socket.socket, msg: Message, views: list[memoryview]) -> bool:
+        ok = True
+        try:
+            for view in views:
+                _recv_exact(conn, view)
+        except (OSError, ConnectionError):
+            ok = False
+        assert self.payload_done is not None
+        with self.handler_lock:
+            self.payload_done(msg, ok)
+        return ok
 
 
 def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview:
