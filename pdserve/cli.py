@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
+from pdserve.cli_types import int_at_least
 from pdserve.config import (
     ROLES,
     CacheConfig,
@@ -39,14 +40,7 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+_positive = int_at_least(1)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import httpx
 
+from pdserve.cli_types import int_at_least
 from pdserve.router.cli_commands import API_KEY_ENV, LOG_LEVELS, add_routing_options
 
 PR_SET_PDEATHSIG = 1
@@ -345,14 +346,7 @@ def _add_serve_passthrough(up: argparse.ArgumentParser) -> None:
         )
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+_count = int_at_least(1)
 
 
 def add_up_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from pdserve.cli_types import int_at_least
 from pdserve.router.policies import POLICIES
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0: {text!r}")
-    return value
+_count = int_at_least(0)
 
 
 def add_routing_options(parser: argparse.ArgumentParser) -> None:
