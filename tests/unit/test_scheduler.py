@@ -354,7 +354,7 @@ def test_add_request_rejects_prompt_that_can_never_fit() -> None:
     sched = make_scheduler(num_blocks=4)  # 16 tokens
     with pytest.raises(InvalidRequestError) as exc:
         add(sched, "big", tokens(0, 16))
-    assert exc.value.param == "messages"
+    assert exc.value.param == "prompt"
     assert list(sched.waiting) == []
     assert sched.requests == {}
 
