@@ -37,14 +37,22 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # one step's lookup
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        cos, sin = self._tables(positions, q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for this step's positions, looked up once per step, not once per layer."""
+        if self._last is None or self._last[0] is not positions or self._last[1].dtype != dtype:
+            cos = self.cos[positions].unsqueeze(1).to(dtype)
+            self._last = (positions, cos, self.sin[positions].unsqueeze(1).to(dtype))
+        return self._last[1], self._last[2]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

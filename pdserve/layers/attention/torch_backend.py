@@ -32,8 +32,16 @@ class TorchAttentionBackend(AttentionBackend):
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
         for i in range(nd, meta.num_seqs):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            out[start:end] = self._prefill(q[start:end], k_cache, v_cache, meta, i)
+            if end - start == meta.context_lens[i]:  # no cached prefix: this step's K/V are all of it
+                out[start:end] = self._causal(q[start:end], k[start:end], v[start:end])
+            else:
+                out[start:end] = self._prefill(q[start:end], k_cache, v_cache, meta, i)
         return out
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, n, D]
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        return out.transpose(0, 1)
 
     def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
         # block_table [..., nb] -> [..., H_kv, length, D]
