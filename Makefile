@@ -29,7 +29,7 @@ test: install lint
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 test-gpu: install
-	$(BIN)/python -m pytest -q -m gpu tests/gpu
+	$(BIN)/python -m pytest -q -m gpu tests
 
 bench: install
 	$(BIN)/python benchmarks/offline_throughput.py
