@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Fetch the wheels the lent GPU machines lack (Python 3.12, x86-64) into .whl/ (git-ignored), to be
+# carried with a device run and installed there with:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+PIP="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl"
+PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_26_x86_64"
+for pkg in pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection gguf; do
+  $PIP $PLAT "$pkg" || $PIP "$pkg"
+done
+ls -la .whl
