@@ -22,6 +22,8 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
+TIMEOUT_STRIKES = 3  # consecutive health-probe timeouts before an instance leaves the rotation
+
 Role = Literal["prefill", "decode", "both"]
 ROLES: tuple[Role, ...] = ("prefill", "decode", "both")
 
@@ -95,6 +97,7 @@ class Instance:
     pending_requests: int = 0  # sent since the latest load report was requested
     pending_tokens: int = 0
     routed: int = 0
+    timeouts: int = 0  # health probes in a row that timed out
 
     def mark_down(self, reason: str) -> None:
         if self.healthy:
@@ -104,7 +107,7 @@ class Instance:
     def mark_up(self, info: Info, pending_at_request: tuple[int, int]) -> None:
         if not self.healthy:
             logger.info("instance %s (%s) is healthy", self.url, self.role)
-        self.healthy, self.reason = True, "ok"
+        self.healthy, self.reason, self.timeouts = True, "ok", 0
         self.model, self.kv_addr, self.load = info.model, info.kv_addr, info.load
         self.pending_requests = max(0, self.pending_requests - pending_at_request[0])
         self.pending_tokens = max(0, self.pending_tokens - pending_at_request[1])
@@ -243,6 +246,13 @@ class HealthPoller:
         pending = (instance.pending_requests, instance.pending_tokens)
         try:
             info = await self._probe(instance.url)
+        except httpx.TimeoutException:
+            # A busy instance can answer slowly (its engine shares the CPU with the HTTP loop): only
+            # several timeouts in a row take it out. A refused connection does at once.
+            instance.timeouts += 1
+            if instance.timeouts >= TIMEOUT_STRIKES or not instance.healthy:
+                instance.mark_down(f"timed out {instance.timeouts} times in a row")
+            return
         except (httpx.HTTPError, ValueError) as e:
             instance.mark_down(_describe(e))
             return
