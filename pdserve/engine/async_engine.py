@@ -257,6 +257,8 @@ class AsyncEngine:
         self.kv_addr: str | None = connector.address if connector is not None else None
         if connector is not None:
             connector.wake = lambda: self._commands.put(_Wake())
+        # Published after every step, read without waiting for the engine thread (/pd/info, routers).
+        self.load: dict[str, int] = self._engine.load()
 
     def _loop(self) -> None:
         while True:
@@ -336,6 +338,7 @@ class AsyncEngine:
             self._fatal = f"{type(e).__name__}: {e}"
             self._end_all("error", self._fatal)
             return
+        self.load = self._engine.load()
         self._deliver(outputs)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:

@@ -259,6 +259,19 @@ class Engine:
             **self._kv_stats(),
         )
 
+    def load(self) -> dict[str, int]:
+        """The load a router balances on; cheap enough to compute after every step."""
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_waiting_for_kv": len(self.scheduler.waiting_for_kv),
+            "num_free_blocks": bm.num_free_blocks,
+            "num_blocks": bm.num_blocks,
+            "tokens_in_flight": sum(r.num_tokens - r.num_computed_tokens for r in self._queued()),
+            "num_prefill_tokens": self.num_prefill_tokens,
+        }
+
     def _queued(self) -> list[Request]:
         return list(self.scheduler.waiting) + self.scheduler.running
 

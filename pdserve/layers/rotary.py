@@ -46,7 +46,6 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._tables(positions, q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
-
     def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for this step's positions, looked up once per step, not once per layer."""
         if self._last is None or self._last[0] is not positions or self._last[1].dtype != dtype:

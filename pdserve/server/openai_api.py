@@ -594,17 +594,9 @@ def _ops_router(engine: AsyncEngine, metrics: ServerMetrics) -> APIRouter:
 
     @router.get("/pd/info")
     async def pd_info() -> Response:
-        """Role, KV/control address and load: what the router and peers need to know."""
-        stats = await engine.stats()
-        load = {
-            "num_running": stats.num_running,
-            "num_waiting": stats.num_waiting,
-            "num_waiting_for_kv": stats.num_waiting_for_kv,
-            "num_free_blocks": stats.num_free_blocks,
-            "num_blocks": stats.num_blocks,
-            "tokens_in_flight": stats.tokens_in_flight,
-            "num_prefill_tokens": stats.num_prefill_tokens,
-        }
+        """Role, KV/control address and load: what the router and peers need to know. Never waits
+        for the engine thread (a long prefill step must not look like a dead instance)."""
+        load = dict(engine.load)
         body = {"role": engine.role, "model": engine.model_name, "kv_addr": engine.kv_addr, "load": load}
         return JSONResponse(body)
 

@@ -199,7 +199,6 @@ class TcpTransport(KVTransport):
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(RECV_TIMEOUT_S)
             threading.Thread(
                 target=self._receive_data, args=(conn,), name="kv-data-recv", daemon=True
             ).start()
@@ -209,7 +208,9 @@ class TcpTransport(KVTransport):
         with conn:
             while not self.stopped.is_set():
                 try:
+                    conn.settimeout(None)  # an idle link may stay quiet for as long as it likes
                     (length,) = _LEN.unpack(_recv_exact(conn, memoryview(bytearray(_LEN.size))))
+                    conn.settimeout(RECV_TIMEOUT_S)  # but once a message has begun, it must go on
                     msg = decode(bytes(_recv_exact(conn, memoryview(bytearray(length)))))
                 except (OSError, ConnectionError, ValueError, TypeError):
                     return  # peer closed or sent garbage: drop the connection
@@ -270,19 +271,25 @@ class _DataSender:
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
             header, payload = item
-            try:
-                if self.sock is None:
-                    self.sock = socket.create_connection(self.addr, timeout=5)
-                    self.sock.settimeout(60)
-                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.sock.sendall(_LEN.pack(len(header)) + header)
-                self.sock.sendall(memoryview(payload).cast("B"))
-            except OSError as e:
-                logger.warning(
-                    "KV data to %s:%d failed (%s); the transfer will time out there", *self.addr, e
-                )
-                self._drop()
+            for attempt in (1, 2):  # a link the peer closed meanwhile: reconnect and send once more
+                try:
+                    self._send(header, payload)
+                    break
+                except OSError as e:
+                    self._drop()
+                    if attempt == 2:
+                        logger.warning(
+                            "KV data to %s:%d failed (%s); the transfer fails there", *self.addr, e
+                        )
         self._drop()
+
+    def _send(self, header: bytes, payload: Any) -> None:
+        if self.sock is None:
+            self.sock = socket.create_connection(self.addr, timeout=5)
+            self.sock.settimeout(60)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(_LEN.pack(len(header)) + header)
+        self.sock.sendall(memoryview(payload).cast("B"))
 
     def _drop(self) -> None:
         if self.sock is not None:
