@@ -1,0 +1,483 @@
+"""Real pdserve processes for the disaggregation e2e tests: instances, routers, `pdserve up`, namespaces.
+
+Every process is started in its own process group (`start_new_session`), so that a test can stop,
+kill, SIGSTOP or restart it as a whole, and a teardown can always kill what is left, even after a
+failure. The same workload runner serves the tests (in this process) and a client that runs inside a
+network namespace: `python -m tests.e2e.cluster client ROUTER_URL SPEC_FILE INSTANCE_URL...` prints the
+answers and the instances' counters as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "SmolLM2-135M-Instruct"
+READY_TIMEOUT_S = 240.0  # a cold start on two contended CPU cores
+NUM_BLOCKS = "256"
+# Several engines share two CPU cores here: one OpenMP thread each, or idle ones spin and starve the rest.
+SERVER_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Poll `check` (HTTP errors count as "not yet") until it is true or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if check():
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# ---- processes -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A subprocess in its own process group, logging to a file."""
+
+    cmd: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with self.log_path.open("ab") as log:
+            log.write(f"$ {' '.join(self.cmd)}\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(
+                self.cmd,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """Signal its process group, while its leader is ours (not yet reaped, so its id is not reused)."""
+        if self.popen is not None and self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (a stopped process dies too) and reap it."""
+        self.signal(signal.SIGKILL)
+        if self.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(10)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGCONT (in case a test stopped it), SIGTERM, then SIGKILL what is left of the group."""
+        if self.popen is None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(grace)
+        self.kill()
+
+    def log(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+
+class Endpoint:
+    """A pdserve instance's HTTP side: /pd/info, /debug/kv, /metrics."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get(self, path: str, timeout: float = 10.0) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", timeout=timeout)
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.get("/pd/info").json())
+
+    def prefill_tokens(self) -> int:
+        return int(self.info()["load"]["num_prefill_tokens"])
+
+    def kv(self) -> dict[str, Any]:
+        return dict(self.get("/debug/kv").json())
+
+    def wait_pool_free(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Poll /debug/kv until pool_free (or `timeout`); the last answer."""
+        kv: dict[str, Any] = {}
+
+        def free() -> bool:
+            kv.update(self.kv())
+            return bool(kv["pool_free"])
+
+        wait_until(free, timeout)
+        return kv
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(self.get("/metrics").text, name, **labels)
+
+
+class Instance(Endpoint):
+    """One `pdserve serve` process (a prefill or decode instance) on a fixed HTTP port."""
+
+    def __init__(
+        self,
+        name: str,
+        role: str,
+        model: str,
+        log_dir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        extra: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name, self.role, self.model, self.log_dir = name, role, model, log_dir
+        self.env = {**SERVER_ENV, **(env or {})}
+        self.host = host
+        self.port = port or free_port()
+        super().__init__(f"http://{host}:{self.port}")
+        self.extra, self.prefix = list(extra), list(prefix)
+        self.proc: Proc | None = None
+        self.starts = 0
+
+    def command(self) -> list[str]:
+        cmd = [*self.prefix, sys.executable, "-m", "pdserve.cli", "serve", "--role", self.role]
+        cmd += ["--host", self.host, "--port", str(self.port), "--model", self.model]
+        return cmd + ["--num-blocks", NUM_BLOCKS, "--device", "cpu", *self.extra]
+
+    def start(self) -> Instance:
+        self.starts += 1
+        log = self.log_dir / f"{self.name}-{self.starts}.log"
+        self.proc = Proc(self.command(), log, self.env).start()
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        proc = self.proc
+        assert proc is not None
+        ok = wait_until(lambda: not proc.alive or self.get("/health").status_code == 200, timeout, 0.5)
+        assert ok and proc.alive, f"{self.name} not healthy:\n{proc.log()}"
+
+    def restart(self) -> None:
+        """Kill it and start it again on the same HTTP port (its KV ports are new: --kv-port 0)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.start().wait_ready()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the Prometheus samples called `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+class Router:
+    """One `pdserve router` process."""
+
+    def __init__(
+        self,
+        log_path: Path,
+        prefill: Sequence[str],
+        decode: Sequence[str],
+        health_interval: float = 0.5,
+        port: int | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        self.port = port or free_port()
+        cmd = [*prefix, sys.executable, "-m", "pdserve.cli", "router", "--port", str(self.port)]
+        cmd += ["--health-interval", str(health_interval), "--prefill", *prefill, "--decode", *decode]
+        self.proc = Proc(cmd, log_path)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Router:
+        self.proc.start()
+        return self
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        ok = wait_until(
+            lambda: not self.proc.alive or httpx.get(f"{self.url}/health", timeout=2).status_code == 200,
+            timeout,
+        )
+        assert ok and self.proc.alive, f"router not healthy:\n{self.proc.log()}"
+
+    def instances(self) -> dict[str, dict[str, Any]]:
+        answer = httpx.get(f"{self.url}/router/instances", timeout=10).json()
+        return {i["url"]: i for i in answer["instances"]}
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+# ---- pdserve up ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Launched:
+    """A running `pdserve up`: the launcher, its children (name -> pid, url) and the router's /v1 URL."""
+
+    proc: subprocess.Popen[str]
+    router_v1: str = ""
+    children: dict[str, tuple[int, str]] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def router_url(self) -> str:
+        return self.router_v1.removesuffix("/v1")
+
+    def url(self, name: str) -> str:
+        return self.children[name][1]
+
+    def pid(self, name: str) -> int:
+        return self.children[name][0]
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@contextlib.contextmanager
+def pdserve_up(log_dir: Path, *args: str, timeout: float = READY_TIMEOUT_S) -> Iterator[Launched]:
+    """Run `pdserve up ARGS` until it prints "pdserve is up"; stop it (and every child) afterwards."""
+    exe = Path(sys.executable).with_name("pdserve")
+    cmd = [str(exe), "up", "--port", str(free_port()), "--log-dir", str(log_dir), *args]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **SERVER_ENV},
+    )
+    launched = Launched(proc)
+    up = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # read to the end, so the launcher never blocks on a full pipe
+            launched.lines.append(line)
+            child = re.match(r"(\S+): pid (\d+) at (\S+),", line)
+            if child:
+                launched.children[child.group(1)] = (int(child.group(2)), child.group(3))
+            ready = re.search(r"pdserve is up: (\S+)", line)
+            if ready:
+                launched.router_v1 = ready.group(1)
+                up.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not up.wait(0.5):
+            assert proc.poll() is None, f"pdserve up exited with {proc.returncode}:\n{launched.output()}"
+            assert time.monotonic() < deadline, f"pdserve up not up in {timeout}s:\n{launched.output()}"
+        yield launched
+    finally:
+        _stop_launcher(proc, [pid for pid, _ in launched.children.values()])
+        reader.join(5)
+
+
+def _child_of(pid: int, parent: int) -> bool:
+    """Is `pid` a live process whose parent is `parent` (so its id still names our child's group)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == parent
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _stop_launcher(proc: subprocess.Popen[str], pids: list[int]) -> None:
+    """SIGTERM the launcher (it stops its children); SIGKILL every group that is still there."""
+    if proc.poll() is None:
+        for pid in pids:  # a child that a test left stopped must be able to take SIGTERM
+            if _child_of(pid, proc.pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    if proc.poll() is None:  # stuck: kill the launcher's group and each child's
+        for pid in pids:
+            if _child_of(pid, proc.pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+# ---- network namespaces ----------------------------------------------------------------------------------
+
+
+def ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise OSError(f"ip {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+@dataclass
+class NetnsPair:
+    """Two network namespaces joined by a veth pair: a.ip_a <-> b.ip_b."""
+
+    a: str
+    b: str
+    ip_a: str = "10.77.1.1"
+    ip_b: str = "10.77.1.2"
+    created: list[str] = field(default_factory=list)
+    veth: str = ""
+
+    def create(self) -> None:
+        suffix = self.a.rsplit("-", 1)[-1][:8]
+        veth_a, veth_b = f"pva{suffix}", f"pvb{suffix}"  # at most 15 characters
+        for ns in (self.a, self.b):
+            ip("netns", "add", ns)
+            self.created.append(ns)
+        ip("link", "add", veth_a, "type", "veth", "peer", "name", veth_b)
+        self.veth = veth_a
+        ip("link", "set", veth_a, "netns", self.a)
+        ip("link", "set", veth_b, "netns", self.b)
+        for ns, dev, addr in ((self.a, veth_a, self.ip_a), (self.b, veth_b, self.ip_b)):
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+
+    def delete(self) -> None:
+        for ns in self.created:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                ip("netns", "del", ns)  # its end of the veth pair goes with it
+        self.created.clear()
+        if self.veth:  # still in this namespace if creation failed before moving it
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                ip("link", "del", self.veth)
+            self.veth = ""
+
+    @staticmethod
+    def exec_prefix(ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+
+# ---- the workload ----------------------------------------------------------------------------------------
+
+
+async def run_one(client: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """One request (chat or completion, streamed or not, greedy); its text and usage."""
+    common: dict[str, Any] = {"model": MODEL, "max_tokens": spec["max_tokens"], "temperature": 0.0}
+    if spec["stream"]:
+        common.update(stream=True, stream_options={"include_usage": True})
+    if spec["kind"] == "chat":
+        answer = await client.chat.completions.create(messages=spec["messages"], **common)
+    else:
+        answer = await client.completions.create(prompt=spec["prompt"], **common)
+    text, usage, finish = "", None, None
+    if spec["stream"]:
+        async for chunk in answer:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                piece = choice.delta.content if spec["kind"] == "chat" else choice.text
+                text += piece or ""
+                finish = choice.finish_reason or finish
+    else:
+        choice = answer.choices[0]
+        text = choice.message.content if spec["kind"] == "chat" else choice.text
+        usage, finish = answer.usage, choice.finish_reason
+    assert usage is not None, f"no usage for {spec}"
+    details = usage.prompt_tokens_details
+    return {
+        "text": text,
+        "finish_reason": finish,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": (details.cached_tokens or 0) if details is not None else 0,
+    }
+
+
+async def run_workload(v1_url: str, specs: list[dict[str, Any]], timeout: float = 90.0) -> list[Any]:
+    """All specs at once (asyncio.gather); each result is a dict, or an "error: ..." string."""
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=v1_url, api_key="none", max_retries=0, timeout=timeout) as client:
+        answers = await asyncio.gather(*(run_one(client, s) for s in specs), return_exceptions=True)
+    return [a if isinstance(a, dict) else f"error: {type(a).__name__}: {a}" for a in answers]
+
+
+def _client_main(router: str, spec_file: str, instances: list[str]) -> int:
+    """Inside a namespace: wait for the router, run the workload, report the instances' counters."""
+    ok = wait_until(lambda: httpx.get(f"{router}/health", timeout=2).status_code == 200, READY_TIMEOUT_S, 0.5)
+    if not ok:
+        print(json.dumps({"error": "router not healthy", "router": router}))
+        return 1
+    specs = json.loads(Path(spec_file).read_text())
+    started = time.monotonic()
+    results = asyncio.run(run_workload(f"{router}/v1", specs))
+    seconds = time.monotonic() - started
+    report: dict[str, Any] = {"results": results, "seconds": seconds, "instances": {}}
+    for url in instances:
+        free = wait_until(lambda u=url: httpx.get(f"{u}/debug/kv", timeout=5).json()["pool_free"], 10)
+        report["instances"][url] = {
+            "info": httpx.get(f"{url}/pd/info", timeout=10).json(),
+            "kv": httpx.get(f"{url}/debug/kv", timeout=10).json(),
+            "pool_free_in_time": free,
+        }
+    report["router_instances"] = httpx.get(f"{router}/router/instances", timeout=10).json()
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "client":
+        sys.exit(_client_main(sys.argv[2], sys.argv[3], sys.argv[4:]))
+    print("usage: python -m tests.e2e.cluster client ROUTER_URL SPEC_FILE [INSTANCE_URL...]", file=sys.stderr)
+    sys.exit(2)
