@@ -46,7 +46,9 @@ _positive = int_at_least(1)
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve one instance over an OpenAI-compatible HTTP API")
     s.add_argument(
-        "--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="HF directory, .gguf file, or a shape in pdserve/model_configs (default: SmolLM2-135M-Instruct)",
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -63,6 +65,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     s.add_argument("--max-model-len", type=_positive, default=None)
+    s.add_argument(
+        "--load-format",
+        choices=["auto", "dummy"],
+        default="auto",
+        help="dummy: random weights from config.json (time large shapes without a checkpoint)",
+    )
+    s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    s.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="CUDA: share of GPU memory for weights, activations and the KV pool",
+    )
+    s.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode")
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument("--seed", type=int, default=0)
     _add_disagg_args(s)
@@ -85,7 +101,9 @@ def _add_disagg_args(s: argparse.ArgumentParser) -> None:
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("prepare", help="locate or convert the model once; print its directory")
     s.add_argument(
-        "--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="HF directory, .gguf file, or a shape in pdserve/model_configs (default: SmolLM2-135M-Instruct)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_prepare)
@@ -122,6 +140,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         device=_resolve_device(args.device),
         max_model_len=args.max_model_len,
         seed=args.seed,
+        load_format=args.load_format,
+        tokenizer=args.tokenizer,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
     )
     cache = CacheConfig(
         block_size=args.block_size,

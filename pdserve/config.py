@@ -15,6 +15,15 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int = 0
     load_format: str = "auto"  # auto | dummy
+    tokenizer: str | None = None  # None: the model directory's, else the default model's
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU's memory for weights, activations and KV
+    enforce_eager: bool = False  # CUDA: no CUDA graphs
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError, PDServeError
 from pdserve.layers.sampler import SampleResult
-from pdserve.models.prepare import resolve_model
+from pdserve.models.prepare import resolve_model, tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,11 @@ class Engine:
         path = resolve_model(config.model.path or None)
         self.config = config = replace(config, model=replace(config.model, path=path))
         self.hf_config = AutoConfig.from_pretrained(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(config.model))
         self.model_name = path.rstrip("/").rsplit("/", 1)[-1]
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 4096))
         self.eos_token_ids = self._eos_ids(path)
-        self.runner = ModelRunner(config.model, config.cache, self.hf_config)
+        self.runner = ModelRunner(config.model, config.cache, self.hf_config, config.scheduler)
         pool_tokens = self.runner.num_blocks * config.cache.block_size
         self.max_model_len = min(config.model.max_model_len or model_max, model_max, pool_tokens)
         self.block_manager = BlockManager(

@@ -44,13 +44,25 @@ class LLM:
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
         seed: int = 0,
+        load_format: str = "auto",
+        tokenizer: str | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = False,
         prefill: int = 0,
         decode: int = 0,
         kv_transport: str = "inproc",
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
-                path=model or "", dtype=dtype, device=device, max_model_len=max_model_len, seed=seed
+                path=model or "",
+                dtype=dtype,
+                device=device,
+                max_model_len=max_model_len,
+                seed=seed,
+                load_format=load_format,
+                tokenizer=tokenizer,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
             ),
             cache=CacheConfig(
                 block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching

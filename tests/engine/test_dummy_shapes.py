@@ -1,0 +1,64 @@
+"""`--load-format dummy` and the shipped model shapes (pdserve/model_configs): the configs load, their
+KV sizes are the published ones, and a model directory with only a config.json serves with random
+weights and the default model's tokenizer, the same tokens for the same seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig
+
+from pdserve import LLM, SamplingParams
+from pdserve.models.llama import head_dim_of
+from pdserve.models.prepare import SHAPES_DIR, resolve_model, shipped_shapes
+
+KV_KIB_PER_TOKEN = {"qwen2.5-7b": 56, "qwen2.5-32b": 256, "qwq-32b": 256, "qwen3-8b": 144, "qwen3-32b": 256}
+
+
+@pytest.mark.parametrize("name", sorted(KV_KIB_PER_TOKEN))
+def test_shipped_shape_resolves_with_its_kv_size(name: str) -> None:
+    assert name in shipped_shapes()
+    cfg = AutoConfig.from_pretrained(resolve_model(name))
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim_of(cfg) * 2  # bf16
+    assert per_token == KV_KIB_PER_TOKEN[name] * 1024
+
+
+def test_unknown_model_names_the_shapes() -> None:
+    with pytest.raises(FileNotFoundError, match="qwen2.5-32b"):
+        resolve_model("no-such-model-anywhere")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_shape(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """qwen2.5-7b's config shrunk to CPU size; the vocabulary (152064) stays bigger than the tokenizer's."""
+    cfg = json.loads((SHAPES_DIR / "qwen2.5-7b" / "config.json").read_text())
+    cfg.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    cfg.update(num_key_value_heads=2, max_position_embeddings=512)
+    path = tmp_path_factory.mktemp("tiny-qwen2.5")
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _run(path: str, seed: int) -> list[list[int]]:
+    llm = LLM(path, load_format="dummy", seed=seed, num_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(["Hello there", "A longer prompt about paged attention"], params)
+    assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in outs)
+    assert any(t >= len(llm.tokenizer) for o in outs for t in o.token_ids)  # beyond the tokenizer: fine
+    assert all(isinstance(o.text, str) for o in outs)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    return [o.token_ids for o in outs]
+
+
+def test_dummy_weights_serve_without_checkpoint_or_tokenizer(tiny_qwen_shape: str) -> None:
+    assert not list(Path(tiny_qwen_shape).glob("*.safetensors"))
+    first = _run(tiny_qwen_shape, seed=1)
+    assert _run(tiny_qwen_shape, seed=1) == first
+    assert _run(tiny_qwen_shape, seed=2) != first
+
+
+def test_missing_weights_without_dummy_is_an_error(tiny_qwen_shape: str) -> None:
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        LLM(tiny_qwen_shape, num_blocks=16)
