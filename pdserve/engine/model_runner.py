@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pdserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.layers.attention.backend import get_backend_class
@@ -88,12 +89,19 @@ class ModelRunner:
         )
         self.num_blocks = self._pool_blocks(cache_config)
         lay = self.layout
+        use_graphs = (
+            self.device.type == "cuda"
+            and not model_config.enforce_eager
+            and getattr(backend, "cuda_graph_safe", False)
+        )
+        # with CUDA graphs, one more block than the block manager knows: padded batch rows write there
         self.kv_cache = torch.zeros(
-            (lay.num_layers, 2, self.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim),
+            (lay.num_layers, 2, self.num_blocks + use_graphs, lay.block_size, lay.num_kv_heads, lay.head_dim),
             dtype=self.dtype,
             device=self.device,
         )
         self.kv_caches = list(self.kv_cache.unbind(0))
+        self.graphs = self._capture_graphs(hf_config) if use_graphs else None
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.num_blocks,
@@ -118,12 +126,29 @@ class ModelRunner:
             )
         return max(2, (budget or DEFAULT_CPU_KV_BYTES) // self.layout.bytes_per_block)
 
+    def _capture_graphs(self, hf_config: Any) -> DecodeGraphs:
+        model_len = self.model_config.max_model_len or int(hf_config.max_position_embeddings)
+        max_blocks = min(-(-model_len // self.layout.block_size), self.num_blocks)
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.layout.block_size,
+            self.scheduler_config.max_num_seqs,
+            max_blocks,
+            scratch_slot=self.num_blocks * self.layout.block_size,
+        )
+        graphs.capture()
+        return graphs
+
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[SampleResult]:
         """Run the chunks (decodes first) through the model; sample for the chunks that reach the end.
 
         Returns one result per sampling chunk, in the order of `chunks`.
         """
+        graphs = self.graphs
+        if graphs is not None and len(chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in chunks):
+            return self._execute_graph(graphs, chunks)
         input_ids, positions, meta = self._prepare(chunks)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
         rows = [meta.query_start_loc[i + 1] - 1 for i, c in enumerate(chunks) if c.samples]
@@ -131,6 +156,22 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         return sample(logits, [c.request for c in chunks if c.samples])
+
+    def _execute_graph(self, graphs: DecodeGraphs, chunks: list[ScheduledChunk]) -> list[SampleResult]:
+        bs = self.layout.block_size
+        step = DecodeInputs([], [], [], [], [])
+        for c in chunks:
+            req, p = c.request, c.start
+            step.token_ids.append(req.token_ids[p])
+            step.positions.append(p)
+            step.slots.append(req.block_ids[p // bs] * bs + p % bs)
+            step.seq_lens.append(p + 1)
+            step.block_tables.append(req.block_ids)
+        logits = graphs.run(step)
+        rows = [i for i, c in enumerate(chunks) if c.samples]
+        if len(rows) < len(chunks):
+            logits = logits[torch.tensor(rows, device=self.device)]
+        return sample(logits, [chunks[i].request for i in rows]) if rows else []
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.layout.block_size

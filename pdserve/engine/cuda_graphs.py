@@ -1,0 +1,125 @@
+"""CUDA graphs for decode-only steps: one graph per batch-size bucket, replayed with the step's inputs.
+
+A decode step launches a few hundred small kernels; on a GPU their launch time exceeds their run time at
+small batches. Each bucket (1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs) is captured once at start:
+the forward pass and the logits of a padded batch, reading static input buffers. A step of b decodes
+copies its inputs into the first b rows, pads the rest (their K/V go to a scratch block no request owns,
+their context length is 0), replays the smallest bucket that holds it and reads b rows of logits.
+
+Needs an attention backend whose decode path reads only device tensors (the Triton backend); the torch
+backend is never captured.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.layers.attention.metadata import AttentionMetadata
+from pdserve.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4] + list(range(8, max_batch + 1, 8))
+    return sorted({s for s in sizes if s < max_batch} | {max_batch})
+
+
+@dataclass
+class DecodeInputs:
+    """One decode step on the host: token, position, KV slot, context length and block table per row."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        scratch_slot: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.scratch_slot = scratch_slot
+        self.buckets = batch_buckets(max_batch)
+        dev = kv_caches[0].device
+        n = self.buckets[-1]
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), scratch_slot, dtype=torch.long, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.long, device=dev)
+        self.tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, device=dev)
+        self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=True)
+        self.host_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:b],
+            block_tables=self.tables[:b],
+            seq_lens=self.seq_lens[:b],
+            query_start_loc=list(range(b + 1)),
+            context_lens=[self.block_size * self.tables.shape[1]] * b,  # an upper bound, host side only
+            num_decodes=b,
+            block_size=self.block_size,
+        )
+
+    def _forward(self, b: int) -> torch.Tensor:
+        hidden = self.model(self.ids[:b], self.pos[:b], self.kv_caches, self._meta(b))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.buckets):
+                self._forward(b)  # compile and autotune outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.logits[b] = self._forward(b)
+                self.graphs[b] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def run(self, step: DecodeInputs) -> torch.Tensor:
+        """Replay the smallest bucket that holds the step; returns [b, vocab] logits."""
+        b = len(step.token_ids)
+        bucket = next(s for s in self.buckets if s >= b)
+        host = self.host
+        host[:, b:bucket] = 0
+        host[2, b:bucket] = self.scratch_slot
+        host[0, :b] = torch.tensor(step.token_ids)
+        host[1, :b] = torch.tensor(step.positions)
+        host[2, :b] = torch.tensor(step.slots)
+        host[3, :b] = torch.tensor(step.seq_lens)
+        width = max(len(t) for t in step.block_tables)
+        self.host_tables[:bucket].zero_()
+        for i, table in enumerate(step.block_tables):
+            self.host_tables[i, : len(table)] = torch.tensor(table)
+        for dst, row in ((self.ids, 0), (self.pos, 1), (self.slots, 2), (self.seq_lens, 3)):
+            dst[:bucket].copy_(host[row, :bucket], non_blocking=True)
+        self.tables[:bucket, :width].copy_(self.host_tables[:bucket, :width], non_blocking=True)
+        self.graphs[bucket].replay()
+        return self.logits[bucket][:b]
