@@ -33,6 +33,7 @@ from typing import IO, Any
 import httpx
 
 from pdserve.cli_types import int_at_least
+from pdserve.placement import instance_envs, option_value
 from pdserve.router.cli_commands import API_KEY_ENV, LOG_LEVELS, add_routing_options
 
 PR_SET_PDEATHSIG = 1
@@ -164,6 +165,9 @@ def instance_children(args: argparse.Namespace, model: str, log_dir: Path) -> li
         ]
     )
     serve_args = [*args.serve_args, *_remainder(args.serve_rest)]
+    device = option_value(serve_args, ["--device"], "auto")
+    tp = int(option_value(serve_args, ["--tp", "--tensor-parallel-size"], "1"))
+    envs = iter(instance_envs(sum(count for _, count in roles), device, tp, args.gpus))
     children = []
     for role, count in roles:
         for index in range(count):
@@ -174,7 +178,8 @@ def instance_children(args: argparse.Namespace, model: str, log_dir: Path) -> li
             cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
             cmd += ["--model", model, *role_args, *serve_args]
             name = f"{role}-{index}"
-            children.append(Child(name, cmd, f"http://127.0.0.1:{port}", log_dir / f"{name}.log"))
+            env = next(envs)
+            children.append(Child(name, cmd, f"http://127.0.0.1:{port}", log_dir / f"{name}.log", env))
     return children
 
 
@@ -273,7 +278,8 @@ def launch(args: argparse.Namespace) -> int:
     try:
         for child in children:
             child.start()
-            print(f"{child.name}: pid {child.pid} at {child.url}, log {child.log_path}", flush=True)
+            placed = " ".join(f"{k}={v}" for k, v in child.env.items())
+            print(f"{child.name}: pid {child.pid} at {child.url} {placed}, log {child.log_path}", flush=True)
         wait_healthy(children, args.startup_timeout)
         print(f"pdserve is up: {router.url}/v1", flush=True)
         return watch(children, router)
@@ -359,7 +365,14 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--decode", type=_count, default=None, metavar="M", help="decode instances (default 1)")
     up.add_argument("--instances", type=_count, default=None, metavar="K", help="colocated instances instead")
     up.add_argument(
-        "--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="HF directory, .gguf file, or a shape in pdserve/model_configs (default: SmolLM2-135M-Instruct)",
+    )
+    up.add_argument(
+        "--gpus",
+        default=None,
+        help="GPU ids to spread instances over, e.g. 0,1 (default: every visible GPU; tp GPUs each)",
     )
     up.add_argument("--host", default="127.0.0.1", help="the router's host")
     up.add_argument("--port", type=int, default=8000, help="the router's port")
