@@ -114,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_prepare(sub)
+    from pdserve.bench.cli import add_bench_parser
     from pdserve.launcher import add_up_parser
     from pdserve.router.cli_commands import add_router_parser
 
     add_router_parser(sub)
     add_up_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

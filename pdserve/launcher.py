@@ -279,7 +279,7 @@ def launch(args: argparse.Namespace) -> int:
         for child in children:
             child.start()
             placed = " ".join(f"{k}={v}" for k, v in child.env.items())
-            print(f"{child.name}: pid {child.pid} at {child.url} {placed}, log {child.log_path}", flush=True)
+            print(f"{child.name}: pid {child.pid} at {child.url}, log {child.log_path} {placed}", flush=True)
         wait_healthy(children, args.startup_timeout)
         print(f"pdserve is up: {router.url}/v1", flush=True)
         return watch(children, router)

@@ -142,6 +142,9 @@ class Engine:
         outputs, self.pending = self.pending, []
         if self.connector is not None:
             outputs += self._apply_events(self.connector.poll())
+            if outputs:  # first tokens that arrived with their KV go out now, not after a model step
+                self.idle = False
+                return outputs
         sched = self.scheduler.schedule()
         self.idle = sched.is_empty and not outputs
         if sched.is_empty:
