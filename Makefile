@@ -28,8 +28,12 @@ test: install lint
 	$(BIN)/pdserve prepare
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
-test-gpu: install
-	$(BIN)/python -m pytest -q -m gpu tests
+# On a GPU machine with its own torch: `make test-gpu`, or `make test-gpu GPU_PYTHON=python3` to use
+# that interpreter as it is (no .venv; e.g. the lent machines, after `source scripts/device_env.sh`).
+GPU_PYTHON ?=
+test-gpu: $(if $(GPU_PYTHON),,install)
+	$(or $(GPU_PYTHON),$(BIN)/python) -m pytest -q tests/kernels
+	$(or $(GPU_PYTHON),$(BIN)/python) -m pytest -q -m gpu tests --ignore=tests/kernels
 
 bench: install
 	$(BIN)/python benchmarks/offline_throughput.py

@@ -79,6 +79,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="CUDA: share of GPU memory for weights, activations and the KV pool",
     )
     s.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode")
+    s.add_argument(
+        "--tp",
+        "--tensor-parallel-size",
+        dest="tensor_parallel_size",
+        type=_positive,
+        default=1,
+        help="tensor parallelism: ranks (GPUs cuda:0..N-1, or CPU processes) that share the model",
+    )
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument("--seed", type=int, default=0)
     _add_disagg_args(s)
@@ -89,7 +97,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _add_disagg_args(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("disaggregation")
     g.add_argument("--role", choices=list(ROLES), default="both", help="prefill, decode, or both (colocated)")
-    g.add_argument("--kv-transport", choices=["tcp"], default="tcp")
+    g.add_argument(
+        "--kv-transport",
+        choices=["auto", "tcp", "cuda_ipc", "nccl"],
+        default="auto",
+        help="how KV moves to decode instances: auto picks per peer, cuda_ipc (same host, GPUs), "
+        "then nccl (GPUs), else tcp; nccl uses Gloo for CPU pools",
+    )
     g.add_argument("--kv-host", default=None, help="where the KV/control socket binds (default: --host)")
     g.add_argument(
         "--kv-port", type=int, default=0, help="KV control port (data uses the next one); 0: free ports"
@@ -146,6 +160,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         tokenizer=args.tokenizer,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     cache = CacheConfig(
         block_size=args.block_size,

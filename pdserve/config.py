@@ -18,8 +18,11 @@ class ModelConfig:
     tokenizer: str | None = None  # None: the model directory's, else the default model's
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU's memory for weights, activations and KV
     enforce_eager: bool = False  # CUDA: no CUDA graphs
+    tensor_parallel_size: int = 1  # ranks (GPUs from `device` on) that each hold a slice of the model
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -58,6 +61,8 @@ class SchedulerConfig:
 
 
 ROLES = ("both", "prefill", "decode")
+# auto: per peer, cuda_ipc (same host, GPUs) > nccl (GPUs) > tcp; nccl runs on Gloo for CPU pools
+KV_TRANSPORTS = ("auto", "tcp", "cuda_ipc", "nccl", "inproc")
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class DisaggConfig:
     """This instance's role and its KV/control endpoint (used when the role is prefill or decode)."""
 
     role: str = "both"
-    kv_transport: str = "tcp"  # tcp | inproc
+    kv_transport: str = "auto"  # auto | tcp | cuda_ipc | nccl | inproc (transport/base.py)
     kv_host: str = "127.0.0.1"  # where the KV/control socket binds
     kv_port: int = 0  # 0: a free port
     kv_advertise_host: str | None = None  # the address peers use, when it differs from kv_host
@@ -75,6 +80,10 @@ class DisaggConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(
+                f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -89,6 +98,13 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.tensor_parallel_size > 1 and self.disagg.enabled:
+            raise ValueError(
+                f"tensor parallelism (tp {self.model.tensor_parallel_size}) runs only with role both for "
+                f"now; role {self.disagg.role} would move a sharded KV pool, which is not supported yet"
+            )
 
 
 @dataclass(frozen=True)

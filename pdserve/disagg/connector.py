@@ -3,19 +3,35 @@
 The scheduler asks two questions: does this request get its KV from elsewhere (`gets_kv_remotely`:
 reserve its prompt's blocks, then `start_receive`), and does this request's KV go elsewhere once its
 prefill is done (`sends_kv`: then `send_kv` instead of decoding). Everything else (handshake, reserve,
-KV bytes, first token, aborts, heartbeats, timeouts) happens here and in the transport.
+KV bytes, first token, aborts, heartbeats, timeouts) happens here and in the transport, which also
+picks how the bytes travel (transport/base.py).
 
     decode: add(kv_transfer) -> WAITING -> blocks reserved -> WAITING_FOR_KV -> KV + Done -> RUNNING
     prefill: Reserve -> a local request -> prompt computed, first token sampled -> KVData + Done -> freed
 
 Threads: transport callbacks (`_on_message`) write KV bytes into reserved blocks and queue events; the
-engine thread drains them in `poll`. A transfer is removed under `lock` before its blocks are freed, so
-late bytes can never land in blocks that belong to someone else.
+engine thread drains them in `poll`.
+
+Leases keep blocks from reuse while someone other than the engine may touch them. A request that ends
+while its transfer holds a lease keeps its blocks (`request_finished` returns True) until the lease
+ends (a ReleaseBlocks event), so late bytes can never land in blocks that belong to someone else:
+
+    reason    side     held from                       until
+    reading   prefill  send_kv                          the transport no longer reads the blocks
+    writing   decode   received bytes start landing     they all landed (or the stream broke)
+    direct    decode   start_receive, while the peer    a fence from the peer: KVData(written) (the
+                       may write into our pool itself   write is complete) or Failed (it will write
+                       (cuda_ipc; assumed until the     nothing); or the peer's process is gone; or
+                       handshake says otherwise)        the lease expires: Reserve.timeout +
+                                                        DIRECT_WRITE_GRACE after the reservation
+The prefill side never starts a write later than Reserve.timeout after the Reserve, so the grace only
+has to cover a stall between that check and the copies being queued on its GPU.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -28,12 +44,14 @@ import torch
 
 from pdserve.disagg import protocol as p
 from pdserve.disagg.transport.base import KVTransport
+from pdserve.disagg.transport.blocks import KVBlocks, pinned_bytes, write_blocks
 from pdserve.engine.request import Logprob, Request
 from pdserve.layers.sampler import SampleResult
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0
+DIRECT_WRITE_GRACE = 30.0  # seconds past a transfer's deadline before unfenced blocks are freed anyway
 
 
 @dataclass
@@ -65,7 +83,7 @@ class AbortPrefill:
 
 @dataclass
 class ReleaseBlocks:
-    """A finished request's blocks were being written when it ended; now they may be freed."""
+    """A finished request's blocks were in use by a transfer when it ended; now they may be freed."""
 
     request_id: str
 
@@ -84,7 +102,6 @@ class Incoming:
     started: float = field(default_factory=time.monotonic)
     received: int = 0
     done: p.Done | None = None  # the first token, if it overtook the KV bytes
-    writing: bool = False  # the transport is writing bytes straight into our blocks right now
 
 
 @dataclass
@@ -94,6 +111,18 @@ class Outgoing:
     request_id: str
     peer: str
     started: float = field(default_factory=time.monotonic)
+    write_by: float = math.inf  # the decode side stops waiting then: write nothing after it
+
+
+@dataclass
+class Lease:
+    """Someone other than the engine may touch a transfer's blocks (see the module docstring)."""
+
+    request_id: str
+    peer: str
+    reasons: set[str] = field(default_factory=set)
+    expires: float = math.inf  # when a "direct" lease ends by itself
+    finished: bool = False  # the request has ended: its blocks wait for this lease to end
 
 
 class KVConnector:
@@ -116,9 +145,11 @@ class KVConnector:
         self.lock = threading.Lock()
         self.incoming: dict[str, Incoming] = {}
         self.outgoing: dict[str, Outgoing] = {}
-        self.held: dict[str, Incoming] = {}  # finished while being written: blocks freed once done
+        self.leases: dict[str, Lease] = {}
+        self.staging: dict[str, torch.Tensor] = {}  # decode, GPU pool: pinned buffers bytes land in
         self.sent: dict[str, float] = {}  # transfers whose KV left recently: not "unknown" to a ping
         self.peer_ok: dict[str, str] = {}  # peer -> "" when the handshake passed, else the reason
+        self.handshake_sent: dict[str, float] = {}  # peer -> when we last asked (one at a time)
         self.last_seen: dict[str, float] = {}
         self.unanswered_since: dict[str, float] = {}  # peer -> when the oldest unanswered ping went out
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -127,8 +158,9 @@ class KVConnector:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.transfer_seconds: list[float] = []  # drained by metrics
-        # host pools take KV bytes straight from the socket; device pools go through a staging copy
+        # host pools take KV bytes straight from the socket; device pools through a pinned buffer
         self.pool_bytes = kv_cache.view(torch.uint8).numpy() if kv_cache.device.type == "cpu" else None
+        transport.attach_pool(kv_cache)
         transport.start(self._on_message, self._payload_target, self._payload_done)
 
     @property
@@ -154,35 +186,43 @@ class KVConnector:
         peer = str(request.kv_transfer["prefill_kv_addr"])
         transfer_id = uuid.uuid4().hex
         request.kv_transfer["transfer_id"] = transfer_id
+        blocks = list(request.block_ids)
+        inc = Incoming(request.request_id, peer, blocks, len(blocks) * self.block_bytes)
         with self.lock:
-            self.incoming[transfer_id] = Incoming(
-                request.request_id, peer, list(request.block_ids), len(request.block_ids) * self.block_bytes
-            )
-            needs_handshake = self.peer_ok.get(peer) != ""
-            self.last_seen.setdefault(peer, time.monotonic())
-        if needs_handshake:
-            self.transport.send(peer, p.Handshake(self.address, self.model_name, self.layout))
+            self.incoming[transfer_id] = inc
+            asked = inc.started - self.handshake_sent.get(peer, -math.inf) < self.peer_timeout
+            needs_handshake = self.peer_ok.get(peer) != "" and not asked
+            if needs_handshake:
+                self.handshake_sent[peer] = inc.started
+            self.last_seen.setdefault(peer, inc.started)
+        if needs_handshake or self.transport.needs_handshake(peer):
+            offer = self.transport.offer(peer)
+            self.transport.send(peer, p.Handshake(self.address, self.model_name, self.layout, offer))
+        if self.transport.writes_into_pool(peer):
+            with self.lock:
+                expires = inc.started + self.transfer_timeout + DIRECT_WRITE_GRACE
+                self._lease(transfer_id, request.request_id, peer, "direct", expires)
         params = asdict(request.params)
-        self.transport.send(
-            peer,
-            p.Reserve(self.address, transfer_id, request.prompt_token_ids, params, list(request.block_ids)),
+        reserve = p.Reserve(
+            self.address, transfer_id, request.prompt_token_ids, params, blocks, self.transfer_timeout
         )
+        self.transport.send(peer, reserve)
 
     def request_finished(self, request: Request) -> bool:
         """Called before the request's blocks are freed, on either side. True: keep them until a
-        ReleaseBlocks event, because bytes are landing in them right now."""
+        ReleaseBlocks event, because a transfer may still touch them (a lease)."""
         transfer_id = (request.kv_transfer or {}).get("transfer_id")
         if transfer_id is None:
             return False
         with self.lock:
             incoming = self.incoming.pop(transfer_id, None)
             self.outgoing.pop(transfer_id, None)
-            hold = incoming is not None and incoming.writing
-            if hold and incoming is not None:
-                self.held[transfer_id] = incoming
+            lease = self.leases.get(transfer_id)
+            if lease is not None:
+                lease.finished = True
         if incoming is not None:  # decode gave up first: tell prefill to stop
             self.transport.send(incoming.peer, p.Abort(self.address, transfer_id))
-        return hold
+        return lease is not None
 
     # ---- prefill side -------------------------------------------------------------------------------
     def send_kv(self, request: Request, result: SampleResult) -> None:
@@ -191,25 +231,55 @@ class KVConnector:
         transfer_id = str(request.kv_transfer["transfer_id"])
         dst = list(request.kv_transfer["block_ids"])
         peer = str(request.kv_transfer["decode_addr"])
-        if transfer_id not in self.outgoing:
-            return  # aborted meanwhile
-        src = torch.tensor(request.block_ids[: len(dst)], device=self.kv_cache.device)
-        payload = self.kv_cache[:, :, src].contiguous()  # [layers, 2, n, block_size, heads, dim]
-        host = payload.cpu().view(torch.uint8).numpy()
+        with self.lock:  # from here a heartbeat finds the transfer in `sent`, never "unknown"
+            out = self.outgoing.pop(transfer_id, None)
+            if out is None:
+                return  # aborted meanwhile
+            late = time.monotonic() > out.write_by
+            if not late:
+                self.sent[transfer_id] = time.monotonic()
+                self._lease(transfer_id, request.request_id, peer, "reading")
+        if late:  # the decode side has given up on it: write nothing into its blocks any more
+            self.transport.send(peer, p.Failed(self.address, transfer_id, "prefill finished too late"))
+            return
+        src = request.block_ids[: len(dst)]
+        blocks = KVBlocks.of(self.kv_cache, src, lambda: self._unlease(transfer_id, "reading"))
         logprob = asdict(result.logprob) if result.logprob is not None else None
         done = p.Done(self.address, transfer_id, result.token_id, logprob, request.num_cached_tokens)
-        with self.lock:  # queued before a heartbeat can call this transfer unknown
-            if self.outgoing.pop(transfer_id, None) is None:
-                return
-            self.sent[transfer_id] = time.monotonic()
-            self.transport.send(peer, p.KVData(self.address, transfer_id, dst, host.nbytes), host)
-            self.transport.send(peer, done)
-        self.bytes_sent += host.nbytes
+        self.transport.send(peer, p.KVData(self.address, transfer_id, dst, blocks.nbytes), blocks)
+        self.transport.send(peer, done)
+        self.bytes_sent += blocks.nbytes
 
     def failed_to_start(self, transfer_id: str, peer: str, reason: str) -> None:
         with self.lock:
             self.outgoing.pop(transfer_id, None)
         self.transport.send(peer, p.Failed(self.address, transfer_id, reason))
+
+    # ---- leases (call _lease with `lock` held) -------------------------------------------------------
+    def _lease(self, tid: str, request_id: str, peer: str, reason: str, expires: float = math.inf) -> None:
+        lease = self.leases.setdefault(tid, Lease(request_id, peer))
+        lease.reasons.add(reason)
+        if reason == "direct":
+            lease.expires = expires
+
+    def _unlease(self, tid: str, reason: str) -> None:
+        with self.lock:
+            lease = self.leases.get(tid)
+            if lease is None or reason not in lease.reasons:
+                return
+            lease.reasons.discard(reason)
+            if lease.reasons:
+                return
+            del self.leases[tid]
+        if lease.finished:
+            self.events.put(ReleaseBlocks(lease.request_id))
+            self.wake()
+
+    def _unlease_peer(self, peer: str, reason: str) -> None:
+        with self.lock:
+            tids = [t for t, lease in self.leases.items() if lease.peer == peer]
+        for tid in tids:
+            self._unlease(tid, reason)
 
     # ---- the engine thread's poll -------------------------------------------------------------------
     def poll(self) -> list[Event]:
@@ -220,7 +290,7 @@ class KVConnector:
         return events
 
     def has_pending(self) -> bool:
-        return bool(self.incoming or self.outgoing)
+        return bool(self.incoming or self.outgoing or self.leases)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -233,6 +303,13 @@ class KVConnector:
             outgoing = list(self.outgoing.items())
             seen = dict(self.last_seen)
             silent = {peer: now - t for peer, t in self.unanswered_since.items()}
+        self._check_incoming(now, incoming, silent)
+        self._check_outgoing(now, outgoing, seen)
+        self._check_leases(now)
+
+    def _check_incoming(
+        self, now: float, incoming: list[tuple[str, Incoming]], silent: dict[str, float]
+    ) -> None:
         by_peer: dict[str, list[str]] = {}
         for tid, inc in incoming:
             if now - inc.started > self.transfer_timeout:
@@ -246,14 +323,32 @@ class KVConnector:
             with self.lock:
                 self.unanswered_since.setdefault(peer, now)
             self.transport.send(peer, p.Heartbeat(self.address, tids))
+
+    def _check_outgoing(
+        self, now: float, outgoing: list[tuple[str, Outgoing]], seen: dict[str, float]
+    ) -> None:
         # Prefill side: a decode instance that stopped pinging has gone (or aborted): drop its work. Its
         # pings come from its engine thread, so allow for a long step there before giving up.
         for tid, out in outgoing:
             quiet = now - max(seen.get(out.peer, 0.0), out.started)
-            if quiet > 4 * self.peer_timeout or now - out.started > self.transfer_timeout:
+            late = now - out.started > self.transfer_timeout or now > out.write_by
+            if quiet > 4 * self.peer_timeout or late:
                 with self.lock:
                     self.outgoing.pop(tid, None)
                 self.events.put(AbortPrefill(out.request_id))
+                self.transport.send(out.peer, p.Failed(self.address, tid, "dropped by the prefill instance"))
+
+    def _check_leases(self, now: float) -> None:
+        """Decode side: a direct writer whose process has gone, or whose deadline has long passed,
+        writes nothing more."""
+        with self.lock:
+            direct = [(t, lease) for t, lease in self.leases.items() if "direct" in lease.reasons]
+        for tid, lease in direct:
+            if now > lease.expires:
+                logger.warning("transfer %s: no word from %s, its blocks are freed anyway", tid, lease.peer)
+                self._unlease(tid, "direct")
+            elif self.transport.peer_gone(lease.peer):
+                self._unlease(tid, "direct")
 
     def _fail(self, transfer_id: str, reason: str) -> None:
         with self.lock:
@@ -264,8 +359,8 @@ class KVConnector:
             self.events.put(TransferFailed(inc.request_id, reason))
             self.wake()
 
-    # ---- transport callbacks (I/O thread) -----------------------------------------------------------
-    def _on_message(self, msg: p.Message, payload: memoryview | None) -> None:
+    # ---- transport callbacks (I/O threads) ----------------------------------------------------------
+    def _on_message(self, msg: p.Message, payload: memoryview | torch.Tensor | None) -> None:
         with self.lock:
             self.last_seen[msg.sender] = time.monotonic()
             self.unanswered_since.pop(msg.sender, None)
@@ -273,28 +368,40 @@ class KVConnector:
         if handler is not None:
             handler(msg, payload)
 
-    def _on_Handshake(self, msg: p.Handshake, _: memoryview | None) -> None:  # noqa: N802
+    def _on_Handshake(self, msg: p.Handshake, _: object) -> None:  # noqa: N802
         reason = ""
+        path: dict[str, Any] = {}
         if msg.model != self.model_name:
             reason = f"model mismatch: decode serves {msg.model!r}, prefill serves {self.model_name!r}"
         elif msg.layout != self.layout:
             reason = f"KV layout mismatch: decode {msg.layout}, prefill {self.layout}"
+        else:
+            try:
+                path = self.transport.accept(msg.sender, msg.kv_offer)
+            except ValueError as e:
+                reason = str(e)
         with self.lock:
             self.peer_ok[msg.sender] = reason
-        self.transport.send(msg.sender, p.HandshakeAck(self.address, not reason, reason))
+        self.transport.send(msg.sender, p.HandshakeAck(self.address, not reason, reason, path))
 
-    def _on_HandshakeAck(self, msg: p.HandshakeAck, _: memoryview | None) -> None:  # noqa: N802
+    def _on_HandshakeAck(self, msg: p.HandshakeAck, _: object) -> None:  # noqa: N802
+        if msg.ok:
+            self.transport.accepted(msg.sender, msg.kv_path)
         with self.lock:
             self.peer_ok[msg.sender] = "" if msg.ok else msg.reason
             doomed = [t for t, inc in self.incoming.items() if inc.peer == msg.sender] if not msg.ok else []
+        if not self.transport.writes_into_pool(msg.sender):  # refused, or a path that sends bytes
+            self._unlease_peer(msg.sender, "direct")
         for tid in doomed:
             self._fail(tid, f"prefill instance {msg.sender} refused the handshake: {msg.reason}")
 
-    def _on_Reserve(self, msg: p.Reserve, _: memoryview | None) -> None:  # noqa: N802
+    def _on_Reserve(self, msg: p.Reserve, _: object) -> None:  # noqa: N802
+        now = time.monotonic()
+        write_by = now + msg.timeout if msg.timeout > 0 else math.inf
         with self.lock:
             refused = self.peer_ok.get(msg.sender)
             if not refused:
-                self.outgoing[msg.transfer_id] = Outgoing(f"kv-{msg.transfer_id}", msg.sender)
+                self.outgoing[msg.transfer_id] = Outgoing(f"kv-{msg.transfer_id}", msg.sender, now, write_by)
         if refused:
             self.transport.send(msg.sender, p.Failed(self.address, msg.transfer_id, refused))
             return
@@ -304,14 +411,21 @@ class KVConnector:
         self.wake()
 
     def _payload_target(self, msg: p.Message) -> list[memoryview] | None:
-        """Writable views of the reserved blocks, in the payload's order: [layer][k|v][block runs]."""
-        if not isinstance(msg, p.KVData) or self.pool_bytes is None:
+        """Where the bytes land: writable views of the reserved blocks, in the payload's order
+        ([layer][k|v][block runs]) for a host pool; a pinned buffer for a GPU pool."""
+        if not isinstance(msg, p.KVData):
             return None
+        tid = msg.transfer_id
         with self.lock:
-            inc = self.incoming.get(msg.transfer_id)
-            if inc is None or inc.writing or msg.block_ids != inc.block_ids or inc.received:
+            inc = self.incoming.get(tid)
+            lease = self.leases.get(tid)
+            busy = lease is not None and "writing" in lease.reasons
+            if inc is None or msg.block_ids != inc.block_ids or inc.received or busy:
                 return None
-            inc.writing = True
+            self._lease(tid, inc.request_id, inc.peer, "writing")
+        if self.pool_bytes is None:
+            self.staging[tid] = pinned_bytes(msg.nbytes)
+            return [self.staging[tid].numpy().data]
         runs: list[tuple[int, int]] = []
         for b in msg.block_ids:
             if runs and runs[-1][1] == b:
@@ -323,46 +437,49 @@ class KVConnector:
         return [pool[layer, kv, a:b].data.cast("B") for layer in layers for kv in (0, 1) for a, b in runs]
 
     def _payload_done(self, msg: p.Message, ok: bool) -> None:
+        """All of a payload's bytes landed in `_payload_target`'s views (or the stream broke off)."""
         assert isinstance(msg, p.KVData)
+        tid = msg.transfer_id
+        staging = self.staging.pop(tid, None)
         with self.lock:
-            held = self.held.pop(msg.transfer_id, None)
-            inc = self.incoming.get(msg.transfer_id)
-            ready = False
-            if held is None and inc is not None:
-                inc.writing = False
-                if ok:
-                    inc.received += msg.nbytes
-                    self.bytes_received += msg.nbytes
-                    ready = inc.done is not None and inc.received == inc.expected_bytes
-                    if ready:
-                        del self.incoming[msg.transfer_id]
-        if held is not None:
-            self.events.put(ReleaseBlocks(held.request_id))
-            self.wake()
-        elif inc is not None and not ok:
-            self._fail(msg.transfer_id, f"KV data from {inc.peer} broke off")
-        elif ready and inc is not None and inc.done is not None:
-            self._ready(inc, inc.done)
+            inc = self.incoming.get(tid)
+        if ok and inc is not None and staging is not None:
+            write_blocks(self.kv_cache, msg.block_ids, staging)  # the "writing" lease keeps them ours
+        self._unlease(tid, "writing")
+        if inc is not None and not ok:
+            self._fail(tid, f"KV data from {inc.peer} broke off")
+        elif ok:
+            self._received(msg)
 
-    def _on_KVData(self, msg: p.KVData, payload: memoryview | None) -> None:  # noqa: N802
+    def _on_KVData(self, msg: p.KVData, payload: memoryview | torch.Tensor | None) -> None:  # noqa: N802
+        if msg.written:  # the fence of a direct write: it is complete, nothing more will land
+            self._received(msg)
+            self._unlease(msg.transfer_id, "direct")
+            return
         with self.lock:  # held while writing: the blocks cannot be freed under us
             inc = self.incoming.get(msg.transfer_id)
-            if inc is None or payload is None or msg.block_ids != inc.block_ids or len(payload) != msg.nbytes:
+            if inc is None or payload is None or not set(msg.block_ids) <= set(inc.block_ids):
                 return
-            src = torch.frombuffer(payload, dtype=torch.uint8).view(self.kv_cache.dtype)
-            src = src.view(*self.kv_cache.shape[:2], len(msg.block_ids), *self.kv_cache.shape[3:])
-            dst = torch.tensor(msg.block_ids, device=self.kv_cache.device)
-            self.kv_cache[:, :, dst] = src.to(self.kv_cache.device)
+            if _nbytes(payload) != msg.nbytes:
+                return
+            write_blocks(self.kv_cache, msg.block_ids, payload)
+        self._received(msg)
+
+    def _received(self, msg: p.KVData) -> None:
+        """`msg.nbytes` of the transfer's KV are in its blocks; ready once all are, and Done came."""
+        with self.lock:
+            inc = self.incoming.get(msg.transfer_id)
+            if inc is None:
+                return
             inc.received += msg.nbytes
             self.bytes_received += msg.nbytes
             ready = inc.done is not None and inc.received == inc.expected_bytes
             if ready:
                 del self.incoming[msg.transfer_id]
-        if ready:
-            assert inc.done is not None
-            self._ready(inc, inc.done)
+        if ready and inc.done is not None:
+            self._ready(msg.transfer_id, inc, inc.done)
 
-    def _on_Done(self, msg: p.Done, _: memoryview | None) -> None:  # noqa: N802
+    def _on_Done(self, msg: p.Done, _: object) -> None:  # noqa: N802
         with self.lock:
             inc = self.incoming.get(msg.transfer_id)
             if inc is None:
@@ -376,9 +493,11 @@ class KVConnector:
             self.events.put(TransferFailed(inc.request_id, reason))
             self.wake()
             return
-        self._ready(inc, msg)
+        self._ready(msg.transfer_id, inc, msg)
 
-    def _ready(self, inc: Incoming, msg: p.Done) -> None:
+    def _ready(self, tid: str, inc: Incoming, msg: p.Done) -> None:
+        with self.lock:  # every byte is in: nobody writes into these blocks any more
+            self.leases.pop(tid, None)
         self.transfer_seconds.append(time.monotonic() - inc.started)
         lp = Logprob(**msg.logprob) if msg.logprob else None
         if lp is not None:
@@ -386,28 +505,40 @@ class KVConnector:
         self.events.put(KVReady(inc.request_id, SampleResult(msg.token_id, lp), msg.num_cached_tokens))
         self.wake()
 
-    def _on_Failed(self, msg: p.Failed, _: memoryview | None) -> None:  # noqa: N802
+    def _on_Failed(self, msg: p.Failed, _: object) -> None:  # noqa: N802
         with self.lock:
             inc = self.incoming.pop(msg.transfer_id, None)
+        self._unlease(msg.transfer_id, "direct")  # the prefill writes nothing (more) of it
         if inc is not None:
             self.events.put(TransferFailed(inc.request_id, msg.reason))
             self.wake()
 
-    def _on_Abort(self, msg: p.Abort, _: memoryview | None) -> None:  # noqa: N802
+    def _on_Abort(self, msg: p.Abort, _: object) -> None:  # noqa: N802
         with self.lock:
             out = self.outgoing.pop(msg.transfer_id, None)
+            reading = msg.transfer_id in self.leases
         if out is not None:
             self.events.put(AbortPrefill(out.request_id))
             self.wake()
+        if not reading:  # a fence: nothing of this transfer will be written (one in flight fences itself)
+            self.transport.send(msg.sender, p.Failed(self.address, msg.transfer_id, "aborted"))
 
-    def _on_Heartbeat(self, msg: p.Heartbeat, _: memoryview | None) -> None:  # noqa: N802
+    def _on_Heartbeat(self, msg: p.Heartbeat, _: object) -> None:  # noqa: N802
         with self.lock:
             unknown = [t for t in msg.transfer_ids if t not in self.outgoing and t not in self.sent]
         self.transport.send(msg.sender, p.Pong(self.address, unknown))
 
-    def _on_Pong(self, msg: p.Pong, _: memoryview | None) -> None:  # noqa: N802
+    def _on_Pong(self, msg: p.Pong, _: object) -> None:  # noqa: N802
         if msg.unknown_transfer_ids:
             with self.lock:
                 self.peer_ok.pop(msg.sender, None)  # a restarted peer: shake hands again
+                self.handshake_sent.pop(msg.sender, None)
         for tid in msg.unknown_transfer_ids:
             self._fail(tid, f"prefill instance {msg.sender} lost the request (restarted?)")
+            self._unlease(tid, "direct")  # it has never heard of the transfer: it will not write
+
+
+def _nbytes(payload: memoryview | torch.Tensor) -> int:
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    return len(payload)

@@ -1,16 +1,19 @@
 """The control messages between a prefill and a decode instance, and their wire format.
 
     decode                                   prefill
-      | Handshake(layout, model)  ------------> |   checked once per peer; a mismatch is refused
-      | <------------ HandshakeAck(ok, reason)  |
+      | Handshake(layout, model, kv_offer) ---> |   checked once per peer; a mismatch is refused
+      | <--- HandshakeAck(ok, reason, kv_path)  |   the prefill picks how KV travels to this peer
       | Reserve(T, prompt, params, blocks) ---> |   decode has reserved `blocks` for T's prompt
       | <-------- KVData(T, blocks) + raw bytes |   written straight into the reserved blocks
       | <-------------------- Done(T, token)    |   the first token; prefill frees its blocks
       | Abort(T) / Heartbeat  ----------------> |
       | <----------------- Failed(T) / Pong     |
 
-Each message is one small JSON frame (a `type` field plus the dataclass fields); KVData is followed by
-one frame of raw KV bytes. Every message names its sender's address so replies need no socket identity.
+Each message is one small JSON frame (a `type` field plus the dataclass fields). How KVData's bytes
+travel is the transport's business (transport/): raw bytes after the frame (tcp), over a per-pair NCCL
+link announced by `KVData.link` (nccl), or not at all: `KVData.written` says the sender already wrote
+them into the reserved blocks (cuda_ipc), so that message is the proof the write is complete. Every
+message names its sender's address so replies need no socket identity.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ class Message:
 class Handshake(Message):
     model: str
     layout: dict[str, Any]
+    kv_offer: dict[str, Any] = field(default_factory=dict)  # the KV paths this decode instance accepts
 
 
 @dataclass
 class HandshakeAck(Message):
     ok: bool
     reason: str = ""
+    kv_path: dict[str, Any] = field(default_factory=dict)  # the path the prefill chose ({"kind": ...})
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Reserve(Message):
     prompt_token_ids: list[int]
     params: dict[str, Any]
     block_ids: list[int]
+    timeout: float = 0.0  # seconds the decode side waits; a direct write never starts later than that
 
 
 @dataclass
@@ -50,6 +56,8 @@ class KVData(Message):
     transfer_id: str
     block_ids: list[int]  # destination blocks; the payload holds all layers of them
     nbytes: int
+    written: bool = False  # the sender wrote the bytes into the blocks itself (complete); none follow
+    link: str = ""  # the bytes follow over this NCCL link instead of the data socket
 
 
 @dataclass

@@ -3,8 +3,8 @@
 A decode step launches a few hundred small kernels; on a GPU their launch time exceeds their run time at
 small batches. Each bucket (1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs) is captured once at start:
 the forward pass and the logits of a padded batch, reading static input buffers. A step of b decodes
-copies its inputs into the first b rows, pads the rest (their K/V go to a scratch block no request owns,
-their context length is 0), replays the smallest bucket that holds it and reads b rows of logits.
+copies its inputs into the first b rows, pads the rest (slot -1: their K/V are not written; context
+length 0: their output is zeros), replays the smallest bucket that holds it and reads b rows of logits.
 
 Needs an attention backend whose decode path reads only device tensors (the Triton backend); the torch
 backend is never captured.
@@ -47,22 +47,22 @@ class DecodeGraphs:
         block_size: int,
         max_batch: int,
         max_blocks_per_seq: int,
-        scratch_slot: int,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
-        self.scratch_slot = scratch_slot
         self.buckets = batch_buckets(max_batch)
         dev = kv_caches[0].device
         n = self.buckets[-1]
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), scratch_slot, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(n, dtype=torch.long, device=dev)
         self.tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, device=dev)
-        self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=True)
-        self.host_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, pin_memory=True)
+        pin = dev.type == "cuda"
+        self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=pin)
+        self.host_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, pin_memory=pin)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -76,6 +76,7 @@ class DecodeGraphs:
             block_tables=self.tables[:b],
             seq_lens=self.seq_lens[:b],
             query_start_loc=list(range(b + 1)),
+            query_start_loc_t=self.query_start[: b + 1],
             context_lens=[self.block_size * self.tables.shape[1]] * b,  # an upper bound, host side only
             num_decodes=b,
             block_size=self.block_size,
@@ -109,7 +110,7 @@ class DecodeGraphs:
         bucket = next(s for s in self.buckets if s >= b)
         host = self.host
         host[:, b:bucket] = 0
-        host[2, b:bucket] = self.scratch_slot
+        host[2, b:bucket] = -1
         host[0, :b] = torch.tensor(step.token_ids)
         host[1, :b] = torch.tensor(step.positions)
         host[2, :b] = torch.tensor(step.slots)

@@ -80,6 +80,7 @@ class Engine:
     def close(self) -> None:
         if self.connector is not None:
             self.connector.close()
+        self.runner.close()  # CUDA graphs, then tensor-parallel workers
 
     def _eos_ids(self, path: str) -> tuple[int, ...]:
         ids: set[int] = set()

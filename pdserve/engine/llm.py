@@ -48,6 +48,7 @@ class LLM:
         tokenizer: str | None = None,
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
         prefill: int = 0,
         decode: int = 0,
         kv_transport: str = "inproc",
@@ -63,6 +64,7 @@ class LLM:
                 tokenizer=tokenizer,
                 gpu_memory_utilization=gpu_memory_utilization,
                 enforce_eager=enforce_eager,
+                tensor_parallel_size=tensor_parallel_size,
             ),
             cache=CacheConfig(
                 block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching

@@ -6,6 +6,9 @@ KV cache layout, one tensor for the whole pool:
 
 so one block of one layer is a contiguous range, and a layer's K (or V) for a list of blocks is one
 gather: the unit of a KV transfer. The runner knows nothing of scheduling or text.
+
+With tensor parallelism (pdserve.distributed) this runner is rank 0: it holds its shard of the model and
+of the KV heads, sends each step to the worker ranks before running it, and alone samples.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from typing import Any
 import torch
 
 from pdserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from pdserve.distributed.driver import TPDriver
+from pdserve.distributed.group import TPGroup
+from pdserve.distributed.messages import StepInputs
+from pdserve.distributed.sharding import model_head_shard
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
@@ -64,10 +71,16 @@ class ModelRunner:
         cache_config: CacheConfig,
         hf_config: Any,
         scheduler_config: SchedulerConfig | None = None,
+        tp: TPGroup | None = None,  # given: this is worker rank tp.rank; None: rank 0, starting the workers
     ) -> None:
         self.model_config = model_config
         self.scheduler_config = scheduler_config or SchedulerConfig()
-        self.device = torch.device(model_config.device)
+        self.driver: TPDriver | None = None
+        if tp is None and model_config.tensor_parallel_size > 1:
+            self.driver = TPDriver.launch(model_config, cache_config, self.scheduler_config, hf_config)
+            tp = self.driver.group
+        self.tp = tp or TPGroup.single(torch.device(model_config.device))
+        self.device = self.tp.device
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         torch.manual_seed(model_config.seed)
         backend = get_backend_class(self.device)
@@ -79,29 +92,27 @@ class ModelRunner:
             self.device,
             model_config.load_format,
             model_config.seed,
+            self.tp,
         )
         self.layout = KVLayout(
             hf_config.num_hidden_layers,
-            hf_config.num_key_value_heads,
+            model_head_shard(hf_config, self.tp.size, self.tp.rank).kv_heads,
             head_dim_of(hf_config),
             cache_config.block_size,
             self.dtype,
         )
-        self.num_blocks = self._pool_blocks(cache_config)
+        self.num_blocks = self.tp.all_min(self._pool_blocks(cache_config))  # every rank's pool holds it
         lay = self.layout
-        use_graphs = (
-            self.device.type == "cuda"
-            and not model_config.enforce_eager
-            and getattr(backend, "cuda_graph_safe", False)
-        )
-        # with CUDA graphs, one more block than the block manager knows: padded batch rows write there
+        use_graphs = self.device.type == "cuda" and not model_config.enforce_eager and backend.cuda_graph_safe
         self.kv_cache = torch.zeros(
-            (lay.num_layers, 2, self.num_blocks + use_graphs, lay.block_size, lay.num_kv_heads, lay.head_dim),
+            (lay.num_layers, 2, self.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim),
             dtype=self.dtype,
             device=self.device,
         )
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.graphs = self._capture_graphs(hf_config) if use_graphs else None
+        if self.driver is not None and self.graphs is not None:
+            self.driver.keep_if_failed(self.graphs)  # a rank lost mid-collective: destroying them would block
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.num_blocks,
@@ -135,10 +146,18 @@ class ModelRunner:
             self.layout.block_size,
             self.scheduler_config.max_num_seqs,
             max_blocks,
-            scratch_slot=self.num_blocks * self.layout.block_size,
         )
         graphs.capture()
         return graphs
+
+    def close(self) -> None:
+        """Drop the CUDA graphs, then stop the tensor-parallel workers (NCCL's teardown waits for the
+        graphs that captured its collectives). The runner cannot run steps afterwards."""
+        if self.graphs is not None and (self.driver is None or self.driver.healthy):
+            self.graphs.graphs.clear()
+        self.graphs = None
+        if self.driver is not None:
+            self.driver.close()
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[SampleResult]:
@@ -147,17 +166,31 @@ class ModelRunner:
         Returns one result per sampling chunk, in the order of `chunks`.
         """
         graphs = self.graphs
+        step: StepInputs | DecodeInputs
         if graphs is not None and len(chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in chunks):
-            return self._execute_graph(graphs, chunks)
-        input_ids, positions, meta = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
-        rows = [meta.query_start_loc[i + 1] - 1 for i, c in enumerate(chunks) if c.samples]
-        if not rows:
+            step = self._decode_inputs(chunks)
+        else:
+            step = self._step_inputs(chunks)
+        logits = self.driver.run(step, self.run_step) if self.driver else self.run_step(step)  # all ranks
+        rows = [i for i, c in enumerate(chunks) if c.samples]
+        if logits is None or not rows:
             return []
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return sample(logits, [c.request for c in chunks if c.samples])
+        if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
+            logits = logits[torch.tensor(rows, device=self.device)]
+        return sample(logits, [chunks[i].request for i in rows])
 
-    def _execute_graph(self, graphs: DecodeGraphs, chunks: list[ScheduledChunk]) -> list[SampleResult]:
+    @torch.inference_mode()
+    def run_step(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:
+        """This rank's forward pass of one step: the logits of the sampling rows (None: no such row)."""
+        if isinstance(step, DecodeInputs):
+            assert self.graphs is not None
+            return self.graphs.run(step)
+        input_ids, positions, meta = self._device_inputs(step)
+        rows = torch.tensor(step.logit_rows, device=self.device)  # before the forward: no sync inside it
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
+        return self.model.compute_logits(hidden[rows]) if step.logit_rows else None
+
+    def _decode_inputs(self, chunks: list[ScheduledChunk]) -> DecodeInputs:
         bs = self.layout.block_size
         step = DecodeInputs([], [], [], [], [])
         for c in chunks:
@@ -167,13 +200,9 @@ class ModelRunner:
             step.slots.append(req.block_ids[p // bs] * bs + p % bs)
             step.seq_lens.append(p + 1)
             step.block_tables.append(req.block_ids)
-        logits = graphs.run(step)
-        rows = [i for i, c in enumerate(chunks) if c.samples]
-        if len(rows) < len(chunks):
-            logits = logits[torch.tensor(rows, device=self.device)]
-        return sample(logits, [chunks[i].request for i in rows]) if rows else []
+        return step
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _step_inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
         bs = self.layout.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -192,18 +221,23 @@ class ModelRunner:
         num_decodes = 0
         while num_decodes < len(chunks) and chunks[num_decodes].num_tokens == 1:
             num_decodes += 1
+        rows = [starts[i + 1] - 1 for i, c in enumerate(chunks) if c.samples]
+        return StepInputs(ids, pos, slots, starts, ctx, tables, num_decodes, rows)
+
+    def _device_inputs(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
-            seq_lens=torch.tensor(ctx, dtype=torch.long, device=dev),
-            query_start_loc=starts,
-            context_lens=ctx,
-            num_decodes=num_decodes,
-            block_size=bs,
+            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(step.block_tables, dtype=torch.long, device=dev),
+            seq_lens=torch.tensor(step.context_lens, dtype=torch.long, device=dev),
+            query_start_loc=step.query_start_loc,
+            query_start_loc_t=torch.tensor(step.query_start_loc, dtype=torch.int32, device=dev),
+            context_lens=step.context_lens,
+            num_decodes=step.num_decodes,
+            block_size=self.layout.block_size,
         )
         return (
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
+            torch.tensor(step.token_ids, dtype=torch.long, device=dev),
+            torch.tensor(step.positions, dtype=torch.long, device=dev),
             meta,
         )

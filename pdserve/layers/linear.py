@@ -1,31 +1,98 @@
-"""Linear layers whose weights are several checkpoint tensors stacked along the output dimension.
+"""The model's weight matrices, each holding this tensor-parallel rank's slice (all of it at tp=1).
 
-`qkv_proj` holds q_proj, k_proj and v_proj; `gate_up_proj` holds gate_proj and up_proj. One matmul
-instead of three or two; the loader copies each checkpoint tensor into its rows.
+    MergedLinear            column-parallel; several checkpoint tensors stacked along the output rows
+                            (`qkv_proj` = q, k, v; `gate_up_proj` = gate, up), each cut to the rank's rows
+    RowParallelLinear       input columns split (o_proj, down_proj); partial outputs all-reduced, bias once
+    VocabParallelEmbedding  vocabulary rows split; rows outside the rank's range give 0, then all-reduce
+    ParallelLMHead          vocabulary rows split; the logits' columns are all-gathered
+
+Each sharded parameter carries a ParamShard (pdserve.distributed.weights) saying where it sits in the
+full tensor, so checkpoint loading and dummy init cut full tensors the same way. At tp=1 the forward
+passes are plain F.linear / F.embedding and no collective runs.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from pdserve.distributed.group import TPGroup
+from pdserve.distributed.sharding import split
+from pdserve.distributed.weights import ParamShard, copy_full_rows, set_shard
+
+RowSlice = tuple[int, int, int]  # (full rows, first row this rank holds, rows it holds)
 
 
 class MergedLinear(nn.Linear):
-    """nn.Linear with named row ranges, one per checkpoint tensor stacked into it."""
+    """Column-parallel nn.Linear with named row ranges, one per checkpoint tensor stacked into it."""
 
-    def __init__(self, in_features: int, shards: dict[str, int], bias: bool) -> None:
-        super().__init__(in_features, sum(shards.values()), bias=bias)
-        self.shards: dict[str, tuple[int, int]] = {}
-        start = 0
-        for name, size in shards.items():
-            self.shards[name] = (start, size)
-            start += size
+    def __init__(self, in_features: int, shards: dict[str, RowSlice], bias: bool) -> None:
+        super().__init__(in_features, sum(size for _, _, size in shards.values()), bias=bias)
+        self.shards: dict[str, tuple[int, int]] = {}  # name -> (offset, rows) in the full stacked tensor
+        segments = []
+        full = local = 0
+        for name, (rows, start, size) in shards.items():
+            self.shards[name] = (full, rows)
+            segments.append((full + start, local, size))
+            full, local = full + rows, local + size
+        for p in (self.weight, self.bias):
+            if p is not None:
+                set_shard(p, ParamShard((full, *p.shape[1:]), tuple(segments)))
 
     def load_shard(self, shard: str, param: str, tensor: torch.Tensor) -> None:
-        start, size = self.shards[shard]
+        offset, rows = self.shards[shard]
         target = self.weight if param == "weight" else self.bias
         assert target is not None
-        if tensor.shape[0] != size:
-            raise ValueError(f"shard {shard}.{param}: expected {size} rows, got {tuple(tensor.shape)}")
-        with torch.no_grad():
-            target[start : start + size].copy_(tensor)
+        if tensor.shape[0] != rows:
+            raise ValueError(f"shard {shard}.{param}: expected {rows} rows, got {tuple(tensor.shape)}")
+        copy_full_rows(target, tensor.reshape(rows, -1), offset)
+
+
+class RowParallelLinear(nn.Linear):
+    """nn.Linear over the input columns [start, start + size) of `in_features`; outputs summed over ranks."""
+
+    def __init__(
+        self, in_features: int, out_features: int, cols: tuple[int, int], bias: bool, tp: TPGroup
+    ) -> None:
+        super().__init__(cols[1], out_features, bias=bias)
+        self.tp = tp
+        set_shard(self.weight, ParamShard((out_features, in_features), ((0, 0, out_features),), cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding rows of this rank's vocabulary range; a token's vector comes from the rank holding it."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup) -> None:
+        self.vocab_start, size = split(vocab_size, tp.size, tp.rank)
+        super().__init__(size, hidden_size)
+        self.tp = tp
+        set_shard(self.weight, ParamShard((vocab_size, hidden_size), ((self.vocab_start, 0, size),)))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(input_ids)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)  # [T, hidden]
+        return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(nn.Linear):
+    """The lm_head rows of this rank's vocabulary range; every rank gets the full [rows, vocab] logits."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, tp: TPGroup) -> None:
+        start, size = split(vocab_size, tp.size, tp.rank)
+        super().__init__(hidden_size, size, bias=False)
+        self.tp = tp
+        self.widths = [split(vocab_size, tp.size, r)[1] for r in range(tp.size)]
+        set_shard(self.weight, ParamShard((vocab_size, hidden_size), ((start, 0, size),)))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather_cols(F.linear(hidden, self.weight), self.widths)

@@ -1,9 +1,16 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm, optionally fused with the residual add that precedes it (one Triton kernel on CUDA)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -13,12 +20,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        if x.is_cuda:
+            from pdserve.layers import triton_fused  # imported for CUDA only: CPU never loads triton
+
+            return triton_fused.rms_norm(x, self.weight, self.eps)
+        return rms_norm_torch(x, self.weight, self.eps)
 
     def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the pre-norm block's two outputs."""
+        if x.is_cuda:
+            from pdserve.layers import triton_fused
+
+            return triton_fused.add_rms_norm(x, residual, self.weight, self.eps)
         residual = x + residual
-        return self.forward(residual), residual
+        return rms_norm_torch(residual, self.weight, self.eps), residual

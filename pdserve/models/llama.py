@@ -2,6 +2,8 @@
 
 Parameter names follow the Hugging Face checkpoints, except that q/k/v and gate/up are stacked into
 `qkv_proj` and `gate_up_proj` (see layers/linear.py); `load_weight` maps checkpoint names onto them.
+With tensor parallelism each rank builds the same modules over its slice: its KV head groups, its share
+of the MLP columns and of the vocabulary (pdserve.distributed.sharding); norms are replicated.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from pdserve.distributed.group import TPGroup
+from pdserve.distributed.sharding import model_head_shard, split
+from pdserve.distributed.weights import load_full
 from pdserve.layers.activation import silu_and_mul
 from pdserve.layers.attention.backend import AttentionBackend
 from pdserve.layers.attention.metadata import AttentionMetadata
-from pdserve.layers.linear import MergedLinear
+from pdserve.layers.linear import MergedLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from pdserve.layers.norm import RMSNorm
 from pdserve.layers.rotary import RotaryEmbedding
 
@@ -40,14 +45,21 @@ class Attention(nn.Module):
         backend_cls: type[AttentionBackend],
         bias: bool,
         qk_norm: bool,
+        tp: TPGroup,
     ) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = head_dim_of(cfg)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        shard = model_head_shard(cfg, tp.size, tp.rank)
+        self.num_heads, self.num_kv_heads = shard.q_heads, shard.kv_heads  # this rank's
+        d = self.head_dim = head_dim_of(cfg)
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        q_full, kv_full = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        rows = {
+            "q": (q_full, shard.q_start * d, q_size),
+            "k": (kv_full, shard.kv_start * d, kv_size),
+            "v": (kv_full, shard.kv_start * d, kv_size),
+        }
+        self.qkv_proj = MergedLinear(cfg.hidden_size, rows, bias=bias)
+        self.o_proj = RowParallelLinear(q_full, cfg.hidden_size, (shard.q_start * d, q_size), False, tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
@@ -70,21 +82,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, tp: TPGroup) -> None:
         super().__init__()
-        size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": size, "up": size}, bias=False)
-        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
+        full = cfg.intermediate_size
+        start, size = split(full, tp.size, tp.rank)
+        rows = {"gate": (full, start, size), "up": (full, start, size)}
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, rows, bias=False)
+        self.down_proj = RowParallelLinear(full, cfg.hidden_size, (start, size), False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, attn: Attention) -> None:
+    def __init__(self, cfg: Any, attn: Attention, tp: TPGroup) -> None:
         super().__init__()
         self.self_attn = attn
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -106,12 +120,14 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: Any, backend_cls: type[AttentionBackend], bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, cfg: Any, backend_cls: type[AttentionBackend], bias: bool, qk_norm: bool, tp: TPGroup
+    ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg, head_dim_of(cfg), cfg.max_position_embeddings)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, Attention(cfg, rotary, backend_cls, bias, qk_norm))
+            DecoderLayer(cfg, Attention(cfg, rotary, backend_cls, bias, qk_norm, tp), tp)
             for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -137,13 +153,14 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias_default = False
     qk_norm = False
 
-    def __init__(self, cfg: Any, backend_cls: type[AttentionBackend]) -> None:
+    def __init__(self, cfg: Any, backend_cls: type[AttentionBackend], tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
+        tp = tp or TPGroup.single()
         bias = bool(getattr(cfg, "attention_bias", self.qkv_bias_default))
-        self.model = DecoderModel(cfg, backend_cls, bias, self.qk_norm)
+        self.model = DecoderModel(cfg, backend_cls, bias, self.qk_norm, tp)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -172,9 +189,5 @@ class LlamaForCausalLM(nn.Module):
                 return [f"{target}:{shard}"]
         if name not in params:
             raise KeyError(f"checkpoint tensor {name} has no place in {type(self).__name__}")
-        param = params[name]
-        if param.shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
+        load_full(params[name], tensor, name)  # this rank's slice of it
         return [name]

@@ -1,4 +1,8 @@
-"""Build a model from a local HF directory: safetensors weights by name, or random (`dummy`) weights."""
+"""Build a model from a local HF directory: safetensors weights by name, or random (`dummy`) weights.
+
+With tensor parallelism each rank builds its shard and keeps its slice of every full tensor it reads or
+draws (pdserve.distributed.weights), so all ranks together hold exactly the tp=1 model.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from pdserve.distributed.group import TPGroup
+from pdserve.distributed.weights import copy_full_rows, shard_of
 from pdserve.layers.attention.backend import AttentionBackend
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.registry import model_class
@@ -23,10 +29,11 @@ def build_model(
     device: torch.device,
     load_format: str = "auto",
     seed: int = 0,
+    tp: TPGroup | None = None,
 ) -> LlamaForCausalLM:
     cls = model_class(hf_config)
     with torch.device(device), _default_dtype(dtype):  # built in place: a 32B model never exists in fp32
-        model = cls(hf_config, backend_cls)
+        model = cls(hf_config, backend_cls, tp)
     if load_format == "dummy":
         init_dummy(model, seed)
     else:
@@ -82,7 +89,8 @@ def init_dummy(model: LlamaForCausalLM, seed: int) -> None:
     """Random weights of a sane scale, so that large shapes can be timed without a checkpoint.
 
     Drawn on the parameters' device (seconds for 32B on a GPU), in float32 then cast, one tensor at a
-    time; the same seed gives the same weights on the same device type.
+    time; the same seed gives the same weights on the same device type. Every tensor-parallel rank draws
+    the full tensors in the same order and keeps its slice: the ranks hold the tp=1 model.
     """
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -90,6 +98,9 @@ def init_dummy(model: LlamaForCausalLM, seed: int) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            else:
-                for row in p.view(p.shape[0], -1).split(4096):  # bounded float32 temporaries
-                    row.copy_(torch.randn(row.shape, generator=gen, device=device) * 0.02)
+                continue
+            shard = shard_of(p)
+            for first in range(0, shard.full_rows, 4096):  # bounded float32 temporaries
+                n = min(4096, shard.full_rows - first)
+                rows = torch.randn((n, shard.full_cols), generator=gen, device=device) * 0.02
+                copy_full_rows(p, rows, first)

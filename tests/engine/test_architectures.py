@@ -11,17 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .tiny_models import TEXTS, save_tiny_model
+
 CUDA = pytest.param(
     "cuda",
     marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
 )
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Prefill is compute-bound; decode is bound by memory bandwidth.",
-    "def add(a, b):\n    return a + b\n",
-    "Paged attention keeps the KV cache in fixed-size blocks.",
-] * 8
 ARCHS = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=64),
@@ -29,46 +25,10 @@ ARCHS = {
 }
 
 
-def _tokenizer(path: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
-    fast.save_pretrained(path)
-    return fast
-
-
 @pytest.fixture(scope="module", params=list(ARCHS))
 def model_dir(request, tmp_path_factory) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = str(tmp_path_factory.mktemp(request.param))
-    tok = _tokenizer(path)
     extra = dict(ARCHS[request.param])
-    cfg = AutoConfig.for_model(
-        extra.pop("model_type"),
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        eos_token_id=tok.eos_token_id,
-        **extra,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # larger weights than the default init, so greedy paths differ per prompt
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-    model.save_pretrained(path)
-    return path
+    return save_tiny_model(str(tmp_path_factory.mktemp(request.param)), extra.pop("model_type"), **extra)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """In-process transport: peers are objects in one process; a send calls the peer's handler directly.
 
-Used by the offline disaggregated API (`LLM(model, prefill=1, decode=1)`) and tests; the payload is
-handed over without copying until the receiver writes it into its KV pool.
+Used by the offline disaggregated API (`LLM(model, prefill=1, decode=1)`) and tests; KV blocks are
+gathered into one tensor on the sender's device and handed over as it is, until the receiver writes
+it into its KV pool.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from pdserve.disagg.protocol import Message
 from pdserve.disagg.transport.base import KVTransport, MessageHandler, PayloadDone, PayloadTarget
+from pdserve.disagg.transport.blocks import KVBlocks
 
 _PEERS: dict[str, InprocTransport] = {}
 _IDS = itertools.count()
@@ -36,9 +38,13 @@ class InprocTransport(KVTransport):
     def send(self, peer: str, msg: Message, payload: Any | None = None) -> None:
         with _LOCK:
             target = _PEERS.get(peer)
+        if isinstance(payload, KVBlocks):
+            payload = payload.gather_now()
+        elif payload is not None:
+            payload = memoryview(payload).cast("B")
         if target is None or target.handler is None:
             return  # like a network: a message to nobody is lost
-        target.handler(msg, memoryview(payload).cast("B") if payload is not None else None)
+        target.handler(msg, payload)
 
     def forget_peer(self, peer: str) -> None:
         pass

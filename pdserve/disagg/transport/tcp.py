@@ -8,10 +8,10 @@ An instance listens on two consecutive ports: `--kv-port` (a ZeroMQ ROUTER for c
 
 The data path avoids ZeroMQ because its message copies halved loopback throughput: the sender writes
 the gathered block buffer with `sendall`; the receiver asks the connector where the bytes go and
-`recv_into`s them straight into the reserved blocks of the KV pool (no copy), or, where the pool is not
-host memory, into a staging buffer that the connector then scatters (one copy). Control messages and
-data travel separately, so the receiver must not rely on their relative order (the connector waits
-for both).
+`recv_into`s them straight into the reserved blocks of the KV pool (no copy), or, where the pool is on
+a GPU, into a pinned buffer that the connector then copies up (one copy). Control messages and data
+travel separately, so the receiver must not rely on their relative order (the connector waits for
+both). KV blocks of a GPU pool are copied into a pinned host buffer before they are sent.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import zmq
 
 from pdserve.disagg.protocol import Message, decode, encode
 from pdserve.disagg.transport.base import KVTransport, MessageHandler, PayloadDone, PayloadTarget
+from pdserve.disagg.transport.blocks import KVBlocks
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class TcpTransport(KVTransport):
             self.outbox.put((peer, encode(msg)))
             self._wake()
             return
+        if isinstance(payload, KVBlocks):
+            payload = payload.to_host()
         with self.senders_lock:
             sender = self.senders.get(peer)
             if sender is None:

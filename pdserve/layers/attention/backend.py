@@ -1,7 +1,12 @@
-"""The attention backend interface and its registry (torch now; triton on CUDA later)."""
+"""The attention backend interface and its registry: triton on CUDA when installed, torch elsewhere.
+
+PDSERVE_ATTENTION_BACKEND=torch|triton overrides the choice (triton on CPU runs only under
+TRITON_INTERPRET=1, which is for tests).
+"""
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import torch
@@ -11,6 +16,8 @@ from pdserve.layers.attention.metadata import AttentionMetadata
 
 class AttentionBackend(ABC):
     """Writes this step's K/V into the paged cache, then attends each query over its context."""
+
+    cuda_graph_safe = False  # may a decode-only step be captured in a CUDA graph?
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.num_heads = num_heads
@@ -30,7 +37,21 @@ class AttentionBackend(ABC):
         ...
 
 
+BACKEND_ENV = "PDSERVE_ATTENTION_BACKEND"
+
+
 def get_backend_class(device: torch.device) -> type[AttentionBackend]:
     from pdserve.layers.attention.torch_backend import TorchAttentionBackend
 
+    choice = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if choice not in ("", "torch", "triton"):
+        raise ValueError(f"{BACKEND_ENV} must be torch or triton, got {choice!r}")
+    if choice == "torch" or (not choice and device.type != "cuda"):
+        return TorchAttentionBackend
+    from pdserve.layers.attention.triton_backend import TRITON_AVAILABLE, TritonAttentionBackend
+
+    if TRITON_AVAILABLE:
+        return TritonAttentionBackend
+    if choice == "triton":
+        raise RuntimeError(f"{BACKEND_ENV}=triton but the triton package is not installed")
     return TorchAttentionBackend

@@ -7,6 +7,12 @@ Tokens of all scheduled requests are laid end to end, decodes first:
     query_start_loc = [0, 1, 2, 3, 7, 9]       seq_lens = context length after this step
 
 slot_mapping[t] = block_id * block_size + offset: where token t's K and V are written in the pool.
+
+Device-side kernels (the Triton backend) read `query_start_loc_t`, the same offsets as an int32 tensor on
+the device; when it is left None the first layer's backend copies the host list over and stores it here
+(one small host-to-device copy per step; a runner that captures CUDA graphs must fill it itself).
+For a CUDA-graph decode batch padded to a fixed size, padded entries have seq_len 0 (their output is
+zeros) and slot -1 (nothing is written).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class AttentionMetadata:
     context_lens: list[int]  # host copy of seq_lens
     num_decodes: int  # the first num_decodes sequences have exactly one query token
     block_size: int
+    query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32 on the device
 
     @property
     def num_seqs(self) -> int:

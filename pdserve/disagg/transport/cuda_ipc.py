@@ -1,0 +1,150 @@
+"""The cuda_ipc KV path: on one host, the prefill instance copies its blocks straight into the decode
+instance's KV pool, GPU to GPU over the copy engine (NVLink/PCIe peer copies), with no host staging.
+
+    decode: export the pool once (a CUDA IPC handle, JSON-safe)  ──Handshake.kv_offer──▶ prefill
+    prefill: open it once per peer (mapped into its own GPU's address space, peer access enabled)
+    per transfer, on a side stream:  remote[l, kv, d:d+n].copy_(local[l, kv, s:s+n])
+             for each layer, K and V, and run of blocks contiguous on both sides
+    then an event: once it completes, KVData(written=True) tells the decode side the write is done.
+
+An IPC handle cannot be opened by the process that exported it, so peers in one process (the offline
+`LLM(prefill=..., decode=...)`) use the pool tensor itself, found in `_EXPORTED` (module state, one
+entry per exported pool). Which writes may still land is the connector's business (leases): this
+module only promises that `KVData(written=True)` or `Failed` is sent after the last byte landed.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pdserve.disagg.transport.blocks import KVBlocks, copy_stream, paired_runs
+from pdserve.disagg.transport.identity import gpu_uuid, local_gpu, same_host, same_process
+
+logger = logging.getLogger(__name__)
+
+_EXPORTED: dict[str, torch.Tensor] = {}  # token -> a pool this process exported (in-process peers)
+_DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def export_pool(pool: torch.Tensor) -> dict[str, Any]:
+    """The handle peers open to write into `pool` (a CUDA tensor) from another process."""
+    (_, handle, size, offset, ref, ref_offset, event, event_sync) = pool.untyped_storage()._share_cuda_()
+    token = uuid.uuid4().hex
+    _EXPORTED[token] = pool
+    return {
+        "token": token,
+        "gpu": gpu_uuid(pool.device),
+        "handle": _b64(handle),
+        "storage_bytes": size,
+        "storage_offset": offset,
+        "ref": _b64(ref),
+        "ref_offset": ref_offset,
+        "event": _b64(event) if event else "",
+        "event_sync": bool(event_sync),
+        "shape": list(pool.shape),
+        "stride": list(pool.stride()),
+        "offset": pool.storage_offset(),
+        "dtype": str(pool.dtype),
+    }
+
+
+def forget_exported(info: dict[str, Any]) -> None:
+    _EXPORTED.pop(str(info.get("token")), None)
+
+
+def open_pool(info: dict[str, Any], local: torch.device, in_process: bool) -> torch.Tensor:
+    """The peer's pool as a tensor this process can copy into. Raises RuntimeError where it cannot.
+
+    The mapping is opened on our own GPU (`local`), with peer access, so that each copy is one
+    same-device memcpy to torch (the copy engine moves it over the GPUs' link)."""
+    if in_process:
+        pool = _EXPORTED.get(str(info["token"]))
+        if pool is None:
+            raise RuntimeError("the in-process peer's pool is gone")
+        return pool
+    owner = local_gpu(str(info["gpu"]))
+    if owner is None:
+        raise RuntimeError("the decode instance's GPU is not visible to this process")
+    if owner != local.index and not torch.cuda.can_device_access_peer(local.index or 0, owner):
+        raise RuntimeError(f"no peer access from cuda:{local.index} to cuda:{owner}")
+    storage = torch.UntypedStorage._new_shared_cuda(
+        local.index,
+        base64.b64decode(info["handle"]),
+        int(info["storage_bytes"]),
+        int(info["storage_offset"]),
+        base64.b64decode(info["ref"]),
+        int(info["ref_offset"]),
+        base64.b64decode(info["event"]) if info["event"] else b"",
+        bool(info["event_sync"]),
+    )
+    pool = torch.empty(0, dtype=_DTYPES[str(info["dtype"])], device=local)
+    return pool.set_(storage, int(info["offset"]), list(info["shape"]), list(info["stride"]))
+
+
+def open_peer_pool(
+    offer: dict[str, Any], me: dict[str, Any], peer: dict[str, Any], local: torch.device
+) -> torch.Tensor:
+    if not same_host(me, peer):
+        raise RuntimeError("the decode instance is on another host")
+    return open_pool(offer, local, in_process=same_process(me, peer))
+
+
+def write_blocks_direct(remote: torch.Tensor, blocks: KVBlocks, dst: list[int]) -> torch.cuda.Event:
+    """Enqueue the copies of `blocks` into `remote`'s blocks `dst` on the side stream; return the
+    event that completes with the last of them."""
+    local = blocks.pool
+    stream = copy_stream(local.device)
+    if blocks.ready is not None:
+        stream.wait_event(blocks.ready)
+    with torch.cuda.stream(stream):
+        for s, d, n in paired_runs(blocks.block_ids, dst):
+            for layer in range(local.shape[0]):
+                for kv in (0, 1):
+                    remote[layer, kv, d : d + n].copy_(local[layer, kv, s : s + n], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return done
+
+
+class Completions:
+    """One thread that waits for CUDA events in order and runs what follows each one."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[tuple[torch.cuda.Event, Callable[[bool], None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self.thread = threading.Thread(target=self._run, name="kv-ipc-done", daemon=True)
+        self.thread.start()
+
+    def after(self, event: torch.cuda.Event, then: Callable[[bool], None]) -> None:
+        self.queue.put((event, then))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(5)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            event, then = item
+            try:
+                event.synchronize()
+                ok = True
+            except RuntimeError:
+                logger.exception("a direct KV write failed on the GPU")
+                ok = False
+            try:
+                then(ok)
+            except Exception:
+                logger.exception("after a direct KV write")

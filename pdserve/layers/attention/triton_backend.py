@@ -1,0 +1,77 @@
+"""The Triton attention backend: paged KV store, split-K decode and prefix-aware prefill kernels.
+
+One step is at most three launches per layer (plus a reduce when decode splits): store this step's K/V
+by slot, decode the first `num_decodes` sequences, prefill the rest. Importing this module never fails:
+without triton, `TRITON_AVAILABLE` is False and constructing the backend raises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from pdserve.layers.attention.backend import AttentionBackend
+from pdserve.layers.attention.metadata import AttentionMetadata
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+if TRITON_AVAILABLE:
+    from pdserve.layers.attention.triton_cache import store_kv
+    from pdserve.layers.attention.triton_decode import choose_num_splits, paged_decode
+    from pdserve.layers.attention.triton_prefill import paged_prefill
+
+
+class TritonAttentionBackend(AttentionBackend):
+    cuda_graph_safe = True  # decode reads device tensors only; padded rows (slot -1, length 0) are inert
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        if not TRITON_AVAILABLE:
+            raise RuntimeError("the triton attention backend needs the triton package")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)  # [T, num_heads, head_dim]
+        nd = meta.num_decodes
+        if nd:
+            self._decode(q, kv_cache, meta, out)
+        if meta.num_seqs > nd:
+            qsl = _device_query_start_loc(meta, q.device)
+            paged_prefill(
+                q,
+                kv_cache,
+                meta.block_tables[nd:],
+                meta.seq_lens[nd:],
+                qsl[nd:],
+                out,
+                self.scale,
+                token_base=meta.query_start_loc[nd],
+                num_tokens=q.shape[0] - meta.query_start_loc[nd],
+            )
+        return out
+
+    def _decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor
+    ) -> None:
+        nd = meta.num_decodes
+        max_len = max(meta.context_lens[:nd])
+        splits = choose_num_splits(nd, self.num_kv_heads, max_len, q.device)
+        paged_decode(
+            q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], out[:nd], self.scale, splits
+        )
+
+
+def _device_query_start_loc(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:
+    """meta.query_start_loc_t, copied over once per step (by the first layer) when the runner left it out."""
+    if meta.query_start_loc_t is None:
+        meta.query_start_loc_t = torch.tensor(meta.query_start_loc, dtype=torch.int32, device=device)
+    return meta.query_start_loc_t

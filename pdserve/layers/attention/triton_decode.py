@@ -1,0 +1,238 @@
+"""Paged decode attention in Triton: one query token per sequence, split-K over long contexts.
+
+Flash-decoding: each sequence's context is cut into `num_splits` partitions of whole tiles; one program
+per (sequence, kv head, partition) attends all query heads of that kv head's group (GQA rows packed
+into one tensor-core tile) and writes a partial output and its log-sum-exp; a reduce kernel merges the
+partitions. With one partition the first kernel writes the output directly.
+
+    grid (batch, kv_heads, splits) -> part_out [batch, heads, splits, D], part_lse [batch, heads, splits]
+    grid (batch, heads)            -> out [batch, heads, D]
+
+Only tensors are read on the device, the grid depends on the batch size and `num_splits` alone, and a
+sequence of length 0 (a padded batch entry) gets zeros: a decode step can be captured in a CUDA graph.
+This module imports triton unconditionally: import it only where triton is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pdserve.layers.attention.triton_tile import dot_precision, load_kv_tile, online_softmax_step, pow2
+
+LOG2E = math.log2(math.e)
+MAX_SPLITS = 64
+MIN_SPLIT_TOKENS = 64  # a partition shorter than this costs more to merge than it saves
+
+
+@triton.jit
+def _decode_split_kernel(  # type: ignore[no-untyped-def]
+    q_ptr,
+    cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,  # cache strides: K to V, block, token, head
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_bt,
+    stride_pb,  # part_out strides: batch, head, split (dim contiguous); part_lse is [b, h, s] contiguous
+    stride_ph,
+    stride_ps,
+    QUERY_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    rows = tl.arange(0, BLOCK_G)
+    heads = kv_head * QUERY_GROUP + rows  # [BLOCK_G]: the query heads sharing this kv head
+    row_mask = rows < QUERY_GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    io_mask = row_mask[:, None] & dim_mask[None, :]
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    head_offset = kv_head * stride_ch
+    v_cache_ptr = cache_ptr + stride_kv
+    for tile_start in range(start, end, BLOCK_N):
+        pos = tile_start + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        k = load_kv_tile(
+            cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
+        )
+        v = load_kv_tile(
+            v_cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
+        )
+        acc, m_i, l_i = online_softmax_step(q, k, v, valid[None, :], acc, m_i, l_i, scale_log2, DOT_PRECISION)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if SINGLE_SPLIT:
+        o_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        part = seq * stride_pb + heads * stride_ph + split * stride_ps  # [BLOCK_G]
+        tl.store(part_out_ptr + part[:, None] + dims[None, :], out, mask=io_mask)
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part // stride_ps, lse, mask=row_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(  # type: ignore[no-untyped-def]
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    base = seq * stride_pb + head * stride_ph
+    lse = tl.load(part_lse_ptr + base // stride_ps + splits)  # [NUM_SPLITS]
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no partition saw a key: zeros out
+    weights = tl.exp2(lse - lse_max)
+    parts = tl.load(
+        part_out_ptr + base + splits[:, None] * stride_ps + dims[None, :], mask=dim_mask[None, :], other=0.0
+    )  # [NUM_SPLITS, BLOCK_D]
+    total = tl.sum(weights, 0)
+    out = tl.sum(weights[:, None] * parts, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(
+        out_ptr + seq * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 16  # the interpreter: any number is correct
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """A power of two: enough (sequence, kv head, split) programs for two waves, none too short.
+
+    Any value is correct for any lengths; it only sets how the work is spread.
+    """
+    programs = max(1, batch * num_kv_heads)
+    wanted = -(-2 * _num_sms(device) // programs)
+    cap = max(1, max_seq_len // MIN_SPLIT_TOKENS)
+    splits = min(pow2(wanted), MAX_SPLITS)
+    while splits > 1 and splits > cap:
+        splits //= 2
+    return splits
+
+
+def split_config(dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split kernel."""
+    return (32, 4, 2) if dtype == torch.float32 else (64, 4, 2)
+
+
+def paged_decode(
+    q: torch.Tensor,  # [B, num_heads, D]: one query token per sequence
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32/int64
+    seq_lens: torch.Tensor,  # [B]: context length including this token; 0 = padding
+    out: torch.Tensor,  # [B, num_heads, D], written
+    scale: float,
+    num_splits: int,
+) -> None:
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    block_d = pow2(head_dim)
+    if num_splits > 1:
+        part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    fp32 = q.dtype == torch.float32
+    block_n, num_warps, num_stages = split_config(q.dtype)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * LOG2E,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        num_heads * num_splits * head_dim,
+        num_splits * head_dim,
+        head_dim,
+        QUERY_GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_G=max(16, pow2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        BLOCK_SIZE=kv_cache.shape[2],
+        SINGLE_SPLIT=num_splits == 1,
+        DOT_PRECISION=dot_precision(fp32),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            num_heads * num_splits * head_dim,
+            num_splits * head_dim,
+            head_dim,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            num_warps=4,
+        )

@@ -1,0 +1,181 @@
+"""Paged prefill attention in Triton: variable-length query chunks over a cached prefix, causal.
+
+Sequence i has q_len = query_start_loc[i+1] - query_start_loc[i] new tokens and ctx_len = seq_lens[i]
+tokens of context (its cached prefix plus this chunk, already in the cache). Query j of the chunk sits
+at position p = ctx_len - q_len + j and sees keys 0..p, all read through the block table:
+
+    keys:    [ 0 ............ prefix + m_start | ...... diagonal tiles ...... ]
+              every row of the tile sees these   masked key <= query position
+
+One program per (tile of BLOCK_M queries of one sequence, query head); a flat tile index is mapped to
+its sequence by binary search over query_start_loc, so the grid is known from the token and sequence
+counts alone: sequence i owns tiles from (query_start_loc[i] - base) // BLOCK_M + i onwards.
+This module imports triton unconditionally: import it only where triton is installed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pdserve.layers.attention.triton_tile import dot_precision, load_kv_tile, online_softmax_step, pow2
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _find_sequence(query_start_ptr, tile_id, num_seqs, token_base, BLOCK_M: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The last sequence whose first tile index is <= tile_id."""
+    lo = tile_id * 0
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first_tile = (tl.load(query_start_ptr + mid).to(tl.int32) - token_base) // BLOCK_M + mid
+        lo = tl.where(first_tile <= tile_id, mid, lo)
+        hi = tl.where(first_tile <= tile_id, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _prefill_kernel(  # type: ignore[no-untyped-def]
+    q_ptr,
+    cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_ptr,
+    scale_log2,
+    num_seqs,
+    token_base,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,  # cache strides: K to V, block, token, head
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_bt,
+    QUERY_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile_id = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = _find_sequence(query_start_ptr, tile_id, num_seqs, token_base, BLOCK_M)
+    q_begin = tl.load(query_start_ptr + seq).to(tl.int32)
+    q_len = tl.load(query_start_ptr + seq + 1).to(tl.int32) - q_begin
+    m_start = (tile_id - (q_begin - token_base) // BLOCK_M - seq) * BLOCK_M
+    if m_start >= q_len:
+        return
+    ctx_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    prefix = ctx_len - q_len
+
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < q_len
+    q_pos = prefix + rows  # [BLOCK_M] position of each query in its sequence
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    io_mask = row_valid[:, None] & dim_mask[None, :]
+    tokens = (q_begin + rows).to(tl.int64)
+    q = tl.load(
+        q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=io_mask, other=0.0
+    )
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_offset = (head // QUERY_GROUP) * stride_ch
+    v_cache_ptr = cache_ptr + stride_kv
+    full_end = (prefix + m_start) // BLOCK_N * BLOCK_N  # keys before this every row of the tile sees
+    for tile_start in range(0, full_end, BLOCK_N):
+        pos = tile_start + tl.arange(0, BLOCK_N)
+        valid = pos < full_end
+        k = load_kv_tile(
+            cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
+        )
+        v = load_kv_tile(
+            v_cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
+        )
+        acc, m_i, l_i = online_softmax_step(q, k, v, valid[None, :], acc, m_i, l_i, scale_log2, DOT_PRECISION)
+    causal_end = tl.minimum(prefix + m_start + BLOCK_M, ctx_len)
+    for tile_start in range(full_end, causal_end, BLOCK_N):
+        pos = tile_start + tl.arange(0, BLOCK_N)
+        valid = pos < causal_end
+        k = load_kv_tile(
+            cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
+        )
+        v = load_kv_tile(
+            v_cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
+        )
+        visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        acc, m_i, l_i = online_softmax_step(q, k, v, visible, acc, m_i, l_i, scale_log2, DOT_PRECISION)
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_ptrs = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def tile_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if dtype == torch.float32:
+        return 32, 32, 4, 2
+    if head_dim > 128:
+        return 64, 32, 4, 2
+    return 64, 64, 4, 2
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [T, num_heads, D]: all of the step's tokens
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, D]
+    block_tables: torch.Tensor,  # [P, max_blocks]: the prefill sequences' rows
+    seq_lens: torch.Tensor,  # [P]
+    query_start_loc: torch.Tensor,  # [P + 1]: offsets into q's tokens (absolute)
+    out: torch.Tensor,  # [T, num_heads, D]; the prefill rows are written
+    scale: float,
+    token_base: int,  # query_start_loc[0]: the first prefill token
+    num_tokens: int,  # query_start_loc[P] - token_base (an upper bound is fine)
+) -> None:
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or num_tokens == 0:
+        return
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_m, block_n, num_warps, num_stages = tile_config(q.dtype, head_dim)
+    grid = (num_tokens // block_m + num_seqs, num_heads)
+    _prefill_kernel[grid](
+        q,
+        kv_cache,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale * LOG2E,
+        num_seqs,
+        token_base,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        QUERY_GROUP=num_heads // kv_cache.shape[3],
+        HEAD_DIM=head_dim,
+        BLOCK_D=pow2(head_dim),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_SIZE=kv_cache.shape[2],
+        DOT_PRECISION=dot_precision(q.dtype == torch.float32),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )

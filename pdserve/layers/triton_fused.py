@@ -1,0 +1,155 @@
+"""Fused elementwise kernels for the CUDA hot path: residual-add + RMSNorm, RMSNorm, and SiLU(gate) * up.
+
+Each kernel reads its inputs once and writes its outputs once, and rounds where the torch code in
+norm.py / activation.py rounds (fp32 math; the sum, the normalized value and the SiLU rounded to the
+input dtype), so CUDA results match the torch ones up to the order of a row's sum.
+
+`rms_norm`, `add_rms_norm` and `silu_and_mul` are the dispatch: Triton for CUDA tensors when triton is
+installed, the torch code otherwise. norm.py and activation.py import this module only for CUDA
+tensors, so a CPU process never imports triton (and TRITON_INTERPRET, read when the kernels are
+defined, can still be set first by a test).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from pdserve.layers.activation import silu_and_mul_torch
+from pdserve.layers.norm import rms_norm_torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+MAX_NORM_COLS = 65536  # one row per program, loaded whole
+SILU_BLOCK = 1024
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rms_norm_kernel(  # type: ignore[no-untyped-def]
+        x_ptr,
+        res_ptr,
+        w_ptr,
+        out_ptr,
+        res_out_ptr,
+        stride_x,
+        stride_r,
+        stride_o,
+        stride_ro,
+        n_cols,
+        eps,
+        BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+        x32 = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
+        normed = (x32 * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, cols] with a contiguous last dim (a view when the strides allow it)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _launch_rms_norm(
+    x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2, r2: [rows, n]. Returns (normed, x2 + r2); without r2 the second is the first, unwritten twice."""
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
+    res_out = torch.empty_like(x2) if r2 is not None else out
+    if x2.shape[0]:
+        block = int(triton.next_power_of_2(x2.shape[1]))
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2,
+            r2 if r2 is not None else x2,
+            weight,
+            out,
+            res_out,
+            x2.stride(0),
+            r2.stride(0) if r2 is not None else 0,
+            out.stride(0),
+            res_out.stride(0),
+            x2.shape[1],
+            eps,
+            BLOCK=block,
+            HAS_RESIDUAL=r2 is not None,
+            num_warps=_norm_warps(block),
+        )
+    return out, res_out
+
+
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _launch_rms_norm(_rows(x), None, weight, eps)[0].view(x.shape)
+
+
+def triton_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual) in one pass."""
+    out, new_residual = _launch_rms_norm(_rows(x), _rows(residual), weight, eps)
+    return out.view(x.shape), new_residual.view(x.shape)
+
+
+def triton_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] -> [..., I]: SiLU of the first half times the second half."""
+    x2 = _rows(gate_up)
+    inter = x2.shape[1] // 2
+    out = torch.empty((x2.shape[0], inter), dtype=gate_up.dtype, device=gate_up.device)
+    if x2.shape[0]:
+        grid = (x2.shape[0], triton.cdiv(inter, SILU_BLOCK))
+        _silu_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4)
+    return out.view(*gate_up.shape[:-1], inter)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return HAS_TRITON and x.is_cuda
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _use_triton(x) and x.shape[-1] <= MAX_NORM_COLS:
+        return triton_rms_norm(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual)."""
+    fusable = x.shape == residual.shape and x.dtype == residual.dtype and x.shape[-1] <= MAX_NORM_COLS
+    if _use_triton(x) and fusable:
+        return triton_add_rms_norm(x, residual, weight, eps)
+    residual = x + residual
+    return rms_norm_torch(residual, weight, eps), residual
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if _use_triton(gate_up) and gate_up.shape[-1] % 2 == 0:
+        return triton_silu_and_mul(gate_up)
+    return silu_and_mul_torch(gate_up)

@@ -1,0 +1,388 @@
+"""KV transports end to end: 1P1D greedy output equals colocated whichever way the KV travels, the KV
+really moved (byte counters, and a decode engine that never ran a prompt), the path picked is the one
+asked for, and every pool is free afterwards.
+
+CPU: tcp, nccl (on Gloo, with transfers cut into several chunks) and auto (which picks tcp on CPU),
+through `LLM(prefill=1, decode=1)`; nccl also with the prefill engine in another process. Leases: the
+decode side never frees blocks a direct writer may still write into before a fence or the lease's
+end. GPU (marked `gpu`): prefill on cuda:0, decode on cuda:1 (cuda:0 with one GPU), a random-weight
+float32 model, tcp / nccl / cuda_ipc / auto in one process, and cuda_ipc / nccl / auto across two
+processes (an IPC handle cannot be opened in the process that made it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pdserve import LLM, SamplingParams
+from pdserve.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig
+from pdserve.disagg import connector as conn
+from pdserve.disagg import protocol as p
+from pdserve.disagg.transport import nccl
+from pdserve.disagg.transport.base import KVTransport
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import Request
+
+ROOT = Path(__file__).resolve().parents[2]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
+NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+needs_gpu = pytest.mark.skipif(NUM_GPUS == 0, reason="needs a CUDA GPU")
+needs_two_gpus = pytest.mark.skipif(NUM_GPUS < 2, reason="NCCL needs two GPUs (one rank each)")
+
+
+def _path(engine: Engine, peer: Engine) -> str:
+    assert engine.connector is not None and peer.connector is not None
+    return engine.connector.transport.path_to(peer.connector.address)
+
+
+def _assert_kv_moved(prefill: Engine, decode: Engine, prompts: list[list[int]]) -> None:
+    assert decode.connector is not None and prefill.connector is not None
+    assert decode.num_prefill_tokens == 0, "the decode engine ran a prompt"
+    assert prefill.num_prefill_tokens == sum(len(x) for x in prompts)
+    assert decode.connector.bytes_received == prefill.connector.bytes_sent > 0
+
+
+# ---- CPU: the offline API with each transport ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_prompts(prompt_ids) -> list[list[int]]:
+    return prompt_ids[:6]
+
+
+@pytest.fixture(scope="module")
+def colocated(model_dir, cpu_prompts) -> list[list[int]]:
+    llm = LLM(model_dir, num_blocks=256)
+    try:
+        return [c.token_ids for c in llm.generate_ids(cpu_prompts, GREEDY)]
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize(("kind", "path"), [("tcp", "bytes"), ("nccl", "nccl"), ("auto", "tcp")])
+def test_cpu_transport_equals_colocated(model_dir, cpu_prompts, colocated, kind, path, monkeypatch):
+    monkeypatch.setattr(nccl, "CHUNK_BYTES", 3 * 737_280)  # SmolLM2 f32 blocks: 3 to a chunk
+    llm = LLM(model_dir, num_blocks=256, prefill=1, decode=1, kv_transport=kind)
+    try:
+        assert [c.token_ids for c in llm.generate_ids(cpu_prompts, GREEDY)] == colocated
+        prefill, decode = llm.prefill_engines[0], llm.engines[0]
+        _assert_kv_moved(prefill, decode, cpu_prompts)
+        assert _path(decode, prefill) == path and _path(prefill, decode) == path
+        assert llm.check_pool_free()
+    finally:
+        llm.close()
+
+
+def test_explicit_kinds_without_a_common_path_are_refused(model_dir):
+    prefill = _engine(model_dir, "prefill", "cpu", "cuda_ipc")  # a CPU pool offers no IPC handle
+    decode = _engine(model_dir, "decode", "cpu", "cuda_ipc")
+    try:
+        assert prefill.connector is not None
+        addr = prefill.connector.address
+        decode.add_request("r", [1, 2, 3, 4, 5], GREEDY, {"prefill_kv_addr": addr})
+        last = _drive([decode], [prefill], ["r"])["r"]
+        assert last.finish_reason == "error" and "no KV path in common" in (last.error or "")
+        assert decode.check_pool_free() and prefill.check_pool_free()
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_cpu_nccl_prefill_in_another_process(model_dir, cpu_prompts, colocated):
+    with _prefill_process(model_dir, "cpu", "nccl", "float32") as addr:
+        decode = _engine(model_dir, "decode", "cpu", "nccl")
+        try:
+            assert _generate(decode, [], addr, cpu_prompts) == colocated
+            assert decode.connector is not None and decode.connector.bytes_received > 0
+            assert decode.connector.transport.path_to(addr) == "nccl"
+            assert decode.num_prefill_tokens == 0 and decode.check_pool_free()
+        finally:
+            decode.close()
+
+
+# ---- leases: no byte of a direct writer lands in blocks that someone else owns ---------------------
+
+
+class _FakeDirect(KVTransport):
+    """A transport whose peers write into our pool themselves (like cuda_ipc); records what we send."""
+
+    def __init__(self, gone: bool = False) -> None:
+        self.address = "fake://decode"
+        self.sent: list[p.Message] = []
+        self.gone = gone
+
+    def start(self, on_message: Any, payload_target: Any = None, payload_done: Any = None) -> None:
+        pass
+
+    def send(self, peer: str, msg: p.Message, payload: Any | None = None) -> None:
+        self.sent.append(msg)
+
+    def forget_peer(self, peer: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def writes_into_pool(self, peer: str) -> bool:
+        return True
+
+    def peer_gone(self, peer: str) -> bool:
+        return self.gone
+
+
+def _decode_connector(transport: KVTransport, timeout: float = 120.0) -> conn.KVConnector:
+    pool = torch.zeros(2, 2, 8, 4, 1, 2)  # [layers, 2, blocks, block_size, heads, dim]
+    return conn.KVConnector(transport, pool, {}, "m", transfer_timeout=timeout, peer_timeout=60.0)
+
+
+def _reserved(c: conn.KVConnector, blocks: list[int]) -> Request:
+    request = Request("r", [1, 2, 3], SamplingParams(), kv_transfer={"prefill_kv_addr": "fake://prefill"})
+    request.block_ids = blocks
+    c.start_receive(request)
+    return request
+
+
+def _releases(c: conn.KVConnector) -> list[str]:
+    c.next_heartbeat = 0.0
+    return [e.request_id for e in c.poll() if isinstance(e, conn.ReleaseBlocks)]
+
+
+@pytest.mark.parametrize("fence", ["failed", "written"])
+def test_aborted_direct_transfer_holds_blocks_until_the_writer_fences(fence):
+    transport = _FakeDirect()
+    c = _decode_connector(transport)
+    request = _reserved(c, [2, 3])
+    tid = request.kv_transfer["transfer_id"]
+    assert c.request_finished(request), "blocks freed while the prefill may still write into them"
+    assert any(isinstance(m, p.Abort) for m in transport.sent)
+    assert _releases(c) == []
+    nbytes = 2 * c.block_bytes
+    msg = p.Failed("fake://prefill", tid, "aborted") if fence == "failed" else None
+    msg = msg or p.KVData("fake://prefill", tid, [2, 3], nbytes, written=True)
+    c._on_message(msg, None)
+    assert _releases(c) == ["r"]
+    assert not c.leases
+
+
+def test_failed_direct_transfer_holds_blocks_until_the_lease_expires(monkeypatch):
+    monkeypatch.setattr(conn, "DIRECT_WRITE_GRACE", 0.3)
+    c = _decode_connector(_FakeDirect(), timeout=0.2)
+    request = _reserved(c, [5])
+    time.sleep(0.25)
+    c.next_heartbeat = 0.0
+    events = c.poll()
+    assert any(isinstance(e, conn.TransferFailed) for e in events)
+    assert c.request_finished(request), "a timed-out direct transfer freed its blocks at once"
+    assert _releases(c) == []
+    time.sleep(0.3)
+    assert _releases(c) == ["r"]
+
+
+def test_direct_writer_whose_process_is_gone_releases_at_once():
+    c = _decode_connector(_FakeDirect(gone=True))
+    request = _reserved(c, [1])
+    assert c.request_finished(request)
+    assert _releases(c) == ["r"]
+
+
+def test_completed_direct_transfer_is_ready_and_leaves_no_lease():
+    c = _decode_connector(_FakeDirect())
+    request = _reserved(c, [4])
+    tid = request.kv_transfer["transfer_id"]
+    c._on_message(p.Done("fake://prefill", tid, 7), None)
+    assert not [e for e in c.poll() if isinstance(e, conn.KVReady)], "ready before the write finished"
+    c._on_message(p.KVData("fake://prefill", tid, [4], c.block_bytes, written=True), None)
+    ready = [e for e in c.poll() if isinstance(e, conn.KVReady)]
+    assert ready and ready[0].result.token_id == 7
+    assert not c.leases and not c.request_finished(request)
+
+
+def test_prefill_writes_nothing_after_the_decode_deadline():
+    transport = _FakeDirect()
+    c = _decode_connector(transport)
+    c._on_message(p.Reserve("fake://decode2", "t1", [1, 2], {}, [0], timeout=0.05), None)
+    time.sleep(0.1)
+    request = Request("kv-t1", [1, 2], SamplingParams())
+    request.kv_transfer = {"transfer_id": "t1", "decode_addr": "fake://decode2", "block_ids": [0]}
+    request.block_ids = [6]
+    from pdserve.layers.sampler import SampleResult
+
+    c.send_kv(request, SampleResult(3, None))
+    assert not any(isinstance(m, p.KVData) for m in transport.sent)
+    assert any(isinstance(m, p.Failed) and m.transfer_id == "t1" for m in transport.sent)
+    assert not c.request_finished(request)
+
+
+# ---- driving engines by hand (different devices, other processes) ---------------------------------
+
+
+def _engine(model_dir: str, role: str, device: str, kind: str, dtype: str = "float32") -> Engine:
+    return Engine(
+        EngineConfig(
+            model=ModelConfig(path=model_dir, device=device, dtype=dtype),
+            cache=CacheConfig(block_size=16, num_blocks=256),
+            disagg=DisaggConfig(role=role, kv_transport=kind),
+        )
+    )
+
+
+def _drive(decodes: list[Engine], prefills: list[Engine], ids: list[str], deadline: float = 120.0) -> dict:
+    last: dict[str, Any] = {}
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    end = time.monotonic() + deadline
+    while len(last) < len(ids):
+        assert time.monotonic() < end, "requests did not finish in time"
+        for e in prefills:
+            e.step()
+        outs = [o for e in decodes for o in e.step()]
+        for o in outs:
+            tokens[o.request_id].extend(o.new_token_ids)
+            if o.finished:
+                last[o.request_id] = o
+        if not outs:
+            time.sleep(0.002)
+    for rid, o in last.items():
+        o.new_token_ids = tokens[rid]
+    return last
+
+
+def _generate(decode: Engine, prefills: list[Engine], addr: str, prompts: list[list[int]]) -> list[list[int]]:
+    ids = [f"q{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        decode.add_request(rid, prompt, GREEDY, {"prefill_kv_addr": addr})
+    done = _drive([decode], prefills, ids)
+    assert all(done[i].error is None for i in ids), [done[i].error for i in ids]
+    return [done[i].new_token_ids for i in ids]
+
+
+def serve_prefill(model_dir: str, device: str, kind: str, dtype: str) -> None:
+    """A prefill engine in this process (a child of a test): prints its KV address, then steps until
+    its stdin closes."""
+    engine = _engine(model_dir, "prefill", device, kind, dtype)
+    assert engine.connector is not None
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    print(engine.connector.address, flush=True)
+    while not stop.is_set():
+        engine.step()
+        if engine.idle:
+            time.sleep(0.001)
+    engine.close()
+
+
+@contextlib.contextmanager
+def _prefill_process(model_dir: str, device: str, kind: str, dtype: str) -> Iterator[str]:
+    code = (
+        "from tests.engine.test_disagg_transports import serve_prefill as s; s(*__import__('sys').argv[1:])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, model_dir, device, kind, dtype],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        addr = proc.stdout.readline().strip()
+        assert addr.startswith("tcp://"), f"prefill process did not start (rc={proc.poll()})"
+        yield addr
+    finally:
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A random-weight Llama (float32 weights) and a tokenizer trained on the spot."""
+    from .tiny_models import save_tiny_model
+
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def gpu_prompts() -> list[list[int]]:
+    return [[(7 * i + 3 * j) % 500 + 2 for j in range(5 + 9 * i)] for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def gpu_colocated(tiny_model, gpu_prompts) -> list[list[int]]:
+    llm = LLM(tiny_model, device="cuda:0", dtype="float32", num_blocks=256)
+    try:
+        return [c.token_ids for c in llm.generate_ids(gpu_prompts, GREEDY)]
+    finally:
+        llm.close()
+
+
+DECODE_GPU = "cuda:1" if NUM_GPUS >= 2 else "cuda:0"
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        ("tcp", "bytes"),
+        pytest.param("nccl", "nccl", marks=needs_two_gpus),
+        ("cuda_ipc", "cuda_ipc"),
+        ("auto", "cuda_ipc"),
+    ],
+)
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_one_process(tiny_model, gpu_prompts, gpu_colocated, kind, path):
+    prefill = _engine(tiny_model, "prefill", "cuda:0", kind)
+    decode = _engine(tiny_model, "decode", DECODE_GPU, kind)
+    try:
+        assert prefill.connector is not None
+        got = _generate(decode, [prefill], prefill.connector.address, gpu_prompts)
+        assert got == gpu_colocated
+        _assert_kv_moved(prefill, decode, gpu_prompts)
+        assert _path(decode, prefill) == path
+        assert decode.check_pool_free() and prefill.check_pool_free()
+    finally:
+        prefill.close()
+        decode.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        ("cuda_ipc", "cuda_ipc"),
+        pytest.param("nccl", "nccl", marks=needs_two_gpus),
+        ("auto", "cuda_ipc"),
+    ],
+)
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_two_processes(tiny_model, gpu_prompts, gpu_colocated, kind, path):
+    with _prefill_process(tiny_model, "cuda:0", kind, "float32") as addr:
+        decode = _engine(tiny_model, "decode", DECODE_GPU, kind)
+        try:
+            assert _generate(decode, [], addr, gpu_prompts) == gpu_colocated
+            assert decode.connector is not None
+            assert decode.connector.bytes_received == sum(
+                -(-len(x) // 16) * decode.connector.block_bytes for x in gpu_prompts
+            )
+            assert decode.connector.transport.path_to(addr) == path
+            assert decode.num_prefill_tokens == 0 and decode.check_pool_free()
+        finally:
+            decode.close()

@@ -1,0 +1,48 @@
+"""Small random-weight models of each architecture, with a tokenizer trained on the spot, saved as an
+ordinary Hugging Face directory: what the GPU, transport and tensor-parallel tests run without a
+checkpoint or a download."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Prefill is compute-bound; decode is bound by memory bandwidth.",
+    "def add(a, b):\n    return a + b\n",
+    "Paged attention keeps the KV cache in fixed-size blocks.",
+] * 8
+BASE = dict(
+    vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def train_tokenizer(path: str) -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def save_tiny_model(path: str, model_type: str = "llama", **overrides: Any) -> str:
+    """Write a float32 random-weight model of `model_type` (BASE shape, then `overrides`) into `path`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = train_tokenizer(path)
+    cfg = AutoConfig.for_model(model_type, **{**BASE, "eos_token_id": tok.eos_token_id, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init, so greedy paths differ per prompt
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    return path

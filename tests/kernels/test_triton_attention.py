@@ -1,0 +1,294 @@
+"""The Triton attention backend against the torch reference, on fresh random paged batches.
+
+On CUDA every case runs on the GPU (the large ones are marked gpu). Without CUDA, the small cases run
+on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set here before the kernels are
+defined); bf16 is GPU-only there, since triton 3.6's interpreter multiplies bf16 bit patterns as
+integers in tl.dot. Everything that needs triton is skipped when it is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined: before importing them
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+from pdserve.layers.attention.backend import get_backend_class  # noqa: E402
+from pdserve.layers.attention.metadata import AttentionMetadata  # noqa: E402
+from pdserve.layers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+
+if HAS_TRITON:
+    from pdserve.layers.attention import triton_decode  # noqa: E402
+    from pdserve.layers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+def _fix_interpreter() -> None:
+    """triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4 refuses (triton#9171)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "pdserve_fixed", False):
+        return
+
+    def patched(tensor: object, scope: object) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))  # type: ignore[attr-defined]
+
+    patched.pdserve_fixed = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_ready() -> None:
+    if HAS_TRITON and not CUDA:
+        if type(triton_decode._decode_split_kernel).__name__ != "InterpretedFunction":
+            pytest.skip("triton kernels were defined before TRITON_INTERPRET=1 was set")
+        _fix_interpreter()
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor  # [T, H, D]
+    k: torch.Tensor  # [T, H_kv, D]
+    v: torch.Tensor
+    kv_cache: torch.Tensor  # [2, num_blocks, block_size, H_kv, D]
+    meta: AttentionMetadata
+
+
+def make_batch(
+    seqs: list[tuple[int, int]],  # (context length after this step, new tokens), decodes (n=1) first
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int,
+) -> Batch:
+    """Random q/k/v and a random cache; each sequence's blocks are a random, scattered set."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-ctx // block_size) for ctx, _ in seqs]
+    num_blocks = sum(need) + 3
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    tables, slots, starts = [], [], [0]
+    for (ctx, n), nb in zip(seqs, need, strict=True):
+        blocks, pool = pool[:nb], pool[nb:]
+        tables.append(blocks + [0] * (max(need) - nb))
+        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(ctx - n, ctx))
+        starts.append(starts[-1] + n)
+    num_tokens = starts[-1]
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+
+    ctx_lens = [ctx for ctx, _ in seqs]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=DEVICE),
+        block_tables=torch.tensor(tables, dtype=torch.long, device=DEVICE),
+        seq_lens=torch.tensor(ctx_lens, dtype=torch.long, device=DEVICE),
+        query_start_loc=starts,
+        context_lens=ctx_lens,
+        num_decodes=next((i for i, (_, n) in enumerate(seqs) if n != 1), len(seqs)),
+        block_size=block_size,
+    )
+    qkv = randn(num_tokens, heads + 2 * kv_heads, head_dim)  # k and v as strided views, like the model's
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+    return Batch(q.contiguous(), k, v, randn(2, num_blocks, block_size, kv_heads, head_dim), meta)
+
+
+def reference(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend on fp32 copies: (output, cache after the write)."""
+    cache = batch.kv_cache.float()
+    heads, kv_heads, dim = batch.q.shape[1], batch.k.shape[1], batch.q.shape[2]
+    backend = TorchAttentionBackend(heads, kv_heads, dim, dim**-0.5)
+    out = backend.forward(batch.q.float(), batch.k.float(), batch.v.float(), cache, batch.meta)
+    return out, cache
+
+
+def run_triton(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    cache = batch.kv_cache.clone()
+    heads, kv_heads, dim = batch.q.shape[1], batch.k.shape[1], batch.q.shape[2]
+    backend = TritonAttentionBackend(heads, kv_heads, dim, dim**-0.5)
+    return backend.forward(batch.q, batch.k, batch.v, cache, batch.meta), cache
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert not out.isnan().any(), "NaN in the output"
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def check(
+    seqs: list[tuple[int, int]], heads: int, kv_heads: int, dim: int, bs: int, dtype: torch.dtype
+) -> None:
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("the triton 3.6 interpreter's tl.dot is wrong for bf16")
+    batch = make_batch(
+        seqs, heads, kv_heads, dim, bs, dtype, seed=hash((tuple(seqs), heads, dim, bs)) % 2**31
+    )
+    ref_out, ref_cache = reference(batch)
+    out, cache = run_triton(batch)
+    assert torch.equal(cache.float(), ref_cache), "the cache write differs"
+    assert_close(out, ref_out, dtype)
+
+
+def random_seqs(rng: random.Random, decodes: int, prefills: int, max_ctx: int) -> list[tuple[int, int]]:
+    seqs = [(rng.randint(1, max_ctx), 1) for _ in range(decodes)]
+    for i in range(prefills):
+        ctx = rng.randint(2, max_ctx)
+        seqs.append((ctx, ctx if i % 3 == 0 else rng.randint(2, ctx)))  # every third has no cached prefix
+    return seqs
+
+
+# ---- small cases: on the GPU, or on CPU under the interpreter ----------------------------------------
+
+SMALL = [
+    # (seqs, heads, kv_heads, head_dim, block_size)
+    ([(1, 1), (17, 1), (40, 1)], 4, 4, 64, 16),  # decodes only, MHA
+    ([(33, 33)], 8, 2, 64, 16),  # one prompt, no prefix
+    ([(70, 20)], 4, 1, 64, 16),  # a chunk over a cached prefix, all heads on one kv head
+    ([(5, 1), (29, 1), (50, 50), (61, 13)], 7, 1, 64, 16),  # mixed decodes and prefills, GQA 7
+    ([(90, 1), (3, 1), (100, 35)], 8, 2, 128, 32),  # head_dim 128, block 32
+    ([(130, 1), (64, 64), (129, 2)], 4, 2, 64, 64),  # block 64, a two-token chunk
+    ([(20, 1), (45, 12)], 4, 2, 64, 8),  # a block smaller than a tile
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", SMALL, ids=[f"small{i}" for i in range(len(SMALL))])
+def test_small(case: tuple, dtype: torch.dtype) -> None:
+    check(*case, dtype)
+
+
+RANDOM_SMALL = [
+    # (decodes, prefills, max_ctx, heads, kv_heads, head_dim, block_size)
+    (6, 2, 150, 8, 1, 64, 16),
+    (3, 3, 300, 4, 4, 64, 16),
+    (0, 4, 150, 7, 1, 128, 16),
+    (9, 1, 260, 8, 2, 64, 32),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", RANDOM_SMALL, ids=[f"random{i}" for i in range(len(RANDOM_SMALL))])
+def test_random_small(case: tuple, dtype: torch.dtype) -> None:
+    decodes, prefills, max_ctx, heads, kv_heads, dim, bs = case
+    seqs = random_seqs(random.Random(hash(case)), decodes, prefills, max_ctx)
+    check(seqs, heads, kv_heads, dim, bs, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 2, 4, 16])
+def test_decode_splits_agree(splits: int) -> None:
+    """Any number of partitions, empty ones included, gives the same output."""
+    batch = make_batch([(200, 1), (7, 1), (65, 1)], 8, 2, 64, 16, torch.float32, seed=splits)
+    ref_out, _ = reference(batch)
+    cache = batch.kv_cache.clone()
+    TorchAttentionBackend(8, 2, 64, 0.125).forward(batch.q, batch.k, batch.v, cache, batch.meta)  # writes K/V
+    out = torch.full_like(batch.q, float("nan"))
+    triton_decode.paged_decode(
+        batch.q, cache, batch.meta.block_tables, batch.meta.seq_lens, out, 0.125, splits
+    )
+    assert_close(out, ref_out, torch.float32)
+
+
+@needs_triton
+def test_padded_decode_batch_writes_zeros_and_nothing_else() -> None:
+    """CUDA-graph padding: seq_len 0 gives a zero row; slot -1 writes nothing."""
+    batch = make_batch([(37, 1), (12, 1)], 4, 2, 64, 16, torch.float32, seed=7)
+    ref_out, ref_cache = reference(batch)
+    meta = batch.meta
+    pad = 2
+    padded = AttentionMetadata(
+        slot_mapping=torch.cat([meta.slot_mapping, torch.full((pad,), -1, device=DEVICE)]),
+        block_tables=torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables[:pad])]),
+        seq_lens=torch.cat([meta.seq_lens, torch.zeros(pad, dtype=torch.long, device=DEVICE)]),
+        query_start_loc=[0, 1, 2, 3, 4],
+        context_lens=[*meta.context_lens, 0, 0],
+        num_decodes=4,
+        block_size=16,
+    )
+
+    def extend(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, torch.randn_like(x[:pad])])
+
+    cache = batch.kv_cache.clone()
+    out = TritonAttentionBackend(4, 2, 64, 0.125).forward(
+        extend(batch.q), extend(batch.k), extend(batch.v), cache, padded
+    )
+    assert torch.equal(cache, ref_cache)
+    assert_close(out[:2], ref_out, torch.float32)
+    assert torch.equal(out[2:], torch.zeros_like(out[2:]))
+
+
+# ---- large cases: GPU only -----------------------------------------------------------------------
+
+LARGE = [
+    # (decodes, prefills, max_ctx, heads, kv_heads, head_dim, block_size)
+    (1, 0, 4000, 28, 4, 128, 16),  # batch 1, long context: many splits
+    (64, 0, 4000, 32, 8, 128, 16),
+    (32, 0, 1500, 8, 8, 64, 16),  # MHA
+    (16, 3, 3000, 28, 4, 128, 16),  # mixed, GQA 7
+    (0, 5, 4000, 40, 8, 128, 16),  # prefills over prefixes, GQA 5
+    (8, 4, 2500, 32, 4, 64, 32),  # GQA 8, block 32
+    (24, 2, 4000, 16, 2, 128, 128),  # block 128
+    (5, 5, 1000, 14, 2, 64, 64),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=gpu) for c in LARGE], ids=[f"large{i}" for i in range(len(LARGE))]
+)
+def test_large(case: tuple, dtype: torch.dtype) -> None:
+    decodes, prefills, max_ctx, heads, kv_heads, dim, bs = case
+    seqs = random_seqs(random.Random(hash(case)), decodes, prefills, max_ctx)
+    check(seqs, heads, kv_heads, dim, bs, dtype)
+
+
+# ---- backend choice ------------------------------------------------------------------------------
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PDSERVE_ATTENTION_BACKEND", raising=False)
+    assert get_backend_class(torch.device("cpu")) is TorchAttentionBackend
+    expected_cuda = "TritonAttentionBackend" if HAS_TRITON else "TorchAttentionBackend"
+    assert get_backend_class(torch.device("cuda")).__name__ == expected_cuda
+    monkeypatch.setenv("PDSERVE_ATTENTION_BACKEND", "torch")
+    assert get_backend_class(torch.device("cuda")) is TorchAttentionBackend
+    monkeypatch.setenv("PDSERVE_ATTENTION_BACKEND", "flash")
+    with pytest.raises(ValueError):
+        get_backend_class(torch.device("cuda"))
+
+
+def test_import_without_triton() -> None:
+    """The backend module imports on a machine without triton, and CUDA then falls back to torch."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from pdserve.layers.attention import triton_backend\n"
+        "from pdserve.layers.attention.backend import get_backend_class\n"
+        "assert not triton_backend.TRITON_AVAILABLE\n"
+        "assert get_backend_class(torch.device('cuda')).__name__ == 'TorchAttentionBackend'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PDSERVE_ATTENTION_BACKEND"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

@@ -1,0 +1,113 @@
+"""The fused Triton RMSNorm / residual-add + RMSNorm / SiLU·mul kernels against the torch code.
+
+On CUDA the cases run on the GPU (the large ones are marked gpu); without CUDA the small ones run on CPU
+tensors under Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are defined). bf16 is
+GPU-only: triton 3.6's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined: before importing them
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+from pdserve.layers import triton_fused  # noqa: E402
+from pdserve.layers.activation import silu_and_mul, silu_and_mul_torch  # noqa: E402
+from pdserve.layers.norm import RMSNorm, rms_norm_torch  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+BF16 = pytest.param(
+    torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="the interpreter truncates to bf16"), id="bf16"
+)
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
+EPS = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_ready() -> None:
+    if HAS_TRITON and not CUDA and type(triton_fused._rms_norm_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("triton kernels were defined before TRITON_INTERPRET=1 was set")
+
+
+def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale).to(dtype=dtype, device=DEVICE)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal up to two roundings of the output dtype: the row sum's order and rsqrt differ slightly, and
+    the normalized value is rounded before the weight multiplies it, as in torch."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert not out.isnan().any()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[out.dtype]
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+SMALL_ROWS = [(1, 64), (7, 96), (33, 896), (5, 3000)]
+LARGE_ROWS = [pytest.param(s, marks=gpu) for s in [(1, 3584), (300, 3584), (2048, 5120), (4097, 8192)]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SMALL_ROWS + LARGE_ROWS, ids=str)
+def test_add_rms_norm(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    x, residual = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype, scale=3.0)
+    weight = randn(shape[1], dtype=dtype)
+    out, new_residual = triton_fused.triton_add_rms_norm(x, residual, weight, EPS)
+    ref_residual = x + residual
+    assert torch.equal(new_residual, ref_residual), "the residual sum must round exactly like torch"
+    assert_close(out, rms_norm_torch(ref_residual, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SMALL_ROWS + LARGE_ROWS, ids=str)
+def test_rms_norm(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    x, weight = randn(*shape, dtype=dtype, scale=2.0), randn(shape[1], dtype=dtype)
+    assert_close(triton_fused.triton_rms_norm(x, weight, EPS), rms_norm_torch(x, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_per_head_on_a_strided_view(dtype: torch.dtype) -> None:
+    """Qwen3's q_norm: [T, heads, head_dim] sliced out of the fused qkv projection."""
+    qkv = randn(9, 6 * 64, dtype=dtype)
+    q = qkv[:, : 4 * 64].view(9, 4, 64)
+    weight = randn(64, dtype=dtype)
+    assert_close(triton_fused.triton_rms_norm(q, weight, EPS), rms_norm_torch(q, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+def test_rms_norm_fp32_weight_promotes(dtype: torch.dtype) -> None:
+    x, weight = randn(4, 128, dtype=dtype), randn(128, dtype=torch.float32)
+    assert_close(triton_fused.triton_rms_norm(x, weight, EPS), rms_norm_torch(x, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 128), (7, 2 * 1000), (40, 2 * 2048)] + [pytest.param(s, marks=gpu) for s in [(512, 2 * 18944)]],
+)
+def test_silu_and_mul(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    gate_up = randn(*shape, dtype=dtype, scale=3.0)
+    assert_close(triton_fused.triton_silu_and_mul(gate_up), silu_and_mul_torch(gate_up))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [0, 3])
+def test_layers_dispatch(rows: int, dtype: torch.dtype) -> None:
+    """RMSNorm and silu_and_mul give the torch results on any device (Triton on CUDA, torch on CPU)."""
+    norm = RMSNorm(256, EPS).to(device=DEVICE, dtype=dtype)
+    torch.nn.init.normal_(norm.weight)
+    x, residual = randn(rows, 256, dtype=dtype), randn(rows, 256, dtype=dtype)
+    assert_close(norm(x), rms_norm_torch(x, norm.weight, EPS))
+    out, new_residual = norm.forward_residual(x, residual)
+    assert torch.equal(new_residual, x + residual)
+    assert_close(out, rms_norm_torch(x + residual, norm.weight, EPS))
+    gate_up = randn(rows, 512, dtype=dtype)
+    assert_close(silu_and_mul(gate_up), silu_and_mul_torch(gate_up))
