@@ -71,6 +71,7 @@ def run_layout(layout: str, args: argparse.Namespace, extra: list[str]) -> Path:
         args.load_format,
         *(["--gpus", args.gpus] if args.gpus else []),
     ]
+    up += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     up += extra
     print(f"== {name}: {' '.join(up)}", flush=True)
     proc = subprocess.Popen(up, start_new_session=True)
@@ -81,6 +82,7 @@ def run_layout(layout: str, args: argparse.Namespace, extra: list[str]) -> Path:
         bench += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos"]
         bench += ["--num-prompts", str(args.num_prompts), "--rates", args.rates, "--slo", args.slo]
         bench += ["--min-attainment", str(args.min_attainment), "--output", str(result), "--disable-tqdm"]
+        bench += ["--tokenizer", args.tokenizer] if args.tokenizer else []
         subprocess.run(bench, check=True)
         return result
     finally:
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-32b")
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--gpus", default=None)
+    ap.add_argument("--tokenizer", default=None, help="for instances and prompts (dummy shapes have none)")
     ap.add_argument("--layouts", default="colocated:2,pd:1:1")
     ap.add_argument("--rates", default="0.5,1,2,4")
     ap.add_argument("--num-prompts", type=int, default=64)

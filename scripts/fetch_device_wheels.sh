@@ -10,4 +10,8 @@ PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
 for pkg in pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection gguf; do
   $PIP $PLAT "$pkg" || $PIP "$pkg"
 done
-ls -la .whl
+# the default model's tokenizer (3.5 MB): dummy-weight shapes on the GPU machines use it (--tokenizer)
+mkdir -p .whl/tokenizer
+model_dir=$(.venv/bin/pdserve prepare --log-level warning 2>/dev/null | tail -1)
+cp "$model_dir"/tokenizer.json "$model_dir"/tokenizer_config.json "$model_dir"/chat_template.jinja .whl/tokenizer/
+ls -la .whl .whl/tokenizer

@@ -101,9 +101,14 @@ def convert_gguf(gguf_path: Path, name: str) -> Path:
 def tokenizer_path(model: ModelConfig) -> str:
     """The tokenizer's directory: --tokenizer, else the model's, else (shapes without one) the default's."""
     if model.tokenizer:
-        return resolve_model(model.tokenizer)
+        given = Path(model.tokenizer).expanduser()
+        return str(given) if _has_tokenizer(given) else resolve_model(model.tokenizer)
     path = Path(model.path)
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if _has_tokenizer(path):
         return str(path)
     logger.warning("%s has no tokenizer; using the default model's", path)
     return resolve_model(None)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

@@ -62,3 +62,16 @@ def test_dummy_weights_serve_without_checkpoint_or_tokenizer(tiny_qwen_shape: st
 def test_missing_weights_without_dummy_is_an_error(tiny_qwen_shape: str) -> None:
     with pytest.raises(FileNotFoundError, match="safetensors"):
         LLM(tiny_qwen_shape, num_blocks=16)
+
+
+def test_tokenizer_directory_without_a_model(tiny_qwen_shape: str, tmp_path: Path) -> None:
+    """--tokenizer may name a folder of tokenizer files alone (what the GPU machines get carried)."""
+    import shutil
+
+    default = Path(resolve_model(None))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default / name, tmp_path / name)
+    llm = LLM(tiny_qwen_shape, load_format="dummy", tokenizer=str(tmp_path), num_blocks=16)
+    assert llm.tokenizer.encode("Hello") == LLM(
+        tiny_qwen_shape, load_format="dummy", num_blocks=16
+    ).tokenizer.encode("Hello")

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues need, in few device calls (each under 10 minutes), results in
+# $OUT (the device tool brings that folder back). Run from the repository root on a lent machine with
+# `.whl` carried (scripts/fetch_device_wheels.sh):
+#
+#   bash scripts/gpu_session.sh tests      # any 1-2 GPU machine: make test-gpu (kernels, engine, transports, TP)
+#   bash scripts/gpu_session.sh engine     # one H200: decode/prefill steps vs bandwidth and matmul bounds
+#   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
+#   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS
+#        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
+#             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=/dev/null
+source scripts/device_env.sh
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpus.csv" 2>&1
+
+case "${1:-tests}" in
+tests)
+  timeout 540 make test-gpu GPU_PYTHON=python3 >"$OUT/test_gpu.log" 2>&1
+  echo "rc=$?" >>"$OUT/test_gpu.log"
+  tail -30 "$OUT/test_gpu.log"
+  ;;
+engine)
+  timeout 560 python3 benchmarks/gpu_engine.py --shapes qwen2.5-7b,qwen2.5-32b \
+    --output "$OUT/gpu_engine.json" >"$OUT/gpu_engine.log" 2>&1
+  echo "rc=$?" >>"$OUT/gpu_engine.log"
+  tail -30 "$OUT/gpu_engine.log"
+  ;;
+transfer)
+  timeout 300 python3 benchmarks/kv_transfer_gpu.py --output "$OUT/kv_transfer_gpu.json" \
+    >"$OUT/kv_transfer_gpu.log" 2>&1
+  echo "rc=$?" >>"$OUT/kv_transfer_gpu.log"
+  tail -20 "$OUT/kv_transfer_gpu.log"
+  ;;
+compare)
+  model=${2:-qwen2.5-32b} layouts=${3:-colocated:2,pd:1:1} gpus=${4:-0,1} rates=${5:-1,2,4,8}
+  prompts=${6:-64}
+  timeout 570 python3 benchmarks/pd_vs_colocated.py --model "$model" --layouts "$layouts" --gpus "$gpus" \
+    --rates "$rates" --num-prompts "$prompts" --tokenizer .whl/tokenizer --out-dir "$OUT/$model" >"$OUT/compare.log" 2>&1
+  echo "rc=$?" >>"$OUT/compare.log"
+  tail -40 "$OUT/compare.log"
+  ;;
+*)
+  echo "unknown phase $1" >&2
+  exit 2
+  ;;
+esac
