@@ -3,8 +3,8 @@ instance's KV pool, GPU to GPU over the copy engine (NVLink/PCIe peer copies), w
 
     decode: export the pool once (a CUDA IPC handle, JSON-safe)  ──Handshake.kv_offer──▶ prefill
     prefill: open it once per peer (mapped into its own GPU's address space, peer access enabled)
-    per transfer, on a side stream:  remote[l, kv, d:d+n].copy_(local[l, kv, s:s+n])
-             for each layer, K and V, and run of blocks contiguous on both sides
+    per transfer, on a side stream:  remote[:, :, d:d+n].copy_(local[:, :, s:s+n])
+             for each run of blocks contiguous on both sides (all layers, K and V: one strided copy)
     then an event: once it completes, KVData(written=True) tells the decode side the write is done.
 
 An IPC handle cannot be opened by the process that exported it, so peers in one process (the offline
@@ -110,9 +110,9 @@ def write_blocks_direct(remote: torch.Tensor, blocks: KVBlocks, dst: list[int]) 
         stream.wait_event(blocks.ready)
     with torch.cuda.stream(stream):
         for s, d, n in paired_runs(blocks.block_ids, dst):
-            for layer in range(local.shape[0]):
-                for kv in (0, 1):
-                    remote[layer, kv, d : d + n].copy_(local[layer, kv, s : s + n], non_blocking=True)
+            # one strided copy per run of blocks, every layer and K/V at once (was one per layer and K/V:
+            # 128 launches for a 64-layer model, the link idle between them)
+            remote[:, :, d : d + n].copy_(local[:, :, s : s + n], non_blocking=True)
         done = torch.cuda.Event()
         done.record(stream)
     return done
