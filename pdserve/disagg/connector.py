@@ -9,23 +9,17 @@ picks how the bytes travel (transport/base.py).
     decode: add(kv_transfer) -> WAITING -> blocks reserved -> WAITING_FOR_KV -> KV + Done -> RUNNING
     prefill: Reserve -> a local request -> prompt computed, first token sampled -> KVData + Done -> freed
 
-Threads: transport callbacks (`_on_message`) write KV bytes into reserved blocks and queue events; the
-engine thread drains them in `poll`.
+Threads: transport callbacks (`_on_message`) write KV bytes into reserved blocks and queue events
+(events.py); the engine thread drains them in `poll`.
 
-Leases keep blocks from reuse while someone other than the engine may touch them. A request that ends
-while its transfer holds a lease keeps its blocks (`request_finished` returns True) until the lease
-ends (a ReleaseBlocks event), so late bytes can never land in blocks that belong to someone else:
+Leases (leases.py) keep blocks from reuse while someone other than the engine may touch them: a request
+that ends while its transfer holds one keeps its blocks (`request_finished` returns True) until the
+lease ends (a ReleaseBlocks event). A "direct" lease expires DIRECT_WRITE_GRACE after the transfer's
+deadline; the prefill side never starts a write later than Reserve.timeout after the Reserve, so the
+grace only has to cover a stall between that check and the copies being queued on its GPU. Handshake
+and liveness bookkeeping per peer is peers.py.
 
-    reason    side     held from                       until
-    reading   prefill  send_kv                          the transport no longer reads the blocks
-    writing   decode   received bytes start landing     they all landed (or the stream broke)
-    direct    decode   start_receive, while the peer    a fence from the peer: KVData(written) (the
-                       may write into our pool itself   write is complete) or Failed (it will write
-                       (cuda_ipc; assumed until the     nothing); or the peer's process is gone; or
-                       handshake says otherwise)        the lease expires: Reserve.timeout +
-                                                        DIRECT_WRITE_GRACE after the reservation
-The prefill side never starts a write later than Reserve.timeout after the Reserve, so the grace only
-has to cover a stall between that check and the copies being queued on its GPU.
+Lock order: the connector's `lock`, then the lease registry's or the peer table's own.
 """
 
 from __future__ import annotations
@@ -43,6 +37,9 @@ from typing import Any
 import torch
 
 from pdserve.disagg import protocol as p
+from pdserve.disagg.events import AbortPrefill, Event, KVReady, NewPrefill, ReleaseBlocks, TransferFailed
+from pdserve.disagg.leases import LeaseRegistry
+from pdserve.disagg.peers import PeerTable
 from pdserve.disagg.transport.base import KVTransport
 from pdserve.disagg.transport.blocks import KVBlocks, pinned_bytes, write_blocks
 from pdserve.engine.request import Logprob, Request
@@ -53,42 +50,17 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 1.0
 DIRECT_WRITE_GRACE = 30.0  # seconds past a transfer's deadline before unfenced blocks are freed anyway
 
-
-@dataclass
-class NewPrefill:
-    transfer_id: str
-    decode_addr: str
-    prompt_token_ids: list[int]
-    params: dict[str, Any]
-    block_ids: list[int]
-
-
-@dataclass
-class KVReady:
-    request_id: str
-    result: SampleResult
-    num_cached_tokens: int
-
-
-@dataclass
-class TransferFailed:
-    request_id: str
-    reason: str
-
-
-@dataclass
-class AbortPrefill:
-    request_id: str
-
-
-@dataclass
-class ReleaseBlocks:
-    """A finished request's blocks were in use by a transfer when it ended; now they may be freed."""
-
-    request_id: str
-
-
-Event = NewPrefill | KVReady | TransferFailed | AbortPrefill | ReleaseBlocks
+__all__ = [
+    "AbortPrefill",
+    "Event",
+    "Incoming",
+    "KVConnector",
+    "KVReady",
+    "NewPrefill",
+    "Outgoing",
+    "ReleaseBlocks",
+    "TransferFailed",
+]
 
 
 @dataclass
@@ -114,17 +86,6 @@ class Outgoing:
     write_by: float = math.inf  # the decode side stops waiting then: write nothing after it
 
 
-@dataclass
-class Lease:
-    """Someone other than the engine may touch a transfer's blocks (see the module docstring)."""
-
-    request_id: str
-    peer: str
-    reasons: set[str] = field(default_factory=set)
-    expires: float = math.inf  # when a "direct" lease ends by itself
-    finished: bool = False  # the request has ended: its blocks wait for this lease to end
-
-
 class KVConnector:
     def __init__(
         self,
@@ -145,13 +106,10 @@ class KVConnector:
         self.lock = threading.Lock()
         self.incoming: dict[str, Incoming] = {}
         self.outgoing: dict[str, Outgoing] = {}
-        self.leases: dict[str, Lease] = {}
+        self.leases = LeaseRegistry(self._blocks_released)
+        self.peers = PeerTable(peer_timeout)
         self.staging: dict[str, torch.Tensor] = {}  # decode, GPU pool: pinned buffers bytes land in
         self.sent: dict[str, float] = {}  # transfers whose KV left recently: not "unknown" to a ping
-        self.peer_ok: dict[str, str] = {}  # peer -> "" when the handshake passed, else the reason
-        self.handshake_sent: dict[str, float] = {}  # peer -> when we last asked (one at a time)
-        self.last_seen: dict[str, float] = {}
-        self.unanswered_since: dict[str, float] = {}  # peer -> when the oldest unanswered ping went out
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.wake: Callable[[], None] = lambda: None
         self.next_heartbeat = 0.0
@@ -190,18 +148,13 @@ class KVConnector:
         inc = Incoming(request.request_id, peer, blocks, len(blocks) * self.block_bytes)
         with self.lock:
             self.incoming[transfer_id] = inc
-            asked = inc.started - self.handshake_sent.get(peer, -math.inf) < self.peer_timeout
-            needs_handshake = self.peer_ok.get(peer) != "" and not asked
-            if needs_handshake:
-                self.handshake_sent[peer] = inc.started
-            self.last_seen.setdefault(peer, inc.started)
+            needs_handshake = self.peers.should_handshake(peer, inc.started)
         if needs_handshake or self.transport.needs_handshake(peer):
             offer = self.transport.offer(peer)
             self.transport.send(peer, p.Handshake(self.address, self.model_name, self.layout, offer))
         if self.transport.writes_into_pool(peer):
-            with self.lock:
-                expires = inc.started + self.transfer_timeout + DIRECT_WRITE_GRACE
-                self._lease(transfer_id, request.request_id, peer, "direct", expires)
+            expires = inc.started + self.transfer_timeout + DIRECT_WRITE_GRACE
+            self.leases.hold(transfer_id, request.request_id, peer, "direct", expires)
         params = asdict(request.params)
         reserve = p.Reserve(
             self.address, transfer_id, request.prompt_token_ids, params, blocks, self.transfer_timeout
@@ -217,12 +170,10 @@ class KVConnector:
         with self.lock:
             incoming = self.incoming.pop(transfer_id, None)
             self.outgoing.pop(transfer_id, None)
-            lease = self.leases.get(transfer_id)
-            if lease is not None:
-                lease.finished = True
+            leased = self.leases.finish(transfer_id)
         if incoming is not None:  # decode gave up first: tell prefill to stop
             self.transport.send(incoming.peer, p.Abort(self.address, transfer_id))
-        return lease is not None
+        return leased
 
     # ---- prefill side -------------------------------------------------------------------------------
     def send_kv(self, request: Request, result: SampleResult) -> None:
@@ -238,12 +189,12 @@ class KVConnector:
             late = time.monotonic() > out.write_by
             if not late:
                 self.sent[transfer_id] = time.monotonic()
-                self._lease(transfer_id, request.request_id, peer, "reading")
+                self.leases.hold(transfer_id, request.request_id, peer, "reading")
         if late:  # the decode side has given up on it: write nothing into its blocks any more
             self.transport.send(peer, p.Failed(self.address, transfer_id, "prefill finished too late"))
             return
         src = request.block_ids[: len(dst)]
-        blocks = KVBlocks.of(self.kv_cache, src, lambda: self._unlease(transfer_id, "reading"))
+        blocks = KVBlocks.of(self.kv_cache, src, lambda: self.leases.release(transfer_id, "reading"))
         logprob = asdict(result.logprob) if result.logprob is not None else None
         done = p.Done(self.address, transfer_id, result.token_id, logprob, request.num_cached_tokens)
         self.transport.send(peer, p.KVData(self.address, transfer_id, dst, blocks.nbytes), blocks)
@@ -255,31 +206,10 @@ class KVConnector:
             self.outgoing.pop(transfer_id, None)
         self.transport.send(peer, p.Failed(self.address, transfer_id, reason))
 
-    # ---- leases (call _lease with `lock` held) -------------------------------------------------------
-    def _lease(self, tid: str, request_id: str, peer: str, reason: str, expires: float = math.inf) -> None:
-        lease = self.leases.setdefault(tid, Lease(request_id, peer))
-        lease.reasons.add(reason)
-        if reason == "direct":
-            lease.expires = expires
-
-    def _unlease(self, tid: str, reason: str) -> None:
-        with self.lock:
-            lease = self.leases.get(tid)
-            if lease is None or reason not in lease.reasons:
-                return
-            lease.reasons.discard(reason)
-            if lease.reasons:
-                return
-            del self.leases[tid]
-        if lease.finished:
-            self.events.put(ReleaseBlocks(lease.request_id))
-            self.wake()
-
-    def _unlease_peer(self, peer: str, reason: str) -> None:
-        with self.lock:
-            tids = [t for t, lease in self.leases.items() if lease.peer == peer]
-        for tid in tids:
-            self._unlease(tid, reason)
+    def _blocks_released(self, request_id: str) -> None:
+        """The lease of a finished request ended (LeaseRegistry's callback)."""
+        self.events.put(ReleaseBlocks(request_id))
+        self.wake()
 
     # ---- the engine thread's poll -------------------------------------------------------------------
     def poll(self) -> list[Event]:
@@ -301,11 +231,9 @@ class KVConnector:
             self.sent = {t: ts for t, ts in self.sent.items() if now - ts < self.transfer_timeout}
             incoming = list(self.incoming.items())
             outgoing = list(self.outgoing.items())
-            seen = dict(self.last_seen)
-            silent = {peer: now - t for peer, t in self.unanswered_since.items()}
-        self._check_incoming(now, incoming, silent)
-        self._check_outgoing(now, outgoing, seen)
-        self._check_leases(now)
+        self._check_incoming(now, incoming, self.peers.silences(now))
+        self._check_outgoing(now, outgoing, self.peers.last_seen())
+        self.leases.expire(now, self.transport.peer_gone)  # direct writers gone, or long past deadline
 
     def _check_incoming(
         self, now: float, incoming: list[tuple[str, Incoming]], silent: dict[str, float]
@@ -320,8 +248,7 @@ class KVConnector:
             else:
                 by_peer.setdefault(inc.peer, []).append(tid)
         for peer, tids in by_peer.items():
-            with self.lock:
-                self.unanswered_since.setdefault(peer, now)
+            self.peers.pinged(peer, now)
             self.transport.send(peer, p.Heartbeat(self.address, tids))
 
     def _check_outgoing(
@@ -338,18 +265,6 @@ class KVConnector:
                 self.events.put(AbortPrefill(out.request_id))
                 self.transport.send(out.peer, p.Failed(self.address, tid, "dropped by the prefill instance"))
 
-    def _check_leases(self, now: float) -> None:
-        """Decode side: a direct writer whose process has gone, or whose deadline has long passed,
-        writes nothing more."""
-        with self.lock:
-            direct = [(t, lease) for t, lease in self.leases.items() if "direct" in lease.reasons]
-        for tid, lease in direct:
-            if now > lease.expires:
-                logger.warning("transfer %s: no word from %s, its blocks are freed anyway", tid, lease.peer)
-                self._unlease(tid, "direct")
-            elif self.transport.peer_gone(lease.peer):
-                self._unlease(tid, "direct")
-
     def _fail(self, transfer_id: str, reason: str) -> None:
         with self.lock:
             inc = self.incoming.pop(transfer_id, None)
@@ -361,9 +276,7 @@ class KVConnector:
 
     # ---- transport callbacks (I/O threads) ----------------------------------------------------------
     def _on_message(self, msg: p.Message, payload: memoryview | torch.Tensor | None) -> None:
-        with self.lock:
-            self.last_seen[msg.sender] = time.monotonic()
-            self.unanswered_since.pop(msg.sender, None)
+        self.peers.heard_from(msg.sender, time.monotonic())
         handler = getattr(self, f"_on_{type(msg).__name__}", None)
         if handler is not None:
             handler(msg, payload)
@@ -380,26 +293,25 @@ class KVConnector:
                 path = self.transport.accept(msg.sender, msg.kv_offer)
             except ValueError as e:
                 reason = str(e)
-        with self.lock:
-            self.peer_ok[msg.sender] = reason
+        self.peers.judge(msg.sender, reason)
         self.transport.send(msg.sender, p.HandshakeAck(self.address, not reason, reason, path))
 
     def _on_HandshakeAck(self, msg: p.HandshakeAck, _: object) -> None:  # noqa: N802
         if msg.ok:
             self.transport.accepted(msg.sender, msg.kv_path)
+        self.peers.judge(msg.sender, "" if msg.ok else msg.reason)
         with self.lock:
-            self.peer_ok[msg.sender] = "" if msg.ok else msg.reason
             doomed = [t for t, inc in self.incoming.items() if inc.peer == msg.sender] if not msg.ok else []
         if not self.transport.writes_into_pool(msg.sender):  # refused, or a path that sends bytes
-            self._unlease_peer(msg.sender, "direct")
+            self.leases.release_peer(msg.sender, "direct")
         for tid in doomed:
             self._fail(tid, f"prefill instance {msg.sender} refused the handshake: {msg.reason}")
 
     def _on_Reserve(self, msg: p.Reserve, _: object) -> None:  # noqa: N802
         now = time.monotonic()
         write_by = now + msg.timeout if msg.timeout > 0 else math.inf
+        refused = self.peers.refusal(msg.sender)
         with self.lock:
-            refused = self.peer_ok.get(msg.sender)
             if not refused:
                 self.outgoing[msg.transfer_id] = Outgoing(f"kv-{msg.transfer_id}", msg.sender, now, write_by)
         if refused:
@@ -418,11 +330,10 @@ class KVConnector:
         tid = msg.transfer_id
         with self.lock:
             inc = self.incoming.get(tid)
-            lease = self.leases.get(tid)
-            busy = lease is not None and "writing" in lease.reasons
-            if inc is None or msg.block_ids != inc.block_ids or inc.received or busy:
+            if inc is None or msg.block_ids != inc.block_ids or inc.received:
                 return None
-            self._lease(tid, inc.request_id, inc.peer, "writing")
+            if not self.leases.try_hold(tid, inc.request_id, inc.peer, "writing"):
+                return None  # another payload of this transfer is landing
         if self.pool_bytes is None:
             self.staging[tid] = pinned_bytes(msg.nbytes)
             return [self.staging[tid].numpy().data]
@@ -445,7 +356,7 @@ class KVConnector:
             inc = self.incoming.get(tid)
         if ok and inc is not None and staging is not None:
             write_blocks(self.kv_cache, msg.block_ids, staging)  # the "writing" lease keeps them ours
-        self._unlease(tid, "writing")
+        self.leases.release(tid, "writing")
         if inc is not None and not ok:
             self._fail(tid, f"KV data from {inc.peer} broke off")
         elif ok:
@@ -454,7 +365,7 @@ class KVConnector:
     def _on_KVData(self, msg: p.KVData, payload: memoryview | torch.Tensor | None) -> None:  # noqa: N802
         if msg.written:  # the fence of a direct write: it is complete, nothing more will land
             self._received(msg)
-            self._unlease(msg.transfer_id, "direct")
+            self.leases.release(msg.transfer_id, "direct")
             return
         with self.lock:  # held while writing: the blocks cannot be freed under us
             inc = self.incoming.get(msg.transfer_id)
@@ -496,8 +407,7 @@ class KVConnector:
         self._ready(msg.transfer_id, inc, msg)
 
     def _ready(self, tid: str, inc: Incoming, msg: p.Done) -> None:
-        with self.lock:  # every byte is in: nobody writes into these blocks any more
-            self.leases.pop(tid, None)
+        self.leases.drop(tid)  # every byte is in: nobody writes into these blocks any more
         self.transfer_seconds.append(time.monotonic() - inc.started)
         lp = Logprob(**msg.logprob) if msg.logprob else None
         if lp is not None:
@@ -508,7 +418,7 @@ class KVConnector:
     def _on_Failed(self, msg: p.Failed, _: object) -> None:  # noqa: N802
         with self.lock:
             inc = self.incoming.pop(msg.transfer_id, None)
-        self._unlease(msg.transfer_id, "direct")  # the prefill writes nothing (more) of it
+        self.leases.release(msg.transfer_id, "direct")  # the prefill writes nothing (more) of it
         if inc is not None:
             self.events.put(TransferFailed(inc.request_id, msg.reason))
             self.wake()
@@ -530,12 +440,10 @@ class KVConnector:
 
     def _on_Pong(self, msg: p.Pong, _: object) -> None:  # noqa: N802
         if msg.unknown_transfer_ids:
-            with self.lock:
-                self.peer_ok.pop(msg.sender, None)  # a restarted peer: shake hands again
-                self.handshake_sent.pop(msg.sender, None)
+            self.peers.forget(msg.sender)  # a restarted peer: shake hands again
         for tid in msg.unknown_transfer_ids:
             self._fail(tid, f"prefill instance {msg.sender} lost the request (restarted?)")
-            self._unlease(tid, "direct")  # it has never heard of the transfer: it will not write
+            self.leases.release(tid, "direct")  # it has never heard of the transfer: it will not write
 
 
 def _nbytes(payload: memoryview | torch.Tensor) -> int:

@@ -13,6 +13,7 @@ of the KV heads, sends each step to the worker ranks before running it, and alon
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,13 @@ from pdserve.models.loader import build_model
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Make `device` the current CUDA device for a block: Triton launches on the current device, so a
+    runner on cuda:1 in a process whose current device is cuda:0 must switch (a no-op off CUDA)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,6 +89,10 @@ class ModelRunner:
             tp = self.driver.group
         self.tp = tp or TPGroup.single(torch.device(model_config.device))
         self.device = self.tp.device
+        with on_device(self.device):
+            self._build(model_config, cache_config, hf_config)
+
+    def _build(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any) -> None:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         torch.manual_seed(model_config.seed)
         backend = get_backend_class(self.device)
@@ -171,13 +183,14 @@ class ModelRunner:
             step = self._decode_inputs(chunks)
         else:
             step = self._step_inputs(chunks)
-        logits = self.driver.run(step, self.run_step) if self.driver else self.run_step(step)  # all ranks
-        rows = [i for i, c in enumerate(chunks) if c.samples]
-        if logits is None or not rows:
-            return []
-        if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
-            logits = logits[torch.tensor(rows, device=self.device)]
-        return sample(logits, [chunks[i].request for i in rows])
+        with on_device(self.device):
+            logits = self.driver.run(step, self.run_step) if self.driver else self.run_step(step)  # all ranks
+            rows = [i for i, c in enumerate(chunks) if c.samples]
+            if logits is None or not rows:
+                return []
+            if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
+                logits = logits[torch.tensor(rows, device=self.device)]
+            return sample(logits, [chunks[i].request for i in rows])
 
     @torch.inference_mode()
     def run_step(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:

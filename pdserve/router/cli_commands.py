@@ -3,7 +3,7 @@
     pdserve router --prefill URL [URL ...] --decode URL [URL ...]     disaggregated
     pdserve router --instance URL [URL ...]                           colocated ("both" instances)
 
-`python -m pdserve.router.cli_commands router|up ...` runs it without the main `pdserve` command.
+The parsers are added to the one `pdserve` command (pdserve/cli.py); `up` shares the routing options.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
-from collections.abc import Callable, Sequence
 
 from pdserve.cli_types import int_at_least
 from pdserve.router.policies import POLICIES
@@ -90,28 +88,3 @@ def run_router(args: argparse.Namespace) -> None:
         logger.error("%s", e)
         raise SystemExit(2) from None
     serve(config, args.log_level)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from pdserve.launcher import add_up_parser
-
-    parser = argparse.ArgumentParser(prog="pdserve", description="pdserve router and launcher")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_router_parser(sub)
-    add_up_parser(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    func: Callable[[argparse.Namespace], int | None] = args.func
-    return func(args) or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

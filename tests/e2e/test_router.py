@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,79 +37,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.models.prepare import resolve_model
+from tests.e2e.cluster import NUM_BLOCKS, READY_TIMEOUT_S, ROOT, Proc, free_port, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 240.0  # a cold start on two contended CPU cores
-NUM_BLOCKS = "256"
 CHAT = [{"role": "user", "content": "Name a color."}]
 
 
 # ---- processes -------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if check():
-                return True
-        time.sleep(interval)
-    return False
-
-
-@dataclass
-class Proc:
-    """A subprocess in its own process group, logging to a file."""
-
-    cmd: list[str]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Proc:
-        with self.log_path.open("ab") as log:
-            self.popen = subprocess.Popen(
-                self.cmd,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                start_new_session=True,
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, sig)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.popen is None:
-            return
-        self.signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout)
-        self.signal(signal.SIGKILL)
-        self.popen.wait(10)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        if self.popen is not None:
-            self.popen.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
 
 
 def healthy(url: str) -> bool:
@@ -149,11 +81,7 @@ class Instances:
 
     def wait_ready(self, i: int) -> None:
         proc = self.procs[i]
-        ok = wait_until(
-            lambda: proc.popen is not None and proc.popen.poll() is None and healthy(self.url(i)),
-            READY_TIMEOUT_S,
-            0.5,
-        )
+        ok = wait_until(lambda: proc.alive and healthy(self.url(i)), READY_TIMEOUT_S, 0.5)
         assert ok, f"instance {i} not healthy:\n{proc.log()}"
 
     def kill(self, i: int) -> None:
@@ -219,7 +147,7 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., Router]]:
 
     def start(*args: str, api_key: str | None = None, wait_healthy: bool = True) -> Router:
         port = free_port()
-        cmd = [sys.executable, "-m", "pdserve.router.cli_commands", "router", "--port", str(port)]
+        cmd = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(port)]
         cmd += ["--health-interval", "0.5", *args]
         if api_key:
             cmd += ["--api-key", api_key]
@@ -594,7 +522,7 @@ def launcher(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str]
     cmd = [
         sys.executable,
         "-m",
-        "pdserve.router.cli_commands",
+        "pdserve.cli",
         "up",
         "--port",
         str(port),

@@ -1,0 +1,184 @@
+"""From a validated OpenAI request to a Generation: checks, tokenization, output budget, SamplingParams.
+
+    body --pydantic (protocol.py)--> request --checks, tokenizer, budget--> SamplingParams --> Generation
+
+Value ranges are SamplingParams' to check; here go the checks it cannot make (unsupported fields, the
+context length, token ids against the vocabulary). Tokenization runs on the event loop, never on the
+engine thread. Every refusal is a typed error (InvalidRequestError, ModelNotFoundError), mapped to HTTP
+in errors.py. `kv_transfer_params` from the router rides along unchanged into the engine requests.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from pdserve.config import ServerConfig
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.sampling import SamplingParams
+from pdserve.errors import InvalidRequestError, ModelNotFoundError
+from pdserve.server import protocol as p
+from pdserve.server.errors import validation_error
+from pdserve.server.generation import Choice, Generation, Kind
+from pdserve.server.metrics import RequestTracker, ServerMetrics
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class RequestBuilder:
+    """Turns validated OpenAI requests into Generations ready for the engine."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+        self.served_model_name = config.served_model_name or engine.model_name
+        self.vocab_size = len(self.tokenizer)
+
+    # ---- parsing and validation ----
+
+    async def parse(self, raw: Request, model: type[R]) -> R:
+        body = await raw.body()
+        try:
+            request = model.model_validate_json(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        if getattr(request, "model", None) != self.served_model_name:
+            raise ModelNotFoundError(f"the model {getattr(request, 'model', None)!r} does not exist")
+        return request
+
+    def check_common(self, req: p.SamplingRequest) -> None:
+        if req.stream_options is not None and not req.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
+        if req.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported", "logit_bias")
+        if any(not 0 <= t < self.vocab_size for t in req.stop_token_ids or ()):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
+
+    # ---- tokenization ----
+
+    def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template that refuses these messages is the client's case
+            raise InvalidRequestError(f"the chat template rejected the messages: {e}", "messages") from None
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def completion_prompt(self, req: p.CompletionRequest) -> list[int]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        if prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise InvalidRequestError("exactly one prompt per request is supported", "prompt")
+            one = prompt[0]
+            return list(self.tokenizer.encode(one)) if isinstance(one, str) else self.check_ids(one)
+        return self.check_ids(prompt)  # type: ignore[arg-type]
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        return list(ids)
+
+    # ---- sampling parameters ----
+
+    def sampling_params(
+        self, req: p.SamplingRequest, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        top_k = req.top_k or 0
+        return SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if top_k >= self.vocab_size else top_k,  # at least the vocabulary: no filter
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens or 0,
+            stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=bool(req.ignore_eos),
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens is not False,
+        )
+
+    def max_tokens(
+        self, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str
+    ) -> int | None:
+        """The output budget: what was asked if it fits the context; None asked: the rest of the context."""
+        limit = self.engine.max_model_len
+        if prompt_len == 0:
+            raise InvalidRequestError("the prompt is empty", prompt_param)
+        if prompt_len >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_len} tokens; the model's context is {limit} tokens, "
+                "which leaves no room to generate",
+                prompt_param,
+            )
+        if max_tokens is None:
+            return limit - prompt_len
+        if max_tokens < 1:  # SamplingParams would say so too, but would name max_tokens
+            raise InvalidRequestError(f"{param} must be at least 1", param)
+        if prompt_len + max_tokens > limit:
+            raise InvalidRequestError(
+                f"the prompt ({prompt_len} tokens) plus {param} ({max_tokens}) exceeds the model's context "
+                f"of {limit} tokens",
+                param,
+            )
+        return max_tokens
+
+    # ---- building a generation ----
+
+    def chat_generation(self, req: p.ChatCompletionRequest) -> Generation:
+        self.check_common(req)
+        if req.tools:
+            raise InvalidRequestError("tools are not supported", "tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise InvalidRequestError("only response_format type 'text' is supported", "response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+        ids = self.chat_prompt(req)
+        use_completion_tokens = req.max_completion_tokens is not None
+        max_tokens = req.max_completion_tokens if use_completion_tokens else req.max_tokens
+        param = "max_completion_tokens" if use_completion_tokens else "max_tokens"
+        max_tokens = self.max_tokens(len(ids), max_tokens, param, "messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling_params(req, max_tokens, logprobs)
+        return self.generation("chat", f"chatcmpl-{uuid.uuid4().hex}", req, ids, params)
+
+    def completion_generation(self, req: p.CompletionRequest) -> Generation:
+        self.check_common(req)
+        if req.echo:
+            raise InvalidRequestError("echo is not supported", "echo")
+        if req.suffix is not None:
+            raise InvalidRequestError("suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise InvalidRequestError("best_of other than n is not supported", "best_of")
+        ids = self.completion_prompt(req)
+        max_tokens = self.max_tokens(len(ids), req.max_tokens, "max_tokens", "prompt")
+        params = self.sampling_params(req, max_tokens, req.logprobs)
+        return self.generation("completion", f"cmpl-{uuid.uuid4().hex}", req, ids, params)
+
+    def generation(
+        self, kind: Kind, request_id: str, req: p.SamplingRequest, ids: list[int], params: SamplingParams
+    ) -> Generation:
+        n = req.n or 1
+        choices = [Choice(i, RequestTracker(self.metrics)) for i in range(n)]
+        return Generation(
+            kind,
+            request_id,
+            self.served_model_name,
+            ids,
+            params,
+            n,
+            bool(req.stream),
+            req.include_usage,
+            choices,
+            req.kv_transfer_params,
+        )

@@ -1,0 +1,133 @@
+"""Running one Generation on the engine and answering with it: an SSE stream, or one collected answer.
+
+    streamed:     opening chunks, one or more chunks per engine output, [usage chunk], "data: [DONE]"
+    not streamed: every choice's outputs gathered, then Format.response as one JSON body
+
+An engine output that ends badly becomes a typed error: an error event inside the stream (headers are
+already sent), or an exception for errors.py to answer. However the answer ends (done, client gone,
+error), every engine request still running is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from pdserve.engine.async_engine import AsyncEngine, RequestStream
+from pdserve.engine.outputs import RequestOutput
+from pdserve.errors import EngineDeadError, PDServeError, PrefillFailedError
+from pdserve.server.errors import ClientDisconnectedError, error_body, kind_of
+from pdserve.server.generation import Generation
+from pdserve.server.responses import Format, TokenText, format_of
+
+_FINISHED_OK = ("stop", "length")
+
+
+class GenerationRunner:
+    """Adds a Generation's requests to the engine and turns their outputs into the HTTP answer."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.token_str = TokenText(engine.tokenizer)
+
+    async def run(self, gen: Generation, raw: Request) -> Response:
+        stream = await self.engine.add(gen.sub_requests())
+        fmt = format_of(gen, self.token_str)
+        if gen.stream:
+            return SSEResponse(self.sse(gen, stream, fmt), on_close=lambda: self._close(gen, stream))
+        await self.collect(gen, stream, raw)
+        return Response(fmt.response(gen).model_dump_json(), media_type="application/json")
+
+    async def collect(self, gen: Generation, stream: RequestStream, raw: Request) -> None:
+        """Gather every choice's outputs; abort if the client goes away before the answer is ready."""
+        task = asyncio.ensure_future(self._consume(gen, stream))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                if not task.done() and await raw.is_disconnected():
+                    raise ClientDisconnectedError("client disconnected")
+            task.result()
+        finally:
+            task.cancel()
+            self._close(gen, stream)
+
+    async def _consume(self, gen: Generation, stream: RequestStream) -> None:
+        async for out in stream:
+            if _ended_badly(out):
+                gen.choice_of(out).tracker.finish(out.finish_reason or "error")
+                raise self.failure(out)
+            gen.choice_of(out).add(out)
+
+    async def sse(self, gen: Generation, stream: RequestStream, fmt: Format) -> AsyncIterator[str]:
+        """The event stream; leaving it early (client gone: cancelled) aborts what is still running."""
+        try:
+            for chunk in fmt.opening(gen):
+                yield _sse(chunk, gen.include_usage)
+            async for out in stream:
+                if _ended_badly(out):
+                    gen.choice_of(out).tracker.finish(out.finish_reason or "error")
+                    yield _sse_json(_stream_error(self.failure(out)))
+                    break
+                choice = gen.choice_of(out)
+                choice.add(out)
+                for chunk in fmt.chunks(gen, choice, out):
+                    yield _sse(chunk, gen.include_usage)
+            else:
+                if gen.include_usage:
+                    yield _sse(fmt.usage_chunk(gen), True)
+            yield "data: [DONE]\n\n"
+        finally:
+            self._close(gen, stream)
+
+    def _close(self, gen: Generation, stream: RequestStream) -> None:
+        stream.abort()
+        for choice in gen.choices:
+            choice.tracker.finish("abort")  # no-op for choices that finished
+
+    def failure(self, out: RequestOutput) -> PDServeError | RuntimeError:
+        if self.engine.fatal_error is not None:
+            return EngineDeadError(f"the engine stopped: {self.engine.fatal_error}")
+        if out.finish_reason == "abort":
+            return EngineDeadError("the request was aborted: the server is shutting down")
+        if out.error and out.error.startswith("prefill_failed:"):
+            return PrefillFailedError(out.error.removeprefix("prefill_failed:").strip())
+        return RuntimeError(out.error or "the request failed in the engine")
+
+
+class SSEResponse(StreamingResponse):
+    """An event stream that runs `on_close` however it ends, even if its body never started."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _ended_badly(out: RequestOutput) -> bool:
+    return out.finished and out.finish_reason not in _FINISHED_OK
+
+
+def _sse(chunk: BaseModel, include_usage: bool) -> str:
+    exclude = None if include_usage else {"usage"}
+    return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+def _sse_json(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _stream_error(error: BaseException) -> dict[str, Any]:
+    kind = kind_of(error)
+    return error_body(str(error), kind)
