@@ -91,6 +91,28 @@ def bench_decode(runner: ModelRunner, batch: int, context: int) -> float:
     return timed(lambda: runner.execute(chunks), 20)
 
 
+def profile_decode(runner: ModelRunner, batch: int, context: int, out_path: str) -> None:
+    """Kernel time table of 10 decode steps (torch.profiler), appended to out_path: where a step's
+    time goes when it falls short of the bandwidth bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reqs = fake_requests(batch, context, runner.layout.block_size)
+    for r in reqs:
+        r.token_ids.append(7)
+        r.num_computed_tokens = context
+    chunks = [ScheduledChunk(r, 1) for r in reqs]
+    for _ in range(3):
+        runner.execute(chunks)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            runner.execute(chunks)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    with open(out_path, "a") as f:
+        f.write(f"== decode batch {batch}, context {context}, 10 steps ==\n{table}\n")
+
+
 def bench_prefill(runner: ModelRunner, prompt_len: int, budget: int) -> tuple[float, int]:
     n = max(1, budget // prompt_len)
     reqs = fake_requests(n, prompt_len, runner.layout.block_size)
@@ -140,6 +162,10 @@ def run_shape(shape: str, args: argparse.Namespace, ceil: dict[str, float]) -> d
             }
         )
         print(f"{shape} decode b={b}: {t * 1e3:.2f} ms (bound {bound * 1e3:.2f} ms, {bound / t:.0%})")
+        if args.profile:
+            profile_decode(runner, b, args.context, args.profile)
+    if args.no_prefill:
+        return out
     t, n = bench_prefill(runner, args.prompt_len, args.budget)
     tokens = n * args.prompt_len
     attn = 2 * facts["layers"] * facts["q_dim"] * args.prompt_len**2 * n  # causal: half of 4*L^2*d
@@ -170,6 +196,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8192, help="prefill token budget of one step")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--profile", default=None, help="append a kernel table of each decode batch here")
+    ap.add_argument("--no-prefill", action="store_true")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     ceil = ceilings()

@@ -111,14 +111,10 @@ class DecodeGraphs:
         host = self.host
         host[:, b:bucket] = 0
         host[2, b:bucket] = -1
-        host[0, :b] = torch.tensor(step.token_ids)
-        host[1, :b] = torch.tensor(step.positions)
-        host[2, :b] = torch.tensor(step.slots)
-        host[3, :b] = torch.tensor(step.seq_lens)
+        host[:4, :b] = torch.tensor([step.token_ids, step.positions, step.slots, step.seq_lens])
         width = max(len(t) for t in step.block_tables)
-        self.host_tables[:bucket].zero_()
-        for i, table in enumerate(step.block_tables):
-            self.host_tables[i, : len(table)] = torch.tensor(table)
+        self.host_tables[b:bucket, :width] = 0
+        self.host_tables[:b, :width] = torch.tensor([t + [0] * (width - len(t)) for t in step.block_tables])
         for dst, row in ((self.ids, 0), (self.pos, 1), (self.slots, 2), (self.seq_lens, 3)):
             dst[:bucket].copy_(host[row, :bucket], non_blocking=True)
         self.tables[:bucket, :width].copy_(self.host_tables[:bucket, :width], non_blocking=True)

@@ -28,6 +28,7 @@ from pdserve.distributed.sharding import model_head_shard
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.engine.warmup import warmup_steps
 from pdserve.layers.attention.backend import get_backend_class
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.sampler import SampleResult, sample
@@ -125,6 +126,9 @@ class ModelRunner:
         self.graphs = self._capture_graphs(hf_config) if use_graphs else None
         if self.driver is not None and self.graphs is not None:
             self.driver.keep_if_failed(self.graphs)  # a rank lost mid-collective: destroying them would block
+        if self.device.type == "cuda" and self.tp.rank == 0:
+            for step in warmup_steps(lay.block_size, self.num_blocks):  # every rank: through the driver
+                self.driver.run(step, self.run_step) if self.driver else self.run_step(step)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.num_blocks,

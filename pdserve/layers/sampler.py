@@ -67,15 +67,16 @@ def _sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     logits = logits / temps[:, None]
     logits = _top_k_top_p(logits, requests)
     probs = logits.softmax(dim=-1)
-    min_ps = torch.tensor([r.params.min_p for r in requests], device=logits.device)
-    if bool((min_ps > 0).any()):
+    if any(r.params.min_p > 0 for r in requests):  # decided on the host: no device sync
+        min_ps = torch.tensor([r.params.min_p for r in requests], device=logits.device)
         keep = probs >= min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = torch.where(keep, probs, torch.zeros_like(probs))
     # Gumbel-style race: argmax(p / E) with E ~ Exp(1) draws from p.
-    noise = torch.empty_like(probs)
+    # One draw for the unseeded rows; a seeded row draws from its own (CPU) generator.
+    noise = torch.rand_like(probs)
     for i, req in enumerate(requests):
-        u = torch.rand(probs.shape[1], generator=req.generator) if req.generator is not None else None
-        noise[i] = u.to(probs.device) if u is not None else torch.rand(probs.shape[1], device=probs.device)
+        if req.generator is not None:
+            noise[i] = torch.rand(probs.shape[1], generator=req.generator).to(probs.device)
     exp = -torch.log(noise.clamp_min(1e-20))
     return (probs / exp).argmax(dim=-1)
 

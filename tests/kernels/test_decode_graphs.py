@@ -111,3 +111,37 @@ def test_padded_bucket_equals_the_plain_step(runner: ModelRunner) -> None:
     slots = {r.block_ids[r.num_computed_tokens // bs] * bs + r.num_computed_tokens % bs for r in reqs}
     changed = {int(i) for i in written.flatten().nonzero().flatten()}
     assert changed <= slots  # the padding row wrote nothing
+
+
+def test_warmup_steps_run_and_leave_nothing_to_compile(runner: ModelRunner) -> None:
+    """The start-up steps are well formed (every row's logits come back), and on CUDA they leave no
+    Triton kernel to compile for the steps real requests make afterwards."""
+    from pdserve.engine.warmup import warmup_steps
+    from pdserve.layers.attention import triton_cache, triton_decode, triton_prefill
+
+    steps = warmup_steps(runner.layout.block_size, runner.num_blocks)
+    assert [s.num_decodes for s in steps] == [0, 1]
+    for step in steps:
+        logits = runner.run_step(step)
+        assert logits is not None and logits.shape == (len(step.logit_rows), CONFIG["vocab_size"])
+        assert bool(torch.isfinite(logits).all())
+    assert warmup_steps(16, 2) == []  # a pool too small for them: skipped
+    if not CUDA:
+        return
+    kernels = [
+        triton_prefill._prefill_kernel,
+        triton_decode._decode_split_kernel,
+        triton_decode._decode_reduce_kernel,
+        triton_cache._store_kv_kernel,
+    ]
+
+    def compiled() -> list[int]:
+        return [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels]  # (kernels, ...)
+
+    before = compiled()
+    reqs = _prefilled(runner, [3, 33, 70])  # several prompts, new lengths and block-table widths
+    more = Request("late", list(range(1, 50)), SamplingParams(max_tokens=4))
+    more.block_ids = list(range(20, 24))
+    more.num_computed_tokens = 16  # a prompt continuing after a cached block, beside decodes
+    runner.execute([ScheduledChunk(r, 1) for r in reqs] + [ScheduledChunk(more, 33)])
+    assert compiled() == before

@@ -29,7 +29,7 @@ MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 64  # a partition shorter than this costs more to merge than it saves
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt", "stride_pb", "stride_ph", "stride_ps"])
 def _decode_split_kernel(  # type: ignore[no-untyped-def]
     q_ptr,
     cache_ptr,
@@ -106,7 +106,7 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
         tl.store(part_lse_ptr + part // stride_ps, lse, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pb", "stride_ph", "stride_ps"])
 def _decode_reduce_kernel(  # type: ignore[no-untyped-def]
     part_out_ptr,
     part_lse_ptr,

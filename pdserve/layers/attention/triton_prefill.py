@@ -39,7 +39,8 @@ def _find_sequence(query_start_ptr, tile_id, num_seqs, token_base, BLOCK_M: tl.c
     return lo
 
 
-@triton.jit
+# Per-step integers are not specialized on (Triton would compile again when one turns 1 or a multiple of 16).
+@triton.jit(do_not_specialize=["num_seqs", "token_base", "stride_bt"])
 def _prefill_kernel(  # type: ignore[no-untyped-def]
     q_ptr,
     cache_ptr,
@@ -134,11 +135,11 @@ def tile_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
 
 
 def paged_prefill(
-    q: torch.Tensor,  # [T, num_heads, D]: all of the step's tokens
+    q: torch.Tensor,  # [T, num_heads, D]: all of the step"s tokens
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, D]
-    block_tables: torch.Tensor,  # [P, max_blocks]: the prefill sequences' rows
+    block_tables: torch.Tensor,  # [P, max_blocks]: the prefill sequences" rows
     seq_lens: torch.Tensor,  # [P]
-    query_start_loc: torch.Tensor,  # [P + 1]: offsets into q's tokens (absolute)
+    query_start_loc: torch.Tensor,  # [P + 1]: offsets into q"s tokens (absolute)
     out: torch.Tensor,  # [T, num_heads, D]; the prefill rows are written
     scale: float,
     token_base: int,  # query_start_loc[0]: the first prefill token
