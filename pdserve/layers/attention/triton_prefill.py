@@ -39,8 +39,12 @@ def _find_sequence(query_start_ptr, tile_id, num_seqs, token_base, BLOCK_M: tl.c
     return lo
 
 
-# Per-step integers are not specialized on (Triton would compile again when one turns 1 or a multiple of 16).
-@triton.jit(do_not_specialize=["num_seqs", "token_base", "stride_bt"])
+# Per-step integers, and the alignment of the tables sliced past the decode rows, are not specialized
+# on: Triton would compile again when an integer turns 1 or a multiple of 16, or a slice's address does.
+@triton.jit(
+    do_not_specialize=["num_seqs", "token_base", "stride_bt"],
+    do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "query_start_ptr"],
+)
 def _prefill_kernel(  # type: ignore[no-untyped-def]
     q_ptr,
     cache_ptr,
