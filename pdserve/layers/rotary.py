@@ -43,6 +43,11 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]
+        if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1:
+            from pdserve.layers import triton_rotary  # CUDA only: a CPU process never imports triton
+
+            if triton_rotary.HAS_TRITON:  # in place, one launch: q and k are this layer's own
+                return triton_rotary.triton_rotary(positions, q, k, self.cos, self.sin)
         cos, sin = self._tables(positions, q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
