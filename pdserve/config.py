@@ -37,6 +37,7 @@ class CacheConfig:
     num_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
     enable_prefix_caching: bool = True
+    share_pool: bool = False  # tensor parallel: workers hand their KV shards to rank 0 (disaggregated roles)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -100,10 +101,11 @@ class EngineConfig:
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
 
     def __post_init__(self) -> None:
-        if self.model.tensor_parallel_size > 1 and self.disagg.enabled:
+        sharded = self.model.tensor_parallel_size > 1 and self.disagg.enabled
+        if sharded and self.disagg.kv_transport == "cuda_ipc":
             raise ValueError(
-                f"tensor parallelism (tp {self.model.tensor_parallel_size}) runs only with role both for "
-                f"now; role {self.disagg.role} would move a sharded KV pool, which is not supported yet"
+                "--kv-transport cuda_ipc cannot move a tensor-parallel KV pool (it writes into one pool): "
+                "use auto, nccl or tcp"
             )
 
 

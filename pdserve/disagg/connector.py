@@ -42,6 +42,7 @@ from pdserve.disagg.leases import LeaseRegistry
 from pdserve.disagg.peers import PeerTable
 from pdserve.disagg.transport.base import KVTransport
 from pdserve.disagg.transport.blocks import KVBlocks, pinned_bytes, write_blocks
+from pdserve.disagg.transport.shards import ShardedPool
 from pdserve.engine.request import Logprob, Request
 from pdserve.layers.sampler import SampleResult
 
@@ -95,14 +96,18 @@ class KVConnector:
         model_name: str,
         transfer_timeout: float = 120.0,
         peer_timeout: float = 5.0,
+        shards: ShardedPool | None = None,  # tensor parallel: every rank's part of the pool
     ) -> None:
         self.transport = transport
         self.kv_cache = kv_cache
+        self.shards = shards
         self.layout = layout
         self.model_name = model_name
         self.transfer_timeout = transfer_timeout
         self.peer_timeout = peer_timeout
-        self.block_bytes = kv_cache[:, :, 0].numel() * kv_cache.element_size()
+        self.block_bytes = (
+            shards.block_bytes if shards is not None else kv_cache[:, :, 0].numel() * kv_cache.element_size()
+        )
         self.lock = threading.Lock()
         self.incoming: dict[str, Incoming] = {}
         self.outgoing: dict[str, Outgoing] = {}
@@ -116,9 +121,14 @@ class KVConnector:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.transfer_seconds: list[float] = []  # drained by metrics
-        # host pools take KV bytes straight from the socket; device pools through a pinned buffer
-        self.pool_bytes = kv_cache.view(torch.uint8).numpy() if kv_cache.device.type == "cpu" else None
-        transport.attach_pool(kv_cache)
+        # host pools take KV bytes straight from the socket; device (or sharded) pools through a buffer
+        host = kv_cache.device.type == "cpu" and shards is None
+        self.pool_bytes = kv_cache.view(torch.uint8).numpy() if host else None
+        try:
+            transport.attach_pool(kv_cache, sharded=shards is not None)
+        except BaseException:
+            transport.close()  # its sockets are bound: a transport never closed blocks at exit
+            raise
         transport.start(self._on_message, self._payload_target, self._payload_done)
 
     @property
@@ -194,7 +204,8 @@ class KVConnector:
             self.transport.send(peer, p.Failed(self.address, transfer_id, "prefill finished too late"))
             return
         src = request.block_ids[: len(dst)]
-        blocks = KVBlocks.of(self.kv_cache, src, lambda: self.leases.release(transfer_id, "reading"))
+        release = lambda: self.leases.release(transfer_id, "reading")  # noqa: E731
+        blocks = KVBlocks.of(self.kv_cache, src, release, self.shards)
         logprob = asdict(result.logprob) if result.logprob is not None else None
         done = p.Done(self.address, transfer_id, result.token_id, logprob, request.num_cached_tokens)
         self.transport.send(peer, p.KVData(self.address, transfer_id, dst, blocks.nbytes), blocks)
@@ -355,7 +366,7 @@ class KVConnector:
         with self.lock:
             inc = self.incoming.get(tid)
         if ok and inc is not None and staging is not None:
-            write_blocks(self.kv_cache, msg.block_ids, staging)  # the "writing" lease keeps them ours
+            write_blocks(self.kv_cache, msg.block_ids, staging, self.shards)  # the "writing" lease holds them
         self.leases.release(tid, "writing")
         if inc is not None and not ok:
             self._fail(tid, f"KV data from {inc.peer} broke off")
@@ -373,7 +384,7 @@ class KVConnector:
                 return
             if _nbytes(payload) != msg.nbytes:
                 return
-            write_blocks(self.kv_cache, msg.block_ids, payload)
+            write_blocks(self.kv_cache, msg.block_ids, payload, self.shards)
         self._received(msg)
 
     def _received(self, msg: p.KVData) -> None:

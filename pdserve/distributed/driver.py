@@ -71,10 +71,13 @@ class _Health:
 class TPDriver:
     """Rank 0's handle on the workers: launch them, run steps on all ranks, stop them."""
 
-    def __init__(self, group: TPGroup, procs: list[BaseProcess], conns: list[Connection]) -> None:
+    def __init__(
+        self, group: TPGroup, procs: list[BaseProcess], conns: list[Connection], backs: list[Connection]
+    ) -> None:
         self.group = group
         self.procs = procs
         self.conns = conns
+        self.backs = backs  # worker -> rank 0: what a worker hands over after building (its KV pool)
         self.health = _Health()
         threading.Thread(
             target=_monitor, args=(procs, self.health), name="pdserve-tp-monitor", daemon=True
@@ -109,16 +112,22 @@ class TPDriver:
         log_level = logging.getLogger("pdserve").getEffectiveLevel()
         procs: list[BaseProcess] = []
         conns: list[Connection] = []
+        backs: list[Connection] = []
         for rank in range(1, size):
             spec = WorkerSpec(
                 rank, size, store.port, parent, threads, log_level, model, cache, scheduler, hf_config
             )
             reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=run_worker, args=(spec, reader), name=f"pdserve-tp{rank}", daemon=True)
+            back_reader, back_writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(
+                target=run_worker, args=(spec, reader, back_writer), name=f"pdserve-tp{rank}", daemon=True
+            )
             proc.start()
             reader.close()
+            back_writer.close()
             procs.append(proc)
             conns.append(writer)
+            backs.append(back_reader)
         try:
             _wait_joining(store, procs)
             group = TPGroup.connect(store, 0, size, device)
@@ -126,7 +135,19 @@ class TPDriver:
             _stop(procs, conns, _Health(), None, False)
             raise
         logger.info("tensor parallel: %d ranks, workers %s", size, [p.pid for p in procs])
-        return cls(group, procs, conns)
+        return cls(group, procs, conns, backs)
+
+    def worker_pools(self, timeout: float = STARTUP_TIMEOUT_S) -> list[Any]:
+        """The pool handle each worker sends once it is built (CacheConfig.share_pool), rank order."""
+        handles = []
+        for rank, conn in enumerate(self.backs, start=1):
+            try:
+                if not conn.poll(timeout):
+                    raise WorkerDiedError(f"tensor-parallel rank {rank} sent no KV pool in {timeout:.0f}s")
+                handles.append(conn.recv())
+            except (EOFError, OSError) as e:
+                raise WorkerDiedError(f"tensor-parallel rank {rank} exited before sending its KV pool") from e
+        return handles
 
     def check(self) -> None:
         if self.health.failure is not None:

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 PARENT_POLL_S = 0.5
 
 
-def run_worker(spec: WorkerSpec, conn: Connection) -> None:
+def run_worker(spec: WorkerSpec, conn: Connection, back: Connection) -> None:
     """The process entry point (multiprocessing spawn target)."""
     threading.Thread(target=_exit_with_parent, args=(spec.parent_pid,), daemon=True).start()
     logging.basicConfig(
@@ -40,6 +40,10 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     store.set(f"joining/{spec.rank}", "1")
     group = TPGroup.connect(store, spec.rank, spec.size, device)
     runner = ModelRunner(spec.model, spec.cache, spec.hf_config, spec.scheduler, tp=group)
+    if spec.cache.share_pool:  # a disaggregated role: rank 0's connector moves this rank's KV too
+        from pdserve.distributed.shared_pool import pool_handle
+
+        back.send(pool_handle(runner.kv_cache))
     while True:
         try:
             step = pickle.loads(conn.recv_bytes())

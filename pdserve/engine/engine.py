@@ -48,7 +48,9 @@ class Engine:
         self.model_name = path.rstrip("/").rsplit("/", 1)[-1]
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 4096))
         self.eos_token_ids = self._eos_ids(path)
-        self.runner = ModelRunner(config.model, config.cache, self.hf_config, config.scheduler)
+        share = config.disagg.enabled and config.model.tensor_parallel_size > 1  # rank 0 moves all the KV
+        cache = replace(config.cache, share_pool=share)
+        self.runner = ModelRunner(config.model, cache, self.hf_config, config.scheduler)
         pool_tokens = self.runner.num_blocks * config.cache.block_size
         self.max_model_len = min(config.model.max_model_len or model_max, model_max, pool_tokens)
         self.block_manager = BlockManager(
@@ -68,13 +70,19 @@ class Engine:
         lay = self.runner.layout
         layout = {
             "num_layers": lay.num_layers,
-            "num_kv_heads": lay.num_kv_heads,
+            "num_kv_heads": int(self.hf_config.num_key_value_heads),  # on the wire: every head, any TP
             "head_dim": lay.head_dim,
             "block_size": lay.block_size,
             "dtype": str(lay.dtype),
         }
         return KVConnector(
-            transport, self.runner.kv_cache, layout, self.model_name, d.kv_transfer_timeout, d.peer_timeout
+            transport,
+            self.runner.kv_cache,
+            layout,
+            self.model_name,
+            d.kv_transfer_timeout,
+            d.peer_timeout,
+            self.runner.kv_shards,
         )
 
     def close(self) -> None:

@@ -49,6 +49,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
         tensor_parallel_size: int = 1,
+        prefill_tensor_parallel_size: int | None = None,  # the prefill engines' TP (default: the same)
         prefill: int = 0,
         decode: int = 0,
         kv_transport: str = "inproc",
@@ -75,9 +76,11 @@ class LLM:
         )
         if (prefill > 0) != (decode > 0):
             raise ValueError("disaggregated serving needs at least one prefill and one decode engine")
+        prefill_tp = prefill_tensor_parallel_size or tensor_parallel_size
+        prefill_model = replace(config.model, tensor_parallel_size=prefill_tp)
+        prefill_disagg = DisaggConfig(role="prefill", kv_transport=kv_transport)
         self.prefill_engines = [
-            Engine(replace(config, disagg=DisaggConfig(role="prefill", kv_transport=kv_transport)))
-            for _ in range(prefill)
+            Engine(replace(config, model=prefill_model, disagg=prefill_disagg)) for _ in range(prefill)
         ]
         self.engines = [
             Engine(replace(config, disagg=DisaggConfig(role="decode", kv_transport=kv_transport)))

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 
 from pdserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from pdserve.disagg.transport.shards import ShardedPool
 from pdserve.distributed.driver import TPDriver
 from pdserve.distributed.group import TPGroup
 from pdserve.distributed.messages import StepInputs
 from pdserve.distributed.sharding import model_head_shard
+from pdserve.distributed.shared_pool import open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
@@ -92,6 +94,15 @@ class ModelRunner:
         self.device = self.tp.device
         with on_device(self.device):
             self._build(model_config, cache_config, hf_config)
+        self.kv_shards = self._open_shards(hf_config) if cache_config.share_pool else None
+
+    def _open_shards(self, hf_config: Any) -> ShardedPool | None:
+        """Rank 0 of a tensor-parallel group: every rank's KV pool, for the connector (None at TP 1)."""
+        if self.driver is None:
+            return None
+        tensors = [self.kv_cache] + [open_handle(h, self.device) for h in self.driver.worker_pools()]
+        starts = [model_head_shard(hf_config, self.tp.size, r).kv_start for r in range(self.tp.size)]
+        return ShardedPool(tensors, starts, int(hf_config.num_key_value_heads))
 
     def _build(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any) -> None:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
@@ -122,6 +133,8 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
+        if cache_config.share_pool and self.device.type == "cpu":
+            self.kv_cache.share_memory_()  # before any view of it: rank 0 maps it (shared_pool.py)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.graphs = self._capture_graphs(hf_config) if use_graphs else None
         if self.driver is not None and self.graphs is not None:

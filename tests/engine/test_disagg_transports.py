@@ -386,3 +386,28 @@ def test_gpu_two_processes(tiny_model, gpu_prompts, gpu_colocated, kind, path):
             assert decode.num_prefill_tokens == 0 and decode.check_pool_free()
         finally:
             decode.close()
+
+
+def test_tcp_binds_another_pair_when_the_data_port_is_taken(monkeypatch):
+    """The control port comes free but port + 1 does not: the transport lets go of the control port
+    and tries another pair (a pair collision, seen once under CI load)."""
+    import socket
+
+    from pdserve.disagg.transport.tcp import TcpTransport
+
+    real = socket.create_server
+    calls: list[int] = []
+
+    def busy_once(address, **kwargs):
+        calls.append(address[1])
+        if len(calls) == 1:
+            raise OSError("address in use")
+        return real(address, **kwargs)
+
+    monkeypatch.setattr(socket, "create_server", busy_once)
+    transport = TcpTransport("127.0.0.1", 0)
+    try:
+        assert len(calls) == 2
+        assert transport.address.endswith(f":{calls[1] - 1}")
+    finally:
+        transport.close()

@@ -154,13 +154,14 @@ def test_dummy_weights_of_the_ranks_make_up_the_tp1_weights():
     assert torch.equal(r0["model.norm.weight"], full["model.norm.weight"])
 
 
-def test_tp_with_disaggregation_is_refused():
+def test_tp_config_checks():
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         ModelConfig(tensor_parallel_size=0)
     model = ModelConfig(tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="role both"):
-        EngineConfig(model=model, disagg=DisaggConfig(role="prefill"))
-    EngineConfig(model=model)  # colocated: fine
+    EngineConfig(model=model)  # colocated
+    EngineConfig(model=model, disagg=DisaggConfig(role="prefill"))  # a sharded pool moves by nccl or tcp
+    with pytest.raises(ValueError, match="cuda_ipc cannot move a tensor-parallel KV pool"):
+        EngineConfig(model=model, disagg=DisaggConfig(role="decode", kv_transport="cuda_ipc"))
 
 
 # ---- the engine over two CPU ranks ---------------------------------------------------------------------

@@ -59,8 +59,9 @@ class KVTransport(ABC):
     def close(self) -> None: ...
 
     # ---- KV paths: transports that only send bytes after the message keep these defaults --------
-    def attach_pool(self, pool: torch.Tensor) -> None:  # noqa: B027 - most transports need no pool
-        """The local KV pool, before `start`: GPU paths export or read it."""
+    def attach_pool(self, pool: torch.Tensor, sharded: bool = False) -> None:  # noqa: B027 - most need none
+        """The local KV pool, before `start`: GPU paths export or read it. `sharded`: it is rank 0's part
+        of a tensor-parallel pool, so only paths that move gathered bytes may be used."""
 
     def offer(self, peer: str) -> dict[str, Any]:
         """Decode side: the KV paths offered to `peer` in the handshake."""

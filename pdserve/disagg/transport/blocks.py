@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pdserve.disagg.transport.shards import ShardedPool
+
 
 @functools.cache
 def copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -28,8 +30,9 @@ def copy_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def pinned_bytes(nbytes: int) -> torch.Tensor:
-    """A page-locked host buffer (from torch's caching host allocator): fast, asynchronous H2D and D2H."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    """A page-locked host buffer (from torch's caching host allocator): fast, asynchronous H2D and D2H.
+    Plain memory where there is no GPU (a tensor-parallel CPU pool takes bytes through one too)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
 
 
 def paired_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -51,19 +54,28 @@ class KVBlocks:
     block_ids: list[int]
     on_read: Callable[[], None] = lambda: None  # called once the transport no longer reads the blocks
     ready: torch.cuda.Event | None = None  # CUDA: recorded after the engine computed this KV
+    shards: ShardedPool | None = None  # tensor parallel: every rank's part (pool is rank 0's)
     _read: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def of(cls, pool: torch.Tensor, block_ids: list[int], on_read: Callable[[], None]) -> KVBlocks:
+    def of(
+        cls,
+        pool: torch.Tensor,
+        block_ids: list[int],
+        on_read: Callable[[], None],
+        shards: ShardedPool | None = None,
+    ) -> KVBlocks:
         ready = None
         if pool.is_cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(pool.device))
-        return cls(pool, list(block_ids), on_read, ready)
+        return cls(pool, list(block_ids), on_read, ready, shards)
 
     @property
     def block_bytes(self) -> int:
+        if self.shards is not None:
+            return self.shards.block_bytes
         return self.pool[:, :, 0].numel() * self.pool.element_size()
 
     @property
@@ -83,6 +95,8 @@ class KVBlocks:
         ids = self.block_ids[start:end]
         if self.ready is not None:
             torch.cuda.current_stream(self.pool.device).wait_event(self.ready)
+        if self.shards is not None:
+            return self.shards.gather(ids, self.pool.device)  # every KV head, from every rank
         index = torch.tensor(ids, device=self.pool.device)
         return self.pool.index_select(2, index)  # [layers, 2, n, block_size, heads, dim]
 
@@ -123,17 +137,30 @@ def as_payload_tensor(payload: memoryview | torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(payload, dtype=torch.uint8)
 
 
-def write_blocks(pool: torch.Tensor, block_ids: list[int], payload: memoryview | torch.Tensor) -> None:
-    """Write a payload of len(block_ids) blocks into those blocks of `pool`; complete on return."""
+def write_blocks(
+    pool: torch.Tensor,
+    block_ids: list[int],
+    payload: memoryview | torch.Tensor,
+    shards: ShardedPool | None = None,
+) -> None:
+    """Write a payload of len(block_ids) blocks into those blocks of `pool` (of every rank's part, with
+    `shards`); complete on return."""
+    heads = shards.num_heads if shards is not None else pool.shape[4]
     src = as_payload_tensor(payload).view(pool.dtype)
-    src = src.view(*pool.shape[:2], len(block_ids), *pool.shape[3:])
+    src = src.view(*pool.shape[:2], len(block_ids), pool.shape[3], heads, pool.shape[5])
     if not pool.is_cuda:
-        pool.index_copy_(2, torch.tensor(block_ids), src.cpu())
+        if shards is not None:
+            shards.write(block_ids, src.cpu())
+        else:
+            pool.index_copy_(2, torch.tensor(block_ids), src.cpu())
         return
     stream = copy_stream(pool.device)
     with torch.cuda.stream(stream):
-        index = torch.tensor(block_ids, device=pool.device)
-        pool.index_copy_(2, index, src.to(pool.device, non_blocking=True))
+        if shards is not None:
+            shards.write(block_ids, src.to(pool.device, non_blocking=True))
+        else:
+            index = torch.tensor(block_ids, device=pool.device)
+            pool.index_copy_(2, index, src.to(pool.device, non_blocking=True))
         done = torch.cuda.Event()
         done.record(stream)
     done.synchronize()

@@ -59,8 +59,12 @@ class MultiPathTransport(KVTransport):
         self.lock = threading.Lock()
 
     # ---- setup --------------------------------------------------------------------------------------
-    def attach_pool(self, pool: torch.Tensor) -> None:
+    def attach_pool(self, pool: torch.Tensor, sharded: bool = False) -> None:
         self.pool = pool
+        if sharded:  # direct writes address one pool: a tensor-parallel pool goes by nccl or tcp
+            if self.kinds == ("cuda_ipc",):
+                raise ValueError("--kv-transport cuda_ipc cannot move a tensor-parallel KV pool: use auto")
+            self.kinds = tuple(k for k in self.kinds if k != "cuda_ipc")
         if pool.is_cuda:
             self.gpu = gpu_uuid(pool.device)
             if "cuda_ipc" in self.kinds:

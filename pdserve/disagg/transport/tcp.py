@@ -83,7 +83,8 @@ class TcpTransport(KVTransport):
             except OSError:
                 if port:
                     raise
-                self.router.unbind(str(self.router.last_endpoint))
+                endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT)  # bytes: str() would add b''
+                self.router.unbind(endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint))
         raise OSError("no free pair of consecutive ports for KV control and data")
 
     def start(
