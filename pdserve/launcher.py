@@ -156,27 +156,27 @@ def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
 
 def instance_children(args: argparse.Namespace, model: str, log_dir: Path) -> list[Child]:
     taken: set[int] = {args.port}
-    roles = (
-        [("instance", args.instances)]
-        if args.instances
-        else [
-            ("prefill", args.prefill or 1),
-            ("decode", args.decode or 1),
-        ]
-    )
     serve_args = [*args.serve_args, *_remainder(args.serve_rest)]
     device = option_value(serve_args, ["--device"], "auto")
     tp = int(option_value(serve_args, ["--tp", "--tensor-parallel-size"], "1"))
-    envs = iter(instance_envs(sum(count for _, count in roles), device, tp, args.gpus))
+    roles = (  # (role, instances, tensor-parallel size of each)
+        [("instance", args.instances, tp)]
+        if args.instances
+        else [
+            ("prefill", args.prefill or 1, args.prefill_tp or tp),
+            ("decode", args.decode or 1, args.decode_tp or tp),
+        ]
+    )
+    envs = iter(instance_envs([t for _, count, t in roles for _ in range(count)], device, args.gpus))
     children = []
-    for role, count in roles:
+    for role, count, role_tp in roles:
         for index in range(count):
             port = free_port(taken=taken)
-            role_args = (
-                [] if role == "instance" else ["--role", role]  # KV ports: a free pair, chosen by each
+            role_args = (  # KV ports: a free pair, chosen by each
+                [] if role == "instance" else ["--role", role, "--tp", str(role_tp)]
             )
             cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-            cmd += ["--model", model, *role_args, *serve_args]
+            cmd += ["--model", model, *serve_args, *role_args]  # role_args last: their --tp wins
             name = f"{role}-{index}"
             env = next(envs)
             children.append(Child(name, cmd, f"http://127.0.0.1:{port}", log_dir / f"{name}.log", env))
@@ -364,6 +364,10 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--prefill", type=_count, default=None, metavar="N", help="prefill instances (default 1)")
     up.add_argument("--decode", type=_count, default=None, metavar="M", help="decode instances (default 1)")
     up.add_argument("--instances", type=_count, default=None, metavar="K", help="colocated instances instead")
+    up.add_argument(
+        "--prefill-tp", type=_count, default=None, metavar="N", help="each prefill instance's --tp"
+    )
+    up.add_argument("--decode-tp", type=_count, default=None, metavar="N", help="each decode instance's --tp")
     up.add_argument(
         "--model",
         default=None,

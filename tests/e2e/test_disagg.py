@@ -654,3 +654,21 @@ def test_1p1d_transfer_after_an_idle_kv_link(up1: UpCluster, reference: Referenc
     check_equal(reference, specs, results, up1.log_dir)
     assert seconds < 20, f"requests after an idle KV link took {seconds:.1f}s"
     assert_pools_free(up1.prefill, up1.decode)
+
+
+# ---- tensor parallel decode, started by `pdserve up` ----------------------------------------------------
+
+
+def test_decode_tp2_by_pdserve_up(tmp_path_factory: pytest.TempPathFactory, reference: Reference) -> None:
+    """`pdserve up --decode-tp 2`: a TP-1 prefill hands its KV to a decode instance over two CPU ranks
+    (rank 0 writes every rank's KV heads); the answers equal the colocated engine's."""
+    args = ["--prefill", "1", "--decode", "1", "--decode-tp", "2", "--num-blocks", "256", "--device", "cpu"]
+    log_dir = tmp_path_factory.mktemp("up-decode-tp2")
+    with pdserve_up(log_dir, *args) as launched:
+        cluster = UpCluster(launched, log_dir)
+        specs = workload(12)
+        results = cluster.run(specs)
+        check_equal(reference, specs, results, log_dir)
+        assert cluster.decode.prefill_tokens() == 0  # every prompt's KV came from the prefill
+        assert cluster.decode.metric("pdserve_kv_transfer_bytes_total", direction="received") > 0
+        assert_pools_free(cluster.decode, cluster.prefill)

@@ -99,3 +99,30 @@ def test_sharded_pool_gathers_every_head_once_and_writes_every_copy():
 
     with pytest.raises(ValueError, match="in no shard"):
         ShardedPool([_pool(1), _pool(1)], [0, 2], 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 2), (1, 2)])
+def test_gpu_disaggregated_tp_equals_colocated_tp1(tiny_model, prompts, prefill_tp, decode_tp):
+    """float32 on cuda:0 (+ cuda:1): workers' pools opened by CUDA IPC on rank 0's GPU, KV by auto."""
+    kwargs = dict(num_blocks=128, block_size=4, device="cuda", dtype="float32")
+    colocated = LLM(tiny_model, **kwargs)
+    try:
+        expected = [c.token_ids for c in colocated.generate_ids(prompts, GREEDY)]
+    finally:
+        colocated.close()
+    llm = LLM(
+        tiny_model,
+        prefill=1,
+        decode=1,
+        tensor_parallel_size=decode_tp,
+        prefill_tensor_parallel_size=prefill_tp,
+        kv_transport="auto",
+        **kwargs,
+    )
+    try:
+        assert [c.token_ids for c in llm.generate_ids(prompts, GREEDY)] == expected
+        assert llm.check_pool_free()
+    finally:
+        llm.close()
