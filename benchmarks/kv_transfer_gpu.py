@@ -45,9 +45,11 @@ def pattern(shape: tuple[int, ...], block_ids: list[int], dtype: torch.dtype, de
 def connector(kind: str, device: str, shape: tuple[int, ...], dtype: torch.dtype) -> Any:
     from pdserve.disagg.connector import KVConnector
     from pdserve.disagg.transport.base import make_transport
+    from pdserve.engine.kv_layout import allocate_kv_pool
 
     torch.cuda.set_device(device)
-    pool = torch.zeros(shape, dtype=dtype, device=device)
+    layers, _, blocks, block_size, heads, dim = shape
+    pool = allocate_kv_pool(layers, blocks, block_size, heads, dim, dtype, device)  # as the engine's
     layout = {"shape": [shape[0], *shape[3:]], "dtype": str(dtype)}
     return KVConnector(make_transport(kind), pool, layout, "bench", transfer_timeout=60.0)
 

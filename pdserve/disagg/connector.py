@@ -43,6 +43,7 @@ from pdserve.disagg.peers import PeerTable
 from pdserve.disagg.transport.base import KVTransport
 from pdserve.disagg.transport.blocks import KVBlocks, pinned_bytes, write_blocks
 from pdserve.disagg.transport.shards import ShardedPool
+from pdserve.engine.kv_layout import block_major
 from pdserve.engine.request import Logprob, Request
 from pdserve.layers.sampler import SampleResult
 
@@ -121,9 +122,11 @@ class KVConnector:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.transfer_seconds: list[float] = []  # drained by metrics
-        # host pools take KV bytes straight from the socket; device (or sharded) pools through a buffer
-        host = kv_cache.device.type == "cpu" and shards is None
-        self.pool_bytes = kv_cache.view(torch.uint8).numpy() if host else None
+        # a host pool in block-major memory takes KV bytes straight from the socket, a run of blocks per
+        # read; device (or sharded, or other-layout) pools take them through a buffer
+        blocks_first = block_major(kv_cache)
+        host = kv_cache.device.type == "cpu" and shards is None and blocks_first.is_contiguous()
+        self.pool_bytes = blocks_first.view(torch.uint8).numpy() if host else None
         try:
             transport.attach_pool(kv_cache, sharded=shards is not None)
         except BaseException:
@@ -335,7 +338,7 @@ class KVConnector:
 
     def _payload_target(self, msg: p.Message) -> list[memoryview] | None:
         """Where the bytes land: writable views of the reserved blocks, in the payload's order
-        ([layer][k|v][block runs]) for a host pool; a pinned buffer for a GPU pool."""
+        (runs of blocks, each all layers, K and V) for a host pool; a pinned buffer for a GPU pool."""
         if not isinstance(msg, p.KVData):
             return None
         tid = msg.transfer_id
@@ -354,9 +357,8 @@ class KVConnector:
                 runs[-1] = (runs[-1][0], b + 1)
             else:
                 runs.append((b, b + 1))
-        pool = self.pool_bytes  # [layers, 2, blocks, ...] as bytes
-        layers = range(pool.shape[0])
-        return [pool[layer, kv, a:b].data.cast("B") for layer in layers for kv in (0, 1) for a, b in runs]
+        pool = self.pool_bytes  # [blocks, layers, 2, ...] as bytes, contiguous
+        return [pool[a:b].data.cast("B") for a, b in runs]
 
     def _payload_done(self, msg: p.Message, ok: bool) -> None:
         """All of a payload's bytes landed in `_payload_target`'s views (or the stream broke off)."""

@@ -4,8 +4,8 @@ KV cache layout, one tensor for the whole pool:
 
     kv_cache: [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
 
-so one block of one layer is a contiguous range, and a layer's K (or V) for a list of blocks is one
-gather: the unit of a KV transfer. The runner knows nothing of scheduling or text.
+a view of block-major memory (kv_layout.py): a run of blocks, all layers, is one contiguous range,
+the unit of a KV transfer. The runner knows nothing of scheduling or text.
 
 With tensor parallelism (pdserve.distributed) this runner is rank 0: it holds its shard of the model and
 of the KV heads, sends each step to the worker ranks before running it, and alone samples.
@@ -28,6 +28,7 @@ from pdserve.distributed.messages import StepInputs
 from pdserve.distributed.sharding import model_head_shard
 from pdserve.distributed.shared_pool import open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from pdserve.engine.kv_layout import allocate_kv_pool
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.warmup import warmup_steps
@@ -128,11 +129,8 @@ class ModelRunner:
         self.num_blocks = self.tp.all_min(self._pool_blocks(cache_config))  # every rank's pool holds it
         lay = self.layout
         use_graphs = self.device.type == "cuda" and not model_config.enforce_eager and backend.cuda_graph_safe
-        self.kv_cache = torch.zeros(
-            (lay.num_layers, 2, self.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim),
-            dtype=self.dtype,
-            device=self.device,
-        )
+        shape = (lay.num_layers, self.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        self.kv_cache = allocate_kv_pool(*shape, self.dtype, self.device)  # block-major memory
         if cache_config.share_pool and self.device.type == "cpu":
             self.kv_cache.share_memory_()  # before any view of it: rank 0 maps it (shared_pool.py)
         self.kv_caches = list(self.kv_cache.unbind(0))

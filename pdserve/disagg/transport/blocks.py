@@ -1,7 +1,7 @@
 """KV blocks in motion: what a transport reads from the sender's pool and writes into the receiver's.
 
-    pool: [layers, 2 (k, v), num_blocks, block_size, kv_heads, head_dim]
-    payload of n blocks: [layers, 2, n, block_size, kv_heads, head_dim], contiguous (the wire order)
+    pool: [layers, 2 (k, v), num_blocks, block_size, kv_heads, head_dim] (block-major memory)
+    payload of n blocks: [n, layers, 2, block_size, kv_heads, head_dim], contiguous (the wire order)
 
 `KVBlocks` names source blocks of the local pool; every transport materialises them its own way
 (`to_host` for byte transports, `gather` for NCCL, block-run copies for CUDA IPC) and calls `on_read`
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pdserve.disagg.transport.shards import ShardedPool
+from pdserve.engine.kv_layout import block_major
 
 
 @functools.cache
@@ -98,7 +99,7 @@ class KVBlocks:
         if self.shards is not None:
             return self.shards.gather(ids, self.pool.device)  # every KV head, from every rank
         index = torch.tensor(ids, device=self.pool.device)
-        return self.pool.index_select(2, index)  # [layers, 2, n, block_size, heads, dim]
+        return block_major(self.pool).index_select(0, index)  # [n, layers, 2, block_size, heads, dim]
 
     def gather_now(self) -> torch.Tensor:
         """All blocks gathered and finished (a side stream and its event on CUDA); then `done`."""
@@ -147,12 +148,12 @@ def write_blocks(
     `shards`); complete on return."""
     heads = shards.num_heads if shards is not None else pool.shape[4]
     src = as_payload_tensor(payload).view(pool.dtype)
-    src = src.view(*pool.shape[:2], len(block_ids), pool.shape[3], heads, pool.shape[5])
+    src = src.view(len(block_ids), *pool.shape[:2], pool.shape[3], heads, pool.shape[5])
     if not pool.is_cuda:
         if shards is not None:
             shards.write(block_ids, src.cpu())
         else:
-            pool.index_copy_(2, torch.tensor(block_ids), src.cpu())
+            block_major(pool).index_copy_(0, torch.tensor(block_ids), src.cpu())
         return
     stream = copy_stream(pool.device)
     with torch.cuda.stream(stream):
@@ -160,7 +161,7 @@ def write_blocks(
             shards.write(block_ids, src.to(pool.device, non_blocking=True))
         else:
             index = torch.tensor(block_ids, device=pool.device)
-            pool.index_copy_(2, index, src.to(pool.device, non_blocking=True))
+            block_major(pool).index_copy_(0, index, src.to(pool.device, non_blocking=True))
         done = torch.cuda.Event()
         done.record(stream)
     done.synchronize()

@@ -3,8 +3,9 @@ instance's KV pool, GPU to GPU over the copy engine (NVLink/PCIe peer copies), w
 
     decode: export the pool once (a CUDA IPC handle, JSON-safe)  ──Handshake.kv_offer──▶ prefill
     prefill: open it once per peer (mapped into its own GPU's address space, peer access enabled)
-    per transfer, on a side stream:  remote[:, :, d:d+n].copy_(local[:, :, s:s+n])
-             for each run of blocks contiguous on both sides (all layers, K and V: one strided copy)
+    per transfer, on a side stream:  remote_blocks[d:d+n].copy_(local_blocks[s:s+n])
+             for each run of blocks contiguous on both sides: pools are block-major in memory
+             (engine/kv_layout.py), so each run, all layers, K and V, is one contiguous memcpy
     then an event: once it completes, KVData(written=True) tells the decode side the write is done.
 
 An IPC handle cannot be opened by the process that exported it, so peers in one process (the offline
@@ -27,6 +28,7 @@ import torch
 
 from pdserve.disagg.transport.blocks import KVBlocks, copy_stream, paired_runs
 from pdserve.disagg.transport.identity import gpu_uuid, local_gpu, same_host, same_process
+from pdserve.engine.kv_layout import block_major
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +111,12 @@ def write_blocks_direct(remote: torch.Tensor, blocks: KVBlocks, dst: list[int]) 
     if blocks.ready is not None:
         stream.wait_event(blocks.ready)
     with torch.cuda.stream(stream):
+        theirs, ours = block_major(remote), block_major(local)
         for s, d, n in paired_runs(blocks.block_ids, dst):
-            # one strided copy per run of blocks, every layer and K/V at once (was one per layer and K/V:
-            # 128 launches for a 64-layer model, the link idle between them)
-            remote[:, :, d : d + n].copy_(local[:, :, s : s + n], non_blocking=True)
+            # one copy per run of blocks, every layer and K/V at once (was one per layer and K/V: 128
+            # launches for a 64-layer model, the link idle between them); one memcpy when both pools
+            # are block-major in memory
+            theirs[d : d + n].copy_(ours[s : s + n], non_blocking=True)
         done = torch.cuda.Event()
         done.record(stream)
     return done

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.kv_layout import block_major
+
 
 @dataclass(frozen=True)
 class ShardedPool:
@@ -49,18 +51,19 @@ class ShardedPool:
         return out
 
     def gather(self, block_ids: list[int], device: torch.device) -> torch.Tensor:
-        """[layers, 2, n, block_size, num_heads, head_dim] on `device`, enqueued on the current stream."""
+        """[n, layers, 2, block_size, num_heads, head_dim] on `device` (the wire order), enqueued on
+        the current stream."""
         parts = []
         for tensor, offset, count in self._distinct():
             index = torch.tensor(block_ids, device=tensor.device)
-            part = tensor.index_select(2, index)[:, :, :, :, offset : offset + count]
+            part = block_major(tensor).index_select(0, index)[:, :, :, :, offset : offset + count]
             parts.append(part.to(device, non_blocking=True))
         return torch.cat(parts, dim=4)
 
     def write(self, block_ids: list[int], src: torch.Tensor) -> None:
-        """Put a full-heads payload [layers, 2, n, block_size, num_heads, head_dim] into every shard's
+        """Put a full-heads payload [n, layers, 2, block_size, num_heads, head_dim] into every shard's
         blocks (enqueued on the current stream; the caller waits as it needs)."""
         for start, tensor in zip(self.starts, self.tensors, strict=True):
             index = torch.tensor(block_ids, device=tensor.device)
             part = src[:, :, :, :, start : start + tensor.shape[4]].to(tensor.device, non_blocking=True)
-            tensor.index_copy_(2, index, part)
+            block_major(tensor).index_copy_(0, index, part)

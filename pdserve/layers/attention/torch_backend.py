@@ -22,10 +22,10 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, H_kv, D]
-        flat_shape = (-1, self.num_kv_heads, self.head_dim)
-        k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, H_kv, D], strided
+        where = (meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size)
+        k_cache.index_put_(where, k)  # by (block, offset): blocks are not adjacent in memory
+        v_cache.index_put_(where, v)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
