@@ -83,6 +83,7 @@ def run_layout(layout: str, args: argparse.Namespace, extra: list[str]) -> Path:
         bench += ["--num-prompts", str(args.num_prompts), "--rates", args.rates, "--slo", args.slo]
         bench += ["--min-attainment", str(args.min_attainment), "--output", str(result), "--disable-tqdm"]
         bench += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+        bench += ["--arrival-seconds", str(args.arrival_seconds)] if args.arrival_seconds else []
         subprocess.run(bench, check=True)
         return result
     finally:
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--layouts", default="colocated:2,pd:1:1")
     ap.add_argument("--rates", default="0.5,1,2,4")
     ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--arrival-seconds", type=float, default=None, help="per rate, at least (bench sweep)")
     ap.add_argument("--input-len", type=int, default=1100)
     ap.add_argument("--output-len", type=int, default=140)
     ap.add_argument("--slo", default="ttft=2000,tpot=100")

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_session.sh tests      # any 1-2 GPU machine: make test-gpu (kernels, engine, transports, TP)
 #   bash scripts/gpu_session.sh engine     # one H200: decode/prefill steps vs bandwidth and matmul bounds
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
-#   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS
+#   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
 #             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
 set -uo pipefail
@@ -37,9 +37,10 @@ transfer)
   ;;
 compare)
   model=${2:-qwen2.5-32b} layouts=${3:-colocated:2,pd:1:1} gpus=${4:-0,1} rates=${5:-1,2,4,8}
-  prompts=${6:-64}
+  prompts=${6:-64} seconds=${7:-}  # seconds: at least this long of arrivals per rate (more prompts at high rates)
   timeout 570 python3 benchmarks/pd_vs_colocated.py --model "$model" --layouts "$layouts" --gpus "$gpus" \
-    --rates "$rates" --num-prompts "$prompts" --tokenizer .whl/tokenizer --out-dir "$OUT/$model" >"$OUT/compare.log" 2>&1
+    --rates "$rates" --num-prompts "$prompts" ${seconds:+--arrival-seconds "$seconds"} \
+    --tokenizer .whl/tokenizer --out-dir "$OUT/$model" >"$OUT/compare.log" 2>&1
   echo "rc=$?" >>"$OUT/compare.log"
   tail -40 "$OUT/compare.log"
   ;;

@@ -27,7 +27,7 @@ from pdserve.bench.client import Target, first_model_id, normalize_base_url
 from pdserve.bench.dataset import BenchRequest, load_tokenizer, random_requests
 from pdserve.bench.metrics import SLO, error_summary, format_table, parse_slo, per_request, summarize
 from pdserve.bench.runner import run_requests
-from pdserve.bench.sweep import format_sweep, geometric_rates, parse_rates, run_sweep
+from pdserve.bench.sweep import format_sweep, geometric_rates, parse_rates, prompts_for_rate, run_sweep
 from pdserve.cli_types import int_at_least
 
 logger = logging.getLogger("pdserve.bench")
@@ -102,6 +102,12 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-factor", type=float, default=2.0)
     p.add_argument("--max-rates", type=_positive, default=6)
     p.add_argument("--min-attainment", type=float, default=0.5, help="stop below this SLO attainment")
+    p.add_argument(
+        "--arrival-seconds",
+        type=_positive_float,
+        default=None,
+        help="at least this long of arrivals per rate: num-prompts grows to rate x seconds where larger",
+    )
 
 
 @dataclass(frozen=True)
@@ -254,7 +260,9 @@ def _bench_sweep(args: argparse.Namespace) -> int:
         return 2
 
     def run_at(rate: float, index: int) -> dict[str, Any]:
-        result = run_once(args, setup, rate, args.seed + index)  # new prompts: no prefix-cache help
+        n = prompts_for_rate(rate, args.num_prompts, args.arrival_seconds)
+        at_rate = argparse.Namespace(**{**vars(args), "num_prompts": n})
+        result = run_once(at_rate, setup, rate, args.seed + index)  # new prompts: no prefix-cache help
         _print_result(result, f"{_json_rate(rate)} req/s")
         return result
 

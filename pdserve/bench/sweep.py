@@ -35,6 +35,15 @@ def geometric_rates(start: float, factor: float, count: int) -> list[float]:
     return [start * factor**i for i in range(count)]
 
 
+def prompts_for_rate(rate: float, num_prompts: int, arrival_seconds: float | None) -> int:
+    """Requests for one rate: `num_prompts`, or more so that arrivals last `arrival_seconds` at least.
+    A run of N requests at rate r lasts N/r plus the last answers' latency, so with a fixed N the
+    throughput measured at high rates is bounded by the run's length, not by the server."""
+    if arrival_seconds is None or math.isinf(rate):
+        return num_prompts
+    return max(num_prompts, math.ceil(rate * arrival_seconds))
+
+
 def run_sweep(run_at: RunAt, rates: Sequence[float], min_attainment: float) -> dict[str, Any]:
     """Run each rate in increasing order until attainment drops below `min_attainment`."""
     results: list[dict[str, Any]] = []

@@ -93,10 +93,12 @@ def chat_run(up: Launched, out: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def sweep_run(up: Launched, out: Path) -> tuple[dict[str, Any], str]:
-    """Three rates and an SLO no request can meet (1 ms TTFT): the sweep must stop after two."""
+    """Three rates and an SLO no request can meet (1 ms TTFT): the sweep must stop after two. At least
+    one second of arrivals per rate: 6 prompts at 4 req/s, 8 at 8 req/s."""
     path = out / "sweep.json"
     args = ["--input-len", "32", "--output-len", "4", "--num-prompts", "6", "--ignore-eos", "--disable-tqdm"]
     args += ["--rates", "16,4,8", "--slo", "ttft=1", "--label", "sweep", "--output", str(path)]
+    args += ["--arrival-seconds", "1"]
     stdout = ran(bench(up, "sweep", *args))
     return json.loads(path.read_text()), stdout
 
@@ -156,7 +158,8 @@ def test_sweep_stops_when_attainment_drops(sweep_run: tuple[dict[str, Any], str]
     results = sweep["results"]
     assert [x["request_rate"] for x in results] == [4.0, 8.0]  # 16 req/s never ran
     assert [x["seed"] for x in results] == [0, 1]  # new prompts at each rate
-    assert all(x["completed"] == 6 and x["slo_attainment"] == 0.0 for x in results)
+    assert [(x["num_prompts"], x["completed"]) for x in results] == [(6, 6), (8, 8)]
+    assert all(x["slo_attainment"] == 0.0 for x in results)
     assert "attainment" in sweep["stopped"] and "best goodput" in stdout
     assert sweep["best"]["request_rate"] == 4.0 and sweep["best"]["request_goodput"] == 0.0
 

@@ -31,7 +31,7 @@ from pdserve.bench.metrics import (
     summarize,
 )
 from pdserve.bench.runner import arrival_offsets
-from pdserve.bench.sweep import best_point, geometric_rates, parse_rates, run_sweep
+from pdserve.bench.sweep import best_point, geometric_rates, parse_rates, prompts_for_rate, run_sweep
 
 
 def done(ttft: float, latency: float, output_len: int, input_len: int = 10) -> RequestResult:
@@ -328,3 +328,11 @@ def test_plot_finds_sweeps_among_result_files(tmp_path: Any) -> None:
     assert set(series) == {"a", "c"}  # b and d: one run each; inf has no place on a rate axis
     assert [r["request_rate"] for r in series["a"]] == [1.0, 2.0]
     assert [r["request_rate"] for r in series["c"]] == [4.0]
+
+
+def test_prompts_for_rate_keeps_arrivals_long_enough() -> None:
+    assert prompts_for_rate(2.0, 64, None) == 64  # no floor: the fixed count
+    assert prompts_for_rate(2.0, 64, 30.0) == 64  # 64 prompts at 2 req/s already arrive over 32 s
+    assert prompts_for_rate(16.0, 64, 30.0) == 480  # else rate x seconds
+    assert prompts_for_rate(0.5, 10, 3.0) == 10
+    assert prompts_for_rate(float("inf"), 64, 30.0) == 64  # all at once: seconds mean nothing
