@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.host_tensors import long_tensor, padded_rows
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.models.llama import LlamaForCausalLM
 
@@ -111,10 +112,10 @@ class DecodeGraphs:
         host = self.host
         host[:, b:bucket] = 0
         host[2, b:bucket] = -1
-        host[:4, :b] = torch.tensor([step.token_ids, step.positions, step.slots, step.seq_lens])
+        host[:4, :b] = long_tensor(step.token_ids + step.positions + step.slots + step.seq_lens).view(4, b)
         width = max(len(t) for t in step.block_tables)
         self.host_tables[b:bucket, :width] = 0
-        self.host_tables[:b, :width] = torch.tensor([t + [0] * (width - len(t)) for t in step.block_tables])
+        self.host_tables[:b, :width] = padded_rows(step.block_tables, width)
         for dst, row in ((self.ids, 0), (self.pos, 1), (self.slots, 2), (self.seq_lens, 3)):
             dst[:bucket].copy_(host[row, :bucket], non_blocking=True)
         self.tables[:bucket, :width].copy_(self.host_tables[:bucket, :width], non_blocking=True)

@@ -28,6 +28,7 @@ from pdserve.distributed.messages import StepInputs
 from pdserve.distributed.sharding import model_head_shard
 from pdserve.distributed.shared_pool import open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from pdserve.engine.host_tensors import long_tensor, padded_rows
 from pdserve.engine.kv_layout import allocate_kv_pool
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
@@ -254,18 +255,15 @@ class ModelRunner:
 
     def _device_inputs(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
+        width = max((len(t) for t in step.block_tables), default=0)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(step.block_tables, dtype=torch.long, device=dev),
-            seq_lens=torch.tensor(step.context_lens, dtype=torch.long, device=dev),
+            slot_mapping=long_tensor(step.slots).to(dev),
+            block_tables=padded_rows(step.block_tables, width).to(dev),
+            seq_lens=long_tensor(step.context_lens).to(dev),
             query_start_loc=step.query_start_loc,
             query_start_loc_t=torch.tensor(step.query_start_loc, dtype=torch.int32, device=dev),
             context_lens=step.context_lens,
             num_decodes=step.num_decodes,
             block_size=self.layout.block_size,
         )
-        return (
-            torch.tensor(step.token_ids, dtype=torch.long, device=dev),
-            torch.tensor(step.positions, dtype=torch.long, device=dev),
-            meta,
-        )
+        return long_tensor(step.token_ids).to(dev), long_tensor(step.positions).to(dev), meta
