@@ -40,3 +40,31 @@ def test_stop_string_spanning_tokens_is_held_back(tokenizer):
     pieces, stopped = _stream(tokenizer, " one two three four", ["two thr"])
     assert stopped
     assert "".join(pieces) == " one "
+
+
+def test_rust_decode_matches_the_tokenizer_with_and_without_special_tokens(tokenizer):
+    """The detokenizer calls the Rust tokenizer directly (no clean-up configured for this one); the
+    text must be what `tokenizer.decode` gives, special tokens kept or skipped."""
+    assert not tokenizer.clean_up_tokenization_spaces
+    ids = tokenizer.encode(" a <b> " + TEXT) + [tokenizer.eos_token_id] + tokenizer.encode(" after")
+    for skip in (True, False):
+        detok = Detokenizer(tokenizer, [], [], skip_special=skip)
+        assert detok.backend is tokenizer.backend_tokenizer
+        for t in ids:
+            detok.add_token(t)
+        assert detok.take(finished=True) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_decodes_through_transformers(tokenizer):
+    class CleaningUp:  # what decode would do differently: the detokenizer must not bypass it
+        clean_up_tokenization_spaces = True
+        backend_tokenizer = tokenizer.backend_tokenizer
+
+        def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).replace(" .", ".")
+
+    detok = Detokenizer(CleaningUp(), [], [], skip_special=True)
+    assert detok.backend is None
+    for t in tokenizer.encode(" end ."):
+        detok.add_token(t)
+    assert detok.take(finished=True) == " end."
