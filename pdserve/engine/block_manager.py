@@ -118,7 +118,8 @@ class BlockManager:
             return
         self.update_hashes(request)
         bs = self.block_size
-        for i in range(request.num_computed_tokens // bs):
+        full = request.num_computed_tokens // bs
+        for i in range(request.num_registered_blocks, full):  # only blocks that filled since last time
             block = self.blocks[request.block_ids[i]]
             if block.hash is not None:
                 continue
@@ -126,6 +127,7 @@ class BlockManager:
             block.parent = request.block_hashes[i - 1] if i else None
             block.token_ids = tuple(request.token_ids[i * bs : (i + 1) * bs])
             self.cached.setdefault(block.hash, block.block_id)
+        request.num_registered_blocks = max(request.num_registered_blocks, full)
 
     def free(self, request: Request) -> None:
         """Drop the request's references; tail blocks go first in line for eviction."""
@@ -138,6 +140,7 @@ class BlockManager:
                 if block.hash is None:
                     self.free_queue.move_to_end(block_id, last=False)
         request.block_ids = []
+        request.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         for block_id in self.free_queue:

@@ -73,6 +73,7 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0  # leading blocks already in the prefix cache (block_manager)
         self.logprobs: list[Logprob] = []
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()

@@ -454,3 +454,29 @@ def test_prefix_caching_disabled_never_hashes_or_hits() -> None:
     bm.free(a)
     assert bm.get_computed_blocks(make_request("b", list(range(9)))) == []
     assert_pool_free(bm)
+
+
+def test_cache_full_blocks_visits_each_block_once_per_allocation() -> None:
+    """Registration resumes where it stopped (a step costs the blocks that filled, not the whole
+    context), and starts over once the request's blocks are freed (preemption by recompute)."""
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    r = make_request("a", list(range(10)))  # 2 full blocks + 2 tokens
+    admit(bm, r)
+    compute(bm, r)
+    assert r.num_registered_blocks == 2
+    first = [bm.blocks[b].hash for b in r.block_ids[:2]]
+    bm.blocks[r.block_ids[0]].hash = None  # were block 0 visited again, it would get its hash back
+    for t in (10, 11):  # two decode steps fill block 2
+        r.append_token(t)
+        assert bm.allocate(r, 1)
+        compute(bm, r)
+    assert r.num_registered_blocks == 3 and bm.blocks[r.block_ids[0]].hash is None
+    assert bm.blocks[r.block_ids[2]].hash == block_hash(first[1], [8, 9, 10, 11])
+    bm.free(r)  # preempted: its next allocation registers from block 0 again
+    assert r.num_registered_blocks == 0
+    r.num_computed_tokens = 0
+    admit(bm, r)
+    compute(bm, r)
+    assert r.num_registered_blocks == 3 and all(bm.blocks[b].hash is not None for b in r.block_ids[:3])
+    bm.free(r)
+    assert_pool_free(bm)
