@@ -41,7 +41,7 @@ from pdserve.disagg.events import AbortPrefill, Event, KVReady, NewPrefill, Rele
 from pdserve.disagg.leases import LeaseRegistry
 from pdserve.disagg.peers import PeerTable
 from pdserve.disagg.transport.base import KVTransport
-from pdserve.disagg.transport.blocks import KVBlocks, pinned_bytes, write_blocks
+from pdserve.disagg.transport.blocks import KVBlocks, pinned_bytes, pool_block_bytes, write_blocks
 from pdserve.disagg.transport.shards import ShardedPool
 from pdserve.engine.kv_layout import block_major
 from pdserve.engine.request import Logprob, Request
@@ -106,9 +106,7 @@ class KVConnector:
         self.model_name = model_name
         self.transfer_timeout = transfer_timeout
         self.peer_timeout = peer_timeout
-        self.block_bytes = (
-            shards.block_bytes if shards is not None else kv_cache[:, :, 0].numel() * kv_cache.element_size()
-        )
+        self.block_bytes = pool_block_bytes(kv_cache, shards)
         self.lock = threading.Lock()
         self.incoming: dict[str, Incoming] = {}
         self.outgoing: dict[str, Outgoing] = {}

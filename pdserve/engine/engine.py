@@ -48,8 +48,7 @@ class Engine:
         self.model_name = path.rstrip("/").rsplit("/", 1)[-1]
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 4096))
         self.eos_token_ids = self._eos_ids(path)
-        share = config.disagg.enabled and config.model.tensor_parallel_size > 1  # rank 0 moves all the KV
-        cache = replace(config.cache, share_pool=share)
+        cache = replace(config.cache, share_pool=config.moves_sharded_kv)
         self.runner = ModelRunner(config.model, cache, self.hf_config, config.scheduler)
         pool_tokens = self.runner.num_blocks * config.cache.block_size
         self.max_model_len = min(config.model.max_model_len or model_max, model_max, pool_tokens)

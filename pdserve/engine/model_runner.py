@@ -139,8 +139,8 @@ class ModelRunner:
         if self.driver is not None and self.graphs is not None:
             self.driver.keep_if_failed(self.graphs)  # a rank lost mid-collective: destroying them would block
         if self.device.type == "cuda" and self.tp.rank == 0:
-            for step in warmup_steps(lay.block_size, self.num_blocks):  # every rank: through the driver
-                self.driver.run(step, self.run_step) if self.driver else self.run_step(step)
+            for step in warmup_steps(lay.block_size, self.num_blocks):
+                self._run_all_ranks(step)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.num_blocks,
@@ -200,13 +200,17 @@ class ModelRunner:
         else:
             step = self._step_inputs(chunks)
         with on_device(self.device):
-            logits = self.driver.run(step, self.run_step) if self.driver else self.run_step(step)  # all ranks
+            logits = self._run_all_ranks(step)
             rows = [i for i, c in enumerate(chunks) if c.samples]
             if logits is None or not rows:
                 return []
             if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
                 logits = logits[torch.tensor(rows, device=self.device)]
             return sample(logits, [chunks[i].request for i in rows])
+
+    def _run_all_ranks(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:
+        """Run a step on every rank (through the driver with tensor parallelism); rank 0's logits."""
+        return self.driver.run(step, self.run_step) if self.driver else self.run_step(step)
 
     @torch.inference_mode()
     def run_step(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:

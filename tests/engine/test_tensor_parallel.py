@@ -67,19 +67,29 @@ SHAPES = {  # each a different way to cut the model in two
 }
 
 
+def save_shape(name: str, tmp_path_factory: pytest.TempPathFactory, prefix: str = "tp") -> str:
+    """The small random-weight model of SHAPES[name], saved in a new temp dir."""
+    shape = {**SMALL, **SHAPES[name]}
+    path = str(tmp_path_factory.mktemp(f"{prefix}-{name}"))
+    return save_tiny_model(path, shape.pop("model_type"), **shape)
+
+
+def prompts_for(model: str, count: int) -> list[list[int]]:
+    """`count` prompts of 4, 9, 14, ... tokens in the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    return [tok.encode(t)[: 4 + 5 * i] for i, t in enumerate(TEXTS[:count])]
+
+
 @pytest.fixture(scope="module", params=list(SHAPES))
 def tiny_model(request, tmp_path_factory) -> str:
-    shape = {**SMALL, **SHAPES[request.param]}
-    path = str(tmp_path_factory.mktemp(f"tp-{request.param}"))
-    return save_tiny_model(path, shape.pop("model_type"), **shape)
+    return save_shape(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def tiny_prompts(tiny_model) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    return [tok.encode(t)[: 4 + 5 * i] for i, t in enumerate(TEXTS[:8])]  # 4 to 39 tokens
+    return prompts_for(tiny_model, 8)  # 4 to 39 tokens
 
 
 def _greedy(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:

@@ -14,23 +14,17 @@ from pdserve import LLM
 from pdserve.disagg.transport.shards import ShardedPool
 from pdserve.engine.kv_layout import allocate_kv_pool, block_major
 
-from .test_tensor_parallel import GREEDY, SHAPES, SMALL
-from .tiny_models import TEXTS, save_tiny_model
+from .test_tensor_parallel import GREEDY, prompts_for, save_shape
 
 
 @pytest.fixture(scope="module", params=["qwen2", "qwen3"])
 def tiny_model(request, tmp_path_factory) -> str:
-    shape = {**SMALL, **SHAPES[request.param]}
-    path = str(tmp_path_factory.mktemp(f"tp-pd-{request.param}"))
-    return save_tiny_model(path, shape.pop("model_type"), **shape)
+    return save_shape(request.param, tmp_path_factory, "tp-pd")
 
 
 @pytest.fixture(scope="module")
 def prompts(tiny_model) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    return [tok.encode(t)[: 4 + 5 * i] for i, t in enumerate(TEXTS[:6])]
+    return prompts_for(tiny_model, 6)
 
 
 @pytest.fixture(scope="module")

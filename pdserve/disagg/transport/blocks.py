@@ -36,6 +36,13 @@ def pinned_bytes(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
 
 
+def pool_block_bytes(pool: torch.Tensor, shards: ShardedPool | None = None) -> int:
+    """Bytes of one block on the wire: all layers, K and V, every KV head (all ranks' with `shards`)."""
+    if shards is not None:
+        return shards.block_bytes
+    return pool[:, :, 0].numel() * pool.element_size()
+
+
 def paired_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     """Split a block mapping into runs contiguous on both sides: (src_start, dst_start, length)."""
     runs: list[tuple[int, int, int]] = []
@@ -75,9 +82,7 @@ class KVBlocks:
 
     @property
     def block_bytes(self) -> int:
-        if self.shards is not None:
-            return self.shards.block_bytes
-        return self.pool[:, :, 0].numel() * self.pool.element_size()
+        return pool_block_bytes(self.pool, self.shards)
 
     @property
     def nbytes(self) -> int:
@@ -150,18 +155,19 @@ def write_blocks(
     src = as_payload_tensor(payload).view(pool.dtype)
     src = src.view(len(block_ids), *pool.shape[:2], pool.shape[3], heads, pool.shape[5])
     if not pool.is_cuda:
-        if shards is not None:
-            shards.write(block_ids, src.cpu())
-        else:
-            block_major(pool).index_copy_(0, torch.tensor(block_ids), src.cpu())
+        _put(pool, block_ids, src.cpu(), shards)
         return
     stream = copy_stream(pool.device)
     with torch.cuda.stream(stream):
-        if shards is not None:
-            shards.write(block_ids, src.to(pool.device, non_blocking=True))
-        else:
-            index = torch.tensor(block_ids, device=pool.device)
-            block_major(pool).index_copy_(0, index, src.to(pool.device, non_blocking=True))
+        _put(pool, block_ids, src.to(pool.device, non_blocking=True), shards)
         done = torch.cuda.Event()
         done.record(stream)
     done.synchronize()
+
+
+def _put(pool: torch.Tensor, block_ids: list[int], src: torch.Tensor, shards: ShardedPool | None) -> None:
+    """Enqueue the copy of a payload [n, layers, 2, ...] on `pool`'s device into blocks `block_ids`."""
+    if shards is not None:
+        shards.write(block_ids, src)
+    else:
+        block_major(pool).index_copy_(0, torch.tensor(block_ids, device=pool.device), src)

@@ -11,7 +11,7 @@ of one head: a gather reads one copy, a write fills them all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,15 +23,22 @@ class ShardedPool:
     tensors: list[torch.Tensor]  # per rank: [layers, 2, blocks, block_size, heads_r, head_dim]
     starts: list[int]  # the first KV head of each rank's shard
     num_heads: int  # the model's KV heads
+    # (shard, first head of it to read, heads to read): every head once, in order; made from the above
+    pieces: list[tuple[torch.Tensor, int, int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        pieces: list[tuple[torch.Tensor, int, int]] = []
         covered = 0
         for start, tensor in sorted(zip(self.starts, self.tensors, strict=True), key=lambda x: x[0]):
             if start > covered:
                 raise ValueError(f"KV heads {covered}..{start - 1} are in no shard")
-            covered = max(covered, start + tensor.shape[4])
+            end = start + tensor.shape[4]
+            if end > covered:  # a copy of heads already covered adds nothing to read
+                pieces.append((tensor, covered - start, end - covered))
+                covered = end
         if covered != self.num_heads:
             raise ValueError(f"the shards hold {covered} KV heads, the model has {self.num_heads}")
+        object.__setattr__(self, "pieces", pieces)
 
     @property
     def block_bytes(self) -> int:
@@ -39,22 +46,11 @@ class ShardedPool:
         t = self.tensors[0]
         return t.shape[0] * 2 * t.shape[3] * self.num_heads * t.shape[5] * t.element_size()
 
-    def _distinct(self) -> list[tuple[torch.Tensor, int, int]]:
-        """(shard, first head it adds, heads it adds) covering 0..num_heads once, in head order."""
-        out: list[tuple[torch.Tensor, int, int]] = []
-        covered = 0
-        for start, tensor in sorted(zip(self.starts, self.tensors, strict=True), key=lambda x: x[0]):
-            end = start + tensor.shape[4]
-            if end > covered:
-                out.append((tensor, covered - start, end - covered))
-                covered = end
-        return out
-
     def gather(self, block_ids: list[int], device: torch.device) -> torch.Tensor:
         """[n, layers, 2, block_size, num_heads, head_dim] on `device` (the wire order), enqueued on
         the current stream."""
         parts = []
-        for tensor, offset, count in self._distinct():
+        for tensor, offset, count in self.pieces:
             index = torch.tensor(block_ids, device=tensor.device)
             part = block_major(tensor).index_select(0, index)[:, :, :, :, offset : offset + count]
             parts.append(part.to(device, non_blocking=True))
