@@ -37,7 +37,7 @@ def _interpreter_ready() -> None:
 
 
 def _reference(rope: RotaryEmbedding, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple:
-    cos, sin = rope.cos[pos.cpu()].unsqueeze(1), rope.sin[pos.cpu()].unsqueeze(1)
+    cos, sin = rope.cos.cpu()[pos.cpu()].unsqueeze(1), rope.sin.cpu()[pos.cpu()].unsqueeze(1)
 
     def rot(x: torch.Tensor) -> torch.Tensor:
         x = x.float().cpu()
