@@ -9,9 +9,11 @@ The request has Qwen2.5-32B's KV shape by default: 64 layers, 8 KV heads, head_d
 KVConnector over a real transport with a synthetic pool (no model); the decode side reserves blocks
 and asks, the prefill side sends them when asked, one request at a time. The hand-off time runs from
 the prefill's `send_kv` call to the decode's KVReady event (one host clock: CLOCK_MONOTONIC); the
-sender time to when the prefill no longer reads its blocks. The decode side checks every byte of the
-first and last transfer. The ceiling is one large `copy_` from cuda:0 to cuda:1 in one process.
-With one GPU, both processes share it (and nccl is skipped: NCCL needs two).
+sender time to when the prefill no longer reads its blocks; for cuda_ipc, also the copy's own GPU
+time (CUDA events around the copies), which separates bandwidth from the control messages' latency.
+The decode side checks every byte of the first and last transfer. The ceiling is one large `copy_`
+from cuda:0 to cuda:1 in one process. With one GPU, both processes share it (and nccl is skipped:
+NCCL needs two).
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ def prefill_main(kind: str, args: argparse.Namespace, addr_q: Any, times_q: Any)
                 c.send_kv(request, SampleResult(1, None))
                 while ev.transfer_id in c.leases:  # the transport still reads our blocks
                     time.sleep(0)
-                times_q.put((ev.transfer_id, start, time.monotonic()))
+                read = time.monotonic()
+                copies = getattr(c.transport, "copy_seconds", None)  # cuda_ipc: the copy's GPU time
+                times_q.put((ev.transfer_id, start, read, copies[-1] if copies else None))
                 c.request_finished(request)
         time.sleep(0.0002)
 
@@ -135,14 +139,19 @@ def handoff(kind: str, args: argparse.Namespace, decode_device: str) -> dict[str
         decode.join(60)
         sent = {}
         while not times_q.empty():
-            tid, start, read = times_q.get()
-            sent[tid] = (start, read)
+            tid, start, read, copy_s = times_q.get()
+            sent[tid] = (start, read, copy_s)
     finally:
         prefill.kill()
     handoffs = [ready - sent[tid][0] for tid, ready in result["runs"]]
     sender = [sent[tid][1] - sent[tid][0] for tid, _ in result["runs"]]
+    copies = [sent[tid][2] for tid, _ in result["runs"] if sent[tid][2] is not None]
     median = statistics.median(handoffs)
+    gpu_copy = {"copy_median_s": statistics.median(copies)} if copies else {}
+    if copies:
+        gpu_copy["gbps_copy"] = result["bytes"] / gpu_copy["copy_median_s"] / 1e9
     return {
+        **gpu_copy,
         "path": result["path"],
         "bytes": result["bytes"],
         "handoff_median_s": median,
@@ -199,12 +208,15 @@ def main() -> None:
             continue
         r = handoff(kind, args, decode_device)
         r["fraction_of_ceiling"] = r["gbps"] / ceiling
+        if "gbps_copy" in r:
+            r["copy_fraction_of_ceiling"] = r["gbps_copy"] / ceiling
         report["transports"][kind] = r
         ms = r["handoff_median_s"] * 1e3
         print(
             f"{kind:9s} {r['bytes'] / 1e6:.0f} MB in {ms:.2f} ms: {r['gbps']:.1f} GB/s "
             f"({r['fraction_of_ceiling']:.0%} of the {ceiling:.0f} GB/s copy ceiling); "
-            f"sender done in {r['sender_median_s'] * 1e3:.2f} ms",
+            f"sender done in {r['sender_median_s'] * 1e3:.2f} ms"
+            + (f"; the copy itself {r['copy_median_s'] * 1e3:.2f} ms" if "copy_median_s" in r else ""),
             flush=True,
         )
     print(json.dumps(report, indent=2))

@@ -55,14 +55,15 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         dev = kv_caches[0].device
         n = self.buckets[-1]
-        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        # ids, positions, slots and context lengths: rows of one buffer, filled by one copy a step
+        self.rows = torch.zeros((4, n), dtype=torch.long, device=dev)
+        self.rows[2] = -1
+        self.ids, self.pos, self.slots, self.seq_lens = self.rows.unbind(0)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(n, dtype=torch.long, device=dev)
         self.tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, device=dev)
         pin = dev.type == "cuda"
         self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=pin)
+        self.host[2] = -1
         self.host_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, pin_memory=pin)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -116,8 +117,7 @@ class DecodeGraphs:
         width = max(len(t) for t in step.block_tables)
         self.host_tables[b:bucket, :width] = 0
         self.host_tables[:b, :width] = padded_rows(step.block_tables, width)
-        for dst, row in ((self.ids, 0), (self.pos, 1), (self.slots, 2), (self.seq_lens, 3)):
-            dst[:bucket].copy_(host[row, :bucket], non_blocking=True)
+        self.rows.copy_(host, non_blocking=True)  # whole rows: one contiguous copy (8 B x 4 x max batch)
         self.tables[:bucket, :width].copy_(self.host_tables[:bucket, :width], non_blocking=True)
         self.graphs[bucket].replay()
         return self.logits[bucket][:b]

@@ -3,7 +3,8 @@
 Order per row: penalties (repetition on prompt + output, presence/frequency on output) -> min_tokens
 masks EOS and stop ids -> greedy argmax, or temperature, top-k, top-p, min-p, then a draw. A request
 with a seed draws from its own generator, so its tokens do not depend on what else is in the batch.
-Logprobs are those of the model's raw distribution.
+Logprobs are those of the model's raw distribution. On CUDA, a batch whose rows are all greedy or
+temperature-only goes through one Triton launch instead (triton_sampler.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ class SampleResult:
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
     """logits: [num_rows, vocab], one row per request."""
+    if logits.is_cuda and all(_plain(r, logits.shape[1]) for r in requests):
+        from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
+
+        if HAS_TRITON:
+            drawn = triton_sample(logits, [r.params.temperature for r in requests]).tolist()
+            return [SampleResult(t, None) for t in drawn]
     logits = logits.float()
     raw = logits
     logits = logits.clone()
@@ -47,6 +54,22 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         )
         for i, (tok, req) in enumerate(zip(token_list, requests, strict=True))
     ]
+
+
+def _plain(req: Request, vocab: int) -> bool:
+    """Greedy or temperature alone: what the one-launch Triton sampler draws exactly."""
+    p = req.params
+    top_k_off = p.top_k <= 0 or p.top_k >= vocab
+    banning = req.num_output_tokens < p.min_tokens
+    return (
+        top_k_off
+        and p.top_p >= 1.0
+        and p.min_p == 0.0
+        and not p.has_penalties
+        and not banning
+        and req.generator is None
+        and p.logprobs is None
+    )
 
 
 def _apply_penalties(row: torch.Tensor, req: Request) -> None:

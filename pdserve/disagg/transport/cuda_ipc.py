@@ -103,23 +103,27 @@ def open_peer_pool(
     return open_pool(offer, local, in_process=same_process(me, peer))
 
 
-def write_blocks_direct(remote: torch.Tensor, blocks: KVBlocks, dst: list[int]) -> torch.cuda.Event:
+def write_blocks_direct(
+    remote: torch.Tensor, blocks: KVBlocks, dst: list[int]
+) -> tuple[torch.cuda.Event, torch.cuda.Event]:
     """Enqueue the copies of `blocks` into `remote`'s blocks `dst` on the side stream; return the
-    event that completes with the last of them."""
+    timing events recorded before the first and after the last of them (`done`: the write landed)."""
     local = blocks.pool
     stream = copy_stream(local.device)
     if blocks.ready is not None:
         stream.wait_event(blocks.ready)
     with torch.cuda.stream(stream):
+        began = torch.cuda.Event(enable_timing=True)
+        began.record(stream)
         theirs, ours = block_major(remote), block_major(local)
         for s, d, n in paired_runs(blocks.block_ids, dst):
             # one copy per run of blocks, every layer and K/V at once (was one per layer and K/V: 128
             # launches for a 64-layer model, the link idle between them); one memcpy when both pools
             # are block-major in memory
             theirs[d : d + n].copy_(ours[s : s + n], non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=True)
         done.record(stream)
-    return done
+    return began, done
 
 
 class Completions:

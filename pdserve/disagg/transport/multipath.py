@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -51,6 +52,7 @@ class MultiPathTransport(KVTransport):
         self.nccl: NcclPath | None = None
         self.remote_pools: dict[str, torch.Tensor] = {}  # prefill: peer -> its pool, opened by IPC
         self.completions: cuda_ipc.Completions | None = None
+        self.copy_seconds: deque[float] = deque(maxlen=256)  # GPU time of recent direct writes
         self.offered: dict[str, list[str]] = {}  # decode: peer -> kinds offered, until its ack
         self.chosen: dict[str, str] = {}  # peer -> the kind in use
         self.peer_ids: dict[str, dict[str, Any]] = {}  # peer -> its identity
@@ -206,7 +208,7 @@ class MultiPathTransport(KVTransport):
         if remote is None or self.completions is None:
             return False
         try:
-            done = cuda_ipc.write_blocks_direct(remote, blocks, msg.block_ids)
+            began, done = cuda_ipc.write_blocks_direct(remote, blocks, msg.block_ids)
         except RuntimeError as e:  # wait for whatever copies did start, then say it failed
             copy_stream(blocks.pool.device).synchronize()
             blocks.done()
@@ -216,6 +218,7 @@ class MultiPathTransport(KVTransport):
         def finish(ok: bool) -> None:
             blocks.done()
             if ok:
+                self.copy_seconds.append(began.elapsed_time(done) / 1e3)
                 self.tcp.send(peer, replace(msg, written=True))
             else:
                 self._failed(peer, msg, "direct KV write failed on the GPU")

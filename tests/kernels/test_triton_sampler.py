@@ -1,0 +1,117 @@
+"""The one-launch Triton sampler: greedy rows equal torch.argmax, temperature rows draw from
+softmax(logits / T) (a frequency test over many rows), a seed reproduces its draws, and the sampler
+module sends plain batches to it on CUDA.
+
+On CUDA the cases run on the GPU; without CUDA the small ones run under Triton's interpreter
+(TRITON_INTERPRET=1, set before the kernel is defined).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+from pdserve.engine.request import Request  # noqa: E402
+from pdserve.engine.sampling import SamplingParams  # noqa: E402
+from pdserve.layers import sampler, triton_sampler  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_ready() -> None:
+    if not CUDA and type(triton_sampler._sample_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("the kernel was defined before TRITON_INTERPRET=1 was set")
+
+
+CASES = [(1, 50, torch.float32), (6, 5000, torch.float32), (3, 9000, torch.float16)]
+GPU_CASES = [
+    pytest.param(128, 152064, torch.bfloat16, marks=gpu),
+    pytest.param(1, 151936, torch.bfloat16, marks=gpu),
+]
+
+
+@pytest.mark.parametrize("rows,vocab,dtype", CASES + GPU_CASES)
+def test_greedy_rows_are_the_argmax(rows: int, vocab: int, dtype: torch.dtype) -> None:
+    logits = torch.randn(rows, vocab).to(DEVICE, dtype)
+    logits[0, vocab - 1] = 30.0  # a winner in the last, partial block
+    got = triton_sampler.triton_sample(logits, [0.0] * rows)
+    assert torch.equal(got.cpu(), logits.float().argmax(dim=-1).cpu())
+
+
+def test_ties_go_to_the_first_index_like_torch() -> None:
+    logits = torch.zeros(2, 5000, device=DEVICE)
+    logits[0, [7, 4500]] = 1.0  # equal maxima in two different blocks
+    logits[1, [4100, 4200]] = 2.0
+    assert triton_sampler.triton_sample(logits, [0.0, 0.0]).tolist() == [7, 4100]
+
+
+def test_temperature_rows_draw_from_the_softmax() -> None:
+    rows, temp = 4000, 0.7
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5, -3.0, 0.2])
+    logits = base.repeat(rows, 1).to(DEVICE)
+    got = triton_sampler.triton_sample(logits, [temp] * rows, seed=1234).cpu()
+    freq = torch.bincount(got, minlength=8).float() / rows
+    want = (base / temp).softmax(-1)
+    assert (freq - want).abs().max() < 0.035, (freq, want)  # ~4.5 sigma at 4000 draws
+
+
+def test_a_seed_reproduces_and_a_new_seed_differs() -> None:
+    logits = torch.zeros(64, 1000, device=DEVICE)  # uniform: every draw is the noise alone
+    a = triton_sampler.triton_sample(logits, [1.0] * 64, seed=7)
+    b = triton_sampler.triton_sample(logits, [1.0] * 64, seed=7)
+    c = triton_sampler.triton_sample(logits, [1.0] * 64, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.unique().numel() > 40  # rows draw independently
+
+
+def test_mixed_greedy_and_temperature_rows() -> None:
+    logits = torch.randn(4, 3000, device=DEVICE)
+    logits[:, 11] = 50.0  # far ahead: temperature 1 picks it too
+    logits[2] = 0.0
+    got = triton_sampler.triton_sample(logits, [0.0, 1.0, 0.0, 1.0]).tolist()
+    assert got[0] == got[1] == got[3] == 11 and got[2] == 0
+
+
+@pytest.mark.parametrize(
+    "params,plain",
+    [
+        (SamplingParams(temperature=0.0), True),
+        (SamplingParams(temperature=0.8), True),
+        (SamplingParams(top_k=-1, top_p=1.0), True),
+        (SamplingParams(top_k=5), False),
+        (SamplingParams(top_p=0.9), False),
+        (SamplingParams(min_p=0.1), False),
+        (SamplingParams(seed=3), False),
+        (SamplingParams(logprobs=2), False),
+        (SamplingParams(repetition_penalty=1.1), False),
+        (SamplingParams(min_tokens=2, max_tokens=4), False),
+    ],
+)
+def test_which_requests_take_the_one_launch_path(params: SamplingParams, plain: bool) -> None:
+    assert sampler._plain(Request("r", [1, 2], params), 1000) is plain
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the dispatch picks the kernel for CUDA logits only")
+def test_sample_dispatches_plain_batches_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = triton_sampler.triton_sample
+    monkeypatch.setattr(triton_sampler, "triton_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logits = torch.randn(3, 2000, device=DEVICE)
+    greedy = [Request(f"r{i}", [1], SamplingParams(temperature=0.0)) for i in range(3)]
+    out = sampler.sample(logits, greedy)
+    assert calls and [r.token_id for r in out] == logits.argmax(-1).tolist()
+    calls.clear()
+    sampler.sample(logits, greedy[:2] + [Request("s", [1], SamplingParams(seed=1))])
+    assert not calls  # a seeded row sends the batch down the torch path
