@@ -57,6 +57,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-num-seqs", type=_positive, default=64)
     s.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
     s.add_argument("--max-waiting", type=_positive, default=512, help="waiting-queue bound; beyond it: 503")
+    s.add_argument(
+        "--no-overlap-outputs",
+        action="store_true",
+        help="build each step's outputs before launching the next (default: while the next runs)",
+    )
     s.add_argument("--block-size", type=_positive, default=16)
     s.add_argument("--num-blocks", type=_positive, default=None, help="KV pool size in blocks")
     s.add_argument(
@@ -172,6 +177,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting=args.max_waiting,
+        overlap_outputs=not args.no_overlap_outputs,
     )
     disagg = DisaggConfig(
         role=args.role,

@@ -1,5 +1,10 @@
 """Engine.step(): schedule -> run -> update. Owns the scheduler, the runner and per-request detokenizers.
 
+A step is launched, not waited for: the next step() collects its tokens (stop tokens, lengths, KV
+hand-off), launches the following step, and only then detokenizes and builds the collected step's
+outputs, so that host work overlaps the GPU. A request stopped by a stop string in that last part has
+already been launched once more; that token is dropped when collected (request.is_finished).
+
 Single-threaded by design: AsyncEngine drives it from one thread. Text exists only here and above;
 the scheduler and runner see token ids. With a KV connector (role prefill or decode), each step first
 applies what arrived from peers: prompts to prefill for a decode instance, KV that landed for ours.
@@ -8,6 +13,7 @@ applies what arrived from peers: prompts to prefill for a decode instance, KV th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -37,6 +43,7 @@ from pdserve.layers.sampler import SampleResult
 from pdserve.models.prepare import resolve_model, tokenizer_path
 
 logger = logging.getLogger(__name__)
+Token = tuple[Request, SampleResult]  # a sampled token appended to its request, not yet detokenized
 
 
 class Engine:
@@ -59,6 +66,8 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.connector)
         self.detokenizers: dict[str, Detokenizer] = {}
         self.pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
+        # the step launched on the device, and the call that waits for its sampled tokens
+        self.in_flight: tuple[SchedulerOutput, Callable[[], list[SampleResult]]] | None = None
         self.num_steps = 0
         self.num_prefill_tokens = 0  # prompt tokens this instance ran through the model
         self.idle = False  # the last step had nothing to compute (all waiting on peers or blocks)
@@ -144,50 +153,82 @@ class Engine:
         self.pending.append(self._output(request, [], []))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self.pending)
+        return self.scheduler.has_unfinished or bool(self.pending) or self.in_flight is not None
 
     def step(self) -> list[RequestOutput]:
+        """Collect the step on the GPU (if any), launch the next, then build the collected step's
+        outputs while the new one runs (SchedulerConfig.overlap_outputs; else each step is waited for
+        before its outputs are built)."""
         outputs, self.pending = self.pending, []
+        tokens = self._collect()
         if self.connector is not None:
-            outputs += self._apply_events(self.connector.poll())
-            if outputs:  # first tokens that arrived with their KV go out now, not after a model step
+            arrived = self._apply_events(self.connector.poll())
+            if arrived:  # first tokens that arrived with their KV go out now, not after a model step
                 self.idle = False
-                return outputs
+                return outputs + arrived + self._emit(tokens)
         sched = self.scheduler.schedule()
-        self.idle = sched.is_empty and not outputs
-        if sched.is_empty:
-            return outputs
-        sched.chunks.sort(key=lambda c: c.num_tokens != 1)  # decodes first, as the runner wants
-        results = self.runner.execute(sched.chunks)
-        return outputs + self._update(sched, results)
+        self.idle = sched.is_empty and not outputs and not tokens
+        if not sched.is_empty:
+            sched.chunks.sort(key=lambda c: c.num_tokens != 1)  # decodes first, as the runner wants
+            self.in_flight = (sched, self.runner.launch(sched.chunks))
+            if not self.config.scheduler.overlap_outputs:
+                tokens += self._collect()
+        return outputs + self._emit(tokens)
 
-    def _update(self, sched: SchedulerOutput, results: list[SampleResult]) -> list[RequestOutput]:
+    def _collect(self) -> list[Token]:
+        """Wait for the step in flight and apply its tokens to the requests (stop tokens, lengths,
+        KV hand-off); what is left for the client (text, stop strings) is returned for _emit."""
+        if self.in_flight is None:
+            return []
+        sched, results = self.in_flight
+        self.in_flight = None
+        return self._update(sched, results())
+
+    def _update(self, sched: SchedulerOutput, results: list[SampleResult]) -> list[Token]:
         sampling = [c.request for c in sched.chunks if c.samples]
         self.num_steps += 1
         self.num_prefill_tokens += sum(
             max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start) for c in sched.chunks
         )
         self.scheduler.update_computed(sched)
-        outputs = []
+        tokens = []
         for request, result in zip(sampling, results, strict=True):
+            if request.is_finished:  # stopped by a string or aborted while this step ran: not a token
+                continue
             if self.connector is not None and self.connector.sends_kv(request):
                 self.connector.send_kv(request, result)  # the decode instance answers the client
                 self._finish_silently(request, RequestStatus.FINISHED_STOPPED)
             else:
-                outputs.append(self._accept(request, result))
-        return outputs
+                self._append(request, result)
+                tokens.append((request, result))
+        return tokens
 
-    def _accept(self, request: Request, result: SampleResult) -> RequestOutput:
-        """Append a sampled token, check every stop condition, and say what the client gets."""
+    def _append(self, request: Request, result: SampleResult) -> None:
+        """A sampled token joins the request; stop tokens and lengths end it here."""
         request.append_token(result.token_id)
         if result.logprob is not None:
             request.logprobs.append(result.logprob)
         status = request.check_stop_token()
-        if self.detokenizers[request.request_id].add_token(result.token_id) and status is None:
-            status = RequestStatus.FINISHED_STOPPED
         if status is not None:
             self.scheduler.finish_request(request, status)
-        return self._output(request, [result.token_id], [result.logprob] if result.logprob else [])
+
+    def _emit(self, tokens: list[Token]) -> list[RequestOutput]:
+        """Detokenize appended tokens, end requests whose text hit a stop string, build outputs."""
+        outputs = []
+        for request, result in tokens:
+            detok = self.detokenizers.get(request.request_id)
+            if detok is None:  # ended without a word to the client meanwhile
+                continue
+            if detok.add_token(result.token_id) and not request.is_finished:
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+            logprobs = [result.logprob] if result.logprob else []
+            outputs.append(self._output(request, [result.token_id], logprobs))
+        return outputs
+
+    def _accept(self, request: Request, result: SampleResult) -> RequestOutput:
+        """Append a sampled token, check every stop condition, and say what the client gets."""
+        self._append(request, result)
+        return self._emit([(request, result)])[0]
 
     def _finish_silently(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish_request(request, status)

@@ -48,6 +48,7 @@ class LLM:
         tokenizer: str | None = None,
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
+        overlap_outputs: bool = True,
         tensor_parallel_size: int = 1,
         prefill_tensor_parallel_size: int | None = None,  # the prefill engines' TP (default: the same)
         prefill: int = 0,
@@ -71,7 +72,10 @@ class LLM:
                 block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=1 << 30
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_waiting=1 << 30,
+                overlap_outputs=overlap_outputs,
             ),
         )
         if (prefill > 0) != (decode > 0):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.warmup import warmup_steps
 from pdserve.layers.attention.backend import get_backend_class
 from pdserve.layers.attention.metadata import AttentionMetadata
-from pdserve.layers.sampler import SampleResult, sample
+from pdserve.layers.sampler import SampleResult, sample_later
 from pdserve.models.llama import head_dim_of
 from pdserve.models.loader import build_model
 
@@ -187,12 +188,17 @@ class ModelRunner:
         if self.driver is not None:
             self.driver.close()
 
-    @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[SampleResult]:
         """Run the chunks (decodes first) through the model; sample for the chunks that reach the end.
 
         Returns one result per sampling chunk, in the order of `chunks`.
         """
+        return self.launch(chunks)()
+
+    @torch.inference_mode()
+    def launch(self, chunks: list[ScheduledChunk]) -> Callable[[], list[SampleResult]]:
+        """Queue a step (as execute); the returned call waits for its results. On a GPU the host is
+        free in between: the engine builds the previous step's outputs there."""
         graphs = self.graphs
         step: StepInputs | DecodeInputs
         if graphs is not None and len(chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in chunks):
@@ -203,10 +209,10 @@ class ModelRunner:
             logits = self._run_all_ranks(step)
             rows = [i for i, c in enumerate(chunks) if c.samples]
             if logits is None or not rows:
-                return []
+                return lambda: []
             if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
                 logits = logits[torch.tensor(rows, device=self.device)]
-            return sample(logits, [chunks[i].request for i in rows])
+            return sample_later(logits, [chunks[i].request for i in rows])
 
     def _run_all_ranks(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:
         """Run a step on every rank (through the driver with tensor parallelism); rank 0's logits."""

@@ -192,5 +192,7 @@ class Scheduler:
     def update_computed(self, out: SchedulerOutput) -> None:
         """After the model ran: the scheduled tokens' KV is in the cache."""
         for chunk in out.chunks:
+            if chunk.request.is_finished:  # ended while the step ran (stop string, abort): blocks freed
+                continue
             chunk.request.num_computed_tokens += chunk.num_tokens
             self.bm.cache_full_blocks(chunk.request)

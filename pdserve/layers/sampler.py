@@ -9,6 +9,7 @@ temperature-only goes through one Triton launch instead (triton_sampler.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +23,22 @@ class SampleResult:
     logprob: Logprob | None
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
-    """logits: [num_rows, vocab], one row per request."""
+def sample_later(logits: torch.Tensor, requests: list[Request]) -> Callable[[], list[SampleResult]]:
+    """Queue the sampling of logits [num_rows, vocab] (one row per request); the returned call waits
+    for the tokens. On CUDA with the one-launch sampler nothing waits until then: the host can do
+    other work while the GPU finishes the step."""
     if logits.is_cuda and all(_plain(r, logits.shape[1]) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
         if HAS_TRITON:
-            drawn = triton_sample(logits, [r.params.temperature for r in requests]).tolist()
-            return [SampleResult(t, None) for t in drawn]
+            drawn = triton_sample(logits, [r.params.temperature for r in requests])
+            return lambda: [SampleResult(t, None) for t in drawn.tolist()]
+    results = sample(logits, requests)
+    return lambda: results
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+    """logits: [num_rows, vocab], one row per request (the torch path; see sample_later)."""
     logits = logits.float()
     raw = logits
     logits = logits.clone()

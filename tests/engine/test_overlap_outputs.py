@@ -1,0 +1,89 @@
+"""Outputs built while the next step runs (SchedulerConfig.overlap_outputs): the same tokens, text and
+finish reasons as an engine that waits for each step, stop strings that hit after the next step was
+launched drop that step's token, aborts of a request in flight free everything, and the overlap
+really happens (detokenizing runs while a step is in flight)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.detokenizer import Detokenizer
+from pdserve.engine.llm import LLM
+from pdserve.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir: str) -> tuple[LLM, LLM]:
+    return (
+        LLM(model_dir, num_blocks=256, enable_prefix_caching=False),
+        LLM(model_dir, num_blocks=256, enable_prefix_caching=False, overlap_outputs=False),
+    )
+
+
+def test_detokenizing_runs_while_the_next_step_is_in_flight(
+    engines: tuple[LLM, LLM], monkeypatch: pytest.MonkeyPatch, prompt_ids: list[list[int]]
+) -> None:
+    seen: dict[str, list[bool]] = {"on": [], "off": []}
+    real = Detokenizer.add_token
+    for name, llm in zip(("on", "off"), engines, strict=True):
+        engine = llm.engines[0]
+
+        def add_token(self: Detokenizer, token_id: int, engine=engine, name=name) -> bool:  # type: ignore[no-untyped-def]
+            seen[name].append(engine.in_flight is not None)
+            return real(self, token_id)
+
+        monkeypatch.setattr(Detokenizer, "add_token", add_token)
+        llm.generate_ids(prompt_ids[:3], GREEDY)
+    assert len(seen["on"]) == len(seen["off"]) == 60
+    assert sum(seen["on"]) >= 57  # all but the last step's tokens (and nothing left to launch then)
+    assert not any(seen["off"])
+
+
+def test_stop_strings_give_what_a_waiting_engine_gives(
+    engines: tuple[LLM, LLM], prompt_ids: list[list[int]]
+) -> None:
+    overlapped, waiting = engines
+    free = waiting.generate_ids(prompt_ids[:6], GREEDY)
+    stops = [c.text[len(c.text) // 2 : len(c.text) // 2 + 3] for c in free]  # hit mid-way through
+    for ids, stop, whole in zip(prompt_ids[:6], stops, free, strict=True):
+        params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[stop])
+        a, b = overlapped.generate_ids([ids], params)[0], waiting.generate_ids([ids], params)[0]
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        assert a.finish_reason == "stop" and stop not in a.text and whole.text.startswith(a.text)
+        assert a.token_ids == whole.token_ids[: len(a.token_ids)] and len(a.token_ids) < 20
+    for llm in engines:
+        assert llm.engines[0].check_pool_free()
+
+
+def test_batched_stop_strings_and_lengths_leave_the_pool_free(
+    engines: tuple[LLM, LLM], prompt_ids: list[list[int]]
+) -> None:
+    overlapped, waiting = engines
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop=[" the", "\n"])
+    a = overlapped.generate_ids(prompt_ids, params)
+    b = waiting.generate_ids(prompt_ids, params)
+    assert [(c.token_ids, c.text, c.finish_reason) for c in a] == [
+        (c.token_ids, c.text, c.finish_reason) for c in b
+    ]
+    assert overlapped.engines[0].check_pool_free()
+
+
+def test_an_abort_while_its_step_is_in_flight(engines: tuple[LLM, LLM], prompt_ids: list[list[int]]) -> None:
+    engine = engines[0].engines[0]
+    engine.add_request("keep", prompt_ids[0], GREEDY)
+    engine.add_request("drop", prompt_ids[1], GREEDY)
+    outputs = []
+    while engine.in_flight is None or len(outputs) < 6:
+        outputs += engine.step()
+    assert any(c.request.request_id == "drop" for c in engine.in_flight[0].chunks)
+    engine.abort_request("drop")
+    while engine.has_unfinished():
+        outputs += engine.step()
+    drop = [o for o in outputs if o.request_id == "drop"]
+    assert drop[-1].finished and drop[-1].finish_reason == "abort" and not drop[-1].new_token_ids
+    assert sum(o.finished for o in drop) == 1  # the in-flight token never shows up after the abort
+    keep = [t for o in outputs if o.request_id == "keep" for t in o.new_token_ids]
+    assert len(keep) == 20
+    assert engine.check_pool_free()
