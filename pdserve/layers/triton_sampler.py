@@ -39,7 +39,7 @@ if HAS_TRITON:
         for start in range(0, VOCAB, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < VOCAB
-            x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            x = tl.load(base + offs, mask=mask, other=-3.0e38).to(tl.float32)  # finite: x * 0 is no NaN
             u = tl.rand(seed, row * VOCAB + offs)  # [0, 1)
             gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
             score = tl.where(inv_t > 0, x * inv_t + gumbel, x)

@@ -57,13 +57,13 @@ def test_ties_go_to_the_first_index_like_torch() -> None:
 
 
 def test_temperature_rows_draw_from_the_softmax() -> None:
-    rows, temp = 4000, 0.7
+    rows, temp = (4000 if CUDA else 1500), 0.7  # the interpreter runs one program at a time
     base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5, -3.0, 0.2])
     logits = base.repeat(rows, 1).to(DEVICE)
     got = triton_sampler.triton_sample(logits, [temp] * rows, seed=1234).cpu()
     freq = torch.bincount(got, minlength=8).float() / rows
     want = (base / temp).softmax(-1)
-    assert (freq - want).abs().max() < 0.035, (freq, want)  # ~4.5 sigma at 4000 draws
+    assert (freq - want).abs().max() < 4.5 * (0.25 / rows) ** 0.5, (freq, want)  # 4.5 sigma at worst
 
 
 def test_a_seed_reproduces_and_a_new_seed_differs() -> None:
