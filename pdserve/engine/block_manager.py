@@ -100,6 +100,11 @@ class BlockManager:
 
         All or nothing: returns False and changes nothing when the pool is short.
         """
+        if (
+            not computed
+            and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size
+        ):
+            return True  # its last block has room: most decode steps
         computed = computed or []
         if not self.can_allocate(request, num_new_tokens, computed):
             return False
@@ -114,11 +119,11 @@ class BlockManager:
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's newly computed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
-        self.update_hashes(request)
         bs = self.block_size
         full = request.num_computed_tokens // bs
+        if not self.enable_prefix_caching or full <= request.num_registered_blocks:
+            return  # no block filled since the last call: most decode steps
+        self.update_hashes(request)
         for i in range(request.num_registered_blocks, full):  # only blocks that filled since last time
             block = self.blocks[request.block_ids[i]]
             if block.hash is not None:
