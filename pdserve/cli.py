@@ -60,7 +60,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--no-overlap-outputs",
         action="store_true",
-        help="build each step's outputs before launching the next (default: while the next runs)",
+        help="build each step's outputs before launching the next (default on CUDA: while the next runs)",
     )
     s.add_argument("--block-size", type=_positive, default=16)
     s.add_argument("--num-blocks", type=_positive, default=None, help="KV pool size in blocks")
@@ -177,7 +177,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting=args.max_waiting,
-        overlap_outputs=not args.no_overlap_outputs,
+        overlap_outputs=False if args.no_overlap_outputs else None,
     )
     disagg = DisaggConfig(
         role=args.role,

@@ -71,6 +71,8 @@ class Engine:
         self.num_steps = 0
         self.num_prefill_tokens = 0  # prompt tokens this instance ran through the model
         self.idle = False  # the last step had nothing to compute (all waiting on peers or blocks)
+        overlap = config.scheduler.overlap_outputs
+        self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
 
     def _make_connector(self) -> KVConnector:
         d = self.config.disagg
@@ -171,7 +173,7 @@ class Engine:
         if not sched.is_empty:
             sched.chunks.sort(key=lambda c: c.num_tokens != 1)  # decodes first, as the runner wants
             self.in_flight = (sched, self.runner.launch(sched.chunks))
-            if not self.config.scheduler.overlap_outputs:
+            if not self.overlap:
                 tokens += self._collect()
         return outputs + self._emit(tokens)
 

@@ -48,7 +48,7 @@ class LLM:
         tokenizer: str | None = None,
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
-        overlap_outputs: bool = True,
+        overlap_outputs: bool | None = None,  # None: on CUDA only
         tensor_parallel_size: int = 1,
         prefill_tensor_parallel_size: int | None = None,  # the prefill engines' TP (default: the same)
         prefill: int = 0,

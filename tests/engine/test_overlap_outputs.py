@@ -1,4 +1,5 @@
-"""Outputs built while the next step runs (SchedulerConfig.overlap_outputs): the same tokens, text and
+"""Outputs built while the next step runs (SchedulerConfig.overlap_outputs, forced on: by default only
+CUDA overlaps, where a launch returns before the step ends): the same tokens, text and
 finish reasons as an engine that waits for each step, stop strings that hit after the next step was
 launched drop that step's token, aborts of a request in flight free everything, and the overlap
 really happens (detokenizing runs while a step is in flight)."""
@@ -17,7 +18,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 @pytest.fixture(scope="module")
 def engines(model_dir: str) -> tuple[LLM, LLM]:
     return (
-        LLM(model_dir, num_blocks=256, enable_prefix_caching=False),
+        LLM(model_dir, num_blocks=256, enable_prefix_caching=False, overlap_outputs=True),  # on CPU too
         LLM(model_dir, num_blocks=256, enable_prefix_caching=False, overlap_outputs=False),
     )
 
@@ -68,6 +69,10 @@ def test_batched_stop_strings_and_lengths_leave_the_pool_free(
         (c.token_ids, c.text, c.finish_reason) for c in b
     ]
     assert overlapped.engines[0].check_pool_free()
+
+
+def test_the_default_overlaps_on_cuda_only(model_dir: str) -> None:
+    assert not LLM(model_dir, num_blocks=64).engines[0].overlap  # CPU: a launch is the whole step
 
 
 def test_an_abort_while_its_step_is_in_flight(engines: tuple[LLM, LLM], prompt_ids: list[list[int]]) -> None:
