@@ -106,8 +106,9 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
-    def run(self, step: DecodeInputs) -> torch.Tensor:
-        """Replay the smallest bucket that holds the step; returns [b, vocab] logits."""
+    def run(self, step: DecodeInputs, ahead: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the smallest bucket that holds the step; returns [b, vocab] logits. `ahead`: device
+        input ids of the first rows, copied over the host's (a device-to-device copy, no wait)."""
         b = len(step.token_ids)
         bucket = next(s for s in self.buckets if s >= b)
         host = self.host
@@ -118,6 +119,8 @@ class DecodeGraphs:
         self.host_tables[b:bucket, :width] = 0
         self.host_tables[:b, :width] = padded_rows(step.block_tables, width)
         self.rows.copy_(host, non_blocking=True)  # whole rows: one contiguous copy (8 B x 4 x max batch)
+        if ahead is not None:
+            self.ids[: ahead.numel()].copy_(ahead)
         self.tables[:bucket, :width].copy_(self.host_tables[:bucket, :width], non_blocking=True)
         self.graphs[bucket].replay()
         return self.logits[bucket][:b]

@@ -3,7 +3,8 @@
 A step is launched, not waited for: the next step() collects its tokens (stop tokens, lengths, KV
 hand-off), launches the following step, and only then detokenizes and builds the collected step's
 outputs, so that host work overlaps the GPU. A request stopped by a stop string in that last part has
-already been launched once more; that token is dropped when collected (request.is_finished).
+already been launched once more; that token is dropped when collected (request.is_finished). In a
+steady decode batch the next step is even launched before the previous one is collected (ahead.py).
 
 Single-threaded by design: AsyncEngine drives it from one thread. Text exists only here and above;
 the scheduler and runner see token ids. With a KV connector (role prefill or decode), each step first
@@ -13,7 +14,6 @@ applies what arrived from peers: prompts to prefill for a decode instance, KV th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +31,7 @@ from pdserve.disagg.connector import (
     TransferFailed,
 )
 from pdserve.disagg.transport.base import make_transport
+from pdserve.engine.ahead import InFlight, can_run_ahead, schedule_ahead
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import ModelRunner
@@ -66,8 +67,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.connector)
         self.detokenizers: dict[str, Detokenizer] = {}
         self.pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
-        # the step launched on the device, and the call that waits for its sampled tokens
-        self.in_flight: tuple[SchedulerOutput, Callable[[], list[SampleResult]]] | None = None
+        self.in_flight: InFlight | None = None  # the step launched on the device, not yet collected
         self.num_steps = 0
         self.num_prefill_tokens = 0  # prompt tokens this instance ran through the model
         self.idle = False  # the last step had nothing to compute (all waiting on peers or blocks)
@@ -162,6 +162,8 @@ class Engine:
         outputs while the new one runs (SchedulerConfig.overlap_outputs; else each step is waited for
         before its outputs are built)."""
         outputs, self.pending = self.pending, []
+        if self.overlap and self._ahead_possible():
+            return outputs + self._step_ahead()
         tokens = self._collect()
         if self.connector is not None:
             arrived = self._apply_events(self.connector.poll())
@@ -172,29 +174,55 @@ class Engine:
         self.idle = sched.is_empty and not outputs and not tokens
         if not sched.is_empty:
             sched.chunks.sort(key=lambda c: c.num_tokens != 1)  # decodes first, as the runner wants
-            self.in_flight = (sched, self.runner.launch(sched.chunks))
+            self._launch(sched)
             if not self.overlap:
                 tokens += self._collect()
         return outputs + self._emit(tokens)
 
+    def _launch(self, sched: SchedulerOutput, ahead: InFlight | None = None) -> None:
+        """Queue a step on the runner; what depends on the requests' state now is decided now."""
+        flight = InFlight(
+            sched,
+            self.runner.launch(sched.chunks, ahead.pending.token_ids if ahead else None),
+            [c.request for c in sched.chunks if c.samples],
+            sum(
+                max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start)
+                for c in sched.chunks
+            ),
+        )
+        self.in_flight = flight
+
+    def _ahead_possible(self) -> bool:
+        flight = self.in_flight
+        if flight is None or not self.runner.can_run_ahead:
+            return False
+        return can_run_ahead(flight, self.scheduler, self.connector, int(self.hf_config.vocab_size))
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """Launch step N+1 behind step N (engine/ahead.py), then collect N and build its outputs."""
+        flight = self.in_flight
+        assert flight is not None
+        self.scheduler.update_computed(flight.sched)
+        flight.computed_applied = True
+        self._launch(schedule_ahead(flight, self.scheduler), ahead=flight)
+        self.idle = False
+        tokens = self._update(flight, flight.pending.wait())
+        arrived = self._apply_events(self.connector.poll()) if self.connector is not None else []
+        return arrived + self._emit(tokens)
+
     def _collect(self) -> list[Token]:
         """Wait for the step in flight and apply its tokens to the requests (stop tokens, lengths,
         KV hand-off); what is left for the client (text, stop strings) is returned for _emit."""
-        if self.in_flight is None:
-            return []
-        sched, results = self.in_flight
-        self.in_flight = None
-        return self._update(sched, results())
+        flight, self.in_flight = self.in_flight, None
+        return self._update(flight, flight.pending.wait()) if flight is not None else []
 
-    def _update(self, sched: SchedulerOutput, results: list[SampleResult]) -> list[Token]:
-        sampling = [c.request for c in sched.chunks if c.samples]
+    def _update(self, flight: InFlight, results: list[SampleResult]) -> list[Token]:
         self.num_steps += 1
-        self.num_prefill_tokens += sum(
-            max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start) for c in sched.chunks
-        )
-        self.scheduler.update_computed(sched)
+        self.num_prefill_tokens += flight.prefill_tokens
+        if not flight.computed_applied:
+            self.scheduler.update_computed(flight.sched)
         tokens = []
-        for request, result in zip(sampling, results, strict=True):
+        for request, result in zip(flight.sampling, results, strict=True):
             if request.is_finished:  # stopped by a string or aborted while this step ran: not a token
                 continue
             if self.connector is not None and self.connector.sends_kv(request):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.warmup import warmup_steps
 from pdserve.layers.attention.backend import get_backend_class
 from pdserve.layers.attention.metadata import AttentionMetadata
-from pdserve.layers.sampler import SampleResult, sample_later
+from pdserve.layers.sampler import PendingSample, SampleResult, sample_later
 from pdserve.models.llama import head_dim_of
 from pdserve.models.loader import build_model
 
@@ -193,12 +192,19 @@ class ModelRunner:
 
         Returns one result per sampling chunk, in the order of `chunks`.
         """
-        return self.launch(chunks)()
+        return self.launch(chunks).wait()
+
+    @property
+    def can_run_ahead(self) -> bool:
+        """Can a step take its first rows' input ids from a device tensor (launch's `ahead`)?"""
+        return self.driver is None  # worker ranks get host inputs only
 
     @torch.inference_mode()
-    def launch(self, chunks: list[ScheduledChunk]) -> Callable[[], list[SampleResult]]:
-        """Queue a step (as execute); the returned call waits for its results. On a GPU the host is
-        free in between: the engine builds the previous step's outputs there."""
+    def launch(self, chunks: list[ScheduledChunk], ahead: torch.Tensor | None = None) -> PendingSample:
+        """Queue a step (as execute); `wait()` on the result gives its tokens. On a GPU the host is
+        free in between: the engine builds the previous step's outputs there. `ahead`: the input ids
+        of the first len(ahead) chunks (decodes whose token the previous step is still sampling)."""
+        assert ahead is None or self.can_run_ahead
         graphs = self.graphs
         step: StepInputs | DecodeInputs
         if graphs is not None and len(chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in chunks):
@@ -206,10 +212,10 @@ class ModelRunner:
         else:
             step = self._step_inputs(chunks)
         with on_device(self.device):
-            logits = self._run_all_ranks(step)
+            logits = self.run_step(step, ahead) if ahead is not None else self._run_all_ranks(step)
             rows = [i for i, c in enumerate(chunks) if c.samples]
             if logits is None or not rows:
-                return lambda: []
+                return PendingSample(None, lambda: [])
             if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
                 logits = logits[torch.tensor(rows, device=self.device)]
             return sample_later(logits, [chunks[i].request for i in rows])
@@ -219,12 +225,17 @@ class ModelRunner:
         return self.driver.run(step, self.run_step) if self.driver else self.run_step(step)
 
     @torch.inference_mode()
-    def run_step(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:
-        """This rank's forward pass of one step: the logits of the sampling rows (None: no such row)."""
+    def run_step(
+        self, step: StepInputs | DecodeInputs, ahead: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """This rank's forward pass of one step: the logits of the sampling rows (None: no such row).
+        `ahead`: device input ids for the first rows (see launch)."""
         if isinstance(step, DecodeInputs):
             assert self.graphs is not None
-            return self.graphs.run(step)
+            return self.graphs.run(step, ahead)
         input_ids, positions, meta = self._device_inputs(step)
+        if ahead is not None:  # decodes come first, one token each
+            input_ids[: ahead.numel()].copy_(ahead)
         rows = torch.tensor(step.logit_rows, device=self.device)  # before the forward: no sync inside it
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
         return self.model.compute_logits(hidden[rows]) if step.logit_rows else None
@@ -234,7 +245,7 @@ class ModelRunner:
         step = DecodeInputs([], [], [], [], [])
         for c in chunks:
             req, p = c.request, c.start
-            step.token_ids.append(req.token_ids[p])
+            step.token_ids.append(req.token_ids[p] if p < req.num_tokens else 0)  # else: an ahead chunk
             step.positions.append(p)
             step.slots.append(req.block_ids[p // bs] * bs + p % bs)
             step.seq_lens.append(p + 1)
@@ -251,6 +262,7 @@ class ModelRunner:
         for c in chunks:
             req, start, end = c.request, c.start, c.start + c.num_tokens
             ids.extend(req.token_ids[start:end])
+            ids.extend([0] * (end - max(start, req.num_tokens)) if end > req.num_tokens else [])  # ahead
             pos.extend(range(start, end))
             slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, end))
             starts.append(starts[-1] + c.num_tokens)

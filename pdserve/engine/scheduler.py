@@ -31,6 +31,7 @@ class ScheduledChunk:
 
     request: Request
     num_tokens: int
+    ahead: bool = False  # a decode of the token the step before is still sampling (engine/ahead.py)
 
     @property
     def start(self) -> int:
@@ -39,7 +40,7 @@ class ScheduledChunk:
     @property
     def samples(self) -> bool:
         """Does this chunk reach the end of the known tokens, so that the step samples a new one?"""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.ahead or self.start + self.num_tokens == self.request.num_tokens
 
 
 @dataclass

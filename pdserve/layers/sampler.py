@@ -23,18 +23,28 @@ class SampleResult:
     logprob: Logprob | None
 
 
-def sample_later(logits: torch.Tensor, requests: list[Request]) -> Callable[[], list[SampleResult]]:
-    """Queue the sampling of logits [num_rows, vocab] (one row per request); the returned call waits
-    for the tokens. On CUDA with the one-launch sampler nothing waits until then: the host can do
-    other work while the GPU finishes the step."""
+@dataclass
+class PendingSample:
+    """A step's sampling, queued: the ids on the model's device (row order; a next step can take them
+    as input before the host sees them) and the call that waits for the results."""
+
+    token_ids: torch.Tensor | None
+    wait: Callable[[], list[SampleResult]]
+
+
+def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+    """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA with the
+    one-launch sampler nothing waits until `wait()`: the host can do other work while the GPU
+    finishes the step."""
     if logits.is_cuda and all(_plain(r, logits.shape[1]) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
         if HAS_TRITON:
             drawn = triton_sample(logits, [r.params.temperature for r in requests])
-            return lambda: [SampleResult(t, None) for t in drawn.tolist()]
+            return PendingSample(drawn, lambda: [SampleResult(t, None) for t in drawn.tolist()])
     results = sample(logits, requests)
-    return lambda: results
+    ids = torch.tensor([r.token_id for r in results], dtype=torch.long).to(logits.device)
+    return PendingSample(ids, lambda: results)
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:

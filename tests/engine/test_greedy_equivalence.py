@@ -51,3 +51,20 @@ def test_preemption(model_dir, prompt_ids, hf_greedy):
     tiny = LLM(model_dir, num_blocks=40, block_size=4, enable_prefix_caching=False)
     _check(tiny, prompt_ids, hf_greedy)
     assert tiny.engine.stats().num_preemptions > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_blocks": 512, "enable_prefix_caching": False},
+        {"num_blocks": 512, "block_size": 4},  # prefix cache, with ahead steps filling blocks
+        {"num_blocks": 40, "block_size": 4, "enable_prefix_caching": False},  # preemption, short pool
+    ],
+    ids=["plain", "prefix-cache", "preemption"],
+)
+def test_overlapped_steps_and_steps_launched_ahead(model_dir, prompt_ids, hf_greedy, kwargs):
+    """Forced on the CPU (by default only CUDA overlaps): outputs built during the next step, and
+    decode steps launched before the previous one is collected (engine/ahead.py)."""
+    llm = LLM(model_dir, overlap_outputs=True, **kwargs)
+    _check(llm, prompt_ids, hf_greedy)
+    _check(llm, prompt_ids, hf_greedy, one_at_a_time=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from pdserve.engine import engine as engine_module
 from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.llm import LLM
 from pdserve.engine.sampling import SamplingParams
@@ -82,7 +83,7 @@ def test_an_abort_while_its_step_is_in_flight(engines: tuple[LLM, LLM], prompt_i
     outputs = []
     while engine.in_flight is None or len(outputs) < 6:
         outputs += engine.step()
-    assert any(c.request.request_id == "drop" for c in engine.in_flight[0].chunks)
+    assert any(c.request.request_id == "drop" for c in engine.in_flight.sched.chunks)
     engine.abort_request("drop")
     while engine.has_unfinished():
         outputs += engine.step()
@@ -92,3 +93,57 @@ def test_an_abort_while_its_step_is_in_flight(engines: tuple[LLM, LLM], prompt_i
     keep = [t for o in outputs if o.request_id == "keep" for t in o.new_token_ids]
     assert len(keep) == 20
     assert engine.check_pool_free()
+
+
+def _count_ahead(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = engine_module.schedule_ahead
+    monkeypatch.setattr(
+        engine_module, "schedule_ahead", lambda flight, sched: calls.append(1) or real(flight, sched)
+    )
+    return calls
+
+
+def test_steady_decodes_launch_ahead_and_match(
+    engines: tuple[LLM, LLM], monkeypatch: pytest.MonkeyPatch, prompt_ids: list[list[int]]
+) -> None:
+    calls = _count_ahead(monkeypatch)
+    params = SamplingParams(temperature=0.0, max_tokens=16)  # EOS on: some end inside an ahead step
+    a = engines[0].generate_ids(prompt_ids, params)
+    assert len(calls) >= 10  # most decode steps of the batch went ahead
+    b = engines[1].generate_ids(prompt_ids, params)
+    assert [(c.token_ids, c.text, c.finish_reason) for c in a] == [
+        (c.token_ids, c.text, c.finish_reason) for c in b
+    ]
+    assert engines[0].engines[0].check_pool_free()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, seed=5, max_tokens=8),  # a seeded draw: the torch sampler
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=8),  # needs the outputs
+        SamplingParams(temperature=0.0, logprobs=2, max_tokens=8),
+        SamplingParams(temperature=0.0, max_tokens=1),  # the token is the last: nothing to go ahead of
+    ],
+    ids=["seed", "penalty", "logprobs", "max_tokens=1"],
+)
+def test_no_step_goes_ahead_where_the_token_is_needed_first(
+    engines: tuple[LLM, LLM],
+    monkeypatch: pytest.MonkeyPatch,
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+) -> None:
+    calls = _count_ahead(monkeypatch)
+    a = engines[0].generate_ids(prompt_ids[:4], params)
+    assert not calls
+    b = engines[1].generate_ids(prompt_ids[:4], params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_ahead_stops_at_the_length_limit(
+    engines: tuple[LLM, LLM], monkeypatch: pytest.MonkeyPatch, prompt_ids: list[list[int]]
+) -> None:
+    calls = _count_ahead(monkeypatch)
+    out = engines[0].generate_ids(prompt_ids[:3], GREEDY)
+    assert [len(c.token_ids) for c in out] == [20, 20, 20] and calls  # no 21st token from a step ahead
