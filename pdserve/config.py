@@ -53,9 +53,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_waiting: int = 512
-    # build step N's outputs (detokenize, stop strings, text) while step N+1 runs on the GPU; a stop
-    # string then costs one wasted step of that request, never a wrong token. None: on CUDA only (on
-    # CPU a step runs inside its launch, so overlapping would only hold each output back one step)
+    # build step N's outputs (detokenize, stop strings, text) while step N+1 runs on the GPU, and in
+    # a steady decode batch launch N+1 before N is collected (engine/ahead.py); a stop then costs one
+    # wasted step of that request, never a wrong token. None: on CUDA only (on CPU a step runs inside
+    # its launch, so overlapping would only hold each output back one step)
     overlap_outputs: bool | None = None
 
     def __post_init__(self) -> None:
