@@ -60,7 +60,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--no-overlap-outputs",
         action="store_true",
-        help="wait for each step before building its outputs or launching the next (default on CUDA: overlap)",
+        help="wait for each step before building its outputs or launching the next (CUDA default: overlap)",
     )
     s.add_argument("--block-size", type=_positive, default=16)
     s.add_argument("--num-blocks", type=_positive, default=None, help="KV pool size in blocks")

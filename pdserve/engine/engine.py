@@ -159,8 +159,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Collect the step on the GPU (if any), launch the next, then build the collected step's
-        outputs while the new one runs (SchedulerConfig.overlap_outputs; else each step is waited for
-        before its outputs are built)."""
+        outputs while the new one runs; in a steady decode batch, launch the next before collecting
+        (ahead.py). Without overlap (SchedulerConfig.overlap_outputs) each step is waited for first."""
         outputs, self.pending = self.pending, []
         if self.overlap and self._ahead_possible():
             return outputs + self._step_ahead()
