@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.layers.attention.triton_tile import dot_precision, load_kv_tile, online_softmax_step, pow2
+from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow2
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
@@ -82,17 +82,13 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     table = block_tables_ptr + seq * stride_bt
     head_offset = kv_head * stride_ch
-    v_cache_ptr = cache_ptr + stride_kv
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         valid = pos < end
-        k = load_kv_tile(
-            cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
-        )
-        v = load_kv_tile(
-            v_cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
-        )
-        acc, m_i, l_i = online_softmax_step(q, k, v, valid[None, :], acc, m_i, l_i, scale_log2, DOT_PRECISION)
+        acc, m_i, l_i = attend_tile(
+            q, cache_ptr, stride_kv, table, pos, valid, valid[None, :], head_offset, dims, dim_mask,
+            stride_cb, stride_ct, acc, m_i, l_i, scale_log2, BLOCK_SIZE, DOT_PRECISION,
+        )  # fmt: skip
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

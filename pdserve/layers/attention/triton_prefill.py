@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.layers.attention.triton_tile import dot_precision, load_kv_tile, online_softmax_step, pow2
+from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow2
 
 LOG2E = math.log2(math.e)
 
@@ -99,30 +99,23 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     head_offset = (head // QUERY_GROUP) * stride_ch
-    v_cache_ptr = cache_ptr + stride_kv
     full_end = (prefix + m_start) // BLOCK_N * BLOCK_N  # keys before this every row of the tile sees
     for tile_start in range(0, full_end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         valid = pos < full_end
-        k = load_kv_tile(
-            cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
-        )
-        v = load_kv_tile(
-            v_cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
-        )
-        acc, m_i, l_i = online_softmax_step(q, k, v, valid[None, :], acc, m_i, l_i, scale_log2, DOT_PRECISION)
+        acc, m_i, l_i = attend_tile(
+            q, cache_ptr, stride_kv, table, pos, valid, valid[None, :], head_offset, dims, dim_mask,
+            stride_cb, stride_ct, acc, m_i, l_i, scale_log2, BLOCK_SIZE, DOT_PRECISION,
+        )  # fmt: skip
     causal_end = tl.minimum(prefix + m_start + BLOCK_M, ctx_len)
     for tile_start in range(full_end, causal_end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         valid = pos < causal_end
-        k = load_kv_tile(
-            cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
-        )
-        v = load_kv_tile(
-            v_cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
-        )
         visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        acc, m_i, l_i = online_softmax_step(q, k, v, visible, acc, m_i, l_i, scale_log2, DOT_PRECISION)
+        acc, m_i, l_i = attend_tile(
+            q, cache_ptr, stride_kv, table, pos, valid, visible, head_offset, dims, dim_mask,
+            stride_cb, stride_ct, acc, m_i, l_i, scale_log2, BLOCK_SIZE, DOT_PRECISION,
+        )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :]

@@ -60,6 +60,36 @@ def online_softmax_step(  # type: ignore[no-untyped-def]
     return acc, m_new, l_i
 
 
+@triton.jit
+def attend_tile(  # type: ignore[no-untyped-def]
+    q,
+    cache_ptr,  # K; V is stride_kv further
+    stride_kv,
+    table,
+    pos,
+    valid,  # [BLOCK_N] positions to read
+    visible,  # bool, broadcastable to [R, BLOCK_N]: which (query, key) pairs count
+    head_offset,
+    dims,
+    dim_mask,
+    stride_cb,
+    stride_ct,
+    acc,
+    m_i,
+    l_i,
+    scale_log2,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Read one K/V tile through the block table and fold it into (acc, m_i, l_i)."""
+    k = load_kv_tile(
+        cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
+    )
+    v_ptr = cache_ptr + stride_kv
+    v = load_kv_tile(v_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE)
+    return online_softmax_step(q, k, v, visible, acc, m_i, l_i, scale_log2, DOT_PRECISION)
+
+
 def dot_precision(dtype_is_fp32: bool) -> str:
     """fp32 inputs get exact fp32 products (ieee) rather than Triton's default tf32."""
     return "ieee" if dtype_is_fp32 else "tf32"
