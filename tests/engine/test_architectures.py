@@ -90,3 +90,24 @@ def test_bfloat16_runs_clean(model_dir, prompts):
     assert all(len(o.token_ids) >= 1 for o in outs)
     assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
     assert llm.check_pool_free()
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_cuda_default_overlaps_and_launches_ahead(model_dir, prompts, reference, device, eager, monkeypatch):
+    """On CUDA, steps are collected after the next is launched, and steady decodes go ahead with the
+    previous step's ids on the device (graph input buffer, or eager input ids): same greedy tokens."""
+    if device != "cuda":
+        pytest.skip("the CUDA default (the CPU case is forced in test_greedy_equivalence)")
+    from pdserve import LLM
+    from pdserve.engine import engine as engine_module
+
+    calls: list[int] = []
+    real = engine_module.schedule_ahead
+    monkeypatch.setattr(engine_module, "schedule_ahead", lambda f, s: calls.append(1) or real(f, s))
+    llm = LLM(model_dir, device="cuda", dtype="float32", num_blocks=256, enforce_eager=eager)
+    try:
+        assert llm.engine.overlap
+        assert _greedy(llm, prompts) == reference
+        assert calls and llm.check_pool_free()
+    finally:
+        llm.close()
