@@ -109,6 +109,11 @@ def _add_disagg_args(s: argparse.ArgumentParser) -> None:
         help="how KV moves to decode instances: auto picks per peer, cuda_ipc (same host, GPUs), "
         "then nccl (GPUs), else tcp; nccl uses Gloo for CPU pools",
     )
+    g.add_argument(
+        "--kv-stream-layers",
+        action="store_true",
+        help="prefill: send KV to cuda_ipc peers layer by layer while the step computes (experimental)",
+    )
     g.add_argument("--kv-host", default=None, help="where the KV/control socket binds (default: --host)")
     g.add_argument(
         "--kv-port", type=int, default=0, help="KV control port (data uses the next one); 0: free ports"
@@ -186,6 +191,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         kv_port=args.kv_port,
         kv_advertise_host=args.kv_advertise_host,
         kv_transfer_timeout=args.kv_transfer_timeout,
+        stream_layers=args.kv_stream_layers,
     )
     return ServerConfig(
         host=args.host,

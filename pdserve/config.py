@@ -82,6 +82,9 @@ class DisaggConfig:
     kv_advertise_host: str | None = None  # the address peers use, when it differs from kv_host
     kv_transfer_timeout: float = 120.0
     peer_timeout: float = 5.0
+    # prefill: send a prompt's KV layer by layer while the step computes (cuda_ipc peers only;
+    # disagg/layer_stream.py). Off until measured on a GPU
+    stream_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -38,6 +38,7 @@ import torch
 
 from pdserve.disagg import protocol as p
 from pdserve.disagg.events import AbortPrefill, Event, KVReady, NewPrefill, ReleaseBlocks, TransferFailed
+from pdserve.disagg.layer_stream import Streamed, make_hook
 from pdserve.disagg.leases import LeaseRegistry
 from pdserve.disagg.peers import PeerTable
 from pdserve.disagg.transport.base import KVTransport
@@ -114,6 +115,8 @@ class KVConnector:
         self.peers = PeerTable(peer_timeout)
         self.staging: dict[str, torch.Tensor] = {}  # decode, GPU pool: pinned buffers bytes land in
         self.sent: dict[str, float] = {}  # transfers whose KV left recently: not "unknown" to a ping
+        self.streams: dict[str, Streamed] = {}  # prefill: transfers going out layer by layer this step
+        self.transfers_streamed = 0  # of them, those whose every layer went during the step
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.wake: Callable[[], None] = lambda: None
         self.next_heartbeat = 0.0
@@ -178,6 +181,9 @@ class KVConnector:
         transfer_id = (request.kv_transfer or {}).get("transfer_id")
         if transfer_id is None:
             return False
+        streamed = self.streams.pop(transfer_id, None)
+        if streamed is not None:  # ended during its streaming step: fence what was queued
+            self._write(transfer_id, streamed.peer, streamed.src, streamed.dst, streamed)
         with self.lock:
             incoming = self.incoming.pop(transfer_id, None)
             self.outgoing.pop(transfer_id, None)
@@ -187,30 +193,60 @@ class KVConnector:
         return leased
 
     # ---- prefill side -------------------------------------------------------------------------------
+    def _claim(self, transfer_id: str, request_id: str, peer: str) -> bool:
+        """From here our writes may land in the peer's blocks: False if aborted or too late."""
+        with self.lock:  # from here a heartbeat finds the transfer in `sent`, never "unknown"
+            out = self.outgoing.pop(transfer_id, None)
+            if out is None:
+                return False  # aborted meanwhile
+            late = time.monotonic() > out.write_by
+            if not late:
+                self.sent[transfer_id] = time.monotonic()
+                self.leases.hold(transfer_id, request_id, peer, "reading")
+        if late:  # the decode side has given up on it: write nothing into its blocks any more
+            self.transport.send(peer, p.Failed(self.address, transfer_id, "prefill finished too late"))
+        return not late
+
+    def layer_hook(self, requests: list[Request]) -> Callable[[int], None] | None:
+        """For a step that completes these requests' prompts: the model's after-layer call that
+        streams their KV to direct-write peers (layer_stream.py); None when none can go that way."""
+        if self.shards is not None or not self.kv_cache.is_cuda:
+            return None
+        streams = []
+        for request in requests:
+            assert request.kv_transfer is not None
+            transfer_id = str(request.kv_transfer["transfer_id"])
+            peer = str(request.kv_transfer["decode_addr"])
+            dst = list(request.kv_transfer["block_ids"])
+            if self.transport.can_write_layers(peer) and self._claim(transfer_id, request.request_id, peer):
+                stream = Streamed(request.request_id, peer, request.block_ids[: len(dst)], dst)
+                self.streams[transfer_id] = stream
+                streams.append(stream)
+        return make_hook(self.transport, streams) if streams else None
+
     def send_kv(self, request: Request, result: SampleResult) -> None:
         """The prompt is computed and its first token sampled: push KV, then the token."""
         assert request.kv_transfer is not None
         transfer_id = str(request.kv_transfer["transfer_id"])
         dst = list(request.kv_transfer["block_ids"])
         peer = str(request.kv_transfer["decode_addr"])
-        with self.lock:  # from here a heartbeat finds the transfer in `sent`, never "unknown"
-            out = self.outgoing.pop(transfer_id, None)
-            if out is None:
-                return  # aborted meanwhile
-            late = time.monotonic() > out.write_by
-            if not late:
-                self.sent[transfer_id] = time.monotonic()
-                self.leases.hold(transfer_id, request.request_id, peer, "reading")
-        if late:  # the decode side has given up on it: write nothing into its blocks any more
-            self.transport.send(peer, p.Failed(self.address, transfer_id, "prefill finished too late"))
+        streamed = self.streams.pop(transfer_id, None)
+        if streamed is None and not self._claim(transfer_id, request.request_id, peer):
             return
-        src = request.block_ids[: len(dst)]
-        release = lambda: self.leases.release(transfer_id, "reading")  # noqa: E731
-        blocks = KVBlocks.of(self.kv_cache, src, release, self.shards)
         logprob = asdict(result.logprob) if result.logprob is not None else None
         done = p.Done(self.address, transfer_id, result.token_id, logprob, request.num_cached_tokens)
-        self.transport.send(peer, p.KVData(self.address, transfer_id, dst, blocks.nbytes), blocks)
+        self._write(transfer_id, peer, request.block_ids[: len(dst)], dst, streamed)
         self.transport.send(peer, done)
+
+    def _write(
+        self, transfer_id: str, peer: str, src: list[int], dst: list[int], streamed: Streamed | None
+    ) -> None:
+        """Send the blocks (or, where every layer went already, only the fence of those writes)."""
+        release = lambda: self.leases.release(transfer_id, "reading")  # noqa: E731
+        blocks = KVBlocks.of(self.kv_cache, src, release, self.shards)
+        blocks.streamed = streamed is not None and streamed.layers == self.layout["num_layers"]
+        self.transfers_streamed += blocks.streamed
+        self.transport.send(peer, p.KVData(self.address, transfer_id, dst, blocks.nbytes), blocks)
         self.bytes_sent += blocks.nbytes
 
     def failed_to_start(self, transfer_id: str, peer: str, reason: str) -> None:

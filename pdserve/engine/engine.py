@@ -14,6 +14,7 @@ applies what arrived from peers: prompts to prefill for a decode instance, KV th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -183,7 +184,9 @@ class Engine:
         """Queue a step on the runner; what depends on the requests' state now is decided now."""
         flight = InFlight(
             sched,
-            self.runner.launch(sched.chunks, ahead.pending.token_ids if ahead else None),
+            self.runner.launch(
+                sched.chunks, ahead.pending.token_ids if ahead else None, self._layer_hook(sched)
+            ),
             [c.request for c in sched.chunks if c.samples],
             sum(
                 max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start)
@@ -192,9 +195,16 @@ class Engine:
         )
         self.in_flight = flight
 
+    def _layer_hook(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
+        """Stream the KV of prompts this step completes, layer by layer (disagg/layer_stream.py)."""
+        if self.connector is None or not self.config.disagg.stream_layers or not self.runner.single_rank:
+            return None
+        finals = [c.request for c in sched.chunks if c.samples and self.connector.sends_kv(c.request)]
+        return self.connector.layer_hook(finals) if finals else None
+
     def _ahead_possible(self) -> bool:
         flight = self.in_flight
-        if flight is None or not self.runner.can_run_ahead:
+        if flight is None or not self.runner.single_rank:
             return False
         return can_run_ahead(flight, self.scheduler, self.connector, int(self.hf_config.vocab_size))
 

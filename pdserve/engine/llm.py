@@ -54,6 +54,7 @@ class LLM:
         prefill: int = 0,
         decode: int = 0,
         kv_transport: str = "inproc",
+        kv_stream_layers: bool = False,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -82,7 +83,9 @@ class LLM:
             raise ValueError("disaggregated serving needs at least one prefill and one decode engine")
         prefill_tp = prefill_tensor_parallel_size or tensor_parallel_size
         prefill_model = replace(config.model, tensor_parallel_size=prefill_tp)
-        prefill_disagg = DisaggConfig(role="prefill", kv_transport=kv_transport)
+        prefill_disagg = DisaggConfig(
+            role="prefill", kv_transport=kv_transport, stream_layers=kv_stream_layers
+        )
         self.prefill_engines = [
             Engine(replace(config, model=prefill_model, disagg=prefill_disagg)) for _ in range(prefill)
         ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,16 +196,22 @@ class ModelRunner:
         return self.launch(chunks).wait()
 
     @property
-    def can_run_ahead(self) -> bool:
-        """Can a step take its first rows' input ids from a device tensor (launch's `ahead`)?"""
+    def single_rank(self) -> bool:
+        """No worker ranks: a step can take device input ids and an after-layer hook (launch)."""
         return self.driver is None  # worker ranks get host inputs only
 
     @torch.inference_mode()
-    def launch(self, chunks: list[ScheduledChunk], ahead: torch.Tensor | None = None) -> PendingSample:
+    def launch(
+        self,
+        chunks: list[ScheduledChunk],
+        ahead: torch.Tensor | None = None,
+        after_layer: Callable[[int], None] | None = None,
+    ) -> PendingSample:
         """Queue a step (as execute); `wait()` on the result gives its tokens. On a GPU the host is
         free in between: the engine builds the previous step's outputs there. `ahead`: the input ids
-        of the first len(ahead) chunks (decodes whose token the previous step is still sampling)."""
-        assert ahead is None or self.can_run_ahead
+        of the first len(ahead) chunks (decodes whose token the previous step is still sampling).
+        `after_layer`: see AttentionMetadata (called on eager steps only; single-rank runners)."""
+        assert (ahead is None and after_layer is None) or self.single_rank
         graphs = self.graphs
         step: StepInputs | DecodeInputs
         if graphs is not None and len(chunks) <= graphs.max_batch and all(c.num_tokens == 1 for c in chunks):
@@ -212,7 +219,10 @@ class ModelRunner:
         else:
             step = self._step_inputs(chunks)
         with on_device(self.device):
-            logits = self.run_step(step, ahead) if ahead is not None else self._run_all_ranks(step)
+            if ahead is not None or after_layer is not None:
+                logits = self.run_step(step, ahead, after_layer)
+            else:
+                logits = self._run_all_ranks(step)
             rows = [i for i, c in enumerate(chunks) if c.samples]
             if logits is None or not rows:
                 return PendingSample(None, lambda: [])
@@ -226,14 +236,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_step(
-        self, step: StepInputs | DecodeInputs, ahead: torch.Tensor | None = None
+        self,
+        step: StepInputs | DecodeInputs,
+        ahead: torch.Tensor | None = None,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor | None:
         """This rank's forward pass of one step: the logits of the sampling rows (None: no such row).
-        `ahead`: device input ids for the first rows (see launch)."""
+        `ahead`, `after_layer`: see launch."""
         if isinstance(step, DecodeInputs):
             assert self.graphs is not None
             return self.graphs.run(step, ahead)
         input_ids, positions, meta = self._device_inputs(step)
+        meta.after_layer = after_layer
         if ahead is not None:  # decodes come first, one token each
             input_ids[: ahead.numel()].copy_(ahead)
         rows = torch.tensor(step.logit_rows, device=self.device)  # before the forward: no sync inside it

@@ -141,8 +141,10 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             x, residual = layer(positions, x, residual, kv_cache, meta)
+            if meta.after_layer is not None:
+                meta.after_layer(i)
         assert residual is not None
         return self.norm.forward_residual(x, residual)[0]
 

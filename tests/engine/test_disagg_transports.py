@@ -226,12 +226,14 @@ def test_prefill_writes_nothing_after_the_decode_deadline():
 # ---- driving engines by hand (different devices, other processes) ---------------------------------
 
 
-def _engine(model_dir: str, role: str, device: str, kind: str, dtype: str = "float32") -> Engine:
+def _engine(
+    model_dir: str, role: str, device: str, kind: str, dtype: str = "float32", stream_layers: bool = False
+) -> Engine:
     return Engine(
         EngineConfig(
             model=ModelConfig(path=model_dir, device=device, dtype=dtype),
             cache=CacheConfig(block_size=16, num_blocks=256),
-            disagg=DisaggConfig(role=role, kv_transport=kind),
+            disagg=DisaggConfig(role=role, kv_transport=kind, stream_layers=stream_layers),
         )
     )
 
@@ -361,6 +363,50 @@ def test_gpu_one_process(tiny_model, gpu_prompts, gpu_colocated, kind, path):
     finally:
         prefill.close()
         decode.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_layer_streaming_equals_colocated(tiny_model, gpu_prompts, gpu_colocated):
+    """--kv-stream-layers: each prompt's KV goes to the decode pool layer by layer during the prefill
+    step; send_kv only fences it."""
+    prefill = _engine(tiny_model, "prefill", "cuda:0", "cuda_ipc", stream_layers=True)
+    decode = _engine(tiny_model, "decode", DECODE_GPU, "cuda_ipc")
+    try:
+        assert prefill.connector is not None
+        got = _generate(decode, [prefill], prefill.connector.address, gpu_prompts)
+        assert got == gpu_colocated
+        _assert_kv_moved(prefill, decode, gpu_prompts)
+        assert prefill.connector.transfers_streamed > 0 and not prefill.connector.streams
+        assert decode.check_pool_free() and prefill.check_pool_free()
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_the_runner_calls_the_layer_hook_after_every_layer_of_an_eager_step(model_dir):
+    from pdserve.engine.request import Request
+    from pdserve.engine.scheduler import ScheduledChunk
+
+    llm = LLM(model_dir, num_blocks=64)
+    runner = llm.engine.runner
+    request = Request("r", list(range(5, 40)), GREEDY)
+    request.block_ids = [0, 1, 2]
+    layers: list[int] = []
+    runner.launch([ScheduledChunk(request, 35)], after_layer=layers.append).wait()
+    assert layers == list(range(llm.engine.hf_config.num_hidden_layers))
+
+
+def test_no_layer_streaming_without_a_direct_path(model_dir):
+    prefill = _engine(model_dir, "prefill", "cpu", "tcp", stream_layers=True)
+    try:
+        assert prefill.connector is not None
+        request = type(
+            "R", (), {"kv_transfer": {"transfer_id": "t", "decode_addr": "tcp://x:1", "block_ids": [0]}}
+        )
+        assert prefill.connector.layer_hook([request]) is None  # a CPU pool, and tcp writes no pools
+    finally:
+        prefill.close()
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,14 @@ class KVTransport(ABC):
         """Decode side: the path to `peer` broke; shake hands again before the next transfer."""
         return False
 
+    def can_write_layers(self, peer: str) -> bool:
+        """Prefill side: can KV go to `peer` layer by layer (write_layer), straight into its pool?"""
+        return False
+
+    def write_layer(self, peer: str, layer: int, src: list[int], dst: list[int]) -> None:
+        """Queue one layer of blocks `src` into the peer's blocks `dst` (where can_write_layers)."""
+        raise NotImplementedError
+
     def peer_gone(self, peer: str) -> bool:
         """True only if `peer`'s process is known to have ended (so it can write nothing more)."""
         return False

@@ -63,6 +63,7 @@ class KVBlocks:
     on_read: Callable[[], None] = lambda: None  # called once the transport no longer reads the blocks
     ready: torch.cuda.Event | None = None  # CUDA: recorded after the engine computed this KV
     shards: ShardedPool | None = None  # tensor parallel: every rank's part (pool is rank 0's)
+    streamed: bool = False  # every layer already copied by a direct path (disagg/layer_stream.py)
     _read: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -103,11 +103,25 @@ def open_peer_pool(
     return open_pool(offer, local, in_process=same_process(me, peer))
 
 
+def write_layer_direct(
+    remote: torch.Tensor, local: torch.Tensor, layer: int, src: list[int], dst: list[int]
+) -> None:
+    """Enqueue the copy of one layer's K and V of blocks `src` into `remote`'s blocks `dst` on the side
+    stream, after what the current stream has queued so far (that layer's KV being written)."""
+    stream = copy_stream(local.device)
+    stream.wait_stream(torch.cuda.current_stream(local.device))
+    with torch.cuda.stream(stream):
+        theirs, ours = remote[layer], local[layer]  # [2, blocks, ...]: strided over blocks
+        for s, d, n in paired_runs(src, dst):
+            theirs[:, d : d + n].copy_(ours[:, s : s + n], non_blocking=True)
+
+
 def write_blocks_direct(
     remote: torch.Tensor, blocks: KVBlocks, dst: list[int]
 ) -> tuple[torch.cuda.Event, torch.cuda.Event]:
     """Enqueue the copies of `blocks` into `remote`'s blocks `dst` on the side stream; return the
-    timing events recorded before the first and after the last of them (`done`: the write landed)."""
+    timing events recorded before the first and after the last of them (`done`: the write landed).
+    Blocks already streamed layer by layer (`blocks.streamed`) get only the events: a fence."""
     local = blocks.pool
     stream = copy_stream(local.device)
     if blocks.ready is not None:
@@ -116,7 +130,7 @@ def write_blocks_direct(
         began = torch.cuda.Event(enable_timing=True)
         began.record(stream)
         theirs, ours = block_major(remote), block_major(local)
-        for s, d, n in paired_runs(blocks.block_ids, dst):
+        for s, d, n in [] if blocks.streamed else paired_runs(blocks.block_ids, dst):
             # one copy per run of blocks, every layer and K/V at once (was one per layer and K/V: 128
             # launches for a 64-layer model, the link idle between them); one memcpy when both pools
             # are block-major in memory

@@ -202,6 +202,16 @@ class MultiPathTransport(KVTransport):
                 return
         self.tcp.send(peer, msg, payload)  # tcp, or a GPU path that is not (or no longer) there
 
+    def can_write_layers(self, peer: str) -> bool:
+        with self.lock:
+            return self.chosen.get(peer) == "cuda_ipc" and peer in self.remote_pools
+
+    def write_layer(self, peer: str, layer: int, src: list[int], dst: list[int]) -> None:
+        with self.lock:
+            remote = self.remote_pools.get(peer)
+        if remote is not None and self.pool is not None:  # else the fence finds the path gone
+            cuda_ipc.write_layer_direct(remote, self.pool, layer, src, dst)
+
     def _send_direct(self, peer: str, msg: p.KVData, blocks: KVBlocks) -> bool:
         with self.lock:
             remote = self.remote_pools.get(peer)
@@ -218,7 +228,8 @@ class MultiPathTransport(KVTransport):
         def finish(ok: bool) -> None:
             blocks.done()
             if ok:
-                self.copy_seconds.append(began.elapsed_time(done) / 1e3)
+                if not blocks.streamed:
+                    self.copy_seconds.append(began.elapsed_time(done) / 1e3)
                 self.tcp.send(peer, replace(msg, written=True))
             else:
                 self._failed(peer, msg, "direct KV write failed on the GPU")

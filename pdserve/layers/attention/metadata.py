@@ -17,6 +17,7 @@ zeros) and slot -1 (nothing is written).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,9 @@ class AttentionMetadata:
     num_decodes: int  # the first num_decodes sequences have exactly one query token
     block_size: int
     query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32 on the device
+    # called with i once layer i's kernels (its KV written to the cache included) are queued: layer-wise
+    # KV streaming (disagg/layer_stream.py); eager steps only, never in a CUDA graph
+    after_layer: Callable[[int], None] | None = None
 
     @property
     def num_seqs(self) -> int:
