@@ -4,7 +4,9 @@ First the ceilings, measured in the same run: bf16 matmul TFLOP/s and device cop
 written per second). Then, per model shape (dummy weights, bf16):
 
 - decode step at batch 1, 32, 128 with a 1k-token context per sequence: time of one step (CUDA graphs
-  unless --eager) vs the memory-bandwidth bound = (weight bytes + KV bytes read) / copy bandwidth;
+  unless --eager) vs the memory-bandwidth bound = (weight bytes + KV bytes read) / copy bandwidth,
+  each step waited for, and launched behind the one before with its ids on the device (as the engine
+  runs a steady decode batch: host preparation overlaps the GPU);
 - prefill of 1100-token prompts filling the token budget: achieved TFLOP/s (2 x non-embedding params x
   tokens, plus causal attention) vs the matmul ceiling.
 
@@ -91,6 +93,33 @@ def bench_decode(runner: ModelRunner, batch: int, context: int) -> float:
     return timed(lambda: runner.execute(chunks), 20)
 
 
+def bench_decode_pipelined(runner: ModelRunner, batch: int, context: int, steps: int = 20) -> float:
+    """Seconds per decode step when each step is launched behind the one before, taking its sampled ids
+    on the device (what Engine does in a steady decode batch, engine/ahead.py): the host's work for
+    step k+1 overlaps step k on the GPU. Same requests and positions every step."""
+    reqs = fake_requests(batch, context, runner.layout.block_size)
+    for r in reqs:
+        r.token_ids.append(7)
+        r.num_computed_tokens = context
+    chunks = [ScheduledChunk(r, 1) for r in reqs]
+    pending = runner.launch(chunks)
+    for _ in range(3):  # warm-up, ahead
+        pending.wait()
+        pending = runner.launch(chunks, ahead=pending.token_ids)
+    pending.wait()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    pending = runner.launch(chunks)
+    for _ in range(steps - 1):
+        following = runner.launch(chunks, ahead=pending.token_ids)
+        pending.wait()
+        pending = following
+    pending.wait()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
+
+
 def profile_decode(runner: ModelRunner, batch: int, context: int, out_path: str) -> None:
     """Kernel time table of 10 decode steps (torch.profiler), appended to out_path: where a step's
     time goes when it falls short of the bandwidth bound."""
@@ -149,6 +178,7 @@ def run_shape(shape: str, args: argparse.Namespace, ceil: dict[str, float]) -> d
     out: dict[str, Any] = {"shape": shape, "load_seconds": load_s, **facts, "decode": [], "prefill": {}}
     for b in args.batches:
         t = bench_decode(runner, b, args.context)
+        tp = bench_decode_pipelined(runner, b, args.context)
         kv = b * (args.context + 1) * facts["kv_bytes_per_token"]
         bound = (facts["weight_bytes"] + kv) / (ceil["copy_gbps"] * 1e9)
         out["decode"].append(
@@ -159,9 +189,14 @@ def run_shape(shape: str, args: argparse.Namespace, ceil: dict[str, float]) -> d
                 "bound_ms": bound * 1e3,
                 "fraction_of_bound": bound / t,
                 "tokens_per_s": b / t,
+                "pipelined_step_ms": tp * 1e3,  # launched behind the step before (engine/ahead.py)
+                "pipelined_fraction_of_bound": bound / tp,
             }
         )
-        print(f"{shape} decode b={b}: {t * 1e3:.2f} ms (bound {bound * 1e3:.2f} ms, {bound / t:.0%})")
+        print(
+            f"{shape} decode b={b}: {t * 1e3:.2f} ms (bound {bound * 1e3:.2f} ms, {bound / t:.0%}); "
+            f"launched ahead: {tp * 1e3:.2f} ms ({bound / tp:.0%})"
+        )
         if args.profile:
             profile_decode(runner, b, args.context, args.profile)
     if args.no_prefill:
