@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh tests      # any 1-2 GPU machine: make test-gpu (kernels, engine, transports, TP)
 #   bash scripts/gpu_session.sh engine     # one H200: decode/prefill steps vs bandwidth and matmul bounds
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
+#   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
 #             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
@@ -34,6 +35,15 @@ transfer)
     >"$OUT/kv_transfer_gpu.log" 2>&1
   echo "rc=$?" >>"$OUT/kv_transfer_gpu.log"
   tail -20 "$OUT/kv_transfer_gpu.log"
+  ;;
+loop)
+  for i in 1 2 3; do
+    for flag in "" --no-overlap; do
+      timeout 150 python3 benchmarks/engine_loop_gpu.py --model "${2:-qwen2.5-7b}" --batch 128 \
+        --output-len 257 $flag --output "$OUT/engine_loop.jsonl" >>"$OUT/engine_loop.log" 2>&1
+    done
+  done
+  cat "$OUT/engine_loop.jsonl"
   ;;
 compare)
   model=${2:-qwen2.5-32b} layouts=${3:-colocated:2,pd:1:1} gpus=${4:-0,1} rates=${5:-1,2,4,8}
