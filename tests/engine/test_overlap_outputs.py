@@ -147,3 +147,49 @@ def test_ahead_stops_at_the_length_limit(
     calls = _count_ahead(monkeypatch)
     out = engines[0].generate_ids(prompt_ids[:3], GREEDY)
     assert [len(c.token_ids) for c in out] == [20, 20, 20] and calls  # no 21st token from a step ahead
+
+
+def test_the_serving_loop_with_overlap_streams_the_same_tokens_and_aborts_cleanly(
+    model_dir: str, engines: tuple[LLM, LLM], prompt_ids: list[list[int]]
+) -> None:
+    """AsyncEngine (the server's loop thread) with overlap and steps ahead forced on: commands (adds,
+    aborts) arrive between steps while a step is in flight."""
+    import asyncio
+
+    from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from pdserve.engine.async_engine import AsyncEngine
+
+    params = SamplingParams(temperature=0.0, max_tokens=16, stop=["\n\n"])
+    want = [c.token_ids for c in engines[1].generate_ids(prompt_ids[:5], params)]
+    config = EngineConfig(
+        model=ModelConfig(path=model_dir),
+        cache=CacheConfig(num_blocks=256, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(overlap_outputs=True),
+    )
+    engine = AsyncEngine(config)
+    engine.start(timeout=120)
+
+    async def tokens(i: int, ids: list[int]) -> list[int]:
+        return [t async for out in engine.generate(ids, params, f"q{i}") for t in out.new_token_ids]
+
+    async def abandoned() -> int:
+        got = 0
+        async for out in engine.generate(prompt_ids[5], GREEDY, "gone"):
+            got += len(out.new_token_ids)
+            if got >= 3:
+                break  # the generator's close aborts it while its next step is in flight
+        return got
+
+    async def run() -> tuple[list[list[int]], int]:
+        *got, left = await asyncio.gather(
+            *(tokens(i, ids) for i, ids in enumerate(prompt_ids[:5])), abandoned()
+        )
+        return got, left
+
+    try:
+        got, left = asyncio.run(asyncio.wait_for(run(), 120))
+        assert got == want and left == 3
+        assert asyncio.run(asyncio.wait_for(engine.check_pool_free(), 30))
+        assert engine._engine.overlap and engine.is_healthy()
+    finally:
+        engine.shutdown()
