@@ -70,6 +70,7 @@ class Engine:
         self.pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
         self.in_flight: InFlight | None = None  # the step launched on the device, not yet collected
         self.num_steps = 0
+        self.num_steps_ahead = 0
         self.num_prefill_tokens = 0  # prompt tokens this instance ran through the model
         self.idle = False  # the last step had nothing to compute (all waiting on peers or blocks)
         overlap = config.scheduler.overlap_outputs
@@ -215,6 +216,7 @@ class Engine:
         self.scheduler.update_computed(flight.sched)
         flight.computed_applied = True
         self._launch(schedule_ahead(flight, self.scheduler), ahead=flight)
+        self.num_steps_ahead += 1
         self.idle = False
         tokens = self._update(flight, flight.pending.wait())
         arrived = self._apply_events(self.connector.poll()) if self.connector is not None else []
@@ -346,6 +348,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_prefill_tokens=self.num_prefill_tokens,
             num_steps=self.num_steps,
+            num_steps_ahead=self.num_steps_ahead,
             num_waiting_for_kv=len(self.scheduler.waiting_for_kv),
             tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in self._queued()),
             **self._kv_stats(),
@@ -376,4 +379,5 @@ class Engine:
             "kv_bytes_sent": c.bytes_sent,
             "kv_bytes_received": c.bytes_received,
             "kv_transfer_seconds": seconds,
+            "kv_transfers_streamed": c.transfers_streamed,
         }

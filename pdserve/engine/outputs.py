@@ -36,11 +36,13 @@ class EngineStats:
     num_preemptions: int = 0
     num_prefill_tokens: int = 0  # tokens run through the model as prompt (not decode)
     num_steps: int = 0
+    num_steps_ahead: int = 0  # decode steps launched before the previous one was collected
     num_waiting_for_kv: int = 0  # decode: blocks reserved, KV on its way from a prefill instance
     tokens_in_flight: int = 0  # prompt tokens admitted or queued but not yet computed
     kv_bytes_sent: int = 0
     kv_bytes_received: int = 0
     kv_transfer_seconds: list[float] = field(default_factory=list)  # transfers finished since last asked
+    kv_transfers_streamed: int = 0  # prefill: transfers whose every layer left during the step
 
     @property
     def kv_usage(self) -> float:

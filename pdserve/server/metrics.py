@@ -69,6 +69,16 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.steps_ahead = Gauge(
+            "pdserve_num_steps_ahead",
+            "Decode steps launched before the previous one was collected",
+            registry=r,
+        )
+        self.kv_streamed = Gauge(
+            "pdserve_kv_transfers_streamed",
+            "Prefill: transfers sent layer by layer during the step",
+            registry=r,
+        )
         self._kv_seen = {"sent": 0, "received": 0}
 
     def count(self, outcome: str) -> None:
@@ -84,6 +94,8 @@ class ServerMetrics:
         self.preemptions.set(stats.num_preemptions)
         self.waiting_for_kv.set(stats.num_waiting_for_kv)
         self.prefill_tokens.set(stats.num_prefill_tokens)
+        self.steps_ahead.set(stats.num_steps_ahead)
+        self.kv_streamed.set(stats.kv_transfers_streamed)
         for direction, total in (("sent", stats.kv_bytes_sent), ("received", stats.kv_bytes_received)):
             self.kv_bytes.labels(direction=direction).inc(total - self._kv_seen[direction])
             self._kv_seen[direction] = total

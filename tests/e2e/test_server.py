@@ -289,6 +289,7 @@ METRIC_NAMES = [
     "pdserve_num_requests_waiting",
     "pdserve_kv_cache_usage_ratio",
     "pdserve_prefix_cache_hit_rate",
+    "pdserve_num_steps_ahead",
 ]
 
 

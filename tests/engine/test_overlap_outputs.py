@@ -108,9 +108,11 @@ def test_steady_decodes_launch_ahead_and_match(
     engines: tuple[LLM, LLM], monkeypatch: pytest.MonkeyPatch, prompt_ids: list[list[int]]
 ) -> None:
     calls = _count_ahead(monkeypatch)
+    before = engines[0].engines[0].stats().num_steps_ahead
     params = SamplingParams(temperature=0.0, max_tokens=16)  # EOS on: some end inside an ahead step
     a = engines[0].generate_ids(prompt_ids, params)
     assert len(calls) >= 10  # most decode steps of the batch went ahead
+    assert engines[0].engines[0].stats().num_steps_ahead - before == len(calls)  # /metrics' gauge
     b = engines[1].generate_ids(prompt_ids, params)
     assert [(c.token_ids, c.text, c.finish_reason) for c in a] == [
         (c.token_ids, c.text, c.finish_reason) for c in b
