@@ -36,7 +36,7 @@ def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample
     """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA with the
     one-launch sampler nothing waits until `wait()`: the host can do other work while the GPU
     finishes the step."""
-    if logits.is_cuda and all(_plain(r, logits.shape[1]) for r in requests):
+    if logits.is_cuda and all(plain_sampling(r, logits.shape[1]) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
         if HAS_TRITON:
@@ -75,7 +75,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
     ]
 
 
-def _plain(req: Request, vocab: int) -> bool:
+def plain_sampling(req: Request, vocab: int) -> bool:
     """Greedy or temperature alone: what the one-launch Triton sampler draws exactly."""
     p = req.params
     top_k_off = p.top_k <= 0 or p.top_k >= vocab

@@ -99,7 +99,7 @@ def test_mixed_greedy_and_temperature_rows() -> None:
     ],
 )
 def test_which_requests_take_the_one_launch_path(params: SamplingParams, plain: bool) -> None:
-    assert sampler._plain(Request("r", [1, 2], params), 1000) is plain
+    assert sampler.plain_sampling(Request("r", [1, 2], params), 1000) is plain
 
 
 @pytest.mark.gpu
