@@ -89,6 +89,18 @@ class Outgoing:
     write_by: float = math.inf  # the decode side stops waiting then: write nothing after it
 
 
+def _outgoing(request: Request) -> tuple[str, str, list[int], list[int]]:
+    """Prefill side: a request's transfer id, decode peer, and source and destination blocks."""
+    assert request.kv_transfer is not None
+    dst = list(request.kv_transfer["block_ids"])
+    return (
+        str(request.kv_transfer["transfer_id"]),
+        str(request.kv_transfer["decode_addr"]),
+        request.block_ids[: len(dst)],
+        dst,
+    )
+
+
 class KVConnector:
     def __init__(
         self,
@@ -214,28 +226,22 @@ class KVConnector:
             return None
         streams = []
         for request in requests:
-            assert request.kv_transfer is not None
-            transfer_id = str(request.kv_transfer["transfer_id"])
-            peer = str(request.kv_transfer["decode_addr"])
-            dst = list(request.kv_transfer["block_ids"])
+            transfer_id, peer, src, dst = _outgoing(request)
             if self.transport.can_write_layers(peer) and self._claim(transfer_id, request.request_id, peer):
-                stream = Streamed(request.request_id, peer, request.block_ids[: len(dst)], dst)
+                stream = Streamed(peer, src, dst)
                 self.streams[transfer_id] = stream
                 streams.append(stream)
         return make_hook(self.transport, streams) if streams else None
 
     def send_kv(self, request: Request, result: SampleResult) -> None:
         """The prompt is computed and its first token sampled: push KV, then the token."""
-        assert request.kv_transfer is not None
-        transfer_id = str(request.kv_transfer["transfer_id"])
-        dst = list(request.kv_transfer["block_ids"])
-        peer = str(request.kv_transfer["decode_addr"])
+        transfer_id, peer, src, dst = _outgoing(request)
         streamed = self.streams.pop(transfer_id, None)
         if streamed is None and not self._claim(transfer_id, request.request_id, peer):
             return
         logprob = asdict(result.logprob) if result.logprob is not None else None
         done = p.Done(self.address, transfer_id, result.token_id, logprob, request.num_cached_tokens)
-        self._write(transfer_id, peer, request.block_ids[: len(dst)], dst, streamed)
+        self._write(transfer_id, peer, src, dst, streamed)
         self.transport.send(peer, done)
 
     def _write(

@@ -18,26 +18,31 @@ whole request as it would without streaming.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.disagg.transport.base import KVTransport
+from pdserve.disagg.transport.blocks import paired_runs
 
 
 @dataclass
 class Streamed:
     """One transfer going out layer by layer."""
 
-    request_id: str
     peer: str
     src: list[int]
     dst: list[int]
     layers: int = 0  # layers queued so far
+    # (src, dst, length) runs of blocks contiguous on both sides: the same for every layer
+    runs: list[tuple[int, int, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.runs = paired_runs(self.src, self.dst)
 
 
 def make_hook(transport: KVTransport, streams: list[Streamed]) -> Callable[[int], None]:
     def after_layer(layer: int) -> None:
         for s in streams:
-            transport.write_layer(s.peer, layer, s.src, s.dst)
+            transport.write_layer(s.peer, layer, s.runs)
             s.layers += 1
 
     return after_layer

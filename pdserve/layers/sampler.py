@@ -42,13 +42,12 @@ def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample
         if HAS_TRITON:
             drawn = triton_sample(logits, [r.params.temperature for r in requests])
             return PendingSample(drawn, lambda: [SampleResult(t, None) for t in drawn.tolist()])
-    results = sample(logits, requests)
-    ids = torch.tensor([r.token_id for r in results], dtype=torch.long).to(logits.device)
-    return PendingSample(ids, lambda: results)
+    tokens, results = _sample_torch(logits, requests)
+    return PendingSample(tokens, lambda: results)
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
-    """logits: [num_rows, vocab], one row per request (the torch path; see sample_later)."""
+def _sample_torch(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, list[SampleResult]]:
+    """Every option, in torch: the drawn ids (on the logits' device) and the results."""
     logits = logits.float()
     raw = logits
     logits = logits.clone()
@@ -67,7 +66,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         idx = torch.tensor(random_rows, device=logits.device)
         tokens[idx] = _sample_random(logits[idx], [requests[i] for i in random_rows])
     token_list = tokens.tolist()
-    return [
+    return tokens, [
         SampleResult(
             tok, _logprob(raw[i], tok, req.params.logprobs) if req.params.logprobs is not None else None
         )

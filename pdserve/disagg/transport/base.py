@@ -90,8 +90,8 @@ class KVTransport(ABC):
         """Prefill side: can KV go to `peer` layer by layer (write_layer), straight into its pool?"""
         return False
 
-    def write_layer(self, peer: str, layer: int, src: list[int], dst: list[int]) -> None:
-        """Queue one layer of blocks `src` into the peer's blocks `dst` (where can_write_layers)."""
+    def write_layer(self, peer: str, layer: int, runs: list[tuple[int, int, int]]) -> None:
+        """Queue one layer of (src, dst, length) block runs into the peer's pool (where can_write_layers)."""
         raise NotImplementedError
 
     def peer_gone(self, peer: str) -> bool:

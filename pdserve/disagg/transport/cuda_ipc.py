@@ -104,15 +104,15 @@ def open_peer_pool(
 
 
 def write_layer_direct(
-    remote: torch.Tensor, local: torch.Tensor, layer: int, src: list[int], dst: list[int]
+    remote: torch.Tensor, local: torch.Tensor, layer: int, runs: list[tuple[int, int, int]]
 ) -> None:
-    """Enqueue the copy of one layer's K and V of blocks `src` into `remote`'s blocks `dst` on the side
-    stream, after what the current stream has queued so far (that layer's KV being written)."""
+    """Enqueue the copy of one layer's K and V of (src, dst, length) block runs (paired_runs) into
+    `remote` on the side stream, after what the current stream has queued so far (that layer's KV)."""
     stream = copy_stream(local.device)
     stream.wait_stream(torch.cuda.current_stream(local.device))
     with torch.cuda.stream(stream):
         theirs, ours = remote[layer], local[layer]  # [2, blocks, ...]: strided over blocks
-        for s, d, n in paired_runs(src, dst):
+        for s, d, n in runs:
             theirs[:, d : d + n].copy_(ours[:, s : s + n], non_blocking=True)
 
 

@@ -206,11 +206,11 @@ class MultiPathTransport(KVTransport):
         with self.lock:
             return self.chosen.get(peer) == "cuda_ipc" and peer in self.remote_pools
 
-    def write_layer(self, peer: str, layer: int, src: list[int], dst: list[int]) -> None:
+    def write_layer(self, peer: str, layer: int, runs: list[tuple[int, int, int]]) -> None:
         with self.lock:
             remote = self.remote_pools.get(peer)
         if remote is not None and self.pool is not None:  # else the fence finds the path gone
-            cuda_ipc.write_layer_direct(remote, self.pool, layer, src, dst)
+            cuda_ipc.write_layer_direct(remote, self.pool, layer, runs)
 
     def _send_direct(self, peer: str, msg: p.KVData, blocks: KVBlocks) -> bool:
         with self.lock:
