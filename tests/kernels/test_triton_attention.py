@@ -8,7 +8,6 @@ integers in tl.dot. Everything that needs triton is skipped when it is not insta
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import subprocess
@@ -18,22 +17,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined: before importing them
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+from pdserve.layers.attention.backend import get_backend_class
+from pdserve.layers.attention.metadata import AttentionMetadata
+from pdserve.layers.attention.torch_backend import TorchAttentionBackend
 
-from pdserve.layers.attention.backend import get_backend_class  # noqa: E402
-from pdserve.layers.attention.metadata import AttentionMetadata  # noqa: E402
-from pdserve.layers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from .triton_env import CUDA, DEVICE, HAS_TRITON, gpu
 
 if HAS_TRITON:
-    from pdserve.layers.attention import triton_decode  # noqa: E402
-    from pdserve.layers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+    from pdserve.layers.attention import triton_decode
+    from pdserve.layers.attention.triton_backend import TritonAttentionBackend
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
 

@@ -7,28 +7,16 @@ GPU-only: triton 3.6's interpreter truncates fp32 -> bf16 where the GPU rounds t
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined: before importing them
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+from pdserve.layers import triton_fused
+from pdserve.layers.activation import silu_and_mul, silu_and_mul_torch
+from pdserve.layers.norm import RMSNorm, rms_norm_torch
 
-from pdserve.layers import triton_fused  # noqa: E402
-from pdserve.layers.activation import silu_and_mul, silu_and_mul_torch  # noqa: E402
-from pdserve.layers.norm import RMSNorm, rms_norm_torch  # noqa: E402
+from .triton_env import BF16, CUDA, DEVICE, DTYPES, HAS_TRITON, gpu
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
-BF16 = pytest.param(
-    torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="the interpreter truncates to bf16"), id="bf16"
-)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
 EPS = 1e-6
 
 

@@ -6,27 +6,17 @@ On CUDA the cases run on the GPU; without CUDA the small ones run under Triton's
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+from pdserve.layers import triton_rotary
+from pdserve.layers.rotary import RotaryEmbedding
 
-from pdserve.layers import triton_rotary  # noqa: E402
-from pdserve.layers.rotary import RotaryEmbedding  # noqa: E402
+from .triton_env import CUDA, DEVICE, DTYPES, HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-BF16 = pytest.param(
-    torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="the interpreter truncates to bf16"), id="bf16"
-)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

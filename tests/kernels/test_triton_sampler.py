@@ -8,24 +8,16 @@ On CUDA the cases run on the GPU; without CUDA the small ones run under Triton's
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+from pdserve.engine.request import Request
+from pdserve.engine.sampling import SamplingParams
+from pdserve.layers import sampler, triton_sampler
 
-from pdserve.engine.request import Request  # noqa: E402
-from pdserve.engine.sampling import SamplingParams  # noqa: E402
-from pdserve.layers import sampler, triton_sampler  # noqa: E402
+from .triton_env import CUDA, DEVICE, HAS_TRITON, gpu
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(autouse=True)
