@@ -102,8 +102,8 @@ def test_sample_dispatches_plain_batches_to_the_kernel(monkeypatch: pytest.Monke
     monkeypatch.setattr(triton_sampler, "triton_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
     logits = torch.randn(3, 2000, device=DEVICE)
     greedy = [Request(f"r{i}", [1], SamplingParams(temperature=0.0)) for i in range(3)]
-    out = sampler.sample(logits, greedy)
+    out = sampler.sample_later(logits, greedy).wait()
     assert calls and [r.token_id for r in out] == logits.argmax(-1).tolist()
     calls.clear()
-    sampler.sample(logits, greedy[:2] + [Request("s", [1], SamplingParams(seed=1))])
+    sampler.sample_later(logits, greedy[:2] + [Request("s", [1], SamplingParams(seed=1))]).wait()
     assert not calls  # a seeded row sends the batch down the torch path
