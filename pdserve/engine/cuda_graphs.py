@@ -40,6 +40,26 @@ class DecodeInputs:
     block_tables: list[list[int]]
 
 
+class StagingRows:
+    """Pinned host rows a step's inputs are written into before one copy to the graphs' buffers, and
+    the event recorded behind that copy (on CPU, plain memory and no event)."""
+
+    def __init__(self, n: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.rows = torch.zeros((4, n), dtype=torch.long, pin_memory=pin)
+        self.rows[2] = -1
+        self.tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, pin_memory=pin)
+        self.copied = torch.cuda.Event() if pin else None
+
+    def wait_copied(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+
+    def record_copied(self) -> None:
+        if self.copied is not None:
+            self.copied.record()
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -61,10 +81,11 @@ class DecodeGraphs:
         self.ids, self.pos, self.slots, self.seq_lens = self.rows.unbind(0)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, device=dev)
-        pin = dev.type == "cuda"
-        self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=pin)
-        self.host[2] = -1
-        self.host_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, pin_memory=pin)
+        # Host staging: two sets, used in turn, each with the event its last copy recorded. A step is
+        # queued while the previous one may not have started (ahead.py), so a set is rewritten only
+        # once the copy that read it has run (nearly always already: the event is two steps old).
+        self.host = [StagingRows(n, max_blocks_per_seq, dev) for _ in range(2)]
+        self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -111,16 +132,20 @@ class DecodeGraphs:
         input ids of the first rows, copied over the host's (a device-to-device copy, no wait)."""
         b = len(step.token_ids)
         bucket = next(s for s in self.buckets if s >= b)
-        host = self.host
+        staging = self.host[self.turn]
+        self.turn ^= 1
+        staging.wait_copied()
+        host, host_tables = staging.rows, staging.tables
         host[:, b:bucket] = 0
         host[2, b:bucket] = -1
         host[:4, :b] = long_tensor(step.token_ids + step.positions + step.slots + step.seq_lens).view(4, b)
         width = max(len(t) for t in step.block_tables)
-        self.host_tables[b:bucket, :width] = 0
-        self.host_tables[:b, :width] = padded_rows(step.block_tables, width)
+        host_tables[b:bucket, :width] = 0
+        host_tables[:b, :width] = padded_rows(step.block_tables, width)
         self.rows.copy_(host, non_blocking=True)  # whole rows: one contiguous copy (8 B x 4 x max batch)
         if ahead is not None:
             self.ids[: ahead.numel()].copy_(ahead)
-        self.tables[:bucket, :width].copy_(self.host_tables[:bucket, :width], non_blocking=True)
+        self.tables[:bucket, :width].copy_(host_tables[:bucket, :width], non_blocking=True)
+        staging.record_copied()
         self.graphs[bucket].replay()
         return self.logits[bucket][:b]

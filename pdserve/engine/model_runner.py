@@ -29,7 +29,7 @@ from pdserve.distributed.messages import StepInputs
 from pdserve.distributed.sharding import model_head_shard
 from pdserve.distributed.shared_pool import open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
-from pdserve.engine.host_tensors import long_tensor, padded_rows
+from pdserve.engine.host_tensors import long_tensor, padded_rows, to_device
 from pdserve.engine.kv_layout import allocate_kv_pool
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
@@ -227,7 +227,7 @@ class ModelRunner:
             if logits is None or not rows:
                 return PendingSample(None, lambda: [])
             if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
-                logits = logits[torch.tensor(rows, device=self.device)]
+                logits = logits[to_device(long_tensor(rows), self.device)]
             return sample_later(logits, [chunks[i].request for i in rows])
 
     def _run_all_ranks(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:
@@ -250,7 +250,7 @@ class ModelRunner:
         meta.after_layer = after_layer
         if ahead is not None:  # decodes come first, one token each
             input_ids[: ahead.numel()].copy_(ahead)
-        rows = torch.tensor(step.logit_rows, device=self.device)  # before the forward: no sync inside it
+        rows = to_device(long_tensor(step.logit_rows), self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
         return self.model.compute_logits(hidden[rows]) if step.logit_rows else None
 
@@ -293,13 +293,13 @@ class ModelRunner:
         dev = self.device
         width = max((len(t) for t in step.block_tables), default=0)
         meta = AttentionMetadata(
-            slot_mapping=long_tensor(step.slots).to(dev),
-            block_tables=padded_rows(step.block_tables, width).to(dev),
-            seq_lens=long_tensor(step.context_lens).to(dev),
+            slot_mapping=to_device(long_tensor(step.slots), dev),
+            block_tables=to_device(padded_rows(step.block_tables, width), dev),
+            seq_lens=to_device(long_tensor(step.context_lens), dev),
             query_start_loc=step.query_start_loc,
-            query_start_loc_t=torch.tensor(step.query_start_loc, dtype=torch.int32, device=dev),
+            query_start_loc_t=to_device(torch.tensor(step.query_start_loc, dtype=torch.int32), dev),
             context_lens=step.context_lens,
             num_decodes=step.num_decodes,
             block_size=self.layout.block_size,
         )
-        return long_tensor(step.token_ids).to(dev), long_tensor(step.positions).to(dev), meta
+        return to_device(long_tensor(step.token_ids), dev), to_device(long_tensor(step.positions), dev), meta

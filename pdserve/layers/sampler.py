@@ -41,9 +41,25 @@ def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample
 
         if HAS_TRITON:
             drawn = triton_sample(logits, [r.params.temperature for r in requests])
-            return PendingSample(drawn, lambda: [SampleResult(t, None) for t in drawn.tolist()])
+            ids = _host_list_later(drawn)
+            return PendingSample(drawn, lambda: [SampleResult(t, None) for t in ids()])
     tokens, results = _sample_torch(logits, requests)
     return PendingSample(tokens, lambda: results)
+
+
+def _host_list_later(ids: torch.Tensor) -> Callable[[], list[int]]:
+    """Queue the copy of device ids to the host right behind the kernel that makes them; the call
+    waits for that copy only. (`ids.tolist()` later would also wait for every step queued since.)"""
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait
 
 
 def _sample_torch(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, list[SampleResult]]:

@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 
+from pdserve.engine.host_tensors import to_device
 from pdserve.layers.attention.backend import AttentionBackend
 from pdserve.layers.attention.metadata import AttentionMetadata
 
@@ -73,5 +74,5 @@ class TritonAttentionBackend(AttentionBackend):
 def _device_query_start_loc(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:
     """meta.query_start_loc_t, copied over once per step (by the first layer) when the runner left it out."""
     if meta.query_start_loc_t is None:
-        meta.query_start_loc_t = torch.tensor(meta.query_start_loc, dtype=torch.int32, device=device)
+        meta.query_start_loc_t = to_device(torch.tensor(meta.query_start_loc, dtype=torch.int32), device)
     return meta.query_start_loc_t
