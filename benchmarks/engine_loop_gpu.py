@@ -4,8 +4,9 @@ detokenizer, outputs: everything but HTTP), with and without building outputs wh
     python3 benchmarks/engine_loop_gpu.py --model qwen2.5-7b --batch 128 [--no-overlap] [--output f.json]
 
 B prompts of `--input-len` random tokens, `--output-len` tokens each (EOS ignored), dummy weights,
-temperature 1. A first run with one output token measures the prefill; the decode time per step is
-(full run - prefill run) / (output_len - 1). Compare with benchmarks/gpu_engine.py's step time at the
+temperature 1 (`--top-p` below 1: the batch takes the torch sampler, and no step is launched ahead).
+A first run with one output token measures the prefill; the decode time per step is (full run -
+prefill run) / (output_len - 1). Compare with benchmarks/gpu_engine.py's step time at the
 same batch (the GPU step alone): the difference is host time the GPU waited for.
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=1000)
     ap.add_argument("--output-len", type=int, default=129)
     ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--top-p", type=float, default=1.0, help="< 1: the torch sampler (no steps ahead)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (with --load-format auto)")
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--output", default=None, help="append the result as one JSON line here")
@@ -49,7 +51,7 @@ def main() -> None:
     llm.generate_ids(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     times = {}
     for out_len in (1, args.output_len):
-        params = SamplingParams(temperature=1.0, max_tokens=out_len, ignore_eos=True)
+        params = SamplingParams(temperature=1.0, top_p=args.top_p, max_tokens=out_len, ignore_eos=True)
         t = time.perf_counter()
         outs = llm.generate_ids(prompts, params)
         times[out_len] = time.perf_counter() - t
@@ -59,6 +61,8 @@ def main() -> None:
         "model": args.model,
         "batch": args.batch,
         "overlap_outputs": not args.no_overlap,
+        "top_p": args.top_p,
+        "steps_ahead": llm.engine.num_steps_ahead,
         "prefill_s": times[1],
         "total_s": times[args.output_len],
         "decode_step_ms": step * 1e3,

@@ -9,11 +9,13 @@ temperature-only goes through one Triton launch instead (triton_sampler.py).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.host_tensors import to_device
 from pdserve.engine.request import Logprob, Request
 
 
@@ -33,40 +35,77 @@ class PendingSample:
 
 
 def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample:
-    """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA with the
-    one-launch sampler nothing waits until `wait()`: the host can do other work while the GPU
-    finishes the step."""
+    """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA nothing waits
+    until `wait()`: the host can do other work while the GPU finishes the step. Batches of greedy or
+    temperature-only rows take one Triton launch; the rest the torch path, queued the same way."""
     if logits.is_cuda and all(plain_sampling(r, logits.shape[1]) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
         if HAS_TRITON:
             drawn = triton_sample(logits, [r.params.temperature for r in requests])
-            ids = _host_list_later(drawn)
-            return PendingSample(drawn, lambda: [SampleResult(t, None) for t in ids()])
-    tokens, results = _sample_torch(logits, requests)
-    return PendingSample(tokens, lambda: results)
+            return PendingSample(drawn, _results_later(drawn, None, requests))
+    tokens, logprobs = _sample_torch(logits, requests)
+    return PendingSample(tokens, _results_later(tokens, logprobs, requests))
 
 
-def _host_list_later(ids: torch.Tensor) -> Callable[[], list[int]]:
-    """Queue the copy of device ids to the host right behind the kernel that makes them; the call
-    waits for that copy only. (`ids.tolist()` later would also wait for every step queued since.)"""
-    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-    host.copy_(ids, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
+@dataclass
+class _Logprobs:
+    """On the device, for the rows that asked: the sampled token's log-probability and the top
+    max(k) alternatives (each row keeps its own k)."""
 
-    def wait() -> list[int]:
-        copied.synchronize()
-        return host.tolist()
+    rows: list[int]
+    chosen: torch.Tensor  # [n]
+    top_ids: torch.Tensor  # [n, max k]
+    top_values: torch.Tensor  # [n, max k]
+
+
+def _results_later(
+    tokens: torch.Tensor, logprobs: _Logprobs | None, requests: list[Request]
+) -> Callable[[], list[SampleResult]]:
+    """Queue the copies of the results to the host right behind the kernels that make them; the call
+    waits for those copies only (a plain `.tolist()` later would also wait for every step queued
+    since, such as a step launched ahead)."""
+    parts = [tokens] + ([logprobs.chosen, logprobs.top_ids, logprobs.top_values] if logprobs else [])
+    fetch = _host_later(parts)
+
+    def wait() -> list[SampleResult]:
+        host = fetch()
+        results = [SampleResult(t, None) for t in host[0].tolist()]
+        if logprobs is not None:
+            chosen, ids, values = host[1].tolist(), host[2].tolist(), host[3].tolist()
+            for j, row in enumerate(logprobs.rows):
+                k = requests[row].params.logprobs or 0
+                top = list(zip(ids[j][:k], values[j][:k], strict=True))
+                results[row].logprob = Logprob(results[row].token_id, chosen[j], top)
+        return results
 
     return wait
 
 
-def _sample_torch(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, list[SampleResult]]:
-    """Every option, in torch: the drawn ids (on the logits' device) and the results."""
+def _host_later(tensors: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+    """Device tensors -> a call that returns them on the host (pinned copies, one event)."""
+    if not tensors[0].is_cuda:
+        return lambda: tensors
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, t in zip(hosts, tensors, strict=True):
+        host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[torch.Tensor]:
+        copied.synchronize()
+        return hosts
+
+    return wait
+
+
+def _sample_torch(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, _Logprobs | None]:
+    """Every option, in torch, queued without a host wait: the drawn ids (on the logits' device) and
+    the log-probabilities asked for."""
     logits = logits.float()
     raw = logits
     logits = logits.clone()
+    dev = logits.device
     for row, req in enumerate(requests):
         if req.params.has_penalties:
             _apply_penalties(logits[row], req)
@@ -75,19 +114,33 @@ def _sample_torch(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.
                 [] if req.params.ignore_eos else list(req.eos_token_ids)
             )
             if banned:
-                logits[row, banned] = float("-inf")
+                logits[row, _on(banned, dev)] = float("-inf")
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     if random_rows:
-        idx = torch.tensor(random_rows, device=logits.device)
+        idx = _on(random_rows, dev)
         tokens[idx] = _sample_random(logits[idx], [requests[i] for i in random_rows])
-    token_list = tokens.tolist()
-    return tokens, [
-        SampleResult(
-            tok, _logprob(raw[i], tok, req.params.logprobs) if req.params.logprobs is not None else None
-        )
-        for i, (tok, req) in enumerate(zip(token_list, requests, strict=True))
-    ]
+    return tokens, _logprobs(raw, tokens, requests)
+
+
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> _Logprobs | None:
+    """Log-probabilities of the model's raw distribution, for the rows that asked for them."""
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if not rows:
+        return None
+    idx = _on(rows, raw.device)
+    logprobs = raw[idx].log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[idx][:, None])[:, 0]
+    k = max(requests[i].params.logprobs or 0 for i in rows)
+    values, ids = logprobs.topk(k, dim=-1)
+    return _Logprobs(rows, chosen, ids, values)
+
+
+def _on(
+    values: list[int] | list[float], device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A small host list on `device` without waiting for the work queued there."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def plain_sampling(req: Request, vocab: int) -> bool:
@@ -110,22 +163,24 @@ def _apply_penalties(row: torch.Tensor, req: Request) -> None:
     p = req.params
     device = row.device
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(req.token_ids)), device=device, dtype=torch.long)
+        seen = _on(sorted(set(req.token_ids)), device)
         vals = row[seen]
         row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     out = req.output_token_ids
     if out and (p.presence_penalty or p.frequency_penalty):
-        ids, counts = torch.tensor(out, device=device).unique(return_counts=True)
-        row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+        counted = Counter(out)  # on the host: unique() on a GPU would wait for the step
+        ids = _on(list(counted), device)
+        counts = _on(list(counted.values()), device, row.dtype)
+        row[ids] -= p.frequency_penalty * counts + p.presence_penalty
 
 
 def _sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    temps = torch.tensor([r.params.temperature for r in requests], device=logits.device)
+    temps = _on([r.params.temperature for r in requests], logits.device, torch.float32)
     logits = logits / temps[:, None]
     logits = _top_k_top_p(logits, requests)
     probs = logits.softmax(dim=-1)
     if any(r.params.min_p > 0 for r in requests):  # decided on the host: no device sync
-        min_ps = torch.tensor([r.params.min_p for r in requests], device=logits.device)
+        min_ps = _on([r.params.min_p for r in requests], logits.device, torch.float32)
         keep = probs >= min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = torch.where(keep, probs, torch.zeros_like(probs))
     # Gumbel-style race: argmax(p / E) with E ~ Exp(1) draws from p.
@@ -133,7 +188,7 @@ def _sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     noise = torch.rand_like(probs)
     for i, req in enumerate(requests):
         if req.generator is not None:
-            noise[i] = torch.rand(probs.shape[1], generator=req.generator).to(probs.device)
+            noise[i] = to_device(torch.rand(probs.shape[1], generator=req.generator), probs.device)
     exp = -torch.log(noise.clamp_min(1e-20))
     return (probs / exp).argmax(dim=-1)
 
@@ -146,18 +201,9 @@ def _top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
-    drop = ranks >= torch.tensor(ks, device=logits.device)[:, None]
+    drop = ranks >= _on(ks, logits.device)[:, None]
     probs = sorted_logits.softmax(dim=-1)
     cum_before = probs.cumsum(dim=-1) - probs  # mass strictly above this token
-    drop |= cum_before >= torch.tensor(ps, device=logits.device)[:, None]
+    drop |= cum_before >= _on(ps, logits.device, torch.float32)[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
-def _logprob(raw_row: torch.Tensor, token: int, k: int) -> Logprob:
-    logprobs = raw_row.log_softmax(dim=-1)
-    top: list[tuple[int, float]] = []
-    if k > 0:
-        vals, ids = logprobs.topk(k)
-        top = list(zip(ids.tolist(), vals.tolist(), strict=True))
-    return Logprob(token, float(logprobs[token]), top)

@@ -8,6 +8,8 @@ On CUDA the cases run on the GPU; without CUDA the small ones run under Triton's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -107,3 +109,48 @@ def test_sample_dispatches_plain_batches_to_the_kernel(monkeypatch: pytest.Monke
     calls.clear()
     sampler.sample_later(logits, greedy[:2] + [Request("s", [1], SamplingParams(seed=1))]).wait()
     assert not calls  # a seeded row sends the batch down the torch path
+
+
+def _queued_work_still_running_after(call: Callable[[], None]) -> bool:
+    """Queue ~0.5 s of GPU sleep, then `call()`: True if the sleep was still running when it returned
+    (the call queued its work without waiting for the GPU)."""
+    torch.cuda._sleep(1 << 30)
+    slept = torch.cuda.Event()
+    slept.record()
+    call()
+    running = not slept.query()
+    torch.cuda.synchronize()
+    return running
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="host/GPU overlap exists on CUDA only")
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),  # the one-launch kernel
+        SamplingParams(temperature=0.8, top_p=0.9, top_k=50, logprobs=2, presence_penalty=0.5),  # torch
+        SamplingParams(temperature=0.7, seed=3, min_p=0.1),  # torch, its own generator
+    ],
+)
+def test_sampling_is_queued_without_waiting_for_the_gpu(params: SamplingParams) -> None:
+    """sample_later must not synchronize (no pageable copies, no .tolist(), no unique()): a step
+    launched ahead and the host's output building depend on it. Its results, read after, are right."""
+    logits = torch.randn(4, 3000, device=DEVICE)
+    logits[:, 7] = 40.0  # every row: token 7 is the only likely draw
+    requests = [Request(f"r{i}", [1, 7, 7], params) for i in range(4)]
+    for r in requests:
+        r.append_token(7)  # an output token: the presence penalty applies
+    sampler.sample_later(logits, requests).wait()  # warm: cached pinned blocks, compiled kernel
+    pending = None
+
+    def call() -> None:
+        nonlocal pending
+        pending = sampler.sample_later(logits, requests)
+
+    assert _queued_work_still_running_after(call)
+    assert pending is not None
+    results = pending.wait()
+    assert [r.token_id for r in results] == [7] * 4
+    if params.logprobs:
+        assert all(r.logprob is not None and r.logprob.top[0][0] == 7 for r in results)
