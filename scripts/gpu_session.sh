@@ -4,7 +4,7 @@
 # `.whl` carried (scripts/fetch_device_wheels.sh):
 #
 #   bash scripts/gpu_session.sh tests      # any 1-2 GPU machine: make test-gpu (kernels, engine, transports, TP)
-#   bash scripts/gpu_session.sh engine     # one H200: decode/prefill steps vs bandwidth and matmul bounds
+#   bash scripts/gpu_session.sh engine     # one H200: decode/prefill steps vs bounds; sampler paths
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -28,6 +28,7 @@ engine)
   timeout 560 python3 benchmarks/gpu_engine.py --shapes qwen2.5-7b,qwen2.5-32b \
     --output "$OUT/gpu_engine.json" >"$OUT/gpu_engine.log" 2>&1
   echo "rc=$?" >>"$OUT/gpu_engine.log"
+  timeout 120 python3 benchmarks/sampler_gpu.py --output "$OUT/sampler_gpu.json" >>"$OUT/gpu_engine.log" 2>&1
   tail -30 "$OUT/gpu_engine.log"
   ;;
 transfer)

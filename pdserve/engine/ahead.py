@@ -7,7 +7,7 @@ only then; collecting N, building its outputs and scheduling overlap N+1 on the 
 
 Allowed only where nothing can change the batch or need the token on the host first: N was decodes
 only, every one sampling; no request waits for admission and the running list is N's; every request
-samples by temperature alone (sampler.plain_sampling: no penalties, bans, seeds, logprobs); none can reach
+samples in one launch (sampler.plain_sampling: no penalties, bans, seeds, logprobs); none can reach
 its length limit with N's token, none hands KV to a decode instance, and the pool has the blocks for
 everyone's next slot (no preemption). A request that N ends (EOS, a stop id, a stop string) has one
 wasted row in N+1, dropped when N+1 is collected (Engine._update skips finished requests).
@@ -38,7 +38,7 @@ class InFlight:
     computed_applied: bool = False  # update_computed ran already (a step was launched ahead of it)
 
 
-def can_run_ahead(flight: InFlight, scheduler: Scheduler, connector: KVConnector | None, vocab: int) -> bool:
+def can_run_ahead(flight: InFlight, scheduler: Scheduler, connector: KVConnector | None) -> bool:
     chunks = flight.sched.chunks
     if flight.pending.token_ids is None or scheduler.waiting or len(flight.sampling) != len(chunks):
         return False
@@ -49,7 +49,7 @@ def can_run_ahead(flight: InFlight, scheduler: Scheduler, connector: KVConnector
     bs = scheduler.bm.block_size
     need = 0
     for r in flight.sampling:
-        if not plain_sampling(r, vocab) or r.num_output_tokens + 2 > r.max_output_tokens:
+        if not plain_sampling(r) or r.num_output_tokens + 2 > r.max_output_tokens:
             return False
         if connector is not None and connector.sends_kv(r):
             return False

@@ -207,7 +207,7 @@ class Engine:
         flight = self.in_flight
         if flight is None or not self.runner.single_rank:
             return False
-        return can_run_ahead(flight, self.scheduler, self.connector, int(self.hf_config.vocab_size))
+        return can_run_ahead(flight, self.scheduler, self.connector)
 
     def _step_ahead(self) -> list[RequestOutput]:
         """Launch step N+1 behind step N (engine/ahead.py), then collect N and build its outputs."""

@@ -4,7 +4,8 @@ Order per row: penalties (repetition on prompt + output, presence/frequency on o
 masks EOS and stop ids -> greedy argmax, or temperature, top-k, top-p, min-p, then a draw. A request
 with a seed draws from its own generator, so its tokens do not depend on what else is in the batch.
 Logprobs are those of the model's raw distribution. On CUDA, a batch whose rows are all greedy or
-temperature-only goes through one Triton launch instead (triton_sampler.py).
+temperature with top-k/top-p/min-p goes through one Triton launch instead (triton_sampler.py,
+triton_truncated.py). Nothing here waits for the GPU until a result is read (PendingSample.wait).
 """
 
 from __future__ import annotations
@@ -36,16 +37,28 @@ class PendingSample:
 
 def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample:
     """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA nothing waits
-    until `wait()`: the host can do other work while the GPU finishes the step. Batches of greedy or
-    temperature-only rows take one Triton launch; the rest the torch path, queued the same way."""
-    if logits.is_cuda and all(plain_sampling(r, logits.shape[1]) for r in requests):
+    until `wait()`: the host can do other work while the GPU finishes the step. Batches whose rows
+    are greedy or temperature with top-k/top-p/min-p take one Triton launch (triton_sampler.py,
+    triton_truncated.py); the rest the torch path, queued the same way."""
+    if logits.is_cuda and all(plain_sampling(r) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
         if HAS_TRITON:
-            drawn = triton_sample(logits, [r.params.temperature for r in requests])
+            temperatures = [r.params.temperature for r in requests]
+            drawn = triton_sample(logits, temperatures, filters=_filters(requests, logits.shape[1]))
             return PendingSample(drawn, _results_later(drawn, None, requests))
     tokens, logprobs = _sample_torch(logits, requests)
     return PendingSample(tokens, _results_later(tokens, logprobs, requests))
+
+
+@dataclass
+class RowFilters:
+    """Per row, for the one-launch sampler: top_k (<= 0 or >= vocab: off), top_p (1: off), min_p
+    (0: off)."""
+
+    top_k: list[int]
+    top_p: list[float]
+    min_p: list[float]
 
 
 @dataclass
@@ -143,20 +156,25 @@ def _on(
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
-def plain_sampling(req: Request, vocab: int) -> bool:
-    """Greedy or temperature alone: what the one-launch Triton sampler draws exactly."""
+def plain_sampling(req: Request) -> bool:
+    """What the one-launch Triton sampler draws exactly: greedy, or temperature with top-k, top-p and
+    min-p. No penalties or min_tokens bans (they need the outputs so far), no seed (its own generator),
+    no logprobs."""
     p = req.params
-    top_k_off = p.top_k <= 0 or p.top_k >= vocab
-    banning = req.num_output_tokens < p.min_tokens
     return (
-        top_k_off
-        and p.top_p >= 1.0
-        and p.min_p == 0.0
-        and not p.has_penalties
-        and not banning
+        not p.has_penalties
+        and req.num_output_tokens >= p.min_tokens
         and req.generator is None
         and p.logprobs is None
     )
+
+
+def _filters(requests: list[Request], vocab: int) -> RowFilters | None:
+    """The rows' top-k, top-p and min-p for the kernel; None when every one is off."""
+    ps = [r.params for r in requests]
+    if all((p.top_k <= 0 or p.top_k >= vocab) and p.top_p >= 1.0 and p.min_p == 0.0 for p in ps):
+        return None
+    return RowFilters([p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps])
 
 
 def _apply_penalties(row: torch.Tensor, req: Request) -> None:

@@ -7,7 +7,8 @@ waiting for Python. Rows whose requests ask for nothing else (no penalties, top-
 min_tokens bans, seed or logprobs) need only: token = argmax(logits / T + Gumbel noise), which draws
 from softmax(logits / T) (the Gumbel-max trick); T = 0 is the plain argmax. One program per row reads
 its logits once, in the input dtype, and keeps a running best; the noise is Philox (tl.rand) keyed by
-a per-call seed and the element's index.
+a per-call seed and the element's index. Rows with top-k, top-p or min-p go to the truncating kernel
+of triton_truncated.py (same launch shape, a bisection for the cut instead of a sort).
 
 Like the other Triton modules, sampler.py imports this only for CUDA logits, so a CPU process never
 imports triton unless a test sets TRITON_INTERPRET first.
@@ -17,8 +18,12 @@ from __future__ import annotations
 
 import importlib.util
 import random
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pdserve.layers.sampler import RowFilters
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _BLOCK = 4096  # vocabulary entries per loop iteration of a row
@@ -57,25 +62,49 @@ def next_seed() -> int:
     return random.getrandbits(31)
 
 
-def triton_sample(logits: torch.Tensor, temperatures: list[float], seed: int | None = None) -> torch.Tensor:
+def triton_sample(
+    logits: torch.Tensor,
+    temperatures: list[float],
+    seed: int | None = None,
+    filters: RowFilters | None = None,
+) -> torch.Tensor:
     """One token id per row of logits [rows, vocab] (any float dtype, rows contiguous in the last dim):
-    argmax for temperature 0, else a draw from softmax(logits / temperature). Returns int64 [rows]."""
+    argmax for temperature 0, else a draw from softmax(logits / temperature), truncated by `filters`
+    (top-k, top-p, min-p per row: triton_truncated.py) when given. Returns int64 [rows]."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1 and len(temperatures) == rows
     assert rows * vocab < 2**31, "Philox offsets are 32-bit"
-    inv = [1.0 / t if t > 0 else 0.0 for t in temperatures]
+    params = [1.0 / t if t > 0 else 0.0 for t in temperatures]
+    if filters is not None:
+        params += [float(min(k, vocab) if k > 0 else vocab) for k in filters.top_k]
+        params += filters.top_p + filters.min_p
     pinned = logits.is_cuda  # a pinned source: the copy queues behind the forward, the host goes on
-    inv_temp = torch.tensor(inv, dtype=torch.float32, pin_memory=pinned).to(logits.device, non_blocking=True)
+    on_device = torch.tensor(params, dtype=torch.float32, pin_memory=pinned).to(
+        logits.device, non_blocking=True
+    )
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows:
+    if not rows:
+        return out
+    seed = next_seed() if seed is None else seed
+    block = min(_BLOCK, triton.next_power_of_2(vocab))
+    if filters is None:
         _sample_kernel[(rows,)](
+            logits, logits.stride(0), on_device, out, seed, VOCAB=vocab, BLOCK=block, num_warps=8
+        )
+    else:
+        from pdserve.layers.triton_truncated import BLOCK, CUTS, MAX_PASSES, _truncated_kernel
+
+        _truncated_kernel[(rows,)](
             logits,
             logits.stride(0),
-            inv_temp,
+            on_device,
+            rows,
             out,
-            next_seed() if seed is None else seed,
-            VOCAB=vocab,  # one compile per model: the loop bound is known
-            BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)),
+            seed,
+            VOCAB=vocab,
+            BLOCK=min(BLOCK, block),  # a [BLOCK, CUTS] tile per iteration
+            CUTS=CUTS,
+            MAX_PASSES=MAX_PASSES,
             num_warps=8,
         )
     return out

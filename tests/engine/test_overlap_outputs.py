@@ -120,6 +120,18 @@ def test_steady_decodes_launch_ahead_and_match(
     assert engines[0].engines[0].check_pool_free()
 
 
+def test_top_k_top_p_rows_launch_ahead_too(
+    engines: tuple[LLM, LLM], monkeypatch: pytest.MonkeyPatch, prompt_ids: list[list[int]]
+) -> None:
+    """Truncation needs nothing from the host (the one-launch sampler does it on CUDA): ahead."""
+    calls = _count_ahead(monkeypatch)
+    params = SamplingParams(temperature=0.0, top_k=20, top_p=0.9, min_p=0.05, max_tokens=12)
+    a = engines[0].generate_ids(prompt_ids[:4], params)
+    assert calls
+    b = engines[1].generate_ids(prompt_ids[:4], params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -1,6 +1,7 @@
 """The one-launch Triton sampler: greedy rows equal torch.argmax, temperature rows draw from
-softmax(logits / T) (a frequency test over many rows), a seed reproduces its draws, and the sampler
-module sends plain batches to it on CUDA.
+softmax(logits / T) (a frequency test over many rows), top-k/top-p/min-p rows from the distribution
+the torch sampler truncates to, a seed reproduces its draws, and the sampler module sends plain
+batches to it on CUDA without waiting for the GPU.
 
 On CUDA the cases run on the GPU; without CUDA the small ones run under Triton's interpreter
 (TRITON_INTERPRET=1, set before the kernel is defined).
@@ -77,15 +78,49 @@ def test_mixed_greedy_and_temperature_rows() -> None:
     assert got[0] == got[1] == got[3] == 11 and got[2] == 0
 
 
+def _torch_truncated(logits: torch.Tensor, temp: float, k: int, p: float, min_p: float) -> torch.Tensor:
+    """The distribution the torch sampler draws from for one row (sampler._top_k_top_p, min-p)."""
+    req = Request("r", [1], SamplingParams(temperature=temp, top_k=k, top_p=p, min_p=min_p))
+    z = sampler._top_k_top_p(logits[None] / temp, [req])[0]
+    probs = z.softmax(-1)
+    return (
+        torch.where(probs >= min_p * probs.max(), probs, torch.zeros_like(probs))
+        / probs[probs >= min_p * probs.max()].sum()
+    )
+
+
+@pytest.mark.parametrize("k,p,min_p", [(3, 1.0, 0.0), (0, 0.8, 0.0), (0, 1.0, 0.3), (4, 0.9, 0.2)])
+def test_truncated_rows_draw_from_what_the_torch_sampler_keeps(k: int, p: float, min_p: float) -> None:
+    rows, temp = (4000 if CUDA else 300), 0.7  # the interpreter: ~50 ms a row (a bisection of 32 passes)
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5, -3.0, 0.2])
+    filters = sampler.RowFilters([k] * rows, [p] * rows, [min_p] * rows)
+    got = triton_sampler.triton_sample(base.repeat(rows, 1).to(DEVICE), [temp] * rows, 99, filters).cpu()
+    want = _torch_truncated(base, temp, k, p, min_p)
+    freq = torch.bincount(got, minlength=8).float() / rows
+    assert freq[want == 0].sum() == 0, (freq, want)  # never a token the torch sampler drops
+    assert (freq - want).abs().max() < 4.5 * (0.25 / rows) ** 0.5, (freq, want)
+
+
+def test_truncation_across_blocks_and_greedy_rows_in_the_same_batch() -> None:
+    logits = torch.full((3, 5000), -5.0, device=DEVICE)
+    logits[:, [10, 4990]] = 3.0  # the two likely tokens, in different 4096-entry blocks
+    logits[:, 2000] = 2.9  # a close third
+    filters = sampler.RowFilters([2, 2, 0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+    draws = [triton_sampler.triton_sample(logits, [5.0, 0.0, 5.0], s, filters).tolist() for s in range(6)]
+    assert all(d[0] in (10, 4990) and d[1] == 10 for d in draws)  # top-2 at T=5; greedy: first max
+    assert {d[0] for d in draws} == {10, 4990}  # both kept and drawn
+    assert any(d[2] not in (10, 4990, 2000) for d in draws)  # T=5, no filter: the tail is alive
+
+
 @pytest.mark.parametrize(
     "params,plain",
     [
         (SamplingParams(temperature=0.0), True),
         (SamplingParams(temperature=0.8), True),
         (SamplingParams(top_k=-1, top_p=1.0), True),
-        (SamplingParams(top_k=5), False),
-        (SamplingParams(top_p=0.9), False),
-        (SamplingParams(min_p=0.1), False),
+        (SamplingParams(top_k=5), True),  # the truncating kernel (triton_truncated.py)
+        (SamplingParams(top_p=0.9), True),
+        (SamplingParams(min_p=0.1), True),
         (SamplingParams(seed=3), False),
         (SamplingParams(logprobs=2), False),
         (SamplingParams(repetition_penalty=1.1), False),
@@ -93,7 +128,7 @@ def test_mixed_greedy_and_temperature_rows() -> None:
     ],
 )
 def test_which_requests_take_the_one_launch_path(params: SamplingParams, plain: bool) -> None:
-    assert sampler.plain_sampling(Request("r", [1, 2], params), 1000) is plain
+    assert sampler.plain_sampling(Request("r", [1, 2], params)) is plain
 
 
 @pytest.mark.gpu
