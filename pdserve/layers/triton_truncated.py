@@ -16,7 +16,8 @@ torch path's test after its renormalization). The draw is the Gumbel-max over th
 noise keyed like triton_sampler's. Before the search, one pass finds max, min and the softmax sum.
 
 Ties at the cut are all kept (the torch path's sort breaks them arbitrarily); a temperature-0 row is
-the plain argmax (no filter can remove it).
+the plain argmax (no filter can remove it). Until it has run on a GPU, sampler.py uses it only with
+PDSERVE_TRUNCATING_KERNEL=1 (tested under Triton's interpreter so far).
 """
 
 from __future__ import annotations
@@ -85,10 +86,10 @@ if HAS_TRITON:
         zmax, zmin, total = _row_max_min_sum(base, scale, VOCAB, BLOCK)
         lo = zmin - 1.0  # P(lo) false: every token is above it (when a filter is on)
         hi = zmax  # P(hi) true: nothing is above the maximum
-        n_lo = VOCAB  # tokens above lo, above hi
-        n_hi = 0
+        n_lo = tl.full((), VOCAB, tl.int32)  # tokens above lo, above hi
+        n_hi = tl.full((), 0, tl.int32)
         search = (inv_t > 0) & ((k < VOCAB) | (top_p < 1.0))
-        passes = 0
+        passes = tl.full((), 0, tl.int32)
         while search & (n_lo - n_hi > 1) & (passes < MAX_PASSES):  # done: one token left in (lo, hi]
             steps = (tl.arange(0, CUTS) + 1).to(tl.float32) / (CUTS + 1)
             cuts = lo + (hi - lo) * steps
