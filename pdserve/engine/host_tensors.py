@@ -6,13 +6,14 @@ viewing it with `torch.frombuffer` does the same in ~0.13 ms (measured on the de
 
 To a GPU, inputs go through pinned memory with a non-blocking copy: a plain `.to("cuda")` of pageable
 memory synchronizes the stream, so the host would wait for the step already running before it could
-queue the next one (and a step launched ahead, engine/ahead.py, would gain nothing).
+queue the next one (and a step launched ahead, engine/ahead.py, would gain nothing). Results come
+back the same way: pinned copies and an event (to_host_later).
 """
 
 from __future__ import annotations
 
 import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,3 +42,22 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host_later(tensors: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+    """Queue copies of device tensors to pinned host memory right behind the work that makes them;
+    the call returned waits for those copies only (its event), not for work queued after them, as a
+    `.tolist()` at that time would. CPU tensors come back as they are."""
+    if not tensors or not tensors[0].is_cuda:
+        return lambda: tensors
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, t in zip(hosts, tensors, strict=True):
+        host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[torch.Tensor]:
+        copied.synchronize()
+        return hosts
+
+    return wait

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.host_tensors import to_device
+from pdserve.engine.host_tensors import to_device, to_host_later
 from pdserve.engine.request import Logprob, Request
 
 # The top-k/top-p/min-p kernel (triton_truncated.py) is tested under Triton's interpreter only: off
@@ -85,7 +85,7 @@ def _results_later(
     waits for those copies only (a plain `.tolist()` later would also wait for every step queued
     since, such as a step launched ahead)."""
     parts = [tokens] + ([logprobs.chosen, logprobs.top_ids, logprobs.top_values] if logprobs else [])
-    fetch = _host_later(parts)
+    fetch = to_host_later(parts)
 
     def wait() -> list[SampleResult]:
         host = fetch()
@@ -97,23 +97,6 @@ def _results_later(
                 top = list(zip(ids[j][:k], values[j][:k], strict=True))
                 results[row].logprob = Logprob(results[row].token_id, chosen[j], top)
         return results
-
-    return wait
-
-
-def _host_later(tensors: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
-    """Device tensors -> a call that returns them on the host (pinned copies, one event)."""
-    if not tensors[0].is_cuda:
-        return lambda: tensors
-    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for host, t in zip(hosts, tensors, strict=True):
-        host.copy_(t, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def wait() -> list[torch.Tensor]:
-        copied.synchronize()
-        return hosts
 
     return wait
 

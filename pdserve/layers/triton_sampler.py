@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pdserve.engine.host_tensors import to_device
+
 if TYPE_CHECKING:
     from pdserve.layers.sampler import RowFilters
 
@@ -78,10 +80,7 @@ def triton_sample(
     if filters is not None:
         params += [float(min(k, vocab) if k > 0 else vocab) for k in filters.top_k]
         params += filters.top_p + filters.min_p
-    pinned = logits.is_cuda  # a pinned source: the copy queues behind the forward, the host goes on
-    on_device = torch.tensor(params, dtype=torch.float32, pin_memory=pinned).to(
-        logits.device, non_blocking=True
-    )
+    on_device = to_device(torch.tensor(params, dtype=torch.float32), logits.device)  # queued, no wait
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if not rows:
         return out
