@@ -1,6 +1,10 @@
 """The router: one OpenAI front that picks a prefill and a decode instance (or one colocated instance).
 
-    app.py          the FastAPI app: auth, JSON check, proxying (SSE passed through), retries, /health
+    app.py          the FastAPI app: endpoints, auth, JSON check, OpenAI-shaped errors, /health, serving
+    proxy.py        choosing instances, opening upstream requests, retries
+    relay.py        relaying a stream: events held back until the first token, reopened after prefill_failed
+    sse.py          reading and writing server-sent events
+    errors.py       the errors the router answers itself, in OpenAI's shape
     instances.py    the instances, their health, role, kv address and load, and the poller that keeps them
     policies.py     round_robin and least_loaded: which healthy instance takes the next request
     metrics.py      the router's Prometheus metrics (its own registry), KV-transfer totals from instances

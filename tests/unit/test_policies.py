@@ -7,10 +7,11 @@ from collections import Counter
 
 import pytest
 
-from pdserve.router.app import RouterConfig, carries_token, error_code, event_data
+from pdserve.router.app import RouterConfig
 from pdserve.router.instances import Info, Instance, Load, Registry, role_problem
 from pdserve.router.metrics import KVTotals
 from pdserve.router.policies import LeastLoaded, RoundRobin, least_band, make_policy
+from pdserve.router.sse import carries_token, error_code, event_data
 
 
 def decode(

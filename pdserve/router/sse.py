@@ -1,0 +1,80 @@
+"""Server-sent events as the router writes and reads them: one JSON event, a body cut into whole
+events, an event's data and error code, and whether an event carries a token yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+# ---- reading SSE events -----------------------------------------------------------------------------------
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response body cut into whole events (each ending in a blank line)."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk.replace(b"\r\n", b"\n")
+        while (end := buffer.find(b"\n\n")) >= 0:
+            yield buffer[: end + 2]
+            buffer = buffer[end + 2 :]
+    if buffer.strip():
+        yield buffer if buffer.endswith(b"\n\n") else buffer.rstrip(b"\n") + b"\n\n"
+
+
+def event_data(event: bytes) -> Any:
+    """The event's data as JSON; "[DONE]" for the end marker; None without (valid JSON) data."""
+    payload = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")).strip()
+    if payload == b"[DONE]":
+        return "[DONE]"
+    try:
+        return json.loads(payload) if payload else None
+    except ValueError:
+        return None
+
+
+def error_code(data: Any) -> str | None:
+    """The `code` of an OpenAI error object (a whole answer or an SSE event), else None."""
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        code = data["error"].get("code")
+        return str(code) if code is not None else "error"
+    return None
+
+
+def carries_token(data: Any) -> bool:
+    """False only for events that say nothing yet: the role preamble, comments, empty deltas."""
+    if not isinstance(data, dict) or "error" in data:
+        return data is not None
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return True  # the usage chunk and anything unexpected count as content
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return True
+        delta = choice.get("delta")
+        delta = delta if isinstance(delta, dict) else {}
+        if (
+            choice.get("text")
+            or delta.get("content")
+            or choice.get("finish_reason")
+            or choice.get("logprobs")
+        ):
+            return True
+    return False
+
+
+def json_error_code(content: bytes) -> str | None:
+    try:
+        return error_code(json.loads(content))
+    except ValueError:
+        return None
