@@ -101,6 +101,27 @@ def test_truncated_rows_draw_from_what_the_torch_sampler_keeps(k: int, p: float,
     assert (freq - want).abs().max() < 4.5 * (0.25 / rows) ** 0.5, (freq, want)
 
 
+@pytest.mark.parametrize("rows", [pytest.param(128, marks=gpu), pytest.param(1, marks=gpu)])
+def test_truncated_draws_at_a_model_vocabulary_stay_in_the_kept_set(rows: int) -> None:
+    """152k-entry bf16 rows shaped like a model's (a few peaked tokens over a wide tail), mixed
+    filters per row: every draw is a token the torch sampler keeps, and top_k=1 is the argmax."""
+    vocab = 152064
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 2.5).to(torch.bfloat16)
+    logits[:, :6] += torch.tensor([15.0, 13.0, 12.5, 12.0, 11.0, 10.0], device=DEVICE).to(torch.bfloat16)
+    mixes = [(50, 0.95, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.05), (1, 1.0, 0.0), (20, 0.5, 0.1)]
+    params = [mixes[i % len(mixes)] for i in range(rows)]
+    filters = sampler.RowFilters([m[0] for m in params], [m[1] for m in params], [m[2] for m in params])
+    reqs = [Request("r", [1], SamplingParams(top_k=k, top_p=p, min_p=m)) for k, p, m in params]
+    probs = sampler._top_k_top_p(logits.float() / 0.8, reqs).softmax(-1)
+    min_ps = torch.tensor([m[2] for m in params], device=DEVICE)[:, None]
+    kept = (probs > 0) & (probs >= min_ps * probs.max(-1, keepdim=True).values)  # what torch keeps
+    for seed in range(8):
+        got = triton_sampler.triton_sample(logits, [0.8] * rows, seed, filters)
+        assert kept.gather(1, got[:, None]).all(), seed
+        top1 = [i for i, m in enumerate(params) if m[0] == 1]
+        assert got[top1].tolist() == logits.float().argmax(-1)[top1].tolist()
+
+
 def test_truncation_across_blocks_and_greedy_rows_in_the_same_batch() -> None:
     logits = torch.full((3, 5000), -5.0, device=DEVICE)
     logits[:, [10, 4990]] = 3.0  # the two likely tokens, in different 4096-entry blocks
