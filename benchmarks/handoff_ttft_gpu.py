@@ -1,9 +1,12 @@
 """TTFT added by disaggregation, one request at a time, with and without layer-wise KV streaming.
 
-Two real engines in this process: a prefill engine on cuda:0 and a decode engine on cuda:1 (dummy
-weights of a model shape, bf16, cuda_ipc between them; the prefill engine steps in its own thread,
-as it would in its own process). Per repeat, three requests of fresh random prompts, one after the
-other, each timed from add_request to the first token out of the decode engine:
+Two real engines in two processes, as in serving: a prefill engine on cuda:0 (a child process) and
+a decode engine on cuda:1 (this one); dummy weights of a model shape, bf16, cuda_ipc between them.
+(A first version ran both in one process: there the decode pool is the very tensor on cuda:1, so a
+layer's strided copy became a cross-device copy, ordered against both devices' streams, which is
+not what two processes do: they copy into a mapping of the peer's pool on their own GPU.)
+Per repeat, three requests of fresh random prompts, one after the other, each timed from add_request
+to the first token out of the decode engine (the prefill process switches streaming between them):
 
 - local: the decode engine computes the prompt itself (no KV from anywhere): the colocated TTFT;
 - pd: prefill on cuda:0, KV copied into cuda:1's pool after the prefill step (send_kv);
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import queue
 import random
 import statistics
-import threading
 import time
 from dataclasses import replace
 from datetime import date
+from typing import Any
 
 import torch
 
@@ -52,11 +57,28 @@ def make_engine(args: argparse.Namespace, role: str, device: str) -> Engine:
     )
 
 
-def prefill_loop(engine: Engine, stop: threading.Event) -> None:
-    while not stop.is_set():
+def prefill_main(args: argparse.Namespace, device: str, replies: Any, orders: Any) -> None:
+    """The prefill engine, in its own process as in serving: sends its KV address, then steps; an order
+    "stream" / "plain" switches layer-wise streaming (acknowledged), "stop" ends it."""
+    engine = make_engine(args, "prefill", device)
+    assert engine.connector is not None
+    replies.put(engine.connector.address)
+    plain = engine.config.disagg
+    while True:
+        try:
+            order = orders.get_nowait()
+        except queue.Empty:
+            order = None
+        if order == "stop":
+            break
+        if order is not None:
+            engine.config = replace(engine.config, disagg=replace(plain, stream_layers=order == "stream"))
+            replies.put(order)
         engine.step()
         if engine.idle:
             time.sleep(0.0002)
+    replies.put(engine.connector.transfers_streamed)
+    engine.close()
 
 
 def ttft(decode: Engine, prompt: list[int], kv: dict[str, str] | None) -> float:
@@ -89,32 +111,29 @@ def main() -> None:
     ap.add_argument("--load-format", default="dummy", help="auto: a smoke run with a real checkpoint")
     args = ap.parse_args()
     prefill_device, decode_device = args.devices.split(",")
-    prefill = make_engine(args, "prefill", prefill_device)
+    ctx = mp.get_context("spawn")
+    replies, orders = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=prefill_main, args=(args, prefill_device, replies, orders), daemon=True)
+    child.start()
+    kv = {"prefill_kv_addr": replies.get(timeout=600)}
     decode = make_engine(args, "decode", decode_device)
-    assert prefill.connector is not None
-    kv = {"prefill_kv_addr": prefill.connector.address}
-    plain_disagg = prefill.config.disagg
-    stream_disagg = replace(plain_disagg, stream_layers=True)
-    stop = threading.Event()
-    worker = threading.Thread(target=prefill_loop, args=(prefill, stop), daemon=True)
-    worker.start()
     rng = random.Random(0)
     times: dict[str, list[float]] = {m: [] for m in MODES}
     try:
         for i in range(args.repeats + 2):  # the first two: warm-up
             for mode in MODES:
-                prefill.config = replace(
-                    prefill.config, disagg=stream_disagg if mode == "pd-stream" else plain_disagg
-                )
+                if mode != "local":
+                    orders.put("stream" if mode == "pd-stream" else "plain")
+                    assert replies.get(timeout=60) in ("stream", "plain")
                 prompt = [rng.randrange(100, 30000) for _ in range(args.tokens)]
                 t = ttft(decode, prompt, None if mode == "local" else kv)
                 if i >= 2:
                     times[mode].append(t)
     finally:
-        stop.set()
-        worker.join()
-    report(args, times, prefill.connector.transfers_streamed)
-    prefill.close()
+        orders.put("stop")
+    streamed = replies.get(timeout=60)
+    child.join(timeout=60)
+    report(args, times, streamed)
     decode.close()
 
 
