@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh tests      # any 1-2 GPU machine: make test-gpu (kernels, engine, transports, TP)
 #   bash scripts/gpu_session.sh engine     # one H200: decode/prefill steps vs bounds; sampler paths
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
+#   bash scripts/gpu_session.sh handoff    # 2x H200: TTFT added by disaggregation, with/without layer streaming
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
@@ -36,6 +37,12 @@ transfer)
     >"$OUT/kv_transfer_gpu.log" 2>&1
   echo "rc=$?" >>"$OUT/kv_transfer_gpu.log"
   tail -20 "$OUT/kv_transfer_gpu.log"
+  ;;
+handoff)
+  timeout 300 python3 benchmarks/handoff_ttft_gpu.py --model qwen2.5-32b --tokens 1100 --repeats 12 \
+    --output "$OUT/handoff_ttft.json" >"$OUT/handoff_ttft.log" 2>&1
+  echo "rc=$?" >>"$OUT/handoff_ttft.log"
+  tail -8 "$OUT/handoff_ttft.log"
   ;;
 loop)
   for i in 1 2 3; do
