@@ -1,6 +1,6 @@
 """Sampling time per decode step on a GPU, per path: the one-launch kernel (temperature), the
 truncating kernel (top-k / top-p / min-p, triton_truncated.py) and the torch path the truncating
-kernel replaced, at batch 1, 32 and 128 over a 152k vocabulary (Qwen2.5's), bf16 logits.
+kernel replaced, at batch 1, 8, 32 and 128 over a 152k vocabulary (Qwen2.5's), bf16 logits.
 
     python3 benchmarks/sampler_gpu.py [--vocab 152064] [--output sampler_gpu.json]
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     results = []
-    for rows in (1, 32, 128):
+    for rows in (1, 8, 32, 128):
         logits = logits_like_a_model(rows, args.vocab)
         for name, kw in CASES.items():
             reqs = [Request(f"r{i}", [1], SamplingParams(**kw)) for i in range(rows)]
