@@ -84,7 +84,9 @@ if HAS_TRITON:
         base = logits_ptr + row.to(tl.int64) * stride_row
         scale = tl.where(inv_t > 0, inv_t, 1.0)
         zmax, zmin, total = _row_max_min_sum(base, scale, VOCAB, BLOCK)
-        lo = zmin - 1.0  # P(lo) false: every token is above it (when a filter is on)
+        # P(lo) false: every token is above it (when a filter is on). Floored, so that -inf logits
+        # leave the cuts finite: what lies 1e4 below the maximum has probability 0 anyway.
+        lo = tl.maximum(zmin, zmax - 1.0e4) - 1.0
         hi = zmax  # P(hi) true: nothing is above the maximum
         n_lo = tl.full((), VOCAB, tl.int32)  # tokens above lo, above hi
         n_hi = tl.full((), 0, tl.int32)

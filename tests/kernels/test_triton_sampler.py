@@ -126,6 +126,7 @@ def test_truncation_across_blocks_and_greedy_rows_in_the_same_batch() -> None:
     logits = torch.full((3, 5000), -5.0, device=DEVICE)
     logits[:, [10, 4990]] = 3.0  # the two likely tokens, in different 4096-entry blocks
     logits[:, 2000] = 2.9  # a close third
+    logits[0, 3000:3100] = float("-inf")  # banned entries must not break the search for the cut
     filters = sampler.RowFilters([2, 2, 0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
     draws = [triton_sampler.triton_sample(logits, [5.0, 0.0, 5.0], s, filters).tolist() for s in range(6)]
     assert all(d[0] in (10, 4990) and d[1] == 10 for d in draws)  # top-2 at T=5; greedy: first max
