@@ -168,6 +168,24 @@ def test_sample_dispatches_plain_batches_to_the_kernel(monkeypatch: pytest.Monke
     assert not calls  # a seeded row sends the batch down the torch path
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the dispatch picks the kernel for CUDA logits only")
+@pytest.mark.parametrize("switched_on", [True, False])
+def test_truncated_batches_take_the_kernel_when_switched_on(
+    monkeypatch: pytest.MonkeyPatch, switched_on: bool
+) -> None:
+    calls = []
+    real = triton_sampler.triton_sample
+    monkeypatch.setattr(triton_sampler, "triton_sample", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(sampler, "TRUNCATING_KERNEL", switched_on)
+    logits = torch.randn(3, 2000, device=DEVICE)
+    logits[:, 5] = 30.0
+    reqs = [Request(f"r{i}", [1], SamplingParams(temperature=0.9, top_p=0.8, top_k=10)) for i in range(3)]
+    out = sampler.sample_later(logits, reqs).wait()
+    assert [r.token_id for r in out] == [5, 5, 5]
+    assert bool(calls) is switched_on and (not calls or calls[0]["filters"].top_k == [10, 10, 10])
+
+
 def _queued_work_still_running_after(call: Callable[[], None]) -> bool:
     """Queue ~0.5 s of GPU sleep, then `call()`: True if the sleep was still running when it returned
     (the call queued its work without waiting for the GPU)."""
