@@ -9,11 +9,13 @@ sets that the working set is larger than the L2 cache, taken twice: eager (Pytho
 overhead included) and replayed from a CUDA graph (the GPU time; rates come from this one).
 
     python benchmarks/kernel_bench.py --output kernel_bench.json
+    python benchmarks/kernel_bench.py --sweep-decode --output decode_sweep.json   # tune the decode kernel
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from pdserve.layers import triton_fused
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.attention.torch_backend import TorchAttentionBackend
-from pdserve.layers.attention.triton_decode import choose_num_splits, paged_decode
+from pdserve.layers.attention.triton_decode import MAX_SPLITS, choose_num_splits, paged_decode
 from pdserve.layers.attention.triton_prefill import paged_prefill
 from pdserve.layers.norm import rms_norm_torch
 
@@ -162,6 +164,36 @@ def bench_decode(model: str, batch: int, ctx: int) -> list[Result]:
     return [measure("decode", model, batch, ctx, n, c, kv_bytes, "GB/s") for n, c in impls.items()]
 
 
+def sweep_decode(model: str, batch: int, ctx: int) -> list[Result]:
+    """The split kernel's (BLOCK_N, warps, stages) and split count around the defaults, graph-timed:
+    what split_config and choose_num_splits should pick on this GPU."""
+    heads, kv_heads, dim = MODELS[model]
+    kv_bytes = 2 * batch * ctx * kv_heads * dim * DTYPE.itemsize
+    sets = [paged_inputs([(ctx, 1)] * batch, heads, kv_heads, dim) for _ in range(copies(kv_bytes))]
+    chosen = choose_num_splits(batch, kv_heads, ctx, torch.device("cuda"))
+    results = []
+    for splits in sorted({max(1, chosen // 2), chosen, min(MAX_SPLITS, chosen * 2)}):
+        for config in itertools.product((32, 64, 128), (2, 4, 8), (2, 3)):
+            calls = []
+            for q, _, _, cache, meta in sets:
+                out = torch.empty_like(q)
+                args = (q, cache, meta.block_tables, meta.seq_lens, out, dim**-0.5, splits, config)
+                calls.append(lambda a=args: paged_decode(*a))
+            ms = graph_ms(calls)
+            if ms is not None:
+                impl = f"splits={splits} n={config[0]} w={config[1]} s={config[2]}"
+                results.append(
+                    Result("decode-sweep", model, batch, ctx, impl, ms, ms, kv_bytes / ms / 1e6, "GB/s")
+                )
+    best = max(results, key=lambda r: r.rate)
+    default = next(r for r in results if r.impl.startswith(f"splits={chosen} n=64 w=4 s=2"))
+    print(
+        f"{model} B={batch}: default {default.rate:.0f} GB/s, best {best.rate:.0f} GB/s ({best.impl})",
+        flush=True,
+    )
+    return results
+
+
 def bench_prefill(model: str, prompts: int, new: int, prefix: int) -> list[Result]:
     heads, kv_heads, dim = MODELS[model]
     ctx = prefix + new
@@ -219,19 +251,26 @@ def main() -> None:
     )
     parser.add_argument("--output", required=True, help="where to write the JSON results")
     parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument(
+        "--sweep-decode", action="store_true", help="only: decode configs around the defaults"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench needs a CUDA GPU")
     random.seed(0)
     torch.manual_seed(0)
     results: list[Result] = []
-    for model in MODELS:
+    for model in MODELS if args.sweep_decode else ():
+        for batch in (1, 32, 128):
+            results += sweep_decode(model, batch, args.context)
+    for model in () if args.sweep_decode else MODELS:
         for batch in (1, 32, 128):
             results += bench_decode(model, batch, args.context)
         for prompts in (1, 4):
             results += bench_prefill(model, prompts, 1100, 0)
         results += bench_prefill(model, 1, 1100, 1100)
-    results += bench_fused(128, 3584, 18944) + bench_fused(2048, 3584, 18944)
+    if not args.sweep_decode:
+        results += bench_fused(128, 3584, 18944) + bench_fused(2048, 3584, 18944)
     device = torch.cuda.get_device_name()
     with open(args.output, "w") as f:
         json.dump(

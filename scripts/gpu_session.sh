@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh tests      # any 1-2 GPU machine: make test-gpu (kernels, engine, transports, TP)
 #   bash scripts/gpu_session.sh engine     # one H200: decode/prefill steps vs bounds; sampler paths
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
+#   bash scripts/gpu_session.sh sweep      # one GPU: decode attention tiles and splits around the defaults
 #   bash scripts/gpu_session.sh handoff    # 2x H200: TTFT added by disaggregation, with/without layer streaming
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -37,6 +38,12 @@ transfer)
     >"$OUT/kv_transfer_gpu.log" 2>&1
   echo "rc=$?" >>"$OUT/kv_transfer_gpu.log"
   tail -20 "$OUT/kv_transfer_gpu.log"
+  ;;
+sweep)
+  timeout 400 python3 benchmarks/kernel_bench.py --sweep-decode --output "$OUT/decode_sweep.json" \
+    >"$OUT/decode_sweep.log" 2>&1
+  echo "rc=$?" >>"$OUT/decode_sweep.log"
+  grep -E "default|rc=" "$OUT/decode_sweep.log"
   ;;
 handoff)
   timeout 300 python3 benchmarks/handoff_ttft_gpu.py --model qwen2.5-32b --tokens 1100 --repeats 12 \

@@ -190,16 +190,20 @@ def test_random_small(case: tuple, dtype: torch.dtype) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("splits", [1, 2, 4, 16])
-def test_decode_splits_agree(splits: int) -> None:
-    """Any number of partitions, empty ones included, gives the same output."""
+@pytest.mark.parametrize(
+    "splits,config",
+    [(1, None), (2, None), (4, None), (16, None), (4, (128, 4, 2)), (1, (64, 2, 3))],
+)
+def test_decode_splits_and_tiles_agree(splits: int, config: tuple[int, int, int] | None) -> None:
+    """Any number of partitions, empty ones included, and any tile of the kernel-tuning sweep
+    (benchmarks/kernel_bench.py --sweep-decode), gives the same output."""
     batch = make_batch([(200, 1), (7, 1), (65, 1)], 8, 2, 64, 16, torch.float32, seed=splits)
     ref_out, _ = reference(batch)
     cache = batch.kv_cache.clone()
     TorchAttentionBackend(8, 2, 64, 0.125).forward(batch.q, batch.k, batch.v, cache, batch.meta)  # writes K/V
     out = torch.full_like(batch.q, float("nan"))
     triton_decode.paged_decode(
-        batch.q, cache, batch.meta.block_tables, batch.meta.seq_lens, out, 0.125, splits
+        batch.q, cache, batch.meta.block_tables, batch.meta.seq_lens, out, 0.125, splits, config
     )
     assert_close(out, ref_out, torch.float32)
 

@@ -170,6 +170,7 @@ def paged_decode(
     out: torch.Tensor,  # [B, num_heads, D], written
     scale: float,
     num_splits: int,
+    config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages); default split_config
 ) -> None:
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -183,7 +184,7 @@ def paged_decode(
     else:
         part_out = part_lse = out  # unused
     fp32 = q.dtype == torch.float32
-    block_n, num_warps, num_stages = split_config(q.dtype)
+    block_n, num_warps, num_stages = config or split_config(q.dtype)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         kv_cache,
