@@ -83,7 +83,8 @@ class DisaggConfig:
     kv_transfer_timeout: float = 120.0
     peer_timeout: float = 5.0
     # prefill: send a prompt's KV layer by layer while the step computes (cuda_ipc peers only;
-    # disagg/layer_stream.py). Off until measured on a GPU
+    # disagg/layer_stream.py). Off: slower in its one measurement (engines in one process,
+    # docs/performance.md); to be measured across processes
     stream_layers: bool = False
 
     def __post_init__(self) -> None:

@@ -250,9 +250,10 @@ class ModelRunner:
         meta.after_layer = after_layer
         if ahead is not None:  # decodes come first, one token each
             input_ids[: ahead.numel()].copy_(ahead)
-        rows = to_device(long_tensor(step.logit_rows), self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
-        return self.model.compute_logits(hidden[rows]) if step.logit_rows else None
+        if not step.logit_rows:  # a prompt chunk that does not reach the end: nothing to sample
+            return None
+        return self.model.compute_logits(hidden[to_device(long_tensor(step.logit_rows), self.device)])
 
     def _decode_inputs(self, chunks: list[ScheduledChunk]) -> DecodeInputs:
         bs = self.layout.block_size

@@ -219,17 +219,23 @@ def paged_decode(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_out,
-            part_lse,
-            out,
-            num_heads * num_splits * head_dim,
-            num_splits * head_dim,
-            head_dim,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            NUM_SPLITS=num_splits,
-            num_warps=4,
-        )
+        _merge_splits(part_out, part_lse, out)
+
+
+def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """out[b, h] from the partitions' outputs [B, H, splits, D] and log-sum-exps [B, H, splits]."""
+    batch, num_heads, num_splits, head_dim = part_out.shape
+    _decode_reduce_kernel[(batch, num_heads)](
+        part_out,
+        part_lse,
+        out,
+        num_heads * num_splits * head_dim,
+        num_splits * head_dim,
+        head_dim,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_D=pow2(head_dim),
+        NUM_SPLITS=num_splits,
+        num_warps=4,
+    )
