@@ -3,9 +3,10 @@
 Order per row: penalties (repetition on prompt + output, presence/frequency on output) -> min_tokens
 masks EOS and stop ids -> greedy argmax, or temperature, top-k, top-p, min-p, then a draw. A request
 with a seed draws from its own generator, so its tokens do not depend on what else is in the batch.
-Logprobs are those of the model's raw distribution. On CUDA, a batch whose rows are all greedy or
-temperature with top-k/top-p/min-p goes through one Triton launch instead (triton_sampler.py,
-triton_truncated.py). Nothing here waits for the GPU until a result is read (PendingSample.wait).
+Logprobs are those of the model's raw distribution. On CUDA, a batch whose rows are all greedy,
+temperature or min-p goes through one Triton launch instead (triton_sampler.py, triton_truncated.py;
+top-k/top-p there too with PDSERVE_TRUNCATING_KERNEL=1). Nothing here waits for the GPU until a
+result is read (PendingSample.wait).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 from pdserve.engine.host_tensors import to_device, to_host_later
 from pdserve.engine.request import Logprob, Request
 
-# The top-k/top-p/min-p kernel (triton_truncated.py) is tested under Triton's interpreter only: off
-# on GPUs until its GPU tests and benchmarks/sampler_gpu.py have run there (PDSERVE_TRUNCATING_KERNEL=1).
+# triton_truncated.py's search for a top-k/top-p cut, measured on an H200 (benchmarks/sampler_gpu.py,
+# docs/performance.md): ~4.4 ms at 8-128 rows of a 152k vocabulary vs 0.8-3.7 ms for the torch sort,
+# so rows with top-k/top-p take the torch path unless PDSERVE_TRUNCATING_KERNEL=1. min-p needs no
+# search: there the kernel is faster at every batch size (0.4-0.5 vs 0.4-0.9 ms) and always used.
 TRUNCATING_KERNEL = os.environ.get("PDSERVE_TRUNCATING_KERNEL", "0") == "1"
 
 
@@ -43,13 +46,13 @@ class PendingSample:
 def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample:
     """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA nothing waits
     until `wait()`: the host can do other work while the GPU finishes the step. Batches whose rows
-    are greedy or temperature with top-k/top-p/min-p take one Triton launch (triton_sampler.py,
-    triton_truncated.py); the rest the torch path, queued the same way."""
+    are greedy, temperature or min-p take one Triton launch (triton_sampler.py, triton_truncated.py);
+    the rest (top-k/top-p too, see TRUNCATING_KERNEL) the torch path, queued the same way."""
     if logits.is_cuda and all(plain_sampling(r) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
         filters = _filters(requests, logits.shape[1])
-        if HAS_TRITON and (filters is None or TRUNCATING_KERNEL):
+        if HAS_TRITON and (filters is None or not filters.searches() or TRUNCATING_KERNEL):
             temperatures = [r.params.temperature for r in requests]
             drawn = triton_sample(logits, temperatures, filters=filters)
             return PendingSample(drawn, _results_later(drawn, None, requests))
@@ -59,12 +62,15 @@ def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample
 
 @dataclass
 class RowFilters:
-    """Per row, for the one-launch sampler: top_k (<= 0 or >= vocab: off), top_p (1: off), min_p
-    (0: off)."""
+    """Per row, for the one-launch sampler: top_k (0: off), top_p (1: off), min_p (0: off)."""
 
     top_k: list[int]
     top_p: list[float]
     min_p: list[float]
+
+    def searches(self) -> bool:
+        """Whether any row needs the kernel's search for a top-k/top-p cut (min-p alone does not)."""
+        return any(k > 0 for k in self.top_k) or any(p < 1.0 for p in self.top_p)
 
 
 @dataclass
@@ -163,7 +169,8 @@ def _filters(requests: list[Request], vocab: int) -> RowFilters | None:
     ps = [r.params for r in requests]
     if all((p.top_k <= 0 or p.top_k >= vocab) and p.top_p >= 1.0 and p.min_p == 0.0 for p in ps):
         return None
-    return RowFilters([p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps])
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in ps]  # 0: off
+    return RowFilters(top_k, [p.top_p for p in ps], [p.min_p for p in ps])
 
 
 def _apply_penalties(row: torch.Tensor, req: Request) -> None:

@@ -170,9 +170,18 @@ def test_sample_dispatches_plain_batches_to_the_kernel(monkeypatch: pytest.Monke
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the dispatch picks the kernel for CUDA logits only")
-@pytest.mark.parametrize("switched_on", [True, False])
-def test_truncated_batches_take_the_kernel_when_switched_on(
-    monkeypatch: pytest.MonkeyPatch, switched_on: bool
+@pytest.mark.parametrize(
+    ("switched_on", "params", "kernel"),
+    [
+        (True, SamplingParams(temperature=0.9, top_p=0.8, top_k=10), True),
+        (False, SamplingParams(temperature=0.9, top_p=0.8, top_k=10), False),  # the torch sort is faster
+        (False, SamplingParams(temperature=0.9, top_k=10), False),
+        (False, SamplingParams(temperature=0.9, min_p=0.2), True),  # no search: the kernel is faster
+        (False, SamplingParams(temperature=0.9, top_k=5000, min_p=0.2), True),  # top_k >= vocab is off
+    ],
+)
+def test_truncated_batches_take_the_kernel_when_it_is_faster(
+    monkeypatch: pytest.MonkeyPatch, switched_on: bool, params: SamplingParams, kernel: bool
 ) -> None:
     calls = []
     real = triton_sampler.triton_sample
@@ -180,10 +189,13 @@ def test_truncated_batches_take_the_kernel_when_switched_on(
     monkeypatch.setattr(sampler, "TRUNCATING_KERNEL", switched_on)
     logits = torch.randn(3, 2000, device=DEVICE)
     logits[:, 5] = 30.0
-    reqs = [Request(f"r{i}", [1], SamplingParams(temperature=0.9, top_p=0.8, top_k=10)) for i in range(3)]
+    reqs = [Request(f"r{i}", [1], params) for i in range(3)]
     out = sampler.sample_later(logits, reqs).wait()
     assert [r.token_id for r in out] == [5, 5, 5]
-    assert bool(calls) is switched_on and (not calls or calls[0]["filters"].top_k == [10, 10, 10])
+    assert bool(calls) is kernel
+    if calls:
+        top_k = params.top_k if 0 < params.top_k < 2000 else 0
+        assert calls[0]["filters"].top_k == [top_k] * 3 and calls[0]["filters"].min_p == [params.min_p] * 3
 
 
 def _queued_work_still_running_after(call: Callable[[], None]) -> bool:
