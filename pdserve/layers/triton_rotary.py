@@ -1,4 +1,5 @@
-"""Rotary position embedding for q and k in one Triton launch, in place (the CUDA hot path).
+"""Rotary position embedding for q and k in one Triton launch, in place (the CUDA hot path); and the
+same fused with writing the step's K/V into the paged cache (rotary_store_kv).
 
 The torch code in rotary.py costs five kernels for q and five for k per layer (two products, a
 negation, a concatenation, a sum): ~640 launches per decode step of a 64-layer model. This kernel
@@ -22,15 +23,28 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_heads(base, heads, dims, dmask, stride_h, c, s, NUM_HEADS: tl.constexpr, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
-        mask = (heads[:, None] < NUM_HEADS) & dmask[None, :]
+    def _rotated(base, heads, dims, mask, stride_h, c, s, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Both halves of every head at base, rotated in fp32: ([H, HALF], [H, HALF])."""
         offs = heads[:, None] * stride_h + dims[None, :]
         x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(base + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-        out1 = x1 * c[None, :] - x2 * s[None, :]
-        out2 = x2 * c[None, :] + x1 * s[None, :]
+        return x1 * c[None, :] - x2 * s[None, :], x2 * c[None, :] + x1 * s[None, :]
+
+    @triton.jit
+    def _rotate_heads(base, heads, dims, dmask, stride_h, c, s, NUM_HEADS: tl.constexpr, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
+        mask = (heads[:, None] < NUM_HEADS) & dmask[None, :]
+        out1, out2 = _rotated(base, heads, dims, mask, stride_h, c, s, HALF)
+        offs = heads[:, None] * stride_h + dims[None, :]
         tl.store(base + offs, out1.to(base.dtype.element_ty), mask=mask)
         tl.store(base + offs + HALF, out2.to(base.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask):  # type: ignore[no-untyped-def]
+        """The token's cos/sin row (its first half: the table repeats it), in fp32."""
+        pos = tl.load(pos_ptr + token).to(tl.int64)
+        c = tl.load(cos_ptr + pos * stride_table + dims, mask=dmask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos * stride_table + dims, mask=dmask, other=0.0).to(tl.float32)
+        return c, s
 
     @triton.jit
     def _rotary_kernel(  # type: ignore[no-untyped-def]
@@ -51,14 +65,39 @@ if HAS_TRITON:
         BLOCK_HALF: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + token).to(tl.int64)
         dims = tl.arange(0, BLOCK_HALF)
         dmask = dims < HALF
-        c = tl.load(cos_ptr + pos * stride_table + dims, mask=dmask, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + pos * stride_table + dims, mask=dmask, other=0.0).to(tl.float32)
+        c, s = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask)
         heads = tl.arange(0, BLOCK_H)
         _rotate_heads(q_ptr + token * stride_qt, heads, dims, dmask, stride_qh, c, s, NUM_Q_HEADS, HALF)
         _rotate_heads(k_ptr + token * stride_kt, heads, dims, dmask, stride_kh, c, s, NUM_K_HEADS, HALF)
+
+    @triton.jit
+    def _rotary_store_kernel(  # type: ignore[no-untyped-def]
+        q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
+        stride_kv, stride_cb, stride_ct, stride_ch,  # cache: K to V, block, token, head
+        NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):  # fmt: skip
+        """q rotated in place; k rotated and v copied straight into the cache at the token's slot
+        (negative: a padded token, nothing written). k itself is left as it was."""
+        token = tl.program_id(0).to(tl.int64)
+        dims = tl.arange(0, BLOCK_HALF)
+        dmask = dims < HALF
+        c, s = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask)
+        heads = tl.arange(0, BLOCK_H)
+        _rotate_heads(q_ptr + token * stride_qt, heads, dims, dmask, stride_qh, c, s, NUM_Q_HEADS, HALF)
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        mask = (heads[:, None] < NUM_K_HEADS) & dmask[None, :] & (slot >= 0)
+        k1, k2 = _rotated(k_ptr + token * stride_kt, heads, dims, mask, stride_kh, c, s, HALF)
+        dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
+        dst += heads[:, None] * stride_ch + dims[None, :]
+        tl.store(dst, k1.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, k2.to(cache_ptr.dtype.element_ty), mask=mask)
+        src = v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :]
+        tl.store(dst + stride_kv, tl.load(src, mask=mask), mask=mask)
+        tl.store(dst + stride_kv + HALF, tl.load(src + HALF, mask=mask), mask=mask)
 
 
 def triton_rotary(
@@ -88,3 +127,28 @@ def triton_rotary(
             num_warps=4,
         )
     return q, k
+
+
+def rotary_store_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,  # [T, Hq, D]: rotated in place
+    k: torch.Tensor,  # [T, Hk, D]: read; its rotation goes to the cache only
+    v: torch.Tensor,  # [T, Hk, D]
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hk, D], strided; head_dim contiguous
+    slot_mapping: torch.Tensor,  # [T]; negative: skip
+) -> None:
+    """Rotary and the KV-cache write in one launch (one per layer instead of two)."""
+    tokens, num_q, head_dim = q.shape
+    assert all(x.stride(-1) == 1 for x in (q, k, v, cos, kv_cache)) and cos.stride() == sin.stride()
+    if not tokens:
+        return
+    _rotary_store_kernel[(tokens,)](
+        q, k, v, positions, cos, sin, slot_mapping, kv_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        NUM_Q_HEADS=num_q, NUM_K_HEADS=k.shape[1], HALF=head_dim // 2,
+        BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])),
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=kv_cache.shape[2], num_warps=4,
+    )  # fmt: skip

@@ -76,8 +76,7 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn.forward(q, k, v, kv_cache, meta)
+        out = self.attn.forward_rotary(self.rotary, positions, q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 

@@ -209,6 +209,32 @@ def test_decode_splits_and_tiles_agree(splits: int, config: tuple[int, int, int]
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_rotary_fused_with_the_cache_write_matches_rotate_then_attend(dtype: torch.dtype) -> None:
+    """forward_rotary (the model's call): the Triton backend rotates k on its way into the cache; the
+    torch backend rotates first, then writes and attends. Same cache, same output, on decodes and
+    prefills (with and without a cached prefix)."""
+    from types import SimpleNamespace
+
+    from pdserve.layers.rotary import RotaryEmbedding
+
+    seqs = [(5, 1), (29, 1), (50, 50), (61, 13)]
+    batch = make_batch(seqs, 7, 1, 64, 16, dtype, seed=11)
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 64, 256).to(DEVICE)
+    positions = torch.tensor([p for ctx, n in seqs for p in range(ctx - n, ctx)], device=DEVICE)
+    ref_cache = batch.kv_cache.float()
+    ref_out = TorchAttentionBackend(7, 1, 64, 0.125).forward_rotary(
+        rope, positions, batch.q.float(), batch.k.float(), batch.v.float(), ref_cache, batch.meta
+    )
+    cache = batch.kv_cache.clone()
+    out = TritonAttentionBackend(7, 1, 64, 0.125).forward_rotary(
+        rope, positions, batch.q.clone(), batch.k, batch.v, cache, batch.meta
+    )
+    torch.testing.assert_close(cache.float(), ref_cache, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    assert_close(out, ref_out, dtype)
+
+
+@needs_triton
 def test_padded_decode_batch_writes_zeros_and_nothing_else() -> None:
     """CUDA-graph padding: seq_len 0 gives a zero row; slot -1 writes nothing."""
     batch = make_batch([(37, 1), (12, 1)], 4, 2, 64, 16, torch.float32, seed=7)

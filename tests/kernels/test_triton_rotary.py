@@ -65,3 +65,40 @@ def test_module_dispatch_on_cuda() -> None:
     got_q, got_k = rope(pos, q, k)
     torch.testing.assert_close(got_q.cpu(), want_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_k.cpu(), want_k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 4, 2, 64), (6, 14, 2, 64), (5, 40, 8, 128)])
+def test_rotary_store_writes_rotated_k_and_v_into_the_cache(
+    tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    """The fused launch against rotate-then-store: q rotated in place, the cache (a layer of the real
+    pool layout, strided) holds rotated k and plain v at each slot, padded tokens (slot -1) write
+    nothing, and k's own memory is left alone."""
+    from pdserve.engine.kv_layout import allocate_kv_pool
+
+    torch.manual_seed(tokens * 100 + heads)
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=1_000_000.0), head_dim, 4096).to(DEVICE)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(DEVICE, dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    v = v.view(tokens, kv_heads, head_dim)
+    pool = allocate_kv_pool(2, 6, 4, kv_heads, head_dim, dtype, DEVICE)
+    pool.normal_()
+    before = pool.clone()
+    slots = torch.randperm(24)[:tokens].to(DEVICE)
+    slots[-1] = -1  # the last token is padding
+    pos = torch.randint(0, 4096, (tokens,), device=DEVICE)
+    want_q, want_k = _reference(rope, pos, q, k)
+    k_before, v_before = k.clone(), v.clone()
+    triton_rotary.rotary_store_kv(pos, q, k, v, rope.cos, rope.sin, pool[1], slots)
+    tol = dict(atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    torch.testing.assert_close(q.float().cpu(), want_q, **tol)
+    assert torch.equal(k, k_before) and torch.equal(v, v_before) and torch.equal(pool[0], before[0])
+    written = slots[:-1].cpu()
+    got = pool[1].flatten(1, 2).cpu()  # [2, blocks * block_size, heads, dim]
+    torch.testing.assert_close(got[0, written].float(), want_k[:-1], **tol)
+    assert torch.equal(got[1, written], v_before[:-1].cpu())
+    untouched = torch.ones(24, dtype=torch.bool)
+    untouched[written] = False
+    assert torch.equal(got[:, untouched], before[1].flatten(1, 2).cpu()[:, untouched])

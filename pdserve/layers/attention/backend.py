@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdserve.layers.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from pdserve.layers.rotary import RotaryEmbedding
 
 
 class AttentionBackend(ABC):
@@ -35,6 +39,21 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
+
+    def forward_rotary(
+        self,
+        rotary: RotaryEmbedding,
+        positions: torch.Tensor,  # [T]
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """`forward` of q and k rotated by their positions. A backend that can rotate while it writes
+        the cache overrides this (one launch per layer fewer)."""
+        q, k = rotary(positions, q, k)
+        return self.forward(q, k, v, kv_cache, meta)
 
 
 BACKEND_ENV = "PDSERVE_ATTENTION_BACKEND"

@@ -1,7 +1,9 @@
 """The Triton attention backend: paged KV store, split-K decode and prefix-aware prefill kernels.
 
-One step is at most three launches per layer (plus a reduce when decode splits): store this step's K/V
-by slot, decode the first `num_decodes` sequences, prefill the rest. Importing this module never fails:
+One step is at most three launches per layer (plus a reduce when decode splits): rotary fused with
+storing this step's K/V by slot (layers/triton_rotary.py), decode the first `num_decodes` sequences,
+prefill the rest. Both attention kernels read this step's K/V from the cache, so k is never needed
+rotated in place. Importing this module never fails:
 without triton, `TRITON_AVAILABLE` is False and constructing the backend raises.
 """
 
@@ -14,12 +16,14 @@ import torch
 from pdserve.engine.host_tensors import to_device
 from pdserve.layers.attention.backend import AttentionBackend
 from pdserve.layers.attention.metadata import AttentionMetadata
+from pdserve.layers.rotary import RotaryEmbedding
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 if TRITON_AVAILABLE:
     from pdserve.layers.attention.triton_cache import store_kv
     from pdserve.layers.attention.triton_decode import choose_num_splits, paged_decode
     from pdserve.layers.attention.triton_prefill import paged_prefill
+    from pdserve.layers.triton_rotary import rotary_store_kv
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -41,6 +45,25 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         store_kv(k, v, kv_cache, meta.slot_mapping)
+        return self._attend(q, kv_cache, meta)
+
+    def forward_rotary(
+        self,
+        rotary: RotaryEmbedding,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        if not all(x.stride(-1) == 1 for x in (q, k, v)):
+            return super().forward_rotary(rotary, positions, q, k, v, kv_cache, meta)
+        rotary_store_kv(positions, q, k, v, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping)
+        return self._attend(q, kv_cache, meta)
+
+    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of q over the cache, which already holds this step's K/V."""
         out = torch.empty_like(q)  # [T, num_heads, head_dim]
         nd = meta.num_decodes
         if nd:
