@@ -222,9 +222,10 @@ def test_rotary_fused_with_the_cache_write_matches_rotate_then_attend(dtype: tor
     batch = make_batch(seqs, 7, 1, 64, 16, dtype, seed=11)
     rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 64, 256).to(DEVICE)
     positions = torch.tensor([p for ctx, n in seqs for p in range(ctx - n, ctx)], device=DEVICE)
-    ref_cache = batch.kv_cache.float()
+    ref_cache = batch.kv_cache.float().clone()  # copies: on CUDA the torch path rotates q, k in place
+    q, k, v = (x.float().clone() for x in (batch.q, batch.k, batch.v))
     ref_out = TorchAttentionBackend(7, 1, 64, 0.125).forward_rotary(
-        rope, positions, batch.q.float(), batch.k.float(), batch.v.float(), ref_cache, batch.meta
+        rope, positions, q, k, v, ref_cache, batch.meta
     )
     cache = batch.kv_cache.clone()
     out = TritonAttentionBackend(7, 1, 64, 0.125).forward_rotary(
