@@ -5,9 +5,11 @@ softmax, uniform noise, log, division, argmax, scatter) and as many host launche
 over [rows, vocab] logits: ~0.3 ms a decode step at 128 rows of a 152k vocabulary, most of it the GPU
 waiting for Python. Rows whose requests ask for nothing else (no penalties, top-k/top-p/min-p,
 min_tokens bans, seed or logprobs) need only: token = argmax(logits / T + Gumbel noise), which draws
-from softmax(logits / T) (the Gumbel-max trick); T = 0 is the plain argmax. One program per row reads
-its logits once, in the input dtype, and keeps a running best; the noise is Philox (tl.rand) keyed by
-a per-call seed and the element's index. Rows with top-k, top-p or min-p go to the truncating kernel
+from softmax(logits / T) (the Gumbel-max trick); T = 0 is the plain argmax. Each row is cut into
+chunks, one program each (enough programs for two waves over the SMs: choose_chunks), which read
+their logits once, in the input dtype, and keep a running best; a second tiny launch picks each row's
+best chunk. The noise is Philox (tl.rand) keyed by a per-call seed and the element's (row, index), so
+the draw does not depend on the chunking. Rows with top-k, top-p or min-p go to the truncating kernel
 of triton_truncated.py (same launch shape, a bisection for the cut instead of a sort).
 
 Like the other Triton modules, sampler.py imports this only for CUDA logits, so a CPU process never
@@ -28,24 +30,33 @@ if TYPE_CHECKING:
     from pdserve.layers.sampler import RowFilters
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-_BLOCK = 4096  # vocabulary entries per loop iteration of a row
+_BLOCK = 4096  # vocabulary entries per loop iteration of a row (truncating kernel: its own BLOCK)
+_CHUNK_BLOCK = 1024  # the same, for the plain kernel's chunks
+_MIN_CHUNK = 2048  # vocabulary entries a chunk gets at least
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["seed"])
+    @triton.jit(do_not_specialize=["seed", "span", "num_chunks"])
     def _sample_kernel(  # type: ignore[no-untyped-def]
-        logits_ptr, stride_row, inv_temp_ptr, out_ptr, seed, VOCAB: tl.constexpr, BLOCK: tl.constexpr
-    ):
+        logits_ptr, stride_row, inv_temp_ptr, out_ptr, part_score_ptr, part_index_ptr, seed, span,
+        num_chunks, VOCAB: tl.constexpr, BLOCK: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        """The best (score, index) of one chunk [chunk * span, + span) of one row: the token itself
+        when the row is one chunk, else a partial for _pick_chunk_kernel."""
         row = tl.program_id(0)
+        chunk = tl.program_id(1)
         inv_t = tl.load(inv_temp_ptr + row)  # 0: greedy
         base = logits_ptr + row.to(tl.int64) * stride_row
         best = tl.full((), float("-inf"), tl.float32)
         best_i = tl.full((), 0, tl.int32)
-        for start in range(0, VOCAB, BLOCK):
+        lo = chunk * span
+        end = tl.minimum(lo + span, VOCAB)
+        for step in range(0, span, BLOCK):
+            start = lo + step
             offs = start + tl.arange(0, BLOCK)
-            mask = offs < VOCAB
+            mask = offs < end
             x = tl.load(base + offs, mask=mask, other=-3.0e38).to(tl.float32)  # finite: x * 0 is no NaN
             u = tl.rand(seed, row * VOCAB + offs)  # [0, 1)
             gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
@@ -56,7 +67,21 @@ if HAS_TRITON:
             take = m > best  # strictly: the first of equal maxima wins, as torch.argmax
             best_i = tl.where(take, i, best_i)
             best = tl.where(take, m, best)
-        tl.store(out_ptr + row, best_i.to(tl.int64))
+        if SINGLE_CHUNK:
+            tl.store(out_ptr + row, best_i.to(tl.int64))
+        else:
+            tl.store(part_score_ptr + row * num_chunks + chunk, best)
+            tl.store(part_index_ptr + row * num_chunks + chunk, best_i)
+
+    @triton.jit
+    def _pick_chunk_kernel(part_score_ptr, part_index_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Per row, the index of the best chunk's best token (the first chunk of equal scores: the
+        lower index, as torch.argmax)."""
+        row = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        scores = tl.load(part_score_ptr + row * num_chunks + c, mask=c < num_chunks, other=float("-inf"))
+        best = tl.argmax(scores, axis=0)
+        tl.store(out_ptr + row, tl.load(part_index_ptr + row * num_chunks + best).to(tl.int64))
 
 
 def next_seed() -> int:
@@ -69,10 +94,13 @@ def triton_sample(
     temperatures: list[float],
     seed: int | None = None,
     filters: RowFilters | None = None,
+    chunks: int | None = None,
 ) -> torch.Tensor:
     """One token id per row of logits [rows, vocab] (any float dtype, rows contiguous in the last dim):
     argmax for temperature 0, else a draw from softmax(logits / temperature), truncated by `filters`
-    (top-k, top-p, min-p per row: triton_truncated.py) when given. Returns int64 [rows]."""
+    (top-k, top-p, min-p per row: triton_truncated.py) when given. Returns int64 [rows]. `chunks`
+    (plain rows only, a power of two): programs per row, chosen by choose_chunks when None; the draw
+    does not depend on it."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1 and len(temperatures) == rows
     assert rows * vocab < 2**31, "Philox offsets are 32-bit"
@@ -87,9 +115,7 @@ def triton_sample(
     seed = next_seed() if seed is None else seed
     block = min(_BLOCK, triton.next_power_of_2(vocab))
     if filters is None:
-        _sample_kernel[(rows,)](
-            logits, logits.stride(0), on_device, out, seed, VOCAB=vocab, BLOCK=block, num_warps=8
-        )
+        _plain_sample(logits, on_device, out, seed, chunks or choose_chunks(rows, vocab, logits.device))
     else:
         from pdserve.layers.triton_truncated import BLOCK, CUTS, MAX_PASSES, _truncated_kernel
 
@@ -107,3 +133,36 @@ def triton_sample(
             num_warps=8,
         )
     return out
+
+
+def choose_chunks(rows: int, vocab: int, device: torch.device) -> int:
+    """Programs per row for the plain kernel, a power of two: enough for two waves over the GPU's
+    SMs, none shorter than _MIN_CHUNK entries. One program per row left a 152k-vocabulary row on one
+    SM: ~150 us a step at any batch size (H200, 7B profile), half a layer's GEMMs at batch 1."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+    wanted = -(-2 * sms // max(rows, 1))
+    chunks = 1
+    while chunks < wanted and vocab // (2 * chunks) >= _MIN_CHUNK:
+        chunks *= 2
+    return chunks
+
+
+def _plain_sample(
+    logits: torch.Tensor, inv_temps: torch.Tensor, out: torch.Tensor, seed: int, chunks: int
+) -> None:
+    """Greedy/temperature rows: grid (rows, chunks), then one pick per row when chunks > 1."""
+    rows, vocab = logits.shape
+    block = min(_CHUNK_BLOCK, triton.next_power_of_2(vocab))
+    span = -(-vocab // (chunks * block)) * block  # whole loop iterations per chunk
+    chunks = -(-vocab // span)  # rounding may leave fewer chunks with work; the grid has no empty ones
+    scores = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device) if chunks > 1 else out
+    indices = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device) if chunks > 1 else out
+    _sample_kernel[(rows, chunks)](
+        logits, logits.stride(0), inv_temps, out, scores, indices, seed, span, chunks,
+        VOCAB=vocab, BLOCK=block, SINGLE_CHUNK=chunks == 1,
+        num_warps=4,
+    )  # fmt: skip
+    if chunks > 1:
+        _pick_chunk_kernel[(rows,)](
+            scores, indices, out, chunks, BLOCK_C=triton.next_power_of_2(chunks), num_warps=1
+        )

@@ -27,6 +27,7 @@ from pdserve.engine.model_runner import ModelRunner  # noqa: E402
 from pdserve.engine.request import Request  # noqa: E402
 from pdserve.engine.sampling import SamplingParams  # noqa: E402
 from pdserve.engine.scheduler import ScheduledChunk  # noqa: E402
+from tests.kernels.triton_env import fix_interpreter  # noqa: E402
 
 CONFIG = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=256, hidden_size=64,
@@ -48,9 +49,7 @@ class _EagerReplay:
 @pytest.fixture(autouse=True)
 def _interpreter_fixed() -> None:
     if not CUDA:
-        from tests.kernels.test_triton_attention import _fix_interpreter
-
-        _fix_interpreter()
+        fix_interpreter()
 
 
 def test_buckets() -> None:

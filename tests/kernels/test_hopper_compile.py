@@ -24,8 +24,12 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 # as the launches in pdserve ask (3: Triton's default where a launch does not say)
 KERNELS = {
     "sample": ("pdserve.layers.triton_sampler", "_sample_kernel",
-               {"logits_ptr": "*bf16", "inv_temp_ptr": "*fp32", "out_ptr": "*i64"},
-               {"VOCAB": 152064, "BLOCK": 4096}, 8, 3),
+               {"logits_ptr": "*bf16", "inv_temp_ptr": "*fp32", "out_ptr": "*i64", "part_score_ptr": "*fp32",
+                "part_index_ptr": "*i32"},
+               {"VOCAB": 152064, "BLOCK": 1024, "SINGLE_CHUNK": False}, 4, 3),
+    "sample_pick": ("pdserve.layers.triton_sampler", "_pick_chunk_kernel",
+                    {"part_score_ptr": "*fp32", "part_index_ptr": "*i32", "out_ptr": "*i64"},
+                    {"BLOCK_C": 64}, 1, 3),
     "truncated": ("pdserve.layers.triton_truncated", "_truncated_kernel",
                   {"logits_ptr": "*bf16", "params_ptr": "*fp32", "out_ptr": "*i64"},
                   {"VOCAB": 152064, "BLOCK": 1024, "CUTS": 16, "MAX_PASSES": 12}, 8, 3),

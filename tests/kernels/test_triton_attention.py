@@ -21,7 +21,7 @@ from pdserve.layers.attention.backend import get_backend_class
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.attention.torch_backend import TorchAttentionBackend
 
-from .triton_env import CUDA, DEVICE, HAS_TRITON, gpu
+from .triton_env import CUDA, DEVICE, HAS_TRITON, fix_interpreter, gpu
 
 if HAS_TRITON:
     from pdserve.layers.attention import triton_decode
@@ -31,28 +31,12 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
 
-def _fix_interpreter() -> None:
-    """triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4 refuses (triton#9171)."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "pdserve_fixed", False):
-        return
-
-    def patched(tensor: object, scope: object) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))  # type: ignore[attr-defined]
-
-    patched.pdserve_fixed = True  # type: ignore[attr-defined]
-    interpreter._patch_lang_tensor = patched
-
-
 @pytest.fixture(autouse=True)
 def _interpreter_ready() -> None:
     if HAS_TRITON and not CUDA:
         if type(triton_decode._decode_split_kernel).__name__ != "InterpretedFunction":
             pytest.skip("triton kernels were defined before TRITON_INTERPRET=1 was set")
-        _fix_interpreter()
+        fix_interpreter()
 
 
 @dataclass

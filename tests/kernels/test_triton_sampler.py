@@ -18,7 +18,7 @@ from pdserve.engine.request import Request
 from pdserve.engine.sampling import SamplingParams
 from pdserve.layers import sampler, triton_sampler
 
-from .triton_env import CUDA, DEVICE, HAS_TRITON, gpu
+from .triton_env import CUDA, DEVICE, HAS_TRITON, fix_interpreter, gpu
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -27,6 +27,8 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 def _interpreter_ready() -> None:
     if not CUDA and type(triton_sampler._sample_kernel).__name__ != "InterpretedFunction":
         pytest.skip("the kernel was defined before TRITON_INTERPRET=1 was set")
+    if not CUDA:
+        fix_interpreter()
 
 
 CASES = [(1, 50, torch.float32), (6, 5000, torch.float32), (3, 9000, torch.float16)]
@@ -68,6 +70,21 @@ def test_a_seed_reproduces_and_a_new_seed_differs() -> None:
     c = triton_sampler.triton_sample(logits, [1.0] * 64, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.unique().numel() > 40  # rows draw independently
+
+
+@pytest.mark.parametrize("vocab", [9000, pytest.param(152064, marks=gpu)])
+def test_the_draw_does_not_depend_on_how_rows_are_chunked(vocab: int) -> None:
+    """The noise is keyed by (row, token index), so splitting a row over programs changes nothing:
+    the same seed gives the same tokens with 1, 2, 4 or 8 chunks; greedy ties across chunks go to
+    the first index."""
+    logits = torch.randn(5, vocab, device=DEVICE)
+    logits[4] = 0.0
+    logits[4, [vocab - 3, 5]] = 9.0  # a greedy tie: first and last chunk
+    temps = [1.0, 0.7, 1.3, 0.0, 0.0]
+    draws = [triton_sampler.triton_sample(logits, temps, seed=5, chunks=c).tolist() for c in (1, 2, 4, 8)]
+    assert all(d == draws[0] for d in draws), draws
+    assert draws[0][3:] == [int(logits[3].argmax()), 5]
+    assert triton_sampler.choose_chunks(1, vocab, DEVICE) > 1  # one row is split over programs
 
 
 def test_mixed_greedy_and_temperature_rows() -> None:
