@@ -220,33 +220,6 @@ def test_rotary_fused_with_the_cache_write_matches_rotate_then_attend(dtype: tor
 
 
 @needs_triton
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
-def test_split_partitions_merge_in_the_kernel_or_in_the_reduce(
-    monkeypatch: pytest.MonkeyPatch, merge_in_kernel: bool
-) -> None:
-    """The last partition of each (sequence, kv head) merges (counters), or the separate reduce
-    launch does (no counters): same output, and the counters are all zero again after every launch
-    (a CUDA graph replays the same buffer)."""
-    if not merge_in_kernel:
-        monkeypatch.setattr(triton_decode, "merge_counters", lambda device, needed: None)
-    batch = make_batch([(300, 1), (9, 1), (130, 1), (1, 1)], 8, 2, 64, 16, torch.float32, seed=4)
-    batch.meta.seq_lens[3] = 0  # a padded entry: no partition sees a key
-    ref_out, _ = reference(batch)
-    cache = batch.kv_cache.clone()
-    TorchAttentionBackend(8, 2, 64, 0.125).forward(batch.q, batch.k, batch.v, cache, batch.meta)
-    for _ in range(2):  # the second launch finds the counters zeroed by the first
-        out = torch.full_like(batch.q, float("nan"))
-        triton_decode.paged_decode(
-            batch.q, cache, batch.meta.block_tables, batch.meta.seq_lens, out, 0.125, 4
-        )
-        assert_close(out[:3], ref_out[:3], torch.float32)
-        assert torch.equal(out[3], torch.zeros_like(out[3]))
-    if merge_in_kernel:
-        counters = triton_decode.merge_counters(DEVICE, 1)
-        assert counters is not None and not counters.any()
-
-
-@needs_triton
 def test_padded_decode_batch_writes_zeros_and_nothing_else() -> None:
     """CUDA-graph padding: seq_len 0 gives a zero row; slot -1 writes nothing."""
     batch = make_batch([(37, 1), (12, 1)], 4, 2, 64, 16, torch.float32, seed=7)

@@ -2,14 +2,11 @@
 
 Flash-decoding: each sequence's context is cut into `num_splits` partitions of whole tiles; one program
 per (sequence, kv head, partition) attends all query heads of that kv head's group (GQA rows packed
-into one tensor-core tile) and writes a partial output and its log-sum-exp. The last partition of a
-(sequence, kv head) to finish (an atomic count per pair, zeroed again by that program) merges them
-into the output: one launch per layer, not two. The separate reduce kernel merges only where no
-counters exist (merge_counters). With one partition the kernel writes the output directly.
+into one tensor-core tile) and writes a partial output and its log-sum-exp; a reduce kernel merges the
+partitions. With one partition the first kernel writes the output directly.
 
     grid (batch, kv_heads, splits) -> part_out [batch, heads, splits, D], part_lse [batch, heads, splits]
-                                      and, last per (sequence, kv head), out [batch, heads, D]
-    grid (batch, heads)            -> out [batch, heads, D]   (the fallback reduce)
+    grid (batch, heads)            -> out [batch, heads, D]
 
 Only tensors are read on the device, the grid depends on the batch size and `num_splits` alone, and a
 sequence of length 0 (a padded batch entry) gets zeros: a decode step can be captured in a CUDA graph.
@@ -30,8 +27,6 @@ from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 64  # a partition shorter than this costs more to merge than it saves
-MAX_COUNTERS = 1 << 16  # (sequence, kv head) pairs a device's merge counters cover
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}  # per (device, stream)
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt", "stride_pb", "stride_ph", "stride_ps"])
@@ -43,7 +38,6 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
-    counter_ptr,  # int32 per (sequence, kv head), zero between launches (MERGE_HERE only)
     scale_log2,
     num_splits,
     stride_qt,
@@ -65,7 +59,6 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
-    MERGE_HERE: tl.constexpr,  # the last partition to finish merges (else _decode_reduce_kernel does)
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -107,43 +100,6 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
         tl.store(part_out_ptr + part[:, None] + dims[None, :], out, mask=io_mask)
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part // stride_ps, lse, mask=row_mask)
-        if MERGE_HERE:
-            tl.debug_barrier()  # every thread's partial stores come before this partition's count
-            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                base = seq * stride_pb + heads * stride_ph  # [BLOCK_G]
-                merged = _merge_partitions(part_out_ptr, part_lse_ptr, base, num_splits, stride_ps, dims,
-                                           row_mask, io_mask, BLOCK_G, BLOCK_D)  # fmt: skip
-                o_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
-                tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty), mask=io_mask)
-                tl.atomic_xchg(counter, 0)  # zero again for the next launch (or graph replay)
-
-
-@triton.jit
-def _merge_partitions(  # type: ignore[no-untyped-def]
-    part_out_ptr, part_lse_ptr, base, num_splits, stride_ps, dims, row_mask, io_mask,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """The rows' outputs from their partitions' outputs and log2-sum-exps, read past L1 (other
-    programs wrote them): [BLOCK_G, BLOCK_D], zeros where no partition saw a key."""
-    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for split in range(0, num_splits):
-        part = base + split * stride_ps
-        lse = tl.load(
-            part_lse_ptr + part // stride_ps, mask=row_mask, other=float("-inf"), cache_modifier=".cg"
-        )
-        o = tl.load(
-            part_out_ptr + part[:, None] + dims[None, :], mask=io_mask, other=0.0, cache_modifier=".cg"
-        )
-        new_m = tl.maximum(m, lse)
-        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-        old_w, w = tl.exp2(m - ref), tl.exp2(lse - ref)
-        acc = acc * old_w[:, None] + o * w[:, None]
-        total = total * old_w + w
-        m = new_m
-    return acc / tl.where(total > 0.0, total, 1.0)[:, None]
 
 
 @triton.jit(do_not_specialize=["stride_pb", "stride_ph", "stride_ps"])
@@ -222,11 +178,9 @@ def paged_decode(
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
     block_d = pow2(head_dim)
-    counters = None
     if num_splits > 1:
         part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-        counters = merge_counters(q.device, batch * num_kv_heads)
     else:
         part_out = part_lse = out  # unused
     fp32 = q.dtype == torch.float32
@@ -239,7 +193,6 @@ def paged_decode(
         out,
         part_out,
         part_lse,
-        out if counters is None else counters,  # unused without MERGE_HERE
         scale * LOG2E,
         num_splits,
         q.stride(0),
@@ -261,28 +214,12 @@ def paged_decode(
         BLOCK_N=block_n,
         BLOCK_SIZE=kv_cache.shape[2],
         SINGLE_SPLIT=num_splits == 1,
-        MERGE_HERE=counters is not None,
         DOT_PRECISION=dot_precision(fp32),
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if num_splits > 1 and counters is None:
+    if num_splits > 1:
         _merge_splits(part_out, part_lse, out)
-
-
-def merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """Zeroed merge counters for launches on the current stream (allocated once per device and
-    stream, so that engines decoding concurrently on other streams never share one; zero again after
-    every launch), or None: more pairs than MAX_COUNTERS, or a CUDA graph being captured on a stream
-    where no decode ran before (no allocation inside a capture); the separate reduce merges then."""
-    cuda = device.type == "cuda"
-    key = (device, torch.cuda.current_stream(device).stream_id if cuda else 0)
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        if needed > MAX_COUNTERS or (cuda and torch.cuda.is_current_stream_capturing()):
-            return None
-        counters = _COUNTERS[key] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
-    return counters if needed <= counters.numel() else None
 
 
 def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
