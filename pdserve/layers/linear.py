@@ -8,7 +8,9 @@
 
 Each sharded parameter carries a ParamShard (pdserve.distributed.weights) saying where it sits in the
 full tensor, so checkpoint loading and dummy init cut full tensors the same way. At tp=1 the forward
-passes are plain F.linear / F.embedding and no collective runs.
+passes are plain matmuls / F.embedding and no collective runs. The projections multiply through
+`linear`: F.linear, or on CUDA for a few rows (decode at small batch) the Triton skinny GEMM where it
+was measured faster (triton_skinny.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from pdserve.distributed.sharding import split
 from pdserve.distributed.weights import ParamShard, copy_full_rows, set_shard
 
 RowSlice = tuple[int, int, int]  # (full rows, first row this rank holds, rows it holds)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias): F.linear, or triton_skinny's kernel where triton_skinny.wanted says."""
+    if x.is_cuda:
+        from pdserve.layers import triton_skinny  # CUDA only: a CPU process never imports triton
+
+        if triton_skinny.wanted(x, weight, bias):
+            return triton_skinny.skinny_linear(x, weight)
+    return F.linear(x, weight, bias)
 
 
 class MergedLinear(nn.Linear):
@@ -48,6 +60,9 @@ class MergedLinear(nn.Linear):
             raise ValueError(f"shard {shard}.{param}: expected {rows} rows, got {tuple(tensor.shape)}")
         copy_full_rows(target, tensor.reshape(rows, -1), offset)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
 
 class RowParallelLinear(nn.Linear):
     """nn.Linear over the input columns [start, start + size) of `in_features`; outputs summed over ranks."""
@@ -61,8 +76,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 

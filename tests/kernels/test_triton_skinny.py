@@ -1,0 +1,81 @@
+"""The Triton skinny GEMM against F.linear, and when linear() takes it.
+
+On CUDA the cases run on the GPU; without CUDA the small ones run under Triton's interpreter (fp16:
+the interpreter's bf16 tl.dot is wrong, see triton_env).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve.layers import linear as linear_module
+from pdserve.layers import triton_skinny
+
+from .triton_env import CUDA, DEVICE, HAS_TRITON, fix_interpreter, gpu
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_ready() -> None:
+    if not CUDA:
+        if type(triton_skinny._skinny_kernel).__name__ != "InterpretedFunction":
+            pytest.skip("the kernel was defined before TRITON_INTERPRET=1 was set")
+        fix_interpreter()
+
+
+def _check(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(m * 7 + n + k)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) * 0.05).to(dtype)
+    got = triton_skinny.skinny_linear(x, w)
+    want = x.float() @ w.float().T
+    assert got.dtype == dtype and got.shape == (m, n) and not got.isnan().any()
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("n,k", [(100, 600), (8200, 300)])  # ragged tiles; both K steps (n <= / > 8192)
+def test_matches_a_float32_matmul(m: int, n: int, k: int) -> None:
+    _check(m, n, k, torch.float16)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize(
+    "n,k",
+    [
+        pytest.param(3584, 3584, marks=gpu),
+        pytest.param(37888, 3584, marks=gpu),
+        pytest.param(3584, 18944, marks=gpu),
+    ],
+)
+def test_qwen_7b_projections_in_bf16(m: int, n: int, k: int) -> None:
+    _check(m, n, k, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="linear() picks the kernel for CUDA tensors only")
+def test_linear_takes_the_kernel_for_few_rows_of_large_bias_free_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+    real = triton_skinny.skinny_linear
+    monkeypatch.setattr(triton_skinny, "skinny_linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    w = torch.randn(3584, 3584, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(3584, device=DEVICE, dtype=torch.bfloat16)
+    for rows, kw, weight, taken in [
+        (1, {}, w, True),
+        (8, {}, w, True),
+        (9, {}, w, False),  # more rows: cuBLAS
+        (1, {"bias": bias}, w, False),
+        (1, {}, w.float(), False),  # fp32: cuBLAS
+        (1, {}, w[:1024], False),  # a small weight: cuBLAS
+    ]:
+        calls.clear()
+        x = torch.randn(rows, 3584, device=DEVICE, dtype=weight.dtype)
+        got = linear_module.linear(x, weight, **kw)
+        torch.testing.assert_close(got.float(), F.linear(x, weight, **kw).float(), atol=0.05, rtol=0.02)
+        assert bool(calls) is taken, (rows, kw.keys(), weight.shape, weight.dtype)
