@@ -5,8 +5,9 @@ a reduce launch for some shapes and leaves bandwidth unused on others. Each prog
 BLOCK_N output columns for every row of x (padded to 16 for the tensor cores) and streams those
 weight rows once, K in BLOCK_K steps. Measured on an H200 (benchmarks/skinny_gemm_bench.py, Qwen2.5-7B
 shapes, graph-replayed, bf16): at 1 row o_proj 7.3 vs 8.6 us, gate_up 64.6 vs 71.3 us, down 34.0 vs
-36.8 us; qkv (with bias) no faster (9.3 vs 9.1); at 32 rows cuBLAS is as fast or faster. linear.py
-takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16 weights on CUDA.
+36.8 us; qkv (with bias) no faster (9.3 vs 9.1); at 32 rows cuBLAS is as fast or faster. With
+PDSERVE_SKINNY_GEMM=1, linear.py takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16
+weights on CUDA (off by default until measured inside the engine: ENABLED).
 
 linear.py imports this module only for CUDA tensors, so a CPU process never imports triton unless a
 test sets TRITON_INTERPRET first.
@@ -15,10 +16,14 @@ test sets TRITON_INTERPRET first.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Measured alone (benchmarks/skinny_gemm_bench.py) but not yet inside the engine on a GPU: off until
+# `gpu_session.sh skinny` (7B decode steps with and without it, same machine) has run.
+ENABLED = os.environ.get("PDSERVE_SKINNY_GEMM", "0") == "1"
 MAX_ROWS = 8  # up to this many rows of x (measured faster at 1 and 8)
 MIN_WEIGHT = 12_000_000  # elements of W at least (the smallest measured win: o_proj, 12.8M)
 
@@ -48,7 +53,8 @@ if HAS_TRITON:
 def wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether linear.py should take this kernel for x @ weight^T (+ bias)."""
     return (
-        HAS_TRITON
+        ENABLED
+        and HAS_TRITON
         and bias is None
         and x.is_cuda
         and x.dim() == 2

@@ -61,6 +61,7 @@ def test_qwen_7b_projections_in_bf16(m: int, n: int, k: int) -> None:
 def test_linear_takes_the_kernel_for_few_rows_of_large_bias_free_weights(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(triton_skinny, "ENABLED", True)
     calls = []
     real = triton_skinny.skinny_linear
     monkeypatch.setattr(triton_skinny, "skinny_linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
@@ -79,3 +80,7 @@ def test_linear_takes_the_kernel_for_few_rows_of_large_bias_free_weights(
         got = linear_module.linear(x, weight, **kw)
         torch.testing.assert_close(got.float(), F.linear(x, weight, **kw).float(), atol=0.05, rtol=0.02)
         assert bool(calls) is taken, (rows, kw.keys(), weight.shape, weight.dtype)
+    monkeypatch.setattr(triton_skinny, "ENABLED", False)  # the default until measured in the engine
+    calls.clear()
+    linear_module.linear(torch.randn(1, 3584, device=DEVICE, dtype=torch.bfloat16), w)
+    assert not calls
