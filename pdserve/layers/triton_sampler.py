@@ -18,6 +18,7 @@ imports triton unless a test sets TRITON_INTERPRET first.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import random
 from typing import TYPE_CHECKING
@@ -113,7 +114,6 @@ def triton_sample(
     if not rows:
         return out
     seed = next_seed() if seed is None else seed
-    block = min(_BLOCK, triton.next_power_of_2(vocab))
     if filters is None:
         _plain_sample(logits, on_device, out, seed, chunks or choose_chunks(rows, vocab, logits.device))
     else:
@@ -127,7 +127,7 @@ def triton_sample(
             out,
             seed,
             VOCAB=vocab,
-            BLOCK=min(BLOCK, block),  # a [BLOCK, CUTS] tile per iteration
+            BLOCK=min(BLOCK, _BLOCK, triton.next_power_of_2(vocab)),  # a [BLOCK, CUTS] tile per iteration
             CUTS=CUTS,
             MAX_PASSES=MAX_PASSES,
             num_warps=8,
@@ -139,12 +139,16 @@ def choose_chunks(rows: int, vocab: int, device: torch.device) -> int:
     """Programs per row for the plain kernel, a power of two: enough for two waves over the GPU's
     SMs, none shorter than _MIN_CHUNK entries. One program per row left a 152k-vocabulary row on one
     SM: ~150 us a step at any batch size (H200, 7B profile), half a layer's GEMMs at batch 1."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
-    wanted = -(-2 * sms // max(rows, 1))
+    wanted = -(-2 * _num_sms(device) // max(rows, 1))
     chunks = 1
     while chunks < wanted and vocab // (2 * chunks) >= _MIN_CHUNK:
         chunks *= 2
     return chunks
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
 
 
 def _plain_sample(
