@@ -30,6 +30,25 @@ class Completion:
     error: str | None = None
 
 
+def _start_engines(
+    config: EngineConfig, prefill: int, decode: int, prefill_tp: int, kv_transport: str, stream_layers: bool
+) -> tuple[list[Engine], list[Engine]]:
+    """(prefill engines, engines that answer): one colocated engine, or `prefill` prefill engines
+    (TP prefill_tp) and `decode` decode engines joined by kv_transport."""
+    if (prefill > 0) != (decode > 0):
+        raise ValueError("disaggregated serving needs at least one prefill and one decode engine")
+    prefill_model = replace(config.model, tensor_parallel_size=prefill_tp)
+    prefill_disagg = DisaggConfig(role="prefill", kv_transport=kv_transport, stream_layers=stream_layers)
+    prefill_engines = [
+        Engine(replace(config, model=prefill_model, disagg=prefill_disagg)) for _ in range(prefill)
+    ]
+    decode_engines = [
+        Engine(replace(config, disagg=DisaggConfig(role="decode", kv_transport=kv_transport)))
+        for _ in range(decode)
+    ]
+    return prefill_engines, decode_engines or [Engine(config)]
+
+
 class LLM:
     def __init__(
         self,
@@ -79,20 +98,10 @@ class LLM:
                 overlap_outputs=overlap_outputs,
             ),
         )
-        if (prefill > 0) != (decode > 0):
-            raise ValueError("disaggregated serving needs at least one prefill and one decode engine")
         prefill_tp = prefill_tensor_parallel_size or tensor_parallel_size
-        prefill_model = replace(config.model, tensor_parallel_size=prefill_tp)
-        prefill_disagg = DisaggConfig(
-            role="prefill", kv_transport=kv_transport, stream_layers=kv_stream_layers
+        self.prefill_engines, self.engines = _start_engines(
+            config, prefill, decode, prefill_tp, kv_transport, kv_stream_layers
         )
-        self.prefill_engines = [
-            Engine(replace(config, model=prefill_model, disagg=prefill_disagg)) for _ in range(prefill)
-        ]
-        self.engines = [
-            Engine(replace(config, disagg=DisaggConfig(role="decode", kv_transport=kv_transport)))
-            for _ in range(decode)
-        ] or [Engine(config)]
         self.engine = self.engines[0]
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
