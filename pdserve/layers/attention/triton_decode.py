@@ -31,36 +31,14 @@ MIN_SPLIT_TOKENS = 64  # a partition shorter than this costs more to merge than 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt", "stride_pb", "stride_ph", "stride_ps"])
 def _decode_split_kernel(  # type: ignore[no-untyped-def]
-    q_ptr,
-    cache_ptr,
-    block_tables_ptr,
-    seq_lens_ptr,
-    out_ptr,
-    part_out_ptr,
-    part_lse_ptr,
-    scale_log2,
-    num_splits,
-    stride_qt,
-    stride_qh,
-    stride_ot,
-    stride_oh,
-    stride_kv,  # cache strides: K to V, block, token, head
-    stride_cb,
-    stride_ct,
-    stride_ch,
+    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, scale_log2,
+    num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kv, stride_cb, stride_ct, stride_ch,  # cache strides: K to V, block, token, head
     stride_bt,
-    stride_pb,  # part_out strides: batch, head, split (dim contiguous); part_lse is [b, h, s] contiguous
-    stride_ph,
-    stride_ps,
-    QUERY_GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    stride_pb, stride_ph, stride_ps,  # part_out: batch, head, split (dim contiguous); part_lse [b, h, s]
+    QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -186,38 +164,14 @@ def paged_decode(
     fp32 = q.dtype == torch.float32
     block_n, num_warps, num_stages = config or split_config(q.dtype)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q,
-        kv_cache,
-        block_tables,
-        seq_lens,
-        out,
-        part_out,
-        part_lse,
-        scale * LOG2E,
-        num_splits,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        kv_cache.stride(0),
-        kv_cache.stride(1),
-        kv_cache.stride(2),
-        kv_cache.stride(3),
-        block_tables.stride(0),
-        num_heads * num_splits * head_dim,
-        num_splits * head_dim,
-        head_dim,
-        QUERY_GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_G=max(16, pow2(group)),
-        BLOCK_D=block_d,
-        BLOCK_N=block_n,
-        BLOCK_SIZE=kv_cache.shape[2],
-        SINGLE_SPLIT=num_splits == 1,
-        DOT_PRECISION=dot_precision(fp32),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *kv_cache.stride()[:4], block_tables.stride(0),
+        num_heads * num_splits * head_dim, num_splits * head_dim, head_dim,
+        QUERY_GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_SIZE=kv_cache.shape[2], SINGLE_SPLIT=num_splits == 1, DOT_PRECISION=dot_precision(fp32),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
     if num_splits > 1:
         _merge_splits(part_out, part_lse, out)
 

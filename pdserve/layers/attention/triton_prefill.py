@@ -46,32 +46,13 @@ def _find_sequence(query_start_ptr, tile_id, num_seqs, token_base, BLOCK_M: tl.c
     do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "query_start_ptr"],
 )
 def _prefill_kernel(  # type: ignore[no-untyped-def]
-    q_ptr,
-    cache_ptr,
-    out_ptr,
-    block_tables_ptr,
-    seq_lens_ptr,
-    query_start_ptr,
-    scale_log2,
-    num_seqs,
-    token_base,
-    stride_qt,
-    stride_qh,
-    stride_ot,
-    stride_oh,
-    stride_kv,  # cache strides: K to V, block, token, head
-    stride_cb,
-    stride_ct,
-    stride_ch,
+    q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2, num_seqs,
+    token_base, stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kv, stride_cb, stride_ct, stride_ch,  # cache strides: K to V, block, token, head
     stride_bt,
-    QUERY_GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     tile_id = tl.program_id(0)
     head = tl.program_id(1)
     seq = _find_sequence(query_start_ptr, tile_id, num_seqs, token_base, BLOCK_M)
