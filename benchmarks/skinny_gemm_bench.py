@@ -1,12 +1,12 @@
-"""Experiment: can a Triton skinny GEMM beat cuBLAS on the 7B decode projections at small batch?
+"""Experiment: can a Triton skinny GEMM beat cuBLAS on the decode projections at small batch?
 
 The 7B decode profile (docs/performance.md) shows cuBLAS at M=1 reading the qkv (33 MB) and o (26 MB)
 weights at only 66-72% of the copy ceiling, o and down adding a split-K reduce launch each, while the
-large gate/up reaches 93%. This times y = x @ W^T (+ bias) for the Qwen2.5-7B projection shapes at
-M = 1, 8, 32 both ways — cuBLAS (F.linear) and a Triton kernel swept over tiles — each as 20 launches
-replayed from a CUDA graph (eager Triton launches cost more host time than the kernel), and checks
-the Triton result against F.linear. The kernel lives here until it wins: only then does it belong in
-pdserve/layers.
+large gate/up reaches 93%. This times y = x @ W^T (+ bias) for the projection shapes of Qwen2.5-7B
+(and, with --models, Qwen2.5-32B) at M = 1, 8, 32 both ways: cuBLAS (F.linear) and a Triton kernel
+swept over tiles, each as 20 launches replayed from a CUDA graph (eager Triton launches cost more host
+time than the kernel), and checks the Triton result against F.linear. The same kernel, with the tiles
+the 7B run picked, is pdserve/layers/triton_skinny.py (opt-in until measured inside the engine).
 
     python benchmarks/skinny_gemm_bench.py --output skinny_gemm.json
 """
@@ -24,11 +24,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-SHAPES = {  # name: (N, K, bias), Qwen2.5-7B
-    "qkv": (4608, 3584, True),
-    "o": (3584, 3584, False),
-    "gate_up": (37888, 3584, False),
-    "down": (3584, 18944, False),
+MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
+    "qwen2.5-7b": {
+        "qkv": (4608, 3584, True),
+        "o": (3584, 3584, False),
+        "gate_up": (37888, 3584, False),
+        "down": (3584, 18944, False),
+    },
+    "qwen2.5-32b": {
+        "qkv": (7168, 5120, True),
+        "o": (5120, 5120, False),
+        "gate_up": (55296, 5120, False),
+        "down": (5120, 27648, False),
+    },
 }
 TILES = list(itertools.product([16, 32, 64], [256, 512], [3, 4], [4]))  # BLOCK_N, BLOCK_K, stages, warps
 
@@ -96,8 +104,8 @@ def copy_ceiling() -> float:
     return 2 * src.numel() / graph_time(lambda: dst.copy_(src), launches=5) / 1e9
 
 
-def bench_shape(name: str, m: int, ceiling: float) -> dict[str, Any]:
-    n, k, has_bias = SHAPES[name]
+def bench_shape(model: str, name: str, m: int, ceiling: float) -> dict[str, Any]:
+    n, k, has_bias = MODELS[model][name]
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -119,7 +127,7 @@ def bench_shape(name: str, m: int, ceiling: float) -> dict[str, Any]:
         if best is None or t < best[0]:
             best = (t, tile)
     nbytes = w.numel() * 2
-    out = {"shape": name, "m": m, "weight_mb": nbytes / 1e6, "cublas_us": cublas * 1e6,
+    out = {"model": model, "shape": name, "m": m, "weight_mb": nbytes / 1e6, "cublas_us": cublas * 1e6,
            "cublas_of_ceiling": nbytes / cublas / 1e9 / ceiling}  # fmt: skip
     if best is not None:
         out.update(triton_us=best[0] * 1e6, tile=best[1], triton_of_ceiling=nbytes / best[0] / 1e9 / ceiling)
@@ -130,12 +138,17 @@ def bench_shape(name: str, m: int, ceiling: float) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", default="1,8,32")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--models", default="qwen2.5-7b", help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     ceiling = copy_ceiling()
     print(f"copy ceiling {ceiling:.0f} GB/s", flush=True)
-    results = [bench_shape(s, int(m), ceiling) for m in args.m.split(",") for s in args.shapes.split(",")]
+    results = [
+        bench_shape(model, name, int(m), ceiling)
+        for model in args.models.split(",")
+        for m in args.m.split(",")
+        for name in MODELS[model]
+    ]
     if args.output:
         with open(args.output, "w") as f:
             payload = {"device": torch.cuda.get_device_name(), "date": date.today().isoformat()}
