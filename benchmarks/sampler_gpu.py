@@ -1,6 +1,7 @@
-"""Sampling time per decode step on a GPU, per path: the one-launch kernel (temperature), the
-truncating kernel (top-k / top-p / min-p, triton_truncated.py) and the torch path the truncating
-kernel replaced, at batch 1, 8, 32 and 128 over a 152k vocabulary (Qwen2.5's), bf16 logits.
+"""Sampling time per decode step on a GPU: what `sampler.sample_later` dispatches to (the plain
+kernel for temperature rows, the truncating kernel for min-p rows, and for top-k / top-p rows the
+torch sort unless PDSERVE_TRUNCATING_KERNEL=1 forces the truncating kernel) against the torch path
+alone, at batch 1, 8, 32 and 128 over a 152k vocabulary (Qwen2.5's), bf16 logits.
 
     python3 benchmarks/sampler_gpu.py [--vocab 152064] [--output sampler_gpu.json]
 
@@ -50,7 +51,7 @@ def main() -> None:
             torch_ms = 1e3 * timed(lambda x=logits, r=reqs: sampler._sample_torch(x, r)[0].tolist(), 50)
             results.append({"rows": rows, "case": name, "kernel_ms": kernel, "torch_ms": torch_ms})
             print(
-                f"B={rows:3d} {name:24s} one launch {kernel:7.3f} ms   torch {torch_ms:7.3f} ms", flush=True
+                f"B={rows:3d} {name:24s} dispatched {kernel:7.3f} ms   torch {torch_ms:7.3f} ms", flush=True
             )
     if args.output:
         with open(args.output, "w") as f:
