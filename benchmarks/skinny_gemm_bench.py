@@ -5,8 +5,9 @@ weights at only 66-72% of the copy ceiling, o and down adding a split-K reduce l
 large gate/up reaches 93%. This times y = x @ W^T (+ bias) for the projection shapes of Qwen2.5-7B
 (and, with --models, Qwen2.5-32B) at M = 1, 8, 32 both ways: cuBLAS (F.linear) and a Triton kernel
 swept over tiles, each as 20 launches replayed from a CUDA graph (eager Triton launches cost more host
-time than the kernel), and checks the Triton result against F.linear. The same kernel, with the tiles
-the 7B run picked, is pdserve/layers/triton_skinny.py (opt-in until measured inside the engine).
+time than the kernel), and checks the Triton result against F.linear. The kernel is the one in
+pdserve/layers/triton_skinny.py (its default tiles are this benchmark's best on 7B shapes; opt-in in
+the engine until measured there).
 
     python benchmarks/skinny_gemm_bench.py --output skinny_gemm.json
 """
@@ -21,8 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+from pdserve.layers.triton_skinny import skinny_linear
 
 MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
     "qwen2.5-7b": {
@@ -39,43 +40,6 @@ MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
     },
 }
 TILES = list(itertools.product([16, 32, 64], [256, 512], [3, 4], [4]))  # BLOCK_N, BLOCK_K, stages, warps
-
-
-@triton.jit
-def _skinny_kernel(  # type: ignore[no-untyped-def]
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """y[:, n tile] = x @ W[n tile]^T: each program streams BLOCK_N weight rows once."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0
-        )
-        w = tl.load(
-            w_ptr + n[:, None] * stride_wn + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0
-        )
-        acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    mask = (m[:, None] < M) & (n[None, :] < N)
-    tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def skinny_linear(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: tuple, y: torch.Tensor
-) -> None:
-    block_n, block_k, stages, warps = tile
-    m, k = x.shape
-    n = w.shape[0]
-    _skinny_kernel[(triton.cdiv(n, block_n),)](
-        x, w, b if b is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=b is not None, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
-        BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-    )  # fmt: skip
 
 
 def graph_time(fn: Any, launches: int = 20, replays: int = 20) -> float:
@@ -112,15 +76,14 @@ def bench_shape(model: str, name: str, m: int, ceiling: float) -> dict[str, Any]
     want = F.linear(x, w, b).float()
     cublas = graph_time(lambda: F.linear(x, w, b))
     best: tuple[float, tuple] | None = None
-    y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     for tile in TILES:
         try:
-            skinny_linear(x, w, b, tile, y)
+            y = skinny_linear(x, w, b, tile)
             err = ((y.float() - want).abs().max() / want.abs().max()).item()
             if err > 2e-2:
                 print(f"{name} M={m} tile {tile}: wrong (rel err {err:.3g})", flush=True)
                 continue
-            t = graph_time(lambda tile=tile: skinny_linear(x, w, b, tile, y))
+            t = graph_time(lambda tile=tile: skinny_linear(x, w, b, tile))
         except Exception as exc:  # a tile that does not fit (shared memory) is skipped
             print(f"{name} M={m} tile {tile}: {type(exc).__name__}", flush=True)
             continue

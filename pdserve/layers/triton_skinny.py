@@ -33,8 +33,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _skinny_kernel(  # type: ignore[no-untyped-def]
-        x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
@@ -46,6 +46,8 @@ if HAS_TRITON:
             w_mask = (n[:, None] < N) & (k[None, :] < K)
             w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=w_mask, other=0.0)
             acc += tl.dot(x, tl.trans(w))
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         mask = (m[:, None] < M) & (n[None, :] < N)
         tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -67,17 +69,28 @@ def wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     )
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype (fp32 accumulation); M up to 16."""
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tile: tuple[int, int, int, int] | None = None,  # (BLOCK_N, BLOCK_K, stages, warps); None: default_tile
+) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N] in x's dtype (fp32 accumulation). Any M works;
+    rows are padded to a power of two (16 at least), so it pays only for a few."""
     m, k = x.shape
     n = weight.shape[0]
-    assert m <= 16 and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
+    assert weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    # the benchmark's best tiles: few column tiles (o, down: N = 3584, 112 programs) stream longer K
-    # steps; many (gate_up: 1184 programs) shorter ones
-    block_k, stages = (512, 3) if n <= 8192 else (256, 4)
-    _skinny_kernel[(triton.cdiv(n, 32),)](
-        x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, num_warps=4, num_stages=stages,
+    block_n, block_k, stages, warps = tile or default_tile(n)
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
+
+
+def default_tile(n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, stages, warps), the benchmark's best on 7B shapes: few column tiles (o, down:
+    N = 3584, 112 programs) stream longer K steps; many (gate_up: 1184 programs) shorter ones."""
+    return (32, 512, 3, 4) if n <= 8192 else (32, 256, 4, 4)

@@ -26,21 +26,27 @@ def _interpreter_ready() -> None:
         fix_interpreter()
 
 
-def _check(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+def _check(m: int, n: int, k: int, dtype: torch.dtype, bias: bool = False) -> None:
     torch.manual_seed(m * 7 + n + k)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     w = (torch.randn(n, k, device=DEVICE) * 0.05).to(dtype)
-    got = triton_skinny.skinny_linear(x, w)
-    want = x.float() @ w.float().T
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    got = triton_skinny.skinny_linear(x, w, b)
+    want = x.float() @ w.float().T + (b.float() if b is not None else 0.0)
     assert got.dtype == dtype and got.shape == (m, n) and not got.isnan().any()
     tol = 1e-2 if dtype == torch.float16 else 3e-2
     torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 32])  # 32: rows padded to 32 (the benchmark's largest)
 @pytest.mark.parametrize("n,k", [(100, 600), (8200, 300)])  # ragged tiles; both K steps (n <= / > 8192)
 def test_matches_a_float32_matmul(m: int, n: int, k: int) -> None:
     _check(m, n, k, torch.float16)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_bias_is_added_per_column(m: int) -> None:
+    _check(m, 100, 600, torch.float16, bias=True)
 
 
 @pytest.mark.parametrize("m", [1, 8])
