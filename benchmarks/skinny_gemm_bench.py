@@ -5,9 +5,10 @@ weights at only 66-72% of the copy ceiling, o and down adding a split-K reduce l
 large gate/up reaches 93%. This times y = x @ W^T (+ bias) for the projection shapes of Qwen2.5-7B
 (and, with --models, Qwen2.5-32B) at M = 1, 8, 32 both ways: cuBLAS (F.linear) and a Triton kernel
 swept over tiles, each as 20 launches replayed from a CUDA graph (eager Triton launches cost more host
-time than the kernel), and checks the Triton result against F.linear. The kernel is the one in
-pdserve/layers/triton_skinny.py (its default tiles are this benchmark's best on 7B shapes; opt-in in
-the engine until measured there).
+time than the kernel) that cycle through copies of the weight (256 MB in all: the 50 MB L2 cannot
+serve them, as in a decode step; before 2026-11-30 one copy was reused and small weights partly came
+from L2), and checks the Triton result against F.linear. The kernel is the one in
+pdserve/layers/triton_skinny.py; `planned_us` is the tile its plan() picks for this shape, if any.
 
     python benchmarks/skinny_gemm_bench.py --output skinny_gemm.json
 """
@@ -22,8 +23,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_engine import ceilings  # this folder: run as a script
 
-from pdserve.layers.triton_skinny import skinny_linear
+from pdserve.layers.sm_count import num_sms
+from pdserve.layers.triton_skinny import plan, skinny_linear
 
 MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
     "qwen2.5-7b": {
@@ -39,17 +42,18 @@ MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
         "down": (5120, 27648, False),
     },
 }
+L2_FLUSH_BYTES = 256 << 20  # weight bytes cycled per shape, over 5x the H200's 50 MB L2
 TILES = list(itertools.product([16, 32, 64], [256, 512], [3, 4], [4]))  # BLOCK_N, BLOCK_K, stages, warps
 
 
 def graph_time(fn: Any, launches: int = 20, replays: int = 20) -> float:
-    """Seconds per launch of fn, `launches` of them captured in one CUDA graph, median of replays."""
-    fn()
+    """Seconds per launch of fn(i), i = 0..launches-1 captured in one CUDA graph, median of replays."""
+    fn(0)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
+        for i in range(launches):
+            fn(i)
     graph.replay()
     times = []
     for _ in range(replays):
@@ -62,36 +66,38 @@ def graph_time(fn: Any, launches: int = 20, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def copy_ceiling() -> float:
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / graph_time(lambda: dst.copy_(src), launches=5) / 1e9
-
-
 def bench_shape(model: str, name: str, m: int, ceiling: float) -> dict[str, Any]:
     n, k, has_bias = MODELS[model][name]
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    copies = -(-L2_FLUSH_BYTES // (n * k * 2))  # launches cycle through these: weights come from HBM
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    w = ws[0]
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x, w, b).float()
-    cublas = graph_time(lambda: F.linear(x, w, b))
+    cublas = graph_time(lambda i: F.linear(x, ws[i % copies], b))
+    planned = plan(n, num_sms(x.device))
     best: tuple[float, tuple] | None = None
-    for tile in TILES:
+    planned_us = float("nan")
+    for tile in TILES + ([planned] if planned and planned not in TILES else []):
         try:
             y = skinny_linear(x, w, b, tile)
             err = ((y.float() - want).abs().max() / want.abs().max()).item()
             if err > 2e-2:
                 print(f"{name} M={m} tile {tile}: wrong (rel err {err:.3g})", flush=True)
                 continue
-            t = graph_time(lambda tile=tile: skinny_linear(x, w, b, tile))
+            t = graph_time(lambda i, tile=tile: skinny_linear(x, ws[i % copies], b, tile))
         except Exception as exc:  # a tile that does not fit (shared memory) is skipped
             print(f"{name} M={m} tile {tile}: {type(exc).__name__}", flush=True)
             continue
+        if tile == planned:
+            planned_us = t * 1e6
         if best is None or t < best[0]:
             best = (t, tile)
     nbytes = w.numel() * 2
     out = {"model": model, "shape": name, "m": m, "weight_mb": nbytes / 1e6, "cublas_us": cublas * 1e6,
            "cublas_of_ceiling": nbytes / cublas / 1e9 / ceiling}  # fmt: skip
+    if planned is not None:
+        out.update(planned_tile=planned, planned_us=planned_us)
     if best is not None:
         out.update(triton_us=best[0] * 1e6, tile=best[1], triton_of_ceiling=nbytes / best[0] / 1e9 / ceiling)
     print(json.dumps(out), flush=True)
@@ -104,7 +110,7 @@ def main() -> None:
     ap.add_argument("--models", default="qwen2.5-7b", help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
-    ceiling = copy_ceiling()
+    ceiling = ceilings()["copy_gbps"]  # as gpu_engine.py measures it (a graph-captured copy ran ~35% slower)
     print(f"copy ceiling {ceiling:.0f} GB/s", flush=True)
     results = [
         bench_shape(model, name, int(m), ceiling)

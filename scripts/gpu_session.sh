@@ -8,9 +8,9 @@
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
 #   bash scripts/gpu_session.sh sweep      # one GPU: decode attention tiles and splits around the defaults
 #   bash scripts/gpu_session.sh handoff    # 2x H200: TTFT added by disaggregation, with/without layer streaming
-#   bash scripts/gpu_session.sh skinny     # one GPU (~8 min): its tests, the 32B microbenchmark, then 7B and
-#                                           32B decode B=1/8 with and without the Triton skinny GEMM
-#                                           (PDSERVE_SKINNY_GEMM), alternating, 2 pairs
+#   bash scripts/gpu_session.sh skinny     # one GPU (~6 min): its tests, the 7B/32B microbenchmark, then 7B
+#                                           and 32B decode B=1/8 per skinny-GEMM variant (scripts/
+#                                           skinny_variant.py), alternating, 2 rounds
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
@@ -56,16 +56,16 @@ handoff)
   ;;
 skinny)
   timeout 120 python3 -m pytest -q tests/kernels/test_triton_skinny.py >"$OUT/skinny.log" 2>&1
-  timeout 90 python3 benchmarks/skinny_gemm_bench.py --models qwen2.5-32b --m 1,8 \
-    --output "$OUT/skinny_gemm_32b.json" >>"$OUT/skinny.log" 2>&1
+  timeout 150 python3 benchmarks/skinny_gemm_bench.py --models qwen2.5-7b,qwen2.5-32b --m 1,8 \
+    --output "$OUT/skinny_gemm.json" >>"$OUT/skinny.log" 2>&1
   for i in 1 2; do
-    for on in 0 1; do
-      echo "== PDSERVE_SKINNY_GEMM=$on" >>"$OUT/skinny.log"
-      PDSERVE_SKINNY_GEMM=$on timeout 150 python3 benchmarks/gpu_engine.py --shapes qwen2.5-7b,qwen2.5-32b \
-        --no-prefill --batches 1,8 --output "$OUT/skinny_${on}_$i.json" >>"$OUT/skinny.log" 2>&1
+    for variant in off all plan; do
+      echo "== $variant" >>"$OUT/skinny.log"
+      timeout 150 python3 scripts/skinny_variant.py "$variant" --shapes qwen2.5-7b,qwen2.5-32b --no-prefill \
+        --batches 1,8 --output "$OUT/skinny_${variant}_$i.json" >>"$OUT/skinny.log" 2>&1
     done
   done
-  grep -E "passed|failed|==|decode b" "$OUT/skinny.log"
+  grep -E "passed|failed|==|decode b|planned" "$OUT/skinny.log"
   ;;
 loop)
   for i in 1 2 3; do

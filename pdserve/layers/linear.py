@@ -27,12 +27,13 @@ RowSlice = tuple[int, int, int]  # (full rows, first row this rank holds, rows i
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias): F.linear, or triton_skinny's kernel where triton_skinny.wanted says."""
+    """x @ weight^T (+ bias): F.linear, or triton_skinny's kernel where tile_for gives a tile."""
     if x.is_cuda:
         from pdserve.layers import triton_skinny  # CUDA only: a CPU process never imports triton
 
-        if triton_skinny.wanted(x, weight, bias):
-            return triton_skinny.skinny_linear(x, weight)
+        tile = triton_skinny.tile_for(x, weight, bias)
+        if tile is not None:
+            return triton_skinny.skinny_linear(x, weight, tile=tile)
     return F.linear(x, weight, bias)
 
 

@@ -18,7 +18,6 @@ imports triton unless a test sets TRITON_INTERPRET first.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import random
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdserve.engine.host_tensors import to_device
+from pdserve.layers.sm_count import num_sms
 
 if TYPE_CHECKING:
     from pdserve.layers.sampler import RowFilters
@@ -139,16 +139,11 @@ def choose_chunks(rows: int, vocab: int, device: torch.device) -> int:
     """Programs per row for the plain kernel, a power of two: enough for two waves over the GPU's
     SMs, none shorter than _MIN_CHUNK entries. One program per row left a 152k-vocabulary row on one
     SM: ~150 us a step at any batch size (H200, 7B profile), half a layer's GEMMs at batch 1."""
-    wanted = -(-2 * _num_sms(device) // max(rows, 1))
+    wanted = -(-2 * num_sms(device) // max(rows, 1))
     chunks = 1
     while chunks < wanted and vocab // (2 * chunks) >= _MIN_CHUNK:
         chunks *= 2
     return chunks
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
 
 
 def _plain_sample(

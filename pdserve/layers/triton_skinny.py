@@ -3,11 +3,14 @@
 At a handful of rows a projection is a pass over its weight matrix; cuBLAS picks split-K kernels plus
 a reduce launch for some shapes and leaves bandwidth unused on others. Each program here owns
 BLOCK_N output columns for every row of x (padded to 16 for the tensor cores) and streams those
-weight rows once, K in BLOCK_K steps. Measured on an H200 (benchmarks/skinny_gemm_bench.py, Qwen2.5-7B
-shapes, graph-replayed, bf16): at 1 row o_proj 7.3 vs 8.6 us, gate_up 64.6 vs 71.3 us, down 34.0 vs
-36.8 us; qkv (with bias) no faster (9.3 vs 9.1); at 32 rows cuBLAS is as fast or faster. With
-PDSERVE_SKINNY_GEMM=1, linear.py takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16
-weights on CUDA (off by default until measured inside the engine: ENABLED).
+weight rows once, K in BLOCK_K steps. Measured on an H200 (benchmarks/skinny_gemm_bench.py, weights
+cycled past the L2, bf16, 1 row): Qwen2.5-7B o 9.8 vs 10.8 us, gate_up 65.0 vs 70.0, down 36.9 vs
+37.7; Qwen2.5-32B gate_up ~2% faster; at 32 rows cuBLAS is as fast or faster. Where the 32-column
+programs fill their last wave of SMs poorly (32B o/down: 160 programs on 132 SMs) cuBLAS's split-K
+wins, so plan() leaves those to it. Inside the engine (gpu_session.sh skinny, one H200, decode
+launched ahead, 2 rounds): 7B B=1 4.35 -> 4.22 ms, B=8 4.56 -> 4.48; 32B B=1 18.74 -> 17.73, B=8
+19.19 -> 18.43. linear.py takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16
+weights on CUDA; PDSERVE_SKINNY_GEMM=0 turns it off.
 
 linear.py imports this module only for CUDA tensors, so a CPU process never imports triton unless a
 test sets TRITON_INTERPRET first.
@@ -20,12 +23,15 @@ import os
 
 import torch
 
+from pdserve.layers.sm_count import num_sms
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-# Measured alone (benchmarks/skinny_gemm_bench.py) but not yet inside the engine on a GPU: off until
-# `gpu_session.sh skinny` (7B decode steps with and without it, same machine) has run.
-ENABLED = os.environ.get("PDSERVE_SKINNY_GEMM", "0") == "1"
-MAX_ROWS = 8  # up to this many rows of x (measured faster at 1 and 8)
+ENABLED = os.environ.get("PDSERVE_SKINNY_GEMM", "1") != "0"
+MAX_ROWS = 16  # up to this many rows of x (one 16-row tensor-core tile; faster at 1, 8, 16, not 32)
 MIN_WEIGHT = 12_000_000  # elements of W at least (the smallest measured win: o_proj, 12.8M)
+BLOCK_N = 32  # output columns per program (16 measured 30% slower on 32B o/down, 64 no faster)
+MIN_WAVE_FILL = 0.8  # programs / (waves x SMs) a tile must reach, else F.linear
+Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
 
 if HAS_TRITON:
     import triton
@@ -52,9 +58,9 @@ if HAS_TRITON:
         tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether linear.py should take this kernel for x @ weight^T (+ bias)."""
-    return (
+def tile_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Tile | None:
+    """The tile linear.py should run x @ weight^T (+ bias) with here, or None for F.linear."""
+    taken = (
         ENABLED
         and HAS_TRITON
         and bias is None
@@ -67,13 +73,25 @@ def wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         and x.stride(1) == 1
         and weight.stride(1) == 1
     )
+    return plan(weight.shape[0], num_sms(x.device)) if taken else None
+
+
+def plan(n: int, sms: int) -> Tile | None:
+    """(BLOCK_N, BLOCK_K, stages, warps) for N output columns on `sms` SMs, or None where the programs
+    fill their waves to less than MIN_WAVE_FILL (a short last wave leaves SMs idle for a whole
+    program's time; cuBLAS splits K instead). One wave streams longer K steps, several shorter."""
+    programs = -(-n // BLOCK_N)
+    waves = -(-programs // sms)
+    if programs / (waves * sms) < MIN_WAVE_FILL:
+        return None
+    return (BLOCK_N, 512, 3, 4) if waves == 1 else (BLOCK_N, 256, 4, 4)
 
 
 def skinny_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    tile: tuple[int, int, int, int] | None = None,  # (BLOCK_N, BLOCK_K, stages, warps); None: default_tile
+    tile: Tile | None = None,  # None: default_tile
 ) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N] in x's dtype (fp32 accumulation). Any M works;
     rows are padded to a power of two (16 at least), so it pays only for a few."""
@@ -90,7 +108,6 @@ def skinny_linear(
     return y
 
 
-def default_tile(n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, stages, warps), the benchmark's best on 7B shapes: few column tiles (o, down:
-    N = 3584, 112 programs) stream longer K steps; many (gate_up: 1184 programs) shorter ones."""
-    return (32, 512, 3, 4) if n <= 8192 else (32, 256, 4, 4)
+def default_tile(n: int) -> Tile:
+    """The tile for N columns on an H200 (132 SMs), as if every width filled its waves."""
+    return plan(n, 132) or (BLOCK_N, 256, 4, 4)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from pdserve.layers import linear as linear_module
 from pdserve.layers import triton_skinny
+from pdserve.layers.sm_count import num_sms
 
 from .triton_env import CUDA, DEVICE, HAS_TRITON, fix_interpreter, gpu
 
@@ -70,13 +71,17 @@ def test_linear_takes_the_kernel_for_few_rows_of_large_bias_free_weights(
     monkeypatch.setattr(triton_skinny, "ENABLED", True)
     calls = []
     real = triton_skinny.skinny_linear
-    monkeypatch.setattr(triton_skinny, "skinny_linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    monkeypatch.setattr(
+        triton_skinny, "skinny_linear", lambda x, w, tile: calls.append(x.shape[0]) or real(x, w, tile=tile)
+    )
     w = torch.randn(3584, 3584, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    wide = torch.randn(5120, 3584, device=DEVICE, dtype=torch.bfloat16) * 0.02
     bias = torch.randn(3584, device=DEVICE, dtype=torch.bfloat16)
     for rows, kw, weight, taken in [
         (1, {}, w, True),
-        (8, {}, w, True),
-        (9, {}, w, False),  # more rows: cuBLAS
+        (16, {}, w, True),
+        (17, {}, w, False),  # more rows: cuBLAS
+        (1, {}, wide, triton_skinny.plan(5120, num_sms(wide.device)) is not None),  # None on 132 SMs
         (1, {"bias": bias}, w, False),
         (1, {}, w.float(), False),  # fp32: cuBLAS
         (1, {}, w[:1024], False),  # a small weight: cuBLAS
@@ -86,7 +91,23 @@ def test_linear_takes_the_kernel_for_few_rows_of_large_bias_free_weights(
         got = linear_module.linear(x, weight, **kw)
         torch.testing.assert_close(got.float(), F.linear(x, weight, **kw).float(), atol=0.05, rtol=0.02)
         assert bool(calls) is taken, (rows, kw.keys(), weight.shape, weight.dtype)
-    monkeypatch.setattr(triton_skinny, "ENABLED", False)  # the default until measured in the engine
+    monkeypatch.setattr(triton_skinny, "ENABLED", False)  # PDSERVE_SKINNY_GEMM=0
     calls.clear()
     linear_module.linear(torch.randn(1, 3584, device=DEVICE, dtype=torch.bfloat16), w)
     assert not calls
+
+
+@pytest.mark.parametrize(
+    "n,sms,tile",
+    [
+        (3584, 132, (32, 512, 3, 4)),  # Qwen2.5-7B o/down: 112 programs, one wave 85% full
+        (37888, 132, (32, 256, 4, 4)),  # 7B gate_up: 1184 programs in 9 waves
+        (55296, 132, (32, 256, 4, 4)),  # 32B gate_up: 1728 programs in 14 waves, 94% full
+        (5120, 132, None),  # 32B o/down: 160 programs in 2 waves, 61% full -> cuBLAS
+        (4608, 144, (32, 512, 3, 4)),  # 144 programs on a GPU with 144 SMs: exactly one wave
+    ],
+)
+def test_plan_takes_the_kernel_only_where_its_waves_fill_the_sms(
+    n: int, sms: int, tile: tuple[int, int, int, int] | None
+) -> None:
+    assert triton_skinny.plan(n, sms) == tile

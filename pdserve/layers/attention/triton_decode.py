@@ -15,7 +15,6 @@ This module imports triton unconditionally: import it only where triton is insta
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -23,6 +22,7 @@ import triton
 import triton.language as tl
 
 from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow2
+from pdserve.layers.sm_count import num_sms
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
@@ -114,20 +114,13 @@ def _decode_reduce_kernel(  # type: ignore[no-untyped-def]
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 16  # the interpreter: any number is correct
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """A power of two: enough (sequence, kv head, split) programs for two waves, none too short.
 
     Any value is correct for any lengths; it only sets how the work is spread.
     """
     programs = max(1, batch * num_kv_heads)
-    wanted = -(-2 * _num_sms(device) // programs)
+    wanted = -(-2 * num_sms(device) // programs)
     cap = max(1, max_seq_len // MIN_SPLIT_TOKENS)
     splits = min(pow2(wanted), MAX_SPLITS)
     while splits > 1 and splits > cap:
