@@ -114,13 +114,6 @@ class EngineConfig:
         """A tensor-parallel prefill or decode instance: rank 0 moves every rank's part of the KV."""
         return self.model.tensor_parallel_size > 1 and self.disagg.enabled
 
-    def __post_init__(self) -> None:
-        if self.moves_sharded_kv and self.disagg.kv_transport == "cuda_ipc":
-            raise ValueError(
-                "--kv-transport cuda_ipc cannot move a tensor-parallel KV pool (it writes into one pool): "
-                "use auto, nccl or tcp"
-            )
-
 
 @dataclass(frozen=True)
 class ServerConfig:

@@ -141,7 +141,7 @@ class KVConnector:
         host = kv_cache.device.type == "cpu" and shards is None and blocks_first.is_contiguous()
         self.pool_bytes = blocks_first.view(torch.uint8).numpy() if host else None
         try:
-            transport.attach_pool(kv_cache, sharded=shards is not None)
+            transport.attach_pool(kv_cache, shards)
         except BaseException:
             transport.close()  # its sockets are bound: a transport never closed blocks at exit
             raise

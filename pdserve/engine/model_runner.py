@@ -103,9 +103,12 @@ class ModelRunner:
         """Rank 0 of a tensor-parallel group: every rank's KV pool, for the connector (None at TP 1)."""
         if self.driver is None:
             return None
-        tensors = [self.kv_cache] + [open_handle(h, self.device) for h in self.driver.worker_pools()]
+        handles = self.driver.worker_pools()
+        tensors = [self.kv_cache] + [open_handle(h, self.device) for h in handles]
         starts = [model_head_shard(hf_config, self.tp.size, r).kv_start for r in range(self.tp.size)]
-        return ShardedPool(tensors, starts, int(hf_config.num_key_value_heads))
+        ipc: list[dict[str, Any] | None] = [None]  # rank 0's own pool: exported when a peer asks
+        ipc += [h.get("cuda_ipc") if isinstance(h, dict) else None for h in handles]
+        return ShardedPool(tensors, starts, int(hf_config.num_key_value_heads), ipc)
 
     def _build(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any) -> None:
         self.dtype = resolve_dtype(model_config.dtype, self.device)

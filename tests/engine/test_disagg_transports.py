@@ -227,11 +227,17 @@ def test_prefill_writes_nothing_after_the_decode_deadline():
 
 
 def _engine(
-    model_dir: str, role: str, device: str, kind: str, dtype: str = "float32", stream_layers: bool = False
+    model_dir: str,
+    role: str,
+    device: str,
+    kind: str,
+    dtype: str = "float32",
+    stream_layers: bool = False,
+    tp: int = 1,
 ) -> Engine:
     return Engine(
         EngineConfig(
-            model=ModelConfig(path=model_dir, device=device, dtype=dtype),
+            model=ModelConfig(path=model_dir, device=device, dtype=dtype, tensor_parallel_size=tp),
             cache=CacheConfig(block_size=16, num_blocks=256),
             disagg=DisaggConfig(role=role, kv_transport=kind, stream_layers=stream_layers),
         )
@@ -267,10 +273,10 @@ def _generate(decode: Engine, prefills: list[Engine], addr: str, prompts: list[l
     return [done[i].new_token_ids for i in ids]
 
 
-def serve_prefill(model_dir: str, device: str, kind: str, dtype: str) -> None:
+def serve_prefill(model_dir: str, device: str, kind: str, dtype: str, tp: str = "1") -> None:
     """A prefill engine in this process (a child of a test): prints its KV address, then steps until
     its stdin closes."""
-    engine = _engine(model_dir, "prefill", device, kind, dtype)
+    engine = _engine(model_dir, "prefill", device, kind, dtype, tp=int(tp))
     assert engine.connector is not None
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
@@ -283,12 +289,12 @@ def serve_prefill(model_dir: str, device: str, kind: str, dtype: str) -> None:
 
 
 @contextlib.contextmanager
-def _prefill_process(model_dir: str, device: str, kind: str, dtype: str) -> Iterator[str]:
+def _prefill_process(model_dir: str, device: str, kind: str, dtype: str, tp: int = 1) -> Iterator[str]:
     code = (
         "from tests.engine.test_disagg_transports import serve_prefill as s; s(*__import__('sys').argv[1:])"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, model_dir, device, kind, dtype],
+        [sys.executable, "-c", code, model_dir, device, kind, dtype, str(tp)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -429,6 +435,22 @@ def test_gpu_two_processes(tiny_model, gpu_prompts, gpu_colocated, kind, path):
                 -(-len(x) // 16) * decode.connector.block_bytes for x in gpu_prompts
             )
             assert decode.connector.transport.path_to(addr) == path
+            assert decode.num_prefill_tokens == 0 and decode.check_pool_free()
+        finally:
+            decode.close()
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_two_processes_tensor_parallel(tiny_model, gpu_prompts, gpu_colocated):
+    """cuda_ipc between a TP 2 prefill in another process and a TP 2 decode here: the prefill opens
+    every decode rank's pool by its IPC handle (the decode worker's too) and copies its own ranks'
+    heads into them."""
+    with _prefill_process(tiny_model, "cuda", "cuda_ipc", "float32", tp=2) as addr:
+        decode = _engine(tiny_model, "decode", "cuda", "cuda_ipc", tp=2)
+        try:
+            assert _generate(decode, [], addr, gpu_prompts) == gpu_colocated
+            assert decode.connector is not None and decode.connector.transport.path_to(addr) == "cuda_ipc"
             assert decode.num_prefill_tokens == 0 and decode.check_pool_free()
         finally:
             decode.close()

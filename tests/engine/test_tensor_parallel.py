@@ -169,9 +169,8 @@ def test_tp_config_checks():
         ModelConfig(tensor_parallel_size=0)
     model = ModelConfig(tensor_parallel_size=2)
     EngineConfig(model=model)  # colocated
-    EngineConfig(model=model, disagg=DisaggConfig(role="prefill"))  # a sharded pool moves by nccl or tcp
-    with pytest.raises(ValueError, match="cuda_ipc cannot move a tensor-parallel KV pool"):
-        EngineConfig(model=model, disagg=DisaggConfig(role="decode", kv_transport="cuda_ipc"))
+    EngineConfig(model=model, disagg=DisaggConfig(role="prefill"))
+    EngineConfig(model=model, disagg=DisaggConfig(role="decode", kv_transport="cuda_ipc"))  # all ranks' pools
 
 
 # ---- the engine over two CPU ranks ---------------------------------------------------------------------

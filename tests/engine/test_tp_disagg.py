@@ -7,14 +7,16 @@ memory. Two cuts: Qwen2 with 3 KV heads over 2 ranks (2 + 1) and Qwen3 with one 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from pdserve import LLM
-from pdserve.disagg.transport.shards import ShardedPool
+from pdserve.disagg.transport.shards import ShardedPool, copy_run, head_copies
 from pdserve.engine.kv_layout import allocate_kv_pool, block_major
 
-from .test_tensor_parallel import GREEDY, prompts_for, save_shape
+from .test_tensor_parallel import GREEDY, prompts_for, save_shape, two_gpus
 
 
 @pytest.fixture(scope="module", params=["qwen2", "qwen3"])
@@ -63,9 +65,31 @@ def test_disaggregated_tp_equals_colocated_tp1(
         llm.close()
 
 
-def test_cuda_ipc_alone_refuses_a_sharded_pool(tiny_model):
-    with pytest.raises(ValueError, match="cuda_ipc cannot move a tensor-parallel KV pool"):
-        LLM(tiny_model, num_blocks=64, prefill=1, decode=1, tensor_parallel_size=2, kv_transport="cuda_ipc")
+@two_gpus
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "transport"), [(1, 2, "cuda_ipc"), (2, 1, "auto")])
+def test_gpu_cuda_ipc_between_tp_instances_equals_colocated_tp1(
+    tiny_model, prompts, prefill_tp, decode_tp, transport
+):
+    """The prefill writes every rank's heads straight into every decode rank's pool (its own workers'
+    shards and the decode workers' are opened by CUDA IPC); auto picks that path for TP pools too."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    kw: dict[str, Any] = dict(device="cuda", dtype="float32", num_blocks=128, block_size=4)
+    colocated = LLM(tiny_model, **kw)
+    try:
+        want = [c.token_ids for c in colocated.generate_ids(prompts, GREEDY)]
+    finally:
+        colocated.close()
+    llm = LLM(
+        tiny_model, **kw, prefill=1, decode=1, tensor_parallel_size=decode_tp,
+        prefill_tensor_parallel_size=prefill_tp, kv_transport=transport,
+    )  # fmt: skip
+    try:
+        assert [c.token_ids for c in llm.generate_ids(prompts, GREEDY)] == want
+        connector = llm.prefill_engines[0].connector
+        assert connector is not None and set(connector.transport.chosen.values()) == {"cuda_ipc"}
+        assert llm.check_pool_free()
+    finally:
+        llm.close()
 
 
 def _pool(heads: int) -> torch.Tensor:
@@ -94,6 +118,40 @@ def test_sharded_pool_gathers_every_head_once_and_writes_every_copy():
 
     with pytest.raises(ValueError, match="in no shard"):
         ShardedPool([_pool(1), _pool(1)], [0, 2], 3)
+
+
+def _split(full: torch.Tensor, starts: list[int], sizes: list[int]) -> ShardedPool:
+    """Shards of a pool's heads (copies of `full`'s values)."""
+    tensors = [full[..., s : s + n, :].clone() for s, n in zip(starts, sizes, strict=True)]
+    return ShardedPool(tensors, starts, full.shape[4])
+
+
+@pytest.mark.parametrize(
+    ("heads", "src_cut", "dst_cut"),
+    [
+        (3, ([0], [3]), ([0, 2], [2, 1])),  # TP 1 -> 2 (3 KV heads: 2 + 1)
+        (3, ([0, 2], [2, 1]), ([0], [3])),  # TP 2 -> 1
+        (3, ([0, 1], [1, 2]), ([0, 2], [2, 1])),  # different cuts: strided head ranges on both sides
+        (1, ([0, 0], [1, 1]), ([0, 0, 0], [1, 1, 1])),  # one head copied on every rank, both sides
+        (3, ([0, 1], [2, 2]), ([0], [3])),  # overlapping source shards: head 2 read from mid-shard
+    ],
+)
+def test_head_copies_move_blocks_between_any_two_cuts_of_the_heads(heads, src_cut, dst_cut):
+    """What cuda_ipc does between tensor-parallel instances (transport/cuda_ipc.py), on CPU tensors:
+    block runs copied shard to shard; every destination shard ends up with its heads of exactly the
+    source blocks, at the destination block ids, and nothing else changes."""
+    source = _pool(heads)
+    src = _split(source, *src_cut)
+    dst = _split(torch.zeros_like(source), *dst_cut)
+    copies = head_copies(dst, src)
+    for s, d, n in [(4, 0, 2), (1, 5, 1)]:  # blocks 4, 5 -> 0, 1 and 1 -> 5
+        copy_run(copies, s, d, n)
+    want = torch.zeros_like(block_major(source))
+    want[[0, 1, 5]] = block_major(source)[[4, 5, 1]]
+    for start, tensor in zip(dst.starts, dst.tensors, strict=True):
+        torch.testing.assert_close(block_major(tensor), want[..., start : start + tensor.shape[4], :])
+    with pytest.raises(ValueError, match="KV heads differ"):
+        head_copies(ShardedPool.whole(_pool(heads + 1)), src)
 
 
 def test_pool_memory_is_block_major_and_payloads_are_contiguous_runs():

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pdserve.disagg.protocol import Message
+from pdserve.disagg.transport.shards import ShardedPool
 
 MessageHandler = Callable[[Message, memoryview | torch.Tensor | None], None]
 # Zero-copy receive: where a message's payload should land (writable views, filled in order), or None
@@ -59,9 +60,9 @@ class KVTransport(ABC):
     def close(self) -> None: ...
 
     # ---- KV paths: transports that only send bytes after the message keep these defaults --------
-    def attach_pool(self, pool: torch.Tensor, sharded: bool = False) -> None:  # noqa: B027 - most need none
-        """The local KV pool, before `start`: GPU paths export or read it. `sharded`: it is rank 0's part
-        of a tensor-parallel pool, so only paths that move gathered bytes may be used."""
+    def attach_pool(self, pool: torch.Tensor, shards: ShardedPool | None = None) -> None:  # noqa: B027
+        """The local KV pool, before `start`: GPU paths export or read it (most transports need none).
+        `shards`: every rank's part of a tensor-parallel pool, `pool` being rank 0's."""
 
     def offer(self, peer: str) -> dict[str, Any]:
         """Decode side: the KV paths offered to `peer` in the handshake."""

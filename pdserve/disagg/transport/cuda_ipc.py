@@ -8,6 +8,10 @@ instance's KV pool, GPU to GPU over the copy engine (NVLink/PCIe peer copies), w
              (engine/kv_layout.py), so each run, all layers, K and V, is one contiguous memcpy
     then an event: once it completes, KVData(written=True) tells the decode side the write is done.
 
+Tensor-parallel pools on either side (shards.py): the decode offers every rank's handle, the prefill
+copies each run shard to shard, the heads they share (a strided copy where the splits differ). Rank 0
+issues every copy from its own GPU, so a run between two other GPUs' shards crosses the links twice.
+
 An IPC handle cannot be opened by the process that exported it, so peers in one process (the offline
 `LLM(prefill=..., decode=...)`) use the pool tensor itself, found in `_EXPORTED` (module state, one
 entry per exported pool). Which writes may still land is the connector's business (leases): this
@@ -28,7 +32,7 @@ import torch
 
 from pdserve.disagg.transport.blocks import KVBlocks, copy_stream, paired_runs
 from pdserve.disagg.transport.identity import gpu_uuid, local_gpu, same_host, same_process
-from pdserve.engine.kv_layout import block_major
+from pdserve.disagg.transport.shards import ShardedPool, copy_run, head_copies
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +66,25 @@ def export_pool(pool: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def forget_exported(info: dict[str, Any]) -> None:
-    _EXPORTED.pop(str(info.get("token")), None)
+def export_shards(shards: ShardedPool) -> dict[str, Any]:
+    """The offer of a tensor-parallel pool: every rank's handle and first KV head. Rank 0 exports its
+    own tensor; a worker's is the export it was opened from (an opened mapping cannot be exported
+    again), registered here too so that in-process peers use rank 0's mapping."""
+    if shards.ipc is None:
+        raise RuntimeError("the ranks' pools were not opened from CUDA IPC handles")
+    infos = []
+    for tensor, info in zip(shards.tensors, shards.ipc, strict=True):
+        if info is None:
+            info = export_pool(tensor)
+        else:
+            _EXPORTED[str(info["token"])] = tensor
+        infos.append(info)
+    return {"shards": infos, "starts": list(shards.starts), "num_heads": shards.num_heads}
+
+
+def forget_exported(offer: dict[str, Any]) -> None:
+    for info in offer.get("shards", [offer]):
+        _EXPORTED.pop(str(info.get("token")), None)
 
 
 def open_pool(info: dict[str, Any], local: torch.device, in_process: bool) -> torch.Tensor:
@@ -97,10 +118,15 @@ def open_pool(info: dict[str, Any], local: torch.device, in_process: bool) -> to
 
 def open_peer_pool(
     offer: dict[str, Any], me: dict[str, Any], peer: dict[str, Any], local: torch.device
-) -> torch.Tensor:
+) -> ShardedPool:
+    """The decode instance's pool (every rank's part if it is tensor parallel), opened on `local`."""
     if not same_host(me, peer):
         raise RuntimeError("the decode instance is on another host")
-    return open_pool(offer, local, in_process=same_process(me, peer))
+    in_process = same_process(me, peer)
+    if "shards" not in offer:
+        return ShardedPool.whole(open_pool(offer, local, in_process))
+    tensors = [open_pool(info, local, in_process) for info in offer["shards"]]
+    return ShardedPool(tensors, [int(x) for x in offer["starts"]], int(offer["num_heads"]))
 
 
 def write_layer_direct(
@@ -117,24 +143,24 @@ def write_layer_direct(
 
 
 def write_blocks_direct(
-    remote: torch.Tensor, blocks: KVBlocks, dst: list[int]
+    remote: ShardedPool, blocks: KVBlocks, dst: list[int]
 ) -> tuple[torch.cuda.Event, torch.cuda.Event]:
     """Enqueue the copies of `blocks` into `remote`'s blocks `dst` on the side stream; return the
     timing events recorded before the first and after the last of them (`done`: the write landed).
     Blocks already streamed layer by layer (`blocks.streamed`) get only the events: a fence."""
     local = blocks.pool
+    copies = head_copies(remote, blocks.shards or ShardedPool.whole(local))
     stream = copy_stream(local.device)
     if blocks.ready is not None:
         stream.wait_event(blocks.ready)
     with torch.cuda.stream(stream):
         began = torch.cuda.Event(enable_timing=True)
         began.record(stream)
-        theirs, ours = block_major(remote), block_major(local)
         for s, d, n in [] if blocks.streamed else paired_runs(blocks.block_ids, dst):
-            # one copy per run of blocks, every layer and K/V at once (was one per layer and K/V: 128
-            # launches for a 64-layer model, the link idle between them); one memcpy when both pools
-            # are block-major in memory
-            theirs[d : d + n].copy_(ours[s : s + n], non_blocking=True)
+            # one copy per run of blocks (and pair of shards), every layer and K/V at once (was one
+            # per layer and K/V: 128 launches for a 64-layer model, the link idle between them); one
+            # memcpy when both pools are block-major in memory and hold the same heads
+            copy_run(copies, s, d, n)
         done = torch.cuda.Event(enable_timing=True)
         done.record(stream)
     return began, done

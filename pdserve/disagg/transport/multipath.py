@@ -5,7 +5,8 @@ decode side offers every path its pool allows, in the handshake; the prefill sid
 its own kinds that the offer holds and that works from here, and names it in the ack:
 
     kind      decode offers when                 prefill takes it when
-    cuda_ipc  the pool is on a GPU (IPC handle)  same host (boot id) and it can open the handle
+    cuda_ipc  the pool is on a GPU (IPC handle;  same host (boot id) and it can open the handle(s)
+              every rank's, tensor parallel)
     nccl      GPU pool (Gloo: CPU, kind nccl)    the same backend, and not one GPU for both
     tcp       always (kinds auto and tcp)        always
 
@@ -29,6 +30,7 @@ from pdserve.disagg.transport.base import KVTransport, MessageHandler, PayloadDo
 from pdserve.disagg.transport.blocks import KVBlocks, copy_stream
 from pdserve.disagg.transport.identity import gpu_uuid, local_identity, process_gone, same_host
 from pdserve.disagg.transport.nccl import NcclPath
+from pdserve.disagg.transport.shards import ShardedPool
 from pdserve.disagg.transport.tcp import TcpTransport
 
 logger = logging.getLogger(__name__)
@@ -47,10 +49,11 @@ class MultiPathTransport(KVTransport):
         self.address = self.tcp.address
         self.me = local_identity()
         self.pool: torch.Tensor | None = None
+        self.shards: ShardedPool | None = None  # tensor parallel: every rank's part (pool is rank 0's)
         self.gpu = ""
         self.exported: dict[str, Any] | None = None  # decode: our pool's IPC handle, made once
         self.nccl: NcclPath | None = None
-        self.remote_pools: dict[str, torch.Tensor] = {}  # prefill: peer -> its pool, opened by IPC
+        self.remote_pools: dict[str, ShardedPool] = {}  # prefill: peer -> its pool, opened by IPC
         self.completions: cuda_ipc.Completions | None = None
         self.copy_seconds: deque[float] = deque(maxlen=256)  # GPU time of recent direct writes
         self.offered: dict[str, list[str]] = {}  # decode: peer -> kinds offered, until its ack
@@ -61,12 +64,8 @@ class MultiPathTransport(KVTransport):
         self.lock = threading.Lock()
 
     # ---- setup --------------------------------------------------------------------------------------
-    def attach_pool(self, pool: torch.Tensor, sharded: bool = False) -> None:
-        self.pool = pool
-        if sharded:  # direct writes address one pool: a tensor-parallel pool goes by nccl or tcp
-            if self.kinds == ("cuda_ipc",):
-                raise ValueError("--kv-transport cuda_ipc cannot move a tensor-parallel KV pool: use auto")
-            self.kinds = tuple(k for k in self.kinds if k != "cuda_ipc")
+    def attach_pool(self, pool: torch.Tensor, shards: ShardedPool | None = None) -> None:
+        self.pool, self.shards = pool, shards
         if pool.is_cuda:
             self.gpu = gpu_uuid(pool.device)
             if "cuda_ipc" in self.kinds:
@@ -100,6 +99,8 @@ class MultiPathTransport(KVTransport):
         kinds: dict[str, Any] = {}
         if "cuda_ipc" in self.kinds and self.pool is not None and self.pool.is_cuda:
             try:
+                if self.exported is None and self.shards is not None:
+                    self.exported = cuda_ipc.export_shards(self.shards)
                 self.exported = self.exported or cuda_ipc.export_pool(self.pool)
                 kinds["cuda_ipc"] = self.exported
             except RuntimeError as e:
@@ -204,13 +205,15 @@ class MultiPathTransport(KVTransport):
 
     def can_write_layers(self, peer: str) -> bool:
         with self.lock:
-            return self.chosen.get(peer) == "cuda_ipc" and peer in self.remote_pools
+            remote = self.remote_pools.get(peer)
+            one_pool = remote is not None and len(remote.tensors) == 1 and self.shards is None
+            return self.chosen.get(peer) == "cuda_ipc" and one_pool  # layer streaming: unsplit pools
 
     def write_layer(self, peer: str, layer: int, runs: list[tuple[int, int, int]]) -> None:
         with self.lock:
             remote = self.remote_pools.get(peer)
         if remote is not None and self.pool is not None:  # else the fence finds the path gone
-            cuda_ipc.write_layer_direct(remote, self.pool, layer, runs)
+            cuda_ipc.write_layer_direct(remote.tensors[0], self.pool, layer, runs)
 
     def _send_direct(self, peer: str, msg: p.KVData, blocks: KVBlocks) -> bool:
         with self.lock:
