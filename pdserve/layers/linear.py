@@ -10,7 +10,7 @@ Each sharded parameter carries a ParamShard (pdserve.distributed.weights) saying
 full tensor, so checkpoint loading and dummy init cut full tensors the same way. At tp=1 the forward
 passes are plain matmuls / F.embedding and no collective runs. The projections multiply through
 `linear`: F.linear, or on CUDA for a few rows (decode at small batch) the Triton skinny GEMM where it
-was measured faster (triton_skinny.py; opt-in with PDSERVE_SKINNY_GEMM=1 until measured in the engine).
+was measured faster (triton_skinny.py; PDSERVE_SKINNY_GEMM=0 turns it off).
 """
 
 from __future__ import annotations
