@@ -59,7 +59,7 @@ skinny)
   timeout 150 python3 benchmarks/skinny_gemm_bench.py --models qwen2.5-7b,qwen2.5-32b --m 1,8 \
     --output "$OUT/skinny_gemm.json" >>"$OUT/skinny.log" 2>&1
   for i in 1 2; do
-    for variant in off all plan; do
+    for variant in off all plan four_stages; do
       echo "== $variant" >>"$OUT/skinny.log"
       timeout 150 python3 scripts/skinny_variant.py "$variant" --shapes qwen2.5-7b,qwen2.5-32b --no-prefill \
         --batches 1,8 --output "$OUT/skinny_${variant}_$i.json" >>"$OUT/skinny.log" 2>&1

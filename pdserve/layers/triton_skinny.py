@@ -31,6 +31,9 @@ MAX_ROWS = 16  # up to this many rows of x (one 16-row tensor-core tile; faster 
 MIN_WEIGHT = 12_000_000  # elements of W at least (the smallest measured win: o_proj, 12.8M)
 BLOCK_N = 32  # output columns per program (16 measured 30% slower on 32B o/down, 64 no faster)
 MIN_WAVE_FILL = 0.8  # programs / (waves x SMs) a tile must reach, else F.linear
+ONE_WAVE = (512, 3)  # (BLOCK_K, stages) when the programs fit in one wave: long K steps (4 stages:
+# 4-6% faster alone at 7B o/down, skinny_gemm-l2-cycled-2026-11-30.json; not yet measured in the engine)
+MANY_WAVES = (256, 4)  # the same for several waves
 Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
 
 if HAS_TRITON:
@@ -84,7 +87,7 @@ def plan(n: int, sms: int) -> Tile | None:
     waves = -(-programs // sms)
     if programs / (waves * sms) < MIN_WAVE_FILL:
         return None
-    return (BLOCK_N, 512, 3, 4) if waves == 1 else (BLOCK_N, 256, 4, 4)
+    return (BLOCK_N, *ONE_WAVE, 4) if waves == 1 else (BLOCK_N, *MANY_WAVES, 4)
 
 
 def skinny_linear(
