@@ -140,12 +140,15 @@ class DecodeGraphs:
         host[2, b:bucket] = -1
         host[:4, :b] = long_tensor(step.token_ids + step.positions + step.slots + step.seq_lens).view(4, b)
         width = max(len(t) for t in step.block_tables)
-        host_tables[b:bucket, :width] = 0
-        host_tables[:b, :width] = padded_rows(step.block_tables, width)
+        # packed [bucket, width] at the start of the pinned buffer: a strided host slice would make
+        # torch stage it through a pageable copy (the device side is strided either way)
+        packed = host_tables.view(-1)[: bucket * width].view(bucket, width)
+        packed[b:] = 0
+        packed[:b] = padded_rows(step.block_tables, width)
         self.rows.copy_(host, non_blocking=True)  # whole rows: one contiguous copy (8 B x 4 x max batch)
         if ahead is not None:
             self.ids[: ahead.numel()].copy_(ahead)
-        self.tables[:bucket, :width].copy_(host_tables[:bucket, :width], non_blocking=True)
+        self.tables[:bucket, :width].copy_(packed, non_blocking=True)
         staging.record_copied()
         self.graphs[bucket].replay()
         return self.logits[bucket][:b]

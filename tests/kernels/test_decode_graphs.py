@@ -106,6 +106,8 @@ def test_padded_bucket_equals_the_plain_step(runner: ModelRunner) -> None:
         got = graphs.run(step)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    tables = [r.block_ids + [0] * (3 - len(r.block_ids)) for r in reqs] + [[0, 0, 0]]  # bucket 4, width 3
+    assert graphs.tables[:4, :3].tolist() == tables
     written = (runner.kv_cache != before).flatten(0, 1).flatten(3).any(-1).any(0)  # [blocks, block_size]
     slots = {r.block_ids[r.num_computed_tokens // bs] * bs + r.num_computed_tokens % bs for r in reqs}
     changed = {int(i) for i in written.flatten().nonzero().flatten()}
