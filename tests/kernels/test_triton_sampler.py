@@ -63,6 +63,16 @@ def test_temperature_rows_draw_from_the_softmax() -> None:
     assert (freq - want).abs().max() < 4.5 * (0.25 / rows) ** 0.5, (freq, want)  # 4.5 sigma at worst
 
 
+def test_uniform_logits_draw_every_part_of_a_block_alike() -> None:
+    """One Philox call feeds the four quarters of a block (64 entries here): each quarter must get its
+    own numbers, or ties with another quarter's entries would leave it undrawn."""
+    rows = 4000 if CUDA else 1200
+    got = triton_sampler.triton_sample(torch.zeros(rows, 64, device=DEVICE), [1.0] * rows, seed=99).cpu()
+    quarters = torch.bincount(got // 16, minlength=4).float() / rows
+    assert (quarters - 0.25).abs().max() < 4.5 * (0.25 * 0.75 / rows) ** 0.5, quarters
+    assert torch.bincount(got, minlength=64).min() > 0
+
+
 def test_a_seed_reproduces_and_a_new_seed_differs() -> None:
     logits = torch.zeros(64, 1000, device=DEVICE)  # uniform: every draw is the noise alone
     a = triton_sampler.triton_sample(logits, [1.0] * 64, seed=7)
