@@ -112,5 +112,6 @@ def skinny_linear(
 
 
 def default_tile(n: int) -> Tile:
-    """The tile for N columns on an H200 (132 SMs), as if every width filled its waves."""
-    return plan(n, 132) or (BLOCK_N, 256, 4, 4)
+    """plan()'s tile for N columns on an H200 (132 SMs); the many-wave tile where plan() would leave
+    N to cuBLAS (a caller of skinny_linear without a tile asked for this kernel anyway)."""
+    return plan(n, 132) or (BLOCK_N, *MANY_WAVES, 4)
