@@ -33,7 +33,7 @@ from pdserve.engine.host_tensors import long_tensor, padded_rows, to_device
 from pdserve.engine.kv_layout import allocate_kv_pool
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
-from pdserve.engine.warmup import warmup_steps
+from pdserve.engine.warmup import warm_sampler, warmup_steps
 from pdserve.layers.attention.backend import get_backend_class
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.sampler import PendingSample, SampleResult, sample_later
@@ -143,8 +143,11 @@ class ModelRunner:
         if self.driver is not None and self.graphs is not None:
             self.driver.keep_if_failed(self.graphs)  # a rank lost mid-collective: destroying them would block
         if self.device.type == "cuda" and self.tp.rank == 0:
+            logits = None
             for step in warmup_steps(lay.block_size, self.num_blocks):
-                self._run_all_ranks(step)
+                logits = self._run_all_ranks(step)
+            if logits is not None:
+                warm_sampler(logits)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.num_blocks,

@@ -4,10 +4,13 @@ Triton compiles a kernel on its first launch with each new set of compile-time v
 profile and the CUDA graph capture cover one prompt and pure decode steps only. These two eager steps
 cover the rest: several prompts in one step, and decodes mixed with a prompt that continues after
 tokens already in the cache (the prefix-aware prefill path and eager decode). They write only the KV
-slots of the first few blocks, which no request owns yet.
+slots of the first few blocks, which no request owns yet. Their logits then go through the sampling
+kernels serving may take (warm_sampler).
 """
 
 from __future__ import annotations
+
+import torch
 
 from pdserve.distributed.messages import StepInputs
 
@@ -50,3 +53,19 @@ def warmup_steps(block_size: int, num_blocks: int) -> list[StepInputs]:
         logit_rows=[0, _CONTINUE],
     )
     return [first, mixed]
+
+
+def warm_sampler(logits: torch.Tensor) -> None:
+    """Compile the one-launch sampling kernels for these logits' vocabulary and dtype: rows split over
+    programs (small batches) and whole (large ones), and the min-p kernel. Top-k/top-p rows take the
+    torch sort unless PDSERVE_TRUNCATING_KERNEL is set, and that kernel is the min-p one."""
+    from pdserve.layers.sampler import RowFilters
+    from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
+
+    if not HAS_TRITON:
+        return
+    rows = logits.shape[0]
+    temperatures = [1.0] * rows
+    triton_sample(logits, temperatures)
+    triton_sample(logits, temperatures, chunks=1)
+    triton_sample(logits, temperatures, filters=RowFilters([0] * rows, [1.0] * rows, [0.05] * rows))

@@ -35,6 +35,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 _BLOCK = 4096  # vocabulary entries per loop iteration of a row (truncating kernel: its own BLOCK)
 _CHUNK_BLOCK = 1024  # the same, for the plain kernel's chunks
 _MIN_CHUNK = 2048  # vocabulary entries a chunk gets at least
+_PICK_BLOCK = 64  # chunks the pick kernel reads at least: one compiled variant for every batch size
 
 if HAS_TRITON:
     import triton
@@ -174,6 +175,5 @@ def _plain_sample(
         num_warps=4,
     )  # fmt: skip
     if chunks > 1:
-        _pick_chunk_kernel[(rows,)](
-            scores, indices, out, chunks, BLOCK_C=triton.next_power_of_2(chunks), num_warps=1
-        )
+        block_c = max(_PICK_BLOCK, triton.next_power_of_2(chunks))
+        _pick_chunk_kernel[(rows,)](scores, indices, out, chunks, BLOCK_C=block_c, num_warps=1)

@@ -116,8 +116,9 @@ def test_padded_bucket_equals_the_plain_step(runner: ModelRunner) -> None:
 
 def test_warmup_steps_run_and_leave_nothing_to_compile(runner: ModelRunner) -> None:
     """The start-up steps are well formed (every row's logits come back), and on CUDA they leave no
-    Triton kernel to compile for the steps real requests make afterwards."""
+    Triton kernel to compile for the steps real requests make afterwards, sampling included."""
     from pdserve.engine.warmup import warmup_steps
+    from pdserve.layers import triton_sampler
     from pdserve.layers.attention import triton_cache, triton_decode, triton_prefill
 
     steps = warmup_steps(runner.layout.block_size, runner.num_blocks)
@@ -134,6 +135,8 @@ def test_warmup_steps_run_and_leave_nothing_to_compile(runner: ModelRunner) -> N
         triton_decode._decode_split_kernel,
         triton_decode._decode_reduce_kernel,
         triton_cache._store_kv_kernel,
+        triton_sampler._sample_kernel,  # compiled by warm_sampler on the warm-up step's logits
+        triton_sampler._pick_chunk_kernel,
     ]
 
     def compiled() -> list[int]:

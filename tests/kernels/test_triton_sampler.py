@@ -272,3 +272,21 @@ def test_sampling_is_queued_without_waiting_for_the_gpu(params: SamplingParams) 
     assert [r.token_id for r in results] == [7] * 4
     if params.logprobs:
         assert all(r.logprob is not None and r.logprob.top[0][0] == 7 for r in results)
+
+
+def test_warm_sampler_launches_every_variant_serving_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a GPU runner runs at start (engine/warmup.py) on its warm-up logits: rows split over
+    programs, whole rows, and the min-p kernel; each a real launch that draws valid tokens."""
+    from pdserve.engine.warmup import warm_sampler
+
+    calls, real = [], triton_sampler.triton_sample
+
+    def recorded(logits: torch.Tensor, temperatures: list[float], **kw: object) -> torch.Tensor:
+        out = real(logits, temperatures, **kw)  # type: ignore[arg-type]
+        calls.append((kw.get("chunks"), kw.get("filters") is not None, out.tolist()))
+        return out
+
+    monkeypatch.setattr(triton_sampler, "triton_sample", recorded)
+    warm_sampler(torch.randn(2, 9000, device=DEVICE))
+    assert [(c, f) for c, f, _ in calls] == [(None, False), (1, False), (None, True)]
+    assert all(0 <= t < 9000 for _, _, drawn in calls for t in drawn)
