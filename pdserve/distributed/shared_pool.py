@@ -28,10 +28,16 @@ def pool_handle(pool: torch.Tensor) -> Any:
     return pool
 
 
+def ipc_export(handle: Any) -> dict[str, Any] | None:
+    """The CUDA IPC export inside a worker's handle (what cuda_ipc peers open too); None on CPU."""
+    return handle["cuda_ipc"] if isinstance(handle, dict) else None
+
+
 def open_handle(handle: Any, device: torch.device) -> torch.Tensor:
     """Rank 0: the worker's pool, usable on `device` (rank 0's)."""
-    if isinstance(handle, torch.Tensor):
+    info = ipc_export(handle)
+    if info is None:
         return handle
     from pdserve.disagg.transport.cuda_ipc import open_pool
 
-    return open_pool(handle["cuda_ipc"], device, in_process=False)
+    return open_pool(info, device, in_process=False)

@@ -27,7 +27,7 @@ from pdserve.distributed.driver import TPDriver
 from pdserve.distributed.group import TPGroup
 from pdserve.distributed.messages import StepInputs
 from pdserve.distributed.sharding import model_head_shard
-from pdserve.distributed.shared_pool import open_handle
+from pdserve.distributed.shared_pool import ipc_export, open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from pdserve.engine.host_tensors import long_tensor, padded_rows, to_device
 from pdserve.engine.kv_layout import allocate_kv_pool
@@ -107,7 +107,7 @@ class ModelRunner:
         tensors = [self.kv_cache] + [open_handle(h, self.device) for h in handles]
         starts = [model_head_shard(hf_config, self.tp.size, r).kv_start for r in range(self.tp.size)]
         ipc: list[dict[str, Any] | None] = [None]  # rank 0's own pool: exported when a peer asks
-        ipc += [h.get("cuda_ipc") if isinstance(h, dict) else None for h in handles]
+        ipc += [ipc_export(h) for h in handles]
         return ShardedPool(tensors, starts, int(hf_config.num_key_value_heads), ipc)
 
     def _build(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any) -> None:

@@ -32,8 +32,7 @@ if TYPE_CHECKING:
     from pdserve.layers.sampler import RowFilters
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-_BLOCK = 4096  # vocabulary entries per loop iteration of a row (truncating kernel: its own BLOCK)
-_CHUNK_BLOCK = 1024  # the same, for the plain kernel's chunks
+_CHUNK_BLOCK = 1024  # vocabulary entries per loop iteration of a chunk (triton_truncated: its BLOCK)
 _MIN_CHUNK = 2048  # vocabulary entries a chunk gets at least
 _PICK_BLOCK = 64  # chunks the pick kernel reads at least: one compiled variant for every batch size
 
@@ -61,8 +60,8 @@ if HAS_TRITON:
     ):  # fmt: skip
         """The best (score, index) of one chunk [chunk * span, + span) of one row: the token itself
         when the row is one chunk, else a partial for _pick_chunk_kernel. One Philox call gives four
-        numbers, one for each quarter of a block (a call per number cost ~0.1 ms a step at 128 rows
-        of a 152k vocabulary, H200); the best is kept per lane and reduced once at the end."""
+        numbers, one for each quarter of a block (with a call per number the kernel took 0.125 ms a
+        step at 128 rows of a 152k vocabulary, H200); the best is kept per lane, reduced once."""
         row = tl.program_id(0)
         chunk = tl.program_id(1)
         inv_t = tl.load(inv_temp_ptr + row)  # 0: greedy
@@ -140,7 +139,7 @@ def triton_sample(
             out,
             seed,
             VOCAB=vocab,
-            BLOCK=min(BLOCK, _BLOCK, triton.next_power_of_2(vocab)),  # a [BLOCK, CUTS] tile per iteration
+            BLOCK=min(BLOCK, triton.next_power_of_2(vocab)),  # a [BLOCK, CUTS] tile per iteration
             CUTS=CUTS,
             MAX_PASSES=MAX_PASSES,
             num_warps=8,

@@ -51,7 +51,7 @@ class MultiPathTransport(KVTransport):
         self.pool: torch.Tensor | None = None
         self.shards: ShardedPool | None = None  # tensor parallel: every rank's part (pool is rank 0's)
         self.gpu = ""
-        self.exported: dict[str, Any] | None = None  # decode: our pool's IPC handle, made once
+        self.exported: dict[str, Any] | None = None  # decode: our pool's IPC offer (every rank's), made once
         self.nccl: NcclPath | None = None
         self.remote_pools: dict[str, ShardedPool] = {}  # prefill: peer -> its pool, opened by IPC
         self.completions: cuda_ipc.Completions | None = None
