@@ -75,7 +75,7 @@ def bench_shape(model: str, name: str, m: int, ceiling: float) -> dict[str, Any]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x, w, b).float()
     cublas = graph_time(lambda i: F.linear(x, ws[i % copies], b))
-    planned = plan(n, num_sms(x.device))
+    planned = plan(n, num_sms(x.device), m)
     best: tuple[float, tuple] | None = None
     planned_us = float("nan")
     for tile in TILES + ([planned] if planned and planned not in TILES else []):

@@ -3,14 +3,17 @@
 At a handful of rows a projection is a pass over its weight matrix; cuBLAS picks split-K kernels plus
 a reduce launch for some shapes and leaves bandwidth unused on others. Each program here owns
 BLOCK_N output columns for every row of x (padded to 16 for the tensor cores) and streams those
-weight rows once, K in BLOCK_K steps. Measured on an H200 (benchmarks/skinny_gemm_bench.py, weights
-cycled past the L2, bf16, 1 row): Qwen2.5-7B o 9.8 vs 10.8 us, gate_up 65.0 vs 70.0, down 36.9 vs
-37.7; Qwen2.5-32B gate_up ~2% faster; at 32 rows cuBLAS is as fast or faster. Where the 32-column
-programs fill their last wave of SMs poorly (32B o/down: 160 programs on 132 SMs) cuBLAS's split-K
-wins, so plan() leaves those to it. Inside the engine (gpu_session.sh skinny, one H200, decode
-launched ahead, 2 rounds): 7B B=1 4.35 -> 4.22 ms, B=8 4.56 -> 4.48; 32B B=1 18.74 -> 17.73, B=8
-19.19 -> 18.43. linear.py takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16
-weights on CUDA; PDSERVE_SKINNY_GEMM=0 turns it off.
+weight rows once, K in BLOCK_K steps. Microbenchmark (benchmarks/skinny_gemm_bench.py, H200, weights
+cycled past the L2, bf16; docs/bench/h200/skinny_gemm-rows-16-32-2026-11-30.json), us vs cuBLAS:
+7B o 9.4 vs 11.1 at 16 rows, 10.4 vs 11.4 at 32; down 35.2 vs 38.9, 37.3 vs 41.2; 32B gate_up 135.1
+vs 143.5 at 16 rows with 64-column programs. Where the programs fill their last wave of SMs poorly
+(32B o/down: 160 programs on 132 SMs) cuBLAS's split-K wins, so plan() leaves those to it. Inside
+the engine (gpu_session.sh skinny, one H200, decode launched ahead): 7B B=1 4.35 -> 4.22 ms, 32B B=1
+18.74 -> 17.73 (on vs off, fifth session); then one-wave grids 4 stages deep instead of 3 7B B=1
+4.21 -> 4.16, B=8 4.48 -> 4.39; 64-column programs on fill ties 32B B=1 17.41 ->
+17.10, B=8 18.16 -> 17.90; one-wave grids up to 32 rows 7B B=32 5.26 -> 5.03 (sixth session).
+linear.py takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16 weights on CUDA;
+PDSERVE_SKINNY_GEMM=0 turns it off.
 
 linear.py imports this module only for CUDA tensors, so a CPU process never imports triton unless a
 test sets TRITON_INTERPRET first.
@@ -27,12 +30,11 @@ from pdserve.layers.sm_count import num_sms
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ENABLED = os.environ.get("PDSERVE_SKINNY_GEMM", "1") != "0"
-MAX_ROWS = 16  # up to this many rows of x (one 16-row tensor-core tile; faster at 1, 8, 16, not 32)
+MAX_ROWS = 32  # up to this many rows of x; past 16 only one-wave grids (plan())
 MIN_WEIGHT = 12_000_000  # elements of W at least (the smallest measured win: o_proj, 12.8M)
-BLOCK_N = 32  # output columns per program (16 measured 30% slower on 32B o/down, 64 no faster)
+WIDTHS = (32, 64)  # output columns per program (BLOCK_N) plan() picks from; 16 was 30% slower
 MIN_WAVE_FILL = 0.8  # programs / (waves x SMs) a tile must reach, else F.linear
-ONE_WAVE = (512, 3)  # (BLOCK_K, stages) when the programs fit in one wave: long K steps (4 stages:
-# 4-6% faster alone at 7B o/down, skinny_gemm-l2-cycled-2026-11-30.json; not yet measured in the engine)
+ONE_WAVE = (512, 4)  # (BLOCK_K, stages) when the programs fit in one wave: long K steps, 4 deep
 MANY_WAVES = (256, 4)  # the same for several waves
 Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
 
@@ -76,18 +78,27 @@ def tile_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         and x.stride(1) == 1
         and weight.stride(1) == 1
     )
-    return plan(weight.shape[0], num_sms(x.device)) if taken else None
+    return plan(weight.shape[0], num_sms(x.device), x.shape[0]) if taken else None
 
 
-def plan(n: int, sms: int) -> Tile | None:
-    """(BLOCK_N, BLOCK_K, stages, warps) for N output columns on `sms` SMs, or None where the programs
-    fill their waves to less than MIN_WAVE_FILL (a short last wave leaves SMs idle for a whole
-    program's time; cuBLAS splits K instead). One wave streams longer K steps, several shorter."""
-    programs = -(-n // BLOCK_N)
-    waves = -(-programs // sms)
-    if programs / (waves * sms) < MIN_WAVE_FILL:
+def plan(n: int, sms: int, rows: int = 1) -> Tile | None:
+    """(BLOCK_N, BLOCK_K, stages, warps) for N output columns on `sms` SMs and `rows` rows of x, or
+    None for F.linear. The width of WIDTHS whose programs fill their waves best, the wider on a tie
+    (fewer re-reads of x); None below MIN_WAVE_FILL (a short last wave leaves SMs idle for a whole
+    program's time; cuBLAS splits K instead). One wave streams longer K steps, several shorter. Past
+    16 rows only one-wave grids: several waves at 32 rows were no faster than cuBLAS (7B gate_up 70.3
+    vs 71.5 us, 32B 149.7 vs 143.3; skinny_gemm-rows-16-32-2026-11-30.json)."""
+    fill, width = max((_fill(n, sms, w), w) for w in WIDTHS)
+    waves = -(-n // width) > sms
+    if fill < MIN_WAVE_FILL or (waves and rows > 16):
         return None
-    return (BLOCK_N, *ONE_WAVE, 4) if waves == 1 else (BLOCK_N, *MANY_WAVES, 4)
+    return (width, *(MANY_WAVES if waves else ONE_WAVE), 4)
+
+
+def _fill(n: int, sms: int, width: int) -> float:
+    """programs / (waves x SMs) of a grid of width-column programs over N columns."""
+    programs = -(-n // width)
+    return programs / (-(-programs // sms) * sms)
 
 
 def skinny_linear(
@@ -114,4 +125,4 @@ def skinny_linear(
 def default_tile(n: int) -> Tile:
     """plan()'s tile for N columns on an H200 (132 SMs); the many-wave tile where plan() would leave
     N to cuBLAS (a caller of skinny_linear without a tile asked for this kernel anyway)."""
-    return plan(n, 132) or (BLOCK_N, *MANY_WAVES, 4)
+    return plan(n, 132) or (WIDTHS[0], *MANY_WAVES, 4)

@@ -80,7 +80,8 @@ def test_linear_takes_the_kernel_for_few_rows_of_large_bias_free_weights(
     for rows, kw, weight, taken in [
         (1, {}, w, True),
         (16, {}, w, True),
-        (17, {}, w, False),  # more rows: cuBLAS
+        (32, {}, w, True),  # one wave of programs: up to 32 rows
+        (33, {}, w, False),  # more rows: cuBLAS
         (1, {}, wide, triton_skinny.plan(5120, num_sms(wide.device)) is not None),  # None on 132 SMs
         (1, {"bias": bias}, w, False),
         (1, {}, w.float(), False),  # fp32: cuBLAS
@@ -98,16 +99,18 @@ def test_linear_takes_the_kernel_for_few_rows_of_large_bias_free_weights(
 
 
 @pytest.mark.parametrize(
-    "n,sms,tile",
+    "n,sms,rows,tile",
     [
-        (3584, 132, (32, 512, 3, 4)),  # Qwen2.5-7B o/down: 112 programs, one wave 85% full
-        (37888, 132, (32, 256, 4, 4)),  # 7B gate_up: 1184 programs in 9 waves
-        (55296, 132, (32, 256, 4, 4)),  # 32B gate_up: 1728 programs in 14 waves, 94% full
-        (5120, 132, None),  # 32B o/down: 160 programs in 2 waves, 61% full -> cuBLAS
-        (4608, 144, (32, 512, 3, 4)),  # 144 programs on a GPU with 144 SMs: exactly one wave
+        (3584, 132, 1, (32, 512, 4, 4)),  # Qwen2.5-7B o/down: 112 programs, one wave 85% full
+        (3584, 132, 32, (32, 512, 4, 4)),  # one wave: up to 32 rows
+        (37888, 132, 16, (32, 256, 4, 4)),  # 7B gate_up: 1184 programs in 9 waves (64 wide: 90% full)
+        (37888, 132, 17, None),  # several waves past 16 rows: cuBLAS
+        (55296, 132, 1, (64, 256, 4, 4)),  # 32B gate_up: 94% full 32 or 64 wide; the wider wins ties
+        (5120, 132, 1, None),  # 32B o/down: 61% full 32 or 64 wide -> cuBLAS
+        (4608, 144, 1, (32, 512, 4, 4)),  # 144 programs on a GPU with 144 SMs: exactly one wave
     ],
 )
 def test_plan_takes_the_kernel_only_where_its_waves_fill_the_sms(
-    n: int, sms: int, tile: tuple[int, int, int, int] | None
+    n: int, sms: int, rows: int, tile: tuple[int, int, int, int] | None
 ) -> None:
-    assert triton_skinny.plan(n, sms) == tile
+    assert triton_skinny.plan(n, sms, rows) == tile
