@@ -9,8 +9,8 @@
 #   bash scripts/gpu_session.sh sweep      # one GPU: decode attention tiles and splits around the defaults
 #   bash scripts/gpu_session.sh handoff    # 2x H200: TTFT added by disaggregation, with/without layer streaming
 #   bash scripts/gpu_session.sh skinny     # one GPU (~4 min): its tests, then decode per skinny-GEMM variant
-#                                           (scripts/skinny_variant.py), alternating, 2 rounds: 32B plan vs
-#                                           narrow at B=1/8, 7B plan vs rows16 at B=32
+#                                           (scripts/skinny_variant.py), alternating, 2 rounds: 7B and 32B
+#                                           at B=1/8, plan (SiLU fused into gate_up) vs unfused
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
@@ -57,15 +57,10 @@ handoff)
 skinny)
   timeout 120 python3 -m pytest -q tests/kernels/test_triton_skinny.py >"$OUT/skinny.log" 2>&1
   for i in 1 2; do
-    for variant in plan narrow; do
+    for variant in plan unfused; do
       echo "== $variant" >>"$OUT/skinny.log"
-      timeout 150 python3 scripts/skinny_variant.py "$variant" --shapes qwen2.5-32b --no-prefill \
+      timeout 150 python3 scripts/skinny_variant.py "$variant" --shapes qwen2.5-7b,qwen2.5-32b --no-prefill \
         --batches 1,8 --output "$OUT/skinny_${variant}_$i.json" >>"$OUT/skinny.log" 2>&1
-    done
-    for variant in plan rows16; do
-      echo "== $variant (B=32)" >>"$OUT/skinny.log"
-      timeout 150 python3 scripts/skinny_variant.py "$variant" --shapes qwen2.5-7b --no-prefill \
-        --batches 32 --output "$OUT/skinny32_${variant}_$i.json" >>"$OUT/skinny.log" 2>&1
     done
   done
   grep -E "passed|failed|==|decode b" "$OUT/skinny.log"

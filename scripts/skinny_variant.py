@@ -5,6 +5,7 @@
 VARIANT: off (cuBLAS everywhere), all (every eligible projection, however its programs fill the
 SMs' waves), plan (triton_skinny's own plan()), narrow (plan() with 32-column programs only: before
 2026-11-30's sixth session it never took 64), rows16 (plan() for up to 16 rows of x only, as before
+that session), unfused (plan(), but SiLU * up as its own kernel after the gate_up GEMM, as before
 that session). One process per variant, so an A/B inside one device call compares the same machine.
 """
 
@@ -15,7 +16,7 @@ import sys
 
 from pdserve.layers import triton_skinny
 
-VARIANTS = {"off", "all", "plan", "narrow", "rows16"}
+VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused"}
 
 
 def main() -> None:
@@ -29,6 +30,8 @@ def main() -> None:
         triton_skinny.WIDTHS = (32,)
     if variant == "rows16":
         triton_skinny.MAX_ROWS = 16
+    if variant == "unfused":
+        triton_skinny.FUSED_SILU = False
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")

@@ -22,6 +22,7 @@ from torch import nn
 from pdserve.distributed.group import TPGroup
 from pdserve.distributed.sharding import split
 from pdserve.distributed.weights import ParamShard, copy_full_rows, set_shard
+from pdserve.layers.activation import silu_and_mul
 
 RowSlice = tuple[int, int, int]  # (full rows, first row this rank holds, rows it holds)
 
@@ -35,6 +36,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if tile is not None:
             return triton_skinny.skinny_linear(x, weight, tile=tile)
     return F.linear(x, weight, bias)
+
+
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SiLU(x @ gate^T) * (x @ up^T) for weight = gate stacked over up: one skinny-GEMM launch where
+    tile_for gives a tile (the activation in its epilogue), else the GEMM then silu_and_mul."""
+    if x.is_cuda:
+        from pdserve.layers import triton_skinny  # CUDA only: a CPU process never imports triton
+
+        tile = triton_skinny.tile_for(x, weight, None)
+        if tile is not None and triton_skinny.FUSED_SILU:
+            return triton_skinny.skinny_linear(x, weight, tile=tile, gated=True)
+    return silu_and_mul(linear(x, weight))
 
 
 class MergedLinear(nn.Linear):

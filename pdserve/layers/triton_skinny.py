@@ -36,6 +36,7 @@ WIDTHS = (32, 64)  # output columns per program (BLOCK_N) plan() picks from; 16 
 MIN_WAVE_FILL = 0.8  # programs / (waves x SMs) a tile must reach, else F.linear
 ONE_WAVE = (512, 4)  # (BLOCK_K, stages) when the programs fit in one wave: long K steps, 4 deep
 MANY_WAVES = (256, 4)  # the same for several waves
+FUSED_SILU = True  # linear.silu_mul_linear: SiLU(gate) * up in the gate_up GEMM's epilogue
 Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
 
 if HAS_TRITON:
@@ -45,11 +46,16 @@ if HAS_TRITON:
     @triton.jit
     def _skinny_kernel(  # type: ignore[no-untyped-def]
         x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):  # fmt: skip
+        """y[:, n] = x @ W[n]^T; GATED: W stacks gate over up (2N rows), y[:, n] = SiLU(x @ W[n]^T) *
+        (x @ W[N + n]^T), each product rounded to y's dtype first, as silu_and_mul on the GEMM's
+        output would see it."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             x_mask = (m[:, None] < M) & (k[None, :] < K)
@@ -57,8 +63,15 @@ if HAS_TRITON:
             w_mask = (n[:, None] < N) & (k[None, :] < K)
             w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=w_mask, other=0.0)
             acc += tl.dot(x, tl.trans(w))
+            if GATED:
+                up = tl.load(w_ptr + (N + n[:, None]) * stride_wn + k[None, :], mask=w_mask, other=0.0)
+                acc_up += tl.dot(x, tl.trans(up))
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            act = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = act * acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
         mask = (m[:, None] < M) & (n[None, :] < N)
         tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -106,17 +119,22 @@ def skinny_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     tile: Tile | None = None,  # None: default_tile
+    gated: bool = False,
 ) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N] in x's dtype (fp32 accumulation). Any M works;
-    rows are padded to a power of two (16 at least), so it pays only for a few."""
+    rows are padded to a power of two (16 at least), so it pays only for a few. gated: weight is
+    gate over up ([2I, K], no bias), the result SiLU(gate) * up [M, I]; the tile's BLOCK_N weight
+    rows per program are then half gate, half up (the same grid as the plain product)."""
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
     assert weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
+    assert not (gated and (bias is not None or weight.shape[0] % 2))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, stages, warps = tile or default_tile(n)
+    block_n, block_k, stages, warps = tile or default_tile(weight.shape[0])
+    block_n = block_n // 2 if gated else block_n
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y

@@ -16,10 +16,15 @@ from torch import nn
 from pdserve.distributed.group import TPGroup
 from pdserve.distributed.sharding import model_head_shard, split
 from pdserve.distributed.weights import load_full
-from pdserve.layers.activation import silu_and_mul
 from pdserve.layers.attention.backend import AttentionBackend
 from pdserve.layers.attention.metadata import AttentionMetadata
-from pdserve.layers.linear import MergedLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from pdserve.layers.linear import (
+    MergedLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    silu_mul_linear,
+)
 from pdserve.layers.norm import RMSNorm
 from pdserve.layers.rotary import RotaryEmbedding
 
@@ -90,7 +95,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(full, cfg.hidden_size, (start, size), False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_mul_linear(x, self.gate_up_proj.weight))
 
 
 class DecoderLayer(nn.Module):

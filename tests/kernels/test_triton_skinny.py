@@ -63,6 +63,56 @@ def test_qwen_7b_projections_in_bf16(m: int, n: int, k: int) -> None:
     _check(m, n, k, torch.bfloat16)
 
 
+def _check_gated(m: int, inter: int, k: int, dtype: torch.dtype, tile: tuple[int, int, int, int] | None) -> None:
+    torch.manual_seed(m * 5 + inter + k)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    w = (torch.randn(2 * inter, k, device=DEVICE) * 0.05).to(dtype)
+    got = triton_skinny.skinny_linear(x, w, tile=tile, gated=True)
+    gate, up = (x.float() @ w.float().T).to(dtype).float().chunk(2, dim=-1)
+    want = F.silu(gate).to(dtype).float() * up
+    assert got.dtype == dtype and got.shape == (m, inter) and not got.isnan().any()
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("inter,k,tile", [(48, 600, (32, 256, 2, 4)), (200, 300, (64, 256, 2, 4))])
+def test_gated_gives_silu_of_the_gate_times_the_up_product(
+    m: int, inter: int, k: int, tile: tuple[int, int, int, int]
+) -> None:
+    """Ragged intermediate sizes (48: programs of 16 columns straddle nothing; 200: the last of 32 is cut)."""
+    _check_gated(m, inter, k, torch.float16, tile)
+
+
+@pytest.mark.parametrize("m", [1, 8, 32])
+@pytest.mark.parametrize(  # Qwen2.5-7B, -32B gate_up
+    "inter,k", [pytest.param(18944, 3584, marks=gpu), pytest.param(27648, 5120, marks=gpu)]
+)
+def test_gated_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
+    _check_gated(m, inter, k, torch.bfloat16, triton_skinny.plan(2 * inter, num_sms(torch.device(DEVICE))))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="linear() picks the kernel for CUDA tensors only")
+def test_silu_mul_linear_fuses_where_the_plain_product_would_take_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(triton_skinny, "ENABLED", True)
+    calls = []
+    real = triton_skinny.skinny_linear
+    monkeypatch.setattr(
+        triton_skinny, "skinny_linear", lambda x, w, tile, **kw: calls.append(kw) or real(x, w, tile=tile, **kw)
+    )
+    w = torch.randn(2 * 18944, 3584, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    for rows, fused in [(1, True), (16, True), (32, False)]:  # 32 rows: several waves -> cuBLAS
+        calls.clear()
+        x = torch.randn(rows, 3584, device=DEVICE, dtype=torch.bfloat16)
+        got = linear_module.silu_mul_linear(x, w)
+        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        torch.testing.assert_close(got.float(), (F.silu(gate) * up).float(), atol=0.05, rtol=0.02)
+        assert calls == ([{"gated": True}] if fused else []), rows
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="linear() picks the kernel for CUDA tensors only")
 def test_linear_takes_the_kernel_for_few_rows_of_large_bias_free_weights(
