@@ -40,12 +40,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """SiLU(x @ gate^T) * (x @ up^T) for weight = gate stacked over up: one skinny-GEMM launch where
-    tile_for gives a tile (the activation in its epilogue), else the GEMM then silu_and_mul."""
+    tile_for gives a wide enough tile (the activation in its epilogue), else the GEMM then
+    silu_and_mul."""
     if x.is_cuda:
         from pdserve.layers import triton_skinny  # CUDA only: a CPU process never imports triton
 
         tile = triton_skinny.tile_for(x, weight, None)
-        if tile is not None and triton_skinny.FUSED_SILU:
+        if tile is not None and triton_skinny.FUSED_SILU and tile[0] >= triton_skinny.FUSED_MIN_WIDTH:
             return triton_skinny.skinny_linear(x, weight, tile=tile, gated=True)
     return silu_and_mul(linear(x, weight))
 

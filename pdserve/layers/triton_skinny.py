@@ -36,7 +36,9 @@ WIDTHS = (32, 64)  # output columns per program (BLOCK_N) plan() picks from; 16 
 MIN_WAVE_FILL = 0.8  # programs / (waves x SMs) a tile must reach, else F.linear
 ONE_WAVE = (512, 4)  # (BLOCK_K, stages) when the programs fit in one wave: long K steps, 4 deep
 MANY_WAVES = (256, 4)  # the same for several waves
-FUSED_SILU = True  # linear.silu_mul_linear: SiLU(gate) * up in the gate_up GEMM's epilogue
+FUSED_SILU = True  # linear.silu_mul_linear: SiLU(gate) * up in the gate_up GEMM's epilogue, for
+FUSED_MIN_WIDTH = 64  # tiles at least this wide (32 gate + 32 up columns; 16 + 16 were 5% slower a
+# 7B step, docs/bench/h200/skinny-ab-fused-silu-2026-11-30.log)
 Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
 
 if HAS_TRITON:

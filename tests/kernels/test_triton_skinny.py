@@ -63,7 +63,7 @@ def test_qwen_7b_projections_in_bf16(m: int, n: int, k: int) -> None:
     _check(m, n, k, torch.bfloat16)
 
 
-def _check_gated(m: int, inter: int, k: int, dtype: torch.dtype, tile: tuple[int, int, int, int] | None) -> None:
+def _check_gated(m: int, inter: int, k: int, dtype: torch.dtype, tile: triton_skinny.Tile | None) -> None:
     torch.manual_seed(m * 5 + inter + k)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     w = (torch.randn(2 * inter, k, device=DEVICE) * 0.05).to(dtype)
@@ -100,17 +100,22 @@ def test_silu_mul_linear_fuses_where_the_plain_product_would_take_the_kernel(
     monkeypatch.setattr(triton_skinny, "ENABLED", True)
     calls = []
     real = triton_skinny.skinny_linear
-    monkeypatch.setattr(
-        triton_skinny, "skinny_linear", lambda x, w, tile, **kw: calls.append(kw) or real(x, w, tile=tile, **kw)
-    )
-    w = torch.randn(2 * 18944, 3584, device=DEVICE, dtype=torch.bfloat16) * 0.02
-    for rows, fused in [(1, True), (16, True), (32, False)]:  # 32 rows: several waves -> cuBLAS
+    spy = lambda x, w, tile, **kw: calls.append(kw) or real(x, w, tile=tile, **kw)  # noqa: E731
+    monkeypatch.setattr(triton_skinny, "skinny_linear", spy)
+    wide = torch.randn(2 * 27648, 5120, device=DEVICE, dtype=torch.bfloat16) * 0.02  # 32B: 64 wide
+    narrow = torch.randn(2 * 18944, 3584, device=DEVICE, dtype=torch.bfloat16) * 0.02  # 7B: 32 wide
+    for rows, w, fused in [
+        (1, wide, True),
+        (16, wide, True),
+        (32, wide, False),  # several waves -> cuBLAS
+        (1, narrow, False),  # the kernel, unfused: 16 + 16 columns a program were slower
+    ]:
         calls.clear()
-        x = torch.randn(rows, 3584, device=DEVICE, dtype=torch.bfloat16)
+        x = torch.randn(rows, w.shape[1], device=DEVICE, dtype=torch.bfloat16)
         got = linear_module.silu_mul_linear(x, w)
         gate, up = F.linear(x, w).chunk(2, dim=-1)
         torch.testing.assert_close(got.float(), (F.silu(gate) * up).float(), atol=0.05, rtol=0.02)
-        assert calls == ([{"gated": True}] if fused else []), rows
+        assert calls == ([{"gated": True}] if fused else [{}] if rows <= 16 else []), (rows, w.shape)
 
 
 @pytest.mark.gpu
