@@ -6,9 +6,7 @@ VARIANT: off (cuBLAS everywhere), all (every eligible projection, however its pr
 SMs' waves), plan (triton_skinny's own plan()), narrow (plan() with 32-column programs only: before
 2026-11-30's sixth session it never took 64), rows16 (plan() for up to 16 rows of x only, as before
 that session), unfused (plan(), but SiLU * up as its own kernel after the gate_up GEMM, as before
-that session), unbalanced (one-wave grids of N / BLOCK_N programs, as before that session's end:
-7B o/down on 112 of 132 SMs). One process per variant, so an A/B inside one device call compares the
-same machine.
+that session). One process per variant, so an A/B inside one device call compares the same machine.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import sys
 
 from pdserve.layers import triton_skinny
 
-VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "unbalanced"}
+VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused"}
 
 
 def main() -> None:
@@ -34,8 +32,6 @@ def main() -> None:
         triton_skinny.MAX_ROWS = 16
     if variant == "unfused":
         triton_skinny.FUSED_SILU = False
-    if variant == "unbalanced":
-        triton_skinny.BALANCED = False
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")

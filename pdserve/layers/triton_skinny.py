@@ -39,8 +39,7 @@ MANY_WAVES = (256, 4)  # the same for several waves
 FUSED_SILU = True  # linear.silu_mul_linear: SiLU(gate) * up in the gate_up GEMM's epilogue, for
 FUSED_MIN_WIDTH = 64  # tiles at least this wide (32 gate + 32 up columns; 16 + 16 were 5% slower a
 # 7B step, docs/bench/h200/skinny-ab-fused-silu-2026-11-30.log)
-BALANCED = True  # one-wave grids: a program on every SM, N split evenly (else N / BLOCK_N programs)
-Tile = tuple[int, int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps, programs)
+Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
 
 if HAS_TRITON:
     import triton
@@ -54,11 +53,8 @@ if HAS_TRITON:
     ):  # fmt: skip
         """y[:, n] = x @ W[n]^T; GATED: W stacks gate over up (2N rows), y[:, n] = SiLU(x @ W[n]^T) *
         (x @ W[N + n]^T), each product rounded to y's dtype first, as silu_and_mul on the GEMM's
-        output would see it. Program p owns columns [p N / P, (p + 1) N / P) of the P in the grid (at
-        most BLOCK_N of them)."""
-        pid = tl.program_id(0).to(tl.int64)
-        n = pid * N // tl.num_programs(0) + tl.arange(0, BLOCK_N)
-        n_end = (pid + 1) * N // tl.num_programs(0)
+        output would see it."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -66,19 +62,19 @@ if HAS_TRITON:
             k = k0 + tl.arange(0, BLOCK_K)
             x_mask = (m[:, None] < M) & (k[None, :] < K)
             x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
-            w_mask = (n[:, None] < n_end) & (k[None, :] < K)
+            w_mask = (n[:, None] < N) & (k[None, :] < K)
             w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=w_mask, other=0.0)
             acc += tl.dot(x, tl.trans(w))
             if GATED:
                 up = tl.load(w_ptr + (N + n[:, None]) * stride_wn + k[None, :], mask=w_mask, other=0.0)
                 acc_up += tl.dot(x, tl.trans(up))
         if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n < n_end, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         if GATED:
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             act = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = act * acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
-        mask = (m[:, None] < M) & (n[None, :] < n_end)
+        mask = (m[:, None] < M) & (n[None, :] < N)
         tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -101,20 +97,17 @@ def tile_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def plan(n: int, sms: int, rows: int = 1) -> Tile | None:
-    """(BLOCK_N, BLOCK_K, stages, warps, programs) for N output columns on `sms` SMs and `rows` rows
-    of x, or None for F.linear. The width of WIDTHS whose programs fill their waves best, the wider on
-    a tie (fewer re-reads of x); None below MIN_WAVE_FILL (a short last wave leaves SMs idle for a
-    whole program's time; cuBLAS splits K instead). One wave streams longer K steps, several shorter;
-    with BALANCED a one-wave grid has a program on every SM, each with N / sms columns. Past 16 rows
-    only one-wave grids: several waves at 32 rows were no faster than cuBLAS (7B gate_up 70.3 vs 71.5
-    us, 32B 149.7 vs 143.3; skinny_gemm-rows-16-32-2026-11-30.json)."""
+    """(BLOCK_N, BLOCK_K, stages, warps) for N output columns on `sms` SMs and `rows` rows of x, or
+    None for F.linear. The width of WIDTHS whose programs fill their waves best, the wider on a tie
+    (fewer re-reads of x); None below MIN_WAVE_FILL (a short last wave leaves SMs idle for a whole
+    program's time; cuBLAS splits K instead). One wave streams longer K steps, several shorter. Past
+    16 rows only one-wave grids: several waves at 32 rows were no faster than cuBLAS (7B gate_up 70.3
+    vs 71.5 us, 32B 149.7 vs 143.3; skinny_gemm-rows-16-32-2026-11-30.json)."""
     fill, width = max((_fill(n, sms, w), w) for w in WIDTHS)
-    programs = -(-n // width)
-    if fill < MIN_WAVE_FILL or (programs > sms and rows > 16):
+    waves = -(-n // width) > sms
+    if fill < MIN_WAVE_FILL or (waves and rows > 16):
         return None
-    if programs > sms:
-        return (width, *MANY_WAVES, 4, programs)
-    return (width, *ONE_WAVE, 4, min(sms, n) if BALANCED else programs)
+    return (width, *(MANY_WAVES if waves else ONE_WAVE), 4)
 
 
 def _fill(n: int, sms: int, width: int) -> float:
@@ -139,9 +132,9 @@ def skinny_linear(
     assert weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
     assert not (gated and (bias is not None or weight.shape[0] % 2))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, stages, warps, programs = tile or default_tile(weight.shape[0])
+    block_n, block_k, stages, warps = tile or default_tile(weight.shape[0])
     block_n = block_n // 2 if gated else block_n
-    _skinny_kernel[(programs,)](
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=stages,
@@ -152,4 +145,4 @@ def skinny_linear(
 def default_tile(n: int) -> Tile:
     """plan()'s tile for N columns on an H200 (132 SMs); the many-wave tile where plan() would leave
     N to cuBLAS (a caller of skinny_linear without a tile asked for this kernel anyway)."""
-    return plan(n, 132) or (WIDTHS[0], *MANY_WAVES, 4, -(-n // WIDTHS[0]))
+    return plan(n, 132) or (WIDTHS[0], *MANY_WAVES, 4)

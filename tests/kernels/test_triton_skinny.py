@@ -27,14 +27,12 @@ def _interpreter_ready() -> None:
         fix_interpreter()
 
 
-def _check(
-    m: int, n: int, k: int, dtype: torch.dtype, bias: bool = False, tile: triton_skinny.Tile | None = None
-) -> None:
+def _check(m: int, n: int, k: int, dtype: torch.dtype, bias: bool = False) -> None:
     torch.manual_seed(m * 7 + n + k)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     w = (torch.randn(n, k, device=DEVICE) * 0.05).to(dtype)
     b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
-    got = triton_skinny.skinny_linear(x, w, b, tile)
+    got = triton_skinny.skinny_linear(x, w, b)
     want = x.float() @ w.float().T + (b.float() if b is not None else 0.0)
     assert got.dtype == dtype and got.shape == (m, n) and not got.isnan().any()
     tol = 1e-2 if dtype == torch.float16 else 3e-2
@@ -50,16 +48,6 @@ def test_matches_a_float32_matmul(m: int, n: int, k: int) -> None:
 @pytest.mark.parametrize("m", [1, 8])
 def test_bias_is_added_per_column(m: int) -> None:
     _check(m, 100, 600, torch.float16, bias=True)
-
-
-@pytest.mark.parametrize("m", [1, 8])
-@pytest.mark.parametrize("tile", [(32, 256, 2, 4, 7), (16, 256, 2, 4, 7), (16, 256, 2, 4, 100)])
-def test_any_grid_of_at_most_block_n_columns_a_program_covers_every_column(
-    m: int, tile: triton_skinny.Tile
-) -> None:
-    """100 columns over 7 programs (14-15 each, in tiles of 32 and 16) or 100 (one each): the
-    balanced one-wave grids plan() gives, where a program's columns do not start at a tile edge."""
-    _check(m, 100, 600, torch.float16, bias=True, tile=tile)
 
 
 @pytest.mark.parametrize("m", [1, 8])
@@ -88,14 +76,11 @@ def _check_gated(m: int, inter: int, k: int, dtype: torch.dtype, tile: triton_sk
 
 
 @pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize(
-    "inter,k,tile",
-    [(48, 600, (32, 256, 2, 4, 3)), (200, 300, (64, 256, 2, 4, 7)), (200, 300, (32, 256, 2, 4, 30))],
-)
+@pytest.mark.parametrize("inter,k,tile", [(48, 600, (32, 256, 2, 4)), (200, 300, (64, 256, 2, 4))])
 def test_gated_gives_silu_of_the_gate_times_the_up_product(
-    m: int, inter: int, k: int, tile: triton_skinny.Tile
+    m: int, inter: int, k: int, tile: tuple[int, int, int, int]
 ) -> None:
-    """Programs of 16 whole columns (48), of 28-29 of 32 (200 over 7), of 6-7 of 16 (200 over 30)."""
+    """Ragged intermediate sizes (48: programs of 16 columns straddle nothing; 200: the last of 32 is cut)."""
     _check_gated(m, inter, k, torch.float16, tile)
 
 
@@ -171,16 +156,16 @@ def test_linear_takes_the_kernel_for_few_rows_of_large_bias_free_weights(
 @pytest.mark.parametrize(
     "n,sms,rows,tile",
     [
-        (3584, 132, 1, (32, 512, 4, 4, 132)),  # Qwen2.5-7B o/down: one wave; 27-28 columns on every SM
-        (3584, 132, 32, (32, 512, 4, 4, 132)),  # one wave: up to 32 rows
-        (37888, 132, 16, (32, 256, 4, 4, 1184)),  # 7B gate_up: 1184 programs in 9 waves (64 wide: 90%)
+        (3584, 132, 1, (32, 512, 4, 4)),  # Qwen2.5-7B o/down: 112 programs, one wave 85% full
+        (3584, 132, 32, (32, 512, 4, 4)),  # one wave: up to 32 rows
+        (37888, 132, 16, (32, 256, 4, 4)),  # 7B gate_up: 1184 programs in 9 waves (64 wide: 90% full)
         (37888, 132, 17, None),  # several waves past 16 rows: cuBLAS
-        (55296, 132, 1, (64, 256, 4, 4, 864)),  # 32B gate_up: 94% full 32 or 64 wide; the wider wins
+        (55296, 132, 1, (64, 256, 4, 4)),  # 32B gate_up: 94% full 32 or 64 wide; the wider wins ties
         (5120, 132, 1, None),  # 32B o/down: 61% full 32 or 64 wide -> cuBLAS
-        (4608, 144, 1, (32, 512, 4, 4, 144)),  # 144 programs of 32 on a GPU with 144 SMs: one wave
+        (4608, 144, 1, (32, 512, 4, 4)),  # 144 programs on a GPU with 144 SMs: exactly one wave
     ],
 )
 def test_plan_takes_the_kernel_only_where_its_waves_fill_the_sms(
-    n: int, sms: int, rows: int, tile: triton_skinny.Tile | None
+    n: int, sms: int, rows: int, tile: tuple[int, int, int, int] | None
 ) -> None:
     assert triton_skinny.plan(n, sms, rows) == tile
