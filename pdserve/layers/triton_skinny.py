@@ -8,10 +8,10 @@ cycled past the L2, bf16; docs/bench/h200/skinny_gemm-rows-16-32-2026-11-30.json
 7B o 9.4 vs 11.1 at 16 rows, 10.4 vs 11.4 at 32; down 35.2 vs 38.9, 37.3 vs 41.2; 32B gate_up 135.1
 vs 143.5 at 16 rows with 64-column programs. Where the programs fill their last wave of SMs poorly
 (32B o/down: 160 programs on 132 SMs) cuBLAS's split-K wins, so plan() leaves those to it. Inside
-the engine (gpu_session.sh skinny, one H200, decode launched ahead): 7B B=1 4.35 -> 4.22 ms, 32B B=1
-18.74 -> 17.73 (on vs off, fifth session); then one-wave grids 4 stages deep instead of 3 7B B=1
-4.21 -> 4.16, B=8 4.48 -> 4.39; 64-column programs on fill ties 32B B=1 17.41 ->
-17.10, B=8 18.16 -> 17.90; one-wave grids up to 32 rows 7B B=32 5.26 -> 5.03 (sixth session).
+the engine (gpu_session.sh skinny, one H200, decode launched ahead, ms): on vs off 7B B=1 4.35 ->
+4.22, 32B B=1 18.74 -> 17.73 (fifth session); sixth session: one-wave grids 4 stages deep instead
+of 3, 7B B=1 4.21 -> 4.16, B=8 4.48 -> 4.39; 64-column programs on fill ties, 32B B=1 17.41 ->
+17.10, B=8 18.16 -> 17.90; one-wave grids up to 32 rows, 7B B=32 5.26 -> 5.03.
 linear.py takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16 weights on CUDA;
 PDSERVE_SKINNY_GEMM=0 turns it off.
 
