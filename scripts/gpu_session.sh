@@ -43,7 +43,7 @@ transfer)
   tail -20 "$OUT/kv_transfer_gpu.log"
   ;;
 sweep)
-  timeout 400 python3 benchmarks/kernel_bench.py --sweep-decode --output "$OUT/decode_sweep.json" \
+  timeout 560 python3 benchmarks/kernel_bench.py --sweep-decode --output "$OUT/decode_sweep.json" \
     >"$OUT/decode_sweep.log" 2>&1
   echo "rc=$?" >>"$OUT/decode_sweep.log"
   grep -E "default|rc=" "$OUT/decode_sweep.log"
