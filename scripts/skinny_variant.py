@@ -6,7 +6,9 @@ VARIANT: off (cuBLAS everywhere), all (every eligible projection, however its pr
 SMs' waves), plan (triton_skinny's own plan()), narrow (plan() with 32-column programs only: before
 2026-11-30's sixth session it never took 64), rows16 (plan() for up to 16 rows of x only, as before
 that session), unfused (plan(), but SiLU * up as its own kernel after the gate_up GEMM, as before
-that session). One process per variant, so an A/B inside one device call compares the same machine.
+that session), cublaslt (plan(), with torch's preferred BLAS library set to cuBLASLt for what the
+kernel leaves to F.linear: at B=128 cuBLAS runs 7B down at ~77% of the copy ceiling plus a split-K
+reduce). One process per variant, so an A/B inside one device call compares the same machine.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import runpy
 import sys
 
+import torch
+
 from pdserve.layers import triton_skinny
 
-VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused"}
+VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt"}
 
 
 def main() -> None:
@@ -32,6 +36,8 @@ def main() -> None:
         triton_skinny.MAX_ROWS = 16
     if variant == "unfused":
         triton_skinny.FUSED_SILU = False
+    if variant == "cublaslt":
+        torch.backends.cuda.preferred_blas_library("cublaslt")
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")
