@@ -8,10 +8,10 @@
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
 #   bash scripts/gpu_session.sh sweep      # one GPU: decode attention tiles and splits around the defaults
 #   bash scripts/gpu_session.sh handoff    # 2x H200: TTFT added by disaggregation, with/without layer streaming
-#   bash scripts/gpu_session.sh skinny [VARIANT] [SHAPES] [BATCHES]  # one GPU (~4 min): the skinny tests,
-#                                           then decode steps, plan() vs VARIANT of scripts/skinny_variant.py
-#                                           (default unfused, 7B and 32B, B=1,8), alternating, 2 rounds;
-#                                           e.g. skinny cublaslt qwen2.5-7b 32,128
+#   bash scripts/gpu_session.sh ab VARIANT [SHAPES] [BATCHES]  # one GPU (~1 min a shape and variant):
+#                                           decode steps, plan vs VARIANT of scripts/engine_variant.py,
+#                                           alternating, 2 rounds (default 7B and 32B, B=1,8); e.g.
+#                                           ab pdl qwen2.5-7b 1,32,128   or   ab cublaslt qwen2.5-7b 32,128
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
@@ -55,17 +55,17 @@ handoff)
   echo "rc=$?" >>"$OUT/handoff_ttft.log"
   tail -8 "$OUT/handoff_ttft.log"
   ;;
-skinny)
-  other=${2:-unfused} shapes=${3:-qwen2.5-7b,qwen2.5-32b} batches=${4:-1,8}
-  timeout 120 python3 -m pytest -q tests/kernels/test_triton_skinny.py >"$OUT/skinny.log" 2>&1
+ab)
+  other=${2:?ab needs a variant of scripts/engine_variant.py} shapes=${3:-qwen2.5-7b,qwen2.5-32b}
+  batches=${4:-1,8}
   for i in 1 2; do
     for variant in plan "$other"; do
-      echo "== $variant" >>"$OUT/skinny.log"
-      timeout 150 python3 scripts/skinny_variant.py "$variant" --shapes "$shapes" --no-prefill \
-        --batches "$batches" --output "$OUT/skinny_${variant}_$i.json" >>"$OUT/skinny.log" 2>&1
+      echo "== $variant" >>"$OUT/ab.log"
+      timeout 150 python3 scripts/engine_variant.py "$variant" --shapes "$shapes" --no-prefill \
+        --batches "$batches" --output "$OUT/ab_${variant}_$i.json" >>"$OUT/ab.log" 2>&1
     done
   done
-  grep -E "passed|failed|==|decode b" "$OUT/skinny.log"
+  grep -E "==|decode b|Error" "$OUT/ab.log"
   ;;
 loop)
   for i in 1 2 3; do

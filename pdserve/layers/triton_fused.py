@@ -18,6 +18,7 @@ import torch
 
 from pdserve.layers.activation import silu_and_mul_torch
 from pdserve.layers.norm import rms_norm_torch
+from pdserve.layers.pdl import launch_options
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 MAX_NORM_COLS = 65536  # one row per program, loaded whole
@@ -26,6 +27,8 @@ SILU_BLOCK = 1024
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from pdserve.layers.pdl import wait_prior
 
     @triton.jit
     def _rms_norm_kernel(  # type: ignore[no-untyped-def]
@@ -42,7 +45,9 @@ if HAS_TRITON:
         eps,
         BLOCK: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        wait_prior(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -58,7 +63,10 @@ if HAS_TRITON:
         tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    def _silu_mul_kernel(  # type: ignore[no-untyped-def]
+        x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+    ):
+        wait_prior(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -101,6 +109,7 @@ def _launch_rms_norm(
             BLOCK=block,
             HAS_RESIDUAL=r2 is not None,
             num_warps=_norm_warps(block),
+            **launch_options(x2),
         )
     return out, res_out
 
@@ -124,7 +133,9 @@ def triton_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], inter), dtype=gate_up.dtype, device=gate_up.device)
     if x2.shape[0]:
         grid = (x2.shape[0], triton.cdiv(inter, SILU_BLOCK))
-        _silu_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4)
+        _silu_mul_kernel[grid](
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4, **launch_options(x2)
+        )
     return out.view(*gate_up.shape[:-1], inter)
 
 

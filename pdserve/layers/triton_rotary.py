@@ -16,11 +16,15 @@ import importlib.util
 
 import torch
 
+from pdserve.layers.pdl import launch_options
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from pdserve.layers.pdl import wait_prior
 
     @triton.jit
     def _rotated(base, heads, dims, mask, stride_h, c, s, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
@@ -78,10 +82,11 @@ if HAS_TRITON:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
         stride_kv, stride_cb, stride_ct, stride_ch,  # cache: K to V, block, token, head
         NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """q rotated in place; k rotated and v copied straight into the cache at the token's slot
         (negative: a padded token, nothing written). k itself is left as it was."""
+        wait_prior(PDL)
         token = tl.program_id(0).to(tl.int64)
         dims = tl.arange(0, BLOCK_HALF)
         dmask = dims < HALF
@@ -151,4 +156,5 @@ def rotary_store_kv(
         NUM_Q_HEADS=num_q, NUM_K_HEADS=k.shape[1], HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])),
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=kv_cache.shape[2], num_warps=4,
+        **launch_options(q),
     )  # fmt: skip

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdserve.engine.host_tensors import to_device
+from pdserve.layers.pdl import launch_options
 from pdserve.layers.sm_count import num_sms
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ _PICK_BLOCK = 64  # chunks the pick kernel reads at least: one compiled variant 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from pdserve.layers.pdl import wait_prior
 
     @triton.jit
     def _keep_better(base, start, end, bits, inv_t, best, best_i, QUARTER: tl.constexpr):  # type: ignore[no-untyped-def]
@@ -57,11 +60,13 @@ if HAS_TRITON:
     def _sample_kernel(  # type: ignore[no-untyped-def]
         logits_ptr, stride_row, inv_temp_ptr, out_ptr, part_score_ptr, part_index_ptr, seed, span,
         num_chunks, VOCAB: tl.constexpr, BLOCK: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """The best (score, index) of one chunk [chunk * span, + span) of one row: the token itself
         when the row is one chunk, else a partial for _pick_chunk_kernel. One Philox call gives four
         numbers, one for each quarter of a block (with a call per number the kernel took 0.125 ms a
         step at 128 rows of a 152k vocabulary, H200); the best is kept per lane, reduced once."""
+        wait_prior(PDL)
         row = tl.program_id(0)
         chunk = tl.program_id(1)
         inv_t = tl.load(inv_temp_ptr + row)  # 0: greedy
@@ -87,9 +92,12 @@ if HAS_TRITON:
             tl.store(part_index_ptr + row * num_chunks + chunk, top_i)
 
     @triton.jit
-    def _pick_chunk_kernel(part_score_ptr, part_index_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr):  # type: ignore[no-untyped-def]
+    def _pick_chunk_kernel(  # type: ignore[no-untyped-def]
+        part_score_ptr, part_index_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False
+    ):
         """Per row, the index of the best chunk's best token (the first chunk of equal scores: the
         lower index, as torch.argmax)."""
+        wait_prior(PDL)
         row = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         scores = tl.load(part_score_ptr + row * num_chunks + c, mask=c < num_chunks, other=float("-inf"))
@@ -171,8 +179,10 @@ def _plain_sample(
     _sample_kernel[(rows, chunks)](
         logits, logits.stride(0), inv_temps, out, scores, indices, seed, span, chunks,
         VOCAB=vocab, BLOCK=block, SINGLE_CHUNK=chunks == 1,
-        num_warps=4,
+        num_warps=4, **launch_options(logits),
     )  # fmt: skip
     if chunks > 1:
         block_c = max(_PICK_BLOCK, triton.next_power_of_2(chunks))
-        _pick_chunk_kernel[(rows,)](scores, indices, out, chunks, BLOCK_C=block_c, num_warps=1)
+        _pick_chunk_kernel[(rows,)](
+            scores, indices, out, chunks, BLOCK_C=block_c, num_warps=1, **launch_options(logits)
+        )

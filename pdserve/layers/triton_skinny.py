@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from pdserve.layers.pdl import launch_options
 from pdserve.layers.sm_count import num_sms
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -45,15 +46,18 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from pdserve.layers.pdl import wait_prior
+
     @triton.jit
     def _skinny_kernel(  # type: ignore[no-untyped-def]
         x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
         HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """y[:, n] = x @ W[n]^T; GATED: W stacks gate over up (2N rows), y[:, n] = SiLU(x @ W[n]^T) *
         (x @ W[N + n]^T), each product rounded to y's dtype first, as silu_and_mul on the GEMM's
         output would see it."""
+        wait_prior(PDL)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -137,7 +141,7 @@ def skinny_linear(
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages, **launch_options(x),
     )  # fmt: skip
     return y
 

@@ -111,3 +111,23 @@ def test_cuda_default_overlaps_and_launches_ahead(model_dir, prompts, reference,
         assert calls and llm.check_pool_free()
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_programmatic_dependent_launch_keeps_greedy_output(
+    model_dir, prompts, reference, device, eager, monkeypatch
+):
+    """PDSERVE_PDL=1 (layers/pdl.py): the decode step's Triton kernels launch while the one before
+    drains and wait for it on the device; the float32 greedy tokens stay transformers' (CUDA only)."""
+    if device != "cuda":
+        pytest.skip("programmatic dependent launch is a CUDA launch attribute")
+    from pdserve import LLM
+    from pdserve.layers import pdl
+
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    llm = LLM(model_dir, device="cuda", dtype="float32", num_blocks=256, enforce_eager=eager)
+    try:
+        assert _greedy(llm, prompts) == reference
+        assert llm.check_pool_free()
+    finally:
+        llm.close()

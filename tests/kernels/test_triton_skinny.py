@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.layers import linear as linear_module
-from pdserve.layers import triton_skinny
+from pdserve.layers import pdl, triton_skinny
 from pdserve.layers.sm_count import num_sms
 
 from .triton_env import CUDA, DEVICE, HAS_TRITON, fix_interpreter, gpu
@@ -90,6 +90,20 @@ def test_gated_gives_silu_of_the_gate_times_the_up_product(
 )
 def test_gated_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
     _check_gated(m, inter, k, torch.bfloat16, triton_skinny.plan(2 * inter, num_sms(torch.device(DEVICE))))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("m", [1, 32])
+def test_programmatic_dependent_launch_gives_the_same_product(
+    m: int, gated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With PDSERVE_PDL=1 the kernel first waits for the one before it (layers/pdl.py): on a GPU each
+    product right after the one it reads; without a GPU PDL stays off and this is the plain path."""
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    if gated:
+        _check_gated(m, 200, 300, torch.float16, (64, 256, 2, 4))
+    else:
+        _check(m, 100, 600, torch.float16)
 
 
 @pytest.mark.gpu

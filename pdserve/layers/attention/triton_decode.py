@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow2
+from pdserve.layers.pdl import launch_options, wait_prior
 from pdserve.layers.sm_count import num_sms
 
 LOG2E = math.log2(math.e)
@@ -38,7 +39,9 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     stride_pb, stride_ph, stride_ps,  # part_out: batch, head, split (dim contiguous); part_lse [b, h, s]
     QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
+    wait_prior(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -93,7 +96,9 @@ def _decode_reduce_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_prior(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
@@ -163,7 +168,7 @@ def paged_decode(
         num_heads * num_splits * head_dim, num_splits * head_dim, head_dim,
         QUERY_GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=kv_cache.shape[2], SINGLE_SPLIT=num_splits == 1, DOT_PRECISION=dot_precision(fp32),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(q),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits(part_out, part_lse, out)
@@ -185,4 +190,5 @@ def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Ten
         BLOCK_D=pow2(head_dim),
         NUM_SPLITS=num_splits,
         num_warps=4,
+        **launch_options(out),
     )

@@ -1,6 +1,6 @@
-"""Run benchmarks/gpu_engine.py with one choice of where the engine takes the Triton skinny GEMM.
+"""Run benchmarks/gpu_engine.py with one variant of the engine's GPU kernels (an A/B's one side).
 
-    python scripts/skinny_variant.py VARIANT [gpu_engine.py arguments]
+    python scripts/engine_variant.py VARIANT [gpu_engine.py arguments]
 
 VARIANT: off (cuBLAS everywhere), all (every eligible projection, however its programs fill the
 SMs' waves), plan (triton_skinny's own plan()), narrow (plan() with 32-column programs only: before
@@ -8,7 +8,8 @@ SMs' waves), plan (triton_skinny's own plan()), narrow (plan() with 32-column pr
 that session), unfused (plan(), but SiLU * up as its own kernel after the gate_up GEMM, as before
 that session), cublaslt (plan(), with torch's preferred BLAS library set to cuBLASLt for what the
 kernel leaves to F.linear: at B=128 cuBLAS runs 7B down at ~77% of the copy ceiling plus a split-K
-reduce). One process per variant, so an A/B inside one device call compares the same machine.
+reduce), pdl (plan(), the decode step's Triton kernels launched with programmatic dependent launch,
+layers/pdl.py). One process per variant, so an A/B inside one device call compares the same machine.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import sys
 
 import torch
 
-from pdserve.layers import triton_skinny
+from pdserve.layers import pdl, triton_skinny
 
-VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt"}
+VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "pdl"}
 
 
 def main() -> None:
@@ -38,6 +39,8 @@ def main() -> None:
         triton_skinny.FUSED_SILU = False
     if variant == "cublaslt":
         torch.backends.cuda.preferred_blas_library("cublaslt")
+    if variant == "pdl":
+        pdl.ENABLED = True
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")
