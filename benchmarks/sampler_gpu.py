@@ -1,6 +1,7 @@
 """Sampling time per decode step on a GPU: what `sampler.sample_later` dispatches to (the plain
-kernel for temperature rows, the truncating kernel for min-p rows, and for top-k / top-p rows the
-torch sort unless PDSERVE_TRUNCATING_KERNEL=1 forces the truncating kernel) against the torch path
+kernel for temperature rows, the same after triton_cut.py's statistics for min-p rows, and for
+top-k / top-p rows the torch sort unless PDSERVE_TRUNCATING_KERNEL=1 takes triton_cut.py's search)
+against the torch path
 alone, at batch 1, 8, 32 and 128 over a 152k vocabulary (Qwen2.5's), bf16 logits.
 
     python3 benchmarks/sampler_gpu.py [--vocab 152064] [--output sampler_gpu.json]

@@ -56,10 +56,11 @@ def warmup_steps(block_size: int, num_blocks: int) -> list[StepInputs]:
 
 
 def warm_sampler(logits: torch.Tensor) -> None:
-    """Compile the one-launch sampling kernels for these logits' vocabulary and dtype: rows split over
-    programs (small batches) and whole (large ones), and the min-p kernel. Top-k/top-p rows take the
-    torch sort unless PDSERVE_TRUNCATING_KERNEL is set, and that kernel is the min-p one."""
-    from pdserve.layers.sampler import RowFilters
+    """Compile the Triton sampling kernels for these logits' vocabulary and dtype: rows split over
+    programs (small batches) and whole (large ones), min-p's floor (triton_cut.py's statistics), and
+    with PDSERVE_TRUNCATING_KERNEL set the top-k/top-p search too (else those rows take the torch
+    sort)."""
+    from pdserve.layers.sampler import TRUNCATING_KERNEL, RowFilters
     from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
     if not HAS_TRITON:
@@ -69,3 +70,5 @@ def warm_sampler(logits: torch.Tensor) -> None:
     triton_sample(logits, temperatures)
     triton_sample(logits, temperatures, chunks=1)
     triton_sample(logits, temperatures, filters=RowFilters([0] * rows, [1.0] * rows, [0.05] * rows))
+    if TRUNCATING_KERNEL:
+        triton_sample(logits, temperatures, filters=RowFilters([50] * rows, [0.9] * rows, [0.0] * rows))

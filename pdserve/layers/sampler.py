@@ -4,7 +4,7 @@ Order per row: penalties (repetition on prompt + output, presence/frequency on o
 masks EOS and stop ids -> greedy argmax, or temperature, top-k, top-p, min-p, then a draw. A request
 with a seed draws from its own generator, so its tokens do not depend on what else is in the batch.
 Logprobs are those of the model's raw distribution. On CUDA, a batch whose rows are all greedy,
-temperature or min-p goes through one Triton launch instead (triton_sampler.py, triton_truncated.py;
+temperature or min-p goes through the Triton sampler instead (triton_sampler.py, triton_cut.py;
 top-k/top-p there too with PDSERVE_TRUNCATING_KERNEL=1). Nothing here waits for the GPU until a
 result is read (PendingSample.wait).
 """
@@ -21,10 +21,10 @@ import torch
 from pdserve.engine.host_tensors import to_device, to_host_later
 from pdserve.engine.request import Logprob, Request
 
-# triton_truncated.py's search for a top-k/top-p cut, measured on an H200 (benchmarks/sampler_gpu.py,
-# docs/performance.md): ~4.4 ms at 8-128 rows of a 152k vocabulary vs 0.8-3.7 ms for the torch sort,
-# so rows with top-k/top-p take the torch path unless PDSERVE_TRUNCATING_KERNEL=1. min-p needs no
-# search: there the kernel is faster at every batch size (0.4-0.5 vs 0.4-0.9 ms) and always used.
+# Rows with top-k/top-p take the torch sort unless PDSERVE_TRUNCATING_KERNEL=1: the first Triton
+# search (one program per row) measured ~4.4 ms at 8-128 rows of a 152k vocabulary on an H200 vs
+# 0.8-3.7 ms for the sort (docs/performance.md); its replacement, triton_cut.py (rows split over
+# programs, a fixed number of passes), is not measured yet. min-p needs no search: always Triton.
 TRUNCATING_KERNEL = os.environ.get("PDSERVE_TRUNCATING_KERNEL", "0") == "1"
 
 
@@ -46,7 +46,7 @@ class PendingSample:
 def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample:
     """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA nothing waits
     until `wait()`: the host can do other work while the GPU finishes the step. Batches whose rows
-    are greedy, temperature or min-p take one Triton launch (triton_sampler.py, triton_truncated.py);
+    are greedy, temperature or min-p take the Triton sampler (triton_sampler.py, triton_cut.py);
     the rest (top-k/top-p too, see TRUNCATING_KERNEL) the torch path, queued the same way."""
     if logits.is_cuda and all(plain_sampling(r) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample

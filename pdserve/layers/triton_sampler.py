@@ -9,9 +9,10 @@ from softmax(logits / T) (the Gumbel-max trick); T = 0 is the plain argmax. Each
 chunks, one program each (enough programs for two waves over the SMs: choose_chunks), which read
 their logits once, in the input dtype, and keep a running best; a second tiny launch picks each row's
 best chunk. The noise is Philox (tl.randint4x, four numbers a call) keyed by a per-call seed and the
-element's (row, index), so the draw does not depend on the chunking. Rows with top-k, top-p or min-p
-go to the truncating kernel of triton_truncated.py (same launch shape, a bisection for the cut
-instead of a sort).
+element's (row, index), so the draw does not depend on the chunking. With top-k, top-p or min-p the
+same kernel keeps only the entries at or above each row's cut and min-p floor, found first by
+triton_cut.py (a search over the rows' keys, rows split over programs the same way, instead of a
+sort).
 
 Like the other Triton modules, sampler.py imports this only for CUDA logits, so a CPU process never
 imports triton unless a test sets TRITON_INTERPRET first.
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from pdserve.layers.sampler import RowFilters
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-_CHUNK_BLOCK = 1024  # vocabulary entries per loop iteration of a chunk (triton_truncated: its BLOCK)
+_CHUNK_BLOCK = 1024  # vocabulary entries per loop iteration of a chunk
 _MIN_CHUNK = 2048  # vocabulary entries a chunk gets at least
 _PICK_BLOCK = 64  # chunks the pick kernel reads at least: one compiled variant for every batch size
 
@@ -42,14 +43,21 @@ if HAS_TRITON:
     import triton.language as tl
 
     from pdserve.layers.pdl import wait_prior
+    from pdserve.layers.triton_cut import ordered_key
 
     @triton.jit
-    def _keep_better(base, start, end, bits, inv_t, best, best_i, QUARTER: tl.constexpr):  # type: ignore[no-untyped-def]
+    def _keep_better(  # type: ignore[no-untyped-def]
+        base, start, end, bits, inv_t, best, best_i, cut, floor, QUARTER: tl.constexpr, HAS_CUT: tl.constexpr
+    ):
         """Entries [start, + QUARTER) of a row (`bits`: their noise) against the running best score
-        and index per lane: a lane sees its entries in rising order and keeps the first maximum."""
+        and index per lane: a lane sees its entries in rising order and keeps the first maximum.
+        HAS_CUT: only entries whose key is >= cut and whose logit is >= floor (triton_cut.py)."""
         offs = start + tl.arange(0, QUARTER)
         mask = offs < end
-        x = tl.load(base + offs, mask=mask, other=-3.0e38).to(tl.float32)  # finite: x * 0 is no NaN
+        raw = tl.load(base + offs, mask=mask, other=-3.0e38)
+        x = raw.to(tl.float32)  # finite where masked: x * 0 is no NaN
+        if HAS_CUT:
+            mask = mask & (ordered_key(raw) >= cut) & (x >= floor)
         u = tl.uint_to_uniform_float(bits)  # [0, 1)
         gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
         score = tl.where(mask, tl.where(inv_t > 0, x * inv_t + gumbel, x), float("-inf"))
@@ -59,8 +67,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["seed", "span", "num_chunks"])
     def _sample_kernel(  # type: ignore[no-untyped-def]
         logits_ptr, stride_row, inv_temp_ptr, out_ptr, part_score_ptr, part_index_ptr, seed, span,
-        num_chunks, VOCAB: tl.constexpr, BLOCK: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
-        PDL: tl.constexpr = False,
+        num_chunks, state_f_ptr, state_k_ptr, VOCAB: tl.constexpr, BLOCK: tl.constexpr,
+        SINGLE_CHUNK: tl.constexpr, HAS_CUT: tl.constexpr = False, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """The best (score, index) of one chunk [chunk * span, + span) of one row: the token itself
         when the row is one chunk, else a partial for _pick_chunk_kernel. One Philox call gives four
@@ -71,6 +79,11 @@ if HAS_TRITON:
         chunk = tl.program_id(1)
         inv_t = tl.load(inv_temp_ptr + row)  # 0: greedy
         base = logits_ptr + row.to(tl.int64) * stride_row
+        cut = tl.full((), 0, tl.int64)
+        floor = tl.full((), 0.0, tl.float32)
+        if HAS_CUT:  # triton_cut.search_cuts' per-row state: keys >= max(lo_p, lo_k), logits >= floor
+            cut = tl.maximum(tl.load(state_k_ptr + 4 * row), tl.load(state_k_ptr + 4 * row + 2))
+            floor = tl.load(state_f_ptr + 3 * row + 2)
         Q: tl.constexpr = BLOCK // 4
         best = tl.full([Q], float("-inf"), tl.float32)
         best_i = tl.zeros([Q], dtype=tl.int32)
@@ -79,10 +92,11 @@ if HAS_TRITON:
         for step in range(0, span, BLOCK):
             start = lo + step  # a multiple of BLOCK: the noise of an entry is the same in any chunking
             n0, n1, n2, n3 = tl.randint4x(seed, row * VOCAB + start // 4 + tl.arange(0, Q))
-            best, best_i = _keep_better(base, start, end, n0, inv_t, best, best_i, Q)
-            best, best_i = _keep_better(base, start + Q, end, n1, inv_t, best, best_i, Q)
-            best, best_i = _keep_better(base, start + 2 * Q, end, n2, inv_t, best, best_i, Q)
-            best, best_i = _keep_better(base, start + 3 * Q, end, n3, inv_t, best, best_i, Q)
+            q1, q2, q3 = start + Q, start + 2 * Q, start + 3 * Q
+            best, best_i = _keep_better(base, start, end, n0, inv_t, best, best_i, cut, floor, Q, HAS_CUT)
+            best, best_i = _keep_better(base, q1, end, n1, inv_t, best, best_i, cut, floor, Q, HAS_CUT)
+            best, best_i = _keep_better(base, q2, end, n2, inv_t, best, best_i, cut, floor, Q, HAS_CUT)
+            best, best_i = _keep_better(base, q3, end, n3, inv_t, best, best_i, cut, floor, Q, HAS_CUT)
         top = tl.max(best, axis=0)
         top_i = tl.min(tl.where(best == top, best_i, VOCAB), axis=0)  # the first index of the maxima
         if SINGLE_CHUNK:
@@ -119,8 +133,8 @@ def triton_sample(
 ) -> torch.Tensor:
     """One token id per row of logits [rows, vocab] (any float dtype, rows contiguous in the last dim):
     argmax for temperature 0, else a draw from softmax(logits / temperature), truncated by `filters`
-    (top-k, top-p, min-p per row: triton_truncated.py) when given. Returns int64 [rows]. `chunks`
-    (plain rows only, a power of two): programs per row, chosen by choose_chunks when None; the draw
+    (top-k, top-p, min-p per row; triton_cut.py finds where they cut first) when given. Returns int64
+    [rows]. `chunks` (a power of two): programs per row, chosen by choose_chunks when None; the draw
     does not depend on it."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1 and len(temperatures) == rows
@@ -134,24 +148,8 @@ def triton_sample(
     if not rows:
         return out
     seed = next_seed() if seed is None else seed
-    if filters is None:
-        _plain_sample(logits, on_device, out, seed, chunks or choose_chunks(rows, vocab, logits.device))
-    else:
-        from pdserve.layers.triton_truncated import BLOCK, CUTS, MAX_PASSES, _truncated_kernel
-
-        _truncated_kernel[(rows,)](
-            logits,
-            logits.stride(0),
-            on_device,
-            rows,
-            out,
-            seed,
-            VOCAB=vocab,
-            BLOCK=min(BLOCK, triton.next_power_of_2(vocab)),  # a [BLOCK, CUTS] tile per iteration
-            CUTS=CUTS,
-            MAX_PASSES=MAX_PASSES,
-            num_warps=8,
-        )
+    chunks = chunks or choose_chunks(rows, vocab, logits.device)
+    _plain_sample(logits, on_device, out, seed, chunks, filters)
     return out
 
 
@@ -167,18 +165,26 @@ def choose_chunks(rows: int, vocab: int, device: torch.device) -> int:
 
 
 def _plain_sample(
-    logits: torch.Tensor, inv_temps: torch.Tensor, out: torch.Tensor, seed: int, chunks: int
-) -> None:
-    """Greedy/temperature rows: grid (rows, chunks), then one pick per row when chunks > 1."""
+    logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor, seed: int, chunks: int,
+    filters: RowFilters | None = None,
+) -> None:  # fmt: skip
+    """Grid (rows, chunks), then one pick per row when chunks > 1. With filters each row's min-p
+    floor, and where top-k/top-p are on their cut, are found first (triton_cut.py; params [4, rows]),
+    else params is 1/T [rows]."""
     rows, vocab = logits.shape
     block = max(4, min(_CHUNK_BLOCK, triton.next_power_of_2(vocab)))  # four quarters of one at least
     span = -(-vocab // (chunks * block)) * block  # whole loop iterations per chunk
     chunks = -(-vocab // span)  # rounding may leave fewer chunks with work; the grid has no empty ones
     scores = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device) if chunks > 1 else out
     indices = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device) if chunks > 1 else out
+    state_f, state_k = (logits, logits)  # unread without filters
+    if filters is not None:
+        from pdserve.layers.triton_cut import search_cuts
+
+        state_f, state_k = search_cuts(logits, params, chunks, span, block, filters.searches())
     _sample_kernel[(rows, chunks)](
-        logits, logits.stride(0), inv_temps, out, scores, indices, seed, span, chunks,
-        VOCAB=vocab, BLOCK=block, SINGLE_CHUNK=chunks == 1,
+        logits, logits.stride(0), params, out, scores, indices, seed, span, chunks, state_f, state_k,
+        VOCAB=vocab, BLOCK=block, SINGLE_CHUNK=chunks == 1, HAS_CUT=filters is not None,
         num_warps=4, **launch_options(logits),
     )  # fmt: skip
     if chunks > 1:

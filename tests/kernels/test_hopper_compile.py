@@ -24,16 +24,32 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 # as the launches in pdserve ask (3: Triton's default where a launch does not say); the decode step's
 # kernels with PDL on (layers/pdl.py: griddepcontrol must compile too)
 KERNELS = {
-    "sample": ("pdserve.layers.triton_sampler", "_sample_kernel",
-               {"logits_ptr": "*bf16", "inv_temp_ptr": "*fp32", "out_ptr": "*i64", "part_score_ptr": "*fp32",
-                "part_index_ptr": "*i32"},
-               {"VOCAB": 152064, "BLOCK": 1024, "SINGLE_CHUNK": False, "PDL": True}, 4, 3),
+    **{f"sample{'_cut' if cut else ''}": (
+        "pdserve.layers.triton_sampler", "_sample_kernel",
+        {"logits_ptr": "*bf16", "inv_temp_ptr": "*fp32", "out_ptr": "*i64", "part_score_ptr": "*fp32",
+         "part_index_ptr": "*i32", "state_f_ptr": "*fp32", "state_k_ptr": "*i64"},
+        {"VOCAB": 152064, "BLOCK": 1024, "SINGLE_CHUNK": False, "HAS_CUT": cut, "PDL": True}, 4, 3)
+        for cut in (False, True)},
+    "cut_stats": ("pdserve.layers.triton_cut", "_stats_kernel",
+                  {"logits_ptr": "*bf16", "params_ptr": "*fp32", "part_f_ptr": "*fp32", "part_k_ptr": "*i64"},
+                  {"VOCAB": 152064, "BLOCK": 1024}, 4, 3),
+    "cut_init": ("pdserve.layers.triton_cut", "_init_kernel",
+                 {"params_ptr": "*fp32", "part_f_ptr": "*fp32", "part_k_ptr": "*i64", "state_f_ptr": "*fp32",
+                  "state_k_ptr": "*i64"},
+                 {"VOCAB": 152064, "BLOCK_C": 64}, 4, 3),
+    **{f"cut_count_{dtype[1:]}": (
+        "pdserve.layers.triton_cut", "_count_kernel",
+        {"logits_ptr": dtype, "params_ptr": "*fp32", "state_f_ptr": "*fp32", "state_k_ptr": "*i64",
+         "part_mass_ptr": "*fp32", "part_count_ptr": "*i32"},
+        {"VOCAB": 152064, "BLOCK": 256, "CUTS": 16}, 4, 3)
+        for dtype in ("*bf16", "*fp32")},
+    "cut_narrow": ("pdserve.layers.triton_cut", "_narrow_kernel",
+                   {"params_ptr": "*fp32", "state_f_ptr": "*fp32", "state_k_ptr": "*i64",
+                    "part_mass_ptr": "*fp32", "part_count_ptr": "*i32"},
+                   {"BLOCK_C": 64, "CUTS": 16}, 4, 3),
     "sample_pick": ("pdserve.layers.triton_sampler", "_pick_chunk_kernel",
                     {"part_score_ptr": "*fp32", "part_index_ptr": "*i32", "out_ptr": "*i64"},
                     {"BLOCK_C": 64, "PDL": True}, 1, 3),
-    "truncated": ("pdserve.layers.triton_truncated", "_truncated_kernel",
-                  {"logits_ptr": "*bf16", "params_ptr": "*fp32", "out_ptr": "*i64"},
-                  {"VOCAB": 152064, "BLOCK": 1024, "CUTS": 16, "MAX_PASSES": 12}, 8, 3),
     "rotary": ("pdserve.layers.triton_rotary", "_rotary_kernel",
                {"q_ptr": "*bf16", "k_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32",
                 "sin_ptr": "*fp32"},

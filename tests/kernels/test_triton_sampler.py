@@ -171,7 +171,7 @@ def test_truncation_across_blocks_and_greedy_rows_in_the_same_batch() -> None:
         (SamplingParams(temperature=0.0), True),
         (SamplingParams(temperature=0.8), True),
         (SamplingParams(top_k=-1, top_p=1.0), True),
-        (SamplingParams(top_k=5), True),  # the truncating kernel (triton_truncated.py)
+        (SamplingParams(top_k=5), True),  # its cut searched first (triton_cut.py)
         (SamplingParams(top_p=0.9), True),
         (SamplingParams(min_p=0.1), True),
         (SamplingParams(seed=3), False),
@@ -274,10 +274,16 @@ def test_sampling_is_queued_without_waiting_for_the_gpu(params: SamplingParams) 
         assert all(r.logprob is not None and r.logprob.top[0][0] == 7 for r in results)
 
 
-def test_warm_sampler_launches_every_variant_serving_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("searching", [False, True], ids=["default", "truncating-kernel"])
+def test_warm_sampler_launches_every_variant_serving_takes(
+    monkeypatch: pytest.MonkeyPatch, searching: bool
+) -> None:
     """What a GPU runner runs at start (engine/warmup.py) on its warm-up logits: rows split over
-    programs, whole rows, and the min-p kernel; each a real launch that draws valid tokens."""
+    programs, whole rows, min-p, and with PDSERVE_TRUNCATING_KERNEL the top-k/top-p search; each a
+    real launch that draws valid tokens."""
     from pdserve.engine.warmup import warm_sampler
+
+    monkeypatch.setattr(sampler, "TRUNCATING_KERNEL", searching)
 
     calls, real = [], triton_sampler.triton_sample
 
@@ -288,5 +294,7 @@ def test_warm_sampler_launches_every_variant_serving_takes(monkeypatch: pytest.M
 
     monkeypatch.setattr(triton_sampler, "triton_sample", recorded)
     warm_sampler(torch.randn(2, 9000, device=DEVICE))
-    assert [(c, f) for c, f, _ in calls] == [(None, False), (1, False), (None, True)]
+    assert [(c, f) for c, f, _ in calls] == [(None, False), (1, False), (None, True)] + [
+        (None, True)
+    ] * searching
     assert all(0 <= t < 9000 for _, _, drawn in calls for t in drawn)

@@ -1,0 +1,87 @@
+"""The top-k/top-p cut search (layers/triton_cut.py) against the definition, row by row: a token is
+kept iff fewer than k tokens have a larger logit and the probability mass of those with a larger
+logit is below p. Ties at the cut are all kept by both. Checked for fp16 (many ties) and fp32 rows,
+every way of splitting rows over programs, greedy rows and -inf entries.
+
+On CUDA the cases run on the GPU; without CUDA under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .triton_env import CUDA, DEVICE, HAS_TRITON, fix_interpreter
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_ready() -> None:
+    if not CUDA:
+        fix_interpreter()
+
+
+def _keys(logits: torch.Tensor) -> torch.Tensor:
+    """The ordered integer keys triton_cut.ordered_key gives, computed on the host."""
+    if logits.dtype == torch.float32:
+        bits = logits.view(torch.int32).long()
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    bits = logits.view(torch.int16).long()
+    return bits ^ ((bits >> 15) & 0x7FFF)
+
+
+def _wanted(row: torch.Tensor, temp: float, k: int, p: float) -> torch.Tensor:
+    """Kept tokens by the definition, in float64; None where a token's mass above lies within
+    rounding of p (either answer is right there)."""
+    z = row.double() / temp
+    probs = z.softmax(-1)
+    larger = z[None, :] > z[:, None]  # [i, j]: z_j > z_i
+    mass_above = (larger * probs[None, :]).sum(-1)
+    count_above = larger.sum(-1)
+    assert ((mass_above - p).abs() > 1e-5).all() or p >= 1.0, "a boundary within rounding"
+    return (mass_above < p) & (count_above < k)
+
+
+def _search(logits: torch.Tensor, temps: list[float], ks: list[int], ps: list[float], chunks: int):
+    from pdserve.layers.triton_cut import search_cuts
+
+    rows, vocab = logits.shape
+    block = 256
+    span = -(-vocab // (chunks * block)) * block
+    chunks = -(-vocab // span)
+    params = [1.0 / t if t > 0 else 0.0 for t in temps] + [float(k or vocab) for k in ks] + ps + [0.0] * rows
+    state_f, state_k = search_cuts(logits, torch.tensor(params, device=logits.device), chunks, span, block)
+    cut = torch.maximum(state_k[:, 0], state_k[:, 2]).cpu()
+    return _keys(logits.cpu()) >= cut[:, None], state_f.cpu()
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_kept_tokens_are_the_definitions(chunks: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(chunks)
+    vocab = 2000
+    logits = (torch.randn(5, vocab) * 3).to(dtype)
+    logits[1, :40] += 9.0  # a peaked row: the cut lies among few tokens
+    logits[2, 100:300] = float("-inf")  # banned entries
+    temps, ks, ps = [0.7, 1.0, 1.3, 0.9, 1.0], [0, 7, 0, 300, 1], [0.9, 1.0, 0.5, 0.95, 1.0]
+    kept, _ = _search(logits.to(DEVICE), temps, ks, ps, chunks)
+    for r in range(5):
+        want = _wanted(logits[r], temps[r], ks[r] or vocab, ps[r])
+        assert torch.equal(kept[r], want), (r, int(kept[r].sum()), int(want.sum()))
+
+
+def test_greedy_rows_and_rows_without_filters_keep_every_token() -> None:
+    logits = torch.randn(3, 700)
+    kept, state = _search(logits.to(DEVICE), [0.0, 1.0, 0.0], [5, 0, 0], [0.5, 1.0, 1.0], 2)
+    assert kept[torch.isfinite(logits)].all()
+    assert torch.allclose(state[:, 0], logits.max(-1).values)
+    assert torch.allclose(state[1, 1], (logits[1] - logits[1].max()).exp().sum(), rtol=1e-4)
+
+
+def test_ties_at_the_cut_are_all_kept() -> None:
+    logits = torch.zeros(1, 600)
+    logits[0, :3] = 2.0
+    logits[0, 3:13] = 1.0  # ten tokens tied where top-k = 5 cuts
+    kept, _ = _search(logits.to(DEVICE), [1.0], [5], [1.0], 2)
+    assert kept[0, :13].all() and not kept[0, 13:].any()
