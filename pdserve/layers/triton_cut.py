@@ -14,8 +14,8 @@ holds one key skips the rest. Before the passes one launch per chunk and one per
 max logit, softmax sum and key range. Ties at the cut are all kept (torch's sort breaks them in some
 order; both draw from the same law).
 
-min-p keeps logits >= max + T log(min_p) (p_i >= min_p * p_max), a floor found with the statistics,
-no search. The draw itself is triton_sampler's plain kernel with the cut and the floor as per-row
+min-p keeps z >= max z + log(min_p) (p_i >= min_p * p_max), a floor found with the statistics, no
+search. The draw itself is triton_sampler's plain kernel with the cut and the floor as per-row
 bounds, so its noise is keyed by (row, index) as for plain rows. The torch path sorts every row:
 ~3.6 ms a decode step at 128 rows of a 152k vocabulary on an H200; this path is 2 + 2 x passes
 launches of small grids (2 for min-p alone). Not yet measured on a GPU (it replaces a kernel with one
@@ -89,7 +89,7 @@ def _init_kernel(  # type: ignore[no-untyped-def]
     params_ptr, rows, part_f_ptr, part_k_ptr, num_chunks, state_f_ptr, state_k_ptr,
     VOCAB: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Per row: max, softmax sum and min-p's logit floor (state_f), and each search's interval
+    """Per row: max logit, softmax sum and min-p's floor on z (state_f), and each search's interval
     [lo, hi) of keys (state_k: lo_p, hi_p, lo_k, hi_k); a search that is off starts done."""
     row = tl.program_id(0)
     inv_t = tl.load(params_ptr + row)
@@ -107,7 +107,7 @@ def _init_kernel(  # type: ignore[no-untyped-def]
     k_min = tl.min(tl.load(part_k_ptr + 2 * at, mask=here, other=_ALL_KEYS), axis=0)
     k_max = tl.max(tl.load(part_k_ptr + 2 * at + 1, mask=here, other=_NO_KEY), axis=0)
     sampling = inv_t > 0
-    floor = tl.where(sampling & (min_p > 0), x_max + tl.log(tl.maximum(min_p, 1e-30)) / scale, _FLOOR)
+    floor = tl.where(sampling & (min_p > 0), x_max * scale + tl.log(tl.maximum(min_p, 1e-30)), _FLOOR)
     tl.store(state_f_ptr + 3 * row, x_max)
     tl.store(state_f_ptr + 3 * row + 1, total)
     tl.store(state_f_ptr + 3 * row + 2, floor)
@@ -217,8 +217,8 @@ def search_cuts(
     """Queue the search for logits [rows, vocab] (params: [4, rows] float32 = 1/T (0: greedy), k
     (vocab: off), p (1: off), min_p) over `chunks` programs a row of `span` entries each; without
     `search` (no row has top-k or top-p) only the statistics min-p needs. Returns the per-row state
-    the draw reads: float32 [rows, 3] (max, softmax sum, min-p floor) and int64 [rows, 4] (lo_p,
-    hi_p, lo_k, hi_k: the kept keys are those >= max(lo_p, lo_k))."""
+    the draw reads: float32 [rows, 3] (max logit, softmax sum, min-p's floor on z = logits / T) and
+    int64 [rows, 4] (lo_p, hi_p, lo_k, hi_k: the kept keys are those >= max(lo_p, lo_k))."""
     rows, vocab = logits.shape
     dev = logits.device
     part_f = torch.empty((rows, chunks, 2), dtype=torch.float32, device=dev)

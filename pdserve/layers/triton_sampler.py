@@ -51,13 +51,13 @@ if HAS_TRITON:
     ):
         """Entries [start, + QUARTER) of a row (`bits`: their noise) against the running best score
         and index per lane: a lane sees its entries in rising order and keeps the first maximum.
-        HAS_CUT: only entries whose key is >= cut and whose logit is >= floor (triton_cut.py)."""
+        HAS_CUT: only entries whose key is >= cut and whose logit / T is >= floor (triton_cut.py)."""
         offs = start + tl.arange(0, QUARTER)
         mask = offs < end
         raw = tl.load(base + offs, mask=mask, other=-3.0e38)
         x = raw.to(tl.float32)  # finite where masked: x * 0 is no NaN
         if HAS_CUT:
-            mask = mask & (ordered_key(raw) >= cut) & (x >= floor)
+            mask = mask & (ordered_key(raw) >= cut) & (x * inv_t >= floor)
         u = tl.uint_to_uniform_float(bits)  # [0, 1)
         gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
         score = tl.where(mask, tl.where(inv_t > 0, x * inv_t + gumbel, x), float("-inf"))
@@ -81,7 +81,7 @@ if HAS_TRITON:
         base = logits_ptr + row.to(tl.int64) * stride_row
         cut = tl.full((), 0, tl.int64)
         floor = tl.full((), 0.0, tl.float32)
-        if HAS_CUT:  # triton_cut.search_cuts' per-row state: keys >= max(lo_p, lo_k), logits >= floor
+        if HAS_CUT:  # triton_cut.search_cuts' per-row state: keys >= max(lo_p, lo_k), z >= floor
             cut = tl.maximum(tl.load(state_k_ptr + 4 * row), tl.load(state_k_ptr + 4 * row + 2))
             floor = tl.load(state_f_ptr + 3 * row + 2)
         Q: tl.constexpr = BLOCK // 4

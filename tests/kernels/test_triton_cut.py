@@ -43,14 +43,17 @@ def _wanted(row: torch.Tensor, temp: float, k: int, p: float) -> torch.Tensor:
     return (mass_above < p) & (count_above < k)
 
 
-def _search(logits: torch.Tensor, temps: list[float], ks: list[int], ps: list[float], chunks: int):
+def _search(
+    logits: torch.Tensor, temps: list[float], ks: list[int], ps: list[float], chunks: int, min_ps=None
+):
     from pdserve.layers.triton_cut import search_cuts
 
     rows, vocab = logits.shape
     block = 256
     span = -(-vocab // (chunks * block)) * block
     chunks = -(-vocab // span)
-    params = [1.0 / t if t > 0 else 0.0 for t in temps] + [float(k or vocab) for k in ks] + ps + [0.0] * rows
+    params = [1.0 / t if t > 0 else 0.0 for t in temps] + [float(k or vocab) for k in ks] + ps
+    params += min_ps or [0.0] * rows
     state_f, state_k = search_cuts(logits, torch.tensor(params, device=logits.device), chunks, span, block)
     cut = torch.maximum(state_k[:, 0], state_k[:, 2]).cpu()
     return _keys(logits.cpu()) >= cut[:, None], state_f.cpu()
@@ -85,3 +88,11 @@ def test_ties_at_the_cut_are_all_kept() -> None:
     logits[0, 3:13] = 1.0  # ten tokens tied where top-k = 5 cuts
     kept, _ = _search(logits.to(DEVICE), [1.0], [5], [1.0], 2)
     assert kept[0, :13].all() and not kept[0, 13:].any()
+
+
+def test_min_p_floors_are_on_z_and_greedy_rows_have_none() -> None:
+    logits = torch.randn(3, 500)
+    temps = [0.5, 0.0, 1.0]
+    _, state = _search(logits.to(DEVICE), temps, [0, 0, 0], [1.0, 1.0, 1.0], 2, [0.1, 0.1, 0.0])
+    assert torch.allclose(state[0, 2], logits[0].max() / 0.5 + torch.tensor(0.1).log())
+    assert state[1, 2] < -1e38 and state[2, 2] < -1e38  # greedy; min-p off
