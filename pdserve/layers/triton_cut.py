@@ -11,8 +11,8 @@ over the softmax sum). Every pass splits each row's interval of candidate keys 1
 over (row, chunk) programs counts and sums above the 16 inner points, a launch per row keeps the
 piece where the test turns. A 16-bit key range needs 4 passes, a 32-bit one 8; a row whose interval
 holds one key skips the rest. Before the passes one launch per chunk and one per row find each row's
-max logit, softmax sum and key range. Ties at the cut are all kept (torch's sort breaks them in some
-order; both draw from the same law).
+max logit, softmax sum and key range. Tokens tied at the cut are all kept (torch's sort keeps those
+it happened to order first).
 
 min-p keeps z >= max z + log(min_p) (p_i >= min_p * p_max), a floor found with the statistics, no
 search. The draw itself is triton_sampler's plain kernel with the cut and the floor as per-row
