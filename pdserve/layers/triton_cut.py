@@ -138,20 +138,22 @@ def _points(lo, hi, CUTS: tl.constexpr):  # type: ignore[no-untyped-def]
 def _count_kernel(  # type: ignore[no-untyped-def]
     logits_ptr, stride_row, params_ptr, state_f_ptr, state_k_ptr, part_mass_ptr, part_count_ptr,
     span, num_chunks, VOCAB: tl.constexpr, BLOCK: tl.constexpr, CUTS: tl.constexpr,
+    TOP_P: tl.constexpr, TOP_K: tl.constexpr,
 ):  # fmt: skip
     """Per (row, chunk): the mass at or above each of top-p's points and the count at or above each
-    of top-k's, summed over the chunk's entries -> the partials of this pass."""
+    of top-k's, summed over the chunk's entries -> the partials of this pass (TOP_P / TOP_K: whether
+    any row of the batch searches that cut; the other partial is neither computed nor written)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     lo_p, hi_p, lo_k, hi_k = _intervals(state_k_ptr, row)
     if (hi_p - lo_p > 1) | (hi_k - lo_k > 1):  # else both searches are done: nothing is read
         inv_t = tl.load(params_ptr + row)
         scale = tl.where(inv_t > 0, inv_t, 1.0)
-        x_max = tl.load(state_f_ptr + 3 * row)
         points_p, _ = _points(lo_p, hi_p, CUTS)
         points_k, _ = _points(lo_k, hi_k, CUTS)
         mass = tl.zeros([CUTS], tl.float32)
         count = tl.zeros([CUTS], tl.int32)
+        x_max = tl.load(state_f_ptr + 3 * row)
         base = logits_ptr + row.to(tl.int64) * stride_row
         lo = chunk * span
         end = tl.minimum(lo + span, VOCAB)
@@ -160,12 +162,17 @@ def _count_kernel(  # type: ignore[no-untyped-def]
             mask = offs < end
             raw = tl.load(base + offs, mask=mask, other=0.0)
             key = tl.where(mask, ordered_key(raw), _NO_KEY)
-            e = tl.where(mask, tl.exp((tl.maximum(raw.to(tl.float32), _FLOOR) - x_max) * scale), 0.0)
-            mass += tl.sum(tl.where(key[:, None] >= points_p[None, :], e[:, None], 0.0), axis=0)
-            count += tl.sum((key[:, None] >= points_k[None, :]).to(tl.int32), axis=0)
+            if TOP_P:
+                x = tl.maximum(raw.to(tl.float32), _FLOOR)
+                e = tl.where(mask, tl.exp((x - x_max) * scale), 0.0)
+                mass += tl.sum(tl.where(key[:, None] >= points_p[None, :], e[:, None], 0.0), axis=0)
+            if TOP_K:
+                count += tl.sum((key[:, None] >= points_k[None, :]).to(tl.int32), axis=0)
         at = (row * num_chunks + chunk) * CUTS + tl.arange(0, CUTS)
-        tl.store(part_mass_ptr + at, mass)
-        tl.store(part_count_ptr + at, count)
+        if TOP_P:
+            tl.store(part_mass_ptr + at, mass)
+        if TOP_K:
+            tl.store(part_count_ptr + at, count)
 
 
 @triton.jit
@@ -184,22 +191,25 @@ def _narrowed(lo, hi, reached, CUTS: tl.constexpr):  # type: ignore[no-untyped-d
 @triton.jit(do_not_specialize=["rows", "num_chunks"])
 def _narrow_kernel(  # type: ignore[no-untyped-def]
     params_ptr, rows, state_f_ptr, state_k_ptr, part_mass_ptr, part_count_ptr, num_chunks,
-    BLOCK_C: tl.constexpr, CUTS: tl.constexpr,
+    BLOCK_C: tl.constexpr, CUTS: tl.constexpr, TOP_P: tl.constexpr, TOP_K: tl.constexpr,
 ):  # fmt: skip
-    """Per row: this pass's sums over the chunks, and each live interval narrowed to one piece."""
+    """Per row: this pass's sums over the chunks, and each live interval narrowed to one piece (a
+    search no row of the batch makes was never live)."""
     row = tl.program_id(0)
     lo_p, hi_p, lo_k, hi_k = _intervals(state_k_ptr, row)
     if (hi_p - lo_p > 1) | (hi_k - lo_k > 1):  # else the count kernel wrote nothing for this row
         c = tl.arange(0, BLOCK_C)
         at = (row * num_chunks + c)[:, None] * CUTS + tl.arange(0, CUTS)[None, :]
         here = (c < num_chunks)[:, None]
-        mass = tl.sum(tl.load(part_mass_ptr + at, mask=here, other=0.0), axis=0)
-        count = tl.sum(tl.load(part_count_ptr + at, mask=here, other=0), axis=0)
-        top_p = tl.load(params_ptr + 2 * rows + row)
-        k = tl.load(params_ptr + rows + row)
-        total = tl.load(state_f_ptr + 3 * row + 1)
-        lo_p, hi_p = _narrowed(lo_p, hi_p, mass >= top_p * total, CUTS)
-        lo_k, hi_k = _narrowed(lo_k, hi_k, count.to(tl.float32) >= k, CUTS)
+        if TOP_P:
+            mass = tl.sum(tl.load(part_mass_ptr + at, mask=here, other=0.0), axis=0)
+            top_p = tl.load(params_ptr + 2 * rows + row)
+            total = tl.load(state_f_ptr + 3 * row + 1)
+            lo_p, hi_p = _narrowed(lo_p, hi_p, mass >= top_p * total, CUTS)
+        if TOP_K:
+            count = tl.sum(tl.load(part_count_ptr + at, mask=here, other=0), axis=0)
+            k = tl.load(params_ptr + rows + row)
+            lo_k, hi_k = _narrowed(lo_k, hi_k, count.to(tl.float32) >= k, CUTS)
         tl.store(state_k_ptr + 4 * row, lo_p)
         tl.store(state_k_ptr + 4 * row + 1, hi_p)
         tl.store(state_k_ptr + 4 * row + 2, lo_k)
@@ -212,13 +222,15 @@ def passes(dtype: torch.dtype) -> int:
 
 
 def search_cuts(
-    logits: torch.Tensor, params: torch.Tensor, chunks: int, span: int, block: int, search: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, params: torch.Tensor, chunks: int, span: int, block: int,
+    top_p: bool = True, top_k: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Queue the search for logits [rows, vocab] (params: [4, rows] float32 = 1/T (0: greedy), k
-    (vocab: off), p (1: off), min_p) over `chunks` programs a row of `span` entries each; without
-    `search` (no row has top-k or top-p) only the statistics min-p needs. Returns the per-row state
-    the draw reads: float32 [rows, 3] (max logit, softmax sum, min-p's floor on z = logits / T) and
-    int64 [rows, 4] (lo_p, hi_p, lo_k, hi_k: the kept keys are those >= max(lo_p, lo_k))."""
+    (vocab: off), p (1: off), min_p) over `chunks` programs a row of `span` entries each. top_p /
+    top_k: whether any row has that filter; with neither, only the statistics min-p needs. Returns
+    the per-row state the draw reads: float32 [rows, 3] (max logit, softmax sum, min-p's floor on
+    z = logits / T) and int64 [rows, 4] (lo_p, hi_p, lo_k, hi_k: the kept keys are those >=
+    max(lo_p, lo_k))."""
     rows, vocab = logits.shape
     dev = logits.device
     part_f = torch.empty((rows, chunks, 2), dtype=torch.float32, device=dev)
@@ -235,9 +247,10 @@ def search_cuts(
     part_mass = torch.empty((rows, chunks, CUTS), dtype=torch.float32, device=dev)
     part_count = torch.empty((rows, chunks, CUTS), dtype=torch.int32, device=dev)
     count_block = min(block, COUNT_BLOCK)  # divides span; [COUNT_BLOCK, CUTS] tiles stay in registers
-    for _ in range(passes(logits.dtype) if search else 0):
+    for _ in range(passes(logits.dtype) if top_p or top_k else 0):
         _count_kernel[grid](logits, logits.stride(0), params, state_f, state_k, part_mass, part_count,
-                            span, chunks, VOCAB=vocab, BLOCK=count_block, CUTS=CUTS)  # fmt: skip
+                            span, chunks, VOCAB=vocab, BLOCK=count_block, CUTS=CUTS, TOP_P=top_p,
+                            TOP_K=top_k)  # fmt: skip
         _narrow_kernel[(rows,)](params, rows, state_f, state_k, part_mass, part_count, chunks,
-                                BLOCK_C=block_c, CUTS=CUTS)  # fmt: skip
+                                BLOCK_C=block_c, CUTS=CUTS, TOP_P=top_p, TOP_K=top_k)  # fmt: skip
     return state_f, state_k

@@ -181,7 +181,8 @@ def _plain_sample(
     if filters is not None:
         from pdserve.layers.triton_cut import search_cuts
 
-        state_f, state_k = search_cuts(logits, params, chunks, span, block, filters.searches())
+        top_p, top_k = any(p < 1.0 for p in filters.top_p), any(k > 0 for k in filters.top_k)
+        state_f, state_k = search_cuts(logits, params, chunks, span, block, top_p, top_k)
     _sample_kernel[(rows, chunks)](
         logits, logits.stride(0), params, out, scores, indices, seed, span, chunks, state_f, state_k,
         VOCAB=vocab, BLOCK=block, SINGLE_CHUNK=chunks == 1, HAS_CUT=filters is not None,

@@ -41,12 +41,12 @@ KERNELS = {
         "pdserve.layers.triton_cut", "_count_kernel",
         {"logits_ptr": dtype, "params_ptr": "*fp32", "state_f_ptr": "*fp32", "state_k_ptr": "*i64",
          "part_mass_ptr": "*fp32", "part_count_ptr": "*i32"},
-        {"VOCAB": 152064, "BLOCK": 256, "CUTS": 16}, 4, 3)
+        {"VOCAB": 152064, "BLOCK": 256, "CUTS": 16, "TOP_P": True, "TOP_K": True}, 4, 3)
         for dtype in ("*bf16", "*fp32")},
     "cut_narrow": ("pdserve.layers.triton_cut", "_narrow_kernel",
                    {"params_ptr": "*fp32", "state_f_ptr": "*fp32", "state_k_ptr": "*i64",
                     "part_mass_ptr": "*fp32", "part_count_ptr": "*i32"},
-                   {"BLOCK_C": 64, "CUTS": 16}, 4, 3),
+                   {"BLOCK_C": 64, "CUTS": 16, "TOP_P": True, "TOP_K": True}, 4, 3),
     "sample_pick": ("pdserve.layers.triton_sampler", "_pick_chunk_kernel",
                     {"part_score_ptr": "*fp32", "part_index_ptr": "*i32", "out_ptr": "*i64"},
                     {"BLOCK_C": 64, "PDL": True}, 1, 3),

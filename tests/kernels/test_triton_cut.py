@@ -54,7 +54,9 @@ def _search(
     chunks = -(-vocab // span)
     params = [1.0 / t if t > 0 else 0.0 for t in temps] + [float(k or vocab) for k in ks] + ps
     params += min_ps or [0.0] * rows
-    state_f, state_k = search_cuts(logits, torch.tensor(params, device=logits.device), chunks, span, block)
+    top_p, top_k = any(p < 1.0 for p in ps), any(k > 0 for k in ks)  # as triton_sampler asks
+    on_device = torch.tensor(params, device=logits.device)
+    state_f, state_k = search_cuts(logits, on_device, chunks, span, block, top_p, top_k)
     cut = torch.maximum(state_k[:, 0], state_k[:, 2]).cpu()
     return _keys(logits.cpu()) >= cut[:, None], state_f.cpu()
 
@@ -72,6 +74,16 @@ def test_the_kept_tokens_are_the_definitions(chunks: int, dtype: torch.dtype) ->
     for r in range(5):
         want = _wanted(logits[r], temps[r], ks[r] or vocab, ps[r])
         assert torch.equal(kept[r], want), (r, int(kept[r].sum()), int(want.sum()))
+
+
+@pytest.mark.parametrize("only", ["top_p", "top_k"])
+def test_a_batch_with_one_kind_of_cut_searches_only_that_one(only: str) -> None:
+    torch.manual_seed(7)
+    logits = (torch.randn(3, 900) * 2).to(torch.float16)
+    ks, ps = ([0, 0, 0], [0.6, 0.9, 1.0]) if only == "top_p" else ([3, 40, 0], [1.0, 1.0, 1.0])
+    kept, _ = _search(logits.to(DEVICE), [1.0, 0.8, 1.0], ks, ps, 2)
+    for r in range(3):
+        assert torch.equal(kept[r], _wanted(logits[r], [1.0, 0.8, 1.0][r], ks[r] or 900, ps[r])), r
 
 
 def test_greedy_rows_and_rows_without_filters_keep_every_token() -> None:
