@@ -12,6 +12,7 @@
 #                                           decode steps, plan vs VARIANT of scripts/engine_variant.py,
 #                                           alternating, 2 rounds (default 7B and 32B, B=1,8); e.g.
 #                                           ab pdl qwen2.5-7b 1,32,128   or   ab cublaslt qwen2.5-7b 32,128
+#   bash scripts/gpu_session.sh next       # one H200 (~8 min): engine, then ab pdl and ab cublaslt on 7B
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
@@ -60,12 +61,17 @@ ab)
   batches=${4:-1,8}
   for i in 1 2; do
     for variant in plan "$other"; do
-      echo "== $variant" >>"$OUT/ab.log"
+      echo "== $variant" >>"$OUT/ab_$other.log"
       timeout 150 python3 scripts/engine_variant.py "$variant" --shapes "$shapes" --no-prefill \
-        --batches "$batches" --output "$OUT/ab_${variant}_$i.json" >>"$OUT/ab.log" 2>&1
+        --batches "$batches" --output "$OUT/ab_${other}_${variant}_$i.json" >>"$OUT/ab_$other.log" 2>&1
     done
   done
-  grep -E "==|decode b|Error" "$OUT/ab.log"
+  grep -E "==|decode b|Error" "$OUT/ab_$other.log"
+  ;;
+next)  # one H200, ~8 min: the sixth session's unmeasured changes, after `tests` passed on x2
+  bash "$0" engine
+  bash "$0" ab pdl qwen2.5-7b 1,32,128
+  bash "$0" ab cublaslt qwen2.5-7b 32,128
   ;;
 loop)
   for i in 1 2 3; do
