@@ -15,6 +15,8 @@ was measured faster (triton_skinny.py; PDSERVE_SKINNY_GEMM=0 turns it off).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,31 +26,50 @@ from pdserve.distributed.sharding import split
 from pdserve.distributed.weights import ParamShard, copy_full_rows, set_shard
 from pdserve.layers.activation import silu_and_mul
 
+if TYPE_CHECKING:
+    from pdserve.layers.triton_skinny import Tile
+
 RowSlice = tuple[int, int, int]  # (full rows, first row this rank holds, rows it holds)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias): F.linear, or triton_skinny's kernel where tile_for gives a tile."""
-    if x.is_cuda:
-        from pdserve.layers import triton_skinny  # CUDA only: a CPU process never imports triton
-
-        tile = triton_skinny.tile_for(x, weight, bias)
-        if tile is not None:
-            return triton_skinny.skinny_linear(x, weight, tile=tile)
-    return F.linear(x, weight, bias)
+    return _product(x, weight, bias, _skinny_tile(x, weight, bias))
 
 
 def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """SiLU(x @ gate^T) * (x @ up^T) for weight = gate stacked over up: one skinny-GEMM launch where
     tile_for gives a wide enough tile (the activation in its epilogue), else the GEMM then
     silu_and_mul."""
-    if x.is_cuda:
-        from pdserve.layers import triton_skinny  # CUDA only: a CPU process never imports triton
+    tile = _skinny_tile(x, weight, None)
+    if tile is not None:
+        from pdserve.layers import triton_skinny
 
-        tile = triton_skinny.tile_for(x, weight, None)
-        if tile is not None and triton_skinny.FUSED_SILU and tile[0] >= triton_skinny.FUSED_MIN_WIDTH:
+        if triton_skinny.FUSED_SILU and tile[0] >= triton_skinny.FUSED_MIN_WIDTH:
             return triton_skinny.skinny_linear(x, weight, tile=tile, gated=True)
-    return silu_and_mul(linear(x, weight))
+    return silu_and_mul(_product(x, weight, None, tile))
+
+
+def _skinny_tile(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Tile | None:
+    """triton_skinny's tile for this product, or None (F.linear); CPU tensors never import triton."""
+    if not x.is_cuda:
+        return None
+    from pdserve.layers import triton_skinny
+
+    return triton_skinny.tile_for(x, weight, bias)
+
+
+def _product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile | None
+) -> torch.Tensor:
+    """x @ weight^T (+ bias) with the skinny kernel's `tile` (given for bias-free weights only), or
+    F.linear without one."""
+    if tile is None:
+        return F.linear(x, weight, bias)
+    from pdserve.layers import triton_skinny
+
+    assert bias is None
+    return triton_skinny.skinny_linear(x, weight, tile=tile)
 
 
 class MergedLinear(nn.Linear):

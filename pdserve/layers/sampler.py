@@ -68,9 +68,15 @@ class RowFilters:
     top_p: list[float]
     min_p: list[float]
 
+    def cuts_top_p(self) -> bool:
+        return any(p < 1.0 for p in self.top_p)
+
+    def cuts_top_k(self) -> bool:
+        return any(k > 0 for k in self.top_k)
+
     def searches(self) -> bool:
         """Whether any row needs the kernel's search for a top-k/top-p cut (min-p alone does not)."""
-        return any(k > 0 for k in self.top_k) or any(p < 1.0 for p in self.top_p)
+        return self.cuts_top_k() or self.cuts_top_p()
 
 
 @dataclass

@@ -181,7 +181,7 @@ def _plain_sample(
     if filters is not None:
         from pdserve.layers.triton_cut import search_cuts
 
-        top_p, top_k = any(p < 1.0 for p in filters.top_p), any(k > 0 for k in filters.top_k)
+        top_p, top_k = filters.cuts_top_p(), filters.cuts_top_k()
         state_f, state_k = search_cuts(logits, params, chunks, span, block, top_p, top_k)
     _sample_kernel[(rows, chunks)](
         logits, logits.stride(0), params, out, scores, indices, seed, span, chunks, state_f, state_k,
