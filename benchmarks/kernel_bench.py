@@ -256,17 +256,19 @@ def main() -> None:
     parser.add_argument(
         "--sweep-decode", action="store_true", help="only: decode configs around the defaults"
     )
+    parser.add_argument("--batches", default="1,32,128", help="decode batch sizes, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench needs a CUDA GPU")
     random.seed(0)
     torch.manual_seed(0)
     results: list[Result] = []
+    batches = [int(b) for b in args.batches.split(",")]
     for model in MODELS if args.sweep_decode else ():
-        for batch in (1, 32, 128):
+        for batch in batches:
             results += sweep_decode(model, batch, args.context)
     for model in () if args.sweep_decode else MODELS:
-        for batch in (1, 32, 128):
+        for batch in batches:
             results += bench_decode(model, batch, args.context)
         for prompts in (1, 4):
             results += bench_prefill(model, prompts, 1100, 0)

@@ -1,20 +1,23 @@
 """Sampling time per decode step on a GPU: what `sampler.sample_later` dispatches to (the plain
 kernel for temperature rows, the same after triton_cut.py's statistics for min-p rows, and for
-top-k / top-p rows the torch sort unless PDSERVE_TRUNCATING_KERNEL=1 takes triton_cut.py's search)
+top-k / top-p rows triton_cut.py's search unless PDSERVE_TRUNCATING_KERNEL=0 sends them to the sort)
 against the torch path
 alone, at batch 1, 8, 32 and 128 over a 152k vocabulary (Qwen2.5's), bf16 logits.
 
     python3 benchmarks/sampler_gpu.py [--vocab 152064] [--output sampler_gpu.json]
 
 Logits are random with a few peaked tokens (as a language model's); each figure is the median of 50
-calls of `sampler.sample_later(...)` + wait, by CUDA events, so host launch time counts as it does in
-a decode step.
+calls of `sampler.sample_later(...)` + wait, by CUDA events, so host launch time counts. "gpu": the
+same calls queued behind a ~1 ms sleep kernel, timed from the sleep's end: the GPU's own time, as in
+a decode step, where the host queues the sampler while the step's graph still runs. --profile FILE
+adds a kernel table (torch.profiler) of 20 top-p calls at 128 rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from datetime import date
 
 import torch
@@ -38,10 +41,41 @@ def logits_like_a_model(rows: int, vocab: int) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
+def gpu_ms(fn: Callable[[], object], iters: int = 50) -> float:
+    """Median ms of fn's GPU work alone: queued behind a sleep kernel, so its launches are all made
+    before the GPU reaches them (fn must not wait for the GPU)."""
+    times = []
+    for i in range(iters + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(2_000_000)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def profile_top_p(path: str, vocab: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = logits_like_a_model(128, vocab)
+    reqs = [Request(f"r{i}", [1], SamplingParams(**CASES["top_p 0.9"])) for i in range(128)]
+    sampler.sample_later(logits, reqs).wait()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            sampler.sample_later(logits, reqs).wait()
+    with open(path, "w") as f:
+        f.write("20 calls, 128 rows, top_p 0.9\n")
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=152064)
     ap.add_argument("--output", default=None)
+    ap.add_argument("--profile", default=None, help="write a kernel table of top-p at 128 rows here")
     args = ap.parse_args()
     results = []
     for rows in (1, 8, 32, 128):
@@ -50,10 +84,14 @@ def main() -> None:
             reqs = [Request(f"r{i}", [1], SamplingParams(**kw)) for i in range(rows)]
             kernel = 1e3 * timed(lambda x=logits, r=reqs: sampler.sample_later(x, r).wait(), 50)
             torch_ms = 1e3 * timed(lambda x=logits, r=reqs: sampler._sample_torch(x, r)[0].tolist(), 50)
-            results.append({"rows": rows, "case": name, "kernel_ms": kernel, "torch_ms": torch_ms})
-            print(
-                f"B={rows:3d} {name:24s} dispatched {kernel:7.3f} ms   torch {torch_ms:7.3f} ms", flush=True
+            gpu = gpu_ms(lambda x=logits, r=reqs: sampler.sample_later(x, r))
+            results.append(
+                {"rows": rows, "case": name, "kernel_ms": kernel, "kernel_gpu_ms": gpu, "torch_ms": torch_ms}
             )
+            timing = f"dispatched {kernel:7.3f} ms (gpu {gpu:7.3f})   torch {torch_ms:7.3f} ms"
+            print(f"B={rows:3d} {name:24s} {timing}", flush=True)
+    if args.profile:
+        profile_top_p(args.profile, args.vocab)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(

@@ -6,13 +6,13 @@
 #   bash scripts/gpu_session.sh tests      # any 1-2 GPU machine: make test-gpu (kernels, engine, transports, TP)
 #   bash scripts/gpu_session.sh engine     # one H200: decode/prefill steps vs bounds; sampler paths
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
-#   bash scripts/gpu_session.sh sweep      # one GPU: decode attention tiles and splits around the defaults
+#   bash scripts/gpu_session.sh sweep [B]  # one GPU: decode attention tiles and splits around the defaults
 #   bash scripts/gpu_session.sh handoff    # 2x H200: TTFT added by disaggregation, with/without layer streaming
 #   bash scripts/gpu_session.sh ab VARIANT [SHAPES] [BATCHES]  # one GPU (~1 min a shape and variant):
 #                                           decode steps, plan vs VARIANT of scripts/engine_variant.py,
 #                                           alternating, 2 rounds (default 7B and 32B, B=1,8); e.g.
 #                                           ab pdl qwen2.5-7b 1,32,128   or   ab cublaslt qwen2.5-7b 32,128
-#   bash scripts/gpu_session.sh next       # one H200 (~8 min): engine, then ab pdl and ab cublaslt on 7B
+#   bash scripts/gpu_session.sh next       # one H200 (~6 min): engine, then the attention sweep at B=32
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
@@ -35,7 +35,7 @@ engine)
   timeout 560 python3 benchmarks/gpu_engine.py --shapes qwen2.5-7b,qwen2.5-32b \
     --output "$OUT/gpu_engine.json" >"$OUT/gpu_engine.log" 2>&1
   echo "rc=$?" >>"$OUT/gpu_engine.log"
-  PDSERVE_TRUNCATING_KERNEL=1 timeout 120 python3 benchmarks/sampler_gpu.py --output "$OUT/sampler_gpu.json" >>"$OUT/gpu_engine.log" 2>&1
+  timeout 120 python3 benchmarks/sampler_gpu.py --output "$OUT/sampler_gpu.json" >>"$OUT/gpu_engine.log" 2>&1
   tail -30 "$OUT/gpu_engine.log"
   ;;
 transfer)
@@ -44,8 +44,9 @@ transfer)
   echo "rc=$?" >>"$OUT/kv_transfer_gpu.log"
   tail -20 "$OUT/kv_transfer_gpu.log"
   ;;
-sweep)
-  timeout 560 python3 benchmarks/kernel_bench.py --sweep-decode --output "$OUT/decode_sweep.json" \
+sweep)  # [BATCHES]: default 1,32,128 (~90 s a shape and batch)
+  timeout 560 python3 benchmarks/kernel_bench.py --sweep-decode --batches "${2:-1,32,128}" \
+    --output "$OUT/decode_sweep.json" \
     >"$OUT/decode_sweep.log" 2>&1
   echo "rc=$?" >>"$OUT/decode_sweep.log"
   grep -E "default|rc=" "$OUT/decode_sweep.log"
@@ -68,10 +69,9 @@ ab)
   done
   grep -E "==|decode b|Error" "$OUT/ab_$other.log"
   ;;
-next)  # one H200, ~8 min: the sixth session's unmeasured changes, after `tests` passed on x2
+next)  # one H200, ~6 min: the engine table and sampler paths, then the decode-attention sweep at B=32
   bash "$0" engine
-  bash "$0" ab pdl qwen2.5-7b 1,32,128
-  bash "$0" ab cublaslt qwen2.5-7b 32,128
+  bash "$0" sweep 32
   ;;
 loop)
   for i in 1 2 3; do

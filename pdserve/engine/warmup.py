@@ -58,8 +58,8 @@ def warmup_steps(block_size: int, num_blocks: int) -> list[StepInputs]:
 def warm_sampler(logits: torch.Tensor) -> None:
     """Compile the Triton sampling kernels for these logits' vocabulary and dtype: rows split over
     programs (small batches) and whole (large ones), min-p's floor (triton_cut.py's statistics), and
-    with PDSERVE_TRUNCATING_KERNEL set the top-k/top-p search too (else those rows take the torch
-    sort)."""
+    the top-k/top-p search too unless PDSERVE_TRUNCATING_KERNEL=0 sends those rows to the torch
+    sort."""
     from pdserve.layers.sampler import TRUNCATING_KERNEL, RowFilters
     from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 

@@ -4,9 +4,9 @@ Order per row: penalties (repetition on prompt + output, presence/frequency on o
 masks EOS and stop ids -> greedy argmax, or temperature, top-k, top-p, min-p, then a draw. A request
 with a seed draws from its own generator, so its tokens do not depend on what else is in the batch.
 Logprobs are those of the model's raw distribution. On CUDA, a batch whose rows are all greedy,
-temperature or min-p goes through the Triton sampler instead (triton_sampler.py, triton_cut.py;
-top-k/top-p there too with PDSERVE_TRUNCATING_KERNEL=1). Nothing here waits for the GPU until a
-result is read (PendingSample.wait).
+temperature, top-k, top-p or min-p goes through the Triton sampler instead (triton_sampler.py,
+triton_cut.py; PDSERVE_TRUNCATING_KERNEL=0 sends top-k/top-p rows to the torch sort). Nothing here
+waits for the GPU until a result is read (PendingSample.wait).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import torch
 from pdserve.engine.host_tensors import to_device, to_host_later
 from pdserve.engine.request import Logprob, Request
 
-# Rows with top-k/top-p take the torch sort unless PDSERVE_TRUNCATING_KERNEL=1: the first Triton
-# search (one program per row) measured ~4.4 ms at 8-128 rows of a 152k vocabulary on an H200 vs
-# 0.8-3.7 ms for the sort (docs/performance.md); its replacement, triton_cut.py (rows split over
-# programs, a fixed number of passes), is not measured yet. min-p needs no search: always Triton.
-TRUNCATING_KERNEL = os.environ.get("PDSERVE_TRUNCATING_KERNEL", "0") == "1"
+# Rows with top-k/top-p take triton_cut.py's search unless PDSERVE_TRUNCATING_KERNEL=0 (the torch
+# sort): on an H200 it measured faster than the sort at 1-128 rows of a 152k vocabulary (128 rows,
+# top-p: 1.9 vs 3.6 ms a call; docs/performance.md). min-p needs no search: always Triton.
+TRUNCATING_KERNEL = os.environ.get("PDSERVE_TRUNCATING_KERNEL", "1") != "0"
 
 
 @dataclass
@@ -46,8 +45,9 @@ class PendingSample:
 def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample:
     """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA nothing waits
     until `wait()`: the host can do other work while the GPU finishes the step. Batches whose rows
-    are greedy, temperature or min-p take the Triton sampler (triton_sampler.py, triton_cut.py);
-    the rest (top-k/top-p too, see TRUNCATING_KERNEL) the torch path, queued the same way."""
+    are greedy, temperature, top-k, top-p or min-p take the Triton sampler (triton_sampler.py,
+    triton_cut.py; top-k/top-p unless TRUNCATING_KERNEL is off); the rest (penalties, seeds,
+    logprobs, min_tokens) the torch path, queued the same way."""
     if logits.is_cuda and all(plain_sampling(r) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 

@@ -18,9 +18,9 @@ min-p keeps z >= max z + log(min_p) (p_i >= min_p * p_max), a floor found with t
 search. The draw itself is triton_sampler's plain kernel with the cut and the floor as per-row
 bounds, so its noise is keyed by (row, index) as for plain rows. The torch path sorts every row:
 ~3.6 ms a decode step at 128 rows of a 152k vocabulary on an H200; this path is 2 + 2 x passes
-launches of small grids (2 for min-p alone). Not yet measured on a GPU (it replaces a kernel with one
-program per row: 0.39-0.50 ms for min-p at 1-128 rows, ~4.4 ms with a top-p search): sampler.py
-sends top-k/top-p rows here only with PDSERVE_TRUNCATING_KERNEL=1, min-p rows always.
+launches of small grids (2 for min-p alone). Measured on one H200 (seventh session, the search
+before its passes accumulated per lane): 128 rows, top-p 1.9 ms a call vs 3.6 for the sort
+(docs/performance.md); sampler.py sends top-k/top-p rows here unless PDSERVE_TRUNCATING_KERNEL=0.
 """
 
 from __future__ import annotations
@@ -30,22 +30,22 @@ import triton
 import triton.language as tl
 
 CUTS = 16  # inner points tried per pass: each pass keeps one of 17 pieces of the interval
-COUNT_BLOCK = 256  # entries per loop iteration of a pass (1024 spilled registers on sm_90a)
+COUNT_BLOCK = 128  # entries a [COUNT_BLOCK, CUTS] tile of a pass holds (256: up to 167 registers)
 _FLOOR = tl.constexpr(-3.0e38)  # a finite "minus infinity": -inf logits must not turn sums into NaN
-_NO_KEY = tl.constexpr(-(2**62))  # below every key: masked-off entries count nowhere
-_ALL_KEYS = tl.constexpr(2**62)  # above every key
+_NO_KEY = tl.constexpr(-(2**31))  # the lowest int32 key (a -NaN's): below every point a pass tries
+_ALL_KEYS = tl.constexpr(2**31 - 1)  # the highest int32 key
 
 
 @triton.jit
 def ordered_key(raw):  # type: ignore[no-untyped-def]
-    """The bits of raw (fp32, or a 16-bit float) as an int64 ordered like the floats themselves."""
+    """The bits of raw (fp32, or a 16-bit float) as an int32 ordered like the floats themselves."""
     if raw.dtype.primitive_bitwidth == 32:
         bits = raw.to(tl.int32, bitcast=True)
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     else:
         bits = raw.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
         key = bits ^ ((bits >> 15) & 0x7FFF)
-    return key.to(tl.int64)
+    return key
 
 
 @triton.jit(do_not_specialize=["span", "num_chunks"])
@@ -53,35 +53,38 @@ def _stats_kernel(  # type: ignore[no-untyped-def]
     logits_ptr, stride_row, params_ptr, part_f_ptr, part_k_ptr, span, num_chunks,
     VOCAB: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, chunk): max logit, sum exp((x - max) / T), min and max key -> the partials."""
+    """Per (row, chunk): max logit, sum exp((x - max) / T), min and max key -> the partials. Each
+    lane keeps its own running values (an online softmax per lane); they are reduced once, at the
+    end, not every iteration."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     inv_t = tl.load(params_ptr + row)
     scale = tl.where(inv_t > 0, inv_t, 1.0)
     base = logits_ptr + row.to(tl.int64) * stride_row
-    x_max = tl.full((), _FLOOR, tl.float32)
-    total = tl.full((), 0.0, tl.float32)
-    k_min = tl.full((), _ALL_KEYS, tl.int64)
-    k_max = tl.full((), _NO_KEY, tl.int64)
+    x_max = tl.full([BLOCK], _FLOOR, tl.float32)
+    total = tl.zeros([BLOCK], tl.float32)
+    k_min = tl.full([BLOCK], _ALL_KEYS, tl.int32)
+    k_max = tl.full([BLOCK], _NO_KEY, tl.int32)
     lo = chunk * span
     end = tl.minimum(lo + span, VOCAB)
     for start in range(lo, lo + span, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < end
         raw = tl.load(base + offs, mask=mask, other=0.0)
-        x = tl.maximum(raw.to(tl.float32), _FLOOR)
-        new_max = tl.maximum(x_max, tl.max(tl.where(mask, x, _FLOOR), axis=0))
+        x = tl.where(mask, tl.maximum(raw.to(tl.float32), _FLOOR), _FLOOR)
+        new_max = tl.maximum(x_max, x)
         e = tl.where(mask, tl.exp((x - new_max) * scale), 0.0)
-        total = total * tl.exp((x_max - new_max) * scale) + tl.sum(e, axis=0)
+        total = total * tl.exp((x_max - new_max) * scale) + e
         x_max = new_max
         key = ordered_key(raw)
-        k_min = tl.minimum(k_min, tl.min(tl.where(mask, key, _ALL_KEYS), axis=0))
-        k_max = tl.maximum(k_max, tl.max(tl.where(mask, key, _NO_KEY), axis=0))
+        k_min = tl.minimum(k_min, tl.where(mask, key, _ALL_KEYS))
+        k_max = tl.maximum(k_max, tl.where(mask, key, _NO_KEY))
+    top = tl.max(x_max, axis=0)
     at = row * num_chunks + chunk
-    tl.store(part_f_ptr + 2 * at, x_max)
-    tl.store(part_f_ptr + 2 * at + 1, total)
-    tl.store(part_k_ptr + 2 * at, k_min)
-    tl.store(part_k_ptr + 2 * at + 1, k_max)
+    tl.store(part_f_ptr + 2 * at, top)
+    tl.store(part_f_ptr + 2 * at + 1, tl.sum(total * tl.exp((x_max - top) * scale), axis=0))
+    tl.store(part_k_ptr + 2 * at, tl.min(k_min, axis=0).to(tl.int64))
+    tl.store(part_k_ptr + 2 * at + 1, tl.max(k_max, axis=0).to(tl.int64))
 
 
 @triton.jit(do_not_specialize=["rows", "num_chunks"])
@@ -134,6 +137,22 @@ def _points(lo, hi, CUTS: tl.constexpr):  # type: ignore[no-untyped-def]
     return points, points < hi
 
 
+@triton.jit
+def _tally(  # type: ignore[no-untyped-def]
+    raw, mask, x_max, scale, points_p, points_k, mass, count, TOP_P: tl.constexpr, TOP_K: tl.constexpr
+):
+    """Add BLOCK entries (raw, mask) to the [BLOCK, CUTS] tiles: mass at or above top-p's points,
+    count at or above top-k's."""
+    key = tl.where(mask, ordered_key(raw), _NO_KEY)
+    if TOP_P:
+        x = tl.maximum(raw.to(tl.float32), _FLOOR)
+        e = tl.where(mask, tl.exp((x - x_max) * scale), 0.0)
+        mass += tl.where(key[:, None] >= points_p[None, :], e[:, None], 0.0)
+    if TOP_K:
+        count += (key[:, None] >= points_k[None, :]).to(tl.int32)
+    return mass, count
+
+
 @triton.jit(do_not_specialize=["span", "num_chunks"])
 def _count_kernel(  # type: ignore[no-untyped-def]
     logits_ptr, stride_row, params_ptr, state_f_ptr, state_k_ptr, part_mass_ptr, part_count_ptr,
@@ -142,37 +161,48 @@ def _count_kernel(  # type: ignore[no-untyped-def]
 ):  # fmt: skip
     """Per (row, chunk): the mass at or above each of top-p's points and the count at or above each
     of top-k's, summed over the chunk's entries -> the partials of this pass (TOP_P / TOP_K: whether
-    any row of the batch searches that cut; the other partial is neither computed nor written)."""
+    any row of the batch searches that cut; the other partial is neither computed nor written).
+    [BLOCK, CUTS] tiles accumulate elementwise and are reduced once after the loop (a reduction
+    across warps every iteration cost more than the comparisons); each iteration loads four blocks
+    before tallying them, so more bytes are in flight than one block of a program holds."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     lo_p, hi_p, lo_k, hi_k = _intervals(state_k_ptr, row)
     if (hi_p - lo_p > 1) | (hi_k - lo_k > 1):  # else both searches are done: nothing is read
         inv_t = tl.load(params_ptr + row)
         scale = tl.where(inv_t > 0, inv_t, 1.0)
-        points_p, _ = _points(lo_p, hi_p, CUTS)
-        points_k, _ = _points(lo_k, hi_k, CUTS)
-        mass = tl.zeros([CUTS], tl.float32)
-        count = tl.zeros([CUTS], tl.int32)
+        points_p = _points32(lo_p, hi_p, CUTS)
+        points_k = _points32(lo_k, hi_k, CUTS)
+        mass = tl.zeros([BLOCK, CUTS], tl.float32)
+        count = tl.zeros([BLOCK, CUTS], tl.int32)
         x_max = tl.load(state_f_ptr + 3 * row)
         base = logits_ptr + row.to(tl.int64) * stride_row
         lo = chunk * span
         end = tl.minimum(lo + span, VOCAB)
-        for start in range(lo, lo + span, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < end
-            raw = tl.load(base + offs, mask=mask, other=0.0)
-            key = tl.where(mask, ordered_key(raw), _NO_KEY)
-            if TOP_P:
-                x = tl.maximum(raw.to(tl.float32), _FLOOR)
-                e = tl.where(mask, tl.exp((x - x_max) * scale), 0.0)
-                mass += tl.sum(tl.where(key[:, None] >= points_p[None, :], e[:, None], 0.0), axis=0)
-            if TOP_K:
-                count += tl.sum((key[:, None] >= points_k[None, :]).to(tl.int32), axis=0)
+        for start in range(lo, lo + span, 4 * BLOCK):
+            o0 = start + tl.arange(0, BLOCK)
+            o1, o2, o3 = o0 + BLOCK, o0 + 2 * BLOCK, o0 + 3 * BLOCK
+            r0 = tl.load(base + o0, mask=o0 < end, other=0.0)
+            r1 = tl.load(base + o1, mask=o1 < end, other=0.0)
+            r2 = tl.load(base + o2, mask=o2 < end, other=0.0)
+            r3 = tl.load(base + o3, mask=o3 < end, other=0.0)
+            mass, count = _tally(r0, o0 < end, x_max, scale, points_p, points_k, mass, count, TOP_P, TOP_K)
+            mass, count = _tally(r1, o1 < end, x_max, scale, points_p, points_k, mass, count, TOP_P, TOP_K)
+            mass, count = _tally(r2, o2 < end, x_max, scale, points_p, points_k, mass, count, TOP_P, TOP_K)
+            mass, count = _tally(r3, o3 < end, x_max, scale, points_p, points_k, mass, count, TOP_P, TOP_K)
         at = (row * num_chunks + chunk) * CUTS + tl.arange(0, CUTS)
         if TOP_P:
-            tl.store(part_mass_ptr + at, mass)
+            tl.store(part_mass_ptr + at, tl.sum(mass, axis=0))
         if TOP_K:
-            tl.store(part_count_ptr + at, count)
+            tl.store(part_count_ptr + at, tl.sum(count, axis=0))
+
+
+@triton.jit
+def _points32(lo, hi, CUTS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """_points as int32 keys for the comparisons (int64 ones take twice the instructions); points
+    past hi, which no pass reads, are clamped into range."""
+    points, _ = _points(lo, hi, CUTS)
+    return tl.minimum(points, _ALL_KEYS).to(tl.int32)
 
 
 @triton.jit
@@ -246,7 +276,7 @@ def search_cuts(
     )
     part_mass = torch.empty((rows, chunks, CUTS), dtype=torch.float32, device=dev)
     part_count = torch.empty((rows, chunks, CUTS), dtype=torch.int32, device=dev)
-    count_block = min(block, COUNT_BLOCK)  # divides span; [COUNT_BLOCK, CUTS] tiles stay in registers
+    count_block = max(1, min(block // 4, COUNT_BLOCK))  # an iteration's four tiles divide span
     for _ in range(passes(logits.dtype) if top_p or top_k else 0):
         _count_kernel[grid](logits, logits.stride(0), params, state_f, state_k, part_mass, part_count,
                             span, chunks, VOCAB=vocab, BLOCK=count_block, CUTS=CUTS, TOP_P=top_p,

@@ -114,17 +114,18 @@ def test_cuda_default_overlaps_and_launches_ahead(model_dir, prompts, reference,
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
-def test_programmatic_dependent_launch_keeps_greedy_output(
+def test_greedy_output_is_the_same_without_programmatic_dependent_launch(
     model_dir, prompts, reference, device, eager, monkeypatch
 ):
-    """PDSERVE_PDL=1 (layers/pdl.py): the decode step's Triton kernels launch while the one before
-    drains and wait for it on the device; the float32 greedy tokens stay transformers' (CUDA only)."""
+    """PDL (layers/pdl.py: the decode step's Triton kernels launch while the one before drains and
+    wait for it on the device) is on by default, so every other CUDA test here runs with it; with
+    PDSERVE_PDL=0 the float32 greedy tokens are transformers' as well (CUDA only)."""
     if device != "cuda":
         pytest.skip("programmatic dependent launch is a CUDA launch attribute")
     from pdserve import LLM
     from pdserve.layers import pdl
 
-    monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(pdl, "ENABLED", False)
     llm = LLM(model_dir, device="cuda", dtype="float32", num_blocks=256, enforce_eager=eager)
     try:
         assert _greedy(llm, prompts) == reference

@@ -41,7 +41,7 @@ KERNELS = {
         "pdserve.layers.triton_cut", "_count_kernel",
         {"logits_ptr": dtype, "params_ptr": "*fp32", "state_f_ptr": "*fp32", "state_k_ptr": "*i64",
          "part_mass_ptr": "*fp32", "part_count_ptr": "*i32"},
-        {"VOCAB": 152064, "BLOCK": 256, "CUTS": 16, "TOP_P": True, "TOP_K": True}, 4, 3)
+        {"VOCAB": 152064, "BLOCK": 128, "CUTS": 16, "TOP_P": True, "TOP_K": True}, 4, 3)
         for dtype in ("*bf16", "*fp32")},
     "cut_narrow": ("pdserve.layers.triton_cut", "_narrow_kernel",
                    {"params_ptr": "*fp32", "state_f_ptr": "*fp32", "state_k_ptr": "*i64",

@@ -1,5 +1,6 @@
-"""When a kernel launch asks for programmatic dependent launch (layers/pdl.py): only with
-PDSERVE_PDL=1, only for CUDA tensors on sm_90 or later; a CPU launch (Triton's interpreter) never."""
+"""When a kernel launch asks for programmatic dependent launch (layers/pdl.py): only with PDL on
+(the default; PDSERVE_PDL=0 turns it off), only for CUDA tensors on sm_90 or later; a CPU launch
+(Triton's interpreter) never."""
 
 from __future__ import annotations
 

@@ -279,7 +279,7 @@ def test_warm_sampler_launches_every_variant_serving_takes(
     monkeypatch: pytest.MonkeyPatch, searching: bool
 ) -> None:
     """What a GPU runner runs at start (engine/warmup.py) on its warm-up logits: rows split over
-    programs, whole rows, min-p, and with PDSERVE_TRUNCATING_KERNEL the top-k/top-p search; each a
+    programs, whole rows, min-p, and (unless PDSERVE_TRUNCATING_KERNEL=0) the top-k/top-p search; each a
     real launch that draws valid tokens."""
     from pdserve.engine.warmup import warm_sampler
 

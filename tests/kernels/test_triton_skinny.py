@@ -97,7 +97,7 @@ def test_gated_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
 def test_programmatic_dependent_launch_gives_the_same_product(
     m: int, gated: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With PDSERVE_PDL=1 the kernel first waits for the one before it (layers/pdl.py): on a GPU each
+    """With PDL on (the default) the kernel first waits for the one before it (layers/pdl.py): on a GPU each
     product right after the one it reads; without a GPU PDL stays off and this is the plain path."""
     monkeypatch.setattr(pdl, "ENABLED", True)
     if gated:
