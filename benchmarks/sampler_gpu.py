@@ -76,7 +76,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=152064)
     ap.add_argument("--output", default=None)
     ap.add_argument("--profile", default=None, help="write a kernel table of top-p at 128 rows here")
+    ap.add_argument("--programs-per-sm", type=int, default=None, help="override choose_chunks' aim")
     args = ap.parse_args()
+    if args.programs_per_sm:
+        from pdserve.layers import triton_sampler
+
+        triton_sampler.PROGRAMS_PER_SM = args.programs_per_sm
     results = []
     for rows in (1, 8, 32, 128):
         logits = logits_like_a_model(rows, args.vocab)

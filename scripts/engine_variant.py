@@ -8,8 +8,9 @@ SMs' waves), plan (triton_skinny's own plan()), narrow (plan() with 32-column pr
 that session), unfused (plan(), but SiLU * up as its own kernel after the gate_up GEMM, as before
 that session), cublaslt (plan(), with torch's preferred BLAS library set to cuBLASLt for what the
 kernel leaves to F.linear: at B=128 cuBLAS runs 7B down at ~77% of the copy ceiling plus a split-K
-reduce), pdl (plan(), the decode step's Triton kernels launched with programmatic dependent launch,
-layers/pdl.py). One process per variant, so an A/B inside one device call compares the same machine.
+reduce), nopdl (plan(), without programmatic dependent launch, layers/pdl.py, on by default since
+the seventh session), chunks8 (plan(), the sampler's rows split for 8 programs an SM instead of 2:
+more loads in flight). One process per variant, so an A/B inside one device call compares the same machine.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import sys
 
 import torch
 
-from pdserve.layers import pdl, triton_skinny
+from pdserve.layers import pdl, triton_sampler, triton_skinny
 
-VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "pdl"}
+VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks8"}
 
 
 def main() -> None:
@@ -39,8 +40,10 @@ def main() -> None:
         triton_skinny.FUSED_SILU = False
     if variant == "cublaslt":
         torch.backends.cuda.preferred_blas_library("cublaslt")
-    if variant == "pdl":
-        pdl.ENABLED = True
+    if variant == "nopdl":
+        pdl.ENABLED = False
+    if variant == "chunks8":
+        triton_sampler.PROGRAMS_PER_SM = 8
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 CUTS = 16  # inner points tried per pass: each pass keeps one of 17 pieces of the interval
-COUNT_BLOCK = 128  # entries a [COUNT_BLOCK, CUTS] tile of a pass holds (256: up to 167 registers)
+COUNT_BLOCK = 128  # entries a [CUTS, COUNT_BLOCK] tile of a pass holds: one a thread at 4 warps
 _FLOOR = tl.constexpr(-3.0e38)  # a finite "minus infinity": -inf logits must not turn sums into NaN
 _NO_KEY = tl.constexpr(-(2**31))  # the lowest int32 key (a -NaN's): below every point a pass tries
 _ALL_KEYS = tl.constexpr(2**31 - 1)  # the highest int32 key
@@ -141,15 +141,17 @@ def _points(lo, hi, CUTS: tl.constexpr):  # type: ignore[no-untyped-def]
 def _tally(  # type: ignore[no-untyped-def]
     raw, mask, x_max, scale, points_p, points_k, mass, count, TOP_P: tl.constexpr, TOP_K: tl.constexpr
 ):
-    """Add BLOCK entries (raw, mask) to the [BLOCK, CUTS] tiles: mass at or above top-p's points,
-    count at or above top-k's."""
+    """Add BLOCK entries (raw, mask) to the [CUTS, BLOCK] tiles: mass at or above top-p's points,
+    count at or above top-k's. Entries run along the tiles' last dimension, so each thread holds
+    the cuts of its own entries: the loaded layout is the tile's, no exchange through shared memory
+    and no entry's exp computed by several threads ([BLOCK, CUTS] tiles had both, each iteration)."""
     key = tl.where(mask, ordered_key(raw), _NO_KEY)
     if TOP_P:
         x = tl.maximum(raw.to(tl.float32), _FLOOR)
         e = tl.where(mask, tl.exp((x - x_max) * scale), 0.0)
-        mass += tl.where(key[:, None] >= points_p[None, :], e[:, None], 0.0)
+        mass += tl.where(key[None, :] >= points_p[:, None], e[None, :], 0.0)
     if TOP_K:
-        count += (key[:, None] >= points_k[None, :]).to(tl.int32)
+        count += (key[None, :] >= points_k[:, None]).to(tl.int32)
     return mass, count
 
 
@@ -162,7 +164,7 @@ def _count_kernel(  # type: ignore[no-untyped-def]
     """Per (row, chunk): the mass at or above each of top-p's points and the count at or above each
     of top-k's, summed over the chunk's entries -> the partials of this pass (TOP_P / TOP_K: whether
     any row of the batch searches that cut; the other partial is neither computed nor written).
-    [BLOCK, CUTS] tiles accumulate elementwise and are reduced once after the loop (a reduction
+    [CUTS, BLOCK] tiles accumulate elementwise and are reduced once after the loop (a reduction
     across warps every iteration cost more than the comparisons); each iteration loads four blocks
     before tallying them, so more bytes are in flight than one block of a program holds."""
     row = tl.program_id(0)
@@ -173,8 +175,8 @@ def _count_kernel(  # type: ignore[no-untyped-def]
         scale = tl.where(inv_t > 0, inv_t, 1.0)
         points_p = _points32(lo_p, hi_p, CUTS)
         points_k = _points32(lo_k, hi_k, CUTS)
-        mass = tl.zeros([BLOCK, CUTS], tl.float32)
-        count = tl.zeros([BLOCK, CUTS], tl.int32)
+        mass = tl.zeros([CUTS, BLOCK], tl.float32)
+        count = tl.zeros([CUTS, BLOCK], tl.int32)
         x_max = tl.load(state_f_ptr + 3 * row)
         base = logits_ptr + row.to(tl.int64) * stride_row
         lo = chunk * span
@@ -192,9 +194,9 @@ def _count_kernel(  # type: ignore[no-untyped-def]
             mass, count = _tally(r3, o3 < end, x_max, scale, points_p, points_k, mass, count, TOP_P, TOP_K)
         at = (row * num_chunks + chunk) * CUTS + tl.arange(0, CUTS)
         if TOP_P:
-            tl.store(part_mass_ptr + at, tl.sum(mass, axis=0))
+            tl.store(part_mass_ptr + at, tl.sum(mass, axis=1))
         if TOP_K:
-            tl.store(part_count_ptr + at, tl.sum(count, axis=0))
+            tl.store(part_count_ptr + at, tl.sum(count, axis=1))
 
 
 @triton.jit
