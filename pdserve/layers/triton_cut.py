@@ -7,20 +7,21 @@ above" rule). Both only get easier as z grows, so the kept tokens are those whos
 some cut value. Logits are searched as keys: the bits of a float read as a signed integer whose
 order is the floats' (16-bit for fp16/bf16, 32-bit for fp32), so the cut is the largest key u with
 count(key >= u) >= k (top-k), or with mass(key >= u) >= p (top-p; mass: the sum of exp(z - max z)
-over the softmax sum). Every pass splits each row's interval of candidate keys 17 ways: a launch
-over (row, chunk) programs counts and sums above the 16 inner points, a launch per row keeps the
-piece where the test turns. A 16-bit key range needs 4 passes, a 32-bit one 8; a row whose interval
-holds one key skips the rest. Before the passes one launch per chunk and one per row find each row's
-max logit, softmax sum and key range. Tokens tied at the cut are all kept (torch's sort keeps those
-it happened to order first).
+over the softmax sum). Every pass splits each row's interval of candidate keys 17 ways: one launch
+over (row, chunk) programs, each of which first narrows the interval to the piece where the test
+turned in the pass before (from that pass's sums over the chunks), then counts and sums above the
+new interval's 16 inner points. A 16-bit key range needs 4 passes, a 32-bit one 8; a row whose
+interval holds one key skips the rest. Before the passes a launch over (row, chunk) finds the
+statistics (max logit, softmax sum, key range), after them a launch per row keeps the last piece.
+Tokens tied at the cut are all kept (torch's sort keeps those it happened to order first).
 
 min-p keeps z >= max z + log(min_p) (p_i >= min_p * p_max), a floor found with the statistics, no
 search. The draw itself is triton_sampler's plain kernel with the cut and the floor as per-row
 bounds, so its noise is keyed by (row, index) as for plain rows. The torch path sorts every row:
-~3.6 ms a decode step at 128 rows of a 152k vocabulary on an H200; this path is 2 + 2 x passes
-launches of small grids (2 for min-p alone). Measured on one H200 (seventh session, the search
-before its passes accumulated per lane): 128 rows, top-p 1.9 ms a call vs 3.6 for the sort
-(docs/performance.md); sampler.py sends top-k/top-p rows here unless PDSERVE_TRUNCATING_KERNEL=0.
+~3.6 ms a decode step at 128 rows of a 152k vocabulary on an H200; this path is 2 + passes launches
+(2 for min-p alone). Measured on one H200 (seventh session, with a launch per row between passes):
+128 rows, top-p 0.45 ms of GPU time a call vs 3.6 ms for the sort (docs/performance.md);
+sampler.py sends top-k/top-p rows here unless PDSERVE_TRUNCATING_KERNEL=0.
 """
 
 from __future__ import annotations
@@ -87,14 +88,12 @@ def _stats_kernel(  # type: ignore[no-untyped-def]
     tl.store(part_k_ptr + 2 * at + 1, tl.max(k_max, axis=0).to(tl.int64))
 
 
-@triton.jit(do_not_specialize=["rows", "num_chunks"])
-def _init_kernel(  # type: ignore[no-untyped-def]
-    params_ptr, rows, part_f_ptr, part_k_ptr, num_chunks, state_f_ptr, state_k_ptr,
-    VOCAB: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """Per row: max logit, softmax sum and min-p's floor on z (state_f), and each search's interval
-    [lo, hi) of keys (state_k: lo_p, hi_p, lo_k, hi_k); a search that is off starts done."""
-    row = tl.program_id(0)
+@triton.jit
+def _from_stats(  # type: ignore[no-untyped-def]
+    row, params_ptr, rows, part_f_ptr, part_k_ptr, num_chunks, VOCAB: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """A row's max logit, softmax sum and min-p's floor on z, and each search's first interval
+    [lo, hi) of keys, from the statistics' partials; a search that is off starts done."""
     inv_t = tl.load(params_ptr + row)
     k = tl.load(params_ptr + rows + row)
     top_p = tl.load(params_ptr + 2 * rows + row)
@@ -107,26 +106,61 @@ def _init_kernel(  # type: ignore[no-untyped-def]
     x_max = tl.max(maxes, axis=0)
     sums = tl.load(part_f_ptr + 2 * at + 1, mask=here, other=0.0)
     total = tl.sum(sums * tl.exp((maxes - x_max) * scale), axis=0)
-    k_min = tl.min(tl.load(part_k_ptr + 2 * at, mask=here, other=_ALL_KEYS), axis=0)
-    k_max = tl.max(tl.load(part_k_ptr + 2 * at + 1, mask=here, other=_NO_KEY), axis=0)
+    k_min = tl.min(tl.load(part_k_ptr + 2 * at, mask=here, other=2**62), axis=0)
+    k_max = tl.max(tl.load(part_k_ptr + 2 * at + 1, mask=here, other=-(2**62)), axis=0)
     sampling = inv_t > 0
     floor = tl.where(sampling & (min_p > 0), x_max * scale + tl.log(tl.maximum(min_p, 1e-30)), _FLOOR)
-    tl.store(state_f_ptr + 3 * row, x_max)
-    tl.store(state_f_ptr + 3 * row + 1, total)
-    tl.store(state_f_ptr + 3 * row + 2, floor)
-    p_on = sampling & (top_p < 1.0)
-    k_on = sampling & (k < VOCAB)
-    tl.store(state_k_ptr + 4 * row, k_min)
-    tl.store(state_k_ptr + 4 * row + 1, tl.where(p_on, k_max + 1, k_min + 1))
-    tl.store(state_k_ptr + 4 * row + 2, k_min)
-    tl.store(state_k_ptr + 4 * row + 3, tl.where(k_on, k_max + 1, k_min + 1))
+    hi_p = tl.where(sampling & (top_p < 1.0), k_max + 1, k_min + 1)
+    hi_k = tl.where(sampling & (k < VOCAB), k_max + 1, k_min + 1)
+    return x_max, total, floor, k_min, hi_p, k_min, hi_k
 
 
 @triton.jit
-def _intervals(state_k_ptr, row):  # type: ignore[no-untyped-def]
-    """A row's top-p and top-k intervals of keys [lo, hi) (one key left: that search is done)."""
-    at = state_k_ptr + 4 * row
-    return tl.load(at), tl.load(at + 1), tl.load(at + 2), tl.load(at + 3)
+def _enter_pass(  # type: ignore[no-untyped-def]
+    p, row, chunk, params_ptr, rows, part_f_ptr, part_k_ptr, part_mass_ptr, part_count_ptr,
+    state_f_ptr, state_k_ptr, num_chunks, VOCAB: tl.constexpr, BLOCK_C: tl.constexpr,
+    CUTS: tl.constexpr, TOP_P: tl.constexpr, TOP_K: tl.constexpr,
+):  # fmt: skip
+    """A row's max logit and intervals for pass p: pass 0's from the statistics, pass p's by
+    narrowing pass p - 1's with its sums over the chunks. Every program of the row works them out
+    (a few hundred loads) instead of a launch per row between passes; chunk 0's program stores
+    them for the next pass and the draw: state_f (max, sum, floor) in pass 0, the intervals in
+    state slot p % 2, so no program reads what another of its launch writes. The sums of pass
+    p - 1 are in partial slot (p - 1) % 2 (each pass writes slot p % 2)."""
+    slot_k = state_k_ptr + 4 * row
+    if p == 0:
+        x_max, total, floor, lo_p, hi_p, lo_k, hi_k = _from_stats(
+            row, params_ptr, rows, part_f_ptr, part_k_ptr, num_chunks, VOCAB, BLOCK_C
+        )
+        if chunk == 0:
+            tl.store(state_f_ptr + 3 * row, x_max)
+            tl.store(state_f_ptr + 3 * row + 1, total)
+            tl.store(state_f_ptr + 3 * row + 2, floor)
+    else:
+        x_max = tl.load(state_f_ptr + 3 * row)
+        before = slot_k + ((p - 1) % 2) * 4 * rows
+        lo_p, hi_p = tl.load(before), tl.load(before + 1)
+        lo_k, hi_k = tl.load(before + 2), tl.load(before + 3)
+        c = tl.arange(0, BLOCK_C)
+        at = ((p - 1) % 2) * rows * num_chunks * CUTS
+        at += (row * num_chunks + c)[:, None] * CUTS + tl.arange(0, CUTS)[None, :]
+        here = (c < num_chunks)[:, None]
+        if TOP_P:  # a row not live in pass p - 1 wrote no sums: _narrowed leaves its interval
+            mass = tl.sum(tl.load(part_mass_ptr + at, mask=here, other=0.0), axis=0)
+            top_p = tl.load(params_ptr + 2 * rows + row)
+            total = tl.load(state_f_ptr + 3 * row + 1)
+            lo_p, hi_p = _narrowed(lo_p, hi_p, mass >= top_p * total, CUTS)
+        if TOP_K:
+            count = tl.sum(tl.load(part_count_ptr + at, mask=here, other=0), axis=0)
+            k = tl.load(params_ptr + rows + row)
+            lo_k, hi_k = _narrowed(lo_k, hi_k, count.to(tl.float32) >= k, CUTS)
+    if chunk == 0:
+        now = slot_k + (p % 2) * 4 * rows
+        tl.store(now, lo_p)
+        tl.store(now + 1, hi_p)
+        tl.store(now + 2, lo_k)
+        tl.store(now + 3, hi_k)
+    return x_max, lo_p, hi_p, lo_k, hi_k
 
 
 @triton.jit
@@ -155,21 +189,25 @@ def _tally(  # type: ignore[no-untyped-def]
     return mass, count
 
 
-@triton.jit(do_not_specialize=["span", "num_chunks"])
+@triton.jit(do_not_specialize=["p", "rows", "span", "num_chunks"])
 def _count_kernel(  # type: ignore[no-untyped-def]
-    logits_ptr, stride_row, params_ptr, state_f_ptr, state_k_ptr, part_mass_ptr, part_count_ptr,
-    span, num_chunks, VOCAB: tl.constexpr, BLOCK: tl.constexpr, CUTS: tl.constexpr,
-    TOP_P: tl.constexpr, TOP_K: tl.constexpr,
+    logits_ptr, stride_row, p, params_ptr, rows, part_f_ptr, part_k_ptr, state_f_ptr, state_k_ptr,
+    part_mass_ptr, part_count_ptr, span, num_chunks, VOCAB: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr, CUTS: tl.constexpr, TOP_P: tl.constexpr, TOP_K: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, chunk): the mass at or above each of top-p's points and the count at or above each
-    of top-k's, summed over the chunk's entries -> the partials of this pass (TOP_P / TOP_K: whether
-    any row of the batch searches that cut; the other partial is neither computed nor written).
-    [CUTS, BLOCK] tiles accumulate elementwise and are reduced once after the loop (a reduction
-    across warps every iteration cost more than the comparisons); each iteration loads four blocks
-    before tallying them, so more bytes are in flight than one block of a program holds."""
+    """Pass p, per (row, chunk): the row's intervals for this pass (_enter_pass), then the mass at
+    or above each of top-p's points and the count at or above each of top-k's, summed over the
+    chunk's entries -> partial slot p % 2 (TOP_P / TOP_K: whether any row of the batch searches
+    that cut; the other partial is neither computed nor written). [CUTS, BLOCK] tiles accumulate
+    elementwise and are reduced once after the loop (a reduction across warps every iteration cost
+    more than the comparisons); each iteration loads four blocks before tallying them, so more
+    bytes are in flight than one block of a program holds."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    lo_p, hi_p, lo_k, hi_k = _intervals(state_k_ptr, row)
+    x_max, lo_p, hi_p, lo_k, hi_k = _enter_pass(
+        p, row, chunk, params_ptr, rows, part_f_ptr, part_k_ptr, part_mass_ptr, part_count_ptr,
+        state_f_ptr, state_k_ptr, num_chunks, VOCAB, BLOCK_C, CUTS, TOP_P, TOP_K,
+    )  # fmt: skip
     if (hi_p - lo_p > 1) | (hi_k - lo_k > 1):  # else both searches are done: nothing is read
         inv_t = tl.load(params_ptr + row)
         scale = tl.where(inv_t > 0, inv_t, 1.0)
@@ -177,7 +215,6 @@ def _count_kernel(  # type: ignore[no-untyped-def]
         points_k = _points32(lo_k, hi_k, CUTS)
         mass = tl.zeros([CUTS, BLOCK], tl.float32)
         count = tl.zeros([CUTS, BLOCK], tl.int32)
-        x_max = tl.load(state_f_ptr + 3 * row)
         base = logits_ptr + row.to(tl.int64) * stride_row
         lo = chunk * span
         end = tl.minimum(lo + span, VOCAB)
@@ -192,7 +229,7 @@ def _count_kernel(  # type: ignore[no-untyped-def]
             mass, count = _tally(r1, o1 < end, x_max, scale, points_p, points_k, mass, count, TOP_P, TOP_K)
             mass, count = _tally(r2, o2 < end, x_max, scale, points_p, points_k, mass, count, TOP_P, TOP_K)
             mass, count = _tally(r3, o3 < end, x_max, scale, points_p, points_k, mass, count, TOP_P, TOP_K)
-        at = (row * num_chunks + chunk) * CUTS + tl.arange(0, CUTS)
+        at = (p % 2) * rows * num_chunks * CUTS + (row * num_chunks + chunk) * CUTS + tl.arange(0, CUTS)
         if TOP_P:
             tl.store(part_mass_ptr + at, tl.sum(mass, axis=1))
         if TOP_K:
@@ -220,32 +257,18 @@ def _narrowed(lo, hi, reached, CUTS: tl.constexpr):  # type: ignore[no-untyped-d
     return tl.where(live, last, lo), tl.where(live, following, hi)
 
 
-@triton.jit(do_not_specialize=["rows", "num_chunks"])
-def _narrow_kernel(  # type: ignore[no-untyped-def]
-    params_ptr, rows, state_f_ptr, state_k_ptr, part_mass_ptr, part_count_ptr, num_chunks,
-    BLOCK_C: tl.constexpr, CUTS: tl.constexpr, TOP_P: tl.constexpr, TOP_K: tl.constexpr,
+@triton.jit(do_not_specialize=["p", "rows", "num_chunks"])
+def _finish_kernel(  # type: ignore[no-untyped-def]
+    p, params_ptr, rows, part_f_ptr, part_k_ptr, state_f_ptr, state_k_ptr, part_mass_ptr,
+    part_count_ptr, num_chunks, VOCAB: tl.constexpr, BLOCK_C: tl.constexpr, CUTS: tl.constexpr,
+    TOP_P: tl.constexpr, TOP_K: tl.constexpr,
 ):  # fmt: skip
-    """Per row: this pass's sums over the chunks, and each live interval narrowed to one piece (a
-    search no row of the batch makes was never live)."""
-    row = tl.program_id(0)
-    lo_p, hi_p, lo_k, hi_k = _intervals(state_k_ptr, row)
-    if (hi_p - lo_p > 1) | (hi_k - lo_k > 1):  # else the count kernel wrote nothing for this row
-        c = tl.arange(0, BLOCK_C)
-        at = (row * num_chunks + c)[:, None] * CUTS + tl.arange(0, CUTS)[None, :]
-        here = (c < num_chunks)[:, None]
-        if TOP_P:
-            mass = tl.sum(tl.load(part_mass_ptr + at, mask=here, other=0.0), axis=0)
-            top_p = tl.load(params_ptr + 2 * rows + row)
-            total = tl.load(state_f_ptr + 3 * row + 1)
-            lo_p, hi_p = _narrowed(lo_p, hi_p, mass >= top_p * total, CUTS)
-        if TOP_K:
-            count = tl.sum(tl.load(part_count_ptr + at, mask=here, other=0), axis=0)
-            k = tl.load(params_ptr + rows + row)
-            lo_k, hi_k = _narrowed(lo_k, hi_k, count.to(tl.float32) >= k, CUTS)
-        tl.store(state_k_ptr + 4 * row, lo_p)
-        tl.store(state_k_ptr + 4 * row + 1, hi_p)
-        tl.store(state_k_ptr + 4 * row + 2, lo_k)
-        tl.store(state_k_ptr + 4 * row + 3, hi_k)
+    """Per row, after the last pass (p: the number of passes, even): the intervals it leaves, into
+    state slot 0 (with no pass, p = 0: the statistics alone, all min-p needs)."""
+    _enter_pass(
+        p, tl.program_id(0), 0, params_ptr, rows, part_f_ptr, part_k_ptr, part_mass_ptr,
+        part_count_ptr, state_f_ptr, state_k_ptr, num_chunks, VOCAB, BLOCK_C, CUTS, TOP_P, TOP_K,
+    )  # fmt: skip
 
 
 def passes(dtype: torch.dtype) -> int:
@@ -268,21 +291,20 @@ def search_cuts(
     part_f = torch.empty((rows, chunks, 2), dtype=torch.float32, device=dev)
     part_k = torch.empty((rows, chunks, 2), dtype=torch.int64, device=dev)
     state_f = torch.empty((rows, 3), dtype=torch.float32, device=dev)
-    state_k = torch.empty((rows, 4), dtype=torch.int64, device=dev)
+    state_k = torch.empty((2, rows, 4), dtype=torch.int64, device=dev)  # slots of even, odd passes
+    sums = (2, rows, chunks, CUTS)  # slots of even, odd passes
+    part_mass = torch.empty(sums, dtype=torch.float32, device=dev)
+    part_count = torch.empty(sums, dtype=torch.int32, device=dev)
     block_c = max(16, triton.next_power_of_2(chunks))
     grid = (rows, chunks)
     _stats_kernel[grid](logits, logits.stride(0), params, part_f, part_k, span, chunks,
                         VOCAB=vocab, BLOCK=block)  # fmt: skip
-    _init_kernel[(rows,)](
-        params, rows, part_f, part_k, chunks, state_f, state_k, VOCAB=vocab, BLOCK_C=block_c
-    )
-    part_mass = torch.empty((rows, chunks, CUTS), dtype=torch.float32, device=dev)
-    part_count = torch.empty((rows, chunks, CUTS), dtype=torch.int32, device=dev)
+    shared = (params, rows, part_f, part_k, state_f, state_k, part_mass, part_count, chunks)
+    flags = dict(VOCAB=vocab, BLOCK_C=block_c, CUTS=CUTS, TOP_P=top_p, TOP_K=top_k)
     count_block = max(1, min(block // 4, COUNT_BLOCK))  # an iteration's four tiles divide span
-    for _ in range(passes(logits.dtype) if top_p or top_k else 0):
-        _count_kernel[grid](logits, logits.stride(0), params, state_f, state_k, part_mass, part_count,
-                            span, chunks, VOCAB=vocab, BLOCK=count_block, CUTS=CUTS, TOP_P=top_p,
-                            TOP_K=top_k)  # fmt: skip
-        _narrow_kernel[(rows,)](params, rows, state_f, state_k, part_mass, part_count, chunks,
-                                BLOCK_C=block_c, CUTS=CUTS, TOP_P=top_p, TOP_K=top_k)  # fmt: skip
-    return state_f, state_k
+    done = passes(logits.dtype) if top_p or top_k else 0
+    for p in range(done):
+        _count_kernel[grid](logits, logits.stride(0), p, params, rows, part_f, part_k, state_f, state_k,
+                            part_mass, part_count, span, chunks, BLOCK=count_block, **flags)  # fmt: skip
+    _finish_kernel[(rows,)](done, *shared, **flags)
+    return state_f, state_k[0]
