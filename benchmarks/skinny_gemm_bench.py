@@ -11,6 +11,10 @@ from L2), and checks the Triton result against F.linear. The kernel is the one i
 pdserve/layers/triton_skinny.py; `planned_us` is the tile its plan() picks for this shape, if any.
 
     python benchmarks/skinny_gemm_bench.py --output skinny_gemm.json
+    python benchmarks/skinny_gemm_bench.py --splitk --m 64,128 --output splitk_gemm.json
+
+--splitk times pdserve/layers/triton_splitk.py's kernel instead (33-128 rows: K split over the SMs,
+the last program of each column tile adding up the partials), swept over SPLIT_TILES.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from gpu_engine import ceilings  # this folder: run as a script
 
+from pdserve.layers import triton_splitk
 from pdserve.layers.sm_count import num_sms
 from pdserve.layers.triton_skinny import plan, skinny_linear
 
@@ -44,6 +49,8 @@ MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
 }
 L2_FLUSH_BYTES = 256 << 20  # weight bytes cycled per shape, over 5x the H200's 50 MB L2
 TILES = list(itertools.product([16, 32, 64], [256, 512], [3, 4], [4]))  # BLOCK_N, BLOCK_K, stages, warps
+# BLOCK_N, BLOCK_K, splits, stages, warps
+SPLIT_TILES = list(itertools.product([64, 128], [64], [1, 2, 3, 4], [4], [4, 8]))
 
 
 def graph_time(fn: Any, launches: int = 20, replays: int = 20) -> float:
@@ -66,7 +73,7 @@ def graph_time(fn: Any, launches: int = 20, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_shape(model: str, name: str, m: int, ceiling: float) -> dict[str, Any]:
+def bench_shape(model: str, name: str, m: int, ceiling: float, splitk: bool = False) -> dict[str, Any]:
     n, k, has_bias = MODELS[model][name]
     copies = -(-L2_FLUSH_BYTES // (n * k * 2))  # launches cycle through these: weights come from HBM
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -75,17 +82,19 @@ def bench_shape(model: str, name: str, m: int, ceiling: float) -> dict[str, Any]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x, w, b).float()
     cublas = graph_time(lambda i: F.linear(x, ws[i % copies], b))
-    planned = plan(n, num_sms(x.device), m)
+    planned: Any = triton_splitk.plan(n, k, num_sms(x.device), m) if splitk else plan(n, num_sms(x.device), m)
+    run: Any = triton_splitk.splitk_linear if splitk else skinny_linear
     best: tuple[float, tuple] | None = None
     planned_us = float("nan")
-    for tile in TILES + ([planned] if planned and planned not in TILES else []):
+    tiles: list[Any] = list(SPLIT_TILES if splitk else TILES)
+    for tile in tiles + ([planned] if planned and planned not in tiles else []):
         try:
-            y = skinny_linear(x, w, b, tile)
+            y = run(x, w, b, tile)
             err = ((y.float() - want).abs().max() / want.abs().max()).item()
             if err > 2e-2:
                 print(f"{name} M={m} tile {tile}: wrong (rel err {err:.3g})", flush=True)
                 continue
-            t = graph_time(lambda i, tile=tile: skinny_linear(x, ws[i % copies], b, tile))
+            t = graph_time(lambda i, tile=tile: run(x, ws[i % copies], b, tile))
         except Exception as exc:  # a tile that does not fit (shared memory) is skipped
             print(f"{name} M={m} tile {tile}: {type(exc).__name__}", flush=True)
             continue
@@ -109,11 +118,12 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,32")
     ap.add_argument("--models", default="qwen2.5-7b", help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--splitk", action="store_true", help="triton_splitk.py's kernel (33-128 rows)")
     args = ap.parse_args()
     ceiling = ceilings()["copy_gbps"]  # as gpu_engine.py measures it (a graph-captured copy ran ~35% slower)
     print(f"copy ceiling {ceiling:.0f} GB/s", flush=True)
     results = [
-        bench_shape(model, name, int(m), ceiling)
+        bench_shape(model, name, int(m), ceiling, args.splitk)
         for model in args.models.split(",")
         for m in args.m.split(",")
         for name in MODELS[model]

@@ -9,8 +9,10 @@ that session), unfused (plan(), but SiLU * up as its own kernel after the gate_u
 that session), cublaslt (plan(), with torch's preferred BLAS library set to cuBLASLt for what the
 kernel leaves to F.linear: at B=128 cuBLAS runs 7B down at ~77% of the copy ceiling plus a split-K
 reduce), nopdl (plan(), without programmatic dependent launch, layers/pdl.py, on by default since
-the seventh session), chunks8 (plan(), the sampler's rows split for 8 programs an SM instead of 2:
-more loads in flight). One process per variant, so an A/B inside one device call compares the same machine.
+the seventh session), chunks2 (plan(), the sampler's rows split for 2 programs an SM, as before
+the seventh session, instead of 8), splitk (plan(), and triton_splitk.py's split-K kernel for
+33-128 rows of x: PDSERVE_SPLITK_GEMM=1). One process per variant, so an A/B inside one device
+call compares the same machine.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import sys
 
 import torch
 
-from pdserve.layers import pdl, triton_sampler, triton_skinny
+from pdserve.layers import pdl, triton_sampler, triton_skinny, triton_splitk
 
-VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks8"}
+VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "splitk"}
 
 
 def main() -> None:
@@ -42,8 +44,10 @@ def main() -> None:
         torch.backends.cuda.preferred_blas_library("cublaslt")
     if variant == "nopdl":
         pdl.ENABLED = False
-    if variant == "chunks8":
-        triton_sampler.PROGRAMS_PER_SM = 8
+    if variant == "chunks2":
+        triton_sampler.PROGRAMS_PER_SM = 2
+    if variant == "splitk":
+        triton_splitk.ENABLED = True
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")
