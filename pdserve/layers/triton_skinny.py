@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from pdserve.layers.gemm_shape import streamable
 from pdserve.layers.pdl import launch_options
 from pdserve.layers.sm_count import num_sms
 
@@ -84,19 +85,7 @@ if HAS_TRITON:
 
 def tile_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Tile | None:
     """The tile linear.py should run x @ weight^T (+ bias) with here, or None for F.linear."""
-    taken = (
-        ENABLED
-        and HAS_TRITON
-        and bias is None
-        and x.is_cuda
-        and x.dim() == 2
-        and 0 < x.shape[0] <= MAX_ROWS
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype
-        and weight.numel() >= MIN_WEIGHT
-        and x.stride(1) == 1
-        and weight.stride(1) == 1
-    )
+    taken = ENABLED and HAS_TRITON and bias is None and streamable(x, weight, (1, MAX_ROWS), MIN_WEIGHT)
     return plan(weight.shape[0], num_sms(x.device), x.shape[0]) if taken else None
 
 

@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from pdserve.layers.gemm_shape import streamable
 from pdserve.layers.pdl import launch_options
 from pdserve.layers.sm_count import num_sms
 
@@ -97,18 +98,7 @@ if HAS_TRITON:
 
 def tile_for(x: torch.Tensor, weight: torch.Tensor) -> SplitTile | None:
     """The tile linear.py should run x @ weight^T with here, or None (another path)."""
-    taken = (
-        ENABLED
-        and HAS_TRITON
-        and x.is_cuda
-        and x.dim() == 2
-        and MIN_ROWS <= x.shape[0] <= MAX_ROWS
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype
-        and weight.numel() >= MIN_WEIGHT
-        and x.stride(1) == 1
-        and weight.stride(1) == 1
-    )
+    taken = ENABLED and HAS_TRITON and streamable(x, weight, (MIN_ROWS, MAX_ROWS), MIN_WEIGHT)
     return plan(weight.shape[0], weight.shape[1], num_sms(x.device), x.shape[0]) if taken else None
 
 
