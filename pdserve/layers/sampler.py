@@ -12,7 +12,6 @@ waits for the GPU until a result is read (PendingSample.wait).
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 
 from pdserve.engine.host_tensors import to_device, to_host_later
 from pdserve.engine.request import Logprob, Request
+from pdserve.layers.penalties import apply_penalties
 
 # Rows with top-k/top-p take triton_cut.py's search unless PDSERVE_TRUNCATING_KERNEL=0 (the torch
 # sort): on an H200 it measured faster than the sort at 1-128 rows of a 152k vocabulary (128 rows,
@@ -120,15 +120,7 @@ def _sample_torch(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.
     raw = logits
     logits = logits.clone()
     dev = logits.device
-    for row, req in enumerate(requests):
-        if req.params.has_penalties:
-            _apply_penalties(logits[row], req)
-        if req.num_output_tokens < req.params.min_tokens:
-            banned = list(req.params.stop_token_ids) + (
-                [] if req.params.ignore_eos else list(req.eos_token_ids)
-            )
-            if banned:
-                logits[row, _on(banned, dev)] = float("-inf")
+    apply_penalties(logits, requests)  # and min_tokens bans
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     if random_rows:
@@ -177,21 +169,6 @@ def _filters(requests: list[Request], vocab: int) -> RowFilters | None:
         return None
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in ps]  # 0: off
     return RowFilters(top_k, [p.top_p for p in ps], [p.min_p for p in ps])
-
-
-def _apply_penalties(row: torch.Tensor, req: Request) -> None:
-    p = req.params
-    device = row.device
-    if p.repetition_penalty != 1.0:
-        seen = _on(sorted(set(req.token_ids)), device)
-        vals = row[seen]
-        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    out = req.output_token_ids
-    if out and (p.presence_penalty or p.frequency_penalty):
-        counted = Counter(out)  # on the host: unique() on a GPU would wait for the step
-        ids = _on(list(counted), device)
-        counts = _on(list(counted.values()), device, row.dtype)
-        row[ids] -= p.frequency_penalty * counts + p.presence_penalty
 
 
 def _sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
