@@ -3,10 +3,11 @@
 Order per row: penalties (repetition on prompt + output, presence/frequency on output) -> min_tokens
 masks EOS and stop ids -> greedy argmax, or temperature, top-k, top-p, min-p, then a draw. A request
 with a seed draws from its own generator, so its tokens do not depend on what else is in the batch.
-Logprobs are those of the model's raw distribution. On CUDA, a batch whose rows are all greedy,
-temperature, top-k, top-p or min-p goes through the Triton sampler instead (triton_sampler.py,
-triton_cut.py; PDSERVE_TRUNCATING_KERNEL=0 sends top-k/top-p rows to the torch sort). Nothing here
-waits for the GPU until a result is read (PendingSample.wait).
+Logprobs are those of the model's raw distribution. On CUDA, a batch without seeds or logprobs
+goes through the Triton sampler instead (triton_sampler.py, triton_cut.py;
+PDSERVE_TRUNCATING_KERNEL=0 sends top-k/top-p rows to the torch sort), after penalties and bans
+(penalties.py) where rows have them. Nothing here waits for the GPU until a result is read
+(PendingSample.wait).
 """
 
 from __future__ import annotations
@@ -44,15 +45,18 @@ class PendingSample:
 
 def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample:
     """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA nothing waits
-    until `wait()`: the host can do other work while the GPU finishes the step. Batches whose rows
-    are greedy, temperature, top-k, top-p or min-p take the Triton sampler (triton_sampler.py,
-    triton_cut.py; top-k/top-p unless TRUNCATING_KERNEL is off); the rest (penalties, seeds,
-    logprobs, min_tokens) the torch path, queued the same way."""
-    if logits.is_cuda and all(plain_sampling(r) for r in requests):
+    until `wait()`: the host can do other work while the GPU finishes the step. Batches without
+    seeds or logprobs take the Triton sampler (triton_sampler.py, triton_cut.py; top-k/top-p unless
+    TRUNCATING_KERNEL is off), penalties and min_tokens bans applied first to a float32 copy
+    (penalties.py); the rest the torch path, queued the same way."""
+    if logits.is_cuda and all(kernel_draws(r) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
         filters = _filters(requests, logits.shape[1])
         if HAS_TRITON and (filters is None or not filters.searches() or TRUNCATING_KERNEL):
+            if not all(plain_sampling(r) for r in requests):
+                logits = logits.to(torch.float32, copy=True)  # the model's logits stay as they are
+                apply_penalties(logits, requests)  # and min_tokens bans
             temperatures = [r.params.temperature for r in requests]
             drawn = triton_sample(logits, temperatures, filters=filters)
             return PendingSample(drawn, _results_later(drawn, None, requests))
@@ -149,10 +153,16 @@ def _on(
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
+def kernel_draws(req: Request) -> bool:
+    """Whether the Triton sampler can draw this row's token: anything but a seed (its own
+    generator) or logprobs; penalties and min_tokens bans are applied to the logits before it."""
+    return req.generator is None and req.params.logprobs is None
+
+
 def plain_sampling(req: Request) -> bool:
-    """What the one-launch Triton sampler draws exactly: greedy, or temperature with top-k, top-p and
-    min-p. No penalties or min_tokens bans (they need the outputs so far), no seed (its own generator),
-    no logprobs."""
+    """What the Triton sampler draws from the model's logits as they are: greedy, or temperature with
+    top-k, top-p and min-p. No penalties or min_tokens bans (they need the outputs so far: a step
+    launched ahead cannot have them), no seed (its own generator), no logprobs."""
     p = req.params
     return (
         not p.has_penalties

@@ -184,6 +184,44 @@ def test_which_requests_take_the_one_launch_path(params: SamplingParams, plain: 
     assert sampler.plain_sampling(Request("r", [1, 2], params)) is plain
 
 
+@pytest.mark.parametrize(
+    "params,drawn",
+    [
+        (SamplingParams(temperature=0.8, top_p=0.9), True),
+        (SamplingParams(repetition_penalty=1.1, presence_penalty=0.5), True),  # applied first
+        (SamplingParams(min_tokens=2, max_tokens=4), True),  # bans applied first
+        (SamplingParams(seed=3), False),
+        (SamplingParams(logprobs=2), False),
+    ],
+)
+def test_which_requests_the_kernel_can_draw(params: SamplingParams, drawn: bool) -> None:
+    assert sampler.kernel_draws(Request("r", [1, 2], params)) is drawn
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the dispatch picks the kernel for CUDA logits only")
+def test_penalized_and_banned_rows_are_drawn_by_the_kernel_after_the_adjustments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Greedy rows with a repetition penalty and a min_tokens ban: the kernel's argmax of the
+    adjusted logits is the torch path's token, and the model's logits are left as they were."""
+    calls = []
+    real = triton_sampler.triton_sample
+    monkeypatch.setattr(triton_sampler, "triton_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logits = torch.randn(2, 2000, device=DEVICE)
+    logits[0, 5], logits[0, 9] = 9.0, 4.0  # 5 is in the prompt: divided by 3, below 9's 4
+    logits[1, 7] = 9.0  # EOS, banned until min_tokens
+    before = logits.clone()
+    reqs = [
+        Request("p", [5, 6], SamplingParams(temperature=0.0, repetition_penalty=3.0)),
+        Request("b", [1], SamplingParams(temperature=0.0, min_tokens=3, max_tokens=8), eos_token_ids=(7,)),
+    ]
+    got = [r.token_id for r in sampler.sample_later(logits, reqs).wait()]
+    assert calls and torch.equal(logits, before)
+    want, _ = sampler._sample_torch(logits, reqs)
+    assert got == want.tolist() and got[0] != 5 and got[1] != 7
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the dispatch picks the kernel for CUDA logits only")
 def test_sample_dispatches_plain_batches_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
