@@ -56,10 +56,11 @@ def warmup_steps(block_size: int, num_blocks: int) -> list[StepInputs]:
 
 
 def warm_sampler(logits: torch.Tensor) -> None:
-    """Compile the Triton sampling kernels for these logits' vocabulary and dtype: rows split over
-    programs (small batches) and whole (large ones), min-p's floor (triton_cut.py's statistics), and
-    the top-k/top-p search too unless PDSERVE_TRUNCATING_KERNEL=0 sends those rows to the torch
-    sort."""
+    """Compile the Triton sampling kernels for these logits' vocabulary, in their dtype and in
+    float32 (rows with penalties are drawn from a float32 copy): rows split over programs (small
+    batches) and whole (large ones), min-p's floor (triton_cut.py's statistics), and unless
+    PDSERVE_TRUNCATING_KERNEL=0 sends those rows to the torch sort the top-k/top-p search, for
+    batches with top-p rows, top-k rows and both (each its own compiled variant)."""
     from pdserve.layers.sampler import TRUNCATING_KERNEL, RowFilters
     from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
@@ -67,8 +68,10 @@ def warm_sampler(logits: torch.Tensor) -> None:
         return
     rows = logits.shape[0]
     temperatures = [1.0] * rows
-    triton_sample(logits, temperatures)
-    triton_sample(logits, temperatures, chunks=1)
-    triton_sample(logits, temperatures, filters=RowFilters([0] * rows, [1.0] * rows, [0.05] * rows))
-    if TRUNCATING_KERNEL:
-        triton_sample(logits, temperatures, filters=RowFilters([50] * rows, [0.9] * rows, [0.0] * rows))
+    searches = [(50, 1.0), (0, 0.9), (50, 0.9)] if TRUNCATING_KERNEL else []  # (top_k, top_p)
+    for x in dict.fromkeys([logits, logits.float()]):  # one of each dtype
+        triton_sample(x, temperatures)
+        triton_sample(x, temperatures, chunks=1)
+        triton_sample(x, temperatures, filters=RowFilters([0] * rows, [1.0] * rows, [0.05] * rows))
+        for k, p in searches:
+            triton_sample(x, temperatures, filters=RowFilters([k] * rows, [p] * rows, [0.0] * rows))

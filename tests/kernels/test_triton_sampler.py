@@ -316,9 +316,10 @@ def test_sampling_is_queued_without_waiting_for_the_gpu(params: SamplingParams) 
 def test_warm_sampler_launches_every_variant_serving_takes(
     monkeypatch: pytest.MonkeyPatch, searching: bool
 ) -> None:
-    """What a GPU runner runs at start (engine/warmup.py) on its warm-up logits: rows split over
-    programs, whole rows, min-p, and (unless PDSERVE_TRUNCATING_KERNEL=0) the top-k/top-p search; each a
-    real launch that draws valid tokens."""
+    """What a GPU runner runs at start (engine/warmup.py) on its warm-up logits, in their dtype and
+    in float32 (penalized rows): rows split over programs, whole rows, min-p, and (unless
+    PDSERVE_TRUNCATING_KERNEL=0) the top-k, top-p and both searches; each a real launch that draws
+    valid tokens."""
     from pdserve.engine.warmup import warm_sampler
 
     monkeypatch.setattr(sampler, "TRUNCATING_KERNEL", searching)
@@ -327,12 +328,15 @@ def test_warm_sampler_launches_every_variant_serving_takes(
 
     def recorded(logits: torch.Tensor, temperatures: list[float], **kw: object) -> torch.Tensor:
         out = real(logits, temperatures, **kw)  # type: ignore[arg-type]
-        calls.append((kw.get("chunks"), kw.get("filters") is not None, out.tolist()))
+        filters = kw.get("filters")
+        cuts = None if filters is None else (filters.cuts_top_k(), filters.cuts_top_p())  # type: ignore[attr-defined]
+        calls.append((logits.dtype, kw.get("chunks"), cuts, out.tolist()))
         return out
 
     monkeypatch.setattr(triton_sampler, "triton_sample", recorded)
-    warm_sampler(torch.randn(2, 9000, device=DEVICE))
-    assert [(c, f) for c, f, _ in calls] == [(None, False), (1, False), (None, True)] + [
-        (None, True)
-    ] * searching
-    assert all(0 <= t < 9000 for _, _, drawn in calls for t in drawn)
+    warm_sampler(torch.randn(2, 9000, device=DEVICE).half())  # the model's dtype, then float32
+    searches = [(True, False), (False, True), (True, True)] if searching else []
+    variants = [(None, None), (1, None), (None, (False, False))] + [(None, cut) for cut in searches]
+    want = [(dtype, *v) for dtype in (torch.float16, torch.float32) for v in variants]
+    assert [(d, c, f) for d, c, f, _ in calls] == want
+    assert all(0 <= t < 9000 for *_, drawn in calls for t in drawn)
