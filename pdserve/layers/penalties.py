@@ -15,6 +15,7 @@ presence; then EOS and stop ids get -inf while a request has fewer than min_toke
 from __future__ import annotations
 
 import weakref
+from collections import Counter
 
 import numpy as np
 import torch
@@ -32,9 +33,7 @@ class _History:
         self.counted = 0  # leading token_ids taken in so far
         self.seen: set[int] = set()
         self.distinct = np.empty(0, dtype=np.int64)  # prompt and output, each token once
-        self.out_index: dict[int, int] = {}  # output token -> its place in out_ids / out_counts
-        self.out_ids: list[int] = []
-        self.out_counts: list[int] = []
+        self.outputs: Counter[int] = Counter()  # output token -> count, in first-seen order
 
     def update(self, req: Request) -> _History:
         tokens = req.token_ids
@@ -42,12 +41,7 @@ class _History:
         if fresh:
             self.seen.update(fresh)
             self.distinct = np.concatenate([self.distinct, np.asarray(fresh, dtype=np.int64)])
-        for t in tokens[max(self.counted, req.num_prompt_tokens) :]:
-            j = self.out_index.setdefault(t, len(self.out_ids))
-            if j == len(self.out_ids):
-                self.out_ids.append(t)
-                self.out_counts.append(0)
-            self.out_counts[j] += 1
+        self.outputs.update(tokens[max(self.counted, req.num_prompt_tokens) :])
         self.counted = len(tokens)
         return self
 
@@ -94,9 +88,11 @@ def _frequency(requests: list[Request]) -> Entries | None:
     if not asked:
         return None
     histories = [_history(r) for _, r in asked]
-    ids = [np.asarray(h.out_ids, dtype=np.int64) for h in histories]
+    ids = [np.fromiter(h.outputs.keys(), dtype=np.int64, count=len(h.outputs)) for h in histories]
     rows, lengths = _rows([i for i, _ in asked], ids)
-    counts = np.concatenate([np.asarray(h.out_counts, dtype=np.float32) for h in histories])
+    counts = np.concatenate(
+        [np.fromiter(h.outputs.values(), dtype=np.float32, count=len(h.outputs)) for h in histories]
+    )
     freq = np.repeat(np.asarray([r.params.frequency_penalty for _, r in asked], dtype=np.float32), lengths)
     presence = np.repeat(np.asarray([r.params.presence_penalty for _, r in asked], dtype=np.float32), lengths)
     return rows, np.concatenate(ids), (freq * counts + presence).astype(np.float32)

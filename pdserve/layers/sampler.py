@@ -164,12 +164,7 @@ def plain_sampling(req: Request) -> bool:
     top-k, top-p and min-p. No penalties or min_tokens bans (they need the outputs so far: a step
     launched ahead cannot have them), no seed (its own generator), no logprobs."""
     p = req.params
-    return (
-        not p.has_penalties
-        and req.num_output_tokens >= p.min_tokens
-        and req.generator is None
-        and p.logprobs is None
-    )
+    return kernel_draws(req) and not p.has_penalties and req.num_output_tokens >= p.min_tokens
 
 
 def _filters(requests: list[Request], vocab: int) -> RowFilters | None:
