@@ -14,7 +14,13 @@ pdserve/layers/triton_skinny.py; `planned_us` is the tile its plan() picks for t
     python benchmarks/skinny_gemm_bench.py --splitk --m 64,128 --output splitk_gemm.json
 
 --splitk times pdserve/layers/triton_splitk.py's kernel instead (33-128 rows: K split over the SMs,
-the last program of each column tile adding up the partials), swept over SPLIT_TILES.
+the last program of each column tile adding up the partials), swept over SPLIT_TILES. --gated times
+gate_up with SiLU(gate) * up in the skinny kernel's epilogue against what it replaces (cuBLAS, then
+the silu_and_mul kernel):
+
+    python benchmarks/skinny_gemm_bench.py --gated --m 32,64,128 --models qwen2.5-7b,qwen2.5-32b
+
+Past 32 rows the skinny kernel is swept over ROW_TILES (shorter K steps: x's tile grows with M).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from gpu_engine import ceilings  # this folder: run as a script
 
 from pdserve.layers import triton_splitk
+from pdserve.layers.activation import silu_and_mul
 from pdserve.layers.sm_count import num_sms
 from pdserve.layers.triton_skinny import plan, skinny_linear
 
@@ -51,6 +58,7 @@ L2_FLUSH_BYTES = 256 << 20  # weight bytes cycled per shape, over 5x the H200's 
 TILES = list(itertools.product([16, 32, 64], [256, 512], [3, 4], [4]))  # BLOCK_N, BLOCK_K, stages, warps
 # BLOCK_N, BLOCK_K, splits, stages, warps
 SPLIT_TILES = list(itertools.product([64, 128], [64], [1, 2, 3, 4], [4], [4, 8]))
+ROW_TILES = list(itertools.product([64, 128, 256], [64, 128], [3, 4], [4, 8]))  # past 32 rows
 
 
 def graph_time(fn: Any, launches: int = 20, replays: int = 20) -> float:
@@ -73,20 +81,30 @@ def graph_time(fn: Any, launches: int = 20, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_shape(model: str, name: str, m: int, ceiling: float, splitk: bool = False) -> dict[str, Any]:
+def _gated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: Any) -> torch.Tensor:
+    return skinny_linear(x, w, b, tile, gated=True)
+
+
+def bench_shape(
+    model: str, name: str, m: int, ceiling: float, splitk: bool = False, gated: bool = False
+) -> dict[str, Any]:
     n, k, has_bias = MODELS[model][name]
     copies = -(-L2_FLUSH_BYTES // (n * k * 2))  # launches cycle through these: weights come from HBM
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     w = ws[0]
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    want = F.linear(x, w, b).float()
-    cublas = graph_time(lambda i: F.linear(x, ws[i % copies], b))
+    want = (silu_and_mul(F.linear(x, w)) if gated else F.linear(x, w, b)).float()
+    if gated:  # what linear.silu_mul_linear runs without the fused kernel
+        cublas = graph_time(lambda i: silu_and_mul(F.linear(x, ws[i % copies])))
+    else:
+        cublas = graph_time(lambda i: F.linear(x, ws[i % copies], b))
     planned: Any = triton_splitk.plan(n, k, num_sms(x.device), m) if splitk else plan(n, num_sms(x.device), m)
-    run: Any = triton_splitk.splitk_linear if splitk else skinny_linear
+    run: Any = triton_splitk.splitk_linear if splitk else _gated if gated else skinny_linear
     best: tuple[float, tuple] | None = None
     planned_us = float("nan")
-    tiles: list[Any] = list(SPLIT_TILES if splitk else TILES)
+    timings: list[tuple[float, Any]] = []
+    tiles: list[Any] = list(SPLIT_TILES if splitk else ROW_TILES if m > 32 else TILES)
     for tile in tiles + ([planned] if planned and planned not in tiles else []):
         try:
             y = run(x, w, b, tile)
@@ -100,15 +118,17 @@ def bench_shape(model: str, name: str, m: int, ceiling: float, splitk: bool = Fa
             continue
         if tile == planned:
             planned_us = t * 1e6
+        timings.append((round(t * 1e6, 2), tile))
         if best is None or t < best[0]:
             best = (t, tile)
     nbytes = w.numel() * 2
-    out = {"model": model, "shape": name, "m": m, "weight_mb": nbytes / 1e6, "cublas_us": cublas * 1e6,
-           "cublas_of_ceiling": nbytes / cublas / 1e9 / ceiling}  # fmt: skip
+    out = {"model": model, "shape": name + ("+silu" if gated else ""), "m": m, "weight_mb": nbytes / 1e6,
+           "cublas_us": cublas * 1e6, "cublas_of_ceiling": nbytes / cublas / 1e9 / ceiling}  # fmt: skip
     if planned is not None:
         out.update(planned_tile=planned, planned_us=planned_us)
     if best is not None:
         out.update(triton_us=best[0] * 1e6, tile=best[1], triton_of_ceiling=nbytes / best[0] / 1e9 / ceiling)
+        out.update(fastest_tiles=sorted(timings)[:4])
     print(json.dumps(out), flush=True)
     return out
 
@@ -119,14 +139,18 @@ def main() -> None:
     ap.add_argument("--models", default="qwen2.5-7b", help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--output", default=None)
     ap.add_argument("--splitk", action="store_true", help="triton_splitk.py's kernel (33-128 rows)")
+    ap.add_argument(
+        "--gated", action="store_true", help="gate_up with SiLU*up fused vs cuBLAS + silu_and_mul"
+    )
     args = ap.parse_args()
     ceiling = ceilings()["copy_gbps"]  # as gpu_engine.py measures it (a graph-captured copy ran ~35% slower)
     print(f"copy ceiling {ceiling:.0f} GB/s", flush=True)
     results = [
-        bench_shape(model, name, int(m), ceiling, args.splitk)
+        bench_shape(model, name, int(m), ceiling, args.splitk, args.gated)
         for model in args.models.split(",")
         for m in args.m.split(",")
         for name in MODELS[model]
+        if name == "gate_up" or not args.gated
     ]
     if args.output:
         with open(args.output, "w") as f:

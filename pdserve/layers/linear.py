@@ -44,11 +44,14 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     tile_for gives a wide enough tile (the activation in its epilogue), else the GEMM then
     silu_and_mul."""
     tile = _skinny_tile(x, weight, None)
-    if tile is not None:
+    if x.is_cuda:
         from pdserve.layers import triton_skinny
 
-        if triton_skinny.FUSED_SILU and tile[0] >= triton_skinny.FUSED_MIN_WIDTH:
+        if tile is not None and triton_skinny.FUSED_SILU and tile[0] >= triton_skinny.FUSED_MIN_WIDTH:
             return triton_skinny.skinny_linear(x, weight, tile=tile, gated=True)
+        rows_tile = triton_skinny.gated_rows_tile(x, weight) if tile is None else None
+        if rows_tile is not None:
+            return triton_skinny.skinny_linear(x, weight, tile=rows_tile, gated=True)
     return silu_and_mul(_product(x, weight, None, tile))
 
 

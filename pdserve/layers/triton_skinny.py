@@ -42,6 +42,10 @@ FUSED_SILU = True  # linear.silu_mul_linear: SiLU(gate) * up in the gate_up GEMM
 FUSED_MIN_WIDTH = 64  # tiles at least this wide (32 gate + 32 up columns; 16 + 16 were 5% slower a
 # 7B step, docs/bench/h200/skinny-ab-fused-silu-2026-11-30.log)
 Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
+GATED_ROWS = (MAX_ROWS + 1, 128)  # rows of x gated_rows_tile may take gate_up at (33-128)
+GATED_ROW_TILES: dict[int, Tile] = {}  # up to this many rows -> tile for gate_up with SiLU * up
+# fused, past MAX_ROWS (where cuBLAS then silu_and_mul run otherwise); empty: off. Being measured
+# (skinny_gemm_bench.py --gated, engine_variant.py gated)
 
 if HAS_TRITON:
     import triton
@@ -87,6 +91,13 @@ def tile_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     """The tile linear.py should run x @ weight^T (+ bias) with here, or None for F.linear."""
     taken = ENABLED and HAS_TRITON and bias is None and streamable(x, weight, (1, MAX_ROWS), MIN_WEIGHT)
     return plan(weight.shape[0], num_sms(x.device), x.shape[0]) if taken else None
+
+
+def gated_rows_tile(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
+    """The tile of GATED_ROW_TILES for silu_mul_linear's x rows past MAX_ROWS, or None."""
+    if not (ENABLED and FUSED_SILU and HAS_TRITON and streamable(x, weight, GATED_ROWS, MIN_WEIGHT)):
+        return None
+    return next((GATED_ROW_TILES[r] for r in sorted(GATED_ROW_TILES) if x.shape[0] <= r), None)
 
 
 def plan(n: int, sms: int, rows: int = 1) -> Tile | None:

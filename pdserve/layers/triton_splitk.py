@@ -58,27 +58,29 @@ if HAS_TRITON:
         mask = (m[:, None] < M) & (n[None, :] < N)
         tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["k_per_split"])
+    @triton.jit(do_not_specialize=["steps_per_split"])
     def _splitk_kernel(  # type: ignore[no-untyped-def]
-        x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
+        x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, steps_per_split, stride_xm, stride_wn,
         stride_ym, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Program (tile, split): x[:, K range] @ W[tile columns, K range]^T; the tile's last
-        program to arrive adds up the SPLITS partials and writes y (with one split: at once)."""
+        program to arrive adds up the SPLITS partials and writes y (with one split: at once).
+        K is a multiple of BLOCK_K and a split whole steps of it: no mask along K, which would
+        leave every load a 2-byte one (the masks on rows and columns are constant along K, so
+        loads stay 16-byte and cp.async-pipelined)."""
         wait_prior(PDL)
         tile = tl.program_id(0)
         split = tl.program_id(1)
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
-        k_lo = split * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
+        first = split * steps_per_split
+        last = tl.minimum(first + steps_per_split, K // BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            inside = k[None, :] < k_hi
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & inside)
-            w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=(n[:, None] < N) & inside)
+        for step in range(first, last):
+            k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m[:, None] < M)
+            w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=n[:, None] < N)
             acc += tl.dot(x, tl.trans(w))
         if SPLITS == 1:
             _store_y(acc, b_ptr, y_ptr, m, n, M, N, stride_ym, HAS_BIAS)
@@ -99,6 +101,7 @@ if HAS_TRITON:
 def tile_for(x: torch.Tensor, weight: torch.Tensor) -> SplitTile | None:
     """The tile linear.py should run x @ weight^T with here, or None (another path)."""
     taken = ENABLED and HAS_TRITON and streamable(x, weight, (MIN_ROWS, MAX_ROWS), MIN_WEIGHT)
+    taken = taken and weight.shape[1] % BLOCK_K == 0
     return plan(weight.shape[0], weight.shape[1], num_sms(x.device), x.shape[0]) if taken else None
 
 
@@ -134,8 +137,9 @@ def splitk_linear(
     block_n, block_k, splits, stages, warps = tile or plan(n, k, 132, m) or (64, BLOCK_K, 1, 4, 8)
     block_m = max(16, triton.next_power_of_2(m))
     tiles = triton.cdiv(n, block_n)
-    per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole K steps a split
-    splits = triton.cdiv(k, per_split)  # rounding may leave fewer splits with work
+    assert k % block_k == 0, "K must be whole BLOCK_K steps (tile_for takes no other)"
+    per_split = triton.cdiv(k // block_k, splits)  # whole K steps a split
+    splits = triton.cdiv(k // block_k, per_split)  # rounding may leave fewer splits with work
     workspace, locks = _device_buffers(x.device)
     assert tiles <= locks.numel() and tiles * splits * block_m * block_n <= workspace.numel()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)

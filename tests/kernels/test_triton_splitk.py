@@ -45,10 +45,11 @@ def _close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
 @pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
 def test_matches_a_float32_matmul(m: int, splits: int, bias: bool) -> None:
-    """Ragged everywhere: 200 columns in 64-wide tiles, K = 600 in 64-steps split 1-3 ways."""
+    """Ragged rows and columns: 200 columns in 64-wide tiles; K = 640, 10 steps of 64 split 1-3
+    ways (3: 4, 4 and 2 steps)."""
     from pdserve.layers.triton_splitk import splitk_linear
 
-    x, w, b = _inputs(m, 200, 600, bias)
+    x, w, b = _inputs(m, 200, 640, bias)
     _close(splitk_linear(x, w, b, (64, 64, splits, 2, 4)), x, w, b)
 
 
@@ -90,6 +91,9 @@ def test_linear_takes_it_for_33_to_128_rows_when_enabled(monkeypatch: pytest.Mon
     for rows in (16, 33, 128, 129):
         x = torch.randn(rows, 3584, device=DEVICE, dtype=torch.bfloat16)
         _close(linear_module.linear(x, w), x, w, None)
+    ragged = torch.randn(3584, 3600, device=DEVICE, dtype=torch.bfloat16) * 0.02  # K: 56.25 steps
+    x = torch.randn(64, 3600, device=DEVICE, dtype=torch.bfloat16)
+    _close(linear_module.linear(x, ragged), x, ragged, None)
     assert calls == [33, 128]
 
 
