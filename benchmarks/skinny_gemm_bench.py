@@ -105,6 +105,7 @@ def bench_shape(
     planned_us = float("nan")
     timings: list[tuple[float, Any]] = []
     tiles: list[Any] = list(SPLIT_TILES if splitk else ROW_TILES if m > 32 else TILES)
+    tiles += ROW_TILES if gated and m <= 32 else []
     for tile in tiles + ([planned] if planned and planned not in tiles else []):
         try:
             y = run(x, w, b, tile)

@@ -12,15 +12,12 @@ reduce), nopdl (plan(), without programmatic dependent launch, layers/pdl.py, on
 the seventh session), chunks2 (plan(), the sampler's rows split for 2 programs an SM, as before
 the seventh session, instead of 8), splitk (plan(), and triton_splitk.py's split-K kernel for
 33-128 rows of x: PDSERVE_SPLITK_GEMM=1), gated (plan(), and gate_up with SiLU * up fused by the
-skinny kernel for 33-128 rows, with the fastest tiles skinny_gemm_bench.py --gated found for the
-first shape's model, read from the JSON file $GATED_TILES_JSON). One process per variant, so an A/B
-inside one device call compares the same machine.
+skinny kernel where plan() leaves it to cuBLAS, 17-64 rows: triton_skinny.gated_rows_tile). One
+process per variant, so an A/B inside one device call compares the same machine.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import runpy
 import sys
 
@@ -30,13 +27,6 @@ from pdserve.layers import pdl, triton_sampler, triton_skinny, triton_splitk
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "splitk"}
 VARIANTS |= {"gated"}
-
-
-def gated_tiles(path: str, model: str) -> dict[int, triton_skinny.Tile]:
-    """rows -> the fastest gate_up+silu tile skinny_gemm_bench.py --gated measured for `model`."""
-    with open(path) as f:
-        results = json.load(f)["results"]
-    return {r["m"]: tuple(r["tile"]) for r in results if r["model"] == model and "tile" in r}  # type: ignore[misc]
 
 
 def main() -> None:
@@ -61,9 +51,7 @@ def main() -> None:
     if variant == "splitk":
         triton_splitk.ENABLED = True
     if variant == "gated":
-        shapes = sys.argv[sys.argv.index("--shapes") + 1]
-        triton_skinny.GATED_ROW_TILES = gated_tiles(os.environ["GATED_TILES_JSON"], shapes.split(",")[0])
-        print(f"gate_up + silu tiles past {triton_skinny.MAX_ROWS} rows: {triton_skinny.GATED_ROW_TILES}")
+        triton_skinny.GATED_ROWS_ON = True
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")

@@ -14,7 +14,7 @@
 #                                           ab pdl qwen2.5-7b 1,32,128   or   ab cublaslt qwen2.5-7b 32,128
 #   bash scripts/gpu_session.sh next       # one H200 (~6 min): engine, then the attention sweep at B=32
 #   bash scripts/gpu_session.sh splitk     # one H200 (~6 min): the split-K GEMM (33-128 rows) alone and in the engine
-#   bash scripts/gpu_session.sh gated      # one H200 (~8 min): gate_up + SiLU fused past 32 rows, alone and in the engine
+#   bash scripts/gpu_session.sh gated      # one H200 (~6 min): gate_up + SiLU fused at 17-64 rows, alone and in the engine
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
@@ -84,12 +84,12 @@ splitk)  # one H200, ~6 min: triton_splitk.py's kernel vs cuBLAS alone (7B, 64 a
   grep -v "wrong\|Error" "$OUT/splitk_gemm.log" | cut -c1-400
   GPU_SESSION_NESTED=1 bash "$0" ab splitk qwen2.5-7b 64,128
   ;;
-gated)  # one H200, ~8 min: gate_up with SiLU * up fused at 64 and 128 rows vs cuBLAS + silu_and_mul
-  # (7B, 32B), then the engine A/B (7B B=64,128) with the fastest tiles found for 7B
-  timeout 240 python3 benchmarks/skinny_gemm_bench.py --gated --m 64,128 --models qwen2.5-7b,qwen2.5-32b \
+gated)  # one H200, ~6 min: gate_up with SiLU * up fused at 32 and 48 rows vs cuBLAS + silu_and_mul
+  # (7B, 32B), then the engine A/B (7B B=32,64: triton_skinny.gated_rows_tile)
+  timeout 150 python3 benchmarks/skinny_gemm_bench.py --gated --m 32,48 --models qwen2.5-7b,qwen2.5-32b \
     --output "$OUT/gated_gemm.json" >"$OUT/gated_gemm.log" 2>&1
   grep -v "wrong\|Error" "$OUT/gated_gemm.log" | cut -c1-600
-  GATED_TILES_JSON="$OUT/gated_gemm.json" GPU_SESSION_NESTED=1 bash "$0" ab gated qwen2.5-7b 64,128
+  GPU_SESSION_NESTED=1 bash "$0" ab gated qwen2.5-7b 32,64
   ;;
 loop)
   for i in 1 2 3; do

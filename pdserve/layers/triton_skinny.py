@@ -42,10 +42,11 @@ FUSED_SILU = True  # linear.silu_mul_linear: SiLU(gate) * up in the gate_up GEMM
 FUSED_MIN_WIDTH = 64  # tiles at least this wide (32 gate + 32 up columns; 16 + 16 were 5% slower a
 # 7B step, docs/bench/h200/skinny-ab-fused-silu-2026-11-30.log)
 Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
-GATED_ROWS = (MAX_ROWS + 1, 128)  # rows of x gated_rows_tile may take gate_up at (33-128)
-GATED_ROW_TILES: dict[int, Tile] = {}  # up to this many rows -> tile for gate_up with SiLU * up
-# fused, past MAX_ROWS (where cuBLAS then silu_and_mul run otherwise); empty: off. Being measured
-# (skinny_gemm_bench.py --gated, engine_variant.py gated)
+GATED_ROWS = (17, 64)  # rows of x where gated_rows_tile may take gate_up (plan() leaves it to
+# cuBLAS there), SiLU * up fused; at 128 rows it lost (7B 91.4 vs 76.9 us; 32B 159.5 vs 152.1)
+GATED_ROWS_ON = os.environ.get("PDSERVE_GATED_ROWS", "0") == "1"  # being measured: opt-in
+GATED_WIDTHS = (128, 64)  # gate + up columns a program, the wider where its waves fill
+GATED_STEPS = (64, 4, 4)  # (BLOCK_K, stages, warps): x's tile grows with the rows, K steps shrink
 
 if HAS_TRITON:
     import triton
@@ -94,10 +95,18 @@ def tile_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def gated_rows_tile(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
-    """The tile of GATED_ROW_TILES for silu_mul_linear's x rows past MAX_ROWS, or None."""
-    if not (ENABLED and FUSED_SILU and HAS_TRITON and streamable(x, weight, GATED_ROWS, MIN_WEIGHT)):
+    """For silu_mul_linear where plan() gave no tile: gate_up with SiLU * up in the epilogue for
+    GATED_ROWS rows of x, the widest of GATED_WIDTHS whose waves fill MIN_WAVE_FILL (else the
+    narrowest), or None. Microbenchmark at 64 rows (skinny_gemm_bench.py --gated, H200, vs cuBLAS
+    then silu_and_mul; docs/bench/h200/gated_gemm-2026-11-30.json): 7B 72.1 vs 76.0 us with 64
+    columns (128 fill 75% of their waves), 32B 137.6 vs 142.3 with 128."""
+    ok = GATED_ROWS_ON and ENABLED and FUSED_SILU and HAS_TRITON
+    if not (ok and streamable(x, weight, GATED_ROWS, MIN_WEIGHT)):
         return None
-    return next((GATED_ROW_TILES[r] for r in sorted(GATED_ROW_TILES) if x.shape[0] <= r), None)
+    sms = num_sms(x.device)
+    filled = [w for w in GATED_WIDTHS if _fill(weight.shape[0], sms, w) >= MIN_WAVE_FILL]
+    width = filled[0] if filled else GATED_WIDTHS[-1]
+    return (width, *GATED_STEPS)
 
 
 def plan(n: int, sms: int, rows: int = 1) -> Tile | None:
