@@ -89,7 +89,7 @@ gated)  # one H200, ~6 min: gate_up with SiLU * up fused at 32 and 48 rows vs cu
   timeout 150 python3 benchmarks/skinny_gemm_bench.py --gated --m 32,48 --models qwen2.5-7b,qwen2.5-32b \
     --output "$OUT/gated_gemm.json" >"$OUT/gated_gemm.log" 2>&1
   grep -v "wrong\|Error" "$OUT/gated_gemm.log" | cut -c1-600
-  GPU_SESSION_NESTED=1 bash "$0" ab gated qwen2.5-7b 32,64
+  GPU_SESSION_NESTED=1 bash "$0" ab nogated qwen2.5-7b 32,64
   ;;
 loop)
   for i in 1 2 3; do

@@ -44,7 +44,7 @@ FUSED_MIN_WIDTH = 64  # tiles at least this wide (32 gate + 32 up columns; 16 + 
 Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
 GATED_ROWS = (17, 64)  # rows of x where gated_rows_tile may take gate_up (plan() leaves it to
 # cuBLAS there), SiLU * up fused; at 128 rows it lost (7B 91.4 vs 76.9 us; 32B 159.5 vs 152.1)
-GATED_ROWS_ON = os.environ.get("PDSERVE_GATED_ROWS", "0") == "1"  # being measured: opt-in
+GATED_ROWS_ON = os.environ.get("PDSERVE_GATED_ROWS", "1") != "0"  # 7B B=32 4.83 -> 4.65 ms
 GATED_WIDTHS = (128, 64)  # gate + up columns a program, the wider where its waves fill
 GATED_STEPS = (64, 4, 4)  # (BLOCK_K, stages, warps): x's tile grows with the rows, K steps shrink
 GATED_UP_TO_32 = (128, 64, 3, 4)  # the tile up to 32 rows (7B: 66.9 us vs 73.4; 64 columns: > 75)
@@ -97,19 +97,23 @@ def tile_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def gated_rows_tile(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
     """For silu_mul_linear where plan() gave no tile: gate_up with SiLU * up in the epilogue for
-    GATED_ROWS rows of x, the widest of GATED_WIDTHS whose waves fill MIN_WAVE_FILL (else the
-    narrowest), or None. Microbenchmark at 64 rows (skinny_gemm_bench.py --gated, H200, vs cuBLAS
-    then silu_and_mul; docs/bench/h200/gated_gemm-2026-11-30.json): 7B 72.1 vs 76.0 us with 64
-    columns (128 fill 75% of their waves), 32B 137.6 vs 142.3 with 128."""
+    GATED_ROWS rows of x (gated_plan's tile), or None."""
     ok = GATED_ROWS_ON and ENABLED and FUSED_SILU and HAS_TRITON
     if not (ok and streamable(x, weight, GATED_ROWS, MIN_WEIGHT)):
         return None
-    if x.shape[0] <= 32:
+    return gated_plan(weight.shape[0], num_sms(x.device), x.shape[0])
+
+
+def gated_plan(n: int, sms: int, rows: int) -> Tile:
+    """The gated tile for N = 2 x intermediate rows of gate_up at `rows` rows of x: GATED_UP_TO_32
+    up to 32 rows, past that the widest of GATED_WIDTHS whose waves fill MIN_WAVE_FILL (else the
+    narrowest). Microbenchmark (skinny_gemm_bench.py --gated, H200, vs cuBLAS then silu_and_mul;
+    docs/bench/h200/gated_gemm-*-2026-11-30.json): 7B at 32 rows 66.9 vs 73.4 us; at 64 rows 72.1
+    vs 76.0 with 64 columns (128 fill 75% of their waves), 32B 137.6 vs 142.3 with 128."""
+    if rows <= 32:
         return GATED_UP_TO_32
-    sms = num_sms(x.device)
-    filled = [w for w in GATED_WIDTHS if _fill(weight.shape[0], sms, w) >= MIN_WAVE_FILL]
-    width = filled[0] if filled else GATED_WIDTHS[-1]
-    return (width, *GATED_STEPS)
+    filled = [w for w in GATED_WIDTHS if _fill(n, sms, w) >= MIN_WAVE_FILL]
+    return (filled[0] if filled else GATED_WIDTHS[-1], *GATED_STEPS)
 
 
 def plan(n: int, sms: int, rows: int = 1) -> Tile | None:

@@ -92,6 +92,22 @@ def test_gated_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
     _check_gated(m, inter, k, torch.bfloat16, triton_skinny.plan(2 * inter, num_sms(torch.device(DEVICE))))
 
 
+@pytest.mark.parametrize("m", [17, 32, 33, 64])
+@pytest.mark.parametrize(  # Qwen2.5-7B, -32B gate_up
+    "inter,k", [pytest.param(18944, 3584, marks=gpu), pytest.param(27648, 5120, marks=gpu)]
+)
+def test_gated_past_16_rows_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
+    tile = triton_skinny.gated_plan(2 * inter, num_sms(torch.device(DEVICE)), m)
+    _check_gated(m, inter, k, torch.bfloat16, tile)
+
+
+def test_gated_plan_takes_the_wider_tile_where_its_waves_fill() -> None:
+    assert triton_skinny.gated_plan(2 * 18944, 132, 32) == triton_skinny.GATED_UP_TO_32
+    assert triton_skinny.gated_plan(2 * 18944, 132, 64)[0] == 64  # 7B: 296 programs of 128, 75%
+    assert triton_skinny.gated_plan(2 * 27648, 132, 64)[0] == 128  # 32B: 432 of 128, 82%
+    assert triton_skinny.gated_plan(2 * 1000, 132, 48)[0] == 64  # fills nothing well: the narrowest
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("m", [1, 32])
 def test_programmatic_dependent_launch_gives_the_same_product(
@@ -112,24 +128,32 @@ def test_silu_mul_linear_fuses_where_the_plain_product_would_take_the_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(triton_skinny, "ENABLED", True)
+    monkeypatch.setattr(triton_skinny, "GATED_ROWS_ON", True)
     calls = []
     real = triton_skinny.skinny_linear
-    spy = lambda x, w, tile, **kw: calls.append(kw) or real(x, w, tile=tile, **kw)  # noqa: E731
+    spy = lambda x, w, tile, **kw: calls.append((tile, kw)) or real(x, w, tile=tile, **kw)  # noqa: E731
     monkeypatch.setattr(triton_skinny, "skinny_linear", spy)
     wide = torch.randn(2 * 27648, 5120, device=DEVICE, dtype=torch.bfloat16) * 0.02  # 32B: 64 wide
     narrow = torch.randn(2 * 18944, 3584, device=DEVICE, dtype=torch.bfloat16) * 0.02  # 7B: 32 wide
-    for rows, w, fused in [
-        (1, wide, True),
-        (16, wide, True),
-        (32, wide, False),  # several waves -> cuBLAS
-        (1, narrow, False),  # the kernel, unfused: 16 + 16 columns a program were slower
+    up_to_32, wide_64, narrow_64 = triton_skinny.GATED_UP_TO_32, (128, 64, 4, 4), (64, 64, 4, 4)
+    fused = {"gated": True}
+    for rows, w, want in [
+        (1, wide, [fused]),
+        (16, wide, [fused]),
+        (32, wide, [(up_to_32, fused)]),  # plan(): several waves -> gated_rows_tile
+        (1, narrow, [{}]),  # the kernel, unfused: 16 + 16 columns a program were slower
+        (24, narrow, [(up_to_32, fused)]),
+        (48, narrow, [(narrow_64, fused)]),  # 128 columns would fill 75% of their waves
+        (64, wide, [(wide_64, fused)]),
+        (65, narrow, []),  # cuBLAS, then silu_and_mul
     ]:
         calls.clear()
         x = torch.randn(rows, w.shape[1], device=DEVICE, dtype=torch.bfloat16)
         got = linear_module.silu_mul_linear(x, w)
         gate, up = F.linear(x, w).chunk(2, dim=-1)
         torch.testing.assert_close(got.float(), (F.silu(gate) * up).float(), atol=0.05, rtol=0.02)
-        assert calls == ([{"gated": True}] if fused else [{}] if rows <= 16 else []), (rows, w.shape)
+        seen = [kw if rows <= 16 else (tile, kw) for tile, kw in calls]
+        assert seen == want, (rows, w.shape)
 
 
 @pytest.mark.gpu
