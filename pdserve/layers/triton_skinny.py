@@ -44,10 +44,18 @@ FUSED_MIN_WIDTH = 64  # tiles at least this wide (32 gate + 32 up columns; 16 + 
 Tile = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, stages, warps)
 GATED_ROWS = (17, 64)  # rows of x where gated_rows_tile may take gate_up (plan() leaves it to
 # cuBLAS there), SiLU * up fused; at 128 rows it lost (7B 91.4 vs 76.9 us; 32B 159.5 vs 152.1)
-GATED_ROWS_ON = os.environ.get("PDSERVE_GATED_ROWS", "1") != "0"  # 7B B=32 4.83 -> 4.65 ms
-GATED_WIDTHS = (128, 64)  # gate + up columns a program, the wider where its waves fill
-GATED_STEPS = (64, 4, 4)  # (BLOCK_K, stages, warps): x's tile grows with the rows, K steps shrink
-GATED_UP_TO_32 = (128, 64, 3, 4)  # the tile up to 32 rows (7B: 66.9 us vs 73.4; 64 columns: > 75)
+GATED_ROWS_ON = os.environ.get("PDSERVE_GATED_ROWS", "1") != "0"
+# gate_up shapes (2 x intermediate, hidden) measured to win -> (up to rows, tile or None: cuBLAS);
+# skinny_gemm_bench.py --gated (H200, vs cuBLAS then silu_and_mul, us; docs/bench/h200/gated_gemm-*-
+# 2026-11-30.json) and engine A/Bs (gpu_session.sh ab nogated, launched ahead, ms)
+GATED_TILES: dict[tuple[int, int], tuple[tuple[int, Tile | None], ...]] = {
+    # Qwen2.5-7B: 32 rows 66.9 vs 73.4 (64-column tiles > 75), B=32 4.83 -> 4.65 ms; 48 rows 73.2 vs
+    # 72.4; 64 rows 72.1 vs 76.0 (128 columns 74.1), B=64 5.53 -> 5.47
+    (37888, 3584): ((32, (128, 64, 3, 4)), (48, None), (64, (64, 64, 4, 4))),
+    # Qwen2.5-32B: cuBLAS streams it at 99% of the copy ceiling at 32 rows (B=32 19.87 -> 20.44 ms
+    # with the 7B tile: not taken); 48 rows 137.4 vs 145.3, 64 rows 137.6 vs 142.3, B=64 22.38 -> 22.21
+    (55296, 5120): ((32, None), (64, (128, 64, 4, 4))),
+}
 
 if HAS_TRITON:
     import triton
@@ -97,23 +105,16 @@ def tile_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def gated_rows_tile(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
     """For silu_mul_linear where plan() gave no tile: gate_up with SiLU * up in the epilogue for
-    GATED_ROWS rows of x (gated_plan's tile), or None."""
+    GATED_ROWS rows of x where GATED_TILES has a tile for the shape, or None."""
     ok = GATED_ROWS_ON and ENABLED and FUSED_SILU and HAS_TRITON
     if not (ok and streamable(x, weight, GATED_ROWS, MIN_WEIGHT)):
         return None
-    return gated_plan(weight.shape[0], num_sms(x.device), x.shape[0])
+    return gated_plan(weight.shape[0], weight.shape[1], x.shape[0])
 
 
-def gated_plan(n: int, sms: int, rows: int) -> Tile:
-    """The gated tile for N = 2 x intermediate rows of gate_up at `rows` rows of x: GATED_UP_TO_32
-    up to 32 rows, past that the widest of GATED_WIDTHS whose waves fill MIN_WAVE_FILL (else the
-    narrowest). Microbenchmark (skinny_gemm_bench.py --gated, H200, vs cuBLAS then silu_and_mul;
-    docs/bench/h200/gated_gemm-*-2026-11-30.json): 7B at 32 rows 66.9 vs 73.4 us; at 64 rows 72.1
-    vs 76.0 with 64 columns (128 fill 75% of their waves), 32B 137.6 vs 142.3 with 128."""
-    if rows <= 32:
-        return GATED_UP_TO_32
-    filled = [w for w in GATED_WIDTHS if _fill(n, sms, w) >= MIN_WAVE_FILL]
-    return (filled[0] if filled else GATED_WIDTHS[-1], *GATED_STEPS)
+def gated_plan(n: int, k: int, rows: int) -> Tile | None:
+    """GATED_TILES' tile for gate_up [N, K] at `rows` rows of x (None: unmeasured shape, or cuBLAS)."""
+    return next((tile for up_to, tile in GATED_TILES.get((n, k), ()) if rows <= up_to), None)
 
 
 def plan(n: int, sms: int, rows: int = 1) -> Tile | None:

@@ -97,15 +97,19 @@ def test_gated_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
     "inter,k", [pytest.param(18944, 3584, marks=gpu), pytest.param(27648, 5120, marks=gpu)]
 )
 def test_gated_past_16_rows_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
-    tile = triton_skinny.gated_plan(2 * inter, num_sms(torch.device(DEVICE)), m)
+    """Every tile of GATED_TILES on its shape (the 32B's up-to-32 is cuBLAS's: its 64-row tile here)."""
+    tile = triton_skinny.gated_plan(2 * inter, k, m) or triton_skinny.gated_plan(2 * inter, k, 64)
     _check_gated(m, inter, k, torch.bfloat16, tile)
 
 
-def test_gated_plan_takes_the_wider_tile_where_its_waves_fill() -> None:
-    assert triton_skinny.gated_plan(2 * 18944, 132, 32) == triton_skinny.GATED_UP_TO_32
-    assert triton_skinny.gated_plan(2 * 18944, 132, 64)[0] == 64  # 7B: 296 programs of 128, 75%
-    assert triton_skinny.gated_plan(2 * 27648, 132, 64)[0] == 128  # 32B: 432 of 128, 82%
-    assert triton_skinny.gated_plan(2 * 1000, 132, 48)[0] == 64  # fills nothing well: the narrowest
+def test_gated_plan_takes_only_measured_shapes_and_rows() -> None:
+    assert triton_skinny.gated_plan(2 * 18944, 3584, 17) == (128, 64, 3, 4)  # 7B
+    assert triton_skinny.gated_plan(2 * 18944, 3584, 40) is None
+    assert triton_skinny.gated_plan(2 * 18944, 3584, 49) == (64, 64, 4, 4)
+    assert triton_skinny.gated_plan(2 * 18944, 3584, 65) is None
+    assert triton_skinny.gated_plan(2 * 27648, 5120, 32) is None  # 32B
+    assert triton_skinny.gated_plan(2 * 27648, 5120, 64) == (128, 64, 4, 4)
+    assert triton_skinny.gated_plan(2 * 12288, 4096, 32) is None  # not measured (Qwen3-8B)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -135,16 +139,16 @@ def test_silu_mul_linear_fuses_where_the_plain_product_would_take_the_kernel(
     monkeypatch.setattr(triton_skinny, "skinny_linear", spy)
     wide = torch.randn(2 * 27648, 5120, device=DEVICE, dtype=torch.bfloat16) * 0.02  # 32B: 64 wide
     narrow = torch.randn(2 * 18944, 3584, device=DEVICE, dtype=torch.bfloat16) * 0.02  # 7B: 32 wide
-    up_to_32, wide_64, narrow_64 = triton_skinny.GATED_UP_TO_32, (128, 64, 4, 4), (64, 64, 4, 4)
     fused = {"gated": True}
     for rows, w, want in [
         (1, wide, [fused]),
         (16, wide, [fused]),
-        (32, wide, [(up_to_32, fused)]),  # plan(): several waves -> gated_rows_tile
+        (32, wide, []),  # plan(): several waves -> cuBLAS (faster than gated tiles here)
+        (33, wide, [((128, 64, 4, 4), fused)]),  # gated_rows_tile
         (1, narrow, [{}]),  # the kernel, unfused: 16 + 16 columns a program were slower
-        (24, narrow, [(up_to_32, fused)]),
-        (48, narrow, [(narrow_64, fused)]),  # 128 columns would fill 75% of their waves
-        (64, wide, [(wide_64, fused)]),
+        (24, narrow, [((128, 64, 3, 4), fused)]),
+        (48, narrow, []),
+        (64, narrow, [((64, 64, 4, 4), fused)]),
         (65, narrow, []),  # cuBLAS, then silu_and_mul
     ]:
         calls.clear()
