@@ -11,10 +11,8 @@ from L2), and checks the Triton result against F.linear. The kernel is the one i
 pdserve/layers/triton_skinny.py; `planned_us` is the tile its plan() picks for this shape, if any.
 
     python benchmarks/skinny_gemm_bench.py --output skinny_gemm.json
-    python benchmarks/skinny_gemm_bench.py --splitk --m 64,128 --output splitk_gemm.json
 
---splitk times pdserve/layers/triton_splitk.py's kernel instead (33-128 rows: K split over the SMs,
-the last program of each column tile adding up the partials), swept over SPLIT_TILES. --gated times
+--gated times
 gate_up with SiLU(gate) * up in the skinny kernel's epilogue against what it replaces (cuBLAS, then
 the silu_and_mul kernel):
 
@@ -35,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from gpu_engine import ceilings  # this folder: run as a script
 
-from pdserve.layers import triton_splitk
 from pdserve.layers.activation import silu_and_mul
 from pdserve.layers.sm_count import num_sms
 from pdserve.layers.triton_skinny import plan, skinny_linear
@@ -56,8 +53,6 @@ MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
 }
 L2_FLUSH_BYTES = 256 << 20  # weight bytes cycled per shape, over 5x the H200's 50 MB L2
 TILES = list(itertools.product([16, 32, 64], [256, 512], [3, 4], [4]))  # BLOCK_N, BLOCK_K, stages, warps
-# BLOCK_N, BLOCK_K, splits, stages, warps
-SPLIT_TILES = list(itertools.product([64, 128], [64], [1, 2, 3, 4], [4], [4, 8]))
 ROW_TILES = list(itertools.product([64, 128, 256], [64, 128], [3, 4], [4, 8]))  # past 32 rows
 
 
@@ -85,9 +80,7 @@ def _gated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: Any) 
     return skinny_linear(x, w, b, tile, gated=True)
 
 
-def bench_shape(
-    model: str, name: str, m: int, ceiling: float, splitk: bool = False, gated: bool = False
-) -> dict[str, Any]:
+def bench_shape(model: str, name: str, m: int, ceiling: float, gated: bool = False) -> dict[str, Any]:
     n, k, has_bias = MODELS[model][name]
     copies = -(-L2_FLUSH_BYTES // (n * k * 2))  # launches cycle through these: weights come from HBM
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -99,12 +92,12 @@ def bench_shape(
         cublas = graph_time(lambda i: silu_and_mul(F.linear(x, ws[i % copies])))
     else:
         cublas = graph_time(lambda i: F.linear(x, ws[i % copies], b))
-    planned: Any = triton_splitk.plan(n, k, num_sms(x.device), m) if splitk else plan(n, num_sms(x.device), m)
-    run: Any = triton_splitk.splitk_linear if splitk else _gated if gated else skinny_linear
+    planned: Any = plan(n, num_sms(x.device), m)
+    run: Any = _gated if gated else skinny_linear
     best: tuple[float, tuple] | None = None
     planned_us = float("nan")
     timings: list[tuple[float, Any]] = []
-    tiles: list[Any] = list(SPLIT_TILES if splitk else ROW_TILES if m > 32 else TILES)
+    tiles: list[Any] = list(ROW_TILES if m > 32 else TILES)
     tiles += ROW_TILES if gated and m <= 32 else []
     for tile in tiles + ([planned] if planned and planned not in tiles else []):
         try:
@@ -139,7 +132,6 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,32")
     ap.add_argument("--models", default="qwen2.5-7b", help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--output", default=None)
-    ap.add_argument("--splitk", action="store_true", help="triton_splitk.py's kernel (33-128 rows)")
     ap.add_argument(
         "--gated", action="store_true", help="gate_up with SiLU*up fused vs cuBLAS + silu_and_mul"
     )
@@ -147,7 +139,7 @@ def main() -> None:
     ceiling = ceilings()["copy_gbps"]  # as gpu_engine.py measures it (a graph-captured copy ran ~35% slower)
     print(f"copy ceiling {ceiling:.0f} GB/s", flush=True)
     results = [
-        bench_shape(model, name, int(m), ceiling, args.splitk, args.gated)
+        bench_shape(model, name, int(m), ceiling, args.gated)
         for model in args.models.split(",")
         for m in args.m.split(",")
         for name in MODELS[model]

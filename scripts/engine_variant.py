@@ -10,8 +10,7 @@ that session), cublaslt (plan(), with torch's preferred BLAS library set to cuBL
 kernel leaves to F.linear: at B=128 cuBLAS runs 7B down at ~77% of the copy ceiling plus a split-K
 reduce), nopdl (plan(), without programmatic dependent launch, layers/pdl.py, on by default since
 the seventh session), chunks2 (plan(), the sampler's rows split for 2 programs an SM, as before
-the seventh session, instead of 8), splitk (plan(), and triton_splitk.py's split-K kernel for
-33-128 rows of x: PDSERVE_SPLITK_GEMM=1), nogated (plan(), without gate_up's SiLU * up fused by
+the seventh session, instead of 8), nogated (plan(), without gate_up's SiLU * up fused by
 the skinny kernel where plan() leaves it to cuBLAS, 17-64 rows: triton_skinny.gated_rows_tile, on by
 default since 2026-11-30's eighth session). One
 process per variant, so an A/B inside one device call compares the same machine.
@@ -24,10 +23,9 @@ import sys
 
 import torch
 
-from pdserve.layers import pdl, triton_sampler, triton_skinny, triton_splitk
+from pdserve.layers import pdl, triton_sampler, triton_skinny
 
-VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "splitk"}
-VARIANTS |= {"nogated"}
+VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
 
 
 def main() -> None:
@@ -49,8 +47,6 @@ def main() -> None:
         pdl.ENABLED = False
     if variant == "chunks2":
         triton_sampler.PROGRAMS_PER_SM = 2
-    if variant == "splitk":
-        triton_splitk.ENABLED = True
     if variant == "nogated":
         triton_skinny.GATED_ROWS_ON = False
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")

@@ -13,7 +13,6 @@
 #                                           alternating, 2 rounds (default 7B and 32B, B=1,8); e.g.
 #                                           ab pdl qwen2.5-7b 1,32,128   or   ab cublaslt qwen2.5-7b 32,128
 #   bash scripts/gpu_session.sh next       # one H200 (~6 min): engine, then the attention sweep at B=32
-#   bash scripts/gpu_session.sh splitk     # one H200 (~6 min): the split-K GEMM (33-128 rows) alone and in the engine
 #   bash scripts/gpu_session.sh gated      # one H200 (~6 min): gate_up + SiLU fused at 17-64 rows, alone and in the engine
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -74,15 +73,6 @@ ab)
 next)  # one H200, ~6 min: the engine table and sampler paths, then the decode-attention sweep at B=32
   GPU_SESSION_NESTED=1 bash "$0" engine
   GPU_SESSION_NESTED=1 bash "$0" sweep 32
-  ;;
-splitk)  # one H200, ~6 min: triton_splitk.py's kernel vs cuBLAS alone (7B, 64 and 128 rows), then in
-  # the engine (7B B=64,128; its GPU tests first)
-  timeout 120 python3 -m pytest -q tests/kernels/test_triton_splitk.py >"$OUT/splitk_tests.log" 2>&1
-  tail -1 "$OUT/splitk_tests.log"
-  timeout 240 python3 benchmarks/skinny_gemm_bench.py --splitk --m 64,128 --models qwen2.5-7b \
-    --output "$OUT/splitk_gemm.json" >"$OUT/splitk_gemm.log" 2>&1
-  grep -v "wrong\|Error" "$OUT/splitk_gemm.log" | cut -c1-400
-  GPU_SESSION_NESTED=1 bash "$0" ab splitk qwen2.5-7b 64,128
   ;;
 gated)  # one H200, ~6 min: gate_up with SiLU * up fused at 32 and 48 rows vs cuBLAS + silu_and_mul
   # (7B, 32B), then the engine A/B (7B B=32,64: triton_skinny.gated_rows_tile)

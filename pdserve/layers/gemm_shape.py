@@ -1,4 +1,4 @@
-"""Which products x @ W^T the Triton decode GEMMs (triton_skinny.py, triton_splitk.py) may take at
+"""Which products x @ W^T the Triton decode GEMM (triton_skinny.py) may take at
 all: on CUDA, x 2-D with rows in the kernel's range, fp16/bf16 throughout, both operands contiguous
 along K, and a weight large enough that streaming it is the product's cost."""
 

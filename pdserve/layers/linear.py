@@ -10,8 +10,8 @@ Each sharded parameter carries a ParamShard (pdserve.distributed.weights) saying
 full tensor, so checkpoint loading and dummy init cut full tensors the same way. At tp=1 the forward
 passes are plain matmuls / F.embedding and no collective runs. The projections multiply through
 `linear`: F.linear, or on CUDA for a few rows (decode at small batch) the Triton skinny GEMM where it
-was measured faster (triton_skinny.py; PDSERVE_SKINNY_GEMM=0 turns it off), and with
-PDSERVE_SPLITK_GEMM=1 for 33-128 rows the split-K kernel of triton_splitk.py (not measured yet).
+was measured faster (triton_skinny.py; PDSERVE_SKINNY_GEMM=0 turns it off); gate_up with SiLU * up
+fused by the same kernel where that was measured faster (silu_mul_linear).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pdserve.layers.activation import silu_and_mul
 
 if TYPE_CHECKING:
     from pdserve.layers.triton_skinny import Tile
-    from pdserve.layers.triton_splitk import SplitTile
 
 RowSlice = tuple[int, int, int]  # (full rows, first row this rank holds, rows it holds)
 
@@ -64,27 +63,13 @@ def _skinny_tile(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return triton_skinny.tile_for(x, weight, bias)
 
 
-def _splitk_tile(x: torch.Tensor, weight: torch.Tensor) -> SplitTile | None:
-    """triton_splitk's tile for this product, or None; CPU tensors never import triton."""
-    if not x.is_cuda:
-        return None
-    from pdserve.layers import triton_splitk
-
-    return triton_splitk.tile_for(x, weight)
-
-
 def _product(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile | None
 ) -> torch.Tensor:
-    """x @ weight^T (+ bias) with the skinny kernel's `tile` (given for bias-free weights only);
-    without one the split-K kernel where its tile_for gives a tile, else F.linear."""
+    """x @ weight^T (+ bias) with the skinny kernel's `tile` (given for bias-free weights only), or
+    F.linear without one."""
     if tile is None:
-        split = _splitk_tile(x, weight)
-        if split is None:
-            return F.linear(x, weight, bias)
-        from pdserve.layers import triton_splitk
-
-        return triton_splitk.splitk_linear(x, weight, bias, split)
+        return F.linear(x, weight, bias)
     from pdserve.layers import triton_skinny
 
     assert bias is None

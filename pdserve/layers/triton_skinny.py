@@ -12,8 +12,10 @@ the engine (gpu_session.sh skinny, one H200, decode launched ahead, ms): on vs o
 4.22, 32B B=1 18.74 -> 17.73 (fifth session); sixth session: one-wave grids 4 stages deep instead
 of 3, 7B B=1 4.21 -> 4.16, B=8 4.48 -> 4.39; 64-column programs on fill ties, 32B B=1 17.41 ->
 17.10, B=8 18.16 -> 17.90; one-wave grids up to 32 rows, 7B B=32 5.26 -> 5.03.
-linear.py takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16 weights on CUDA;
-PDSERVE_SKINNY_GEMM=0 turns it off.
+linear.py takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16 weights on CUDA, and
+for gate_up with SiLU * up in the epilogue at 17-64 rows where GATED_TILES holds a tile measured
+faster than cuBLAS then silu_and_mul (eighth session: 7B B=32 4.83 -> 4.65 ms a step);
+PDSERVE_SKINNY_GEMM=0 turns it off, PDSERVE_GATED_ROWS=0 only the latter.
 
 linear.py imports this module only for CUDA tensors, so a CPU process never imports triton unless a
 test sets TRITON_INTERPRET first.

@@ -66,16 +66,6 @@ KERNELS = {
                                        (16, 32, 256, 4, False), (16, 64, 256, 4, False),
                                        (16, 32, 256, 4, True)]
     },
-    **{  # the split-K GEMM's tiles plan() picks (BLOCK_M, BLOCK_N, splits): 7B o/down at 128 and
-        # 64 rows, qkv at 64 (warps 8, BLOCK_K 64, 4 stages)
-        f"splitk_gemm_{m}x{n}_{splits}": (
-            "pdserve.layers.triton_splitk", "_splitk_kernel",
-            {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
-             "lock_ptr": "*i32"},
-            {"HAS_BIAS": n == 128, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "SPLITS": splits, "PDL": True},
-            8, 4)
-        for m, n, splits in [(128, 64, 2), (64, 64, 2), (64, 128, 3)]
-    },
     "rms_norm": ("pdserve.layers.triton_fused", "_rms_norm_kernel",
                  {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
                   "res_out_ptr": "*bf16", "eps": "fp32"},
