@@ -56,7 +56,8 @@ KERNELS = {
                       "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "cache_ptr": "*bf16"},
                      {"NUM_Q_HEADS": 28, "NUM_K_HEADS": 4, "HALF": 64, "BLOCK_H": 32, "BLOCK_HALF": 64,
                       "BLOCK_SIZE": 16, "PDL": True}, 4, 3),
-    **{  # the skinny GEMM's tiles plan() picks (BLOCK_M, BLOCK_N, BLOCK_K, stages), plain and gated
+    **{  # the skinny GEMM's tiles plan() and GATED_TILES pick (BLOCK_M, BLOCK_N, BLOCK_K, stages), plain
+        # and gated (BLOCK_N: gate columns only)
         f"skinny_gemm_{m}x{n}x{k}x{stages}{'_gated' if gated else ''}": (
             "pdserve.layers.triton_skinny", "_skinny_kernel",
             {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
@@ -64,7 +65,8 @@ KERNELS = {
             4, stages)
         for m, n, k, stages, gated in [(16, 32, 512, 4, False), (32, 32, 512, 4, False),
                                        (16, 32, 256, 4, False), (16, 64, 256, 4, False),
-                                       (16, 32, 256, 4, True)]
+                                       (16, 32, 256, 4, True), (32, 64, 64, 3, True),
+                                       (64, 32, 64, 4, True), (64, 64, 64, 4, True)]
     },
     "rms_norm": ("pdserve.layers.triton_fused", "_rms_norm_kernel",
                  {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
