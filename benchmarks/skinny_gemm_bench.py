@@ -50,6 +50,18 @@ MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
         "gate_up": (55296, 5120, False),
         "down": (5120, 27648, False),
     },
+    "qwen3-8b": {  # pdserve/model_configs (no qkv bias)
+        "qkv": (6144, 4096, False),
+        "o": (4096, 4096, False),
+        "gate_up": (24576, 4096, False),
+        "down": (4096, 12288, False),
+    },
+    "qwen3-32b": {
+        "qkv": (10240, 5120, False),
+        "o": (5120, 8192, False),
+        "gate_up": (51200, 5120, False),
+        "down": (5120, 25600, False),
+    },
 }
 L2_FLUSH_BYTES = 256 << 20  # weight bytes cycled per shape, over 5x the H200's 50 MB L2
 TILES = list(itertools.product([16, 32, 64], [256, 512], [3, 4], [4]))  # BLOCK_N, BLOCK_K, stages, warps

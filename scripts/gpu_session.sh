@@ -14,6 +14,7 @@
 #                                           ab pdl qwen2.5-7b 1,32,128   or   ab cublaslt qwen2.5-7b 32,128
 #   bash scripts/gpu_session.sh next       # one H200 (~6 min): engine, then the attention sweep at B=32
 #   bash scripts/gpu_session.sh gated      # one H200 (~6 min): gate_up + SiLU fused at 17-64 rows, alone and in the engine
+#   bash scripts/gpu_session.sh gated3     # one H200 (~3 min): the same microbenchmark on the Qwen3 shapes
 #   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
@@ -80,6 +81,11 @@ gated)  # one H200, ~6 min: gate_up with SiLU * up fused at 32 and 48 rows vs cu
     --output "$OUT/gated_gemm.json" >"$OUT/gated_gemm.log" 2>&1
   grep -v "wrong\|Error" "$OUT/gated_gemm.log" | cut -c1-600
   GPU_SESSION_NESTED=1 bash "$0" ab nogated qwen2.5-7b 32,64
+  ;;
+gated3)  # one H200, ~3 min: the gated microbenchmark on the Qwen3 shapes (GATED_TILES has none yet)
+  timeout 200 python3 benchmarks/skinny_gemm_bench.py --gated --m 32,48,64 --models qwen3-8b,qwen3-32b \
+    --output "$OUT/gated_gemm_qwen3.json" >"$OUT/gated_gemm_qwen3.log" 2>&1
+  grep -v "wrong\|Error" "$OUT/gated_gemm_qwen3.log" | cut -c1-600
   ;;
 loop)
   for i in 1 2 3; do
