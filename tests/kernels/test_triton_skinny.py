@@ -109,7 +109,8 @@ def test_gated_plan_takes_only_measured_shapes_and_rows() -> None:
     assert triton_skinny.gated_plan(2 * 18944, 3584, 65) is None
     assert triton_skinny.gated_plan(2 * 27648, 5120, 32) is None  # 32B
     assert triton_skinny.gated_plan(2 * 27648, 5120, 64) == (128, 64, 4, 4)
-    assert triton_skinny.gated_plan(2 * 12288, 4096, 32) is None  # not measured (Qwen3-8B)
+    assert triton_skinny.gated_plan(2 * 25600, 5120, 48) == (128, 64, 4, 4)  # Qwen3-32B
+    assert triton_skinny.gated_plan(2 * 12288, 4096, 64) is None  # Qwen3-8B: no gain measured
 
 
 @pytest.mark.parametrize("gated", [False, True])
