@@ -11,7 +11,7 @@
 #   bash scripts/gpu_session.sh ab VARIANT [SHAPES] [BATCHES]  # one GPU (~1 min a shape and variant):
 #                                           decode steps, plan vs VARIANT of scripts/engine_variant.py,
 #                                           alternating, 2 rounds (default 7B and 32B, B=1,8); e.g.
-#                                           ab pdl qwen2.5-7b 1,32,128   or   ab cublaslt qwen2.5-7b 32,128
+#                                           ab nopdl qwen2.5-7b 1,32,128   or   ab nogated qwen2.5-7b 32,64
 #   bash scripts/gpu_session.sh next       # one H200 (~6 min): engine, then the attention sweep at B=32
 #   bash scripts/gpu_session.sh gated      # one H200 (~6 min): gate_up + SiLU fused at 17-64 rows, alone and in the engine
 #   bash scripts/gpu_session.sh gated3     # one H200 (~3 min): the same microbenchmark on the Qwen3 shapes
