@@ -7,7 +7,8 @@ only then; collecting N, building its outputs and scheduling overlap N+1 on the 
 
 Allowed only where nothing can change the batch or need the token on the host first: N was decodes
 only, every one sampling; no request waits for admission and the running list is N's; every request
-samples in one launch (sampler.plain_sampling: no penalties, bans, seeds, logprobs); none can reach
+needs nothing of its token on the host (sampler.kernel_draws: no seed, no logprobs; penalties and
+min_tokens bans count N's tokens on the device, layers/penalties.py); none can reach
 its length limit with N's token, none hands KV to a decode instance, and the pool has the blocks for
 everyone's next slot (no preemption). A request that N ends (EOS, a stop id, a stop string) has one
 wasted row in N+1, dropped when N+1 is collected (Engine._update skips finished requests).
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 from pdserve.engine.block_manager import cdiv
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from pdserve.layers.sampler import PendingSample, plain_sampling
+from pdserve.layers.sampler import PendingSample, kernel_draws
 
 if TYPE_CHECKING:
     from pdserve.disagg.connector import KVConnector
@@ -49,7 +50,7 @@ def can_run_ahead(flight: InFlight, scheduler: Scheduler, connector: KVConnector
     bs = scheduler.bm.block_size
     need = 0
     for r in flight.sampling:
-        if not plain_sampling(r) or r.num_output_tokens + 2 > r.max_output_tokens:
+        if not kernel_draws(r) or r.num_output_tokens + 2 > r.max_output_tokens:
             return False
         if connector is not None and connector.sends_kv(r):
             return False

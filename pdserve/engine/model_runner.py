@@ -215,7 +215,8 @@ class ModelRunner:
     ) -> PendingSample:
         """Queue a step (as execute); `wait()` on the result gives its tokens. On a GPU the host is
         free in between: the engine builds the previous step's outputs there. `ahead`: the input ids
-        of the first len(ahead) chunks (decodes whose token the previous step is still sampling).
+        of the chunks (decodes whose token the previous step is still sampling, one a chunk); their
+        penalties count those tokens on the device.
         `after_layer`: see AttentionMetadata (called on eager steps only; single-rank runners)."""
         assert (ahead is None and after_layer is None) or self.single_rank
         graphs = self.graphs
@@ -234,7 +235,8 @@ class ModelRunner:
                 return PendingSample(None, lambda: [])
             if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
                 logits = logits[to_device(long_tensor(rows), self.device)]
-            return sample_later(logits, [chunks[i].request for i in rows])
+            assert ahead is None or len(rows) == len(chunks) == ahead.shape[0], "ahead: every row samples"
+            return sample_later(logits, [chunks[i].request for i in rows], ahead)
 
     def _run_all_ranks(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:
         """Run a step on every rank (through the driver with tensor parallelism); rank 0's logits."""

@@ -10,12 +10,18 @@ per kind of adjustment apply them all. The arithmetic is the torch path's, eleme
 float32: repetition divides a positive logit by the penalty and multiplies a negative one, on every
 distinct token of prompt and output; then on each output token logit -= frequency * count +
 presence; then EOS and stop ids get -inf while a request has fewer than min_tokens outputs.
+
+A step launched ahead (engine/ahead.py) samples before the host has the previous step's tokens:
+those arrive as a device tensor (`unseen`), and each row's counts take its unseen token on the
+device (a repetition penalty unless the token is among the row's distinct ones already, one more
+count for presence/frequency, min_tokens reached one token earlier), so such batches need no wait.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +30,19 @@ from pdserve.engine.host_tensors import to_device
 from pdserve.engine.request import Request
 
 Entries = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows, token ids, a float32 value each
+
+
+@dataclass
+class Counts:
+    """The output tokens of the rows asking for presence/frequency penalties, flat."""
+
+    rows: np.ndarray  # per entry: its row
+    ids: np.ndarray  # per entry: a distinct output token
+    counts: np.ndarray  # per entry: how often it was sampled (float32)
+    lengths: np.ndarray  # per asking row: its entries
+    asked: np.ndarray  # the asking rows
+    freq: np.ndarray  # per asking row (float32)
+    presence: np.ndarray  # per asking row (float32)
 
 
 class _History:
@@ -49,18 +68,24 @@ class _History:
 _histories: weakref.WeakKeyDictionary[Request, _History] = weakref.WeakKeyDictionary()
 
 
-def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
-    """In place on logits [rows, vocab] (float32; row i is requests[i]'s)."""
+def apply_penalties(
+    logits: torch.Tensor, requests: list[Request], unseen: torch.Tensor | None = None
+) -> None:
+    """In place on logits [rows, vocab] (float32; row i is requests[i]'s). unseen: [rows] token ids
+    on the logits' device, each row's output token the host has not appended yet (a step launched
+    ahead of the one that sampled them, engine/ahead.py): one more output token each, counted on the
+    device without a wait."""
     rep = _repetition(requests)
     if rep is not None:
         rows, ids, factor = _on_device(rep, logits.device)
         vals = logits[rows, ids]
         logits[rows, ids] = torch.where(vals > 0, vals / factor, vals * factor)
-    out = _frequency(requests)
+        if unseen is not None:
+            _repeat_unseen(logits, requests, (rows, ids), unseen)
+    out = _frequency(requests, unseen is not None)
     if out is not None:
-        rows, ids, minus = _on_device(out, logits.device)
-        logits[rows, ids] = logits[rows, ids] - minus
-    bans = _banned(requests, logits.shape[1])
+        _subtract(logits, out, unseen)
+    bans = _banned(requests, logits.shape[1], unseen is not None)
     if bans is not None:
         rows, ids, _ = _on_device(bans, logits.device)
         logits[rows, ids] = float("-inf")
@@ -77,13 +102,32 @@ def _repetition(requests: list[Request]) -> Entries | None:
     return rows, np.concatenate(ids), np.repeat(penalty, lengths)
 
 
-def _frequency(requests: list[Request]) -> Entries | None:
-    """Each distinct output token of each row that asks, and frequency * count + presence for it
-    (float32, two roundings, as the torch path computed it)."""
+def _repeat_unseen(
+    logits: torch.Tensor,
+    requests: list[Request],
+    seen: tuple[torch.Tensor, torch.Tensor],
+    unseen: torch.Tensor,
+) -> None:
+    """The repetition penalty on each asking row's unseen token, unless it is one of the row's
+    distinct tokens `seen` (rows, ids), penalized already."""
+    rows, ids = seen
+    held = _per_row(logits, rows, ids == unseen[rows])
+    asked = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
+    picked = _long(asked, logits.device)
+    factor = _floats([requests[i].params.repetition_penalty for i in asked], logits.device)
+    token = unseen[picked]
+    vals = logits[picked, token]
+    penalized = torch.where(vals > 0, vals / factor, vals * factor)
+    logits[picked, token] = torch.where(held[picked], vals, penalized)
+
+
+def _frequency(requests: list[Request], ahead: bool) -> Counts | None:
+    """Each distinct output token of each row that asks, its count, and the row's frequency and
+    presence penalties (ahead: rows whose only output is the unseen one ask too)."""
     asked = [
         (i, r)
         for i, r in enumerate(requests)
-        if r.num_output_tokens and (r.params.presence_penalty or r.params.frequency_penalty)
+        if (r.num_output_tokens or ahead) and (r.params.presence_penalty or r.params.frequency_penalty)
     ]
     if not asked:
         return None
@@ -93,18 +137,44 @@ def _frequency(requests: list[Request]) -> Entries | None:
     counts = np.concatenate(
         [np.fromiter(h.outputs.values(), dtype=np.float32, count=len(h.outputs)) for h in histories]
     )
-    freq = np.repeat(np.asarray([r.params.frequency_penalty for _, r in asked], dtype=np.float32), lengths)
-    presence = np.repeat(np.asarray([r.params.presence_penalty for _, r in asked], dtype=np.float32), lengths)
-    return rows, np.concatenate(ids), (freq * counts + presence).astype(np.float32)
+    freq = np.asarray([r.params.frequency_penalty for _, r in asked], dtype=np.float32)
+    presence = np.asarray([r.params.presence_penalty for _, r in asked], dtype=np.float32)
+    asked_rows = np.asarray([i for i, _ in asked], dtype=np.int64)
+    return Counts(rows, np.concatenate(ids), counts, lengths, asked_rows, freq, presence)
 
 
-def _banned(requests: list[Request], vocab: int) -> Entries | None:
-    """EOS (unless ignored) and stop ids of the rows short of min_tokens outputs (ids past the
-    vocabulary can never be drawn: left out)."""
+def _subtract(logits: torch.Tensor, out: Counts, unseen: torch.Tensor | None) -> None:
+    """logits -= frequency * count + presence on each row's output tokens (float32, two roundings,
+    as the torch path computed it); with `unseen`, each asking row's unseen token counts once more."""
+    dev = logits.device
+    rows, ids, counts = (to_device(torch.from_numpy(a), dev) for a in (out.rows, out.ids, out.counts))
+    freq, presence = (
+        to_device(torch.from_numpy(np.repeat(a, out.lengths)), dev) for a in (out.freq, out.presence)
+    )
+    if unseen is not None:
+        again = ids == unseen[rows]
+        counts = counts + again.to(torch.float32)
+        asked = to_device(torch.from_numpy(out.asked), dev)
+        token = unseen[asked]
+        new = ~_per_row(logits, rows, again)[asked]  # the unseen token is not among the row's outputs
+        row_freq, row_presence = (to_device(torch.from_numpy(a), dev) for a in (out.freq, out.presence))
+        rows, ids = torch.cat([rows, asked]), torch.cat([ids, token])
+        counts = torch.cat([counts, new.to(torch.float32)])
+        freq, presence = (
+            torch.cat([freq, row_freq]),
+            torch.cat([presence, torch.where(new, row_presence, 0.0)]),
+        )
+    minus = freq * counts + presence  # 0 for an unseen token already counted above: no change
+    logits.index_put_((rows, ids), -minus, accumulate=True)
+
+
+def _banned(requests: list[Request], vocab: int, ahead: bool) -> Entries | None:
+    """EOS (unless ignored) and stop ids of the rows short of min_tokens outputs, counting the unseen
+    token when ahead (ids past the vocabulary can never be drawn: left out)."""
     rows, ids = [], []
     for i, r in enumerate(requests):
         p = r.params
-        if r.num_output_tokens < p.min_tokens:
+        if r.num_output_tokens + ahead < p.min_tokens:
             for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids)):
                 if t < vocab:
                     rows.append(i)
@@ -112,6 +182,20 @@ def _banned(requests: list[Request], vocab: int) -> Entries | None:
     if not rows:
         return None
     return np.asarray(rows, dtype=np.int64), np.asarray(ids, dtype=np.int64), np.zeros(len(rows), np.float32)
+
+
+def _per_row(logits: torch.Tensor, rows: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """[logits' rows] bool: whether any of the flags of each row is set."""
+    hits = torch.zeros(logits.shape[0], dtype=torch.int32, device=logits.device)
+    return hits.index_add_(0, rows, flags.to(torch.int32)) > 0
+
+
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    return to_device(torch.tensor(values, dtype=torch.int64), device)
+
+
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    return to_device(torch.tensor(values, dtype=torch.float32), device)
 
 
 def _rows(rows: list[int], ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -43,12 +43,15 @@ class PendingSample:
     wait: Callable[[], list[SampleResult]]
 
 
-def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+def sample_later(
+    logits: torch.Tensor, requests: list[Request], unseen: torch.Tensor | None = None
+) -> PendingSample:
     """Queue the sampling of logits [num_rows, vocab] (one row per request). On CUDA nothing waits
     until `wait()`: the host can do other work while the GPU finishes the step. Batches without
     seeds or logprobs take the Triton sampler (triton_sampler.py, triton_cut.py; top-k/top-p unless
     TRUNCATING_KERNEL is off), penalties and min_tokens bans applied first to a float32 copy
-    (penalties.py); the rest the torch path, queued the same way."""
+    (penalties.py); the rest the torch path, queued the same way. unseen: each row's previous token
+    where the host does not have it yet (a step launched ahead; penalties.apply_penalties)."""
     if logits.is_cuda and all(kernel_draws(r) for r in requests):
         from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
 
@@ -56,11 +59,11 @@ def sample_later(logits: torch.Tensor, requests: list[Request]) -> PendingSample
         if HAS_TRITON and (filters is None or not filters.searches() or TRUNCATING_KERNEL):
             if not all(plain_sampling(r) for r in requests):
                 logits = logits.to(torch.float32, copy=True)  # the model's logits stay as they are
-                apply_penalties(logits, requests)  # and min_tokens bans
+                apply_penalties(logits, requests, unseen)  # and min_tokens bans
             temperatures = [r.params.temperature for r in requests]
             drawn = triton_sample(logits, temperatures, filters=filters)
             return PendingSample(drawn, _results_later(drawn, None, requests))
-    tokens, logprobs = _sample_torch(logits, requests)
+    tokens, logprobs = _sample_torch(logits, requests, unseen)
     return PendingSample(tokens, _results_later(tokens, logprobs, requests))
 
 
@@ -117,14 +120,16 @@ def _results_later(
     return wait
 
 
-def _sample_torch(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, _Logprobs | None]:
+def _sample_torch(
+    logits: torch.Tensor, requests: list[Request], unseen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, _Logprobs | None]:
     """Every option, in torch, queued without a host wait: the drawn ids (on the logits' device) and
     the log-probabilities asked for."""
     logits = logits.float()
     raw = logits
     logits = logits.clone()
     dev = logits.device
-    apply_penalties(logits, requests)  # and min_tokens bans
+    apply_penalties(logits, requests, unseen)  # and min_tokens bans
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     if random_rows:
@@ -161,8 +166,8 @@ def kernel_draws(req: Request) -> bool:
 
 def plain_sampling(req: Request) -> bool:
     """What the Triton sampler draws from the model's logits as they are: greedy, or temperature with
-    top-k, top-p and min-p. No penalties or min_tokens bans (they need the outputs so far: a step
-    launched ahead cannot have them), no seed (its own generator), no logprobs."""
+    top-k, top-p and min-p. No penalties or min_tokens bans (applied to a float32 copy first), no
+    seed (its own generator), no logprobs."""
     p = req.params
     return kernel_draws(req) and not p.has_penalties and req.num_output_tokens >= p.min_tokens
 

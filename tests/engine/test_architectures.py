@@ -113,6 +113,36 @@ def test_cuda_default_overlaps_and_launches_ahead(model_dir, prompts, reference,
         llm.close()
 
 
+def test_penalized_rows_launch_ahead_on_cuda_and_match_waiting(model_dir, prompts, device, monkeypatch):
+    """Penalties and min_tokens bans of a step launched ahead count the previous step's tokens on
+    the GPU (layers/penalties.py; the Triton sampler draws after them): the same tokens as an engine
+    that waits for every step (CUDA graphs, float32)."""
+    if device != "cuda":
+        pytest.skip("the CPU case is tests/engine/test_overlap_outputs.py")
+    from pdserve import LLM, SamplingParams
+    from pdserve.engine import engine as engine_module
+
+    calls: list[int] = []
+    real = engine_module.schedule_ahead
+    monkeypatch.setattr(engine_module, "schedule_ahead", lambda f, s: calls.append(1) or real(f, s))
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.4, max_tokens=16),
+        SamplingParams(temperature=0.0, presence_penalty=1.0, frequency_penalty=0.5, max_tokens=16),
+        SamplingParams(temperature=0.0, min_tokens=8, max_tokens=16),
+    ]
+    outs = []
+    for overlap in (True, False):
+        llm = LLM(model_dir, device="cuda", dtype="float32", num_blocks=256, overlap_outputs=overlap)
+        try:
+            outs.append([[c.token_ids for c in llm.generate_ids(prompts, p)] for p in params])
+            assert llm.check_pool_free()
+        finally:
+            llm.close()
+        if overlap:
+            assert calls
+    assert outs[0] == outs[1]
+
+
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
 def test_greedy_output_is_the_same_without_programmatic_dependent_launch(
     model_dir, prompts, reference, device, eager, monkeypatch

@@ -96,3 +96,44 @@ def test_output_counts_grow_step_by_step() -> None:
     logits = torch.zeros(1, 4)
     apply_penalties(logits, [req])
     assert logits.tolist() == [[0.0, 0.0, -2.5, -1.5]]  # 2 twice, 3 once; the prompt's 1 never
+
+
+def test_unseen_tokens_count_as_if_the_host_had_appended_them() -> None:
+    """A step launched ahead passes the previous step's tokens as a device tensor: the result must be
+    the one the host gets after appending them, for every kind of penalty, a token already seen (in
+    the prompt, among the outputs) or new, and min_tokens reached by the unseen token or not."""
+    vocab = 50
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    prompts = [ids(12) for _ in range(8)]
+    outputs = [ids(5), ids(5), [], ids(4), ids(2), ids(3), ids(6), []]
+    unseen = [prompts[0][3], outputs[1][2], 49, outputs[3][0], 5, 6, prompts[6][0], outputs[0][0]]
+    kinds = [
+        {"repetition_penalty": 1.5},  # unseen: in the prompt
+        {"frequency_penalty": 0.75, "presence_penalty": 0.5},  # unseen: among the outputs
+        {"frequency_penalty": 1.0, "presence_penalty": 0.25, "repetition_penalty": 0.5},  # no outputs yet
+        {"repetition_penalty": 2.0, "frequency_penalty": -0.5},
+        {"min_tokens": 3, "stop_token_ids": [9]},  # reached with the unseen token: no bans
+        {"min_tokens": 5, "stop_token_ids": [9]},  # still short: bans
+        {"presence_penalty": 1.0, "repetition_penalty": 1.25},
+        {},  # nothing asked
+    ]
+
+    def batch() -> list[Request]:
+        return [_request(p, o, eos=(7,), **k) for p, o, k in zip(prompts, outputs, kinds, strict=True)]
+
+    logits = torch.randn(len(prompts), vocab)
+    ahead_rows, host_rows = batch(), batch()
+    got = logits.clone()
+    apply_penalties(got, ahead_rows, torch.tensor(unseen))
+    for req, t in zip(host_rows, unseen, strict=True):
+        req.append_token(t)
+    want, defined = logits.clone(), logits.clone()
+    apply_penalties(want, host_rows)
+    _reference(defined, host_rows)
+    assert torch.equal(got, want) and torch.equal(got, defined)
+    assert got[5, 9] == float("-inf") and got[4, 9] != float("-inf")
+    assert not torch.equal(got[2], logits[2])  # the unseen token was the only output: still counted
