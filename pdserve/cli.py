@@ -54,6 +54,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     s.add_argument("--served-model-name", default=None, help="the model name clients use (default: dir name)")
+    s.add_argument(
+        "--generation-config",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto: a request's omitted temperature/top_p/top_k/min_p/repetition_penalty take the model's "
+        "generation_config.json values; none: OpenAI's defaults",
+    )
     s.add_argument("--max-num-seqs", type=_positive, default=64)
     s.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
     s.add_argument("--max-waiting", type=_positive, default=512, help="waiting-queue bound; beyond it: 503")
@@ -198,6 +205,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
+        generation_config=args.generation_config,
         engine=EngineConfig(model=model, cache=cache, scheduler=scheduler, disagg=disagg),
     )
 

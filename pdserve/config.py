@@ -123,4 +123,5 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
+    generation_config: str = "auto"  # auto: omitted sampling fields take the model's defaults; none: OpenAI's
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -130,6 +130,7 @@ class AsyncEngine:
         self.tokenizer: Any = None
         self.max_model_len = 0
         self.model_name = ""
+        self.model_dir = ""
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -252,6 +253,7 @@ class AsyncEngine:
         self.tokenizer = copy.deepcopy(self._engine.tokenizer)
         self.max_model_len = int(self._engine.max_model_len)
         self.model_name = str(self._engine.model_name)
+        self.model_dir = str(self._engine.config.model.path)  # resolved: a directory
         self.role = self.config.disagg.role
         connector = self._engine.connector
         self.kv_addr: str | None = connector.address if connector is not None else None

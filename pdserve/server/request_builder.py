@@ -24,6 +24,7 @@ from pdserve.server import protocol as p
 from pdserve.server.errors import validation_error
 from pdserve.server.generation import Choice, Generation, Kind
 from pdserve.server.metrics import RequestTracker, ServerMetrics
+from pdserve.server.sampling_defaults import load_defaults
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -37,6 +38,7 @@ class RequestBuilder:
         self.tokenizer = engine.tokenizer
         self.served_model_name = config.served_model_name or engine.model_name
         self.vocab_size = len(self.tokenizer)
+        self.defaults = load_defaults(engine.model_dir, config.generation_config)
 
     # ---- parsing and validation ----
 
@@ -89,19 +91,21 @@ class RequestBuilder:
     def sampling_params(
         self, req: p.SamplingRequest, max_tokens: int | None, logprobs: int | None
     ) -> SamplingParams:
-        top_k = req.top_k or 0
+        d = self.defaults  # for the fields the request leaves out (sampling_defaults.py)
+        top_k = d.top_k if req.top_k is None else req.top_k
+        repetition = d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
         return SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            temperature=d.temperature if req.temperature is None else req.temperature,
+            top_p=d.top_p if req.top_p is None else req.top_p,
             top_k=0 if top_k >= self.vocab_size else top_k,  # at least the vocabulary: no filter
-            min_p=req.min_p or 0.0,
+            min_p=d.min_p if req.min_p is None else req.min_p,
             seed=req.seed,
             max_tokens=max_tokens,
             min_tokens=req.min_tokens or 0,
             stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=bool(req.ignore_eos),
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=repetition,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             logprobs=logprobs,
