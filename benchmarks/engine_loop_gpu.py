@@ -5,7 +5,8 @@ detokenizer, outputs: everything but HTTP), with and without building outputs wh
 
 B prompts of `--input-len` random tokens, `--output-len` tokens each (EOS ignored), dummy weights,
 temperature 1 (`--top-p` below 1: each row's top-p cut is searched first, triton_cut.py; with
-PDSERVE_TRUNCATING_KERNEL=0 the torch sort instead, and no step is launched ahead).
+PDSERVE_TRUNCATING_KERNEL=0 the torch sort instead, and no step is launched ahead;
+`--repetition-penalty`: penalized rows, launched ahead with their counts kept on the device).
 A first run with one output token measures the prefill; the decode time per step is (full run -
 prefill run) / (output_len - 1). Compare with benchmarks/gpu_engine.py's step time at the
 same batch (the GPU step alone): the difference is host time the GPU waited for.
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=129)
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--top-p", type=float, default=1.0, help="< 1: rows cut by top-p (triton_cut.py)")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="!= 1: penalized rows")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (with --load-format auto)")
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--output", default=None, help="append the result as one JSON line here")
@@ -52,7 +54,13 @@ def main() -> None:
     llm.generate_ids(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     times = {}
     for out_len in (1, args.output_len):
-        params = SamplingParams(temperature=1.0, top_p=args.top_p, max_tokens=out_len, ignore_eos=True)
+        params = SamplingParams(
+            temperature=1.0,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            max_tokens=out_len,
+            ignore_eos=True,
+        )
         t = time.perf_counter()
         outs = llm.generate_ids(prompts, params)
         times[out_len] = time.perf_counter() - t
@@ -63,6 +71,7 @@ def main() -> None:
         "batch": args.batch,
         "overlap_outputs": not args.no_overlap,
         "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
         "steps_ahead": llm.engine.num_steps_ahead,
         "prefill_s": times[1],
         "total_s": times[args.output_len],

@@ -15,7 +15,8 @@
 #   bash scripts/gpu_session.sh next       # one H200 (~6 min): engine, then the attention sweep at B=32
 #   bash scripts/gpu_session.sh gated      # one H200 (~6 min): gate_up + SiLU fused at 17-64 rows, alone and in the engine
 #   bash scripts/gpu_session.sh gated3     # one H200 (~3 min): the same microbenchmark on the Qwen3 shapes
-#   bash scripts/gpu_session.sh loop [MODEL]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
+#   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
+#                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
 #             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
@@ -87,11 +88,12 @@ gated3)  # one H200, ~3 min: the gated microbenchmark on the Qwen3 shapes (GATED
     --output "$OUT/gated_gemm_qwen3.json" >"$OUT/gated_gemm_qwen3.log" 2>&1
   grep -v "wrong\|Error" "$OUT/gated_gemm_qwen3.log" | cut -c1-600
   ;;
-loop)
+loop)  # [MODEL] [REPETITION_PENALTY]
   for i in 1 2 3; do
     for flag in "" --no-overlap; do
       timeout 150 python3 benchmarks/engine_loop_gpu.py --model "${2:-qwen2.5-7b}" --batch 128 \
-        --output-len 257 $flag --output "$OUT/engine_loop.jsonl" >>"$OUT/engine_loop.log" 2>&1
+        --output-len 257 --repetition-penalty "${3:-1.0}" $flag --output "$OUT/engine_loop.jsonl" \
+        >>"$OUT/engine_loop.log" 2>&1
     done
   done
   cat "$OUT/engine_loop.jsonl"
