@@ -12,7 +12,8 @@ reduce), nopdl (plan(), without programmatic dependent launch, layers/pdl.py, on
 the seventh session), chunks2 (plan(), the sampler's rows split for 2 programs an SM, as before
 the seventh session, instead of 8), nogated (plan(), without gate_up's SiLU * up fused by
 the skinny kernel where plan() leaves it to cuBLAS, 17-64 rows: triton_skinny.gated_rows_tile, on by
-default since 2026-11-30's eighth session). One
+default since 2026-11-30's eighth session), swapped (plan(), and what it leaves to F.linear at 33-128
+rows of x computed as W @ x^T then transposed back: benchmarks/cublas_forms_bench.py's "swapped"). One
 process per variant, so an A/B inside one device call compares the same machine.
 """
 
@@ -20,12 +21,27 @@ from __future__ import annotations
 
 import runpy
 import sys
+from typing import Any
 
 import torch
 
-from pdserve.layers import pdl, triton_sampler, triton_skinny
+from pdserve.layers import linear, pdl, triton_sampler, triton_skinny
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
+VARIANTS |= {"swapped"}
+
+
+def swap_cublas_rows(low: int = 33, high: int = 128) -> None:
+    """linear._product: x @ W^T as (W @ x^T)^T, contiguous, for low-high rows cuBLAS would run."""
+    plain = linear._product
+
+    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Any) -> torch.Tensor:
+        if tile is not None or not x.is_cuda or not low <= x.shape[0] <= high or x.dim() != 2:
+            return plain(x, weight, bias, tile)
+        y = torch.mm(weight, x.t()).t().contiguous()
+        return y if bias is None else y + bias
+
+    linear._product = product  # type: ignore[assignment]
 
 
 def main() -> None:
@@ -36,7 +52,7 @@ def main() -> None:
     if variant == "all":
         triton_skinny.MIN_WAVE_FILL = 0.0
     if variant == "narrow":
-        triton_skinny.WIDTHS = (32,)
+        triton_skinny.WIDTHS = (32,)  # type: ignore[assignment]
     if variant == "rows16":
         triton_skinny.MAX_ROWS = 16
     if variant == "unfused":
@@ -49,6 +65,8 @@ def main() -> None:
         triton_sampler.PROGRAMS_PER_SM = 2
     if variant == "nogated":
         triton_skinny.GATED_ROWS_ON = False
+    if variant == "swapped":
+        swap_cublas_rows()
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")

@@ -15,7 +15,7 @@
 #   bash scripts/gpu_session.sh next       # one H200 (~6 min): engine, then the attention sweep at B=32
 #   bash scripts/gpu_session.sh gated      # one H200 (~6 min): gate_up + SiLU fused at 17-64 rows, alone and in the engine
 #   bash scripts/gpu_session.sh gated3     # one H200 (~3 min): the same microbenchmark on the Qwen3 shapes
-#   bash scripts/gpu_session.sh cublas     # one H200 (~2 min): cuBLAS forms of the 7B projections at 64/128 rows
+#   bash scripts/gpu_session.sh cublas     # one H200 (~4 min): cuBLAS forms of the 7B projections at 64/128 rows
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -89,10 +89,12 @@ gated3)  # one H200, ~3 min: the gated microbenchmark on the Qwen3 shapes (GATED
     --output "$OUT/gated_gemm_qwen3.json" >"$OUT/gated_gemm_qwen3.log" 2>&1
   grep -v "wrong\|Error" "$OUT/gated_gemm_qwen3.log" | cut -c1-600
   ;;
-cublas)  # one H200, ~2 min: cuBLAS / cuBLASLt, x @ W^T vs the swapped W @ x^T, at 64 and 128 rows (7B)
+cublas)  # one H200, ~4 min: cuBLAS / cuBLASLt, x @ W^T vs the swapped W @ x^T, at 64 and 128 rows (7B),
+  # then the engine A/B of the swapped form (scripts/engine_variant.py swapped, B=64,128)
   timeout 240 python3 benchmarks/cublas_forms_bench.py --m 64,128 --models qwen2.5-7b \
     --output "$OUT/cublas_forms.json" >"$OUT/cublas_forms.log" 2>&1
   cut -c1-700 "$OUT/cublas_forms.log"
+  GPU_SESSION_NESTED=1 bash "$0" ab swapped qwen2.5-7b 64,128
   ;;
 loop)  # [MODEL] [REPETITION_PENALTY]
   for i in 1 2 3; do
