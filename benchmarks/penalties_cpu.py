@@ -65,7 +65,7 @@ def main() -> None:
             req.append_token(rng.randrange(args.vocab))
         requests.append(req)
     logits = torch.randn(args.rows, args.vocab)
-    arrays = per_call_ms(lambda: (penalties._repetition(requests), penalties._frequency(requests)))
+    arrays = per_call_ms(lambda: (penalties._repetition(requests), penalties._frequency(requests, False)))
     work = logits.clone()  # penalized again on every call: the values drift, the work does not
     applied = per_call_ms(lambda: penalties.apply_penalties(work, requests))
     whole = per_call_ms(lambda: sampler._sample_torch(logits, requests))

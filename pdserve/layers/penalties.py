@@ -33,6 +33,15 @@ Entries = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows, token ids, a float3
 
 
 @dataclass
+class Repeats:
+    """The distinct tokens of the rows asking for a repetition penalty, flat."""
+
+    entries: Entries  # per distinct token: its row, the token, the row's penalty
+    asked: np.ndarray  # the asking rows
+    penalty: np.ndarray  # per asking row (float32)
+
+
+@dataclass
 class Counts:
     """The output tokens of the rows asking for presence/frequency penalties, flat."""
 
@@ -77,44 +86,40 @@ def apply_penalties(
     device without a wait."""
     rep = _repetition(requests)
     if rep is not None:
-        rows, ids, factor = _on_device(rep, logits.device)
+        rows, ids, factor = _on_device(logits.device, *rep.entries)
         vals = logits[rows, ids]
         logits[rows, ids] = torch.where(vals > 0, vals / factor, vals * factor)
         if unseen is not None:
-            _repeat_unseen(logits, requests, (rows, ids), unseen)
+            _repeat_unseen(logits, rep, (rows, ids), unseen)
     out = _frequency(requests, unseen is not None)
     if out is not None:
         _subtract(logits, out, unseen)
     bans = _banned(requests, logits.shape[1], unseen is not None)
     if bans is not None:
-        rows, ids, _ = _on_device(bans, logits.device)
+        rows, ids, _ = _on_device(logits.device, *bans)
         logits[rows, ids] = float("-inf")
 
 
-def _repetition(requests: list[Request]) -> Entries | None:
+def _repetition(requests: list[Request]) -> Repeats | None:
     """Every distinct token of prompt and output of each row that asks, and its penalty."""
     asked = [(i, r) for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
     if not asked:
         return None
     ids = [_history(r).distinct for _, r in asked]
-    rows, lengths = _rows([i for i, _ in asked], ids)
+    asked_rows = np.asarray([i for i, _ in asked], dtype=np.int64)
+    rows, lengths = _rows(asked_rows, ids)
     penalty = np.asarray([r.params.repetition_penalty for _, r in asked], dtype=np.float32)
-    return rows, np.concatenate(ids), np.repeat(penalty, lengths)
+    return Repeats((rows, np.concatenate(ids), np.repeat(penalty, lengths)), asked_rows, penalty)
 
 
 def _repeat_unseen(
-    logits: torch.Tensor,
-    requests: list[Request],
-    seen: tuple[torch.Tensor, torch.Tensor],
-    unseen: torch.Tensor,
+    logits: torch.Tensor, rep: Repeats, seen: tuple[torch.Tensor, torch.Tensor], unseen: torch.Tensor
 ) -> None:
     """The repetition penalty on each asking row's unseen token, unless it is one of the row's
-    distinct tokens `seen` (rows, ids), penalized already."""
+    distinct tokens `seen` (rep's rows and ids, on the device already), penalized already."""
     rows, ids = seen
     held = _per_row(logits, rows, ids == unseen[rows])
-    asked = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
-    picked = _long(asked, logits.device)
-    factor = _floats([requests[i].params.repetition_penalty for i in asked], logits.device)
+    picked, factor = _on_device(logits.device, rep.asked, rep.penalty)
     token = unseen[picked]
     vals = logits[picked, token]
     penalized = torch.where(vals > 0, vals / factor, vals * factor)
@@ -133,31 +138,27 @@ def _frequency(requests: list[Request], ahead: bool) -> Counts | None:
         return None
     histories = [_history(r) for _, r in asked]
     ids = [np.fromiter(h.outputs.keys(), dtype=np.int64, count=len(h.outputs)) for h in histories]
-    rows, lengths = _rows([i for i, _ in asked], ids)
+    asked_rows = np.asarray([i for i, _ in asked], dtype=np.int64)
+    rows, lengths = _rows(asked_rows, ids)
     counts = np.concatenate(
         [np.fromiter(h.outputs.values(), dtype=np.float32, count=len(h.outputs)) for h in histories]
     )
     freq = np.asarray([r.params.frequency_penalty for _, r in asked], dtype=np.float32)
     presence = np.asarray([r.params.presence_penalty for _, r in asked], dtype=np.float32)
-    asked_rows = np.asarray([i for i, _ in asked], dtype=np.int64)
     return Counts(rows, np.concatenate(ids), counts, lengths, asked_rows, freq, presence)
 
 
 def _subtract(logits: torch.Tensor, out: Counts, unseen: torch.Tensor | None) -> None:
     """logits -= frequency * count + presence on each row's output tokens (float32, two roundings,
     as the torch path computed it); with `unseen`, each asking row's unseen token counts once more."""
-    dev = logits.device
-    rows, ids, counts = (to_device(torch.from_numpy(a), dev) for a in (out.rows, out.ids, out.counts))
-    freq, presence = (
-        to_device(torch.from_numpy(np.repeat(a, out.lengths)), dev) for a in (out.freq, out.presence)
-    )
+    per_entry = (np.repeat(a, out.lengths) for a in (out.freq, out.presence))
+    rows, ids, counts, freq, presence = _on_device(logits.device, out.rows, out.ids, out.counts, *per_entry)
     if unseen is not None:
         again = ids == unseen[rows]
         counts = counts + again.to(torch.float32)
-        asked = to_device(torch.from_numpy(out.asked), dev)
+        asked, row_freq, row_presence = _on_device(logits.device, out.asked, out.freq, out.presence)
         token = unseen[asked]
         new = ~_per_row(logits, rows, again)[asked]  # the unseen token is not among the row's outputs
-        row_freq, row_presence = (to_device(torch.from_numpy(a), dev) for a in (out.freq, out.presence))
         rows, ids = torch.cat([rows, asked]), torch.cat([ids, token])
         counts = torch.cat([counts, new.to(torch.float32)])
         freq, presence = (
@@ -190,23 +191,15 @@ def _per_row(logits: torch.Tensor, rows: torch.Tensor, flags: torch.Tensor) -> t
     return hits.index_add_(0, rows, flags.to(torch.int32)) > 0
 
 
-def _long(values: list[int], device: torch.device) -> torch.Tensor:
-    return to_device(torch.tensor(values, dtype=torch.int64), device)
-
-
-def _floats(values: list[float], device: torch.device) -> torch.Tensor:
-    return to_device(torch.tensor(values, dtype=torch.float32), device)
-
-
-def _rows(rows: list[int], ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _rows(rows: np.ndarray, ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Each row index repeated once per id of its array, and the arrays' lengths."""
     lengths = np.asarray([len(a) for a in ids], dtype=np.int64)
-    return np.repeat(np.asarray(rows, dtype=np.int64), lengths), lengths
+    return np.repeat(rows, lengths), lengths
 
 
-def _on_device(entries: Entries, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, ids, values = (to_device(torch.from_numpy(a), device) for a in entries)
-    return rows, ids, values
+def _on_device(device: torch.device, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """The host arrays on `device`, each copied once without waiting for the work queued there."""
+    return tuple(to_device(torch.from_numpy(a), device) for a in arrays)
 
 
 def _history(req: Request) -> _History:
