@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import date
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from gpu_engine import ceilings  # this folder: run as a script
-from skinny_gemm_bench import L2_FLUSH_BYTES, MODELS, graph_time
+from skinny_gemm_bench import L2_FLUSH_BYTES, MODELS, graph_time, save
 
 FORMS = {
     "linear": lambda x, w: F.linear(x, w),
@@ -65,9 +64,7 @@ def main() -> None:
         for name in MODELS[model]
     ]
     if args.output:
-        with open(args.output, "w") as f:
-            payload = {"device": torch.cuda.get_device_name(), "date": date.today().isoformat()}
-            json.dump({**payload, "copy_gbps": ceiling, "results": results}, f, indent=1)
+        save(args.output, ceiling, results)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ pdserve/layers/triton_skinny.py; `planned_us` is the tile its plan() picks for t
 
     python benchmarks/skinny_gemm_bench.py --output skinny_gemm.json
 
---gated times
-gate_up with SiLU(gate) * up in the skinny kernel's epilogue against what it replaces (cuBLAS, then
-the silu_and_mul kernel):
+--gated times gate_up with SiLU(gate) * up in the skinny kernel's epilogue against what it replaces
+(cuBLAS, then the silu_and_mul kernel):
 
     python benchmarks/skinny_gemm_bench.py --gated --m 32,64,128 --models qwen2.5-7b,qwen2.5-32b
 
@@ -88,6 +87,13 @@ def graph_time(fn: Any, launches: int = 20, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def save(path: str, ceiling: float, results: list[dict[str, Any]]) -> None:
+    """The results as JSON, with the GPU, the date and the copy ceiling they are fractions of."""
+    with open(path, "w") as f:
+        payload = {"device": torch.cuda.get_device_name(), "date": date.today().isoformat()}
+        json.dump({**payload, "copy_gbps": ceiling, "results": results}, f, indent=1)
+
+
 def _gated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: Any) -> torch.Tensor:
     return skinny_linear(x, w, b, tile, gated=True)
 
@@ -106,9 +112,8 @@ def bench_shape(model: str, name: str, m: int, ceiling: float, gated: bool = Fal
         cublas = graph_time(lambda i: F.linear(x, ws[i % copies], b))
     planned: Any = plan(n, num_sms(x.device), m)
     run: Any = _gated if gated else skinny_linear
-    best: tuple[float, tuple] | None = None
     planned_us = float("nan")
-    timings: list[tuple[float, Any]] = []
+    timings: list[tuple[float, Any]] = []  # (seconds, tile)
     tiles: list[Any] = list(ROW_TILES if m > 32 else TILES)
     tiles += ROW_TILES if gated and m <= 32 else []
     for tile in tiles + ([planned] if planned and planned not in tiles else []):
@@ -124,17 +129,17 @@ def bench_shape(model: str, name: str, m: int, ceiling: float, gated: bool = Fal
             continue
         if tile == planned:
             planned_us = t * 1e6
-        timings.append((round(t * 1e6, 2), tile))
-        if best is None or t < best[0]:
-            best = (t, tile)
+        timings.append((t, tile))
     nbytes = w.numel() * 2
     out = {"model": model, "shape": name + ("+silu" if gated else ""), "m": m, "weight_mb": nbytes / 1e6,
            "cublas_us": cublas * 1e6, "cublas_of_ceiling": nbytes / cublas / 1e9 / ceiling}  # fmt: skip
     if planned is not None:
         out.update(planned_tile=planned, planned_us=planned_us)
-    if best is not None:
-        out.update(triton_us=best[0] * 1e6, tile=best[1], triton_of_ceiling=nbytes / best[0] / 1e9 / ceiling)
-        out.update(fastest_tiles=sorted(timings)[:4])
+    if timings:
+        fastest = sorted(timings, key=lambda timed: timed[0])
+        t, tile = fastest[0]
+        out.update(triton_us=t * 1e6, tile=tile, triton_of_ceiling=nbytes / t / 1e9 / ceiling)
+        out.update(fastest_tiles=[(round(s * 1e6, 2), tiled) for s, tiled in fastest[:4]])
     print(json.dumps(out), flush=True)
     return out
 
@@ -158,9 +163,7 @@ def main() -> None:
         if name == "gate_up" or not args.gated
     ]
     if args.output:
-        with open(args.output, "w") as f:
-            payload = {"device": torch.cuda.get_device_name(), "date": date.today().isoformat()}
-            json.dump({**payload, "copy_gbps": ceiling, "results": results}, f, indent=1)
+        save(args.output, ceiling, results)
 
 
 if __name__ == "__main__":
