@@ -74,24 +74,34 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--kv-cache-memory", type=parse_size, default=None, help="KV pool size in bytes, e.g. 2GiB"
     )
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    s.add_argument("--max-model-len", type=_positive, default=None)
-    s.add_argument(
+    _add_model_args(s)
+    s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    _add_disagg_args(s)
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_serve)
+
+
+def _add_model_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("model and device")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    g.add_argument("--max-model-len", type=_positive, default=None)
+    g.add_argument(
         "--load-format",
         choices=["auto", "dummy"],
         default="auto",
         help="dummy: random weights from config.json (time large shapes without a checkpoint)",
     )
-    s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    s.add_argument(
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
         help="CUDA: share of GPU memory for weights, activations and the KV pool",
     )
-    s.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode")
-    s.add_argument(
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode")
+    g.add_argument(
         "--tp",
         "--tensor-parallel-size",
         dest="tensor_parallel_size",
@@ -99,11 +109,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="tensor parallelism: ranks (GPUs cuda:0..N-1, or CPU processes) that share the model",
     )
-    s.add_argument("--no-prefix-caching", action="store_true")
-    s.add_argument("--seed", type=int, default=0)
-    _add_disagg_args(s)
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    s.set_defaults(func=_serve)
 
 
 def _add_disagg_args(s: argparse.ArgumentParser) -> None:
