@@ -13,7 +13,9 @@ the seventh session), chunks2 (plan(), the sampler's rows split for 2 programs a
 the seventh session, instead of 8), nogated (plan(), without gate_up's SiLU * up fused by
 the skinny kernel where plan() leaves it to cuBLAS, 17-64 rows: triton_skinny.gated_rows_tile, on by
 default since 2026-11-30's eighth session), swapped (plan(), and what it leaves to F.linear at 33-128
-rows of x computed as W @ x^T then transposed back: benchmarks/cublas_forms_bench.py's "swapped"). One
+rows of x computed as W @ x^T then transposed back: benchmarks/cublas_forms_bench.py's "swapped"),
+gated32 (plan(), with Qwen2.5-32B's gate_up fused at up to 32 rows by the (256, 128, 3, 8) tile
+that won Qwen3-32B's (B=32 21.02 -> 20.21 ms; GATED_TILES leaves Qwen2.5-32B's 32 rows to cuBLAS). One
 process per variant, so an A/B inside one device call compares the same machine.
 """
 
@@ -28,7 +30,7 @@ import torch
 from pdserve.layers import linear, pdl, triton_sampler, triton_skinny
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
-VARIANTS |= {"swapped"}
+VARIANTS |= {"swapped", "gated32"}
 
 
 def swap_cublas_rows(low: int = 33, high: int = 128) -> None:
@@ -67,6 +69,8 @@ def main() -> None:
         triton_skinny.GATED_ROWS_ON = False
     if variant == "swapped":
         swap_cublas_rows()
+    if variant == "gated32":
+        triton_skinny.GATED_TILES[(55296, 5120)] = ((32, (256, 128, 3, 8)), (64, (128, 64, 4, 4)))
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")

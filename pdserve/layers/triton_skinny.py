@@ -57,10 +57,10 @@ GATED_TILES: dict[tuple[int, int], tuple[tuple[int, Tile | None], ...]] = {
     # Qwen2.5-32B: cuBLAS streams it at 99% of the copy ceiling at 32 rows (B=32 19.87 -> 20.44 ms
     # with the 7B tile: not taken); 48 rows 137.4 vs 145.3, 64 rows 137.6 vs 142.3, B=64 22.38 -> 22.21
     (55296, 5120): ((32, None), (64, (128, 64, 4, 4))),
-    # Qwen3-32B, microbenchmark only (the 32B tile's engine gain above stands in): 48 rows 133.7 vs
-    # 140.9, 64 rows 135.4 vs 140.0; 32 rows 127.0 vs 139.3 with (256, 128, 3, 8), not taken until
-    # an engine A/B (Qwen2.5-32B's 32 rows lost there). Qwen3-8B: within 2% at 32-64 rows, no entry
-    (51200, 5120): ((32, None), (64, (128, 64, 4, 4))),
+    # Qwen3-32B: 32 rows 127.0 vs 139.3 with (256, 128, 3, 8), B=32 21.02 -> 20.21 ms (ninth
+    # session); 48 rows 133.7 vs 140.9, 64 rows 135.4 vs 140.0 (microbenchmark only: the 32B tile's
+    # engine gain above stands in). Qwen3-8B: within 2% at 32-64 rows, no entry
+    (51200, 5120): ((32, (256, 128, 3, 8)), (64, (128, 64, 4, 4))),
 }
 
 if HAS_TRITON:

@@ -58,15 +58,15 @@ KERNELS = {
                       "BLOCK_SIZE": 16, "PDL": True}, 4, 3),
     **{  # the skinny GEMM's tiles plan() and GATED_TILES pick (BLOCK_M, BLOCK_N, BLOCK_K, stages), plain
         # and gated (BLOCK_N: gate columns only)
-        f"skinny_gemm_{m}x{n}x{k}x{stages}{'_gated' if gated else ''}": (
+        f"skinny_gemm_{m}x{n}x{k}x{stages}x{warps}{'_gated' if gated else ''}": (
             "pdserve.layers.triton_skinny", "_skinny_kernel",
             {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
             {"HAS_BIAS": False, "GATED": gated, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PDL": True},
-            4, stages)
-        for m, n, k, stages, gated in [(16, 32, 512, 4, False), (32, 32, 512, 4, False),
-                                       (16, 32, 256, 4, False), (16, 64, 256, 4, False),
-                                       (16, 32, 256, 4, True), (32, 64, 64, 3, True),
-                                       (64, 32, 64, 4, True), (64, 64, 64, 4, True)]
+            warps, stages)
+        for m, n, k, stages, warps, gated in [
+            (16, 32, 512, 4, 4, False), (32, 32, 512, 4, 4, False), (16, 32, 256, 4, 4, False),
+            (16, 64, 256, 4, 4, False), (16, 32, 256, 4, 4, True), (32, 64, 64, 3, 4, True),
+            (64, 32, 64, 4, 4, True), (64, 64, 64, 4, 4, True), (32, 128, 128, 3, 8, True)]
     },
     "rms_norm": ("pdserve.layers.triton_fused", "_rms_norm_kernel",
                  {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",

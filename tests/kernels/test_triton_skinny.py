@@ -93,8 +93,9 @@ def test_gated_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("m", [17, 32, 33, 64])
-@pytest.mark.parametrize(  # Qwen2.5-7B, -32B gate_up
-    "inter,k", [pytest.param(18944, 3584, marks=gpu), pytest.param(27648, 5120, marks=gpu)]
+@pytest.mark.parametrize(  # Qwen2.5-7B, -32B, Qwen3-32B gate_up
+    "inter,k",
+    [pytest.param(*shape, marks=gpu) for shape in [(18944, 3584), (27648, 5120), (25600, 5120)]],
 )
 def test_gated_past_16_rows_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
     """Every tile of GATED_TILES on its shape (the 32B's up-to-32 is cuBLAS's: its 64-row tile here)."""
@@ -109,7 +110,8 @@ def test_gated_plan_takes_only_measured_shapes_and_rows() -> None:
     assert triton_skinny.gated_plan(2 * 18944, 3584, 65) is None
     assert triton_skinny.gated_plan(2 * 27648, 5120, 32) is None  # 32B
     assert triton_skinny.gated_plan(2 * 27648, 5120, 64) == (128, 64, 4, 4)
-    assert triton_skinny.gated_plan(2 * 25600, 5120, 48) == (128, 64, 4, 4)  # Qwen3-32B
+    assert triton_skinny.gated_plan(2 * 25600, 5120, 32) == (256, 128, 3, 8)  # Qwen3-32B
+    assert triton_skinny.gated_plan(2 * 25600, 5120, 48) == (128, 64, 4, 4)
     assert triton_skinny.gated_plan(2 * 12288, 4096, 64) is None  # Qwen3-8B: no gain measured
 
 
