@@ -14,8 +14,9 @@ the seventh session, instead of 8), nogated (plan(), without gate_up's SiLU * up
 the skinny kernel where plan() leaves it to cuBLAS, 17-64 rows: triton_skinny.gated_rows_tile, on by
 default since 2026-11-30's eighth session), swapped (plan(), and what it leaves to F.linear at 33-128
 rows of x computed as W @ x^T then transposed back: benchmarks/cublas_forms_bench.py's "swapped"),
-gated32 (plan(), with Qwen2.5-32B's gate_up fused at up to 32 rows by the (256, 128, 3, 8) tile
-that won Qwen3-32B's (B=32 21.02 -> 20.21 ms; GATED_TILES leaves Qwen2.5-32B's 32 rows to cuBLAS). One
+gated32 (plan(), and the Qwen2.5- and Qwen3-32B gate_up at up to 32 rows left to cuBLAS then
+silu_and_mul, as before the ninth session's (256, 128, 3, 8) tile; the A/B that took it ran the
+opposite way, commit 4ba0c0c: Qwen3-32B B=32 21.02 -> 20.21 ms, Qwen2.5-32B 19.66 -> 19.24). One
 process per variant, so an A/B inside one device call compares the same machine.
 """
 
@@ -70,7 +71,8 @@ def main() -> None:
     if variant == "swapped":
         swap_cublas_rows()
     if variant == "gated32":
-        triton_skinny.GATED_TILES[(55296, 5120)] = ((32, (256, 128, 3, 8)), (64, (128, 64, 4, 4)))
+        for shape in [(55296, 5120), (51200, 5120)]:
+            triton_skinny.GATED_TILES[shape] = ((32, None), *triton_skinny.GATED_TILES[shape][1:])
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")

@@ -14,7 +14,7 @@ of 3, 7B B=1 4.21 -> 4.16, B=8 4.48 -> 4.39; 64-column programs on fill ties, 32
 17.10, B=8 18.16 -> 17.90; one-wave grids up to 32 rows, 7B B=32 5.26 -> 5.03.
 linear.py takes this path for up to MAX_ROWS rows of large bias-free fp16/bf16 weights on CUDA, and
 for gate_up with SiLU * up in the epilogue at 17-64 rows where GATED_TILES holds a tile measured
-faster than cuBLAS then silu_and_mul (eighth session: 7B B=32 4.83 -> 4.65 ms a step);
+faster than cuBLAS then silu_and_mul (7B B=32 4.83 -> 4.65 ms a step, 32B 19.66 -> 19.24);
 PDSERVE_SKINNY_GEMM=0 turns it off, PDSERVE_GATED_ROWS=0 only the latter.
 
 linear.py imports this module only for CUDA tensors, so a CPU process never imports triton unless a
@@ -54,9 +54,9 @@ GATED_TILES: dict[tuple[int, int], tuple[tuple[int, Tile | None], ...]] = {
     # Qwen2.5-7B: 32 rows 66.9 vs 73.4 (64-column tiles > 75), B=32 4.83 -> 4.65 ms; 48 rows 73.2 vs
     # 72.4; 64 rows 72.1 vs 76.0 (128 columns 74.1), B=64 5.53 -> 5.47
     (37888, 3584): ((32, (128, 64, 3, 4)), (48, None), (64, (64, 64, 4, 4))),
-    # Qwen2.5-32B: cuBLAS streams it at 99% of the copy ceiling at 32 rows (B=32 19.87 -> 20.44 ms
-    # with the 7B tile: not taken); 48 rows 137.4 vs 145.3, 64 rows 137.6 vs 142.3, B=64 22.38 -> 22.21
-    (55296, 5120): ((32, None), (64, (128, 64, 4, 4))),
+    # Qwen2.5-32B: 32 rows with Qwen3-32B's tile below, B=32 19.66 -> 19.24 ms (ninth session; the 7B
+    # tile lost, 19.87 -> 20.44); 48 rows 137.4 vs 145.3, 64 rows 137.6 vs 142.3, B=64 22.38 -> 22.21
+    (55296, 5120): ((32, (256, 128, 3, 8)), (64, (128, 64, 4, 4))),
     # Qwen3-32B: 32 rows 127.0 vs 139.3 with (256, 128, 3, 8), B=32 21.02 -> 20.21 ms (ninth
     # session); 48 rows 133.7 vs 140.9, 64 rows 135.4 vs 140.0 (microbenchmark only: the 32B tile's
     # engine gain above stands in). Qwen3-8B: within 2% at 32-64 rows, no entry

@@ -98,7 +98,7 @@ def test_gated_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
     [pytest.param(*shape, marks=gpu) for shape in [(18944, 3584), (27648, 5120), (25600, 5120)]],
 )
 def test_gated_past_16_rows_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
-    """Every tile of GATED_TILES on its shape (the 32B's up-to-32 is cuBLAS's: its 64-row tile here)."""
+    """Every tile of GATED_TILES on its shape (7B's 33-48 rows are cuBLAS's: its 64-row tile here)."""
     tile = triton_skinny.gated_plan(2 * inter, k, m) or triton_skinny.gated_plan(2 * inter, k, 64)
     _check_gated(m, inter, k, torch.bfloat16, tile)
 
@@ -108,7 +108,7 @@ def test_gated_plan_takes_only_measured_shapes_and_rows() -> None:
     assert triton_skinny.gated_plan(2 * 18944, 3584, 40) is None
     assert triton_skinny.gated_plan(2 * 18944, 3584, 49) == (64, 64, 4, 4)
     assert triton_skinny.gated_plan(2 * 18944, 3584, 65) is None
-    assert triton_skinny.gated_plan(2 * 27648, 5120, 32) is None  # 32B
+    assert triton_skinny.gated_plan(2 * 27648, 5120, 32) == (256, 128, 3, 8)  # 32B
     assert triton_skinny.gated_plan(2 * 27648, 5120, 64) == (128, 64, 4, 4)
     assert triton_skinny.gated_plan(2 * 25600, 5120, 32) == (256, 128, 3, 8)  # Qwen3-32B
     assert triton_skinny.gated_plan(2 * 25600, 5120, 48) == (128, 64, 4, 4)
