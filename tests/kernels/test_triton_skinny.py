@@ -146,7 +146,7 @@ def test_silu_mul_linear_fuses_where_the_plain_product_would_take_the_kernel(
     for rows, w, want in [
         (1, wide, [fused]),
         (16, wide, [fused]),
-        (32, wide, []),  # plan(): several waves -> cuBLAS (faster than gated tiles here)
+        (32, wide, [((256, 128, 3, 8), fused)]),  # plan(): several waves -> gated_rows_tile
         (33, wide, [((128, 64, 4, 4), fused)]),  # gated_rows_tile
         (1, narrow, [{}]),  # the kernel, unfused: 16 + 16 columns a program were slower
         (24, narrow, [((128, 64, 3, 4), fused)]),
