@@ -16,7 +16,9 @@ default since 2026-11-30's eighth session), swapped (plan(), and what it leaves 
 rows of x computed as W @ x^T then transposed back: benchmarks/cublas_forms_bench.py's "swapped"),
 gated32 (plan(), and the Qwen2.5- and Qwen3-32B gate_up at up to 32 rows left to cuBLAS then
 silu_and_mul, as before the ninth session's (256, 128, 3, 8) tile; the A/B that took it ran the
-opposite way, commit 4ba0c0c: Qwen3-32B B=32 21.02 -> 20.21 ms, Qwen2.5-32B 19.66 -> 19.24). One
+opposite way, commit 4ba0c0c: Qwen3-32B B=32 21.02 -> 20.21 ms, Qwen2.5-32B 19.66 -> 19.24),
+unfusedqk (plan(), Qwen3's q/k RMSNorms as their own launches before the rotary + cache-write kernel,
+as before the ninth session: triton_backend._fusable says no). One
 process per variant, so an A/B inside one device call compares the same machine.
 """
 
@@ -29,9 +31,10 @@ from typing import Any
 import torch
 
 from pdserve.layers import linear, pdl, triton_sampler, triton_skinny
+from pdserve.layers.attention import triton_backend
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
-VARIANTS |= {"swapped", "gated32"}
+VARIANTS |= {"swapped", "gated32", "unfusedqk"}
 
 
 def swap_cublas_rows(low: int = 33, high: int = 128) -> None:
@@ -73,6 +76,8 @@ def main() -> None:
     if variant == "gated32":
         for shape in [(55296, 5120), (51200, 5120)]:
             triton_skinny.GATED_TILES[shape] = ((32, None), *triton_skinny.GATED_TILES[shape][1:])
+    if variant == "unfusedqk":
+        triton_backend._fusable = lambda qk_norm, dtype: qk_norm is None
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
     sys.argv = ["benchmarks/gpu_engine.py", *sys.argv[2:]]
     runpy.run_path("benchmarks/gpu_engine.py", run_name="__main__")

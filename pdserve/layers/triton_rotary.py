@@ -1,5 +1,7 @@
 """Rotary position embedding for q and k in one Triton launch, in place (the CUDA hot path); and the
-same fused with writing the step's K/V into the paged cache (rotary_store_kv).
+same fused with writing the step's K/V into the paged cache (rotary_store_kv), optionally after
+Qwen3's per-head RMSNorm of q and k (one launch a layer where the norms took four: a copy of the
+strided view and a norm each).
 
 The torch code in rotary.py costs five kernels for q and five for k per layer (two products, a
 negation, a concatenation, a sum): ~640 launches per decode step of a 64-layer model. This kernel
@@ -19,6 +21,7 @@ import torch
 from pdserve.layers.pdl import launch_options
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+QKNorm = tuple[torch.Tensor, torch.Tensor, float]  # q's and k's RMSNorm weights [head_dim], eps
 
 if HAS_TRITON:
     import triton
@@ -27,12 +30,32 @@ if HAS_TRITON:
     from pdserve.layers.pdl import wait_prior
 
     @triton.jit
-    def _rotated(base, heads, dims, mask, stride_h, c, s, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
-        """Both halves of every head at base, rotated in fp32: ([H, HALF], [H, HALF])."""
+    def _halves(base, heads, dims, mask, stride_h, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Both halves of every head at base in fp32: ([H, HALF], [H, HALF])."""
         offs = heads[:, None] * stride_h + dims[None, :]
         x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+        return x1, tl.load(base + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _rotate(x1, x2, c, s):  # type: ignore[no-untyped-def]
         return x1 * c[None, :] - x2 * s[None, :], x2 * c[None, :] + x1 * s[None, :]
+
+    @triton.jit
+    def _rotated(base, heads, dims, mask, stride_h, c, s, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Both halves of every head at base, rotated in fp32: ([H, HALF], [H, HALF])."""
+        x1, x2 = _halves(base, heads, dims, mask, stride_h, HALF)
+        return _rotate(x1, x2, c, s)
+
+    @triton.jit
+    def _rms_normed(x1, x2, w_ptr, eps, dims, like_ptr, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Each head (row) RMS-normalized over its 2 * HALF dims and scaled by w, rounded to
+        like_ptr's dtype where RMSNorm rounds (the normalized value, then its product with w)."""
+        dtype = like_ptr.dtype.element_ty
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(w_ptr + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+        x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        return x1, (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
 
     @triton.jit
     def _rotate_heads(base, heads, dims, dmask, stride_h, c, s, NUM_HEADS: tl.constexpr, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
@@ -78,24 +101,37 @@ if HAS_TRITON:
 
     @triton.jit
     def _rotary_store_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr,
+        q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, qw_ptr, kw_ptr, eps,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
         stride_kv, stride_cb, stride_ct, stride_ch,  # cache: K to V, block, token, head
         NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr = False,
+        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, NORM: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
-        """q rotated in place; k rotated and v copied straight into the cache at the token's slot
-        (negative: a padded token, nothing written). k itself is left as it was."""
+        """q (RMS-normalized by qw if NORM, then) rotated in place; k (normalized by kw, then) rotated
+        and v copied straight into the cache at the token's slot (negative: a padded token, nothing
+        written). k itself is left as it was."""
         wait_prior(PDL)
         token = tl.program_id(0).to(tl.int64)
         dims = tl.arange(0, BLOCK_HALF)
         dmask = dims < HALF
         c, s = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask)
         heads = tl.arange(0, BLOCK_H)
-        _rotate_heads(q_ptr + token * stride_qt, heads, dims, dmask, stride_qh, c, s, NUM_Q_HEADS, HALF)
+        q_base = q_ptr + token * stride_qt
+        mask = (heads[:, None] < NUM_Q_HEADS) & dmask[None, :]
+        q1, q2 = _halves(q_base, heads, dims, mask, stride_qh, HALF)
+        if NORM:
+            q1, q2 = _rms_normed(q1, q2, qw_ptr, eps, dims, q_ptr, HALF)
+        q1, q2 = _rotate(q1, q2, c, s)
+        offs = heads[:, None] * stride_qh + dims[None, :]
+        tl.store(q_base + offs, q1.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_base + offs + HALF, q2.to(q_ptr.dtype.element_ty), mask=mask)
         slot = tl.load(slot_ptr + token).to(tl.int64)
         mask = (heads[:, None] < NUM_K_HEADS) & dmask[None, :] & (slot >= 0)
-        k1, k2 = _rotated(k_ptr + token * stride_kt, heads, dims, mask, stride_kh, c, s, HALF)
+        k1, k2 = _halves(k_ptr + token * stride_kt, heads, dims, mask, stride_kh, HALF)
+        if NORM:
+            k1, k2 = _rms_normed(k1, k2, kw_ptr, eps, dims, k_ptr, HALF)
+        k1, k2 = _rotate(k1, k2, c, s)
         dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
         dst += heads[:, None] * stride_ch + dims[None, :]
         tl.store(dst, k1.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -143,18 +179,21 @@ def rotary_store_kv(
     sin: torch.Tensor,
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hk, D], strided; head_dim contiguous
     slot_mapping: torch.Tensor,  # [T]; negative: skip
+    norms: QKNorm | None = None,
 ) -> None:
-    """Rotary and the KV-cache write in one launch (one per layer instead of two)."""
+    """Rotary and the KV-cache write in one launch (one per layer instead of two); with `norms`,
+    q and k RMS-normalized per head first (Qwen3), in the same launch."""
     tokens, num_q, head_dim = q.shape
     assert all(x.stride(-1) == 1 for x in (q, k, v, cos, kv_cache)) and cos.stride() == sin.stride()
     if not tokens:
         return
+    qw, kw, eps = norms if norms is not None else (q, q, 0.0)
     _rotary_store_kernel[(tokens,)](
-        q, k, v, positions, cos, sin, slot_mapping, kv_cache,
+        q, k, v, positions, cos, sin, slot_mapping, kv_cache, qw, kw, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_Q_HEADS=num_q, NUM_K_HEADS=k.shape[1], HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])),
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=kv_cache.shape[2], num_warps=4,
-        **launch_options(q),
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=kv_cache.shape[2],
+        NORM=norms is not None, num_warps=4, **launch_options(q),
     )  # fmt: skip

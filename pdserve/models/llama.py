@@ -79,9 +79,8 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn.forward_rotary(self.rotary, positions, q, k, v, kv_cache, meta)
+        norms = None if self.q_norm is None or self.k_norm is None else (self.q_norm, self.k_norm)
+        out = self.attn.forward_rotary(self.rotary, positions, q, k, v, kv_cache, meta, norms)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 

@@ -51,11 +51,16 @@ KERNELS = {
                {"q_ptr": "*bf16", "k_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32",
                 "sin_ptr": "*fp32"},
                {"NUM_Q_HEADS": 28, "NUM_K_HEADS": 4, "HALF": 64, "BLOCK_H": 32, "BLOCK_HALF": 64}, 4, 3),
-    "rotary_store": ("pdserve.layers.triton_rotary", "_rotary_store_kernel",
-                     {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64",
-                      "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "cache_ptr": "*bf16"},
-                     {"NUM_Q_HEADS": 28, "NUM_K_HEADS": 4, "HALF": 64, "BLOCK_H": 32, "BLOCK_HALF": 64,
-                      "BLOCK_SIZE": 16, "PDL": True}, 4, 3),
+    **{  # Qwen2.5-7B; Qwen3-8B with its q/k norms
+        f"rotary_store{'_qk_norm' if norm else ''}": (
+            "pdserve.layers.triton_rotary", "_rotary_store_kernel",
+            {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32",
+             "sin_ptr": "*fp32", "slot_ptr": "*i64", "cache_ptr": "*bf16", "qw_ptr": "*bf16",
+             "kw_ptr": "*bf16", "eps": "fp32"},
+            {"NUM_Q_HEADS": q_heads, "NUM_K_HEADS": kv_heads, "HALF": 64, "BLOCK_H": 32, "BLOCK_HALF": 64,
+             "BLOCK_SIZE": 16, "NORM": norm, "PDL": True}, 4, 3)
+        for q_heads, kv_heads, norm in [(28, 4, False), (32, 8, True)]
+    },
     **{  # the skinny GEMM's tiles plan() and GATED_TILES pick (BLOCK_M, BLOCK_N, BLOCK_K, stages), plain
         # and gated (BLOCK_N: gate columns only)
         f"skinny_gemm_{m}x{n}x{k}x{stages}x{warps}{'_gated' if gated else ''}": (

@@ -220,6 +220,39 @@ def test_rotary_fused_with_the_cache_write_matches_rotate_then_attend(dtype: tor
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_qk_norm_fused_into_the_rotary_cache_write_matches_norm_then_rotate(dtype: torch.dtype) -> None:
+    """forward_rotary with Qwen3's per-head q/k RMSNorms: the Triton backend applies them inside its
+    rotary + cache-write launch, the torch backend calls the RMSNorm modules first. Same cache, same
+    output, on decodes and prefills."""
+    from types import SimpleNamespace
+
+    from pdserve.layers.norm import RMSNorm
+    from pdserve.layers.rotary import RotaryEmbedding
+
+    seqs = [(5, 1), (29, 1), (50, 50), (61, 13)]
+    batch = make_batch(seqs, 7, 1, 64, 16, dtype, seed=12)
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 64, 256).to(DEVICE)
+    positions = torch.tensor([p for ctx, n in seqs for p in range(ctx - n, ctx)], device=DEVICE)
+    norms = (RMSNorm(64, 1e-6).to(DEVICE, dtype), RMSNorm(64, 1e-6).to(DEVICE, dtype))
+    ref_norms = (RMSNorm(64, 1e-6).to(DEVICE), RMSNorm(64, 1e-6).to(DEVICE))
+    for norm, ref in zip(norms, ref_norms, strict=True):
+        norm.weight.requires_grad_(False).uniform_(0.5, 1.5)
+        ref.weight.requires_grad_(False).copy_(norm.weight.float())
+    ref_cache = batch.kv_cache.float().clone()
+    q, k, v = (x.float().clone() for x in (batch.q, batch.k, batch.v))
+    ref_out = TorchAttentionBackend(7, 1, 64, 0.125).forward_rotary(
+        rope, positions, q, k, v, ref_cache, batch.meta, ref_norms
+    )
+    cache = batch.kv_cache.clone()
+    out = TritonAttentionBackend(7, 1, 64, 0.125).forward_rotary(
+        rope, positions, batch.q.clone(), batch.k, batch.v, cache, batch.meta, norms
+    )
+    torch.testing.assert_close(cache.float(), ref_cache, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    assert_close(out, ref_out, dtype)
+
+
+@needs_triton
 def test_padded_decode_batch_writes_zeros_and_nothing_else() -> None:
     """CUDA-graph padding: seq_len 0 gives a zero row; slot -1 writes nothing."""
     batch = make_batch([(37, 1), (12, 1)], 4, 2, 64, 16, torch.float32, seed=7)

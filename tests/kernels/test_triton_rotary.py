@@ -102,3 +102,37 @@ def test_rotary_store_writes_rotated_k_and_v_into_the_cache(
     untouched = torch.ones(24, dtype=torch.bool)
     untouched[written] = False
     assert torch.equal(got[:, untouched], before[1].flatten(1, 2).cpu()[:, untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 4, 2, 64), (5, 64, 8, 128)])
+def test_rotary_store_with_qk_norm_matches_norm_then_rotate(
+    tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    """Qwen3's per-head q/k RMSNorm inside the same launch: q and the cache's k equal RMSNorm (the
+    torch code, rounding where it rounds) then rotary, each with its own weight; v is copied as is.
+    Without the norms the same inputs give a different q (the norm is really applied)."""
+    from pdserve.engine.kv_layout import allocate_kv_pool
+    from pdserve.layers.norm import rms_norm_torch
+
+    torch.manual_seed(tokens + heads)
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=1_000_000.0), head_dim, 4096).to(DEVICE)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim) * 3).to(DEVICE, dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    v = v.view(tokens, kv_heads, head_dim)
+    qw, kw = (torch.rand(head_dim) + 0.5).to(DEVICE, dtype), (torch.rand(head_dim) + 0.5).to(DEVICE, dtype)
+    pool = allocate_kv_pool(1, 4, 4, kv_heads, head_dim, dtype, DEVICE)
+    slots = torch.randperm(16)[:tokens].to(DEVICE)
+    pos = torch.randint(0, 4096, (tokens,), device=DEVICE)
+    normed_q, normed_k = (rms_norm_torch(x.cpu(), w.cpu(), 1e-6) for x, w in ((q, qw), (k, kw)))
+    want_q, want_k = _reference(rope, pos, normed_q.to(DEVICE), normed_k.to(DEVICE))
+    plain_q = q.clone()
+    triton_rotary.rotary_store_kv(pos, plain_q, k, v, rope.cos, rope.sin, pool[0], slots.clone())
+    triton_rotary.rotary_store_kv(pos, q, k, v, rope.cos, rope.sin, pool[0], slots, (qw, kw, 1e-6))
+    tol = dict(atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    torch.testing.assert_close(q.float().cpu(), want_q, **tol)
+    got = pool[0].flatten(1, 2).cpu()  # [2, blocks * block_size, heads, dim]
+    torch.testing.assert_close(got[0, slots.cpu()].float(), want_k, **tol)
+    assert torch.equal(got[1, slots.cpu()], v.cpu())
+    assert not torch.allclose(plain_q.float().cpu(), want_q, **tol)

@@ -15,6 +15,7 @@ import torch
 from pdserve.layers.attention.metadata import AttentionMetadata
 
 if TYPE_CHECKING:
+    from pdserve.layers.norm import RMSNorm
     from pdserve.layers.rotary import RotaryEmbedding
 
 
@@ -49,9 +50,12 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> torch.Tensor:
-        """`forward` of q and k rotated by their positions. A backend that can rotate while it writes
-        the cache overrides this (one launch per layer fewer)."""
+        """`forward` of q and k rotated by their positions (after per-head RMSNorms, Qwen3's, if
+        given). A backend that can do that while it writes the cache overrides this (fewer launches)."""
+        if qk_norm is not None:
+            q, k = qk_norm[0](q), qk_norm[1](k)
         q, k = rotary(positions, q, k)
         return self.forward(q, k, v, kv_cache, meta)
 

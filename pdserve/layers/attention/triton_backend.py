@@ -1,7 +1,8 @@
 """The Triton attention backend: paged KV store, split-K decode and prefix-aware prefill kernels.
 
-One step is at most three launches per layer (plus a reduce when decode splits): rotary fused with
-storing this step's K/V by slot (layers/triton_rotary.py), decode the first `num_decodes` sequences,
+One step is at most three launches per layer (plus a reduce when decode splits): rotary (after
+Qwen3's q/k norms) fused with storing this step's K/V by slot (layers/triton_rotary.py), decode the
+first `num_decodes` sequences,
 prefill the rest. Both attention kernels read this step's K/V from the cache, so k is never needed
 rotated in place. Importing this module never fails:
 without triton, `TRITON_AVAILABLE` is False and constructing the backend raises.
@@ -16,6 +17,7 @@ import torch
 from pdserve.engine.host_tensors import to_device
 from pdserve.layers.attention.backend import AttentionBackend
 from pdserve.layers.attention.metadata import AttentionMetadata
+from pdserve.layers.norm import RMSNorm
 from pdserve.layers.rotary import RotaryEmbedding
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -24,6 +26,14 @@ if TRITON_AVAILABLE:
     from pdserve.layers.attention.triton_decode import choose_num_splits, paged_decode
     from pdserve.layers.attention.triton_prefill import paged_prefill
     from pdserve.layers.triton_rotary import rotary_store_kv
+
+
+def _fusable(qk_norm: tuple[RMSNorm, RMSNorm] | None, dtype: torch.dtype) -> bool:
+    """Can the rotary kernel apply these per-head norms as RMSNorm would: one eps, and weights of the
+    activations' dtype (RMSNorm's output takes the wider of the two)."""
+    return qk_norm is None or (
+        qk_norm[0].eps == qk_norm[1].eps and qk_norm[0].weight.dtype == qk_norm[1].weight.dtype == dtype
+    )
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -56,10 +66,12 @@ class TritonAttentionBackend(AttentionBackend):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> torch.Tensor:
-        if not all(x.stride(-1) == 1 for x in (q, k, v)):
-            return super().forward_rotary(rotary, positions, q, k, v, kv_cache, meta)
-        rotary_store_kv(positions, q, k, v, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping)
+        if not all(x.stride(-1) == 1 for x in (q, k, v)) or not _fusable(qk_norm, q.dtype):
+            return super().forward_rotary(rotary, positions, q, k, v, kv_cache, meta, qk_norm)
+        norms = None if qk_norm is None else (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps)
+        rotary_store_kv(positions, q, k, v, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping, norms)
         return self._attend(q, kv_cache, meta)
 
     def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
