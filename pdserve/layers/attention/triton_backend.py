@@ -2,10 +2,9 @@
 
 One step is at most three launches per layer (plus a reduce when decode splits): rotary (after
 Qwen3's q/k norms) fused with storing this step's K/V by slot (layers/triton_rotary.py), decode the
-first `num_decodes` sequences,
-prefill the rest. Both attention kernels read this step's K/V from the cache, so k is never needed
-rotated in place. Importing this module never fails:
-without triton, `TRITON_AVAILABLE` is False and constructing the backend raises.
+first `num_decodes` sequences, prefill the rest. Both attention kernels read this step's K/V from
+the cache, so k is never needed rotated in place. Importing this module never fails: without
+triton, `TRITON_AVAILABLE` is False and constructing the backend raises.
 """
 
 from __future__ import annotations
