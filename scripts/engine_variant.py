@@ -18,7 +18,9 @@ gated32 (plan(), and the Qwen2.5- and Qwen3-32B gate_up at up to 32 rows left to
 silu_and_mul, as before the ninth session's (256, 128, 3, 8) tile; the A/B that took it ran the
 opposite way, commit 4ba0c0c: Qwen3-32B B=32 21.02 -> 20.21 ms, Qwen2.5-32B 19.66 -> 19.24),
 unfusedqk (plan(), Qwen3's q/k RMSNorms as their own launches before the rotary + cache-write kernel,
-as before the ninth session: triton_backend._fusable says no). One
+as before the ninth session: triton_backend._fusable says no), ltdown (plan(), and down_proj at
+33-128 rows of x on cuBLASLt instead of cuBLAS: the ninth session's cublas_forms_bench had 7B down
+at 128 rows 42.6 vs 46.2 us, at 64 rows 38.0 vs 39.8, and cuBLASLt no better on the other shapes). One
 process per variant, so an A/B inside one device call compares the same machine.
 """
 
@@ -34,7 +36,7 @@ from pdserve.layers import linear, pdl, triton_sampler, triton_skinny
 from pdserve.layers.attention import triton_backend
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
-VARIANTS |= {"swapped", "gated32", "unfusedqk"}
+VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown"}
 
 
 def swap_cublas_rows(low: int = 33, high: int = 128) -> None:
@@ -46,6 +48,24 @@ def swap_cublas_rows(low: int = 33, high: int = 128) -> None:
             return plain(x, weight, bias, tile)
         y = torch.mm(weight, x.t()).t().contiguous()
         return y if bias is None else y + bias
+
+    linear._product = product  # type: ignore[assignment]
+
+
+def lt_for_down(low: int = 33, high: int = 128) -> None:
+    """linear._product on cuBLASLt for down-shaped weights (K > 2N) at low-high rows of x; graphs
+    capture the kernel the library picked, so the switch costs host time at capture only."""
+    plain = linear._product
+
+    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Any) -> torch.Tensor:
+        down = weight.shape[1] > 2 * weight.shape[0]
+        if tile is not None or not x.is_cuda or not low <= x.shape[0] <= high or not down:
+            return plain(x, weight, bias, tile)
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            return plain(x, weight, bias, tile)
+        finally:
+            torch.backends.cuda.preferred_blas_library("cublas")
 
     linear._product = product  # type: ignore[assignment]
 
@@ -76,6 +96,8 @@ def main() -> None:
     if variant == "gated32":
         for shape in [(55296, 5120), (51200, 5120)]:
             triton_skinny.GATED_TILES[shape] = ((32, None), *triton_skinny.GATED_TILES[shape][1:])
+    if variant == "ltdown":
+        lt_for_down()
     if variant == "unfusedqk":
         triton_backend._fusable = lambda qk_norm, dtype: qk_norm is None
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")
