@@ -61,6 +61,12 @@ MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
         "gate_up": (51200, 5120, False),
         "down": (5120, 25600, False),
     },
+    "llama-3.1-8b": {
+        "qkv": (6144, 4096, False),
+        "o": (4096, 4096, False),
+        "gate_up": (28672, 4096, False),
+        "down": (4096, 14336, False),
+    },
 }
 L2_FLUSH_BYTES = 256 << 20  # weight bytes cycled per shape, over 5x the H200's 50 MB L2
 TILES = list(itertools.product([16, 32, 64], [256, 512], [3, 4], [4]))  # BLOCK_N, BLOCK_K, stages, warps

@@ -16,6 +16,7 @@
 #   bash scripts/gpu_session.sh gated      # one H200 (~6 min): gate_up + SiLU fused at 17-64 rows, alone and in the engine
 #   bash scripts/gpu_session.sh gated3     # one H200 (~3 min): the same microbenchmark on the Qwen3 shapes
 #   bash scripts/gpu_session.sh cublas     # one H200 (~4 min): cuBLAS forms of the 7B projections at 64/128 rows
+#   bash scripts/gpu_session.sh llama      # one H200 (~3 min): the Llama-3.1-8B shape: engine table, gated microbenchmark
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -95,6 +96,16 @@ cublas)  # one H200, ~4 min: cuBLAS / cuBLASLt, x @ W^T vs the swapped W @ x^T, 
     --output "$OUT/cublas_forms.json" >"$OUT/cublas_forms.log" 2>&1
   cut -c1-700 "$OUT/cublas_forms.log"
   GPU_SESSION_NESTED=1 bash "$0" ab swapped qwen2.5-7b 64,128
+  ;;
+llama)  # one H200, ~3 min: the engine table of the Llama-3.1-8B shape (never measured), then the gated
+  # gate_up microbenchmark on its shapes (GATED_TILES has no Llama entry)
+  timeout 200 python3 benchmarks/gpu_engine.py --shapes llama-3.1-8b --output "$OUT/gpu_engine_llama.json" \
+    >"$OUT/gpu_engine_llama.log" 2>&1
+  echo "rc=$?" >>"$OUT/gpu_engine_llama.log"
+  tail -6 "$OUT/gpu_engine_llama.log"
+  timeout 200 python3 benchmarks/skinny_gemm_bench.py --gated --m 32,48,64 --models llama-3.1-8b \
+    --output "$OUT/gated_gemm_llama.json" >"$OUT/gated_gemm_llama.log" 2>&1
+  grep -v "wrong\|Error" "$OUT/gated_gemm_llama.log" | cut -c1-600
   ;;
 loop)  # [MODEL] [REPETITION_PENALTY]
   for i in 1 2 3; do

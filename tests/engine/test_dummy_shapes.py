@@ -15,6 +15,7 @@ from pdserve.models.llama import head_dim_of
 from pdserve.models.prepare import SHAPES_DIR, resolve_model, shipped_shapes
 
 KV_KIB_PER_TOKEN = {"qwen2.5-7b": 56, "qwen2.5-32b": 256, "qwq-32b": 256, "qwen3-8b": 144, "qwen3-32b": 256}
+KV_KIB_PER_TOKEN |= {"llama-3.1-8b": 128}
 
 
 @pytest.mark.parametrize("name", sorted(KV_KIB_PER_TOKEN))
@@ -57,6 +58,15 @@ def test_dummy_weights_serve_without_checkpoint_or_tokenizer(tiny_qwen_shape: st
     first = _run(tiny_qwen_shape, seed=1)
     assert _run(tiny_qwen_shape, seed=1) == first
     assert _run(tiny_qwen_shape, seed=2) != first
+
+
+def test_llama3_shape_with_scaled_rope_serves_dummy_weights(tmp_path: Path) -> None:
+    """llama-3.1-8b's config (rope_scaling llama3, three eos ids, a 128k vocabulary) shrunk to CPU size."""
+    cfg = json.loads((SHAPES_DIR / "llama-3.1-8b" / "config.json").read_text())
+    cfg.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    cfg.update(num_key_value_heads=2, max_position_embeddings=512)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert _run(str(tmp_path), seed=3) == _run(str(tmp_path), seed=3)
 
 
 def test_missing_weights_without_dummy_is_an_error(tiny_qwen_shape: str) -> None:
