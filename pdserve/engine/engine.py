@@ -134,8 +134,11 @@ class Engine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
-        if kv_transfer and kv_transfer.get("prefill_kv_addr") and self.connector is None:
-            raise InvalidRequestError("this instance does not take KV from prefill instances (role both)")
+        role = self.config.disagg.role
+        if kv_transfer and kv_transfer.get("prefill_kv_addr") and role != "decode":
+            raise InvalidRequestError(
+                f"this instance does not take KV from prefill instances (role {role})", "kv_transfer_params"
+            )
         request = Request(
             request_id,
             prompt_token_ids,

@@ -70,7 +70,7 @@ async def parse_body(raw: Request) -> tuple[bytes, dict[str, Any]]:
     content = await raw.body()
     try:
         body = json.loads(content)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
         raise RouterError(
             400, f"request body is not valid JSON: {e}", "invalid_json", "invalid_request_error"
         ) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -23,6 +23,23 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool | None = False
+
+
+class KVTransferParams(_Request):
+    """What the router adds to a request it sends a decode instance: the prefill instance's KV address
+    (tcp://host:port, as its /pd/info says) and URL. Nothing else: the rest of a hand-off's fields are
+    made by the instances themselves, so a client reaching an instance directly cannot forge them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prefill_kv_addr: str = Field(pattern=r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$")
+    prefill_url: str | None = None
+
+    @field_validator("prefill_kv_addr")
+    @classmethod
+    def _port_in_range(cls, addr: str) -> str:
+        if not 0 < int(addr.rsplit(":", 1)[1]) < 65536:
+            raise ValueError("the port must be in [1, 65535]")
+        return addr
 
 
 class TextContentPart(_Request):
@@ -66,7 +83,7 @@ class SamplingRequest(_Request):
     repetition_penalty: float | None = None
     skip_special_tokens: bool | None = True
     # disaggregation: set by the router on requests it sends to a decode instance
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: KVTransferParams | None = None
 
     @property
     def include_usage(self) -> bool:

@@ -5,7 +5,8 @@
 Value ranges are SamplingParams' to check; here go the checks it cannot make (unsupported fields, the
 context length, token ids against the vocabulary). Tokenization runs on the event loop, never on the
 engine thread. Every refusal is a typed error (InvalidRequestError, ModelNotFoundError), mapped to HTTP
-in errors.py. `kv_transfer_params` from the router rides along unchanged into the engine requests.
+in errors.py. `kv_transfer_params` from the router (protocol.KVTransferParams: the prefill instance's
+address only) rides along into the engine requests.
 """
 
 from __future__ import annotations
@@ -184,5 +185,5 @@ class RequestBuilder:
             bool(req.stream),
             req.include_usage,
             choices,
-            req.kv_transfer_params,
+            None if req.kv_transfer_params is None else req.kv_transfer_params.model_dump(exclude_none=True),
         )

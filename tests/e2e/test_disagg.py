@@ -417,6 +417,37 @@ def test_1p1d_client_disconnect_mid_stream_frees_every_pool(up1: UpCluster) -> N
     assert up1.decode.prefill_tokens() == 0
 
 
+def test_1p1d_instances_refuse_forged_kv_transfer_params(up1: UpCluster, reference: Reference) -> None:
+    """A client that reaches an instance directly can neither hand it the fields instances make for
+    each other (decode_addr, transfer_id, block_ids: the prefill engine used to die of the first) nor an
+    address zmq refuses (it used to end the KV control thread): 400 in OpenAI's shape, param
+    kv_transfer_params, and both instances go on serving disaggregated requests."""
+    settle(up1.router)
+    prefill_kv = up1.prefill.info()["kv_addr"]
+    forged = [
+        (up1.prefill, {"decode_addr": "x"}),
+        (up1.prefill, {"decode_addr": "tcp://127.0.0.1:1", "transfer_id": "t", "block_ids": [0]}),
+        (up1.decode, {"prefill_kv_addr": prefill_kv, "block_ids": [0]}),
+        (up1.decode, {"prefill_kv_addr": "garbage"}),
+        (up1.decode, {"prefill_kv_addr": "tcp://127.0.0.1:70000"}),
+        (up1.prefill, {"prefill_kv_addr": prefill_kv}),  # a prefill instance takes KV from nobody
+    ]
+    for endpoint, params in forged:
+        for stream in (False, True):
+            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "stream": stream}
+            body["kv_transfer_params"] = params
+            answer = httpx.post(f"{endpoint.url}/v1/completions", json=body, timeout=30)
+            assert answer.status_code == 400, (params, answer.text)
+            error = answer.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}, error
+            assert error["type"] == "invalid_request_error" and error["param"] == "kv_transfer_params", error
+    assert up1.prefill.get("/health").status_code == 200 and up1.decode.get("/health").status_code == 200
+    specs = workload(6)
+    check_equal(reference, specs, up1.run(specs), up1.log_dir)
+    assert up1.decode.prefill_tokens() == 0
+    assert_pools_free(up1.decode, up1.prefill)
+
+
 async def unary_and_stream(url: str, body: dict[str, Any], timeout: float) -> tuple[Any, list[Any], float]:
     """The same request twice at once, plain and streamed: the answer, the SSE events, the seconds."""
     body = {"model": MODEL, "temperature": 0.0, **body}

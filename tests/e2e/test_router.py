@@ -239,7 +239,7 @@ def test_bad_json_is_the_routers_and_instance_errors_pass_through(
     instances: Instances, start_router: Callable[..., Router]
 ) -> None:
     router = start_router(*colocated(instances))
-    for content in (b"{not json", b"[1, 2]", b""):
+    for content in (b"{not json", b"[1, 2]", b"", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
         answer = httpx.post(f"{router.url}/v1/chat/completions", content=content, timeout=10)
         assert answer.status_code == 400, answer.text
         error = answer.json()["error"]

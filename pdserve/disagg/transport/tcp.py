@@ -184,6 +184,8 @@ class TcpTransport(KVTransport):
                 self._dealer(peer).send(header, flags=zmq.NOBLOCK)
             except zmq.Again:
                 logger.warning("control queue to %s is full; message dropped", peer)
+            except zmq.ZMQError as e:  # an address zmq refuses: this thread serves every other peer too
+                logger.warning("cannot reach %s (%s); message dropped", peer, e)
 
     def _dealer(self, peer: str) -> zmq.Socket:
         sock = self.dealers.get(peer)
