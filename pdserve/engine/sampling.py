@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from pdserve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+# The sampler works in float32. Past these, a value overflows there (1 / 1e-39 and 1e39 are inf, 1e-46
+# is 0) and logits turn into NaN; inside them every value means what the out-of-range one meant:
+GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (its limit; vLLM does the same)
+FLOAT32_SAFE = 1e30  # temperature at most this (above: uniform alike); top_p and the repetition
+# penalty at least 1 / this (top_p: the top token alike), the penalty at most this
 
 
 def _check(ok: bool, message: str, param: str) -> None:
@@ -65,6 +70,13 @@ class SamplingParams:
         _check(all(s for s in self.stop), "stop strings must not be empty", "stop")
         _check(len(self.stop) <= 16, "at most 16 stop strings", "stop")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0", "stop_token_ids")
+        self._float32_safe()
+
+    def _float32_safe(self) -> None:
+        """Move values float32 cannot carry to the nearest ones that pick the same tokens."""
+        self.temperature = 0.0 if self.temperature < GREEDY_BELOW else min(self.temperature, FLOAT32_SAFE)
+        self.top_p = max(self.top_p, 1 / FLOAT32_SAFE)
+        self.repetition_penalty = min(max(self.repetition_penalty, 1 / FLOAT32_SAFE), FLOAT32_SAFE)
 
     @property
     def greedy(self) -> bool:
