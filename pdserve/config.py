@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -94,6 +95,9 @@ class DisaggConfig:
             raise ValueError(
                 f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}"
             )
+        for name in ("kv_transfer_timeout", "peer_timeout"):  # inf: a wait on a stuck peer never ends
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {getattr(self, name)}")
 
     @property
     def enabled(self) -> bool:

@@ -386,10 +386,19 @@ class KVConnector:
             inc = self.incoming.get(tid)
             if inc is None or msg.block_ids != inc.block_ids or inc.received:
                 return None
-            if not self.leases.try_hold(tid, inc.request_id, inc.peer, "writing"):
+            sized = msg.nbytes == len(msg.block_ids) * self.block_bytes
+            if sized and not self.leases.try_hold(tid, inc.request_id, inc.peer, "writing"):
                 return None  # another payload of this transfer is landing
+        if not sized:
+            self._fail(tid, f"KV data from {inc.peer}: {msg.nbytes} bytes for {len(msg.block_ids)} blocks")
+            return None
         if self.pool_bytes is None:
-            self.staging[tid] = pinned_bytes(msg.nbytes)
+            try:
+                self.staging[tid] = pinned_bytes(msg.nbytes)
+            except (RuntimeError, MemoryError) as e:  # pinned memory exhausted: this transfer fails
+                self.leases.release(tid, "writing")
+                self._fail(tid, f"no staging memory for {msg.nbytes} bytes of KV: {e}")
+                return None
             return [self.staging[tid].numpy().data]
         runs: list[tuple[int, int]] = []
         for b in msg.block_ids:
@@ -407,9 +416,14 @@ class KVConnector:
         staging = self.staging.pop(tid, None)
         with self.lock:
             inc = self.incoming.get(tid)
-        if ok and inc is not None and staging is not None:
-            write_blocks(self.kv_cache, msg.block_ids, staging, self.shards)  # the "writing" lease holds them
-        self.leases.release(tid, "writing")
+        try:
+            if ok and inc is not None and staging is not None:  # the "writing" lease holds the blocks
+                write_blocks(self.kv_cache, msg.block_ids, staging, self.shards)
+        except RuntimeError as e:  # e.g. a CUDA error copying in: this transfer fails, its blocks come back
+            ok = False
+            logger.warning("writing KV of transfer %s failed: %s", tid, e)
+        finally:
+            self.leases.release(tid, "writing")
         if inc is not None and not ok:
             self._fail(tid, f"KV data from {inc.peer} broke off")
         elif ok:
@@ -424,9 +438,12 @@ class KVConnector:
             inc = self.incoming.get(msg.transfer_id)
             if inc is None or payload is None or not set(msg.block_ids) <= set(inc.block_ids):
                 return
-            if _nbytes(payload) != msg.nbytes:
-                return
-            write_blocks(self.kv_cache, msg.block_ids, payload, self.shards)
+            sized = _nbytes(payload) == msg.nbytes == len(msg.block_ids) * self.block_bytes
+            if sized:
+                write_blocks(self.kv_cache, msg.block_ids, payload, self.shards)
+        if not sized:
+            self._fail(msg.transfer_id, f"KV data from {inc.peer}: {_nbytes(payload)} bytes, {msg.block_ids}")
+            return
         self._received(msg)
 
     def _received(self, msg: p.KVData) -> None:

@@ -99,9 +99,12 @@ class LeaseRegistry:
             self.release(transfer_id, reason)
 
     def drop(self, transfer_id: str) -> None:
-        """Every byte is in and the request goes on: nobody else touches its blocks any more."""
+        """Every byte is in: nobody else touches the blocks any more. The request goes on, or, if it
+        ended meanwhile (an abort racing the last byte), its blocks are released now."""
         with self._lock:
-            self._leases.pop(transfer_id, None)
+            lease = self._leases.pop(transfer_id, None)
+        if lease is not None and lease.finished:
+            self._on_released(lease.request_id)
 
     def finish(self, transfer_id: str) -> bool:
         """The request has ended. True: a lease holds its blocks, `on_released` says when they are free."""

@@ -100,9 +100,16 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
+    """The message in `data`; ValueError (or TypeError) for anything else, including a sender that
+    is not an address (replies go to it) or a transfer id that is not a string."""
     obj = json.loads(data)
+    if not isinstance(obj, dict):
+        raise ValueError("a control message is a JSON object")
     cls = MESSAGE_TYPES.get(obj.pop("type", None))
     if cls is None:
         raise ValueError("unknown control message type")
     names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in obj.items() if k in names})
+    msg = cls(**{k: v for k, v in obj.items() if k in names})
+    if not isinstance(msg.sender, str) or not isinstance(getattr(msg, "transfer_id", ""), str):
+        raise ValueError("sender and transfer_id must be strings")
+    return msg

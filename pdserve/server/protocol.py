@@ -31,7 +31,7 @@ class KVTransferParams(_Request):
     made by the instances themselves, so a client reaching an instance directly cannot forge them."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    prefill_kv_addr: str = Field(pattern=r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$")
+    prefill_kv_addr: str = Field(pattern=r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._\-]+):[0-9]{1,5}$")
     prefill_url: str | None = None
 
     @field_validator("prefill_kv_addr")

@@ -223,6 +223,78 @@ def test_prefill_writes_nothing_after_the_decode_deadline():
     assert not c.request_finished(request)
 
 
+def test_abort_racing_the_last_byte_still_frees_the_blocks(monkeypatch):
+    """The client leaves just as a direct transfer completes: the request ends between the I/O thread
+    taking the transfer out of `incoming` and dropping its lease. The drop must free its blocks."""
+    c = _decode_connector(_FakeDirect())
+    request = _reserved(c, [4])
+    tid = request.kv_transfer["transfer_id"]
+    drop = c.leases.drop
+
+    def abort_then_drop(transfer_id: str) -> None:
+        assert c.request_finished(request)  # the engine thread's abort, in between
+        drop(transfer_id)
+
+    monkeypatch.setattr(c.leases, "drop", abort_then_drop)
+    c._on_message(p.Done("fake://prefill", tid, 7), None)
+    c._on_message(p.KVData("fake://prefill", tid, [4], c.block_bytes, written=True), None)
+    assert _releases(c) == ["r"] and not c.leases
+
+
+class _FakeTcp(_FakeDirect):
+    """Peers send bytes; nobody writes into our pool but us."""
+
+    def writes_into_pool(self, peer: str) -> bool:
+        return False
+
+
+def _failures(c: conn.KVConnector) -> list[str]:
+    return [e.reason for e in c.poll() if isinstance(e, conn.TransferFailed)]
+
+
+def test_kv_data_of_the_wrong_size_fails_the_transfer_at_once():
+    """Bytes that cannot be the reserved blocks (a prefill with another layout at the same address):
+    the transfer fails now, not after the transfer timeout, whether they would land in place or be
+    staged first, and nothing keeps the blocks."""
+    c = _decode_connector(_FakeTcp())
+    request = _reserved(c, [2, 3])
+    tid = request.kv_transfer["transfer_id"]
+    assert c._payload_target(p.KVData("fake://prefill", tid, [2, 3], c.block_bytes)) is None
+    assert any("bytes" in reason for reason in _failures(c)) and not c.leases
+    request = _reserved(c, [5, 6])
+    tid = request.kv_transfer["transfer_id"]
+    staged = torch.zeros(c.block_bytes, dtype=torch.uint8)
+    c._on_message(p.KVData("fake://prefill", tid, [5, 6], c.block_bytes), staged)
+    assert _failures(c) and not c.request_finished(request)
+
+
+def test_staging_and_writing_failures_fail_the_transfer_and_release_its_blocks(monkeypatch):
+    """No pinned memory for the bytes, or the copy into the pool raising: the transfer fails, the
+    "writing" lease goes, the I/O thread goes on."""
+    c = _decode_connector(_FakeTcp())
+    c.pool_bytes = None  # a GPU pool's path: bytes land in a staging buffer first
+
+    def no_memory(nbytes: int) -> torch.Tensor:
+        raise RuntimeError("out of pinned memory")
+
+    request = _reserved(c, [1])
+    msg = p.KVData("fake://prefill", request.kv_transfer["transfer_id"], [1], c.block_bytes)
+    with monkeypatch.context() as m:
+        m.setattr(conn, "pinned_bytes", no_memory)
+        assert c._payload_target(msg) is None
+    assert any("staging" in reason for reason in _failures(c)) and not c.leases
+
+    def broken_copy(*args: Any) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    request = _reserved(c, [2])
+    msg = p.KVData("fake://prefill", request.kv_transfer["transfer_id"], [2], c.block_bytes)
+    assert c._payload_target(msg) is not None and c.leases  # "writing" held while bytes land
+    monkeypatch.setattr(conn, "write_blocks", broken_copy)
+    c._payload_done(msg, True)
+    assert _failures(c) and not c.leases and not c.request_finished(request)
+
+
 # ---- driving engines by hand (different devices, other processes) ---------------------------------
 
 
@@ -478,4 +550,35 @@ def test_tcp_binds_another_pair_when_the_data_port_is_taken(monkeypatch):
         assert len(calls) == 2
         assert transport.address.endswith(f":{calls[1] - 1}")
     finally:
+        transport.close()
+
+
+def test_tcp_control_thread_survives_malformed_messages_and_bad_peers():
+    """One thread owns every control socket: frames that are not messages, a sender that is not an
+    address, and peers zmq cannot connect to are dropped with a warning, and it goes on serving."""
+    import zmq
+
+    from pdserve.disagg.transport.tcp import TcpTransport
+
+    got: list[p.Message] = []
+    transport = TcpTransport("127.0.0.1", 0)
+    transport.start(lambda msg, payload: got.append(msg))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(transport.address)
+    try:
+        frames = [b"null", b"[1]", b'"x"', b"5", b'{"type": "Heartbeat", "sender": 5}', b"[" * 100_000]
+        for frame in frames:
+            sock.send(frame)
+        transport.send("garbage", p.Heartbeat(transport.address))
+        transport.send(5, p.Heartbeat(transport.address))  # type: ignore[arg-type]
+        sock.send(p.encode(p.Heartbeat("tcp://127.0.0.1:1", ["t"])))
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [type(m) for m in got] == [p.Heartbeat] and got[0].transfer_ids == ["t"]
+        assert transport.threads[0].is_alive()
+    finally:
+        sock.close(0)
+        ctx.term()
         transport.close()

@@ -168,7 +168,7 @@ class TcpTransport(KVTransport):
         frames = self.router.recv_multipart()
         try:
             msg = decode(frames[1])
-        except (ValueError, IndexError, TypeError) as e:
+        except (ValueError, IndexError, TypeError, RecursionError) as e:
             logger.warning("dropping a malformed control message: %s", e)
             return
         self._handle(msg, None)
@@ -184,7 +184,7 @@ class TcpTransport(KVTransport):
                 self._dealer(peer).send(header, flags=zmq.NOBLOCK)
             except zmq.Again:
                 logger.warning("control queue to %s is full; message dropped", peer)
-            except zmq.ZMQError as e:  # an address zmq refuses: this thread serves every other peer too
+            except (zmq.ZMQError, TypeError) as e:  # an address zmq refuses: this thread serves every peer
                 logger.warning("cannot reach %s (%s); message dropped", peer, e)
 
     def _dealer(self, peer: str) -> zmq.Socket:
