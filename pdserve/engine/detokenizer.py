@@ -30,14 +30,21 @@ class Detokenizer:
         self.backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
         self.text = ""  # all output text so far (cut at a stop string)
         self.sent = 0  # characters of `text` already handed out
+        self.searched = 0  # text before this may hold a stop string that came before min_tokens
+        # tokens that add no text here: kept out of the window, which a run of them would grow without
+        # end (ignore_eos past an EOS: every step would decode all of them again)
+        self.silent = frozenset(getattr(tokenizer, "all_special_ids", ())) if skip_special else frozenset()
 
     def _decode(self, ids: list[int]) -> str:
         if self.backend is not None:
             return str(self.backend.decode(ids, skip_special_tokens=self.skip_special))
         return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special))
 
-    def add_token(self, token_id: int) -> bool:
-        """Add one generated token; returns True when a stop string was found (text is cut there)."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> bool:
+        """Add one generated token; returns True when a stop string was found (text is cut there).
+        check_stop False: not yet (min_tokens); the text so far is never searched again."""
+        if token_id in self.silent:
+            return False
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
@@ -46,12 +53,15 @@ class Detokenizer:
         old_len = len(self.text)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if not check_stop:
+            self.searched = len(self.text)
+            return False
         return self._cut_at_stop(old_len)
 
     def _cut_at_stop(self, old_len: int) -> bool:
         if not self.stop:
             return False
-        search_from = max(0, old_len - self.hold)
+        search_from = max(self.searched, old_len - self.hold)
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if not hits:
             return False

@@ -264,7 +264,8 @@ class Engine:
             detok = self.detokenizers.get(request.request_id)
             if detok is None:  # ended without a word to the client meanwhile
                 continue
-            if detok.add_token(result.token_id) and not request.is_finished:
+            check_stop = request.num_output_tokens >= request.params.min_tokens  # as vLLM: none before
+            if detok.add_token(result.token_id, check_stop) and not request.is_finished:
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
             logprobs = [result.logprob] if result.logprob else []
             outputs.append(self._output(request, [result.token_id], logprobs))

@@ -6,7 +6,8 @@
     GET  /health, /metrics, /router/instances     -> the router's own view
 
 The router parses the body only to check that it is a JSON object (400 otherwise); everything else is
-the instance's to validate. With an API key, /v1 wants `Authorization: Bearer <key>` (401 otherwise).
+the instance's to validate. With an API key, /v1 wants `Authorization: Bearer <key>` (401 otherwise);
+the client's Authorization header goes on to the instance (instances started with the same key).
 Where a request goes and its retries are proxy.py's, relaying a stream relay.py's. A client that goes
 away closes the upstream request, so the instance aborts it. The router's own errors, 404/405 and
 internal errors are answered in OpenAI's shape.
@@ -113,7 +114,7 @@ def _v1_router(app: FastAPI, api_key: str | None) -> APIRouter:
 
     async def proxied(raw: Request, path: str) -> Response:
         content, body = await parse_body(raw)
-        call = Call(path, content, body)
+        call = Call(path, content, body, raw.headers.get("authorization"))
         proxy: Proxy = app.state.proxy
         if body.get("stream") is True:
             return await until_disconnect(raw, proxy.stream(call))

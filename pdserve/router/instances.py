@@ -219,6 +219,8 @@ def role_problem(expected: Role, info: Info) -> str | None:
     """Why an instance that answered `info` cannot serve as `expected`, or None."""
     if expected == "both" and info.role != "both":
         return f"reports role {info.role!r}, but --instance needs a colocated ('both') instance"
+    if expected == "decode" and info.role != "decode":  # a 'both' one refuses prefill_kv_addr: 400s
+        return f"reports role {info.role!r}, but --decode needs a decode instance (--role decode)"
     if expected != "both" and info.role not in (expected, "both"):
         return f"reports role {info.role!r}, expected {expected!r}"
     if expected == "prefill" and info.kv_addr is None:

@@ -93,6 +93,7 @@ class Call:
     path: str
     raw: bytes
     body: dict[str, Any]
+    authorization: str | None = None  # the client's header, passed on: instances may want the key too
     arrival: float = field(default_factory=time.monotonic)
     tries: Tries = field(default_factory=Tries)
 
@@ -147,6 +148,8 @@ class Proxy:
                     self.metrics.count_routed(instance)
             url = f"{route.target.url}{call.path}"
             headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+            if call.authorization is not None:
+                headers["authorization"] = call.authorization
             request = self.client.build_request(
                 "POST", url, content=route.content(call.raw, call.body), headers=headers
             )

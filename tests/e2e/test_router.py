@@ -347,6 +347,7 @@ class FakeCluster:
     decode_port: int
     failing: set[str] = field(default_factory=set)  # prefill kv_addrs whose prefill "fails"
     seen: list[dict[str, Any]] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)
 
     def kv_addr(self, i: int) -> str:
         return f"tcp://127.0.0.1:{self.prefill_ports[i] + 1}"
@@ -392,6 +393,7 @@ def _fake_decode(cluster: FakeCluster) -> FastAPI:
     async def chat(raw: Request) -> Any:
         body = await raw.json()
         cluster.seen.append(body)
+        cluster.authorizations.append(raw.headers.get("authorization"))
         failing = body["kv_transfer_params"]["prefill_kv_addr"] in cluster.failing
         if not body.get("stream"):
             if failing:
@@ -437,11 +439,13 @@ def test_disaggregated_request_carries_kv_transfer_params(
     p = [f"http://127.0.0.1:{port}" for port in fake_cluster.prefill_ports]
     router = start_router("--prefill", *p, "--decode", f"http://127.0.0.1:{fake_cluster.decode_port}")
     body = {"model": "fake", "messages": CHAT, "max_tokens": 3, "extra": [1, {"x": None}]}
-    for _ in range(2):
-        answer = httpx.post(f"{router.url}/v1/chat/completions", json=body, timeout=10)
+    for key in ("one", "two"):  # the client's credentials go on: instances may want the key too
+        headers = {"Authorization": f"Bearer {key}"}
+        answer = httpx.post(f"{router.url}/v1/chat/completions", json=body, headers=headers, timeout=10)
         assert (
             answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "hello world"
         )
+    assert fake_cluster.authorizations == ["Bearer one", "Bearer two"]
     params = [seen.pop("kv_transfer_params") for seen in fake_cluster.seen]
     assert fake_cluster.seen == [body, body]  # the client's body, unchanged but for the one field
     assert {x["prefill_kv_addr"] for x in params} == {fake_cluster.kv_addr(0), fake_cluster.kv_addr(1)}

@@ -68,3 +68,26 @@ def test_a_tokenizer_that_cleans_up_spaces_decodes_through_transformers(tokenize
     for t in tokenizer.encode(" end ."):
         detok.add_token(t)
     assert detok.take(finished=True) == " end."
+
+
+def test_special_tokens_skipped_stay_out_of_the_window(tokenizer):
+    """ignore_eos past an EOS: a model may emit EOS for thousands of steps; each must cost one lookup,
+    not a decode of every EOS so far, and the text must come out as tokenizer.decode gives it."""
+    ids = tokenizer.encode(" before") + [tokenizer.eos_token_id] * 2000 + tokenizer.encode(" after")
+    detok = Detokenizer(tokenizer, [], [], skip_special=True)
+    window = 0
+    for t in ids:
+        detok.add_token(t)
+        window = max(window, len(detok.ids) - detok.prefix_offset)
+    assert window <= 4
+    assert detok.take(finished=True) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_strings_wait_for_min_tokens(tokenizer):
+    """As vLLM: no stop string ends a request before min_tokens; text from then on is searched, the
+    text before is not searched again."""
+    ids = tokenizer.encode(" 1, 2, 3, 4, 5, 6")
+    detok = Detokenizer(tokenizer, [], [","], skip_special=True)
+    assert [tokenizer.decode([t]) for t in ids[:6]] == [" ", "1", ",", " ", "2", ","]
+    stopped_at = next(i for i, t in enumerate(ids) if detok.add_token(t, check_stop=i >= 5))
+    assert stopped_at == 5 and detok.take(finished=True) == " 1, 2"  # the first "," did not stop it

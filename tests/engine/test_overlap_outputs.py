@@ -32,9 +32,11 @@ def test_detokenizing_runs_while_the_next_step_is_in_flight(
     for name, llm in zip(("on", "off"), engines, strict=True):
         engine = llm.engines[0]
 
-        def add_token(self: Detokenizer, token_id: int, engine=engine, name=name) -> bool:  # type: ignore[no-untyped-def]
+        def add_token(  # type: ignore[no-untyped-def]
+            self: Detokenizer, token_id: int, check_stop: bool = True, engine=engine, name=name
+        ) -> bool:
             seen[name].append(engine.in_flight is not None)
-            return real(self, token_id)
+            return real(self, token_id, check_stop)
 
         monkeypatch.setattr(Detokenizer, "add_token", add_token)
         llm.generate_ids(prompt_ids[:3], GREEDY)
@@ -236,3 +238,18 @@ def test_the_serving_loop_with_overlap_streams_the_same_tokens_and_aborts_cleanl
         assert engine._engine.overlap and engine.is_healthy()
     finally:
         engine.shutdown()
+
+
+def test_stop_strings_count_from_min_tokens_on(engines: tuple[LLM, LLM], prompt_ids: list[list[int]]) -> None:
+    """A stop string in the first tokens' text does not end a request before min_tokens (as vLLM);
+    the same with and without overlap."""
+    plain = engines[1].generate_ids(prompt_ids[:1], GREEDY)[0]
+    stop = plain.text.strip()[:2]  # in the first tokens' text
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[stop])
+    early = engines[1].generate_ids(prompt_ids[:1], params)[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) < 8
+    waited = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[stop], min_tokens=8)
+    for llm in engines:
+        out = llm.generate_ids(prompt_ids[:1], waited)[0]
+        assert len(out.token_ids) >= 8 and out.token_ids == plain.token_ids[: len(out.token_ids)]
+        assert out.text.startswith(early.text + stop)

@@ -174,7 +174,7 @@ def test_registry_why_none_names_the_role_and_reasons() -> None:
         ("prefill", Info(role="prefill"), "kv_addr"),
         ("prefill", Info(role="decode", kv_addr="tcp://x:1"), "expected 'prefill'"),
         ("decode", Info(role="decode"), None),
-        ("decode", Info(role="both"), None),
+        ("decode", Info(role="both"), "--role decode"),
     ],
 )
 def test_role_problem(expected: str, info: Info, problem: str | None) -> None:
