@@ -123,6 +123,7 @@ class KVConnector:
         self.lock = threading.Lock()
         self.incoming: dict[str, Incoming] = {}
         self.outgoing: dict[str, Outgoing] = {}
+        self.refusing: str | None = None  # shut(): why every Reserve is refused
         self.leases = LeaseRegistry(self._blocks_released)
         self.peers = PeerTable(peer_timeout)
         self.staging: dict[str, torch.Tensor] = {}  # decode, GPU pool: pinned buffers bytes land in
@@ -153,6 +154,19 @@ class KVConnector:
 
     def close(self) -> None:
         self.transport.close()
+
+    def shut(self, reason: str) -> None:
+        """The engine is gone: fail every transfer in progress, both ways, and every Reserve from now on,
+        so peers hear it at once (the I/O threads live on: silence would take the transfer timeout)."""
+        with self.lock:
+            self.refusing = reason
+            outgoing, incoming = list(self.outgoing.items()), list(self.incoming.items())
+            self.outgoing.clear()
+            self.incoming.clear()
+        for tid, out in outgoing:
+            self.transport.send(out.peer, p.Failed(self.address, tid, reason))
+        for tid, inc in incoming:
+            self.transport.send(inc.peer, p.Abort(self.address, tid))
 
     # ---- the scheduler's two questions -------------------------------------------------------------
     @staticmethod
@@ -364,7 +378,7 @@ class KVConnector:
     def _on_Reserve(self, msg: p.Reserve, _: object) -> None:  # noqa: N802
         now = time.monotonic()
         write_by = now + msg.timeout if msg.timeout > 0 else math.inf
-        refused = self.peers.refusal(msg.sender)
+        refused = self.refusing or self.peers.refusal(msg.sender)
         with self.lock:
             if not refused:
                 self.outgoing[msg.transfer_id] = Outgoing(f"kv-{msg.transfer_id}", msg.sender, now, write_by)

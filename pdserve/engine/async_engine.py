@@ -339,9 +339,19 @@ class AsyncEngine:
             logger.exception("engine step failed; the engine is now dead")
             self._fatal = f"{type(e).__name__}: {e}"
             self._end_all("error", self._fatal)
+            self._shut_connector(self._fatal)
             return
         self.load = self._engine.load()
         self._deliver(outputs)
+
+    def _shut_connector(self, reason: str) -> None:
+        """Tell KV peers now that this engine is dead (its transfers fail, its Reserves are refused)."""
+        connector = self._engine.connector
+        if connector is not None:
+            try:
+                connector.shut(f"the engine of {connector.address} has stopped: {reason}")
+            except Exception:  # noqa: BLE001 - the engine is already dead; this is a courtesy
+                logger.exception("telling KV peers failed")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand each output to its stream: one wake-up per event loop per step, not one per output."""

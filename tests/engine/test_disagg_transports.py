@@ -582,3 +582,68 @@ def test_tcp_control_thread_survives_malformed_messages_and_bad_peers():
         sock.close(0)
         ctx.term()
         transport.close()
+
+
+def test_a_dead_prefill_engine_fails_its_transfers_at_once(model_dir):
+    """The prefill's engine step raises while its I/O threads live on (they answer heartbeats): the
+    decode hears Failed for its transfer now, not after the 120 s transfer timeout, and the reason
+    says the engine stopped."""
+    from pdserve.engine.async_engine import AsyncEngine
+
+    prefill = AsyncEngine(
+        EngineConfig(
+            model=ModelConfig(path=model_dir),
+            cache=CacheConfig(block_size=16, num_blocks=64),
+            disagg=DisaggConfig(role="prefill", kv_transport="tcp"),
+        )
+    )
+    prefill.start(timeout=120)
+    decode = _engine(model_dir, "decode", "cpu", "tcp")
+    try:
+
+        def broken() -> list[Any]:
+            raise RuntimeError("a CUDA error, say")
+
+        prefill._engine.step = broken  # the loop steps an idle engine with a connector now and then
+        deadline = time.monotonic() + 10
+        while prefill.fatal_error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert prefill.fatal_error is not None
+        transfer = {"prefill_kv_addr": prefill.kv_addr}
+        decode.add_request("r", [1, 2, 3, 4], SamplingParams(max_tokens=4), transfer)
+        started, outs = time.monotonic(), []
+        while not outs and time.monotonic() - started < 30:
+            outs = [o for o in decode.step() if o.finished]
+            time.sleep(0.01)
+        assert outs and outs[0].finish_reason == "error" and "stopped" in (outs[0].error or ""), outs
+        assert decode.check_pool_free()
+    finally:
+        decode.close()
+        prefill.shutdown()
+
+
+def test_tcp_kv_data_that_cannot_be_sent_is_reported_as_failed():
+    """The peer's data port does not answer (a firewall that opens only --kv-port, say): it hears
+    Failed for the transfer on its control channel instead of waiting out its transfer timeout."""
+    import socket
+
+    import zmq
+
+    from pdserve.disagg.transport.tcp import TcpTransport
+
+    ctx = zmq.Context()
+    control = ctx.socket(zmq.ROUTER)  # the peer's control port, with nothing on the port after it
+    port = control.bind_to_random_port("tcp://127.0.0.1")
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port + 1), timeout=2):
+        pass
+    sender = TcpTransport("127.0.0.1", 0)
+    sender.start(lambda msg, payload: None)
+    try:
+        sender.send(f"tcp://127.0.0.1:{port}", p.KVData(sender.address, "t1", [0], 8), bytearray(8))
+        assert control.poll(20_000), "no word on the control channel"
+        msg = p.decode(control.recv_multipart()[1])
+        assert isinstance(msg, p.Failed) and msg.transfer_id == "t1", msg
+    finally:
+        sender.close()
+        control.close(0)
+        ctx.term()

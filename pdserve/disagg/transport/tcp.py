@@ -22,11 +22,12 @@ import queue
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from pdserve.disagg.protocol import Message, decode, encode
+from pdserve.disagg.protocol import Failed, Message, decode, encode
 from pdserve.disagg.transport.base import KVTransport, MessageHandler, PayloadDone, PayloadTarget
 from pdserve.disagg.transport.blocks import KVBlocks
 
@@ -108,8 +109,19 @@ class TcpTransport(KVTransport):
         with self.senders_lock:
             sender = self.senders.get(peer)
             if sender is None:
-                sender = self.senders[peer] = _DataSender(data_address(peer))
+                sender = self.senders[peer] = _DataSender(data_address(peer), self._data_failed(peer))
         sender.put(encode(msg), payload)
+
+    def _data_failed(self, peer: str) -> Callable[[bytes, OSError], None]:
+        """What a data sender to `peer` calls when a payload could not go: a Failed for its transfer on
+        the control channel (the peer would wait out its transfer timeout for bytes not coming)."""
+
+        def tell(header: bytes, error: OSError) -> None:
+            tid = getattr(decode(header), "transfer_id", None)
+            if isinstance(tid, str):
+                self.send(peer, Failed(self.address, tid, f"KV data could not be sent to {peer}: {error}"))
+
+        return tell
 
     def forget_peer(self, peer: str) -> None:
         with self.senders_lock:
@@ -262,8 +274,9 @@ def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview:
 class _DataSender:
     """One peer's outgoing KV stream: a thread writing queued (header, payload) pairs in order."""
 
-    def __init__(self, addr: tuple[str, int]) -> None:
+    def __init__(self, addr: tuple[str, int], failed: Callable[[bytes, OSError], None]) -> None:
         self.addr = addr
+        self.failed = failed  # (header, error) of a payload that could not be sent
         self.queue: queue.SimpleQueue[tuple[bytes, Any] | None] = queue.SimpleQueue()
         self.sock: socket.socket | None = None
         threading.Thread(target=self._run, name="kv-data-send", daemon=True).start()
@@ -287,6 +300,7 @@ class _DataSender:
                         logger.warning(
                             "KV data to %s:%d failed (%s); the transfer fails there", *self.addr, e
                         )
+                        self.failed(header, e)
         self._drop()
 
     def _send(self, header: bytes, payload: Any) -> None:
