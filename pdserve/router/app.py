@@ -34,6 +34,7 @@ from pdserve.router.instances import HealthPoller, Registry
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, make_policy
 from pdserve.router.proxy import _CONNECT_TIMEOUT, Call, Proxy
+from pdserve.router.relay import SSEResponse
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +82,23 @@ async def parse_body(raw: Request) -> tuple[bytes, dict[str, Any]]:
 
 
 async def until_disconnect(raw: Request, work: Awaitable[Response]) -> Response:
-    """Await `work`, cancelling it (so its upstream request closes) if the client goes away."""
+    """Await `work`, cancelling it (so its upstream request closes) if the client goes away. A stream
+    that became ready just as the client left is closed here, since no server will ever run it."""
     task = asyncio.ensure_future(work)
+    handed = False
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=1.0)
             if not task.done() and await raw.is_disconnected():
                 raise RouterError(499, "client disconnected", "client_disconnected", "invalid_request_error")
+        handed = True
         return task.result()
     finally:
         task.cancel()
+        ready = not handed and task.done() and not task.cancelled() and task.exception() is None
+        response = task.result() if ready else None
+        if isinstance(response, SSEResponse):
+            await response.relay.close()
 
 
 def _auth(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
