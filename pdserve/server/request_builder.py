@@ -39,6 +39,10 @@ class RequestBuilder:
         self.tokenizer = engine.tokenizer
         self.served_model_name = config.served_model_name or engine.model_name
         self.vocab_size = len(self.tokenizer)
+        # no token covers more characters than its vocabulary entry has (byte-level entries: one per
+        # byte), so a text longer than this times the context cannot fit: refused before tokenizing,
+        # which for megabytes would hold the event loop (and /health) for seconds
+        self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
         self.defaults = load_defaults(engine.model_dir, config.generation_config)
 
     # ---- parsing and validation ----
@@ -65,6 +69,7 @@ class RequestBuilder:
 
     def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self.check_text_fits(sum(len(m["content"]) for m in messages), "messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # noqa: BLE001 - a template that refuses these messages is the client's case
@@ -73,14 +78,22 @@ class RequestBuilder:
 
     def completion_prompt(self, req: p.CompletionRequest) -> list[int]:
         prompt = req.prompt
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        if prompt and not isinstance(prompt[0], int):
+        if prompt and isinstance(prompt, list) and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise InvalidRequestError("exactly one prompt per request is supported", "prompt")
-            one = prompt[0]
-            return list(self.tokenizer.encode(one)) if isinstance(one, str) else self.check_ids(one)
+            prompt = prompt[0]  # type: ignore[assignment]
+        if isinstance(prompt, str):
+            self.check_text_fits(len(prompt), "prompt")
+            return list(self.tokenizer.encode(prompt))
         return self.check_ids(prompt)  # type: ignore[arg-type]
+
+    def check_text_fits(self, chars: int, param: str) -> None:
+        """Refuse a text that cannot fit the context whatever its tokens, before tokenizing it."""
+        limit = self.engine.max_model_len
+        if chars >= self.max_token_chars * limit:
+            raise InvalidRequestError(
+                f"the prompt has {chars} characters: more tokens than the model's context of {limit}", param
+            )
 
     def check_ids(self, ids: list[int]) -> list[int]:
         if any(not 0 <= t < self.vocab_size for t in ids):

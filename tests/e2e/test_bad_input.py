@@ -167,6 +167,17 @@ def test_bad_request(http: httpx.Client, path: str, body: Any, status: int, para
     assert error["code"] is None
 
 
+def test_huge_prompts_are_refused_before_tokenizing(http: httpx.Client) -> None:
+    """2 MB of text cannot fit 8192 tokens whatever its tokens (none is longer than its vocabulary
+    entry): refused from its length, without tokenizing it on the event loop first."""
+    huge = "word " * 400_000
+    chat_body = chat(messages=[{"role": "user", "content": huge}])
+    for path, body, param in ((COMP, comp(prompt=huge), "prompt"), (COMP, comp(prompt=[huge]), "prompt"),
+                              (CHAT, chat_body, "messages")):  # fmt: skip
+        error = assert_error_shape(http.post(path, json=body), 400, "invalid_request_error")
+        assert error["param"] == param and "characters" in error["message"], error
+
+
 @pytest.mark.parametrize("path", [CHAT, COMP])
 def test_unknown_model_is_404(http: httpx.Client, path: str) -> None:
     body = chat(model="gpt-4o") if path == CHAT else comp(model="gpt-4o")
