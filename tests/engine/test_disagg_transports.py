@@ -647,3 +647,23 @@ def test_tcp_kv_data_that_cannot_be_sent_is_reported_as_failed():
         sender.close()
         control.close(0)
         ctx.term()
+
+
+def test_nccl_send_queued_on_a_closed_link_fails_at_once():
+    """A send racing the link's close (a re-handshake replaces it): it fails now, its blocks come back
+    and its peer is told, instead of sitting behind the end-of-jobs sentinel forever."""
+
+    def no_store() -> Any:
+        raise RuntimeError("no rendezvous in this test")
+
+    class Blocks:
+        released = False
+
+        def done(self) -> None:
+            self.released = True
+
+    link = nccl.Link("pair", 0, no_store, torch.device("cpu"), "127.0.0.1")
+    link.close(wait=5.0)
+    blocks, reasons = Blocks(), []
+    link.put(nccl._Send(blocks, reasons.append))  # type: ignore[arg-type]
+    assert blocks.released and len(reasons) == 1, reasons  # "closed", or why it never connected

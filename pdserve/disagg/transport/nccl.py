@@ -70,16 +70,25 @@ class Link:
         self.make_store = store  # called on the link's thread: joining a rendezvous may take a while
         self.jobs: queue.SimpleQueue[_Send | _Recv | None] = queue.SimpleQueue()
         self.broken = ""  # why the link failed, once it has
+        self.closed = False  # no job is queued after the end-of-jobs sentinel: it would never run
+        self.lock = threading.Lock()
         self.pg: Any = None
         self.thread = threading.Thread(target=self._run, name=f"kv-nccl-{pair[:8]}", daemon=True)
         self.thread.start()
 
     def put(self, job: _Send | _Recv) -> None:
-        self.jobs.put(job)
+        """Queue a job; on a closed link it fails at once (its blocks come back, its peer is told)."""
+        with self.lock:
+            if not self.closed:
+                self.jobs.put(job)
+                return
+        self._fail(job)
 
     def close(self, wait: float = 0.0) -> None:
-        self.broken = self.broken or "closed"
-        self.jobs.put(None)
+        with self.lock:
+            self.broken = self.broken or "closed"
+            self.closed = True
+            self.jobs.put(None)
         pg = self.pg
         if pg is not None and self.device.type == "cuda":
             with contextlib.suppress(Exception):
