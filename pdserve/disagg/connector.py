@@ -302,6 +302,18 @@ class KVConnector:
         self._check_incoming(now, incoming, self.peers.silences(now))
         self._check_outgoing(now, outgoing, self.peers.last_seen())
         self.leases.expire(now, self.transport.peer_gone)  # direct writers gone, or long past deadline
+        busy = {inc.peer for _, inc in incoming} | {out.peer for _, out in outgoing} | self.leases.peers()
+        self._forget_ended_peers(busy)
+
+    def _forget_ended_peers(self, busy: set[str]) -> None:
+        """Let go of what we hold for idle peers whose process has ended (this host's: the transport
+        knows their process): their CUDA-IPC pool mappings, NCCL links, sockets and threads. Otherwise a
+        prefill keeps them for every decode it ever served, restarted ones included."""
+        for peer in self.peers.known():
+            if peer not in busy and self.transport.peer_gone(peer):
+                logger.info("KV peer %s has ended; forgetting it", peer)
+                self.transport.forget_peer(peer)
+                self.peers.drop(peer)
 
     def _check_incoming(
         self, now: float, incoming: list[tuple[str, Incoming]], silent: dict[str, float]

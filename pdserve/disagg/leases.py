@@ -98,6 +98,11 @@ class LeaseRegistry:
         for transfer_id in transfer_ids:
             self.release(transfer_id, reason)
 
+    def peers(self) -> set[str]:
+        """The peers some lease still waits on."""
+        with self._lock:
+            return {lease.peer for lease in self._leases.values()}
+
     def drop(self, transfer_id: str) -> None:
         """Every byte is in: nobody else touches the blocks any more. The request goes on, or, if it
         ended meanwhile (an abort racing the last byte), its blocks are released now."""

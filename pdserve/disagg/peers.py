@@ -51,6 +51,17 @@ class PeerTable:
             self._verdict.pop(peer, None)
             self._asked.pop(peer, None)
 
+    def known(self) -> list[str]:
+        """Every peer we have heard from (or asked for a transfer) and not dropped."""
+        with self._lock:
+            return list(self._last_seen)
+
+    def drop(self, peer: str) -> None:
+        """A peer whose process has ended: nothing of it is kept."""
+        with self._lock:
+            for table in (self._verdict, self._asked, self._last_seen, self._unanswered):
+                table.pop(peer, None)
+
     def heard_from(self, peer: str, now: float) -> None:
         with self._lock:
             self._last_seen[peer] = now

@@ -667,3 +667,34 @@ def test_nccl_send_queued_on_a_closed_link_fails_at_once():
     blocks, reasons = Blocks(), []
     link.put(nccl._Send(blocks, reasons.append))  # type: ignore[arg-type]
     assert blocks.released and len(reasons) == 1, reasons  # "closed", or why it never connected
+
+
+def test_idle_peers_whose_process_ended_are_forgotten():
+    """A prefill lets go of a decode whose process has ended (its pool mapping, links, sockets) once
+    nothing of it is pending, and of that peer only; a live one is kept."""
+
+    class Ending(_FakeTcp):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ended: set[str] = set()
+            self.forgotten: list[str] = []
+
+        def peer_gone(self, peer: str) -> bool:
+            return peer in self.ended
+
+        def forget_peer(self, peer: str) -> None:
+            self.forgotten.append(peer)
+
+    transport = Ending()
+    c = _decode_connector(transport)
+    c._on_message(p.Reserve("fake://dead", "t1", [1, 2], {}, [0]), None)  # pending for a while
+    c._on_message(p.Heartbeat("fake://alive"), None)
+    transport.ended.add("fake://dead")
+    _releases(c)
+    assert transport.forgotten == []  # its transfer is still pending
+    with c.lock:
+        c.outgoing.clear()
+    _releases(c)
+    assert transport.forgotten == ["fake://dead"] and c.peers.known() == ["fake://alive"]
+    _releases(c)
+    assert transport.forgotten == ["fake://dead"]
