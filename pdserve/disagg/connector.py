@@ -269,10 +269,10 @@ class KVConnector:
         self.transport.send(peer, p.KVData(self.address, transfer_id, dst, blocks.nbytes), blocks)
         self.bytes_sent += blocks.nbytes
 
-    def failed_to_start(self, transfer_id: str, peer: str, reason: str) -> None:
+    def failed_to_start(self, transfer_id: str, peer: str, reason: str, refused: str = "") -> None:
         with self.lock:
             self.outgoing.pop(transfer_id, None)
-        self.transport.send(peer, p.Failed(self.address, transfer_id, reason))
+        self.transport.send(peer, p.Failed(self.address, transfer_id, reason, refused))
 
     def _blocks_released(self, request_id: str) -> None:
         """The lease of a finished request ended (LeaseRegistry's callback)."""
@@ -516,7 +516,7 @@ class KVConnector:
             inc = self.incoming.pop(msg.transfer_id, None)
         self.leases.release(msg.transfer_id, "direct")  # the prefill writes nothing (more) of it
         if inc is not None:
-            self.events.put(TransferFailed(inc.request_id, msg.reason))
+            self.events.put(TransferFailed(inc.request_id, msg.reason, str(msg.refused)))
             self.wake()
 
     def _on_Abort(self, msg: p.Abort, _: object) -> None:  # noqa: N802

@@ -36,6 +36,7 @@ class KVReady:
 class TransferFailed:
     request_id: str
     reason: str
+    refused: str = ""  # protocol.Failed.refused: why the prefill would not take it, if it would not
 
 
 @dataclass

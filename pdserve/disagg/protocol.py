@@ -72,6 +72,7 @@ class Done(Message):
 class Failed(Message):
     transfer_id: str
     reason: str
+    refused: str = ""  # "invalid": the prefill found the request itself wrong (HTTP 400, no retry)
 
 
 @dataclass

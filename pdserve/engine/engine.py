@@ -40,12 +40,16 @@ from pdserve.engine.outputs import EngineStats, RequestOutput
 from pdserve.engine.request import Logprob, Request, RequestStatus
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
-from pdserve.errors import InvalidRequestError, PDServeError
+from pdserve.errors import InvalidRequestError, OverloadedError, PDServeError
 from pdserve.layers.sampler import SampleResult
 from pdserve.models.prepare import resolve_model, tokenizer_path
 
 logger = logging.getLogger(__name__)
 Token = tuple[Request, SampleResult]  # a sampled token appended to its request, not yet detokenized
+# a failed hand-off's error prefix (server/streaming.py maps it to HTTP): invalid_request when the
+# prefill found the request itself wrong (400: no retry helps), else prefill_failed (502: the router
+# may try another prefill instance)
+_PREFIX = {"invalid": "invalid_request"}
 
 
 class Engine:
@@ -296,7 +300,7 @@ class Engine:
             elif isinstance(ev, TransferFailed):
                 request = self.scheduler.requests.get(ev.request_id)
                 if request is not None:
-                    request.error = f"prefill_failed: {ev.reason}"
+                    request.error = f"{_PREFIX.get(ev.refused, 'prefill_failed')}: {ev.reason}"
                     self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
                     outputs.append(self._output(request, [], []))
             elif isinstance(ev, ReleaseBlocks):
@@ -314,7 +318,9 @@ class Engine:
             params = SamplingParams(**ev.params)
             self.add_request(f"kv-{ev.transfer_id}", ev.prompt_token_ids, params, transfer)
         except (PDServeError, TypeError) as e:
-            self.connector.failed_to_start(ev.transfer_id, ev.decode_addr, str(e))
+            refused = "" if isinstance(e, OverloadedError) else "invalid"  # overloaded: another prefill may
+            reason = f"the prefill instance: {e}"
+            self.connector.failed_to_start(ev.transfer_id, ev.decode_addr, reason, refused)
 
     def _output(self, request: Request, new_ids: list[int], logprobs: list[Logprob]) -> RequestOutput:
         finished = request.is_finished

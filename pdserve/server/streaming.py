@@ -21,10 +21,22 @@ from pydantic import BaseModel
 
 from pdserve.engine.async_engine import AsyncEngine, RequestStream
 from pdserve.engine.outputs import RequestOutput
-from pdserve.errors import EngineDeadError, PDServeError, PrefillFailedError
+from pdserve.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    PDServeError,
+    PrefillFailedError,
+)
 from pdserve.server.errors import ClientDisconnectedError, error_body, kind_of
 from pdserve.server.generation import Generation
 from pdserve.server.responses import Format, TokenText, format_of
+
+# engine/engine.py's hand-off error prefixes: the prefill instance found the request wrong (the
+# client's 400) or could not deliver its KV (502: the router may retry another prefill)
+_HAND_OFF_ERRORS: dict[str, Callable[[str], PDServeError]] = {
+    "invalid_request": InvalidRequestError,
+    "prefill_failed": PrefillFailedError,
+}
 
 _FINISHED_OK = ("stop", "length")
 
@@ -95,8 +107,9 @@ class GenerationRunner:
             return EngineDeadError(f"the engine stopped: {self.engine.fatal_error}")
         if out.finish_reason == "abort":
             return EngineDeadError("the request was aborted: the server is shutting down")
-        if out.error and out.error.startswith("prefill_failed:"):
-            return PrefillFailedError(out.error.removeprefix("prefill_failed:").strip())
+        kind, _, message = (out.error or "").partition(": ")
+        if kind in _HAND_OFF_ERRORS:
+            return _HAND_OFF_ERRORS[kind](message)
         return RuntimeError(out.error or "the request failed in the engine")
 
 

@@ -698,3 +698,32 @@ def test_idle_peers_whose_process_ended_are_forgotten():
     assert transport.forgotten == ["fake://dead"] and c.peers.known() == ["fake://alive"]
     _releases(c)
     assert transport.forgotten == ["fake://dead"]
+
+
+def test_a_request_the_prefill_finds_wrong_fails_as_the_clients_error(model_dir):
+    """The prefill instance refuses what the decode accepted (a shorter context, here): the request
+    ends with an invalid_request error (the server's 400, which the router does not retry), not a
+    prefill_failed one (502, retried on another prefill instance to the same end)."""
+    prefill = Engine(
+        EngineConfig(
+            model=ModelConfig(path=model_dir, max_model_len=32),
+            cache=CacheConfig(block_size=16, num_blocks=64),
+            disagg=DisaggConfig(role="prefill", kv_transport="tcp"),
+        )
+    )
+    decode = _engine(model_dir, "decode", "cpu", "tcp")
+    try:
+        assert prefill.connector is not None
+        transfer = {"prefill_kv_addr": prefill.connector.address}
+        decode.add_request("r", list(range(1, 41)), SamplingParams(max_tokens=4), transfer)
+        outs: list[Any] = []
+        deadline = time.monotonic() + 30
+        while not outs and time.monotonic() < deadline:
+            prefill.step()
+            outs = [o for o in decode.step() if o.finished]
+            time.sleep(0.005)
+        assert outs and (outs[0].error or "").startswith("invalid_request: the prefill instance"), outs
+        assert decode.check_pool_free() and prefill.check_pool_free()
+    finally:
+        decode.close()
+        prefill.close()
