@@ -31,9 +31,9 @@ class Detokenizer:
         self.text = ""  # all output text so far (cut at a stop string)
         self.sent = 0  # characters of `text` already handed out
         self.searched = 0  # text before this may hold a stop string that came before min_tokens
-        # tokens that add no text here: kept out of the window, which a run of them would grow without
-        # end (ignore_eos past an EOS: every step would decode all of them again)
-        self.silent = frozenset(getattr(tokenizer, "all_special_ids", ())) if skip_special else frozenset()
+        # special tokens that add no text here are kept out of the window, which a run of them would
+        # grow without end (ignore_eos past an EOS: every step would decode all of them again)
+        self.specials = frozenset(getattr(tokenizer, "all_special_ids", ())) if skip_special else frozenset()
 
     def _decode(self, ids: list[int]) -> str:
         if self.backend is not None:
@@ -43,7 +43,7 @@ class Detokenizer:
     def add_token(self, token_id: int, check_stop: bool = True) -> bool:
         """Add one generated token; returns True when a stop string was found (text is cut there).
         check_stop False: not yet (min_tokens); the text so far is never searched again."""
-        if token_id in self.silent:
+        if token_id in self.specials and not self._decode([token_id]):
             return False
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
