@@ -39,35 +39,36 @@ VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "no
 VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown"}
 
 
-def swap_cublas_rows(low: int = 33, high: int = 128) -> None:
-    """linear._product: x @ W^T as (W @ x^T)^T, contiguous, for low-high rows cuBLAS would run."""
-    plain = linear._product
-
-    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Any) -> torch.Tensor:
-        if tile is not None or not x.is_cuda or not low <= x.shape[0] <= high or x.dim() != 2:
-            return plain(x, weight, bias, tile)
-        y = torch.mm(weight, x.t()).t().contiguous()
-        return y if bias is None else y + bias
-
-    linear._product = product  # type: ignore[assignment]
-
-
-def lt_for_down(low: int = 33, high: int = 128) -> None:
-    """linear._product on cuBLASLt for down-shaped weights (K > 2N) at low-high rows of x; graphs
-    capture the kernel the library picked, so the switch costs host time at capture only."""
+def route_cublas_rows(form: Any, low: int = 33, high: int = 128, down_only: bool = False) -> None:
+    """linear._product: what it leaves to cuBLAS at low-high rows of a 2-D x (of down-shaped weights
+    only, K > 2N, with down_only) computed by form(plain, x, weight, bias) instead."""
     plain = linear._product
 
     def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Any) -> torch.Tensor:
         down = weight.shape[1] > 2 * weight.shape[0]
-        if tile is not None or not x.is_cuda or not low <= x.shape[0] <= high or not down:
+        if tile is not None or not x.is_cuda or x.dim() != 2 or not low <= x.shape[0] <= high:
             return plain(x, weight, bias, tile)
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-        try:
+        if down_only and not down:
             return plain(x, weight, bias, tile)
-        finally:
-            torch.backends.cuda.preferred_blas_library("cublas")
+        return form(plain, x, weight, bias)
 
     linear._product = product  # type: ignore[assignment]
+
+
+def swapped(plain: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T as (W @ x^T)^T, contiguous."""
+    y = torch.mm(weight, x.t()).t().contiguous()
+    return y if bias is None else y + bias
+
+
+def on_cublaslt(plain: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The same product on cuBLASLt; graphs capture the kernel the library picked, so the switch costs
+    host time at capture only."""
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        return plain(x, weight, bias, None)  # type: ignore[no-any-return]
+    finally:
+        torch.backends.cuda.preferred_blas_library("cublas")
 
 
 def main() -> None:
@@ -92,12 +93,12 @@ def main() -> None:
     if variant == "nogated":
         triton_skinny.GATED_ROWS_ON = False
     if variant == "swapped":
-        swap_cublas_rows()
+        route_cublas_rows(swapped)
     if variant == "gated32":
         for shape in [(55296, 5120), (51200, 5120)]:
             triton_skinny.GATED_TILES[shape] = ((32, None), *triton_skinny.GATED_TILES[shape][1:])
     if variant == "ltdown":
-        lt_for_down()
+        route_cublas_rows(on_cublaslt, down_only=True)
     if variant == "unfusedqk":
         triton_backend._fusable = lambda qk_norm, dtype: qk_norm is None
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")

@@ -46,10 +46,6 @@ from pdserve.models.prepare import resolve_model, tokenizer_path
 
 logger = logging.getLogger(__name__)
 Token = tuple[Request, SampleResult]  # a sampled token appended to its request, not yet detokenized
-# a failed hand-off's error prefix (server/streaming.py maps it to HTTP): invalid_request when the
-# prefill found the request itself wrong (400: no retry helps), else prefill_failed (502: the router
-# may try another prefill instance)
-_PREFIX = {"invalid": "invalid_request"}
 
 
 class Engine:
@@ -300,7 +296,9 @@ class Engine:
             elif isinstance(ev, TransferFailed):
                 request = self.scheduler.requests.get(ev.request_id)
                 if request is not None:
-                    request.error = f"{_PREFIX.get(ev.refused, 'prefill_failed')}: {ev.reason}"
+                    # server/streaming.py maps the prefix to HTTP: 400 (no retry helps) or 502 (retried)
+                    kind = "invalid_request" if ev.refused == "invalid" else "prefill_failed"
+                    request.error = f"{kind}: {ev.reason}"
                     self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
                     outputs.append(self._output(request, [], []))
             elif isinstance(ev, ReleaseBlocks):

@@ -219,10 +219,8 @@ def role_problem(expected: Role, info: Info) -> str | None:
     """Why an instance that answered `info` cannot serve as `expected`, or None."""
     if expected == "both" and info.role != "both":
         return f"reports role {info.role!r}, but --instance needs a colocated ('both') instance"
-    if expected == "decode" and info.role != "decode":  # a 'both' one refuses prefill_kv_addr: 400s
-        return f"reports role {info.role!r}, but --decode needs a decode instance (--role decode)"
-    if expected != "both" and info.role not in (expected, "both"):
-        return f"reports role {info.role!r}, expected {expected!r}"
+    if expected != "both" and info.role != expected:  # a 'both' decode would refuse every hand-off
+        return f"reports role {info.role!r}, expected {expected!r} (--role {expected})"
     if expected == "prefill" and info.kv_addr is None:
         return "reports no kv_addr, so no decode instance can reach it (is it running with --role prefill?)"
     return None

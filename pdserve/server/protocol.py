@@ -30,7 +30,7 @@ class KVTransferParams(_Request):
     (tcp://host:port, as its /pd/info says) and URL. Nothing else: the rest of a hand-off's fields are
     made by the instances themselves, so a client reaching an instance directly cannot forge them."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")  # strict, as every request model
     prefill_kv_addr: str = Field(pattern=r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._\-]+):[0-9]{1,5}$")
     prefill_url: str | None = None
 
