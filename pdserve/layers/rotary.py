@@ -31,12 +31,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        inv_freq, scale = _inv_freq(hf_config, head_dim)
-        positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # [max_positions, head_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scale, persistent=False)
-        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        device = torch.empty(0).device  # the device the model is being built on (`with torch.device`)
+        with torch.device("cpu"):  # transformers' rope initializers work on the CPU
+            inv_freq, scale = _inv_freq(hf_config, head_dim)
+            positions = torch.arange(max_positions, dtype=torch.float32)
+            freqs = torch.outer(positions, inv_freq)  # [max_positions, head_dim / 2]
+            emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", (emb.cos() * scale).to(device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scale).to(device), persistent=False)
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # one step's lookup
 
     def forward(

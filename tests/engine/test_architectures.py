@@ -1,6 +1,7 @@
-"""Every architecture (Llama, Qwen2 with qkv bias, Qwen3 with q/k norm): the engine's greedy output equals
-transformers' (float32) for small random-weight models, colocated and disaggregated (in-process and tcp
-transports), on the CPU and, where there is one, on a CUDA GPU (marked `gpu`); bf16 on CUDA runs clean.
+"""Every architecture (Llama with Llama 3.1's rope scaling, Qwen2 with qkv bias, Qwen3 with q/k norm): the
+engine's greedy output equals transformers' (float32) for small random-weight models, colocated and
+disaggregated (in-process and tcp transports), on the CPU and, where there is one, on a CUDA GPU (marked
+`gpu`); bf16 on CUDA runs clean.
 
 Models are built here from configs (random weights, a tokenizer trained on the spot), so nothing is
 downloaded and no checkpoint is needed.
@@ -19,7 +20,18 @@ CUDA = pytest.param(
 )
 
 ARCHS = {
-    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+    "llama": dict(  # Llama 3.1's scaled rope: most of the 16 frequencies here are past its low-frequency cut
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=256,
+        ),
+    ),
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=64),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
 }

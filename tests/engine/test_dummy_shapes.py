@@ -85,3 +85,17 @@ def test_tokenizer_directory_without_a_model(tiny_qwen_shape: str, tmp_path: Pat
     assert llm.tokenizer.encode("Hello") == LLM(
         tiny_qwen_shape, load_format="dummy", num_blocks=16
     ).tokenizer.encode("Hello")
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b"])
+def test_rotary_tables_follow_the_build_device(name: str) -> None:
+    """Models are built under `with torch.device(...)` (cuda on a GPU); a scaled rope's frequencies come
+    from transformers on the CPU and must still land on that device ('meta' stands in for cuda here)."""
+    import torch
+
+    from pdserve.layers.rotary import RotaryEmbedding
+
+    cfg = AutoConfig.from_pretrained(resolve_model(name))
+    with torch.device("meta"):
+        rotary = RotaryEmbedding(cfg, head_dim_of(cfg), 64)
+    assert rotary.cos.device.type == "meta" and rotary.sin.device.type == "meta"
