@@ -87,7 +87,7 @@ def test_tokenizer_directory_without_a_model(tiny_qwen_shape: str, tmp_path: Pat
     ).tokenizer.encode("Hello")
 
 
-@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b"])
+@pytest.mark.parametrize("name", sorted(KV_KIB_PER_TOKEN))
 def test_rotary_tables_follow_the_build_device(name: str) -> None:
     """Models are built under `with torch.device(...)` (cuda on a GPU); a scaled rope's frequencies come
     from transformers on the CPU and must still land on that device ('meta' stands in for cuda here)."""
