@@ -61,6 +61,9 @@ GATED_TILES: dict[tuple[int, int], tuple[tuple[int, Tile | None], ...]] = {
     # session); 48 rows 133.7 vs 140.9, 64 rows 135.4 vs 140.0 (microbenchmark only: the 32B tile's
     # engine gain above stands in). Qwen3-8B: within 2% at 32-64 rows, no entry
     (51200, 5120): ((32, (256, 128, 3, 8)), (64, (128, 64, 4, 4))),
+    # Llama-3.1-8B: 32 rows 59.7 vs 60.3 (no entry); 48 rows 60.5 vs 64.3, 64 rows 61.2 vs 65.0; B=48
+    # 6.47 -> 6.39 ms, B=64 6.91 -> 6.80 (tenth session)
+    (28672, 4096): ((32, None), (64, (128, 128, 4, 4))),
 }
 
 if HAS_TRITON:

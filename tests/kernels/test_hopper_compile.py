@@ -71,7 +71,8 @@ KERNELS = {
         for m, n, k, stages, warps, gated in [
             (16, 32, 512, 4, 4, False), (32, 32, 512, 4, 4, False), (16, 32, 256, 4, 4, False),
             (16, 64, 256, 4, 4, False), (16, 32, 256, 4, 4, True), (32, 64, 64, 3, 4, True),
-            (64, 32, 64, 4, 4, True), (64, 64, 64, 4, 4, True), (32, 128, 128, 3, 8, True)]
+            (64, 32, 64, 4, 4, True), (64, 64, 64, 4, 4, True), (32, 128, 128, 3, 8, True),
+            (64, 64, 128, 4, 4, True)]
     },
     "rms_norm": ("pdserve.layers.triton_fused", "_rms_norm_kernel",
                  {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",

@@ -93,12 +93,15 @@ def test_gated_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("m", [17, 32, 33, 64])
-@pytest.mark.parametrize(  # Qwen2.5-7B, -32B, Qwen3-32B gate_up
+@pytest.mark.parametrize(  # Qwen2.5-7B, -32B, Qwen3-32B, Llama-3.1-8B gate_up
     "inter,k",
-    [pytest.param(*shape, marks=gpu) for shape in [(18944, 3584), (27648, 5120), (25600, 5120)]],
+    [
+        pytest.param(*shape, marks=gpu)
+        for shape in [(18944, 3584), (27648, 5120), (25600, 5120), (14336, 4096)]
+    ],
 )
 def test_gated_past_16_rows_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
-    """Every tile of GATED_TILES on its shape (7B's 33-48 rows are cuBLAS's: its 64-row tile here)."""
+    """Every tile of GATED_TILES on its shape (rows a shape leaves to cuBLAS take its 64-row tile here)."""
     tile = triton_skinny.gated_plan(2 * inter, k, m) or triton_skinny.gated_plan(2 * inter, k, 64)
     _check_gated(m, inter, k, torch.bfloat16, tile)
 
@@ -113,6 +116,8 @@ def test_gated_plan_takes_only_measured_shapes_and_rows() -> None:
     assert triton_skinny.gated_plan(2 * 25600, 5120, 32) == (256, 128, 3, 8)  # Qwen3-32B
     assert triton_skinny.gated_plan(2 * 25600, 5120, 48) == (128, 64, 4, 4)
     assert triton_skinny.gated_plan(2 * 12288, 4096, 64) is None  # Qwen3-8B: no gain measured
+    assert triton_skinny.gated_plan(2 * 14336, 4096, 32) is None  # Llama-3.1-8B
+    assert triton_skinny.gated_plan(2 * 14336, 4096, 33) == (128, 128, 4, 4)
 
 
 @pytest.mark.parametrize("gated", [False, True])
