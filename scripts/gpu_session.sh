@@ -17,7 +17,6 @@
 #   bash scripts/gpu_session.sh gated3     # one H200 (~3 min): the same microbenchmark on the Qwen3 shapes
 #   bash scripts/gpu_session.sh cublas     # one H200 (~4 min): cuBLAS forms of the 7B projections at 64/128 rows
 #   bash scripts/gpu_session.sh llama      # one H200 (~3 min): the Llama-3.1-8B shape: engine table, gated microbenchmark
-#   bash scripts/gpu_session.sh tmasplitk  # one H200 (~8 min): benchmarks/tma_splitk_bench.py, 7B down/o/qkv at 128, 64 rows
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -107,12 +106,6 @@ llama)  # one H200, ~3 min: the engine table of the Llama-3.1-8B shape (never me
   timeout 200 python3 benchmarks/skinny_gemm_bench.py --gated --m 32,48,64 --models llama-3.1-8b \
     --output "$OUT/gated_gemm_llama.json" >"$OUT/gated_gemm_llama.log" 2>&1
   grep -v "wrong\|Error" "$OUT/gated_gemm_llama.log" | cut -c1-600
-  ;;
-tmasplitk)  # one H200: the TMA split-K GEMM vs cuBLAS on the 7B projections at 128 and 64 rows
-  timeout 560 python3 benchmarks/tma_splitk_bench.py --m 128,64 --output "$OUT/tma_splitk.json" \
-    >"$OUT/tma_splitk.log" 2>&1
-  echo "rc=$?" >>"$OUT/tma_splitk.log"
-  grep -v "OutOfResources" "$OUT/tma_splitk.log" | cut -c1-700
   ;;
 loop)  # [MODEL] [REPETITION_PENALTY]
   for i in 1 2 3; do
