@@ -28,6 +28,7 @@ from pdserve import LLM, SamplingParams
 from pdserve.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig
 from pdserve.disagg import connector as conn
 from pdserve.disagg import protocol as p
+from pdserve.disagg import receiving
 from pdserve.disagg.transport import nccl
 from pdserve.disagg.transport.base import KVTransport
 from pdserve.engine.engine import Engine
@@ -175,7 +176,7 @@ def test_aborted_direct_transfer_holds_blocks_until_the_writer_fences(fence):
 
 
 def test_failed_direct_transfer_holds_blocks_until_the_lease_expires(monkeypatch):
-    monkeypatch.setattr(conn, "DIRECT_WRITE_GRACE", 0.3)
+    monkeypatch.setattr(receiving, "DIRECT_WRITE_GRACE", 0.3)
     c = _decode_connector(_FakeDirect(), timeout=0.2)
     request = _reserved(c, [5])
     time.sleep(0.25)
@@ -280,7 +281,7 @@ def test_staging_and_writing_failures_fail_the_transfer_and_release_its_blocks(m
     request = _reserved(c, [1])
     msg = p.KVData("fake://prefill", request.kv_transfer["transfer_id"], [1], c.block_bytes)
     with monkeypatch.context() as m:
-        m.setattr(conn, "pinned_bytes", no_memory)
+        m.setattr(receiving, "pinned_bytes", no_memory)
         assert c._payload_target(msg) is None
     assert any("staging" in reason for reason in _failures(c)) and not c.leases
 
@@ -290,7 +291,7 @@ def test_staging_and_writing_failures_fail_the_transfer_and_release_its_blocks(m
     request = _reserved(c, [2])
     msg = p.KVData("fake://prefill", request.kv_transfer["transfer_id"], [2], c.block_bytes)
     assert c._payload_target(msg) is not None and c.leases  # "writing" held while bytes land
-    monkeypatch.setattr(conn, "write_blocks", broken_copy)
+    monkeypatch.setattr(receiving, "write_blocks", broken_copy)
     c._payload_done(msg, True)
     assert _failures(c) and not c.leases and not c.request_finished(request)
 
