@@ -88,14 +88,18 @@ def test_tokenizer_directory_without_a_model(tiny_qwen_shape: str, tmp_path: Pat
 
 
 @pytest.mark.parametrize("name", sorted(KV_KIB_PER_TOKEN))
-def test_rotary_tables_follow_the_build_device(name: str) -> None:
-    """Models are built under `with torch.device(...)` (cuda on a GPU); a scaled rope's frequencies come
-    from transformers on the CPU and must still land on that device ('meta' stands in for cuda here)."""
+def test_whole_model_is_built_on_the_build_device(name: str) -> None:
+    """Models are built under `with torch.device(...)` (cuda on a GPU): every parameter and buffer must
+    land there, even what comes from a CPU-only helper (Llama 3.1's scaled rope frequencies come from
+    transformers on the CPU and once crashed the build on CUDA). 'meta' stands in for cuda: it mixes
+    with CPU tensors no better, and builds a 32B shape without memory."""
     import torch
 
-    from pdserve.layers.rotary import RotaryEmbedding
+    from pdserve.layers.attention.triton_backend import TritonAttentionBackend
+    from pdserve.models.registry import model_class
 
     cfg = AutoConfig.from_pretrained(resolve_model(name))
     with torch.device("meta"):
-        rotary = RotaryEmbedding(cfg, head_dim_of(cfg), 64)
-    assert rotary.cos.device.type == "meta" and rotary.sin.device.type == "meta"
+        model = model_class(cfg)(cfg, TritonAttentionBackend, None)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
