@@ -513,6 +513,73 @@ def test_gpu_two_processes(tiny_model, gpu_prompts, gpu_colocated, kind, path):
             decode.close()
 
 
+def serve_decode(model_dir: str, device: str, prefill_addr: str, num_blocks: str) -> None:
+    """A decode engine in this process (a child of a test) with a pool of `num_blocks`: one request's
+    KV comes from `prefill_addr`; prints "done", then idles until killed."""
+    engine = Engine(
+        EngineConfig(
+            model=ModelConfig(path=model_dir, device=device, dtype="float32"),
+            cache=CacheConfig(block_size=16, num_blocks=int(num_blocks)),
+            disagg=DisaggConfig(role="decode", kv_transport="cuda_ipc"),
+        )
+    )
+    engine.add_request("q", list(range(3, 40)), GREEDY, {"prefill_kv_addr": prefill_addr})
+    done = _drive([engine], [], ["q"])
+    assert done["q"].error is None, done["q"].error
+    print("done", flush=True)
+    while True:
+        engine.step()
+        time.sleep(0.01)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_killed_decode_gets_its_pool_memory_back(tiny_model):
+    """A decode killed after a cuda_ipc hand-off: its GPU memory comes back once the prefill, which
+    mapped its pool, sees the process gone and lets go of the mapping (a restarted decode on that GPU
+    would otherwise find a pool's worth of memory missing for as long as the prefill lives: on an H200,
+    with forgetting turned off, the 2 GiB pool stayed taken after the kill until the mapping was
+    dropped by hand)."""
+    gpu = torch.device(DECODE_GPU)
+    pool_bytes = 1 << 31  # the tiny model's KV: 32 KiB a block (float32)
+    prefill = _engine(tiny_model, "prefill", "cuda:0", "cuda_ipc")
+    assert prefill.connector is not None
+    stop = threading.Event()
+
+    def step_prefill() -> None:
+        while not stop.is_set():
+            if not prefill.step():
+                time.sleep(0.002)
+
+    stepper = threading.Thread(target=step_prefill)
+    stepper.start()
+    code = "from tests.engine.test_disagg_transports import serve_decode as s; s(*__import__('sys').argv[1:])"
+    args = [tiny_model, DECODE_GPU, prefill.connector.address, str(pool_bytes // (32 << 10))]
+    try:
+        before = torch.cuda.mem_get_info(gpu)[0]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "done"
+            assert torch.cuda.mem_get_info(gpu)[0] < before - pool_bytes  # the pool is there
+            assert prefill.connector.peers.known()  # and mapped by the prefill
+        finally:
+            proc.kill()
+            proc.wait(30)
+        end = time.monotonic() + 30
+        while prefill.connector.peers.known() and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not prefill.connector.peers.known(), "the prefill kept the ended decode"
+        while torch.cuda.mem_get_info(gpu)[0] < before - pool_bytes // 4 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert torch.cuda.mem_get_info(gpu)[0] >= before - pool_bytes // 4, "the pool's memory stayed taken"
+    finally:
+        stop.set()
+        stepper.join(30)
+        prefill.close()
+
+
 @pytest.mark.gpu
 @needs_two_gpus
 def test_gpu_two_processes_tensor_parallel(tiny_model, gpu_prompts, gpu_colocated):
