@@ -122,7 +122,9 @@ def bench_decode_pipelined(runner: ModelRunner, batch: int, context: int, steps:
 
 def profile_decode(runner: ModelRunner, batch: int, context: int, out_path: str) -> None:
     """Kernel time table of 10 decode steps (torch.profiler), appended to out_path: where a step's
-    time goes when it falls short of the bandwidth bound."""
+    time goes when it falls short of the bandwidth bound. With programmatic dependent launch on (the
+    default on Hopper) a Triton kernel starts early and its time includes the wait for the kernel
+    before it; `scripts/engine_variant.py nopdl --profile FILE ...` gives each kernel's own time."""
     from torch.profiler import ProfilerActivity, profile
 
     reqs = fake_requests(batch, context, runner.layout.block_size)
