@@ -20,11 +20,9 @@ opposite way, commit 4ba0c0c: Qwen3-32B B=32 21.02 -> 20.21 ms, Qwen2.5-32B 19.6
 unfusedqk (plan(), Qwen3's q/k RMSNorms as their own launches before the rotary + cache-write kernel,
 as before the ninth session: triton_backend._fusable says no), ltdown (plan(), and down_proj at
 33-128 rows of x on cuBLASLt instead of cuBLAS: the ninth session's cublas_forms_bench had 7B down
-at 128 rows 42.6 vs 46.2 us, at 64 rows 38.0 vs 39.8, and cuBLASLt no better on the other shapes),
-llamagated (plan(), and Llama-3.1-8B's gate_up at 33-64 rows on the gated skinny kernel with the
-(128, 128, 4, 4) tile: the tenth session's microbenchmark had 60.5 vs 64.3 us at 48 rows, 61.2 vs 65.0
-at 64, and within 1% at 32). One
-process per variant, so an A/B inside one device call compares the same machine.
+at 128 rows 42.6 vs 46.2 us, at 64 rows 38.0 vs 39.8, and cuBLASLt no better on the other shapes).
+Llama-3.1-8B's gated tile at 33-64 rows (taken in the tenth session) is A/B'd by nogated: that shape
+has no other gated rows. One process per variant, so an A/B inside one device call compares the same machine.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from pdserve.layers import linear, pdl, triton_sampler, triton_skinny
 from pdserve.layers.attention import triton_backend
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
-VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown", "llamagated"}
+VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown"}
 
 
 def route_cublas_rows(form: Any, low: int = 33, high: int = 128, down_only: bool = False) -> None:
@@ -100,8 +98,6 @@ def main() -> None:
     if variant == "gated32":
         for shape in [(55296, 5120), (51200, 5120)]:
             triton_skinny.GATED_TILES[shape] = ((32, None), *triton_skinny.GATED_TILES[shape][1:])
-    if variant == "llamagated":
-        triton_skinny.GATED_TILES[(28672, 4096)] = ((32, None), (64, (128, 128, 4, 4)))
     if variant == "ltdown":
         route_cublas_rows(on_cublaslt, down_only=True)
     if variant == "unfusedqk":

@@ -97,8 +97,8 @@ cublas)  # one H200, ~4 min: cuBLAS / cuBLASLt, x @ W^T vs the swapped W @ x^T, 
   cut -c1-700 "$OUT/cublas_forms.log"
   GPU_SESSION_NESTED=1 bash "$0" ab swapped qwen2.5-7b 64,128
   ;;
-llama)  # one H200, ~3 min: the engine table of the Llama-3.1-8B shape (never measured), then the gated
-  # gate_up microbenchmark on its shapes (GATED_TILES has no Llama entry)
+llama)  # one H200, ~3 min: the engine table of the Llama-3.1-8B shape, then the gated gate_up
+  # microbenchmark on its shapes (its GATED_TILES entry came from this; `ab nogated llama-3.1-8b 48,64`)
   timeout 200 python3 benchmarks/gpu_engine.py --shapes llama-3.1-8b --output "$OUT/gpu_engine_llama.json" \
     >"$OUT/gpu_engine_llama.log" 2>&1
   echo "rc=$?" >>"$OUT/gpu_engine_llama.log"

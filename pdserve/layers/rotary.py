@@ -31,7 +31,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        device = torch.empty(0).device  # the device the model is being built on (`with torch.device`)
+        device = torch.get_default_device()  # the model is being built on it (`with torch.device`)
         with torch.device("cpu"):  # transformers' rope initializers work on the CPU
             inv_freq, scale = _inv_freq(hf_config, head_dim)
             positions = torch.arange(max_positions, dtype=torch.float32)

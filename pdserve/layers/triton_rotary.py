@@ -30,23 +30,6 @@ if HAS_TRITON:
     from pdserve.layers.pdl import wait_prior
 
     @triton.jit
-    def _halves(base, heads, dims, mask, stride_h, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
-        """Both halves of every head at base in fp32: ([H, HALF], [H, HALF])."""
-        offs = heads[:, None] * stride_h + dims[None, :]
-        x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        return x1, tl.load(base + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _rotate(x1, x2, c, s):  # type: ignore[no-untyped-def]
-        return x1 * c[None, :] - x2 * s[None, :], x2 * c[None, :] + x1 * s[None, :]
-
-    @triton.jit
-    def _rotated(base, heads, dims, mask, stride_h, c, s, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
-        """Both halves of every head at base, rotated in fp32: ([H, HALF], [H, HALF])."""
-        x1, x2 = _halves(base, heads, dims, mask, stride_h, HALF)
-        return _rotate(x1, x2, c, s)
-
-    @triton.jit
     def _rms_normed(x1, x2, w_ptr, eps, dims, like_ptr, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
         """Each head (row) RMS-normalized over its 2 * HALF dims and scaled by w, rounded to
         like_ptr's dtype where RMSNorm rounds (the normalized value, then its product with w)."""
@@ -58,9 +41,25 @@ if HAS_TRITON:
         return x1, (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
 
     @triton.jit
-    def _rotate_heads(base, heads, dims, dmask, stride_h, c, s, NUM_HEADS: tl.constexpr, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
+    def _rotated(  # type: ignore[no-untyped-def]
+        base, heads, dims, mask, stride_h, c, s, w_ptr, eps, HALF: tl.constexpr, NORM: tl.constexpr
+    ):
+        """Both halves of every head at base, (RMS-normalized by w first if NORM, then) rotated in
+        fp32: ([H, HALF], [H, HALF])."""
+        offs = heads[:, None] * stride_h + dims[None, :]
+        x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            x1, x2 = _rms_normed(x1, x2, w_ptr, eps, dims, base, HALF)
+        return x1 * c[None, :] - x2 * s[None, :], x2 * c[None, :] + x1 * s[None, :]
+
+    @triton.jit
+    def _rotate_heads(  # type: ignore[no-untyped-def]
+        base, heads, dims, dmask, stride_h, c, s, w_ptr, eps, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+        NORM: tl.constexpr,
+    ):  # fmt: skip
         mask = (heads[:, None] < NUM_HEADS) & dmask[None, :]
-        out1, out2 = _rotated(base, heads, dims, mask, stride_h, c, s, HALF)
+        out1, out2 = _rotated(base, heads, dims, mask, stride_h, c, s, w_ptr, eps, HALF, NORM)
         offs = heads[:, None] * stride_h + dims[None, :]
         tl.store(base + offs, out1.to(base.dtype.element_ty), mask=mask)
         tl.store(base + offs + HALF, out2.to(base.dtype.element_ty), mask=mask)
@@ -96,8 +95,9 @@ if HAS_TRITON:
         dmask = dims < HALF
         c, s = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask)
         heads = tl.arange(0, BLOCK_H)
-        _rotate_heads(q_ptr + token * stride_qt, heads, dims, dmask, stride_qh, c, s, NUM_Q_HEADS, HALF)
-        _rotate_heads(k_ptr + token * stride_kt, heads, dims, dmask, stride_kh, c, s, NUM_K_HEADS, HALF)
+        q_base, k_base = q_ptr + token * stride_qt, k_ptr + token * stride_kt
+        _rotate_heads(q_base, heads, dims, dmask, stride_qh, c, s, q_base, 0.0, NUM_Q_HEADS, HALF, False)
+        _rotate_heads(k_base, heads, dims, dmask, stride_kh, c, s, k_base, 0.0, NUM_K_HEADS, HALF, False)
 
     @triton.jit
     def _rotary_store_kernel(  # type: ignore[no-untyped-def]
@@ -118,20 +118,12 @@ if HAS_TRITON:
         c, s = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask)
         heads = tl.arange(0, BLOCK_H)
         q_base = q_ptr + token * stride_qt
-        mask = (heads[:, None] < NUM_Q_HEADS) & dmask[None, :]
-        q1, q2 = _halves(q_base, heads, dims, mask, stride_qh, HALF)
-        if NORM:
-            q1, q2 = _rms_normed(q1, q2, qw_ptr, eps, dims, q_ptr, HALF)
-        q1, q2 = _rotate(q1, q2, c, s)
-        offs = heads[:, None] * stride_qh + dims[None, :]
-        tl.store(q_base + offs, q1.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(q_base + offs + HALF, q2.to(q_ptr.dtype.element_ty), mask=mask)
+        _rotate_heads(q_base, heads, dims, dmask, stride_qh, c, s, qw_ptr, eps, NUM_Q_HEADS, HALF, NORM)
         slot = tl.load(slot_ptr + token).to(tl.int64)
         mask = (heads[:, None] < NUM_K_HEADS) & dmask[None, :] & (slot >= 0)
-        k1, k2 = _halves(k_ptr + token * stride_kt, heads, dims, mask, stride_kh, HALF)
-        if NORM:
-            k1, k2 = _rms_normed(k1, k2, kw_ptr, eps, dims, k_ptr, HALF)
-        k1, k2 = _rotate(k1, k2, c, s)
+        k1, k2 = _rotated(
+            k_ptr + token * stride_kt, heads, dims, mask, stride_kh, c, s, kw_ptr, eps, HALF, NORM
+        )
         dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
         dst += heads[:, None] * stride_ch + dims[None, :]
         tl.store(dst, k1.to(cache_ptr.dtype.element_ty), mask=mask)

@@ -307,11 +307,12 @@ def _engine(
     dtype: str = "float32",
     stream_layers: bool = False,
     tp: int = 1,
+    num_blocks: int = 256,
 ) -> Engine:
     return Engine(
         EngineConfig(
             model=ModelConfig(path=model_dir, device=device, dtype=dtype, tensor_parallel_size=tp),
-            cache=CacheConfig(block_size=16, num_blocks=256),
+            cache=CacheConfig(block_size=16, num_blocks=num_blocks),
             disagg=DisaggConfig(role=role, kv_transport=kind, stream_layers=stream_layers),
         )
     )
@@ -516,13 +517,7 @@ def test_gpu_two_processes(tiny_model, gpu_prompts, gpu_colocated, kind, path):
 def serve_decode(model_dir: str, device: str, prefill_addr: str, num_blocks: str) -> None:
     """A decode engine in this process (a child of a test) with a pool of `num_blocks`: one request's
     KV comes from `prefill_addr`; prints "done", then idles until killed."""
-    engine = Engine(
-        EngineConfig(
-            model=ModelConfig(path=model_dir, device=device, dtype="float32"),
-            cache=CacheConfig(block_size=16, num_blocks=int(num_blocks)),
-            disagg=DisaggConfig(role="decode", kv_transport="cuda_ipc"),
-        )
-    )
+    engine = _engine(model_dir, "decode", device, "cuda_ipc", num_blocks=int(num_blocks))
     engine.add_request("q", list(range(3, 40)), GREEDY, {"prefill_kv_addr": prefill_addr})
     done = _drive([engine], [], ["q"])
     assert done["q"].error is None, done["q"].error

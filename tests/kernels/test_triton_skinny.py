@@ -100,7 +100,7 @@ def test_gated_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
         for shape in [(18944, 3584), (27648, 5120), (25600, 5120), (14336, 4096)]
     ],
 )
-def test_gated_past_16_rows_on_qwen_gate_up_in_bf16(m: int, inter: int, k: int) -> None:
+def test_gated_past_16_rows_on_measured_gate_up_shapes_in_bf16(m: int, inter: int, k: int) -> None:
     """Every tile of GATED_TILES on its shape (rows a shape leaves to cuBLAS take its 64-row tile here)."""
     tile = triton_skinny.gated_plan(2 * inter, k, m) or triton_skinny.gated_plan(2 * inter, k, 64)
     _check_gated(m, inter, k, torch.bfloat16, tile)
