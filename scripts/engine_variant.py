@@ -20,7 +20,9 @@ opposite way, commit 4ba0c0c: Qwen3-32B B=32 21.02 -> 20.21 ms, Qwen2.5-32B 19.6
 unfusedqk (plan(), Qwen3's q/k RMSNorms as their own launches before the rotary + cache-write kernel,
 as before the ninth session: triton_backend._fusable says no), ltdown (plan(), and down_proj at
 33-128 rows of x on cuBLASLt instead of cuBLAS: the ninth session's cublas_forms_bench had 7B down
-at 128 rows 42.6 vs 46.2 us, at 64 rows 38.0 vs 39.8, and cuBLASLt no better on the other shapes).
+at 128 rows 42.6 vs 46.2 us, at 64 rows 38.0 vs 39.8, and cuBLASLt no better on the other shapes),
+nosplit (plan(), without down_proj as K-split partial sums reduced by the next add-RMSNorm,
+layers/split_k.py: cuBLAS's split-K GEMM and its reduce launch, as before the eleventh session).
 Llama-3.1-8B's gated tile at 33-64 rows (taken in the tenth session) is A/B'd by nogated: that shape
 has no other gated rows. One process per variant, so an A/B inside one device call compares the same machine.
 """
@@ -33,11 +35,11 @@ from typing import Any
 
 import torch
 
-from pdserve.layers import linear, pdl, triton_sampler, triton_skinny
+from pdserve.layers import linear, pdl, split_k, triton_sampler, triton_skinny
 from pdserve.layers.attention import triton_backend
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
-VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown"}
+VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown", "nosplit"}
 
 
 def route_cublas_rows(form: Any, low: int = 33, high: int = 128, down_only: bool = False) -> None:
@@ -100,6 +102,8 @@ def main() -> None:
             triton_skinny.GATED_TILES[shape] = ((32, None), *triton_skinny.GATED_TILES[shape][1:])
     if variant == "ltdown":
         route_cublas_rows(on_cublaslt, down_only=True)
+    if variant == "nosplit":
+        split_k.ENABLED = False
     if variant == "unfusedqk":
         triton_backend._fusable = lambda qk_norm, dtype: qk_norm is None
     print(f"skinny variant {variant}: enabled={triton_skinny.ENABLED} min fill={triton_skinny.MIN_WAVE_FILL}")

@@ -17,6 +17,9 @@
 #   bash scripts/gpu_session.sh gated3     # one H200 (~3 min): the same microbenchmark on the Qwen3 shapes
 #   bash scripts/gpu_session.sh cublas     # one H200 (~4 min): cuBLAS forms of the 7B projections at 64/128 rows
 #   bash scripts/gpu_session.sh llama      # one H200 (~3 min): the Llama-3.1-8B shape: engine table, gated microbenchmark
+#   bash scripts/gpu_session.sh splitk     # one H200 (~7 min): down_proj as partial sums reduced in the norm
+#                                           (layers/split_k.py): its GPU tests, the microbenchmark at
+#                                           72-256 rows, then the engine A/B (ab nosplit) for 7B at 128
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -73,6 +76,15 @@ ab)
     done
   done
   grep -E "==|decode b|Error" "$OUT/ab_$other.log"
+  ;;
+splitk)
+  python3 -m pytest -q -m gpu tests/kernels/test_split_k.py tests/kernels/test_triton_fused.py \
+    tests/engine/test_architectures.py -k "partial or split" 2>&1 | tail -5 | tee "$OUT/splitk_tests.log"
+  (cd benchmarks && timeout 200 python3 splitk_norm_bench.py --output "$OUT/splitk_norm_rows.json" \
+    --shapes 7b-down,32b-down,qwen3-8b-down,llama-8b-down,qwen3-32b-down \
+    --m 72,80,88,96,104,112,120,128,192,256 --splits 2,3,4) >"$OUT/splitk_norm_rows.log" 2>&1
+  tail -3 "$OUT/splitk_norm_rows.log"
+  GPU_SESSION_NESTED=1 bash "$0" ab nosplit qwen2.5-7b "${2:-120,128}"
   ;;
 next)  # one H200, ~6 min: the engine table and sampler paths, then the decode-attention sweep at B=32
   GPU_SESSION_NESTED=1 bash "$0" engine

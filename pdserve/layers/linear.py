@@ -2,7 +2,9 @@
 
     MergedLinear            column-parallel; several checkpoint tensors stacked along the output rows
                             (`qkv_proj` = q, k, v; `gate_up_proj` = gate, up), each cut to the rank's rows
-    RowParallelLinear       input columns split (o_proj, down_proj); partial outputs all-reduced, bias once
+    RowParallelLinear       input columns split (o_proj, down_proj); partial outputs all-reduced, bias once;
+                            `forward_partials` may leave a measured down_proj's split-K reduce to the
+                            add-RMSNorm after it (split_k.py)
     VocabParallelEmbedding  vocabulary rows split; rows outside the rank's range give 0, then all-reduce
     ParallelLMHead          vocabulary rows split; the logits' columns are all-gathered
 
@@ -26,6 +28,7 @@ from pdserve.distributed.group import TPGroup
 from pdserve.distributed.sharding import split
 from pdserve.distributed.weights import ParamShard, copy_full_rows, set_shard
 from pdserve.layers.activation import silu_and_mul
+from pdserve.layers.split_k import Partials, partial_products, splits_for
 
 if TYPE_CHECKING:
     from pdserve.layers.triton_skinny import Tile
@@ -119,6 +122,12 @@ class RowParallelLinear(nn.Linear):
             return linear(x, self.weight, self.bias)
         y = self.tp.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
+
+    def forward_partials(self, x: torch.Tensor) -> torch.Tensor | Partials:
+        """forward(x), or at tp=1 without a bias, where split_k.SPLITS holds this shape and x's row count,
+        its split_k.Partials: for a consumer that sums them (RMSNorm.forward_residual)."""
+        splits = splits_for(x, self.weight) if self.tp.size == 1 and self.bias is None else 0
+        return partial_products(x, self.weight, splits) if splits else self.forward(x)
 
 
 class VocabParallelEmbedding(nn.Embedding):

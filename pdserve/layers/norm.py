@@ -1,9 +1,12 @@
-"""RMSNorm, optionally fused with the residual add that precedes it (one Triton kernel on CUDA)."""
+"""RMSNorm, optionally fused with the residual add that precedes it (one Triton kernel on CUDA); the
+added x may come as split_k.Partials, whose reduce then happens in the same kernel."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pdserve.layers.split_k import Partials
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,8 +29,17 @@ class RMSNorm(nn.Module):
             return triton_fused.rms_norm(x, self.weight, self.eps)
         return rms_norm_torch(x, self.weight, self.eps)
 
-    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_residual(
+        self, x: torch.Tensor | Partials, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the pre-norm block's two outputs."""
+        if isinstance(x, Partials):
+            if residual.is_cuda and x.shape == residual.shape and x.dtype == residual.dtype:
+                from pdserve.layers import triton_fused
+
+                if triton_fused.HAS_TRITON and x.shape[-1] <= triton_fused.MAX_NORM_COLS:
+                    return triton_fused.triton_add_partials_rms_norm(x.parts, residual, self.weight, self.eps)
+            x = x.total()
         if x.is_cuda:
             from pdserve.layers import triton_fused
 

@@ -45,20 +45,29 @@ if HAS_TRITON:
         eps,
         BLOCK: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
+        PARTS: tl.constexpr = 0,
+        stride_part=0,
         PDL: tl.constexpr = False,
     ):
         wait_prior(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if PARTS:  # x = PARTS partial sums (split_k.Partials): their sum rounded as F.linear rounds
+            parts = tl.zeros([BLOCK], dtype=tl.float32)
+            for s in tl.static_range(PARTS):
+                parts += tl.load(x_ptr + s * stride_part + row * stride_x + cols, mask=mask, other=0.0)
+            x = parts.to(res_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        act = x.dtype  # the activations' dtype
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(act)
             tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
         x32 = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
-        normed = (x32 * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        normed = (x32 * rstd).to(act).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -87,20 +96,26 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_rms_norm(
-    x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x2: torch.Tensor,
+    r2: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    parts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2, r2: [rows, n]. Returns (normed, x2 + r2); without r2 the second is the first, unwritten twice."""
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
-    res_out = torch.empty_like(x2) if r2 is not None else out
+    """x2, r2: [rows, n]. Returns (normed, x2 + r2); without r2 the second is the first, unwritten twice.
+    With `parts` ([S, rows, n] fp32, r2 given) x2 is their sum rounded to r2's dtype, never read."""
+    act = r2.dtype if parts is not None and r2 is not None else x2.dtype
+    out = torch.empty(x2.shape, dtype=torch.promote_types(act, weight.dtype), device=x2.device)
+    res_out = torch.empty(x2.shape, dtype=act, device=x2.device) if r2 is not None else out
     if x2.shape[0]:
         block = int(triton.next_power_of_2(x2.shape[1]))
         _rms_norm_kernel[(x2.shape[0],)](
-            x2,
+            x2 if parts is None else parts,
             r2 if r2 is not None else x2,
             weight,
             out,
             res_out,
-            x2.stride(0),
+            x2.stride(0) if parts is None else parts.stride(1),
             r2.stride(0) if r2 is not None else 0,
             out.stride(0),
             res_out.stride(0),
@@ -108,6 +123,8 @@ def _launch_rms_norm(
             eps,
             BLOCK=block,
             HAS_RESIDUAL=r2 is not None,
+            PARTS=0 if parts is None else parts.shape[0],
+            stride_part=0 if parts is None else parts.stride(0),
             num_warps=_norm_warps(block),
             **launch_options(x2),
         )
@@ -124,6 +141,17 @@ def triton_add_rms_norm(
     """(norm(x + residual), x + residual) in one pass."""
     out, new_residual = _launch_rms_norm(_rows(x), _rows(residual), weight, eps)
     return out.view(x.shape), new_residual.view(x.shape)
+
+
+def triton_add_partials_rms_norm(
+    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(p + residual), p + residual) for p = parts.sum(0) rounded to residual's dtype (a
+    split_k.Partials' parts [S, rows, n] fp32, contiguous rows), in one pass."""
+    r2 = _rows(residual)
+    assert parts.dim() == 3 and parts.shape[1:] == r2.shape and parts.stride(2) == 1
+    out, new_residual = _launch_rms_norm(r2, r2, weight, eps, parts)
+    return out.view(residual.shape), new_residual.view(residual.shape)
 
 
 def triton_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pdserve.layers.linear import (
 )
 from pdserve.layers.norm import RMSNorm
 from pdserve.layers.rotary import RotaryEmbedding
+from pdserve.layers.split_k import Partials
 
 # checkpoint name fragment -> (our module fragment, shard)
 STACKED = {
@@ -93,8 +94,9 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedLinear(cfg.hidden_size, rows, bias=False)
         self.down_proj = RowParallelLinear(full, cfg.hidden_size, (start, size), False, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul_linear(x, self.gate_up_proj.weight))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | Partials:
+        """The MLP's output, possibly as partial sums the next add-RMSNorm reduces (split_k.py)."""
+        return self.down_proj.forward_partials(silu_mul_linear(x, self.gate_up_proj.weight))
 
 
 class DecoderLayer(nn.Module):
@@ -108,18 +110,19 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        x: torch.Tensor,
+        x: torch.Tensor | Partials,
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | Partials, torch.Tensor]:
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            assert isinstance(x, torch.Tensor)  # the first layer's input: the embeddings
+            residual, h = x, self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm.forward_residual(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta)
-        x, residual = self.post_attention_layernorm.forward_residual(x, residual)
-        return self.mlp(x), residual
+            h, residual = self.input_layernorm.forward_residual(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.forward_residual(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -142,7 +145,7 @@ class DecoderModel(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x: torch.Tensor | Partials = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             x, residual = layer(positions, x, residual, kv_cache, meta)

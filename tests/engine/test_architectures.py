@@ -92,6 +92,23 @@ def test_float32_greedy_equals_transformers(model_dir, prompts, reference, layou
         llm.close()
 
 
+def test_down_projections_as_partial_sums(model_dir, prompts, reference, device, monkeypatch):
+    """Every down_proj forced to give split_k.Partials (two slices of K) in float32, which the next
+    add-RMSNorm reduces (its Triton kernel on CUDA, Partials.total() on CPU): the same greedy tokens,
+    with the decode steps' CUDA graphs captured over them."""
+    from pdserve import LLM
+    from pdserve.layers import linear as linear_module
+
+    calls: list[int] = []
+    monkeypatch.setattr(linear_module, "splits_for", lambda x, w: calls.append(x.shape[0]) or 2)
+    llm = LLM(model_dir, device=device, dtype="float32", num_blocks=256, block_size=16)
+    try:
+        assert _greedy(llm, prompts) == reference
+        assert calls and min(calls) <= len(prompts) < max(calls)  # decode steps' rows and prefills' took them
+    finally:
+        llm.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bfloat16_runs_clean(model_dir, prompts):

@@ -77,7 +77,11 @@ KERNELS = {
     "rms_norm": ("pdserve.layers.triton_fused", "_rms_norm_kernel",
                  {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
                   "res_out_ptr": "*bf16", "eps": "fp32"},
-                 {"BLOCK": 4096, "HAS_RESIDUAL": True, "PDL": True}, 8, 3),
+                 {"BLOCK": 4096, "HAS_RESIDUAL": True, "PARTS": 0, "PDL": True}, 8, 3),
+    "rms_norm_parts": ("pdserve.layers.triton_fused", "_rms_norm_kernel",  # split_k.Partials reduced
+                       {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+                        "res_out_ptr": "*bf16", "eps": "fp32"},
+                       {"BLOCK": 4096, "HAS_RESIDUAL": True, "PARTS": 2, "PDL": True}, 8, 3),
     "silu_mul": ("pdserve.layers.triton_fused", "_silu_mul_kernel",
                  {"x_ptr": "*bf16", "out_ptr": "*bf16"}, {"BLOCK": 1024, "PDL": True}, 4, 3),
     "store_kv": ("pdserve.layers.attention.triton_cache", "_store_kv_kernel",

@@ -13,6 +13,7 @@ import torch
 from pdserve.layers import triton_fused
 from pdserve.layers.activation import silu_and_mul, silu_and_mul_torch
 from pdserve.layers.norm import RMSNorm, rms_norm_torch
+from pdserve.layers.split_k import Partials
 
 from .triton_env import BF16, CUDA, DEVICE, DTYPES, HAS_TRITON, gpu
 
@@ -52,6 +53,30 @@ def test_add_rms_norm(shape: tuple[int, int], dtype: torch.dtype) -> None:
     ref_residual = x + residual
     assert torch.equal(new_residual, ref_residual), "the residual sum must round exactly like torch"
     assert_close(out, rms_norm_torch(ref_residual, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("shape", SMALL_ROWS + [pytest.param((128, 3584), marks=gpu)], ids=str)
+def test_add_partials_rms_norm(shape: tuple[int, int], splits: int, dtype: torch.dtype) -> None:
+    """split_k.Partials reduced in the norm's kernel: summed in order in fp32, rounded to the residual's
+    dtype (as F.linear rounds its output), then added as test_add_rms_norm adds."""
+    parts = randn(splits, *shape, dtype=torch.float32)
+    residual, weight = randn(*shape, dtype=dtype, scale=3.0), randn(shape[1], dtype=dtype)
+    out, new_residual = triton_fused.triton_add_partials_rms_norm(parts, residual, weight, EPS)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    ref_residual = total.to(dtype) + residual
+    assert torch.equal(new_residual, ref_residual), "the sum must round exactly like the torch steps"
+    assert_close(out, rms_norm_torch(ref_residual, weight, EPS))
+    assert_close(_norm_with(weight).forward_residual(Partials(parts, dtype), residual)[0], out)
+
+
+def _norm_with(weight: torch.Tensor) -> RMSNorm:
+    norm = RMSNorm(weight.shape[0], EPS).to(device=weight.device, dtype=weight.dtype)
+    norm.weight.data.copy_(weight)
+    return norm
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
