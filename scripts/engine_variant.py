@@ -22,7 +22,9 @@ as before the ninth session: triton_backend._fusable says no), ltdown (plan(), a
 33-128 rows of x on cuBLASLt instead of cuBLAS: the ninth session's cublas_forms_bench had 7B down
 at 128 rows 42.6 vs 46.2 us, at 64 rows 38.0 vs 39.8, and cuBLASLt no better on the other shapes),
 nosplit (plan(), without down_proj as K-split partial sums reduced by the next add-RMSNorm,
-layers/split_k.py: cuBLAS's split-K GEMM and its reduce launch, as before the eleventh session).
+layers/split_k.py: cuBLAS's split-K GEMM and its reduce launch, as before the eleventh session),
+pdlall (plan(), with programmatic dependent launch at every row count, as before the eleventh
+session's pdl.MAX_ROWS).
 Llama-3.1-8B's gated tile at 33-64 rows (taken in the tenth session) is A/B'd by nogated: that shape
 has no other gated rows. One process per variant, so an A/B inside one device call compares the same machine.
 """
@@ -39,7 +41,7 @@ from pdserve.layers import linear, pdl, split_k, triton_sampler, triton_skinny
 from pdserve.layers.attention import triton_backend
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
-VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown", "nosplit"}
+VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown", "nosplit", "pdlall", "pdl64"}
 
 
 def route_cublas_rows(form: Any, low: int = 33, high: int = 128, down_only: bool = False) -> None:
@@ -102,6 +104,10 @@ def main() -> None:
             triton_skinny.GATED_TILES[shape] = ((32, None), *triton_skinny.GATED_TILES[shape][1:])
     if variant == "ltdown":
         route_cublas_rows(on_cublaslt, down_only=True)
+    if variant == "pdlall":
+        pdl.MAX_ROWS = pdl.ATTENTION_MAX_ROWS = None
+    if variant == "pdl64":
+        pdl.MAX_ROWS = pdl.ATTENTION_MAX_ROWS = 64
     if variant == "nosplit":
         split_k.ENABLED = False
     if variant == "unfusedqk":

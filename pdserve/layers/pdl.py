@@ -12,6 +12,15 @@ kernel waits for the whole of the one before it, no kernel can read what an earl
 finished writing, however many PDL launches follow each other; kernels launched without PDL (cuBLAS,
 torch) keep plain stream order.
 
+The decode-attention kernels ask for it over up to ATTENTION_MAX_ROWS rows only (the first dimension
+of the tensor a launch site passes: tokens or sequences; MAX_ROWS, no limit, for the others). Eleventh
+session, one H200, launched ahead, two rounds each: 7B with PDL off at every row count, B=64 5.56 vs
+5.47 ms on, B=96 6.08 vs 6.13, B=128 6.48 vs 6.59 (docs/bench/h200/ab-nopdl-2026-12-01.log); PDL off
+past 64 rows for every kernel, 7B B=96 6.11 vs 6.27, B=128 6.60 vs 6.75, but 32B B=96 26.65 vs 26.46
+and B=128 28.8 vs 28.4 (ab-pdlall-2026-12-01.log); at B=128, PDL off past 64 rows for the attention
+kernels only, 7B 6.64, 6.60 vs 6.73, 6.74 (every kernel: 6.56, 6.56), 32B 28.62, 28.95 vs 28.80,
+28.94 (every kernel: 28.86, 29.00; ab-pdlattn-2026-12-01.log). So the attention kernels only.
+
 Each kernel takes a `PDL` constexpr and calls `wait_prior(PDL)` before anything else; its launch site
 passes `**launch_options(tensor)`. The module imports triton only where the kernels do (CUDA, or a
 test that set TRITON_INTERPRET first); a CPU launch (the interpreter) never asks for PDL.
@@ -28,11 +37,15 @@ import torch
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ENABLED = os.environ.get("PDSERVE_PDL", "1") != "0"
 MIN_CAPABILITY = 9  # griddepcontrol: sm_90 and later
+MAX_ROWS: int | None = None  # launches over more rows than this go without it (None: no limit)
+ATTENTION_MAX_ROWS: int | None = 64  # the same for the decode-attention kernels (attention=True)
 
 
-def launch_options(t: torch.Tensor) -> dict[str, bool]:
-    """The PDL constexpr and launch option for a kernel launched on t's device."""
-    on = ENABLED and t.is_cuda and _capability(t.device.index or 0) >= MIN_CAPABILITY
+def launch_options(t: torch.Tensor, attention: bool = False) -> dict[str, bool]:
+    """The PDL constexpr and launch option for a kernel launched on t's device over t.shape[0] rows."""
+    limit = ATTENTION_MAX_ROWS if attention else MAX_ROWS
+    few_rows = limit is None or t.shape[0] <= limit
+    on = ENABLED and t.is_cuda and few_rows and _capability(t.device.index or 0) >= MIN_CAPABILITY
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 

@@ -168,7 +168,7 @@ def paged_decode(
         num_heads * num_splits * head_dim, num_splits * head_dim, head_dim,
         QUERY_GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=kv_cache.shape[2], SINGLE_SPLIT=num_splits == 1, DOT_PRECISION=dot_precision(fp32),
-        num_warps=num_warps, num_stages=num_stages, **launch_options(q),
+        num_warps=num_warps, num_stages=num_stages, **launch_options(q, attention=True),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits(part_out, part_lse, out)
@@ -190,5 +190,5 @@ def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Ten
         BLOCK_D=pow2(head_dim),
         NUM_SPLITS=num_splits,
         num_warps=4,
-        **launch_options(out),
+        **launch_options(out, attention=True),
     )
