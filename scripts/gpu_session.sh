@@ -20,6 +20,9 @@
 #   bash scripts/gpu_session.sh splitk     # one H200 (~7 min): down_proj as partial sums reduced in the norm
 #                                           (layers/split_k.py): its GPU tests, the microbenchmark at
 #                                           72-256 rows, then the engine A/B (ab nosplit) for 7B at 128
+#   bash scripts/gpu_session.sh newtoken   # one H200 (~5 min): the decode kernel taking the rotary launch
+#                                           (attention/triton_new_token.py, opt-in): its GPU tests, then
+#                                           ab decoderotary on 7B and Qwen3-8B at B=1,32,128
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -85,6 +88,11 @@ splitk)
     --m 72,80,88,96,104,112,120,128,192,256 --splits 2,3,4) >"$OUT/splitk_norm_rows.log" 2>&1
   tail -3 "$OUT/splitk_norm_rows.log"
   GPU_SESSION_NESTED=1 bash "$0" ab nosplit qwen2.5-7b "${2:-120,128}"
+  ;;
+newtoken)
+  python3 -m pytest -q tests/kernels/test_triton_attention.py tests/engine/test_architectures.py \
+    -k "new_token or fused_decode or rotary_launch" 2>&1 | tail -5 | tee "$OUT/newtoken_tests.log"
+  GPU_SESSION_NESTED=1 bash "$0" ab decoderotary qwen2.5-7b,qwen3-8b "${2:-1,32,128}"
   ;;
 next)  # one H200, ~6 min: the engine table and sampler paths, then the decode-attention sweep at B=32
   GPU_SESSION_NESTED=1 bash "$0" engine

@@ -58,6 +58,11 @@ def device(request) -> str:
 
 @pytest.fixture(scope="module")
 def reference(model_dir, prompts, device) -> list[list[int]]:
+    return _reference(model_dir, prompts, device)
+
+
+def _reference(model_dir, prompts, device) -> list[list[int]]:
+    """transformers' greedy tokens, float32, on `device`."""
     from transformers import AutoModelForCausalLM
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -105,6 +110,25 @@ def test_down_projections_as_partial_sums(model_dir, prompts, reference, device,
     try:
         assert _greedy(llm, prompts) == reference
         assert calls and min(calls) <= len(prompts) < max(calls)  # decode steps' rows and prefills' took them
+    finally:
+        llm.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_decode_kernel_taking_the_rotary_launch_equals_transformers(model_dir, prompts, eager, monkeypatch):
+    """PDSERVE_DECODE_ROTARY=1 (triton_new_token): decode steps rotate, store and attend the new token
+    inside the decode kernel (Qwen3's q/k norms too), float32 on CUDA: transformers' greedy tokens."""
+    from pdserve import LLM
+    from pdserve.layers.attention import triton_new_token
+
+    ref = _reference(model_dir, prompts, "cuda")
+    monkeypatch.setattr(triton_new_token, "ENABLED", True)
+    llm = LLM(model_dir, device="cuda", dtype="float32", num_blocks=256, block_size=16, enforce_eager=eager)
+    try:
+        assert _greedy(llm, prompts) == ref
+        assert llm.check_pool_free()
     finally:
         llm.close()
 

@@ -87,12 +87,18 @@ KERNELS = {
     "store_kv": ("pdserve.layers.attention.triton_cache", "_store_kv_kernel",
                  {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64"},
                  {"NUM_KV_HEADS": 4, "HEAD_DIM": 128, "BLOCK_H": 4, "BLOCK_D": 128, "BLOCK_SIZE": 16}, 4, 3),
-    "decode_split": ("pdserve.layers.attention.triton_decode", "_decode_split_kernel",
-                     {"q_ptr": "*bf16", "cache_ptr": "*bf16", "block_tables_ptr": "*i64",
-                      "seq_lens_ptr": "*i64", "out_ptr": "*bf16", "part_out_ptr": "*fp32",
-                      "part_lse_ptr": "*fp32", "scale_log2": "fp32"},
-                     {"QUERY_GROUP": 7, "HEAD_DIM": 128, "BLOCK_G": 16, "BLOCK_D": 128, "BLOCK_N": 64,
-                      "BLOCK_SIZE": 16, "SINGLE_SPLIT": False, "DOT_PRECISION": "tf32", "PDL": True}, 4, 2),
+    **{  # plain; with the new token rotated, stored and attended inside (triton_new_token), Qwen3's norms
+        f"decode_split{suffix}": (
+            "pdserve.layers.attention.triton_decode", "_decode_split_kernel",
+            {"q_ptr": "*bf16", "cache_ptr": "*bf16", "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64",
+             "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "scale_log2": "fp32",
+             "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+             "slot_ptr": "*i64", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "eps": "fp32"},
+            {"QUERY_GROUP": 7, "HEAD_DIM": 128, "BLOCK_G": 16, "BLOCK_D": 128, "BLOCK_N": 64,
+             "BLOCK_SIZE": 16, "SINGLE_SPLIT": False, "DOT_PRECISION": "tf32", "NEW_TOKEN": new, "HALF": 64,
+             "NORM": norm, "PDL": True}, 4, 2)
+        for suffix, new, norm in [("", False, False), ("_new", True, False), ("_new_qk_norm", True, True)]
+    },
     "decode_reduce": ("pdserve.layers.attention.triton_decode", "_decode_reduce_kernel",
                       {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16"},
                       {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_SPLITS": 8, "PDL": True}, 4, 3),

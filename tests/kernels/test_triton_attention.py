@@ -29,6 +29,7 @@ if HAS_TRITON:
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+ONE_ROUNDING = {torch.float32: 2.4e-7, torch.float16: 9.8e-4}  # relative: one unit in the last place
 
 
 @pytest.fixture(autouse=True)
@@ -250,6 +251,95 @@ def test_qk_norm_fused_into_the_rotary_cache_write_matches_norm_then_rotate(dtyp
     )
     torch.testing.assert_close(cache.float(), ref_cache, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     assert_close(out, ref_out, dtype)
+
+
+def _rope_and_norms(dim: int, dtype: torch.dtype, norm: bool):  # type: ignore[no-untyped-def]
+    """A rotary table and, with `norm`, Qwen3-like q/k RMSNorms (weights away from 1)."""
+    from types import SimpleNamespace
+
+    from pdserve.layers.norm import RMSNorm
+    from pdserve.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), dim, 256).to(DEVICE)
+    if not norm:
+        return rope, None
+    norms = (RMSNorm(dim, 1e-6).to(DEVICE, dtype), RMSNorm(dim, 1e-6).to(DEVICE, dtype))
+    for n in norms:
+        n.weight.requires_grad_(False).uniform_(0.5, 1.5)
+    return rope, norms
+
+
+@needs_triton
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "qk_norm"])
+@pytest.mark.parametrize("splits", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_decode_kernel_rotates_stores_and_attends_the_new_token(
+    norm: bool, splits: int, dtype: torch.dtype
+) -> None:
+    """triton_new_token: the decode kernel given the new token's unrotated q/k/v gives the cache and the
+    output of the rotary + cache-write launch followed by decode, and leaves q as it was; sequences of
+    one token, at block edges and split over partitions."""
+    from pdserve.layers.attention.triton_new_token import NewToken
+    from pdserve.layers.triton_rotary import rotary_store_kv
+
+    seqs = [(1, 1), (5, 1), (16, 1), (17, 1), (70, 1), (129, 1)]
+    batch = make_batch(seqs, 14, 2, 64, 16, dtype, seed=21 + splits)
+    rope, modules = _rope_and_norms(64, dtype, norm)
+    norms = None if modules is None else (modules[0].weight, modules[1].weight, modules[0].eps)
+    positions = torch.tensor([ctx - 1 for ctx, _ in seqs], device=DEVICE)
+    meta = batch.meta
+    ref_q, ref_cache, ref_out = batch.q.clone(), batch.kv_cache.clone(), torch.empty_like(batch.q)
+    slots = meta.slot_mapping
+    rotary_store_kv(positions, ref_q, batch.k, batch.v, rope.cos, rope.sin, ref_cache, slots, norms)
+    triton_decode.paged_decode(ref_q, ref_cache, meta.block_tables, meta.seq_lens, ref_out, 0.125, splits)
+    q, cache, out = batch.q.clone(), batch.kv_cache.clone(), torch.empty_like(batch.q)
+    new = NewToken(batch.k, batch.v, positions, rope.cos, rope.sin, meta.slot_mapping, norms)
+    triton_decode.paged_decode(q, cache, meta.block_tables, meta.seq_lens, out, 0.125, splits, new_token=new)
+    assert torch.equal(q, batch.q), "q is rotated inside the kernel, not in place"
+    if CUDA or norm:  # the GPU compiler may contract products differently; the norm's sum of squares
+        # is reduced over the whole head here, over its two halves there: one rounding apart
+        torch.testing.assert_close(cache, ref_cache, atol=1e-6, rtol=ONE_ROUNDING[dtype])
+    else:
+        assert torch.equal(cache, ref_cache), "K/V written otherwise than triton_rotary writes them"
+    assert_close(out, ref_out.float(), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "qk_norm"])
+def test_backend_takes_the_fused_decode_for_decode_only_steps(
+    norm: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PDSERVE_DECODE_ROTARY=1: forward_rotary on a decode-only step (with CUDA-graph padding rows:
+    length 0, slot -1) skips the rotary launch and gives what the two-launch path gives; a step with
+    a prefill keeps the rotary launch."""
+    from pdserve.layers.attention import triton_backend, triton_new_token
+
+    rope, norms = _rope_and_norms(64, torch.float32, norm)
+    batch = make_batch([(37, 1), (12, 1), (1, 1)], 8, 2, 64, 16, torch.float32, seed=8)
+    meta = batch.meta
+    meta.slot_mapping = torch.cat([meta.slot_mapping, torch.full((1,), -1, device=DEVICE)])
+    meta.block_tables = torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables[:1])])
+    meta.seq_lens = torch.cat([meta.seq_lens, torch.zeros(1, dtype=torch.long, device=DEVICE)])
+    meta.query_start_loc, meta.context_lens, meta.num_decodes = [0, 1, 2, 3, 4], [*meta.context_lens, 0], 4
+    q, k, v = (torch.cat([x, torch.randn_like(x[:1])]) for x in (batch.q, batch.k, batch.v))
+    positions = torch.tensor([36, 11, 0, 0], device=DEVICE)
+    backend = TritonAttentionBackend(8, 2, 64, 0.125)
+    ref_cache = batch.kv_cache.clone()
+    ref = backend.forward_rotary(rope, positions, q.clone(), k, v, ref_cache, meta, norms)
+    calls: list[int] = []
+    real = triton_backend.rotary_store_kv
+    monkeypatch.setattr(triton_backend, "rotary_store_kv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(triton_new_token, "ENABLED", True)
+    cache = batch.kv_cache.clone()
+    out = backend.forward_rotary(rope, positions, q.clone(), k, v, cache, meta, norms)
+    assert not calls, "a decode-only step must not launch the rotary kernel"
+    torch.testing.assert_close(cache, ref_cache, atol=1e-6, rtol=ONE_ROUNDING[torch.float32])
+    assert_close(out, ref.float(), torch.float32)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    mixed = make_batch([(20, 1), (9, 9)], 8, 2, 64, 16, torch.float32, seed=9)
+    positions = torch.tensor([19, *range(9)], device=DEVICE)
+    backend.forward_rotary(rope, positions, mixed.q, mixed.k, mixed.v, mixed.kv_cache, mixed.meta, norms)
+    assert calls == [1]
 
 
 @needs_triton

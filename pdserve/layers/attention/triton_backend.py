@@ -3,7 +3,9 @@
 One step is at most three launches per layer (plus a reduce when decode splits): rotary (after
 Qwen3's q/k norms) fused with storing this step's K/V by slot (layers/triton_rotary.py), decode the
 first `num_decodes` sequences, prefill the rest. Both attention kernels read this step's K/V from
-the cache, so k is never needed rotated in place. Importing this module never fails: without
+the cache, so k is never needed rotated in place. With PDSERVE_DECODE_ROTARY=1 a decode-only step
+skips the rotary launch: the decode kernel rotates, stores and attends the new token itself
+(triton_new_token.py). Importing this module never fails: without
 triton, `TRITON_AVAILABLE` is False and constructing the backend raises.
 """
 
@@ -21,6 +23,7 @@ from pdserve.layers.rotary import RotaryEmbedding
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 if TRITON_AVAILABLE:
+    from pdserve.layers.attention import triton_new_token
     from pdserve.layers.attention.triton_cache import store_kv
     from pdserve.layers.attention.triton_decode import choose_num_splits, paged_decode
     from pdserve.layers.attention.triton_prefill import paged_prefill
@@ -70,6 +73,12 @@ class TritonAttentionBackend(AttentionBackend):
         if not all(x.stride(-1) == 1 for x in (q, k, v)) or not _fusable(qk_norm, q.dtype):
             return super().forward_rotary(rotary, positions, q, k, v, kv_cache, meta, qk_norm)
         norms = None if qk_norm is None else (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps)
+        if triton_new_token.ENABLED and meta.num_decodes == meta.num_seqs == q.shape[0]:  # decodes only
+            out = torch.empty_like(q)
+            cos, sin = rotary.cos, rotary.sin
+            new = triton_new_token.NewToken(k, v, positions, cos, sin, meta.slot_mapping, norms)
+            self._decode(q, kv_cache, meta, out, new)
+            return out
         rotary_store_kv(positions, q, k, v, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping, norms)
         return self._attend(q, kv_cache, meta)
 
@@ -95,14 +104,18 @@ class TritonAttentionBackend(AttentionBackend):
         return out
 
     def _decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor,
+        new_token: triton_new_token.NewToken | None = None,  # every row a decode, q not yet rotated
     ) -> None:
         nd = meta.num_decodes
         max_len = max(meta.context_lens[:nd])
         splits = choose_num_splits(nd, self.num_kv_heads, max_len, q.device)
-        paged_decode(
-            q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], out[:nd], self.scale, splits
-        )
+        tables, lens = meta.block_tables[:nd], meta.seq_lens[:nd]
+        paged_decode(q[:nd], kv_cache, tables, lens, out[:nd], self.scale, splits, new_token=new_token)
 
 
 def _device_query_start_loc(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:

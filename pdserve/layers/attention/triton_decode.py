@@ -8,6 +8,9 @@ partitions. With one partition the first kernel writes the output directly.
     grid (batch, kv_heads, splits) -> part_out [batch, heads, splits, D], part_lse [batch, heads, splits]
     grid (batch, heads)            -> out [batch, heads, D]
 
+Given a `NewToken` (triton_new_token.py), the split kernel also does the step's rotary and KV-cache
+write: q comes unrotated, and the new token's key and value are stored and attended from registers.
+
 Only tensors are read on the device, the grid depends on the batch size and `num_splits` alone, and a
 sequence of length 0 (a padded batch entry) gets zeros: a decode step can be captured in a CUDA graph.
 This module imports triton unconditionally: import it only where triton is installed.
@@ -21,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.layers.attention.triton_new_token import NewToken, cos_sin, roped, store_and_attend
 from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow2
 from pdserve.layers.pdl import launch_options, wait_prior
 from pdserve.layers.sm_count import num_sms
@@ -37,8 +41,11 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     stride_kv, stride_cb, stride_ct, stride_ch,  # cache strides: K to V, block, token, head
     stride_bt,
     stride_pb, stride_ph, stride_ps,  # part_out: batch, head, split (dim contiguous); part_lse [b, h, s]
+    k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, eps,  # NEW_TOKEN: triton_new_token
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
     QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEW_TOKEN: tl.constexpr = False, HALF: tl.constexpr = 1, NORM: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     wait_prior(PDL)
@@ -56,19 +63,33 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
     io_mask = row_mask[:, None] & dim_mask[None, :]
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
+    q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :]
+    if NEW_TOKEN:  # q (normalized,) rotated here; the new token's key comes from registers below
+        c, s = cos_sin(pos_ptr, cos_ptr, sin_ptr, seq, stride_table, dims, dim_mask, HALF)
+        q = roped(q_ptrs, io_mask, dims, c, s, qw_ptr, eps, HALF, NORM).to(q_ptr.dtype.element_ty)
+        cached_end = tl.minimum(end, seq_len - 1)
+    else:
+        q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+        cached_end = end
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     table = block_tables_ptr + seq * stride_bt
     head_offset = kv_head * stride_ch
-    for tile_start in range(start, end, BLOCK_N):
+    for tile_start in range(start, cached_end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
-        valid = pos < end
+        valid = pos < cached_end
         acc, m_i, l_i = attend_tile(
             q, cache_ptr, stride_kv, table, pos, valid, valid[None, :], head_offset, dims, dim_mask,
             stride_cb, stride_ct, acc, m_i, l_i, scale_log2, BLOCK_SIZE, DOT_PRECISION,
+        )  # fmt: skip
+    if NEW_TOKEN:
+        holds = (start < seq_len) & (end == seq_len)  # this partition ends at the new token: one a head
+        acc, m_i, l_i = store_and_attend(
+            q, k_ptr, v_ptr, slot_ptr, kw_ptr, eps, cache_ptr, stride_kv, stride_cb, stride_ct, head_offset,
+            seq, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, c, s, dims, dim_mask, holds,
+            acc, m_i, l_i, scale_log2, BLOCK_SIZE, HALF, NORM,
         )  # fmt: skip
 
     seen = l_i > 0.0
@@ -147,6 +168,7 @@ def paged_decode(
     scale: float,
     num_splits: int,
     config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages); default split_config
+    new_token: NewToken | None = None,  # q not yet rotated: the kernel rotates, stores and attends it
 ) -> None:
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -166,8 +188,10 @@ def paged_decode(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *kv_cache.stride()[:4], block_tables.stride(0),
         num_heads * num_splits * head_dim, num_splits * head_dim, head_dim,
+        *(new_token.kernel_args(q) if new_token else [q] * 8 + [0.0] + [0] * 5),
         QUERY_GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=kv_cache.shape[2], SINGLE_SPLIT=num_splits == 1, DOT_PRECISION=dot_precision(fp32),
+        NEW_TOKEN=new_token is not None, HALF=head_dim // 2, NORM=bool(new_token and new_token.norms),
         num_warps=num_warps, num_stages=num_stages, **launch_options(q, attention=True),
     )  # fmt: skip
     if num_splits > 1:

@@ -1,0 +1,104 @@
+"""The step's own token inside the decode kernel: rotary (after Qwen3's q/k norms), the KV-cache write
+and its attention, done by the decode program instead of a launch before it.
+
+On a decode-only step the rotary + cache-write kernel (layers/triton_rotary.py) is a launch a layer
+between the qkv GEMM and decode attention, ~3 us at 128 rows. With `NewToken` given, paged_decode's
+split kernel instead loads q and rotates it itself, and the one program per (sequence, kv head)
+whose partition ends at the sequence's last position rotates that token's k, writes k and v into the
+cache at its slot, and folds the new key into its online softmax from registers rather than reading
+it back (no program reads a position another program of the same launch writes). The arithmetic is
+triton_rotary's: the same fp32 products, q and k rounded where that kernel rounds them.
+
+PDSERVE_DECODE_ROTARY=1 turns it on (triton_backend); off by default until an engine A/B on a GPU.
+This module imports triton unconditionally: import it only where triton is installed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+ENABLED = os.environ.get("PDSERVE_DECODE_ROTARY", "0") == "1"
+
+
+@dataclass
+class NewToken:
+    """What the decode kernel needs to rotate, store and attend each sequence's one new token."""
+
+    k: torch.Tensor  # [B, Hk, D], not rotated (the qkv projection's view)
+    v: torch.Tensor  # [B, Hk, D]
+    positions: torch.Tensor  # [B]
+    cos: torch.Tensor  # [max_positions, D] (its halves repeat)
+    sin: torch.Tensor
+    slots: torch.Tensor  # [B] cache slots; negative: a padded row, nothing written
+    norms: tuple[torch.Tensor, torch.Tensor, float] | None = None  # q's, k's RMSNorm weights, eps
+
+    def kernel_args(self, q: torch.Tensor) -> list[object]:
+        """The split kernel's new-token arguments, in its order."""
+        assert all(x.stride(-1) == 1 for x in (q, self.k, self.v, self.cos))
+        assert self.cos.stride() == self.sin.stride()
+        qw, kw, eps = self.norms if self.norms is not None else (q, q, 0.0)
+        k, v = self.k, self.v
+        return [k, v, self.positions, self.cos, self.sin, self.slots, qw, kw, eps,
+                k.stride(0), k.stride(1), v.stride(0), v.stride(1), self.cos.stride(0)]  # fmt: skip
+
+
+@triton.jit
+def cos_sin(pos_ptr, cos_ptr, sin_ptr, seq, stride_table, dims, dim_mask, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The sequence's cos/sin at every dim [BLOCK_D] (dim d uses entry d mod HALF), in fp32."""
+    pos = tl.load(pos_ptr + seq).to(tl.int64)
+    at = pos * stride_table + dims % HALF
+    c = tl.load(cos_ptr + at, mask=dim_mask, other=0.0).to(tl.float32)
+    return c, tl.load(sin_ptr + at, mask=dim_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def roped(ptrs, mask, dims, c, s, w_ptr, eps, HALF: tl.constexpr, NORM: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The rows at ptrs ([..., BLOCK_D], dims contiguous: one head a row), RMS-normalized by w first if
+    NORM (rounded where RMSNorm rounds), then rotated (dim d with its partner d +- HALF), in fp32."""
+    first = dims < HALF
+    shift = tl.where(first, HALF, -HALF)
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(ptrs + shift, mask=mask, other=0.0).to(tl.float32)  # each dim's partner
+    if NORM:
+        dtype = ptrs.dtype.element_ty
+        rstd = tl.rsqrt(tl.sum(x * x, axis=-1, keep_dims=True) / (2 * HALF) + eps)
+        on = dims < 2 * HALF
+        wx = tl.load(w_ptr + dims, mask=on, other=0.0).to(tl.float32)
+        wy = tl.load(w_ptr + dims + shift, mask=on, other=0.0).to(tl.float32)
+        x = (wx * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        y = (wy * (y * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return tl.where(first, x * c - y * s, x * c + y * s)
+
+
+@triton.jit
+def store_and_attend(  # type: ignore[no-untyped-def]
+    q,  # [BLOCK_G, BLOCK_D], rotated, in q's dtype
+    k_ptr, v_ptr, slot_ptr, kw_ptr, eps, cache_ptr, stride_kv, stride_cb, stride_ct, head_offset,
+    seq, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, c, s, dims, dim_mask, holds,
+    acc, m_i, l_i, scale_log2, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    """With `holds` (this program's partition ends at the new token): the token's k (normalized,)
+    rotated and its v written to the cache at its slot, and its key folded into (acc, m_i, l_i) as
+    online_softmax_step folds a tile; without, the running state unchanged."""
+    k_mask = dim_mask & holds
+    k_ptrs = k_ptr + seq * stride_kt + kv_head * stride_kh + dims
+    k = roped(k_ptrs, k_mask, dims, c, s, kw_ptr, eps, HALF, NORM).to(cache_ptr.dtype.element_ty)
+    v = tl.load(v_ptr + seq * stride_vt + kv_head * stride_vh + dims, mask=k_mask, other=0.0)
+    slot = tl.load(slot_ptr + seq).to(tl.int64)
+    dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + head_offset + dims
+    tl.store(dst, k, mask=k_mask & (slot >= 0))
+    tl.store(dst + stride_kv, v.to(cache_ptr.dtype.element_ty), mask=k_mask & (slot >= 0))
+    score = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale_log2  # [BLOCK_G]
+    score = tl.where(holds, score, float("-inf"))
+    m_new = tl.maximum(m_i, score)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(score - m_safe)
+    alpha = tl.exp2(m_i - m_safe)
+    v32 = v.to(cache_ptr.dtype.element_ty).to(tl.float32)
+    acc = acc * alpha[:, None] + p.to(cache_ptr.dtype.element_ty).to(tl.float32)[:, None] * v32[None, :]
+    return acc, m_new, l_i * alpha + p
