@@ -1,17 +1,17 @@
 """Down projections as K-split partial sums whose reduce is left to the residual-add + RMSNorm after them.
 
-At 72-256 rows of x cuBLAS runs a down_proj (K >> N) as a split-K GEMM plus a reduce launch. Here the
-product is instead a batched GEMM over S slices of K (torch.bmm with fp32 outputs, views of x and W,
-no copies) giving S partial sums, and the add-RMSNorm kernel that follows (triton_fused,
-`add_partials_rms_norm`) sums them, rounds the sum to the activation dtype as F.linear's output is,
-then adds the residual: one launch fewer a layer, and cuBLAS's batched kernel is itself faster at
-these shapes. benchmarks/splitk_norm_bench.py (one H200, 8 layers in a CUDA graph, weights from
-HBM, us a layer for GEMM + norm; docs/bench/h200/splitk_norm*-2026-12-01.json): S=2 wins 2-6 us at
-72-128 rows on every down shape (7B 45.7 -> 41.7 at 128), and at 192/256 rows on the 8B-class ones
-(7B 53.3 -> 47.4, 57.0 -> 53.7) but not the 32B ones (32B at 192: 95.4 vs 108.2); at 64 rows
-(7B 42.4 vs 43.4) and for o_proj (7B 12.7 vs 13.1 at 128) none, so they are left to cuBLAS. In the
-engine (ab nosplit, one H200, launched ahead): 7B B=128 6.69, 6.71 -> 6.56, 6.57 ms; B=120 6.63,
-6.63 -> 6.51, 6.49.
+At decode batch sizes cuBLAS runs a down_proj (K >> N) as a split-K GEMM plus a reduce launch (the 7B
+profile at 128 rows, docs/performance.md). Here the product is instead a batched GEMM over S slices of K
+(torch.bmm with fp32 outputs, views of x and W, no copies) giving S partial sums, and the add-RMSNorm
+kernel that follows (triton_fused.triton_add_partials_rms_norm) sums them, rounds the sum to the
+activation dtype as F.linear's output is, then adds the residual: one launch fewer a layer, and cuBLAS's
+batched kernel is itself faster at these shapes. benchmarks/splitk_norm_bench.py (one H200, 8 layers in
+a CUDA graph, weights from HBM, us a layer for GEMM + norm;
+docs/bench/h200/splitk_norm*-2026-12-01.json): S=2 wins 2-6 us at 72-128 rows on every down shape (7B
+45.7 -> 41.7 at 128), and at 192/256 rows on the 8B-class ones (7B 53.3 -> 47.4, 57.0 -> 53.7) but not
+the 32B ones (32B at 192: 95.4 vs 108.2); at 64 rows (7B 42.4 vs 43.4) and for o_proj (7B 12.7 vs 13.1
+at 128) none, so they are left to cuBLAS. In the engine (ab nosplit, one H200, launched ahead): 7B B=128
+6.69, 6.71 -> 6.56, 6.57 ms; B=120 6.63, 6.63 -> 6.51, 6.49.
 
 `SPLITS` holds the measured shapes; `splits_for` says whether a product takes this path (CUDA, 2-D
 contiguous x, fp16/bf16, no bias, tp=1: RowParallelLinear asks only then). PDSERVE_SPLIT_NORM=0
