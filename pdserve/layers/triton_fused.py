@@ -103,10 +103,10 @@ def _launch_rms_norm(
     parts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x2, r2: [rows, n]. Returns (normed, x2 + r2); without r2 the second is the first, unwritten twice.
-    With `parts` ([S, rows, n] fp32, r2 given) x2 is their sum rounded to r2's dtype, never read."""
-    act = r2.dtype if parts is not None and r2 is not None else x2.dtype
-    out = torch.empty(x2.shape, dtype=torch.promote_types(act, weight.dtype), device=x2.device)
-    res_out = torch.empty(x2.shape, dtype=act, device=x2.device) if r2 is not None else out
+    With `parts` ([S, rows, n] fp32, r2 given) x2 is their sum rounded to x2's dtype: x2 itself is
+    never read, only its shape and dtype (the caller passes the residual)."""
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
+    res_out = torch.empty_like(x2) if r2 is not None else out
     if x2.shape[0]:
         block = int(triton.next_power_of_2(x2.shape[1]))
         _rms_norm_kernel[(x2.shape[0],)](

@@ -65,8 +65,8 @@ if HAS_TRITON:
         tl.store(base + offs + HALF, out2.to(base.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask):  # type: ignore[no-untyped-def]
-        """The token's cos/sin row (its first half: the table repeats it), in fp32."""
+    def cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask):  # type: ignore[no-untyped-def]
+        """The token's cos/sin at `dims` (the table's first half: its halves repeat), in fp32."""
         pos = tl.load(pos_ptr + token).to(tl.int64)
         c = tl.load(cos_ptr + pos * stride_table + dims, mask=dmask, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + pos * stride_table + dims, mask=dmask, other=0.0).to(tl.float32)
@@ -93,7 +93,7 @@ if HAS_TRITON:
         token = tl.program_id(0).to(tl.int64)
         dims = tl.arange(0, BLOCK_HALF)
         dmask = dims < HALF
-        c, s = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask)
+        c, s = cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask)
         heads = tl.arange(0, BLOCK_H)
         q_base, k_base = q_ptr + token * stride_qt, k_ptr + token * stride_kt
         _rotate_heads(q_base, heads, dims, dmask, stride_qh, c, s, q_base, 0.0, NUM_Q_HEADS, HALF, False)
@@ -115,7 +115,7 @@ if HAS_TRITON:
         token = tl.program_id(0).to(tl.int64)
         dims = tl.arange(0, BLOCK_HALF)
         dmask = dims < HALF
-        c, s = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask)
+        c, s = cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, dims, dmask)
         heads = tl.arange(0, BLOCK_H)
         q_base = q_ptr + token * stride_qt
         _rotate_heads(q_base, heads, dims, dmask, stride_qh, c, s, qw_ptr, eps, NUM_Q_HEADS, HALF, NORM)

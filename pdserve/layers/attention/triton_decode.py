@@ -24,10 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.layers.attention.triton_new_token import NewToken, cos_sin, roped, store_and_attend
+from pdserve.layers.attention.triton_new_token import NewToken, kernel_args, roped, store_and_attend
 from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow2
 from pdserve.layers.pdl import launch_options, wait_prior
 from pdserve.layers.sm_count import num_sms
+from pdserve.layers.triton_rotary import cos_sin
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
@@ -52,10 +53,7 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    seq_len, start, end = _partition(seq_lens_ptr, seq, split, num_splits, BLOCK_N)
 
     rows = tl.arange(0, BLOCK_G)
     heads = kv_head * QUERY_GROUP + rows  # [BLOCK_G]: the query heads sharing this kv head
@@ -65,7 +63,7 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     io_mask = row_mask[:, None] & dim_mask[None, :]
     q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :]
     if NEW_TOKEN:  # q (normalized,) rotated here; the new token's key comes from registers below
-        c, s = cos_sin(pos_ptr, cos_ptr, sin_ptr, seq, stride_table, dims, dim_mask, HALF)
+        c, s = cos_sin(pos_ptr, cos_ptr, sin_ptr, seq, stride_table, dims % HALF, dim_mask)  # [BLOCK_D]
         q = roped(q_ptrs, io_mask, dims, c, s, qw_ptr, eps, HALF, NORM).to(q_ptr.dtype.element_ty)
         cached_end = tl.minimum(end, seq_len - 1)
     else:
@@ -91,7 +89,27 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
             seq, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, c, s, dims, dim_mask, holds,
             acc, m_i, l_i, scale_log2, BLOCK_SIZE, HALF, NORM,
         )  # fmt: skip
+    _write_partition(
+        acc, m_i, l_i, out_ptr, part_out_ptr, part_lse_ptr, seq, heads, split, dims, row_mask, io_mask,
+        stride_ot, stride_oh, stride_pb, stride_ph, stride_ps, SINGLE_SPLIT,
+    )  # fmt: skip
 
+
+@triton.jit
+def _partition(seq_lens_ptr, seq, split, num_splits, BLOCK_N: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The sequence's length and this partition's [start, end) of it: whole tiles, split evenly."""
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    return seq_len, start, tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+
+@triton.jit
+def _write_partition(  # type: ignore[no-untyped-def]
+    acc, m_i, l_i, out_ptr, part_out_ptr, part_lse_ptr, seq, heads, split, dims, row_mask, io_mask,
+    stride_ot, stride_oh, stride_pb, stride_ph, stride_ps, SINGLE_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """A partition's normalized output (the output itself with one partition) and its log-sum-exp."""
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if SINGLE_SPLIT:
@@ -188,7 +206,7 @@ def paged_decode(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *kv_cache.stride()[:4], block_tables.stride(0),
         num_heads * num_splits * head_dim, num_splits * head_dim, head_dim,
-        *(new_token.kernel_args(q) if new_token else [q] * 8 + [0.0] + [0] * 5),
+        *kernel_args(new_token, q),
         QUERY_GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=kv_cache.shape[2], SINGLE_SPLIT=num_splits == 1, DOT_PRECISION=dot_precision(fp32),
         NEW_TOKEN=new_token is not None, HALF=head_dim // 2, NORM=bool(new_token and new_token.norms),

@@ -47,13 +47,11 @@ class NewToken:
                 k.stride(0), k.stride(1), v.stride(0), v.stride(1), self.cos.stride(0)]  # fmt: skip
 
 
-@triton.jit
-def cos_sin(pos_ptr, cos_ptr, sin_ptr, seq, stride_table, dims, dim_mask, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
-    """The sequence's cos/sin at every dim [BLOCK_D] (dim d uses entry d mod HALF), in fp32."""
-    pos = tl.load(pos_ptr + seq).to(tl.int64)
-    at = pos * stride_table + dims % HALF
-    c = tl.load(cos_ptr + at, mask=dim_mask, other=0.0).to(tl.float32)
-    return c, tl.load(sin_ptr + at, mask=dim_mask, other=0.0).to(tl.float32)
+def kernel_args(new_token: NewToken | None, q: torch.Tensor) -> list[object]:
+    """The split kernel's new-token arguments; without a new token, unused stand-ins in their places."""
+    if new_token is not None:
+        return new_token.kernel_args(q)
+    return [*[q] * 8, 0.0, *[0] * 5]
 
 
 @triton.jit
@@ -89,16 +87,16 @@ def store_and_attend(  # type: ignore[no-untyped-def]
     k_ptrs = k_ptr + seq * stride_kt + kv_head * stride_kh + dims
     k = roped(k_ptrs, k_mask, dims, c, s, kw_ptr, eps, HALF, NORM).to(cache_ptr.dtype.element_ty)
     v = tl.load(v_ptr + seq * stride_vt + kv_head * stride_vh + dims, mask=k_mask, other=0.0)
+    v = v.to(cache_ptr.dtype.element_ty)  # as the cache holds it
     slot = tl.load(slot_ptr + seq).to(tl.int64)
     dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + head_offset + dims
     tl.store(dst, k, mask=k_mask & (slot >= 0))
-    tl.store(dst + stride_kv, v.to(cache_ptr.dtype.element_ty), mask=k_mask & (slot >= 0))
+    tl.store(dst + stride_kv, v, mask=k_mask & (slot >= 0))
     score = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale_log2  # [BLOCK_G]
     score = tl.where(holds, score, float("-inf"))
     m_new = tl.maximum(m_i, score)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(score - m_safe)
     alpha = tl.exp2(m_i - m_safe)
-    v32 = v.to(cache_ptr.dtype.element_ty).to(tl.float32)
-    acc = acc * alpha[:, None] + p.to(cache_ptr.dtype.element_ty).to(tl.float32)[:, None] * v32[None, :]
+    acc = acc * alpha[:, None] + p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
     return acc, m_new, l_i * alpha + p
