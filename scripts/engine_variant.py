@@ -25,8 +25,8 @@ nosplit (plan(), without down_proj as K-split partial sums reduced by the next a
 layers/split_k.py: cuBLAS's split-K GEMM and its reduce launch, as before the eleventh session),
 pdlall (plan(), with programmatic dependent launch at every row count, as before the eleventh
 session's pdl.ATTENTION_MAX_ROWS), pdl64 (plan(), PDL up to 64 rows for every kernel),
-decoderotary (plan(), decode-only steps without the rotary + cache-write launch: the decode kernel
-rotates, stores and attends the new token, attention/triton_new_token.py, opt-in until measured).
+nodecoderotary (plan(), decode-only steps with the rotary + cache-write launch before decode
+attention, as before the twelfth session took attention/triton_new_token.py by default).
 Llama-3.1-8B's gated tile at 33-64 rows (taken in the tenth session) is A/B'd by nogated: that shape
 has no other gated rows. One process per variant, so an A/B inside one device call compares the same machine.
 """
@@ -43,7 +43,7 @@ from pdserve.layers import linear, pdl, split_k, triton_sampler, triton_skinny
 from pdserve.layers.attention import triton_backend, triton_new_token
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
-VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown", "nosplit", "pdlall", "pdl64", "decoderotary"}
+VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown", "nosplit", "pdlall", "pdl64", "nodecoderotary"}
 
 
 def route_cublas_rows(form: Any, low: int = 33, high: int = 128, down_only: bool = False) -> None:
@@ -110,8 +110,8 @@ def main() -> None:
         pdl.MAX_ROWS = pdl.ATTENTION_MAX_ROWS = None
     if variant == "pdl64":
         pdl.MAX_ROWS = pdl.ATTENTION_MAX_ROWS = 64
-    if variant == "decoderotary":
-        triton_new_token.ENABLED = True
+    if variant == "nodecoderotary":
+        triton_new_token.ENABLED = False
     if variant == "nosplit":
         split_k.ENABLED = False
     if variant == "unfusedqk":

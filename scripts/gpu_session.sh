@@ -20,9 +20,9 @@
 #   bash scripts/gpu_session.sh splitk     # one H200 (~7 min): down_proj as partial sums reduced in the norm
 #                                           (layers/split_k.py): its GPU tests, the microbenchmark at
 #                                           72-256 rows, then the engine A/B (ab nosplit) for 7B at 128
-#   bash scripts/gpu_session.sh newtoken   # one H200 (~5 min): the decode kernel taking the rotary launch
-#                                           (attention/triton_new_token.py, opt-in): its GPU tests, then
-#                                           ab decoderotary on 7B and Qwen3-8B at B=1,32,128
+#   bash scripts/gpu_session.sh newtoken   # one H200 (~3 min): the decode kernel taking the rotary launch
+#                                           (attention/triton_new_token.py, the default): its GPU tests, then
+#                                           ab nodecoderotary on 7B and Qwen3-8B at B=1,32,128
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -92,7 +92,7 @@ splitk)
 newtoken)
   python3 -m pytest -q tests/kernels/test_triton_attention.py tests/engine/test_architectures.py \
     -k "new_token or fused_decode or rotary_launch" 2>&1 | tail -5 | tee "$OUT/newtoken_tests.log"
-  GPU_SESSION_NESTED=1 bash "$0" ab decoderotary qwen2.5-7b,qwen3-8b "${2:-1,32,128}"
+  GPU_SESSION_NESTED=1 bash "$0" ab nodecoderotary qwen2.5-7b,qwen3-8b "${2:-1,32,128}"
   ;;
 next)  # one H200, ~6 min: the engine table and sampler paths, then the decode-attention sweep at B=32
   GPU_SESSION_NESTED=1 bash "$0" engine

@@ -117,14 +117,15 @@ def test_down_projections_as_partial_sums(model_dir, prompts, reference, device,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
-def test_decode_kernel_taking_the_rotary_launch_equals_transformers(model_dir, prompts, eager, monkeypatch):
-    """PDSERVE_DECODE_ROTARY=1 (triton_new_token): decode steps rotate, store and attend the new token
-    inside the decode kernel (Qwen3's q/k norms too), float32 on CUDA: transformers' greedy tokens."""
+def test_decode_steps_with_the_rotary_launch_equal_transformers(model_dir, prompts, eager, monkeypatch):
+    """PDSERVE_DECODE_ROTARY=0: decode-only steps keep the rotary + cache-write launch before decode
+    attention (the default, triton_new_token, is what every other CUDA test here runs), float32 on
+    CUDA: transformers' greedy tokens."""
     from pdserve import LLM
     from pdserve.layers.attention import triton_new_token
 
     ref = _reference(model_dir, prompts, "cuda")
-    monkeypatch.setattr(triton_new_token, "ENABLED", True)
+    monkeypatch.setattr(triton_new_token, "ENABLED", False)
     llm = LLM(model_dir, device="cuda", dtype="float32", num_blocks=256, block_size=16, enforce_eager=eager)
     try:
         assert _greedy(llm, prompts) == ref

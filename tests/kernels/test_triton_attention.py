@@ -309,7 +309,7 @@ def test_decode_kernel_rotates_stores_and_attends_the_new_token(
 def test_backend_takes_the_fused_decode_for_decode_only_steps(
     norm: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PDSERVE_DECODE_ROTARY=1: forward_rotary on a decode-only step (with CUDA-graph padding rows:
+    """triton_new_token (the default): forward_rotary on a decode-only step (with CUDA-graph padding rows:
     length 0, slot -1) skips the rotary launch and gives what the two-launch path gives; a step with
     a prefill keeps the rotary launch."""
     from pdserve.layers.attention import triton_backend, triton_new_token
@@ -324,6 +324,7 @@ def test_backend_takes_the_fused_decode_for_decode_only_steps(
     q, k, v = (torch.cat([x, torch.randn_like(x[:1])]) for x in (batch.q, batch.k, batch.v))
     positions = torch.tensor([36, 11, 0, 0], device=DEVICE)
     backend = TritonAttentionBackend(8, 2, 64, 0.125)
+    monkeypatch.setattr(triton_new_token, "ENABLED", False)  # PDSERVE_DECODE_ROTARY=0: the two launches
     ref_cache = batch.kv_cache.clone()
     ref = backend.forward_rotary(rope, positions, q.clone(), k, v, ref_cache, meta, norms)
     calls: list[int] = []

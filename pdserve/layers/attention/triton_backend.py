@@ -3,9 +3,9 @@
 One step is at most three launches per layer (plus a reduce when decode splits): rotary (after
 Qwen3's q/k norms) fused with storing this step's K/V by slot (layers/triton_rotary.py), decode the
 first `num_decodes` sequences, prefill the rest. Both attention kernels read this step's K/V from
-the cache, so k is never needed rotated in place. With PDSERVE_DECODE_ROTARY=1 a decode-only step
-skips the rotary launch: the decode kernel rotates, stores and attends the new token itself
-(triton_new_token.py). Importing this module never fails: without
+the cache, so k is never needed rotated in place. A decode-only step skips the rotary launch: the
+decode kernel rotates, stores and attends the new token itself (triton_new_token.py;
+PDSERVE_DECODE_ROTARY=0 keeps the launch). Importing this module never fails: without
 triton, `TRITON_AVAILABLE` is False and constructing the backend raises.
 """
 
