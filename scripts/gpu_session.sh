@@ -94,6 +94,16 @@ newtoken)
     -k "new_token or fused_decode or rotary_launch" 2>&1 | tail -5 | tee "$OUT/newtoken_tests.log"
   GPU_SESSION_NESTED=1 bash "$0" ab nodecoderotary qwen2.5-7b,qwen3-8b "${2:-1,32,128}"
   ;;
+profile)  # one H200, ~4 min: own kernel times (PDL off) of decode at B=128, 32B with and without the
+  # rotary launch in the decode kernel (PDSERVE_DECODE_ROTARY), then 7B with it
+  for run in "qwen2.5-32b 1" "qwen2.5-32b 0" "qwen2.5-7b 1"; do
+    set -- $run
+    PDSERVE_DECODE_ROTARY=$2 timeout 150 python3 scripts/engine_variant.py nopdl --shapes "$1" --no-prefill \
+      --batches 128 --profile "$OUT/profile-$1-b128-nopdl-rotary$2.txt" --output "$OUT/profile-$1-$2.json" \
+      >>"$OUT/profile.log" 2>&1
+  done
+  grep -E "decode b|Error" "$OUT/profile.log"
+  ;;
 next)  # one H200, ~6 min: the engine table and sampler paths, then the decode-attention sweep at B=32
   GPU_SESSION_NESTED=1 bash "$0" engine
   GPU_SESSION_NESTED=1 bash "$0" sweep 32
