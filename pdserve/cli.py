@@ -1,4 +1,5 @@
-"""The `pdserve` command: `serve` one instance, `prepare` the model (router, up, bench come later).
+"""The `pdserve` command: `serve` one instance, `prepare` the model; `router`, `up` and `bench` are
+added from their own modules.
 
 Every option has a default, so a bare `pdserve serve` serves the default model on 127.0.0.1:8000.
 Heavy imports (torch, transformers, the server) happen inside the subcommand that needs them.
@@ -21,6 +22,7 @@ from pdserve.config import (
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    default_max_num_seqs,
 )
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -61,7 +63,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="auto: a request's omitted temperature/top_p/top_k/min_p/repetition_penalty take the model's "
         "generation_config.json values; none: OpenAI's defaults",
     )
-    s.add_argument("--max-num-seqs", type=_positive, default=64)
+    s.add_argument(
+        "--max-num-seqs",
+        type=_positive,
+        default=None,
+        help="sequences in one step (default: 256 on CUDA, 64 on CPU)",
+    )
     s.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
     s.add_argument("--max-waiting", type=_positive, default=512, help="waiting-queue bound; beyond it: 503")
     s.add_argument(
@@ -191,7 +198,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         enable_prefix_caching=not args.no_prefix_caching,
     )
     scheduler = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs,
+        max_num_seqs=args.max_num_seqs or default_max_num_seqs(model.device),
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting=args.max_waiting,
         overlap_outputs=False if args.no_overlap_outputs else None,

@@ -104,6 +104,39 @@ profile)  # one H200, ~4 min: own kernel times (PDL off) of decode at B=128, 32B
   done
   grep -E "decode b|Error" "$OUT/profile.log"
   ;;
+maxseqs)  # one H200, ~5 min: the CUDA default of 256 sequences a step (config.default_max_num_seqs): the
+  # engine's GPU tests (graphs captured up to 256), 7B steps at B=64..256, a 7B server's start-up time
+  if [ "${2:-}" != serve ]; then  # maxseqs serve: the start-up only
+    timeout 200 python3 -m pytest -q -m gpu tests/engine -x 2>&1 | tail -3 | tee "$OUT/maxseqs_tests.log"
+    timeout 150 python3 benchmarks/gpu_engine.py --shapes qwen2.5-7b --batches 64,128,192,256 --no-prefill \
+      --output "$OUT/gpu_engine_256.json" 2>&1 | grep -E "decode b|Error"
+  fi
+  start=$EPOCHREALTIME
+  timeout 200 python3 -m pdserve.cli serve --model qwen2.5-7b --load-format dummy --device cuda --port 8011 \
+    --tokenizer .whl/tokenizer >"$OUT/serve_256.log" 2>&1 &
+  health="import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health', timeout=2)"
+  until python3 -c "$health" 2>/dev/null; do sleep 0.5; kill -0 $! 2>/dev/null || break; done
+  python3 -c "print('7B server healthy after %.1f s' % ($EPOCHREALTIME - $start))"
+  grep -E "captured|blocks|Error" "$OUT/serve_256.log" | cut -c1-300
+  kill $! 2>/dev/null
+  wait
+  ;;
+seqsbench)  # one H200, ~2 min: a 7B server (dummy weights) at --max-num-seqs 64 and at the CUDA default
+  # (256), 512 requests of 256 + 256 tokens sent at once: output tokens a second through HTTP
+  health="import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health', timeout=2)"
+  for seqs in 64 256; do
+    timeout 200 python3 -m pdserve.cli serve --model qwen2.5-7b --load-format dummy --device cuda --port 8011 \
+      --tokenizer .whl/tokenizer --max-num-seqs "$seqs" >"$OUT/serve_$seqs.log" 2>&1 &
+    until python3 -c "$health" 2>/dev/null; do sleep 0.5; kill -0 $! 2>/dev/null || break; done
+    timeout 150 python3 -m pdserve.cli bench serve --base-url http://127.0.0.1:8011 --tokenizer .whl/tokenizer \
+      --input-len 256 --output-len 256 --ignore-eos --num-prompts 512 --disable-tqdm --label "seqs$seqs" \
+      --output "$OUT/bench_seqs$seqs.json" >"$OUT/bench_seqs$seqs.log" 2>&1
+    echo "== max-num-seqs $seqs"
+    grep -iE "throughput|ttft|tpot|error" "$OUT/bench_seqs$seqs.log" | head -8
+    kill $! 2>/dev/null
+    wait
+  done
+  ;;
 next)  # one H200, ~6 min: the engine table and sampler paths, then the decode-attention sweep at B=32
   GPU_SESSION_NESTED=1 bash "$0" engine
   GPU_SESSION_NESTED=1 bash "$0" sweep 32

@@ -11,7 +11,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pdserve.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.config import (
+    CacheConfig,
+    DisaggConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    default_max_num_seqs,
+)
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Logprob
 from pdserve.engine.sampling import SamplingParams
@@ -58,7 +65,7 @@ class LLM:
         dtype: str = "auto",
         block_size: int = 16,
         num_blocks: int | None = None,
-        max_num_seqs: int = 64,
+        max_num_seqs: int | None = None,  # None: 256 on CUDA, 64 on CPU (config.default_max_num_seqs)
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
@@ -92,7 +99,7 @@ class LLM:
                 block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
+                max_num_seqs=max_num_seqs or default_max_num_seqs(device),
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_waiting=1 << 30,
                 overlap_outputs=overlap_outputs,

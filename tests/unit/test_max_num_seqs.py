@@ -1,0 +1,18 @@
+"""Sequences one step may hold when the user does not say: by device (config.default_max_num_seqs)."""
+
+from __future__ import annotations
+
+from pdserve.cli import build_parser, server_config
+from pdserve.config import default_max_num_seqs
+
+
+def _max_num_seqs(*args: str) -> int:
+    return server_config(build_parser().parse_args(["serve", *args])).engine.scheduler.max_num_seqs
+
+
+def test_serve_defaults_by_device_and_takes_what_is_given() -> None:
+    assert _max_num_seqs("--device", "cpu") == 64
+    assert _max_num_seqs("--device", "cuda") == 256
+    assert default_max_num_seqs("cuda:1") == 256  # LLM(device="cuda:1")
+    assert _max_num_seqs("--device", "cuda", "--max-num-seqs", "8") == 8
+    assert _max_num_seqs("--device", "cpu", "--max-num-seqs", "300") == 300
