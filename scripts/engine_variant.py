@@ -26,7 +26,10 @@ layers/split_k.py: cuBLAS's split-K GEMM and its reduce launch, as before the el
 pdlall (plan(), with programmatic dependent launch at every row count, as before the eleventh
 session's pdl.ATTENTION_MAX_ROWS), pdl64 (plan(), PDL up to 64 rows for every kernel),
 nodecoderotary (plan(), decode-only steps with the rotary + cache-write launch before decode
-attention, as before the twelfth session took attention/triton_new_token.py by default).
+attention, as before the twelfth session took attention/triton_new_token.py by default),
+swapped256 and lt256 (plan(), and what it leaves to F.linear at 129-256 rows of x as the swapped
+product or on cuBLASLt: the twelfth session's profile had cuBLAS's gate_up at 192 rows at 2.9 TB/s
+against 3.8 at 128).
 Llama-3.1-8B's gated tile at 33-64 rows (taken in the tenth session) is A/B'd by nogated: that shape
 has no other gated rows. One process per variant, so an A/B inside one device call compares the same machine.
 """
@@ -44,6 +47,7 @@ from pdserve.layers.attention import triton_backend, triton_new_token
 
 VARIANTS = {"off", "all", "plan", "narrow", "rows16", "unfused", "cublaslt", "nopdl", "chunks2", "nogated"}
 VARIANTS |= {"swapped", "gated32", "unfusedqk", "ltdown", "nosplit", "pdlall", "pdl64", "nodecoderotary"}
+VARIANTS |= {"swapped256", "lt256"}
 
 
 def route_cublas_rows(form: Any, low: int = 33, high: int = 128, down_only: bool = False) -> None:
@@ -101,6 +105,10 @@ def main() -> None:
         triton_skinny.GATED_ROWS_ON = False
     if variant == "swapped":
         route_cublas_rows(swapped)
+    if variant == "swapped256":
+        route_cublas_rows(swapped, 129, 256)
+    if variant == "lt256":
+        route_cublas_rows(on_cublaslt, 129, 256)
     if variant == "gated32":
         for shape in [(55296, 5120), (51200, 5120)]:
             triton_skinny.GATED_TILES[shape] = ((32, None), *triton_skinny.GATED_TILES[shape][1:])
