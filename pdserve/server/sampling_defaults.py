@@ -22,15 +22,16 @@ from pdserve.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 SOURCES = ("auto", "none")
+_OPENAI = SamplingParams()  # OpenAI's defaults are SamplingParams' own: written once, there
 
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    temperature: float = _OPENAI.temperature
+    top_p: float = _OPENAI.top_p
+    top_k: int = _OPENAI.top_k  # off
+    min_p: float = _OPENAI.min_p
+    repetition_penalty: float = _OPENAI.repetition_penalty
 
     def changed(self) -> dict[str, Any]:
         """The fields that differ from OpenAI's defaults."""
