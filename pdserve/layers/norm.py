@@ -33,16 +33,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor | Partials, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the pre-norm block's two outputs."""
-        if isinstance(x, Partials):
-            if residual.is_cuda and x.shape == residual.shape and x.dtype == residual.dtype:
-                from pdserve.layers import triton_fused
-
-                if triton_fused.HAS_TRITON and x.shape[-1] <= triton_fused.MAX_NORM_COLS:
-                    return triton_fused.triton_add_partials_rms_norm(x.parts, residual, self.weight, self.eps)
-            x = x.total()
-        if x.is_cuda:
+        if residual.is_cuda:
             from pdserve.layers import triton_fused
 
             return triton_fused.add_rms_norm(x, residual, self.weight, self.eps)
+        x = x.total() if isinstance(x, Partials) else x
         residual = x + residual
         return rms_norm_torch(residual, self.weight, self.eps), residual

@@ -4,10 +4,10 @@ Each kernel reads its inputs once and writes its outputs once, and rounds where 
 norm.py / activation.py rounds (fp32 math; the sum, the normalized value and the SiLU rounded to the
 input dtype), so CUDA results match the torch ones up to the order of a row's sum.
 
-`rms_norm`, `add_rms_norm` and `silu_and_mul` are the dispatch: Triton for CUDA tensors when triton is
-installed, the torch code otherwise. norm.py and activation.py import this module only for CUDA
-tensors, so a CPU process never imports triton (and TRITON_INTERPRET, read when the kernels are
-defined, can still be set first by a test).
+`rms_norm`, `add_rms_norm` (x a tensor or a split_k.Partials) and `silu_and_mul` are the dispatch:
+Triton for CUDA tensors when triton is installed, the torch code otherwise. norm.py and
+activation.py import this module only for CUDA tensors, so a CPU process never imports triton (and
+TRITON_INTERPRET, read when the kernels are defined, can still be set first by a test).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from pdserve.layers.activation import silu_and_mul_torch
 from pdserve.layers.norm import rms_norm_torch
 from pdserve.layers.pdl import launch_options
+from pdserve.layers.split_k import Partials
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 MAX_NORM_COLS = 65536  # one row per program, loaded whole
@@ -178,12 +179,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | Partials, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual), x + residual)."""
+    """(norm(x + residual), x + residual); a split_k.Partials x is summed inside the norm kernel."""
     fusable = x.shape == residual.shape and x.dtype == residual.dtype and x.shape[-1] <= MAX_NORM_COLS
-    if _use_triton(x) and fusable:
+    if _use_triton(residual) and fusable:
+        if isinstance(x, Partials):
+            return triton_add_partials_rms_norm(x.parts, residual, weight, eps)
         return triton_add_rms_norm(x, residual, weight, eps)
+    x = x.total() if isinstance(x, Partials) else x
     residual = x + residual
     return rms_norm_torch(residual, weight, eps), residual
 
