@@ -10,8 +10,9 @@ it back (no program reads a position another program of the same launch writes).
 triton_rotary's: the same fp32 products, q and k rounded where that kernel rounds them.
 
 On by default (triton_backend takes it on every decode-only step); PDSERVE_DECODE_ROTARY=0 keeps the
-rotary launch. The twelfth session's engine A/B on one H200 (docs/performance.md): 7B B=128 -0.12 ms,
-Qwen3-8B -0.3, Llama-3.1-8B -0.35, 32B -0.85 a step; nothing slower at B=1 or 32.
+rotary launch. The twelfth session's engine A/B on one H200 (docs/performance.md), B=128, 1k context:
+7B -0.12 ms, Qwen3-8B -0.3, Llama-3.1-8B -0.35, 32B -0.85 a step, nothing slower at B=1 or 32; at that
+context the old kernel also ran a whole tile for the one new token; at context 1000: 7B -0.08, 32B -0.3.
 This module imports triton unconditionally: import it only where triton is installed.
 """
 
