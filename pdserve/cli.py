@@ -198,7 +198,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         enable_prefix_caching=not args.no_prefix_caching,
     )
     scheduler = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs or default_max_num_seqs(model.device),
+        max_num_seqs=default_max_num_seqs(model.device, args.max_num_seqs),
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting=args.max_waiting,
         overlap_outputs=False if args.no_overlap_outputs else None,

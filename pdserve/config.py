@@ -53,8 +53,10 @@ CPU_MAX_NUM_SEQS = 64
 CUDA_MAX_NUM_SEQS = 256
 
 
-def default_max_num_seqs(device: str) -> int:
-    """Sequences in one step when the user does not say: CUDA_MAX_NUM_SEQS on a GPU, else 64."""
+def default_max_num_seqs(device: str, given: int | None = None) -> int:
+    """Sequences in one step: `given`, or when the user does not say, CUDA_MAX_NUM_SEQS on a GPU, else 64."""
+    if given is not None:
+        return given
     return CUDA_MAX_NUM_SEQS if device.startswith("cuda") else CPU_MAX_NUM_SEQS
 
 

@@ -99,7 +99,7 @@ class LLM:
                 block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs or default_max_num_seqs(device),
+                max_num_seqs=default_max_num_seqs(device, max_num_seqs),
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_waiting=1 << 30,
                 overlap_outputs=overlap_outputs,

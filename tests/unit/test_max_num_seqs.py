@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pdserve.cli import build_parser, server_config
 from pdserve.config import default_max_num_seqs
 
@@ -16,3 +18,10 @@ def test_serve_defaults_by_device_and_takes_what_is_given() -> None:
     assert default_max_num_seqs("cuda:1") == 256  # LLM(device="cuda:1")
     assert _max_num_seqs("--device", "cuda", "--max-num-seqs", "8") == 8
     assert _max_num_seqs("--device", "cpu", "--max-num-seqs", "300") == 300
+
+
+def test_an_explicit_zero_is_refused_not_taken_for_the_default() -> None:
+    from pdserve import LLM
+
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(max_num_seqs=0)  # the config refuses it before any model is loaded
