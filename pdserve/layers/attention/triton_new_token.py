@@ -85,7 +85,8 @@ def store_and_attend(  # type: ignore[no-untyped-def]
 ):  # fmt: skip
     """With `holds` (this program's partition ends at the new token): the token's k (normalized,)
     rotated and its v written to the cache at its slot, and its key folded into (acc, m_i, l_i) as
-    online_softmax_step folds a tile; without, the running state unchanged."""
+    online_softmax_step folds a tile; without, the running state unchanged. The fold is written out for
+    one key: sharing triton_tile's as a [BLOCK_G, 1] tile compiled to 148 registers instead of 116."""
     k_mask = dim_mask & holds
     k_ptrs = k_ptr + seq * stride_kt + kv_head * stride_kh + dims
     k = roped(k_ptrs, k_mask, dims, c, s, kw_ptr, eps, HALF, NORM).to(cache_ptr.dtype.element_ty)
