@@ -36,6 +36,16 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpus.csv" 2>&1
 
+serve_7b() {  # LOG [SERVE OPTIONS...]: a Qwen2.5-7B server (dummy weights) on port 8011, in the
+  # background as $server; returns once it answers /health (or has exited)
+  local log=$1 health="import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health', timeout=2)"
+  shift
+  timeout 200 python3 -m pdserve.cli serve --model qwen2.5-7b --load-format dummy --device cuda --port 8011 \
+    --tokenizer .whl/tokenizer "$@" >"$log" 2>&1 &
+  server=$!
+  until python3 -c "$health" 2>/dev/null; do sleep 0.5; kill -0 "$server" 2>/dev/null || break; done
+}
+
 case "${1:-tests}" in
 tests)
   timeout 540 make test-gpu GPU_PYTHON=python3 >"$OUT/test_gpu.log" 2>&1
@@ -112,28 +122,22 @@ maxseqs)  # one H200, ~5 min: the CUDA default of 256 sequences a step (config.d
       --output "$OUT/gpu_engine_256.json" 2>&1 | grep -E "decode b|Error"
   fi
   start=$EPOCHREALTIME
-  timeout 200 python3 -m pdserve.cli serve --model qwen2.5-7b --load-format dummy --device cuda --port 8011 \
-    --tokenizer .whl/tokenizer >"$OUT/serve_256.log" 2>&1 &
-  health="import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health', timeout=2)"
-  until python3 -c "$health" 2>/dev/null; do sleep 0.5; kill -0 $! 2>/dev/null || break; done
+  serve_7b "$OUT/serve_256.log"
   python3 -c "print('7B server healthy after %.1f s' % ($EPOCHREALTIME - $start))"
   grep -E "captured|blocks|Error" "$OUT/serve_256.log" | cut -c1-300
-  kill $! 2>/dev/null
+  kill "$server" 2>/dev/null
   wait
   ;;
 seqsbench)  # one H200, ~2 min: a 7B server (dummy weights) at --max-num-seqs 64 and at the CUDA default
   # (256), 512 requests of 256 + 256 tokens sent at once: output tokens a second through HTTP
-  health="import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health', timeout=2)"
   for seqs in 64 256; do
-    timeout 200 python3 -m pdserve.cli serve --model qwen2.5-7b --load-format dummy --device cuda --port 8011 \
-      --tokenizer .whl/tokenizer --max-num-seqs "$seqs" >"$OUT/serve_$seqs.log" 2>&1 &
-    until python3 -c "$health" 2>/dev/null; do sleep 0.5; kill -0 $! 2>/dev/null || break; done
+    serve_7b "$OUT/serve_$seqs.log" --max-num-seqs "$seqs"
     timeout 150 python3 -m pdserve.cli bench serve --base-url http://127.0.0.1:8011 --tokenizer .whl/tokenizer \
       --input-len 256 --output-len 256 --ignore-eos --num-prompts 512 --disable-tqdm --label "seqs$seqs" \
       --output "$OUT/bench_seqs$seqs.json" >"$OUT/bench_seqs$seqs.log" 2>&1
     echo "== max-num-seqs $seqs"
     grep -iE "throughput|ttft|tpot|error" "$OUT/bench_seqs$seqs.log" | head -8
-    kill $! 2>/dev/null
+    kill "$server" 2>/dev/null
     wait
   done
   ;;
