@@ -75,8 +75,7 @@ class TritonAttentionBackend(AttentionBackend):
         norms = None if qk_norm is None else (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps)
         if triton_new_token.ENABLED and meta.num_decodes == meta.num_seqs == q.shape[0]:  # decodes only
             out = torch.empty_like(q)
-            cos, sin = rotary.cos, rotary.sin
-            new = triton_new_token.NewToken(k, v, positions, cos, sin, meta.slot_mapping, norms)
+            new = triton_new_token.NewToken(k, v, positions, rotary.cos, rotary.sin, meta.slot_mapping, norms)
             self._decode(q, kv_cache, meta, out, new)
             return out
         rotary_store_kv(positions, q, k, v, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping, norms)
