@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pdserve.kernels.config import KernelConfig
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -125,6 +127,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
     @property
     def moves_sharded_kv(self) -> bool:
