@@ -6,8 +6,8 @@ connection. An instance that is down stays polled, so a restarted process on the
 
 Load, as the policies see it, is the instance's latest report plus what the router sent it since that
 report was requested (so a burst between two polls spreads out instead of landing on one instance). An
-instance without /pd/info (an older `pdserve serve`) reports nothing: there the router's own in-flight
-count is its load.
+instance that does not answer /pd/info reports nothing: there the router's own in-flight count is its
+load.
 """
 
 from __future__ import annotations
