@@ -50,8 +50,8 @@ class CacheConfig:
 
 
 CPU_MAX_NUM_SEQS = 64
-# a decode step reads the weights once for every row: on an H200, Qwen2.5-7B's step takes 5.5 ms at
-# 64 rows and 6.3 ms at 128 (docs/performance.md), so a deeper batch nearly doubles tokens a second
+# a decode step reads the weights once for all its rows, so on a GPU twice the rows cost little more
+# time and nearly double the tokens a second (figures in docs/performance.md)
 CUDA_MAX_NUM_SEQS = 256
 
 
@@ -99,8 +99,8 @@ class DisaggConfig:
     kv_transfer_timeout: float = 120.0
     peer_timeout: float = 5.0
     # prefill: send a prompt's KV layer by layer while the step computes (cuda_ipc peers only;
-    # disagg/layer_stream.py). Off: slower on 2x H200, in one process and across two (32B, 1100
-    # tokens: +7.6 ms TTFT vs +3.1 ms for the whole-request copy; docs/performance.md)
+    # disagg/layer_stream.py). Off by default: it adds more to TTFT than copying the whole request's
+    # KV once the step is done (figures in docs/performance.md)
     stream_layers: bool = False
 
     def __post_init__(self) -> None:

@@ -33,13 +33,14 @@ from typing import IO, Any
 import httpx
 
 from pdserve.cli_types import int_at_least
+from pdserve.options import MODEL_HELP, OPTIONS, Option
 from pdserve.placement import instance_envs, option_value
 from pdserve.router.cli_commands import API_KEY_ENV, LOG_LEVELS, add_routing_options
 
 PR_SET_PDEATHSIG = 1
 GRACE_SECONDS = 10.0
-# serve options that `up` sets itself for each instance
-_OWN_SERVE_OPTIONS = {"--host", "--port", "--model", "--api-key", "--role", "--kv-port", "--log-level", "-h"}
+# serve options that `up` sets itself for each instance (or, --model, --api-key: once, for all)
+_OWN_SERVE_OPTIONS = {"host", "port", "model", "api_key", "role", "kv_port"}
 
 
 class LaunchError(Exception):
@@ -311,7 +312,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 class _PassThrough(argparse.Action):
-    """Collects a `serve` option, as text, into `serve_args` for every instance."""
+    """Collects a `serve` option, as given, into `serve_args` for every instance."""
 
     def __call__(
         self,
@@ -324,32 +325,38 @@ class _PassThrough(argparse.Action):
         namespace.serve_args = [*(namespace.serve_args or []), str(option_string), *map(str, given)]
 
 
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], str]:
+    """An argparse type that refuses what `parse` refuses here, and passes the text on as it was given."""
+
+    def check(text: str) -> str:
+        parse(text)
+        return text
+
+    return check
+
+
 def _add_serve_passthrough(up: argparse.ArgumentParser) -> None:
     """Offer every `pdserve serve` option (but those `up` sets itself), passed through to each instance."""
-    try:
-        from pdserve.cli import _add_serve
-    except ImportError:
-        return
-    serve = argparse.ArgumentParser(add_help=False).add_subparsers()
-    _add_serve(serve)
     group = up.add_argument_group("passed to each instance (see pdserve serve --help)")
-    for action in serve.choices["serve"]._actions:
-        options = action.option_strings
-        if not options or set(options) & _OWN_SERVE_OPTIONS or set(options) & set(up._option_string_actions):
+    for option in OPTIONS:
+        if option.name in _OWN_SERVE_OPTIONS:
             continue
-        extra: dict[str, Any] = {"type": action.type} if action.type is not None else {}
-        if action.nargs != 0:
-            extra["metavar"] = action.metavar or options[-1].lstrip("-").upper().replace("-", "_")
+        extra: dict[str, Any] = {"nargs": 0} if option.flag else {"metavar": _metavar(option)}
+        if option.type is not None and not option.flag:
+            extra["type"] = _checked(option.type)
         group.add_argument(
-            *options,
+            *option.flags,
             action=_PassThrough,
             dest="serve_args",
             default=[],
-            help=action.help,
-            nargs=action.nargs,
-            choices=action.choices,
+            help=option.help,
+            choices=list(option.choices) if option.choices else None,
             **extra,
         )
+
+
+def _metavar(option: Option) -> str:
+    return option.metavar or option.flags[-1].lstrip("-").upper().replace("-", "_")
 
 
 _count = int_at_least(1)
@@ -368,11 +375,7 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> None:
         "--prefill-tp", type=_count, default=None, metavar="N", help="each prefill instance's --tp"
     )
     up.add_argument("--decode-tp", type=_count, default=None, metavar="N", help="each decode instance's --tp")
-    up.add_argument(
-        "--model",
-        default=None,
-        help="HF directory, .gguf file, or a shape in pdserve/model_configs (default: SmolLM2-135M-Instruct)",
-    )
+    up.add_argument("--model", default=None, help=MODEL_HELP)
     up.add_argument(
         "--gpus",
         default=None,

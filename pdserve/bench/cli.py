@@ -28,21 +28,11 @@ from pdserve.bench.dataset import BenchRequest, load_tokenizer, random_requests
 from pdserve.bench.metrics import SLO, error_summary, format_table, parse_slo, per_request, summarize
 from pdserve.bench.runner import run_requests
 from pdserve.bench.sweep import format_sweep, geometric_rates, parse_rates, prompts_for_rate, run_sweep
-from pdserve.cli_types import int_at_least
+from pdserve.cli_types import int_at_least, positive_float
 
 logger = logging.getLogger("pdserve.bench")
 _positive = int_at_least(1)
 _count = int_at_least(0)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
 
 
 def _slo(text: str) -> SLO:
@@ -58,7 +48,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
     serve = bench_sub.add_parser("serve", help="one load run: latency, throughput, goodput")
     _add_load_args(serve)
-    serve.add_argument("--request-rate", type=_positive_float, default=math.inf, help="req/s (Poisson); inf")
+    serve.add_argument("--request-rate", type=positive_float, default=math.inf, help="req/s (Poisson); inf")
     serve.set_defaults(func=_bench_serve)
     sweep = bench_sub.add_parser("sweep", help="load runs at increasing request rates, up to saturation")
     _add_load_args(sweep)
@@ -88,7 +78,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=_positive, default=None, help="requests in flight at most")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: every answer is output-len")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--request-timeout", type=_positive_float, default=600.0, help="seconds per request")
+    p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request")
     p.add_argument("--slo", type=_slo, default=SLO(), help="e.g. ttft=500,tpot=50 (ms; e2el too)")
     p.add_argument("--label", default=None, help="a name for this run in the JSON and the plots")
     p.add_argument("--output", default=None, help="write the result JSON here")
@@ -98,13 +88,13 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", default=None, help="comma-separated req/s, e.g. 0.5,1,2,4 (overrides the rest)")
-    p.add_argument("--rate-start", type=_positive_float, default=1.0)
+    p.add_argument("--rate-start", type=positive_float, default=1.0)
     p.add_argument("--rate-factor", type=float, default=2.0)
     p.add_argument("--max-rates", type=_positive, default=6)
     p.add_argument("--min-attainment", type=float, default=0.5, help="stop below this SLO attainment")
     p.add_argument(
         "--arrival-seconds",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="at least this long of arrivals per rate: num-prompts grows to rate x seconds where larger",
     )
@@ -284,9 +274,3 @@ def _bench_plot(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    from pdserve.cli import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -33,9 +33,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from pdserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from pdserve.config import CacheConfig, ModelConfig
 from pdserve.distributed.group import COLLECTIVE_TIMEOUT, TPGroup, keep_forever, rank_device
-from pdserve.distributed.messages import WorkerSpec
+from pdserve.distributed.messages import RankRunner, WorkerSpec
 from pdserve.distributed.sharding import check_heads
 from pdserve.distributed.worker import run_worker
 from pdserve.errors import EngineDeadError
@@ -98,9 +98,14 @@ class TPDriver:
 
     @classmethod
     def launch(
-        cls, model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig, hf_config: Any
+        cls,
+        model: ModelConfig,
+        cache: CacheConfig,
+        hf_config: Any,
+        runner: Callable[[TPGroup], RankRunner],
     ) -> TPDriver:
-        """Spawn ranks 1..N-1 and join the group as rank 0 (blocks until every worker has joined)."""
+        """Spawn ranks 1..N-1 and join the group as rank 0 (blocks until every worker has joined).
+        Each worker builds its rank's runner with `runner(its group)`, which must be picklable."""
         size = model.tensor_parallel_size
         check_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads, size)
         device = rank_device(model.device, 0, size)
@@ -115,7 +120,7 @@ class TPDriver:
         backs: list[Connection] = []
         for rank in range(1, size):
             spec = WorkerSpec(
-                rank, size, store.port, parent, threads, log_level, model, cache, scheduler, hf_config
+                rank, size, store.port, parent, threads, log_level, model.device, cache.share_pool, runner
             )
             reader, writer = ctx.Pipe(duplex=False)
             back_reader, back_writer = ctx.Pipe(duplex=False)

@@ -32,15 +32,14 @@ def run_worker(spec: WorkerSpec, conn: Connection, back: Connection) -> None:
     import torch.distributed as dist
 
     from pdserve.distributed.group import COLLECTIVE_TIMEOUT, TPGroup, rank_device
-    from pdserve.engine.model_runner import ModelRunner
 
     torch.set_num_threads(spec.num_threads)
-    device = rank_device(spec.model.device, spec.rank, spec.size)
+    device = rank_device(spec.device, spec.rank, spec.size)
     store = dist.TCPStore("127.0.0.1", spec.store_port, spec.size, False, timeout=COLLECTIVE_TIMEOUT)
     store.set(f"joining/{spec.rank}", "1")
     group = TPGroup.connect(store, spec.rank, spec.size, device)
-    runner = ModelRunner(spec.model, spec.cache, spec.hf_config, spec.scheduler, tp=group)
-    if spec.cache.share_pool:  # a disaggregated role: rank 0's connector moves this rank's KV too
+    runner = spec.build_runner(group)
+    if spec.share_pool:  # a disaggregated role: rank 0's connector moves this rank's KV too
         from pdserve.distributed.shared_pool import pool_handle
 
         back.send(pool_handle(runner.kv_cache))

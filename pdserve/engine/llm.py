@@ -11,17 +11,12 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pdserve.config import (
-    CacheConfig,
-    DisaggConfig,
-    EngineConfig,
-    ModelConfig,
-    SchedulerConfig,
-    default_max_num_seqs,
-)
+from pdserve.config import EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Logprob
 from pdserve.engine.sampling import SamplingParams
+from pdserve.kernels.config import KernelConfig
+from pdserve.options import offline_engine_config
 
 
 @dataclass
@@ -38,77 +33,46 @@ class Completion:
 
 
 def _start_engines(
-    config: EngineConfig, prefill: int, decode: int, prefill_tp: int, kv_transport: str, stream_layers: bool
+    config: EngineConfig, prefill: int, decode: int, prefill_tp: int
 ) -> tuple[list[Engine], list[Engine]]:
     """(prefill engines, engines that answer): one colocated engine, or `prefill` prefill engines
-    (TP prefill_tp) and `decode` decode engines joined by kv_transport."""
+    (TP prefill_tp) and `decode` decode engines joined by config.disagg.kv_transport."""
     if (prefill > 0) != (decode > 0):
         raise ValueError("disaggregated serving needs at least one prefill and one decode engine")
-    prefill_model = replace(config.model, tensor_parallel_size=prefill_tp)
-    prefill_disagg = DisaggConfig(role="prefill", kv_transport=kv_transport, stream_layers=stream_layers)
-    prefill_engines = [
-        Engine(replace(config, model=prefill_model, disagg=prefill_disagg)) for _ in range(prefill)
-    ]
-    decode_engines = [
-        Engine(replace(config, disagg=DisaggConfig(role="decode", kv_transport=kv_transport)))
-        for _ in range(decode)
-    ]
+    prefill_config = replace(
+        config,
+        model=replace(config.model, tensor_parallel_size=prefill_tp),
+        disagg=replace(config.disagg, role="prefill"),
+    )
+    # only a prefill engine sends KV, so only it streams layers
+    decode_config = replace(config, disagg=replace(config.disagg, role="decode", stream_layers=False))
+    prefill_engines = [Engine(prefill_config) for _ in range(prefill)]
+    decode_engines = [Engine(decode_config) for _ in range(decode)]
     return prefill_engines, decode_engines or [Engine(config)]
 
 
 class LLM:
+    """Engines in this process, run to completion on each call.
+
+    `options` are those of `pdserve serve` by their keyword names (pdserve/options.py: max_num_seqs,
+    num_blocks, enable_prefix_caching, tensor_parallel_size, kv_transport, kv_stream_layers, ...),
+    but for the HTTP server's and the KV endpoint's; here `device` defaults to cpu and `kv_transport`
+    to inproc. `prefill`/`decode` > 0 run that many engines of each role, disaggregated in this process.
+    """
+
     def __init__(
         self,
         model: str | None = None,
         *,
-        device: str = "cpu",
-        dtype: str = "auto",
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        max_num_seqs: int | None = None,  # None: 256 on CUDA, 64 on CPU (config.default_max_num_seqs)
-        max_num_batched_tokens: int = 2048,
-        enable_prefix_caching: bool = True,
-        max_model_len: int | None = None,
-        seed: int = 0,
-        load_format: str = "auto",
-        tokenizer: str | None = None,
-        gpu_memory_utilization: float = 0.9,
-        enforce_eager: bool = False,
-        overlap_outputs: bool | None = None,  # None: on CUDA only
-        tensor_parallel_size: int = 1,
-        prefill_tensor_parallel_size: int | None = None,  # the prefill engines' TP (default: the same)
         prefill: int = 0,
         decode: int = 0,
-        kv_transport: str = "inproc",
-        kv_stream_layers: bool = False,
+        prefill_tensor_parallel_size: int | None = None,  # the prefill engines' TP (default: the same)
+        kernels: KernelConfig | str | None = None,  # a KernelConfig, or its spec: "pdl=off,split_norm=off"
+        **options: Any,
     ) -> None:
-        config = EngineConfig(
-            model=ModelConfig(
-                path=model or "",
-                dtype=dtype,
-                device=device,
-                max_model_len=max_model_len,
-                seed=seed,
-                load_format=load_format,
-                tokenizer=tokenizer,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enforce_eager=enforce_eager,
-                tensor_parallel_size=tensor_parallel_size,
-            ),
-            cache=CacheConfig(
-                block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=default_max_num_seqs(device, max_num_seqs),
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_waiting=1 << 30,
-                overlap_outputs=overlap_outputs,
-            ),
-        )
-        prefill_tp = prefill_tensor_parallel_size or tensor_parallel_size
-        self.prefill_engines, self.engines = _start_engines(
-            config, prefill, decode, prefill_tp, kv_transport, kv_stream_layers
-        )
+        config = offline_engine_config(model=model, kernels=kernels, **options)
+        prefill_tp = prefill_tensor_parallel_size or config.model.tensor_parallel_size
+        self.prefill_engines, self.engines = _start_engines(config, prefill, decode, prefill_tp)
         self.engine = self.engines[0]
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

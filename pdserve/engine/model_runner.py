@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -91,7 +92,8 @@ class ModelRunner:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.driver: TPDriver | None = None
         if tp is None and model_config.tensor_parallel_size > 1:
-            self.driver = TPDriver.launch(model_config, cache_config, self.scheduler_config, hf_config)
+            rank_runner = partial(ModelRunner, model_config, cache_config, hf_config, self.scheduler_config)
+            self.driver = TPDriver.launch(model_config, cache_config, hf_config, rank_runner)
             tp = self.driver.group
         self.tp = tp or TPGroup.single(torch.device(model_config.device))
         self.device = self.tp.device

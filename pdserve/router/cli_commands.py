@@ -12,22 +12,12 @@ import argparse
 import logging
 import os
 
-from pdserve.cli_types import int_at_least
+from pdserve.cli_types import int_at_least, positive_float
 from pdserve.router.policies import POLICIES
 
 logger = logging.getLogger(__name__)
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 API_KEY_ENV = "PDSERVE_ROUTER_API_KEY"  # read when --api-key is not given (how `pdserve up` passes it)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
 
 
 _count = int_at_least(0)
@@ -43,8 +33,8 @@ def add_routing_options(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="least_loaded skips a decode instance with more queued requests, unless all have more",
     )
-    parser.add_argument("--health-interval", type=_positive_float, default=1.0, metavar="SECONDS")
-    parser.add_argument("--request-timeout", type=_positive_float, default=600.0, metavar="SECONDS")
+    parser.add_argument("--health-interval", type=positive_float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--request-timeout", type=positive_float, default=600.0, metavar="SECONDS")
 
 
 def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -61,7 +51,7 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=8000)
     add_routing_options(r)
-    r.add_argument("--health-timeout", type=_positive_float, default=1.0, metavar="SECONDS")
+    r.add_argument("--health-timeout", type=positive_float, default=1.0, metavar="SECONDS")
     r.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     r.set_defaults(func=run_router)
 

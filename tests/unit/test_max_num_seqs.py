@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.cli import build_parser, server_config
-from pdserve.config import default_max_num_seqs
+from pdserve.options import offline_engine_config
 
 
 def _max_num_seqs(*args: str) -> int:
@@ -15,7 +15,8 @@ def _max_num_seqs(*args: str) -> int:
 def test_serve_defaults_by_device_and_takes_what_is_given() -> None:
     assert _max_num_seqs("--device", "cpu") == 64
     assert _max_num_seqs("--device", "cuda") == 256
-    assert default_max_num_seqs("cuda:1") == 256  # LLM(device="cuda:1")
+    assert offline_engine_config(device="cuda:1").scheduler.max_num_seqs == 256  # LLM(device="cuda:1")
+    assert offline_engine_config().scheduler.max_num_seqs == 64  # LLM() runs on the CPU
     assert _max_num_seqs("--device", "cuda", "--max-num-seqs", "8") == 8
     assert _max_num_seqs("--device", "cpu", "--max-num-seqs", "300") == 300
 

@@ -1,0 +1,376 @@
+"""The options of one instance, declared once: `pdserve serve`'s flags, `pdserve up`'s pass-through
+flags and `LLM(...)`'s keyword arguments are all read from the table below, and `engine_config` /
+`server_config` turn a set of them into the frozen config chain.
+
+    pdserve serve --max-num-seqs 128 --no-prefix-caching      (argparse: add_options)
+    LLM(model, max_num_seqs=128, enable_prefix_caching=False) (offline_engine_config)
+
+An option's name is its keyword argument and its argparse dest; a value of None leaves the config
+dataclass's own default. This module knows nothing of argparse sub-commands, the server or the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.cli_types import int_at_least, parse_size
+from pdserve.config import (
+    ROLES,
+    CacheConfig,
+    DisaggConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+    default_max_num_seqs,
+)
+from pdserve.kernels.config import KernelConfig
+
+_positive = int_at_least(1)
+MODEL_GROUP = "model and device"
+DISAGG_GROUP = "disaggregation"
+
+
+def kernel_spec(text: str) -> KernelConfig:
+    """An argparse type: `--kernels pdl=off,split_norm=off` over the defaults."""
+    try:
+        return KernelConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its keyword name, its flags and help, and the config field it sets."""
+
+    name: str  # the LLM keyword and the argparse dest
+    flags: tuple[str, ...]
+    section: str  # the config it belongs to: model | cache | scheduler | disagg | kernels | server
+    field: str = ""  # that config's field, when its name differs
+    default: Any = None
+    help: str | None = None
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    flag: bool = False  # takes no value: given, it sets `const`
+    const: Any = None
+    group: str | None = None  # the argparse group it is listed under
+    offline: bool = True  # an LLM keyword too (the server's and the KV endpoint's are not)
+
+    @property
+    def config_field(self) -> str:
+        return self.field or self.name
+
+
+MODEL_HELP = "HF directory, .gguf file, or a shape in pdserve/model_configs (default: SmolLM2-135M-Instruct)"
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", ("--model",), "model", "path", help=MODEL_HELP),
+    Option("host", ("--host",), "server", default="127.0.0.1", offline=False),
+    Option("port", ("--port",), "server", default=8000, type=int, offline=False),
+    Option(
+        "api_key",
+        ("--api-key",),
+        "server",
+        help="require Authorization: Bearer KEY on /v1/*",
+        offline=False,
+    ),
+    Option(
+        "served_model_name",
+        ("--served-model-name",),
+        "server",
+        help="the model name clients use (default: dir name)",
+        offline=False,
+    ),
+    Option(
+        "generation_config",
+        ("--generation-config",),
+        "server",
+        default="auto",
+        choices=("auto", "none"),
+        help="auto: a request's omitted temperature/top_p/top_k/min_p/repetition_penalty take the model's "
+        "generation_config.json values; none: OpenAI's defaults",
+        offline=False,
+    ),
+    Option(
+        "max_num_seqs",
+        ("--max-num-seqs",),
+        "scheduler",
+        type=_positive,
+        help="sequences in one step (default: 256 on CUDA, 64 on CPU)",
+    ),
+    Option(
+        "max_num_batched_tokens", ("--max-num-batched-tokens",), "scheduler", default=2048, type=_positive
+    ),
+    Option(
+        "max_waiting",
+        ("--max-waiting",),
+        "scheduler",
+        default=512,
+        type=_positive,
+        help="waiting-queue bound; beyond it: 503",
+    ),
+    Option(
+        "overlap_outputs",
+        ("--no-overlap-outputs",),
+        "scheduler",
+        flag=True,
+        const=False,
+        help="wait for each step before building its outputs or launching the next (CUDA default: overlap)",
+    ),
+    Option("block_size", ("--block-size",), "cache", default=16, type=_positive),
+    Option("num_blocks", ("--num-blocks",), "cache", type=_positive, help="KV pool size in blocks"),
+    Option(
+        "kv_cache_memory",
+        ("--kv-cache-memory",),
+        "cache",
+        "kv_cache_memory_bytes",
+        type=parse_size,
+        help="KV pool size in bytes, e.g. 2GiB",
+    ),
+    Option(
+        "device",
+        ("--device",),
+        "model",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "dtype",
+        ("--dtype",),
+        "model",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        group=MODEL_GROUP,
+    ),
+    Option("max_model_len", ("--max-model-len",), "model", type=_positive, group=MODEL_GROUP),
+    Option(
+        "load_format",
+        ("--load-format",),
+        "model",
+        default="auto",
+        choices=("auto", "dummy"),
+        help="dummy: random weights from config.json (time large shapes without a checkpoint)",
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "tokenizer",
+        ("--tokenizer",),
+        "model",
+        help="tokenizer directory (default: the model's)",
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "gpu_memory_utilization",
+        ("--gpu-memory-utilization",),
+        "model",
+        default=0.9,
+        type=float,
+        help="CUDA: share of GPU memory for weights, activations and the KV pool",
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "enforce_eager",
+        ("--enforce-eager",),
+        "model",
+        default=False,
+        flag=True,
+        const=True,
+        help="CUDA: no CUDA graphs for decode",
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "tensor_parallel_size",
+        ("--tp", "--tensor-parallel-size"),
+        "model",
+        default=1,
+        type=_positive,
+        help="tensor parallelism: ranks (GPUs cuda:0..N-1, or CPU processes) that share the model",
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "kernels",
+        ("--kernels",),
+        "kernels",
+        type=kernel_spec,
+        metavar="SPEC",
+        help="kernel choices as name=value,..., e.g. pdl=off,split_norm=off "
+        "(the fields of KernelConfig, pdserve/kernels/config.py)",
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "enable_prefix_caching",
+        ("--no-prefix-caching",),
+        "cache",
+        default=True,
+        flag=True,
+        const=False,
+    ),
+    Option("seed", ("--seed",), "model", default=0, type=int),
+    Option(
+        "role",
+        ("--role",),
+        "disagg",
+        default="both",
+        choices=ROLES,
+        help="prefill, decode, or both (colocated)",
+        group=DISAGG_GROUP,
+        offline=False,
+    ),
+    Option(
+        "kv_transport",
+        ("--kv-transport",),
+        "disagg",
+        default="auto",
+        choices=("auto", "tcp", "cuda_ipc", "nccl"),
+        help="how KV moves to decode instances: auto picks per peer, cuda_ipc (same host, GPUs), "
+        "then nccl (GPUs), else tcp; nccl uses Gloo for CPU pools",
+        group=DISAGG_GROUP,
+    ),
+    Option(
+        "kv_stream_layers",
+        ("--kv-stream-layers",),
+        "disagg",
+        "stream_layers",
+        default=False,
+        flag=True,
+        const=True,
+        help="prefill: send KV to cuda_ipc peers layer by layer while the step computes (experimental)",
+        group=DISAGG_GROUP,
+    ),
+    Option(
+        "kv_host",
+        ("--kv-host",),
+        "disagg",
+        help="where the KV/control socket binds (default: --host)",
+        group=DISAGG_GROUP,
+        offline=False,
+    ),
+    Option(
+        "kv_port",
+        ("--kv-port",),
+        "disagg",
+        default=0,
+        type=int,
+        help="KV control port (data uses the next one); 0: free ports",
+        group=DISAGG_GROUP,
+        offline=False,
+    ),
+    Option(
+        "kv_advertise_host",
+        ("--kv-advertise-host",),
+        "disagg",
+        help="the host peers use to reach this instance",
+        group=DISAGG_GROUP,
+        offline=False,
+    ),
+    Option(
+        "kv_transfer_timeout",
+        ("--kv-transfer-timeout",),
+        "disagg",
+        default=120.0,
+        type=float,
+        help="seconds before a transfer fails",
+        group=DISAGG_GROUP,
+        offline=False,
+    ),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+# LLM runs in this process, with no HTTP queue in front: a CPU default and no waiting-queue bound
+OFFLINE_DEFAULTS: dict[str, Any] = {"device": "cpu", "max_waiting": 1 << 30, "kv_transport": "inproc"}
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option] = OPTIONS) -> None:
+    """Add each option's flag to `parser` (in its group, if it has one)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in options:
+        target: Any = parser
+        if option.group is not None:
+            if option.group not in groups:
+                groups[option.group] = parser.add_argument_group(option.group)
+            target = groups[option.group]
+        if option.flag:
+            target.add_argument(
+                *option.flags,
+                dest=option.name,
+                action="store_const",
+                const=option.const,
+                default=option.default,
+                help=option.help,
+            )
+            continue
+        extra: dict[str, Any] = {"choices": list(option.choices)} if option.choices else {}
+        if option.metavar:
+            extra["metavar"] = option.metavar
+        target.add_argument(
+            *option.flags,
+            dest=option.name,
+            type=option.type,
+            default=option.default,
+            help=option.help,
+            **extra,
+        )
+
+
+def resolve_device(device: str) -> str:
+    """'auto': cuda when a GPU is visible, else cpu; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _values(options: dict[str, Any], sections: Iterable[str]) -> dict[str, Any]:
+    """Every option of `sections`: the given value, else the table's default; an unknown name fails."""
+    names = {o.name for o in OPTIONS if o.section in sections}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(unknown)}")
+    return {name: options.get(name, BY_NAME[name].default) for name in names}
+
+
+def _fields(values: dict[str, Any], section: str) -> dict[str, Any]:
+    """The given (not None) values of one config, by that config's field names."""
+    return {
+        o.config_field: values[o.name]
+        for o in OPTIONS
+        if o.section == section and values.get(o.name) is not None
+    }
+
+
+def engine_config(**options: Any) -> EngineConfig:
+    """The EngineConfig of these options (names from OPTIONS; omitted ones take the table's default)."""
+    values = _values(options, ("model", "cache", "scheduler", "disagg", "kernels"))
+    values["device"] = resolve_device(values["device"])
+    values["max_num_seqs"] = default_max_num_seqs(values["device"], values["max_num_seqs"])
+    kernels = values["kernels"]
+    return EngineConfig(
+        model=ModelConfig(**_fields(values, "model")),
+        cache=CacheConfig(**_fields(values, "cache")),
+        scheduler=SchedulerConfig(**_fields(values, "scheduler")),
+        disagg=DisaggConfig(**_fields(values, "disagg")),
+        kernels=KernelConfig.parse(kernels) if isinstance(kernels, str) else kernels or KernelConfig(),
+    )
+
+
+def server_config(**options: Any) -> ServerConfig:
+    """One instance's ServerConfig: the server's options, and the engine's from the rest."""
+    server_names = {o.name for o in OPTIONS if o.section == "server"}
+    server = _values({k: v for k, v in options.items() if k in server_names}, ("server",))
+    engine = {k: v for k, v in options.items() if k not in server_names}
+    if engine.get("kv_host") is None:  # the KV socket binds where the HTTP server does, unless told
+        engine["kv_host"] = server["host"]
+    return ServerConfig(**_fields(server, "server"), engine=engine_config(**engine))
+
+
+def offline_engine_config(**options: Any) -> EngineConfig:
+    """The EngineConfig of `LLM(...)`'s options: only offline ones, OFFLINE_DEFAULTS over the table's."""
+    refused = sorted(name for name in options if name in BY_NAME and not BY_NAME[name].offline)
+    if refused:
+        raise TypeError(f"LLM() takes no option(s) {', '.join(refused)} (pdserve serve does)")
+    return engine_config(**{**OFFLINE_DEFAULTS, **options})
