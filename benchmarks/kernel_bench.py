@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from pdserve.kernels.attention.triton_decode import MAX_SPLITS, choose_num_splits, paged_decode
+from pdserve.kernels.attention.triton_prefill import paged_prefill
 from pdserve.layers import triton_fused
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.attention.torch_backend import TorchAttentionBackend
-from pdserve.layers.attention.triton_decode import MAX_SPLITS, choose_num_splits, paged_decode
-from pdserve.layers.attention.triton_prefill import paged_prefill
 from pdserve.layers.norm import rms_norm_torch
 
 MODELS = {"qwen2.5-7b": (28, 4, 128), "qwen2.5-32b": (40, 8, 128)}  # q heads, kv heads, head_dim

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from gpu_engine import ceilings  # this folder: run as a script
-
 from pdserve.layers.activation import silu_and_mul
-from pdserve.layers.sm_count import num_sms
-from pdserve.layers.triton_skinny import plan, skinny_linear
+
+from pdserve.kernels.sm_count import num_sms
+from pdserve.kernels.triton_skinny import plan, skinny_linear
 
 MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
     "qwen2.5-7b": {

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from skinny_gemm_bench import graph_time  # this folder: run as a script
 
-from pdserve.layers.split_k import Partials, partial_products
-from pdserve.layers.triton_fused import add_rms_norm, triton_add_partials_rms_norm
+from pdserve.kernels.split_k import Partials, partial_products
+from pdserve.kernels.triton_fused import add_rms_norm, triton_add_partials_rms_norm
 
 SHAPES = {  # name: (N, K) at TP 1
     "7b-down": (3584, 18944),

@@ -39,6 +39,7 @@ from pdserve.distributed.messages import WorkerSpec
 from pdserve.distributed.sharding import check_heads
 from pdserve.distributed.worker import run_worker
 from pdserve.errors import EngineDeadError
+from pdserve.kernels.config import KernelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,12 @@ class TPDriver:
 
     @classmethod
     def launch(
-        cls, model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig, hf_config: Any
+        cls,
+        model: ModelConfig,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+        hf_config: Any,
+        kernels: KernelConfig,
     ) -> TPDriver:
         """Spawn ranks 1..N-1 and join the group as rank 0 (blocks until every worker has joined)."""
         size = model.tensor_parallel_size
@@ -115,7 +121,17 @@ class TPDriver:
         backs: list[Connection] = []
         for rank in range(1, size):
             spec = WorkerSpec(
-                rank, size, store.port, parent, threads, log_level, model, cache, scheduler, hf_config
+                rank,
+                size,
+                store.port,
+                parent,
+                threads,
+                log_level,
+                model,
+                cache,
+                scheduler,
+                hf_config,
+                kernels,
             )
             reader, writer = ctx.Pipe(duplex=False)
             back_reader, back_writer = ctx.Pipe(duplex=False)

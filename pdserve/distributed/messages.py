@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from pdserve.kernels.config import KernelConfig
 
 
 @dataclass
@@ -41,3 +42,4 @@ class WorkerSpec:
     cache: CacheConfig
     scheduler: SchedulerConfig
     hf_config: Any  # transformers' PretrainedConfig (picklable)
+    kernels: KernelConfig

@@ -39,7 +39,9 @@ def run_worker(spec: WorkerSpec, conn: Connection, back: Connection) -> None:
     store = dist.TCPStore("127.0.0.1", spec.store_port, spec.size, False, timeout=COLLECTIVE_TIMEOUT)
     store.set(f"joining/{spec.rank}", "1")
     group = TPGroup.connect(store, spec.rank, spec.size, device)
-    runner = ModelRunner(spec.model, spec.cache, spec.hf_config, spec.scheduler, tp=group)
+    runner = ModelRunner(
+        spec.model, spec.cache, spec.hf_config, spec.scheduler, tp=group, kernels=spec.kernels
+    )
     if spec.cache.share_pool:  # a disaggregated role: rank 0's connector moves this rank's KV too
         from pdserve.distributed.shared_pool import pool_handle
 

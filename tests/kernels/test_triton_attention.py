@@ -279,8 +279,8 @@ def test_decode_kernel_rotates_stores_and_attends_the_new_token(
     """triton_new_token: the decode kernel given the new token's unrotated q/k/v gives the cache and the
     output of the rotary + cache-write launch followed by decode, and leaves q as it was; sequences of
     one token, at block edges and split over partitions."""
-    from pdserve.layers.attention.triton_new_token import NewToken
-    from pdserve.layers.triton_rotary import rotary_store_kv
+    from pdserve.kernels.attention.triton_new_token import NewToken
+    from pdserve.kernels.triton_rotary import rotary_store_kv
 
     seqs = [(1, 1), (5, 1), (16, 1), (17, 1), (70, 1), (129, 1)]
     batch = make_batch(seqs, 14, 2, 64, 16, dtype, seed=21 + splits)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from pdserve.layers import triton_fused
 from pdserve.layers.activation import silu_and_mul, silu_and_mul_torch
+
+from pdserve.kernels.split_k import Partials
+from pdserve.layers import triton_fused
 from pdserve.layers.norm import RMSNorm, rms_norm_torch
-from pdserve.layers.split_k import Partials
 
 from .triton_env import BF16, CUDA, DEVICE, DTYPES, HAS_TRITON, gpu
 

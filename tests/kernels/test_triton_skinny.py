@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pdserve.kernels.sm_count import num_sms
 from pdserve.layers import linear as linear_module
 from pdserve.layers import pdl, triton_skinny
-from pdserve.layers.sm_count import num_sms
 
 from .triton_env import CUDA, DEVICE, HAS_TRITON, fix_interpreter, gpu
 

@@ -10,7 +10,7 @@ at position p = ctx_len - q_len + j and sees keys 0..p, all read through the blo
 One program per (tile of BLOCK_M queries of one sequence, query head); a flat tile index is mapped to
 its sequence by binary search over query_start_loc, so the grid is known from the token and sequence
 counts alone: sequence i owns tiles from (query_start_loc[i] - base) // BLOCK_M + i onwards.
-This module imports triton unconditionally: import it only where triton is installed.
+This module imports triton: import it only where Triton is chosen (the kernel factory).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow2
+from pdserve.kernels.attention.triton_tile import attend_tile, dot_precision, pow2
 
 LOG2E = math.log2(math.e)
 
