@@ -1,5 +1,5 @@
 """The row-parallel projections' split-K reduce moved into the residual-add + RMSNorm after them
-(pdserve/layers/split_k.py), against cuBLAS's split-K GEMM then the add-RMSNorm, per shape and rows.
+(pdserve/kernels/split_k.py), against cuBLAS's split-K GEMM then the add-RMSNorm, per shape and rows.
 
 At 64-128 rows cuBLAS runs 7B's down_proj (and o_proj) as a split-K GEMM plus a reduce launch
 (docs/performance.md, the tenth session's profile: 0.11 ms a step of reduce at B=128). split_k
