@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--output", default=None)
     ap.add_argument("--profile", default=None, help="append a kernel table of each decode batch here")
     ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--kernels", default="", help="kernel options, e.g. pdl=off,split_norm=off (KernelConfig)")
+    ap.add_argument("--kernels", default="", help="kernel options, e.g. pdl=off,split_norm=off")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.kernels = KernelConfig.parse(args.kernels)

@@ -257,9 +257,7 @@ def bench_fused(rows: int, hidden: int, inter: int) -> list[Result]:
         ("add_rms_norm", "triton", norm_bytes): [
             lambda x=x, r=r: triton_fused.triton_add_rms_norm(x, r, w, 1e-6) for x, r in xr
         ],
-        ("add_rms_norm", "torch", norm_bytes): [
-            lambda x=x, r=r: rms_norm(x + r, w, 1e-6) for x, r in xr
-        ],
+        ("add_rms_norm", "torch", norm_bytes): [lambda x=x, r=r: rms_norm(x + r, w, 1e-6) for x, r in xr],
         ("silu_and_mul", "triton", silu_bytes): [lambda g=g: triton_fused.triton_silu_and_mul(g) for g in gu],
         ("silu_and_mul", "torch", silu_bytes): [lambda g=g: F.silu(g[:, :inter]) * g[:, inter:] for g in gu],
     }
