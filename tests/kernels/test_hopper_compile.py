@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 
 # name: (module, kernel, {argument: type} (other arguments: i32), constexprs, num_warps, num_stages),
 # as the launches in pdserve ask (3: Triton's default where a launch does not say); the decode step's
-# kernels with PDL on (layers/pdl.py: griddepcontrol must compile too)
+# kernels with PDL on (kernels/pdl.py: griddepcontrol must compile too)
 KERNELS = {
     **{f"sample{'_cut' if cut else ''}": (
         "pdserve.layers.triton_sampler", "_sample_kernel",
