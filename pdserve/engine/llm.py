@@ -22,6 +22,7 @@ from pdserve.config import (
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Logprob
 from pdserve.engine.sampling import SamplingParams
+from pdserve.kernels.config import KernelConfig
 
 
 @dataclass
@@ -81,6 +82,7 @@ class LLM:
         decode: int = 0,
         kv_transport: str = "inproc",
         kv_stream_layers: bool = False,
+        kernels: KernelConfig | None = None,  # None: the defaults for the device
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -104,6 +106,7 @@ class LLM:
                 max_waiting=1 << 30,
                 overlap_outputs=overlap_outputs,
             ),
+            kernels=kernels or KernelConfig(),
         )
         prefill_tp = prefill_tensor_parallel_size or tensor_parallel_size
         self.prefill_engines, self.engines = _start_engines(
