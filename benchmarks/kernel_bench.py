@@ -162,13 +162,13 @@ def bench_decode(model: str, batch: int, ctx: int) -> list[Result]:
     sets = [paged_inputs([(ctx, 1)] * batch, heads, kv_heads, dim) for _ in range(copies(kv_bytes))]
     splits = _num_splits(batch, kv_heads, ctx)
     torch_backend = TorchAttentionBackend(heads, kv_heads, dim, dim**-0.5)
-    pdl = _pdl(_tuning())
+    pdl, tiles = _pdl(_tuning()), _tuning().attention
 
     def triton_call(s: tuple) -> Callable[[], None]:
         q, _, _, cache, meta = s
         out = torch.empty_like(q)
         return lambda: paged_decode(
-            q, cache, meta.block_tables, meta.seq_lens, out, dim**-0.5, splits, pdl=pdl
+            q, cache, meta.block_tables, meta.seq_lens, out, dim**-0.5, splits, tiles, pdl=pdl
         )
 
     def sdpa_call(s: tuple) -> Callable[[], torch.Tensor]:
@@ -187,12 +187,12 @@ def bench_decode(model: str, batch: int, ctx: int) -> list[Result]:
 
 def sweep_decode(model: str, batch: int, ctx: int) -> list[Result]:
     """The split kernel's (BLOCK_N, warps, stages) and split count around the defaults, graph-timed:
-    what split_config and choose_num_splits should pick on this GPU."""
+    what the tuning's decode tile and choose_num_splits should pick on this GPU."""
     heads, kv_heads, dim = MODELS[model]
     kv_bytes = 2 * batch * ctx * kv_heads * dim * DTYPE.itemsize
     sets = [paged_inputs([(ctx, 1)] * batch, heads, kv_heads, dim) for _ in range(copies(kv_bytes))]
     chosen = _num_splits(batch, kv_heads, ctx)
-    max_splits, pdl = _tuning().decode_max_splits, _pdl(_tuning())
+    max_splits, pdl, tiles = _tuning().decode_max_splits, _pdl(_tuning()), _tuning().attention
     results = []
     # one split too: a program a (sequence, kv head) streaming all its tiles, deeper pipelines to keep
     # enough bytes in flight (at B=32 the defaults read 74% of bandwidth in the engine, 91% at B=128)
@@ -201,7 +201,7 @@ def sweep_decode(model: str, batch: int, ctx: int) -> list[Result]:
             calls = []
             for q, _, _, cache, meta in sets:
                 out = torch.empty_like(q)
-                args = (q, cache, meta.block_tables, meta.seq_lens, out, dim**-0.5, splits, config)
+                args = (q, cache, meta.block_tables, meta.seq_lens, out, dim**-0.5, splits, tiles, config)
                 calls.append(lambda a=args: paged_decode(*a, pdl=pdl))
             ms = graph_ms(calls)
             if ms is not None:
@@ -231,9 +231,10 @@ def bench_prefill(model: str, prompts: int, new: int, prefix: int) -> list[Resul
     vc = torch.randn_like(kc)
     mask = torch.arange(ctx, device="cuda")[None, :] <= torch.arange(prefix, ctx, device="cuda")[:, None]
     qsl = meta.query_start_loc_t
+    tiles = _tuning().attention
     impls: dict[str, Callable[[], object]] = {
         "triton": lambda: paged_prefill(
-            q, cache, meta.block_tables, meta.seq_lens, qsl, out, dim**-0.5, 0, q.shape[0]
+            q, cache, meta.block_tables, meta.seq_lens, qsl, out, dim**-0.5, 0, q.shape[0], tiles
         ),
         "torch_backend": lambda: torch_backend.forward(q, k, v, cache, meta),
         "sdpa_contiguous": lambda: F.scaled_dot_product_attention(

@@ -156,7 +156,7 @@ gated)  # one H200, ~6 min: gate_up with SiLU * up fused at 32 and 48 rows vs cu
   grep -v "wrong\|Error" "$OUT/gated_gemm.log" | cut -c1-600
   GPU_SESSION_NESTED=1 bash "$0" ab gated_rows=off qwen2.5-7b 32,64
   ;;
-gated3)  # one H200, ~3 min: the gated microbenchmark on the Qwen3 shapes (GATED_TILES has none yet)
+gated3)  # one H200, ~3 min: the gated microbenchmark on the Qwen3 shapes (the tuning has no gated tile for them)
   timeout 200 python3 benchmarks/skinny_gemm_bench.py --gated --m 32,48,64 --models qwen3-8b,qwen3-32b \
     --output "$OUT/gated_gemm_qwen3.json" >"$OUT/gated_gemm_qwen3.log" 2>&1
   grep -v "wrong\|Error" "$OUT/gated_gemm_qwen3.log" | cut -c1-600

@@ -76,8 +76,8 @@ def _attention(config: KernelConfig, tuning: Tuning, pdl: Pdl) -> AttentionKerne
     return AttentionKernels(
         store_kv=store_kv,
         rotary_store_kv=functools.partial(rotary_store_kv, pdl=pdl),
-        paged_decode=functools.partial(triton_decode.paged_decode, pdl=pdl),
-        paged_prefill=paged_prefill,
+        paged_decode=functools.partial(triton_decode.paged_decode, tiles=tuning.attention, pdl=pdl),
+        paged_prefill=functools.partial(paged_prefill, tiles=tuning.attention),
         num_splits=functools.partial(
             triton_decode.choose_num_splits,
             max_splits=tuning.decode_max_splits,

@@ -90,6 +90,13 @@ def test_the_tuning_tables_hold_the_measured_values() -> None:
     assert t.split_k[(3584, 18944)] == ((72, 256, 2),) and t.split_k[(5120, 27648)] == ((72, 128, 2),)
     assert (t.pdl_max_rows, t.pdl_attention_max_rows) == (None, 64)
     assert (t.decode_max_splits, t.decode_min_split_tokens) == (64, 64)
+    a = t.attention
+    assert (a.prefill_tile(torch.float32, 256), a.prefill_tile(torch.bfloat16, 256)) == (
+        (32, 32, 4, 2),
+        (64, 32, 4, 2),
+    )
+    assert a.prefill_tile(torch.float16, 128) == (64, 64, 4, 2)
+    assert (a.decode_tile(torch.float32), a.decode_tile(torch.bfloat16)) == ((32, 4, 2), (64, 4, 2))
 
 
 def test_a_tuning_path_picks_that_file(tmp_path: Path) -> None:

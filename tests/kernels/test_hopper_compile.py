@@ -61,8 +61,8 @@ KERNELS = {
              "BLOCK_SIZE": 16, "NORM": norm, "PDL": True}, 4, 3)
         for q_heads, kv_heads, norm in [(28, 4, False), (32, 8, True)]
     },
-    **{  # the skinny GEMM's tiles plan() and GATED_TILES pick (BLOCK_M, BLOCK_N, BLOCK_K, stages), plain
-        # and gated (BLOCK_N: gate columns only)
+    **{  # the skinny GEMM's tiles plan() and the tuning's gated_tiles pick (BLOCK_M, BLOCK_N, BLOCK_K,
+        # stages), plain and gated (BLOCK_N: gate columns only)
         f"skinny_gemm_{m}x{n}x{k}x{stages}x{warps}{'_gated' if gated else ''}": (
             "pdserve.kernels.triton_skinny", "_skinny_kernel",
             {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},

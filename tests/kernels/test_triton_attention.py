@@ -20,7 +20,7 @@ from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.attention.torch_backend import TorchAttentionBackend
 from pdserve.layers.attention.triton_backend import TritonAttentionBackend
 
-from .triton_env import CUDA, DEVICE, HAS_TRITON, build, fix_interpreter, gpu, grid
+from .triton_env import CUDA, DEVICE, HAS_TRITON, build, fix_interpreter, gpu, grid, hopper_tuning
 
 if HAS_TRITON:
     from pdserve.kernels.attention import triton_decode
@@ -29,6 +29,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 ONE_ROUNDING = {torch.float32: 2.4e-7, torch.float16: 9.8e-4}  # relative: one unit in the last place
 KERNELS = build()  # the default config's choice here: the rotary and norms Triton on CUDA, torch on CPU
+TILES = hopper_tuning().attention
 
 
 def triton_backend(
@@ -205,7 +206,7 @@ def test_decode_splits_and_tiles_agree(splits: int, config: tuple[int, int, int]
     TorchAttentionBackend(8, 2, 64, 0.125).forward(batch.q, batch.k, batch.v, cache, batch.meta)  # writes K/V
     out = torch.full_like(batch.q, float("nan"))
     triton_decode.paged_decode(
-        batch.q, cache, batch.meta.block_tables, batch.meta.seq_lens, out, 0.125, splits, config
+        batch.q, cache, batch.meta.block_tables, batch.meta.seq_lens, out, 0.125, splits, TILES, config
     )
     assert_close(out, ref_out, torch.float32)
 
@@ -308,10 +309,14 @@ def test_decode_kernel_rotates_stores_and_attends_the_new_token(
     ref_q, ref_cache, ref_out = batch.q.clone(), batch.kv_cache.clone(), torch.empty_like(batch.q)
     slots = meta.slot_mapping
     rotary_store_kv(positions, ref_q, batch.k, batch.v, rope.cos, rope.sin, ref_cache, slots, norms)
-    triton_decode.paged_decode(ref_q, ref_cache, meta.block_tables, meta.seq_lens, ref_out, 0.125, splits)
+    triton_decode.paged_decode(
+        ref_q, ref_cache, meta.block_tables, meta.seq_lens, ref_out, 0.125, splits, TILES
+    )
     q, cache, out = batch.q.clone(), batch.kv_cache.clone(), torch.empty_like(batch.q)
     new = NewToken(batch.k, batch.v, positions, rope.cos, rope.sin, meta.slot_mapping, norms)
-    triton_decode.paged_decode(q, cache, meta.block_tables, meta.seq_lens, out, 0.125, splits, new_token=new)
+    triton_decode.paged_decode(
+        q, cache, meta.block_tables, meta.seq_lens, out, 0.125, splits, TILES, new_token=new
+    )
     assert torch.equal(q, batch.q), "q is rotated inside the kernel, not in place"
     if CUDA or norm:  # the GPU compiler may contract products differently; the norm's sum of squares
         # is reduced over the whole head here, over its two halves there: one rounding apart

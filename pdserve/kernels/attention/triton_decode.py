@@ -31,6 +31,7 @@ from pdserve.kernels.pdl import ALWAYS, Pdl, launch_options
 from pdserve.kernels.sm_count import num_sms
 from pdserve.kernels.triton_pdl import wait_prior
 from pdserve.kernels.triton_rotary import cos_sin
+from pdserve.kernels.tuning.tables import AttentionTiles
 
 LOG2E = math.log2(math.e)
 
@@ -175,11 +176,6 @@ def choose_num_splits(
     return splits
 
 
-def split_config(dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel."""
-    return (32, 4, 2) if dtype == torch.float32 else (64, 4, 2)
-
-
 def paged_decode(
     q: torch.Tensor,  # [B, num_heads, D]: one query token per sequence
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, D]
@@ -188,7 +184,8 @@ def paged_decode(
     out: torch.Tensor,  # [B, num_heads, D], written
     scale: float,
     num_splits: int,
-    config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages); default split_config
+    tiles: AttentionTiles,  # the tuning's; `config` overrides its decode tile
+    config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages)
     new_token: NewToken | None = None,  # q not yet rotated: the kernel rotates, stores and attends it
     pdl: Pdl = ALWAYS,
 ) -> None:
@@ -204,7 +201,7 @@ def paged_decode(
     else:
         part_out = part_lse = out  # unused
     fp32 = q.dtype == torch.float32
-    block_n, num_warps, num_stages = config or split_config(q.dtype)
+    block_n, num_warps, num_stages = config or tiles.decode_tile(q.dtype)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),

@@ -5,6 +5,7 @@
     split_k  down_proj (N, K) shapes and the row ranges that take K-split partials (split_k.py)
     pdl      the row counts up to which launches ask for programmatic dependent launch (pdl.py)
     decode   the decode-attention split-K limits (attention/triton_decode.py)
+    attention  the prefill and decode kernels' tiles, by dtype and head size
 
 `KernelConfig.tuning` picks the file: "auto" by the device's compute capability (FAMILIES), or a path.
 Every value in hopper.json was measured on one H200 (Hopper, sm_90; docs/performance.md). It is also the
@@ -47,6 +48,26 @@ class SkinnyTuning:
 
 
 @dataclass(frozen=True)
+class AttentionTiles:
+    """The attention kernels' tiles: prefill (BLOCK_M, BLOCK_N, warps, stages), decode (BLOCK_N, warps,
+    stages); fp32 inputs take smaller ones, heads over 128 dims a narrower prefill key tile."""
+
+    prefill_fp32: tuple[int, int, int, int]
+    prefill_wide_heads: tuple[int, int, int, int]
+    prefill: tuple[int, int, int, int]
+    decode_fp32: tuple[int, int, int]
+    decode: tuple[int, int, int]
+
+    def prefill_tile(self, dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
+        if dtype == torch.float32:
+            return self.prefill_fp32
+        return self.prefill_wide_heads if head_dim > 128 else self.prefill
+
+    def decode_tile(self, dtype: torch.dtype) -> tuple[int, int, int]:
+        return self.decode_fp32 if dtype == torch.float32 else self.decode
+
+
+@dataclass(frozen=True)
 class Tuning:
     """All the tables of one device family."""
 
@@ -57,6 +78,7 @@ class Tuning:
     pdl_attention_max_rows: int | None  # the same for the decode-attention kernels
     decode_max_splits: int
     decode_min_split_tokens: int  # a partition shorter than this costs more to merge than it saves
+    attention: AttentionTiles
 
 
 def tuning_for(spec: str, device: torch.device) -> Tuning:
@@ -82,6 +104,17 @@ def load(path: str) -> Tuning:
         pdl_attention_max_rows=_optional_int(pdl["attention_max_rows"]),
         decode_max_splits=int(decode["max_splits"]),
         decode_min_split_tokens=int(decode["min_split_tokens"]),
+        attention=_attention(data["attention"]),
+    )
+
+
+def _attention(a: dict[str, Any]) -> AttentionTiles:
+    return AttentionTiles(
+        prefill_fp32=_ints(a["prefill_fp32"], 4),
+        prefill_wide_heads=_ints(a["prefill_wide_heads"], 4),
+        prefill=_ints(a["prefill"], 4),
+        decode_fp32=_ints(a["decode_fp32"], 3),
+        decode=_ints(a["decode"], 3),
     )
 
 
