@@ -11,6 +11,7 @@ written per second). Then, per model shape (dummy weights, bf16):
   tokens, plus causal attention) vs the matmul ceiling.
 
     python benchmarks/gpu_engine.py --shapes qwen2.5-7b,qwen2.5-32b --output results.json
+    python benchmarks/gpu_engine.py --kernels pdl=off ...   # one side of an A/B (KernelConfig.parse)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import Request
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.kernels.config import KernelConfig
 from pdserve.models.prepare import resolve_model
 
 
@@ -63,7 +65,9 @@ def ceilings() -> dict[str, float]:
     return out
 
 
-def make_runner(shape: str, num_blocks: int, max_seqs: int, budget: int, eager: bool) -> ModelRunner:
+def make_runner(
+    shape: str, num_blocks: int, max_seqs: int, budget: int, eager: bool, kernels: KernelConfig
+) -> ModelRunner:
     path = resolve_model(shape)
     model = ModelConfig(path=path, device="cuda", load_format="dummy", enforce_eager=eager)
     return ModelRunner(
@@ -71,6 +75,7 @@ def make_runner(shape: str, num_blocks: int, max_seqs: int, budget: int, eager: 
         CacheConfig(num_blocks=num_blocks, enable_prefix_caching=False),
         AutoConfig.from_pretrained(path),
         SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),
+        kernels=kernels,
     )
 
 
@@ -124,7 +129,7 @@ def profile_decode(runner: ModelRunner, batch: int, context: int, out_path: str)
     """Kernel time table of 10 decode steps (torch.profiler), appended to out_path: where a step's
     time goes when it falls short of the bandwidth bound. With programmatic dependent launch on (the
     default on Hopper) a Triton kernel starts early and its time includes the wait for the kernel
-    before it; `scripts/engine_variant.py nopdl --profile FILE ...` gives each kernel's own time."""
+    before it; `--kernels pdl=off --profile FILE ...` gives each kernel's own time."""
     from torch.profiler import ProfilerActivity, profile
 
     reqs = fake_requests(batch, context, runner.layout.block_size)
@@ -174,7 +179,7 @@ def run_shape(shape: str, args: argparse.Namespace, ceil: dict[str, float]) -> d
     per_seq_blocks = -(-(max(args.context, args.prompt_len) + 1) // 16)
     blocks = max(max_batch * per_seq_blocks, (args.budget // args.prompt_len + 1) * per_seq_blocks) + 1
     t0 = time.perf_counter()
-    runner = make_runner(shape, blocks, max_batch, args.budget, args.eager)
+    runner = make_runner(shape, blocks, max_batch, args.budget, args.eager, args.kernels)
     load_s = time.perf_counter() - t0
     facts = shape_facts(cfg, runner)
     out: dict[str, Any] = {"shape": shape, "load_seconds": load_s, **facts, "decode": [], "prefill": {}}
@@ -235,8 +240,11 @@ def main() -> None:
     ap.add_argument("--output", default=None)
     ap.add_argument("--profile", default=None, help="append a kernel table of each decode batch here")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--kernels", default="", help="kernel options, e.g. pdl=off,split_norm=off")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.kernels = KernelConfig.parse(args.kernels)
+    print(f"kernels: {args.kernels}")
     ceil = ceilings()
     print(f"ceilings: {ceil}")
     results = {
@@ -245,6 +253,7 @@ def main() -> None:
         "torch": torch.__version__,
         "host": platform.node(),
         "eager": args.eager,
+        "kernels": str(args.kernels),
         "ceilings": ceil,
         "shapes": [run_shape(s, args, ceil) for s in args.shapes.split(",")],
     }

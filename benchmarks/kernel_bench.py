@@ -25,12 +25,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from pdserve.layers import triton_fused
+from pdserve.kernels import triton_fused
+from pdserve.kernels.attention.triton_decode import choose_num_splits, paged_decode
+from pdserve.kernels.attention.triton_prefill import paged_prefill
+from pdserve.kernels.norm import rms_norm
+from pdserve.kernels.pdl import Pdl
+from pdserve.kernels.tuning.tables import Tuning, tuning_for
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.attention.torch_backend import TorchAttentionBackend
-from pdserve.layers.attention.triton_decode import MAX_SPLITS, choose_num_splits, paged_decode
-from pdserve.layers.attention.triton_prefill import paged_prefill
-from pdserve.layers.norm import rms_norm_torch
 
 MODELS = {"qwen2.5-7b": (28, 4, 128), "qwen2.5-32b": (40, 8, 128)}  # q heads, kv heads, head_dim
 BLOCK_SIZE = 16
@@ -138,17 +140,36 @@ def paged_inputs(seqs: list[tuple[int, int]], heads: int, kv_heads: int, dim: in
     return q, k, v, cache, meta
 
 
+def _tuning() -> Tuning:
+    return tuning_for("auto", torch.device("cuda"))
+
+
+def _pdl(t: Tuning) -> Pdl:
+    """PDL as the engine launches the decode kernels: on, up to the tuning's row limits."""
+    return Pdl(True, t.pdl_max_rows, t.pdl_attention_max_rows)
+
+
+def _num_splits(batch: int, kv_heads: int, ctx: int) -> int:
+    t = _tuning()
+    return choose_num_splits(
+        batch, kv_heads, ctx, torch.device("cuda"), t.decode_max_splits, t.decode_min_split_tokens
+    )
+
+
 def bench_decode(model: str, batch: int, ctx: int) -> list[Result]:
     heads, kv_heads, dim = MODELS[model]
     kv_bytes = 2 * batch * ctx * kv_heads * dim * DTYPE.itemsize
     sets = [paged_inputs([(ctx, 1)] * batch, heads, kv_heads, dim) for _ in range(copies(kv_bytes))]
-    splits = choose_num_splits(batch, kv_heads, ctx, torch.device("cuda"))
+    splits = _num_splits(batch, kv_heads, ctx)
     torch_backend = TorchAttentionBackend(heads, kv_heads, dim, dim**-0.5)
+    pdl, tiles = _pdl(_tuning()), _tuning().attention
 
     def triton_call(s: tuple) -> Callable[[], None]:
         q, _, _, cache, meta = s
         out = torch.empty_like(q)
-        return lambda: paged_decode(q, cache, meta.block_tables, meta.seq_lens, out, dim**-0.5, splits)
+        return lambda: paged_decode(
+            q, cache, meta.block_tables, meta.seq_lens, out, dim**-0.5, splits, tiles, pdl=pdl
+        )
 
     def sdpa_call(s: tuple) -> Callable[[], torch.Tensor]:
         q = s[0].unsqueeze(2)  # [B, H, 1, D]
@@ -166,21 +187,22 @@ def bench_decode(model: str, batch: int, ctx: int) -> list[Result]:
 
 def sweep_decode(model: str, batch: int, ctx: int) -> list[Result]:
     """The split kernel's (BLOCK_N, warps, stages) and split count around the defaults, graph-timed:
-    what split_config and choose_num_splits should pick on this GPU."""
+    what the tuning's decode tile and choose_num_splits should pick on this GPU."""
     heads, kv_heads, dim = MODELS[model]
     kv_bytes = 2 * batch * ctx * kv_heads * dim * DTYPE.itemsize
     sets = [paged_inputs([(ctx, 1)] * batch, heads, kv_heads, dim) for _ in range(copies(kv_bytes))]
-    chosen = choose_num_splits(batch, kv_heads, ctx, torch.device("cuda"))
+    chosen = _num_splits(batch, kv_heads, ctx)
+    max_splits, pdl, tiles = _tuning().decode_max_splits, _pdl(_tuning()), _tuning().attention
     results = []
     # one split too: a program a (sequence, kv head) streaming all its tiles, deeper pipelines to keep
     # enough bytes in flight (at B=32 the defaults read 74% of bandwidth in the engine, 91% at B=128)
-    for splits in sorted({1, max(1, chosen // 2), chosen, min(MAX_SPLITS, chosen * 2)}):
+    for splits in sorted({1, max(1, chosen // 2), chosen, min(max_splits, chosen * 2)}):
         for config in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
             calls = []
             for q, _, _, cache, meta in sets:
                 out = torch.empty_like(q)
-                args = (q, cache, meta.block_tables, meta.seq_lens, out, dim**-0.5, splits, config)
-                calls.append(lambda a=args: paged_decode(*a))
+                args = (q, cache, meta.block_tables, meta.seq_lens, out, dim**-0.5, splits, tiles, config)
+                calls.append(lambda a=args: paged_decode(*a, pdl=pdl))
             ms = graph_ms(calls)
             if ms is not None:
                 impl = f"splits={splits} n={config[0]} w={config[1]} s={config[2]}"
@@ -209,9 +231,10 @@ def bench_prefill(model: str, prompts: int, new: int, prefix: int) -> list[Resul
     vc = torch.randn_like(kc)
     mask = torch.arange(ctx, device="cuda")[None, :] <= torch.arange(prefix, ctx, device="cuda")[:, None]
     qsl = meta.query_start_loc_t
+    tiles = _tuning().attention
     impls: dict[str, Callable[[], object]] = {
         "triton": lambda: paged_prefill(
-            q, cache, meta.block_tables, meta.seq_lens, qsl, out, dim**-0.5, 0, q.shape[0]
+            q, cache, meta.block_tables, meta.seq_lens, qsl, out, dim**-0.5, 0, q.shape[0], tiles
         ),
         "torch_backend": lambda: torch_backend.forward(q, k, v, cache, meta),
         "sdpa_contiguous": lambda: F.scaled_dot_product_attention(
@@ -235,9 +258,7 @@ def bench_fused(rows: int, hidden: int, inter: int) -> list[Result]:
         ("add_rms_norm", "triton", norm_bytes): [
             lambda x=x, r=r: triton_fused.triton_add_rms_norm(x, r, w, 1e-6) for x, r in xr
         ],
-        ("add_rms_norm", "torch", norm_bytes): [
-            lambda x=x, r=r: rms_norm_torch(x + r, w, 1e-6) for x, r in xr
-        ],
+        ("add_rms_norm", "torch", norm_bytes): [lambda x=x, r=r: rms_norm(x + r, w, 1e-6) for x, r in xr],
         ("silu_and_mul", "triton", silu_bytes): [lambda g=g: triton_fused.triton_silu_and_mul(g) for g in gu],
         ("silu_and_mul", "torch", silu_bytes): [lambda g=g: F.silu(g[:, :inter]) * g[:, inter:] for g in gu],
     }

@@ -8,7 +8,7 @@ swept over tiles, each as 20 launches replayed from a CUDA graph (eager Triton l
 time than the kernel) that cycle through copies of the weight (256 MB in all: the 50 MB L2 cannot
 serve them, as in a decode step; before 2026-11-30 one copy was reused and small weights partly came
 from L2), and checks the Triton result against F.linear. The kernel is the one in
-pdserve/layers/triton_skinny.py; `planned_us` is the tile its plan() picks for this shape, if any.
+pdserve/kernels/triton_skinny.py; `planned_us` is the tile its plan() picks for this shape, if any.
 
     python benchmarks/skinny_gemm_bench.py --output skinny_gemm.json
 
@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from gpu_engine import ceilings  # this folder: run as a script
 
-from pdserve.layers.activation import silu_and_mul
-from pdserve.layers.sm_count import num_sms
-from pdserve.layers.triton_skinny import plan, skinny_linear
+from pdserve.kernels.sm_count import num_sms
+from pdserve.kernels.triton_fused import silu_and_mul
+from pdserve.kernels.triton_skinny import plan, skinny_linear
+from pdserve.kernels.tuning.tables import tuning_for
 
 MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
     "qwen2.5-7b": {
@@ -101,7 +102,11 @@ def save(path: str, ceiling: float, results: list[dict[str, Any]]) -> None:
 
 
 def _gated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: Any) -> torch.Tensor:
-    return skinny_linear(x, w, b, tile, gated=True)
+    return skinny_linear(x, w, tile, b, gated=True)
+
+
+def _plain(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: Any) -> torch.Tensor:
+    return skinny_linear(x, w, tile, b)
 
 
 def bench_shape(model: str, name: str, m: int, ceiling: float, gated: bool = False) -> dict[str, Any]:
@@ -116,8 +121,8 @@ def bench_shape(model: str, name: str, m: int, ceiling: float, gated: bool = Fal
         cublas = graph_time(lambda i: silu_and_mul(F.linear(x, ws[i % copies])))
     else:
         cublas = graph_time(lambda i: F.linear(x, ws[i % copies], b))
-    planned: Any = plan(n, num_sms(x.device), m)
-    run: Any = _gated if gated else skinny_linear
+    planned: Any = plan(n, num_sms(x.device), m, tuning_for("auto", x.device).skinny)
+    run: Any = _gated if gated else _plain
     planned_us = float("nan")
     timings: list[tuple[float, Any]] = []  # (seconds, tile)
     tiles: list[Any] = list(ROW_TILES if m > 32 else TILES)

@@ -1,5 +1,5 @@
 """The row-parallel projections' split-K reduce moved into the residual-add + RMSNorm after them
-(pdserve/layers/split_k.py), against cuBLAS's split-K GEMM then the add-RMSNorm, per shape and rows.
+(pdserve/kernels/split_k.py), against cuBLAS's split-K GEMM then the add-RMSNorm, per shape and rows.
 
 At 64-128 rows cuBLAS runs 7B's down_proj (and o_proj) as a split-K GEMM plus a reduce launch
 (docs/performance.md, the tenth session's profile: 0.11 ms a step of reduce at B=128). split_k
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from skinny_gemm_bench import graph_time  # this folder: run as a script
 
-from pdserve.layers.split_k import Partials, partial_products
-from pdserve.layers.triton_fused import add_rms_norm, triton_add_partials_rms_norm
+from pdserve.kernels.split_k import Partials, partial_products
+from pdserve.kernels.triton_fused import add_rms_norm, triton_add_partials_rms_norm
 
 SHAPES = {  # name: (N, K) at TP 1
     "7b-down": (3584, 18944),

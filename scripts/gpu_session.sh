@@ -8,21 +8,22 @@
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
 #   bash scripts/gpu_session.sh sweep [B]  # one GPU: decode attention tiles and splits around the defaults
 #   bash scripts/gpu_session.sh handoff    # 2x H200: TTFT added by disaggregation, with/without layer streaming
-#   bash scripts/gpu_session.sh ab VARIANT [SHAPES] [BATCHES]  # one GPU (~1 min a shape and variant):
-#                                           decode steps, plan vs VARIANT of scripts/engine_variant.py,
-#                                           alternating, 2 rounds (default 7B and 32B, B=1,8); e.g.
-#                                           ab nopdl qwen2.5-7b 1,32,128   or   ab nogated qwen2.5-7b 32,64
+#   bash scripts/gpu_session.sh ab KERNELS [SHAPES] [BATCHES]  # one GPU (~1 min a shape and side):
+#                                           decode steps, the default kernels vs KERNELS (a KernelConfig
+#                                           spec for gpu_engine.py --kernels), alternating, 2 rounds
+#                                           (default 7B and 32B, B=1,8); e.g. ab pdl=off qwen2.5-7b 1,32,128
+#                                           or ab gated_rows=off qwen2.5-7b 32,64 (tuning=FILE: other tables)
 #   bash scripts/gpu_session.sh next       # one H200 (~6 min): engine, then the attention sweep at B=32
 #   bash scripts/gpu_session.sh gated      # one H200 (~6 min): gate_up + SiLU fused at 17-64 rows, alone and in the engine
 #   bash scripts/gpu_session.sh gated3     # one H200 (~3 min): the same microbenchmark on the Qwen3 shapes
 #   bash scripts/gpu_session.sh cublas     # one H200 (~4 min): cuBLAS forms of the 7B projections at 64/128 rows
 #   bash scripts/gpu_session.sh llama      # one H200 (~3 min): the Llama-3.1-8B shape: engine table, gated microbenchmark
 #   bash scripts/gpu_session.sh splitk     # one H200 (~7 min): down_proj as partial sums reduced in the norm
-#                                           (layers/split_k.py): its GPU tests, the microbenchmark at
-#                                           72-256 rows, then the engine A/B (ab nosplit) for 7B at 128
+#                                           (kernels/split_k.py): its GPU tests, the microbenchmark at
+#                                           72-256 rows, then the engine A/B (ab split_norm=off) for 7B at 128
 #   bash scripts/gpu_session.sh newtoken   # one H200 (~3 min): the decode kernel taking the rotary launch
-#                                           (attention/triton_new_token.py, the default): its GPU tests, then
-#                                           ab nodecoderotary on 7B and Qwen3-8B at B=1,32,128
+#                                           (kernels/attention/triton_new_token.py, the default): its GPU
+#                                           tests, then ab decode_rotary=off on 7B and Qwen3-8B at B=1,32,128
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
@@ -79,16 +80,19 @@ handoff)
   tail -8 "$OUT/handoff_ttft.log"
   ;;
 ab)
-  other=${2:?ab needs a variant of scripts/engine_variant.py} shapes=${3:-qwen2.5-7b,qwen2.5-32b}
+  other=${2:?ab needs kernel options, e.g. pdl=off} shapes=${3:-qwen2.5-7b,qwen2.5-32b}
   batches=${4:-1,8}
+  label=${other//[^A-Za-z0-9_]/_}
   for i in 1 2; do
-    for variant in plan "$other"; do
-      echo "== $variant" >>"$OUT/ab_$other.log"
-      timeout 150 python3 scripts/engine_variant.py "$variant" --shapes "$shapes" --no-prefill \
-        --batches "$batches" --output "$OUT/ab_${other}_${variant}_$i.json" >>"$OUT/ab_$other.log" 2>&1
+    for side in default "$other"; do
+      spec=${side#default}
+      echo "== $side" >>"$OUT/ab_$label.log"
+      timeout 150 python3 benchmarks/gpu_engine.py --kernels "$spec" --shapes "$shapes" --no-prefill \
+        --batches "$batches" --output "$OUT/ab_${label}_${side//[^A-Za-z0-9_]/_}_$i.json" \
+        >>"$OUT/ab_$label.log" 2>&1
     done
   done
-  grep -E "==|decode b|Error" "$OUT/ab_$other.log"
+  grep -E "==|decode b|Error" "$OUT/ab_$label.log"
   ;;
 splitk)
   python3 -m pytest -q -m gpu tests/kernels/test_split_k.py tests/kernels/test_triton_fused.py \
@@ -97,18 +101,18 @@ splitk)
     --shapes 7b-down,32b-down,qwen3-8b-down,llama-8b-down,qwen3-32b-down \
     --m 72,80,88,96,104,112,120,128,192,256 --splits 2,3,4) >"$OUT/splitk_norm_rows.log" 2>&1
   tail -3 "$OUT/splitk_norm_rows.log"
-  GPU_SESSION_NESTED=1 bash "$0" ab nosplit qwen2.5-7b "${2:-120,128}"
+  GPU_SESSION_NESTED=1 bash "$0" ab split_norm=off qwen2.5-7b "${2:-120,128}"
   ;;
 newtoken)
   python3 -m pytest -q tests/kernels/test_triton_attention.py tests/engine/test_architectures.py \
     -k "new_token or fused_decode or rotary_launch" 2>&1 | tail -5 | tee "$OUT/newtoken_tests.log"
-  GPU_SESSION_NESTED=1 bash "$0" ab nodecoderotary qwen2.5-7b,qwen3-8b "${2:-1,32,128}"
+  GPU_SESSION_NESTED=1 bash "$0" ab decode_rotary=off qwen2.5-7b,qwen3-8b "${2:-1,32,128}"
   ;;
 profile)  # one H200, ~4 min: own kernel times (PDL off) of decode at B=128, 32B with and without the
-  # rotary launch in the decode kernel (PDSERVE_DECODE_ROTARY), then 7B with it
+  # rotary launch in the decode kernel (KernelConfig decode_rotary), then 7B with it
   for run in "qwen2.5-32b 1" "qwen2.5-32b 0" "qwen2.5-7b 1"; do
     set -- $run
-    PDSERVE_DECODE_ROTARY=$2 timeout 150 python3 scripts/engine_variant.py nopdl --shapes "$1" --no-prefill \
+    timeout 150 python3 benchmarks/gpu_engine.py --kernels "pdl=off,decode_rotary=$2" --shapes "$1" --no-prefill \
       --batches 128 --profile "$OUT/profile-$1-b128-nopdl-rotary$2.txt" --output "$OUT/profile-$1-$2.json" \
       >>"$OUT/profile.log" 2>&1
   done
@@ -146,26 +150,24 @@ next)  # one H200, ~6 min: the engine table and sampler paths, then the decode-a
   GPU_SESSION_NESTED=1 bash "$0" sweep 32
   ;;
 gated)  # one H200, ~6 min: gate_up with SiLU * up fused at 32 and 48 rows vs cuBLAS + silu_and_mul
-  # (7B, 32B), then the engine A/B (7B B=32,64: triton_skinny.gated_rows_tile)
+  # (7B, 32B), then the engine A/B (7B B=32,64: kernels/triton_skinny.gated_rows_tile)
   timeout 150 python3 benchmarks/skinny_gemm_bench.py --gated --m 32,48 --models qwen2.5-7b,qwen2.5-32b \
     --output "$OUT/gated_gemm.json" >"$OUT/gated_gemm.log" 2>&1
   grep -v "wrong\|Error" "$OUT/gated_gemm.log" | cut -c1-600
-  GPU_SESSION_NESTED=1 bash "$0" ab nogated qwen2.5-7b 32,64
+  GPU_SESSION_NESTED=1 bash "$0" ab gated_rows=off qwen2.5-7b 32,64
   ;;
-gated3)  # one H200, ~3 min: the gated microbenchmark on the Qwen3 shapes (GATED_TILES has none yet)
+gated3)  # one H200, ~3 min: the gated microbenchmark on the Qwen3 shapes (the tuning has no gated tile for them)
   timeout 200 python3 benchmarks/skinny_gemm_bench.py --gated --m 32,48,64 --models qwen3-8b,qwen3-32b \
     --output "$OUT/gated_gemm_qwen3.json" >"$OUT/gated_gemm_qwen3.log" 2>&1
   grep -v "wrong\|Error" "$OUT/gated_gemm_qwen3.log" | cut -c1-600
   ;;
-cublas)  # one H200, ~4 min: cuBLAS / cuBLASLt, x @ W^T vs the swapped W @ x^T, at 64 and 128 rows (7B),
-  # then the engine A/B of the swapped form (scripts/engine_variant.py swapped, B=64,128)
+cublas)  # one H200, ~4 min: cuBLAS / cuBLASLt, x @ W^T vs the swapped W @ x^T, at 64 and 128 rows (7B)
   timeout 240 python3 benchmarks/cublas_forms_bench.py --m 64,128 --models qwen2.5-7b \
     --output "$OUT/cublas_forms.json" >"$OUT/cublas_forms.log" 2>&1
   cut -c1-700 "$OUT/cublas_forms.log"
-  GPU_SESSION_NESTED=1 bash "$0" ab swapped qwen2.5-7b 64,128
   ;;
 llama)  # one H200, ~3 min: the engine table of the Llama-3.1-8B shape, then the gated gate_up
-  # microbenchmark on its shapes (its GATED_TILES entry came from this; `ab nogated llama-3.1-8b 48,64`)
+  # microbenchmark on its shapes (its gated_tiles entry came from this; `ab gated_rows=off llama-3.1-8b 48,64`)
   timeout 200 python3 benchmarks/gpu_engine.py --shapes llama-3.1-8b --output "$OUT/gpu_engine_llama.json" \
     >"$OUT/gpu_engine_llama.log" 2>&1
   echo "rc=$?" >>"$OUT/gpu_engine_llama.log"

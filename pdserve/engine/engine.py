@@ -58,7 +58,9 @@ class Engine:
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 4096))
         self.eos_token_ids = self._eos_ids(path)
         cache = replace(config.cache, share_pool=config.moves_sharded_kv)
-        self.runner = ModelRunner(config.model, cache, self.hf_config, config.scheduler)
+        self.runner = ModelRunner(
+            config.model, cache, self.hf_config, config.scheduler, kernels=config.kernels
+        )
         pool_tokens = self.runner.num_blocks * config.cache.block_size
         self.max_model_len = min(config.model.max_model_len or model_max, model_max, pool_tokens)
         self.block_manager = BlockManager(

@@ -30,13 +30,15 @@ from pdserve.distributed.messages import StepInputs
 from pdserve.distributed.sharding import model_head_shard
 from pdserve.distributed.shared_pool import ipc_export, open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
-from pdserve.engine.host_tensors import long_tensor, padded_rows, to_device
 from pdserve.engine.kv_layout import allocate_kv_pool
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.warmup import warm_sampler, warmup_steps
-from pdserve.layers.attention.backend import get_backend_class
+from pdserve.host_tensors import long_tensor, padded_rows, to_device
+from pdserve.kernels.config import KernelConfig
+from pdserve.kernels.factory import build_kernels
 from pdserve.layers.attention.metadata import AttentionMetadata
+from pdserve.layers.attention.registry import backend_class
 from pdserve.layers.sampler import PendingSample, SampleResult, sample_later
 from pdserve.models.llama import head_dim_of
 from pdserve.models.loader import build_model
@@ -87,16 +89,20 @@ class ModelRunner:
         hf_config: Any,
         scheduler_config: SchedulerConfig | None = None,
         tp: TPGroup | None = None,  # given: this is worker rank tp.rank; None: rank 0, starting the workers
+        kernels: KernelConfig | None = None,
     ) -> None:
         self.model_config = model_config
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.driver: TPDriver | None = None
         if tp is None and model_config.tensor_parallel_size > 1:
-            rank_runner = partial(ModelRunner, model_config, cache_config, hf_config, self.scheduler_config)
+            rank_runner = partial(
+                ModelRunner, model_config, cache_config, hf_config, self.scheduler_config, kernels=kernels
+            )
             self.driver = TPDriver.launch(model_config, cache_config, hf_config, rank_runner)
             tp = self.driver.group
         self.tp = tp or TPGroup.single(torch.device(model_config.device))
         self.device = self.tp.device
+        self.kernels = build_kernels(kernels or KernelConfig(), self.device)  # the model's one choice
         with on_device(self.device):
             self._build(model_config, cache_config, hf_config)
         self.kv_shards = self._open_shards(hf_config) if cache_config.share_pool else None
@@ -115,11 +121,10 @@ class ModelRunner:
     def _build(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any) -> None:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         torch.manual_seed(model_config.seed)
-        backend = get_backend_class(self.device)
         self.model = build_model(
             hf_config,
             model_config.path,
-            backend,
+            self.kernels,
             self.dtype,
             self.device,
             model_config.load_format,
@@ -135,7 +140,8 @@ class ModelRunner:
         )
         self.num_blocks = self.tp.all_min(self._pool_blocks(cache_config))  # every rank's pool holds it
         lay = self.layout
-        use_graphs = self.device.type == "cuda" and not model_config.enforce_eager and backend.cuda_graph_safe
+        graph_safe = backend_class(self.kernels).cuda_graph_safe
+        use_graphs = self.device.type == "cuda" and not model_config.enforce_eager and graph_safe
         shape = (lay.num_layers, self.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
         self.kv_cache = allocate_kv_pool(*shape, self.dtype, self.device)  # block-major memory
         if cache_config.share_pool and self.device.type == "cpu":

@@ -4,21 +4,18 @@
                             (`qkv_proj` = q, k, v; `gate_up_proj` = gate, up), each cut to the rank's rows
     RowParallelLinear       input columns split (o_proj, down_proj); partial outputs all-reduced, bias once;
                             `forward_partials` may leave a measured down_proj's split-K reduce to the
-                            add-RMSNorm after it (split_k.py)
+                            add-RMSNorm after it (kernels/split_k.py)
     VocabParallelEmbedding  vocabulary rows split; rows outside the rank's range give 0, then all-reduce
     ParallelLMHead          vocabulary rows split; the logits' columns are all-gathered
 
 Each sharded parameter carries a ParamShard (pdserve.distributed.weights) saying where it sits in the
 full tensor, so checkpoint loading and dummy init cut full tensors the same way. At tp=1 the forward
-passes are plain matmuls / F.embedding and no collective runs. The projections multiply through
-`linear`: F.linear, or on CUDA for a few rows (decode at small batch) the Triton skinny GEMM where it
-was measured faster (triton_skinny.py; PDSERVE_SKINNY_GEMM=0 turns it off); gate_up with SiLU * up
-fused by the same kernel where that was measured faster (silu_mul_linear).
+passes are plain matmuls / F.embedding and no collective runs. The projections multiply through the
+model's chosen implementation (`kernels.linear`: F.linear, or on CUDA for a few rows the Triton skinny
+GEMM where it was measured faster; kernels/triton_linear.py).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,63 +24,18 @@ from torch import nn
 from pdserve.distributed.group import TPGroup
 from pdserve.distributed.sharding import split
 from pdserve.distributed.weights import ParamShard, copy_full_rows, set_shard
-from pdserve.layers.activation import silu_and_mul
-from pdserve.layers.split_k import Partials, partial_products, splits_for
-
-if TYPE_CHECKING:
-    from pdserve.layers.triton_skinny import Tile
+from pdserve.kernels.ops import Kernels
+from pdserve.kernels.split_k import Partials
 
 RowSlice = tuple[int, int, int]  # (full rows, first row this rank holds, rows it holds)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias): F.linear, or triton_skinny's kernel where tile_for gives a tile."""
-    return _product(x, weight, bias, _skinny_tile(x, weight, bias))
-
-
-def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """SiLU(x @ gate^T) * (x @ up^T) for weight = gate stacked over up: one skinny-GEMM launch where
-    tile_for gives a wide enough tile (the activation in its epilogue) or, where it gives none,
-    gated_rows_tile does (measured shapes, 17-64 rows); else the GEMM then silu_and_mul."""
-    tile = _skinny_tile(x, weight, None)
-    if x.is_cuda:
-        from pdserve.layers import triton_skinny
-
-        if tile is not None and triton_skinny.FUSED_SILU and tile[0] >= triton_skinny.FUSED_MIN_WIDTH:
-            return triton_skinny.skinny_linear(x, weight, tile=tile, gated=True)
-        rows_tile = triton_skinny.gated_rows_tile(x, weight) if tile is None else None
-        if rows_tile is not None:
-            return triton_skinny.skinny_linear(x, weight, tile=rows_tile, gated=True)
-    return silu_and_mul(_product(x, weight, None, tile))
-
-
-def _skinny_tile(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Tile | None:
-    """triton_skinny's tile for this product, or None (F.linear); CPU tensors never import triton."""
-    if not x.is_cuda:
-        return None
-    from pdserve.layers import triton_skinny
-
-    return triton_skinny.tile_for(x, weight, bias)
-
-
-def _product(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile | None
-) -> torch.Tensor:
-    """x @ weight^T (+ bias) with the skinny kernel's `tile` (given for bias-free weights only), or
-    F.linear without one."""
-    if tile is None:
-        return F.linear(x, weight, bias)
-    from pdserve.layers import triton_skinny
-
-    assert bias is None
-    return triton_skinny.skinny_linear(x, weight, tile=tile)
 
 
 class MergedLinear(nn.Linear):
     """Column-parallel nn.Linear with named row ranges, one per checkpoint tensor stacked into it."""
 
-    def __init__(self, in_features: int, shards: dict[str, RowSlice], bias: bool) -> None:
+    def __init__(self, in_features: int, shards: dict[str, RowSlice], bias: bool, kernels: Kernels) -> None:
         super().__init__(in_features, sum(size for _, _, size in shards.values()), bias=bias)
+        self.kernels = kernels
         self.shards: dict[str, tuple[int, int]] = {}  # name -> (offset, rows) in the full stacked tensor
         segments = []
         full = local = 0
@@ -104,30 +56,39 @@ class MergedLinear(nn.Linear):
         copy_full_rows(target, tensor.reshape(rows, -1), offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.kernels.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Linear):
     """nn.Linear over the input columns [start, start + size) of `in_features`; outputs summed over ranks."""
 
     def __init__(
-        self, in_features: int, out_features: int, cols: tuple[int, int], bias: bool, tp: TPGroup
+        self,
+        in_features: int,
+        out_features: int,
+        cols: tuple[int, int],
+        bias: bool,
+        tp: TPGroup,
+        kernels: Kernels,
     ) -> None:
         super().__init__(cols[1], out_features, bias=bias)
         self.tp = tp
+        self.kernels = kernels
         set_shard(self.weight, ParamShard((out_features, in_features), ((0, 0, out_features),), cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(linear(x, self.weight))
+            return self.kernels.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(self.kernels.linear(x, self.weight, None))
         return y if self.bias is None else y + self.bias
 
     def forward_partials(self, x: torch.Tensor) -> torch.Tensor | Partials:
-        """forward(x), or at tp=1 without a bias, where split_k.SPLITS holds this shape and x's row count,
-        its split_k.Partials: for a consumer that sums them (RMSNorm.forward_residual)."""
-        splits = splits_for(x, self.weight) if self.tp.size == 1 and self.bias is None else 0
-        return partial_products(x, self.weight, splits) if splits else self.forward(x)
+        """forward(x), or at tp=1 without a bias, where the tuning's split_k table holds this shape and
+        x's row count, its split_k.Partials: for a consumer that sums them (RMSNorm.forward_residual)."""
+        parts = (
+            self.kernels.split_products(x, self.weight) if self.tp.size == 1 and self.bias is None else None
+        )
+        return self.forward(x) if parts is None else parts
 
 
 class VocabParallelEmbedding(nn.Embedding):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pdserve.engine.host_tensors import to_device
 from pdserve.engine.request import Request
+from pdserve.host_tensors import to_device
 
 Entries = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows, token ids, a float32 value each
 

@@ -1,7 +1,8 @@
 """Rotary position embedding (the rotate-half form HF Llama/Qwen use), with a cos/sin table per position.
 
 Frequencies come from transformers' own rope initializers (default, llama3, yarn, linear, dynamic...),
-so every scaling scheme a config names is computed the way the reference computes it.
+so every scaling scheme a config names is computed the way the reference computes it. The rotation is
+the model's chosen implementation (pdserve.kernels): Triton's in place, or the torch one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from pdserve.kernels import rotary
+from pdserve.kernels.ops import Kernels
 
 
 def _inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -29,8 +33,9 @@ class RotaryEmbedding(nn.Module):
     cos: torch.Tensor  # [max_positions, head_dim]
     sin: torch.Tensor
 
-    def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
+    def __init__(self, hf_config: Any, head_dim: int, max_positions: int, kernels: Kernels) -> None:
         super().__init__()
+        self.kernels = kernels
         device = torch.get_default_device()  # the model is being built on it (`with torch.device`)
         with torch.device("cpu"):  # transformers' rope initializers work on the CPU
             inv_freq, scale = _inv_freq(hf_config, head_dim)
@@ -45,13 +50,11 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]
-        if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1:
-            from pdserve.layers import triton_rotary  # CUDA only: a CPU process never imports triton
-
-            if triton_rotary.HAS_TRITON:  # in place, one launch: q and k are this layer's own
-                return triton_rotary.triton_rotary(positions, q, k, self.cos, self.sin)
+        in_place = self.kernels.rotary
+        if in_place is not None and q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1:
+            return in_place(positions, q, k, self.cos, self.sin)  # one launch: q and k are this layer's own
         cos, sin = self._tables(positions, q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return rotary.rotate(q, k, cos, sin)
 
     def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for this step's positions, looked up once per step, not once per layer."""
@@ -59,8 +62,3 @@ class RotaryEmbedding(nn.Module):
             cos = self.cos[positions].unsqueeze(1).to(dtype)
             self._last = (positions, cos, self.sin[positions].unsqueeze(1).to(dtype))
         return self._last[1], self._last[2]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.host_tensors import to_device, to_host_later
 from pdserve.engine.request import Logprob, Request
+from pdserve.host_tensors import to_device, to_host_later
 from pdserve.layers.penalties import apply_penalties
 
 # Rows with top-k/top-p take triton_cut.py's search unless PDSERVE_TRUNCATING_KERNEL=0 (the torch

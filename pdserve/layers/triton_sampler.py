@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdserve.engine.host_tensors import to_device
-from pdserve.layers.pdl import launch_options
-from pdserve.layers.sm_count import num_sms
+from pdserve.host_tensors import to_device
+from pdserve.kernels.pdl import launch_options
+from pdserve.kernels.sm_count import num_sms
 
 if TYPE_CHECKING:
     from pdserve.layers.sampler import RowFilters
@@ -43,7 +43,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from pdserve.layers.pdl import wait_prior
+    from pdserve.kernels.triton_pdl import wait_prior
     from pdserve.layers.triton_cut import ordered_key
 
     @triton.jit

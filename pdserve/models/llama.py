@@ -16,18 +16,13 @@ from torch import nn
 from pdserve.distributed.group import TPGroup
 from pdserve.distributed.sharding import model_head_shard, split
 from pdserve.distributed.weights import load_full
-from pdserve.layers.attention.backend import AttentionBackend
+from pdserve.kernels.ops import Kernels
+from pdserve.kernels.split_k import Partials
 from pdserve.layers.attention.metadata import AttentionMetadata
-from pdserve.layers.linear import (
-    MergedLinear,
-    ParallelLMHead,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    silu_mul_linear,
-)
+from pdserve.layers.attention.registry import make_backend
+from pdserve.layers.linear import MergedLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from pdserve.layers.norm import RMSNorm
 from pdserve.layers.rotary import RotaryEmbedding
-from pdserve.layers.split_k import Partials
 
 # checkpoint name fragment -> (our module fragment, shard)
 STACKED = {
@@ -48,7 +43,7 @@ class Attention(nn.Module):
         self,
         cfg: Any,
         rotary: RotaryEmbedding,
-        backend_cls: type[AttentionBackend],
+        kernels: Kernels,
         bias: bool,
         qk_norm: bool,
         tp: TPGroup,
@@ -64,12 +59,15 @@ class Attention(nn.Module):
             "k": (kv_full, shard.kv_start * d, kv_size),
             "v": (kv_full, shard.kv_start * d, kv_size),
         }
-        self.qkv_proj = MergedLinear(cfg.hidden_size, rows, bias=bias)
-        self.o_proj = RowParallelLinear(q_full, cfg.hidden_size, (shard.q_start * d, q_size), False, tp)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.qkv_proj = MergedLinear(cfg.hidden_size, rows, bias, kernels)
+        self.o_proj = RowParallelLinear(
+            q_full, cfg.hidden_size, (shard.q_start * d, q_size), False, tp, kernels
+        )
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels) if qk_norm else None
         self.rotary = rotary
-        self.attn = backend_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        scale = self.head_dim**-0.5
+        self.attn = make_backend(kernels, self.num_heads, self.num_kv_heads, self.head_dim, scale)
         self.splits = [q_size, kv_size, kv_size]
 
     def forward(
@@ -86,26 +84,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Any, tp: TPGroup) -> None:
+    def __init__(self, cfg: Any, tp: TPGroup, kernels: Kernels) -> None:
         super().__init__()
         full = cfg.intermediate_size
         start, size = split(full, tp.size, tp.rank)
         rows = {"gate": (full, start, size), "up": (full, start, size)}
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, rows, bias=False)
-        self.down_proj = RowParallelLinear(full, cfg.hidden_size, (start, size), False, tp)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, rows, False, kernels)
+        self.down_proj = RowParallelLinear(full, cfg.hidden_size, (start, size), False, tp, kernels)
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | Partials:
-        """The MLP's output, possibly as partial sums the next add-RMSNorm reduces (split_k.py)."""
-        return self.down_proj.forward_partials(silu_mul_linear(x, self.gate_up_proj.weight))
+        """The MLP's output, possibly as partial sums the next add-RMSNorm reduces (kernels/split_k.py)."""
+        return self.down_proj.forward_partials(self.kernels.silu_mul_linear(x, self.gate_up_proj.weight))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, attn: Attention, tp: TPGroup) -> None:
+    def __init__(self, cfg: Any, attn: Attention, tp: TPGroup, kernels: Kernels) -> None:
         super().__init__()
         self.self_attn = attn
-        self.mlp = MLP(cfg, tp)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, tp, kernels)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
     def forward(
         self,
@@ -126,17 +125,15 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(
-        self, cfg: Any, backend_cls: type[AttentionBackend], bias: bool, qk_norm: bool, tp: TPGroup
-    ) -> None:
+    def __init__(self, cfg: Any, kernels: Kernels, bias: bool, qk_norm: bool, tp: TPGroup) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        rotary = RotaryEmbedding(cfg, head_dim_of(cfg), cfg.max_position_embeddings)
+        rotary = RotaryEmbedding(cfg, head_dim_of(cfg), cfg.max_position_embeddings, kernels)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, Attention(cfg, rotary, backend_cls, bias, qk_norm, tp), tp)
+            DecoderLayer(cfg, Attention(cfg, rotary, kernels, bias, qk_norm, tp), tp, kernels)
             for _ in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
     def forward(
         self,
@@ -161,12 +158,12 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias_default = False
     qk_norm = False
 
-    def __init__(self, cfg: Any, backend_cls: type[AttentionBackend], tp: TPGroup | None = None) -> None:
+    def __init__(self, cfg: Any, kernels: Kernels, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
         tp = tp or TPGroup.single()
         bias = bool(getattr(cfg, "attention_bias", self.qkv_bias_default))
-        self.model = DecoderModel(cfg, backend_cls, bias, self.qk_norm, tp)
+        self.model = DecoderModel(cfg, kernels, bias, self.qk_norm, tp)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
         if self.tie_word_embeddings:

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from pdserve.distributed.group import TPGroup
 from pdserve.distributed.weights import copy_full_rows, shard_of
-from pdserve.layers.attention.backend import AttentionBackend
+from pdserve.kernels.ops import Kernels
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.registry import model_class
 
@@ -24,7 +24,7 @@ from pdserve.models.registry import model_class
 def build_model(
     hf_config: Any,
     model_dir: str,
-    backend_cls: type[AttentionBackend],
+    kernels: Kernels,
     dtype: torch.dtype,
     device: torch.device,
     load_format: str = "auto",
@@ -33,7 +33,7 @@ def build_model(
 ) -> LlamaForCausalLM:
     cls = model_class(hf_config)
     with torch.device(device), _default_dtype(dtype):  # built in place: a 32B model never exists in fp32
-        model = cls(hf_config, backend_cls, tp)
+        model = cls(hf_config, kernels, tp)
     if load_format == "dummy":
         init_dummy(model, seed)
     else:

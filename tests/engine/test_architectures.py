@@ -102,10 +102,10 @@ def test_down_projections_as_partial_sums(model_dir, prompts, reference, device,
     add-RMSNorm reduces (its Triton kernel on CUDA, Partials.total() on CPU): the same greedy tokens,
     with the decode steps' CUDA graphs captured over them."""
     from pdserve import LLM
-    from pdserve.layers import linear as linear_module
+    from pdserve.kernels import split_k
 
     calls: list[int] = []
-    monkeypatch.setattr(linear_module, "splits_for", lambda x, w: calls.append(x.shape[0]) or 2)
+    monkeypatch.setattr(split_k, "splits_for", lambda x, w, table: calls.append(x.shape[0]) or 2)
     llm = LLM(model_dir, device=device, dtype="float32", num_blocks=256, block_size=16)
     try:
         assert _greedy(llm, prompts) == reference
@@ -117,16 +117,24 @@ def test_down_projections_as_partial_sums(model_dir, prompts, reference, device,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
-def test_decode_steps_with_the_rotary_launch_equal_transformers(model_dir, prompts, eager, monkeypatch):
-    """PDSERVE_DECODE_ROTARY=0: decode-only steps keep the rotary + cache-write launch before decode
+def test_decode_steps_with_the_rotary_launch_equal_transformers(model_dir, prompts, eager):
+    """decode_rotary=off: decode-only steps keep the rotary + cache-write launch before decode
     attention (the default, triton_new_token, is what every other CUDA test here runs), float32 on
     CUDA: transformers' greedy tokens."""
     from pdserve import LLM
-    from pdserve.layers.attention import triton_new_token
+    from pdserve.kernels.config import KernelConfig
 
     ref = _reference(model_dir, prompts, "cuda")
-    monkeypatch.setattr(triton_new_token, "ENABLED", False)
-    llm = LLM(model_dir, device="cuda", dtype="float32", num_blocks=256, block_size=16, enforce_eager=eager)
+    kernels = KernelConfig(decode_rotary=False)
+    llm = LLM(
+        model_dir,
+        device="cuda",
+        dtype="float32",
+        num_blocks=256,
+        block_size=16,
+        enforce_eager=eager,
+        kernels=kernels,
+    )
     try:
         assert _greedy(llm, prompts) == ref
         assert llm.check_pool_free()
@@ -199,18 +207,18 @@ def test_penalized_rows_launch_ahead_on_cuda_and_match_waiting(model_dir, prompt
 
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
 def test_greedy_output_is_the_same_without_programmatic_dependent_launch(
-    model_dir, prompts, reference, device, eager, monkeypatch
+    model_dir, prompts, reference, device, eager
 ):
-    """PDL (layers/pdl.py: the decode step's Triton kernels launch while the one before drains and
+    """PDL (kernels/pdl.py: the decode step's Triton kernels launch while the one before drains and
     wait for it on the device) is on by default, so every other CUDA test here runs with it; with
-    PDSERVE_PDL=0 the float32 greedy tokens are transformers' as well (CUDA only)."""
+    pdl=off the float32 greedy tokens are transformers' as well (CUDA only)."""
     if device != "cuda":
         pytest.skip("programmatic dependent launch is a CUDA launch attribute")
     from pdserve import LLM
-    from pdserve.layers import pdl
+    from pdserve.kernels.config import KernelConfig
 
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    llm = LLM(model_dir, device="cuda", dtype="float32", num_blocks=256, enforce_eager=eager)
+    kernels = KernelConfig(pdl=False)
+    llm = LLM(model_dir, device="cuda", dtype="float32", num_blocks=256, enforce_eager=eager, kernels=kernels)
     try:
         assert _greedy(llm, prompts) == reference
         assert llm.check_pool_free()

@@ -95,11 +95,13 @@ def test_whole_model_is_built_on_the_build_device(name: str) -> None:
     with CPU tensors no better, and builds a 32B shape without memory."""
     import torch
 
-    from pdserve.layers.attention.triton_backend import TritonAttentionBackend
+    from pdserve.kernels.config import KernelConfig
+    from pdserve.kernels.factory import build_kernels
     from pdserve.models.registry import model_class
 
     cfg = AutoConfig.from_pretrained(resolve_model(name))
+    kernels = build_kernels(KernelConfig(triton=False), torch.device("cpu"))
     with torch.device("meta"):
-        model = model_class(cfg)(cfg, TritonAttentionBackend, None)
+        model = model_class(cfg)(cfg, kernels, None)
     tensors = [*model.parameters(), *model.buffers()]
     assert tensors and all(t.device.type == "meta" for t in tensors)

@@ -28,8 +28,9 @@ from pdserve.config import DisaggConfig, EngineConfig, ModelConfig
 from pdserve.distributed.driver import WorkerDiedError
 from pdserve.distributed.group import TPGroup
 from pdserve.distributed.sharding import head_shard, split
-from pdserve.layers.attention.backend import get_backend_class
-from pdserve.layers.attention.torch_backend import TorchAttentionBackend
+from pdserve.kernels.config import KernelConfig
+from pdserve.kernels.factory import build_kernels
+from pdserve.layers.attention.registry import backend_class
 from pdserve.models.loader import init_dummy
 from pdserve.models.registry import model_class
 
@@ -145,7 +146,8 @@ def test_dummy_weights_of_the_ranks_make_up_the_tp1_weights():
     )  # uneven heads and vocabulary, qkv bias, tied
     models = []
     for rank, size in ((0, 1), (0, 2), (1, 2)):
-        model = model_class(cfg)(cfg, TorchAttentionBackend, TPGroup(rank, size, torch.device("cpu")))
+        kernels = build_kernels(KernelConfig(), torch.device("cpu"))
+        model = model_class(cfg)(cfg, kernels, TPGroup(rank, size, torch.device("cpu")))
         init_dummy(model, seed=3)
         models.append(dict(model.named_parameters()))
     full, r0, r1 = models
@@ -309,7 +311,7 @@ def test_gpu_tp2_bfloat16_with_cuda_graphs(llama_dir):
     llm = LLM(llama_dir, device="cuda", dtype="bfloat16", num_blocks=256, tensor_parallel_size=2)
     try:
         runner = llm.engine.runner
-        assert (runner.graphs is not None) == get_backend_class(runner.device).cuda_graph_safe
+        assert (runner.graphs is not None) == backend_class(runner.kernels).cuda_graph_safe
         prompts = [[1 + i, 2, 3] * (1 + i) for i in range(12)]
         sampled = llm.generate_ids(prompts, SamplingParams(temperature=0.8, max_tokens=24, seed=1))
         assert all(len(o.token_ids) >= 1 and o.error is None for o in sampled)

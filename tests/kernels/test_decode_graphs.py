@@ -27,6 +27,7 @@ from pdserve.engine.model_runner import ModelRunner  # noqa: E402
 from pdserve.engine.request import Request  # noqa: E402
 from pdserve.engine.sampling import SamplingParams  # noqa: E402
 from pdserve.engine.scheduler import ScheduledChunk  # noqa: E402
+from pdserve.kernels.config import KernelConfig  # noqa: E402
 from tests.kernels.triton_env import fix_interpreter  # noqa: E402
 
 CONFIG = dict(
@@ -59,15 +60,16 @@ def test_buckets() -> None:
 
 
 @pytest.fixture
-def runner(tmp_path, monkeypatch: pytest.MonkeyPatch) -> ModelRunner:
-    monkeypatch.setenv("PDSERVE_ATTENTION_BACKEND", "triton")
+def runner(tmp_path) -> ModelRunner:
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
     from transformers import AutoConfig
 
     device = "cuda" if CUDA else "cpu"
     model = ModelConfig(path=str(tmp_path), device=device, dtype="float32", load_format="dummy", seed=3)
     sched = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256)
-    return ModelRunner(model, CacheConfig(num_blocks=32), AutoConfig.from_pretrained(str(tmp_path)), sched)
+    hf_config = AutoConfig.from_pretrained(str(tmp_path))
+    kernels = KernelConfig(attention="triton")  # on CPU: the Triton backend under the interpreter
+    return ModelRunner(model, CacheConfig(num_blocks=32), hf_config, sched, kernels=kernels)
 
 
 def _prefilled(runner: ModelRunner, lengths: list[int]) -> list[Request]:
@@ -118,8 +120,8 @@ def test_warmup_steps_run_and_leave_nothing_to_compile(runner: ModelRunner) -> N
     """The start-up steps are well formed (every row's logits come back), and on CUDA they leave no
     Triton kernel to compile for the steps real requests make afterwards, sampling included."""
     from pdserve.engine.warmup import warmup_steps
+    from pdserve.kernels.attention import triton_cache, triton_decode, triton_prefill
     from pdserve.layers import triton_sampler
-    from pdserve.layers.attention import triton_cache, triton_decode, triton_prefill
 
     steps = warmup_steps(runner.layout.block_size, runner.num_blocks)
     assert [s.num_decodes for s in steps] == [0, 1]

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 
 # name: (module, kernel, {argument: type} (other arguments: i32), constexprs, num_warps, num_stages),
 # as the launches in pdserve ask (3: Triton's default where a launch does not say); the decode step's
-# kernels with PDL on (layers/pdl.py: griddepcontrol must compile too)
+# kernels with PDL on (kernels/pdl.py: griddepcontrol must compile too)
 KERNELS = {
     **{f"sample{'_cut' if cut else ''}": (
         "pdserve.layers.triton_sampler", "_sample_kernel",
@@ -47,13 +47,13 @@ KERNELS = {
     "sample_pick": ("pdserve.layers.triton_sampler", "_pick_chunk_kernel",
                     {"part_score_ptr": "*fp32", "part_index_ptr": "*i32", "out_ptr": "*i64"},
                     {"BLOCK_C": 64, "PDL": True}, 1, 3),
-    "rotary": ("pdserve.layers.triton_rotary", "_rotary_kernel",
+    "rotary": ("pdserve.kernels.triton_rotary", "_rotary_kernel",
                {"q_ptr": "*bf16", "k_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32",
                 "sin_ptr": "*fp32"},
                {"NUM_Q_HEADS": 28, "NUM_K_HEADS": 4, "HALF": 64, "BLOCK_H": 32, "BLOCK_HALF": 64}, 4, 3),
     **{  # Qwen2.5-7B; Qwen3-8B with its q/k norms
         f"rotary_store{'_qk_norm' if norm else ''}": (
-            "pdserve.layers.triton_rotary", "_rotary_store_kernel",
+            "pdserve.kernels.triton_rotary", "_rotary_store_kernel",
             {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32",
              "sin_ptr": "*fp32", "slot_ptr": "*i64", "cache_ptr": "*bf16", "qw_ptr": "*bf16",
              "kw_ptr": "*bf16", "eps": "fp32"},
@@ -61,10 +61,10 @@ KERNELS = {
              "BLOCK_SIZE": 16, "NORM": norm, "PDL": True}, 4, 3)
         for q_heads, kv_heads, norm in [(28, 4, False), (32, 8, True)]
     },
-    **{  # the skinny GEMM's tiles plan() and GATED_TILES pick (BLOCK_M, BLOCK_N, BLOCK_K, stages), plain
-        # and gated (BLOCK_N: gate columns only)
+    **{  # the skinny GEMM's tiles plan() and the tuning's gated_tiles pick (BLOCK_M, BLOCK_N, BLOCK_K,
+        # stages), plain and gated (BLOCK_N: gate columns only)
         f"skinny_gemm_{m}x{n}x{k}x{stages}x{warps}{'_gated' if gated else ''}": (
-            "pdserve.layers.triton_skinny", "_skinny_kernel",
+            "pdserve.kernels.triton_skinny", "_skinny_kernel",
             {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
             {"HAS_BIAS": False, "GATED": gated, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PDL": True},
             warps, stages)
@@ -74,22 +74,22 @@ KERNELS = {
             (64, 32, 64, 4, 4, True), (64, 64, 64, 4, 4, True), (32, 128, 128, 3, 8, True),
             (64, 64, 128, 4, 4, True)]
     },
-    "rms_norm": ("pdserve.layers.triton_fused", "_rms_norm_kernel",
+    "rms_norm": ("pdserve.kernels.triton_fused", "_rms_norm_kernel",
                  {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
                   "res_out_ptr": "*bf16", "eps": "fp32"},
                  {"BLOCK": 4096, "HAS_RESIDUAL": True, "PARTS": 0, "PDL": True}, 8, 3),
-    "rms_norm_parts": ("pdserve.layers.triton_fused", "_rms_norm_kernel",  # split_k.Partials reduced
+    "rms_norm_parts": ("pdserve.kernels.triton_fused", "_rms_norm_kernel",  # split_k.Partials reduced
                        {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
                         "res_out_ptr": "*bf16", "eps": "fp32"},
                        {"BLOCK": 4096, "HAS_RESIDUAL": True, "PARTS": 2, "PDL": True}, 8, 3),
-    "silu_mul": ("pdserve.layers.triton_fused", "_silu_mul_kernel",
+    "silu_mul": ("pdserve.kernels.triton_fused", "_silu_mul_kernel",
                  {"x_ptr": "*bf16", "out_ptr": "*bf16"}, {"BLOCK": 1024, "PDL": True}, 4, 3),
-    "store_kv": ("pdserve.layers.attention.triton_cache", "_store_kv_kernel",
+    "store_kv": ("pdserve.kernels.attention.triton_cache", "_store_kv_kernel",
                  {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64"},
                  {"NUM_KV_HEADS": 4, "HEAD_DIM": 128, "BLOCK_H": 4, "BLOCK_D": 128, "BLOCK_SIZE": 16}, 4, 3),
     **{  # plain; with the new token rotated, stored and attended inside (triton_new_token), Qwen3's norms
         f"decode_split{suffix}": (
-            "pdserve.layers.attention.triton_decode", "_decode_split_kernel",
+            "pdserve.kernels.attention.triton_decode", "_decode_split_kernel",
             {"q_ptr": "*bf16", "cache_ptr": "*bf16", "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64",
              "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "scale_log2": "fp32",
              "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
@@ -99,10 +99,10 @@ KERNELS = {
              "NORM": norm, "PDL": True}, 4, 2)
         for suffix, new, norm in [("", False, False), ("_new", True, False), ("_new_qk_norm", True, True)]
     },
-    "decode_reduce": ("pdserve.layers.attention.triton_decode", "_decode_reduce_kernel",
+    "decode_reduce": ("pdserve.kernels.attention.triton_decode", "_decode_reduce_kernel",
                       {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16"},
                       {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_SPLITS": 8, "PDL": True}, 4, 3),
-    "prefill": ("pdserve.layers.attention.triton_prefill", "_prefill_kernel",
+    "prefill": ("pdserve.kernels.attention.triton_prefill", "_prefill_kernel",
                 {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16", "block_tables_ptr": "*i64",
                  "seq_lens_ptr": "*i64", "query_start_ptr": "*i32", "scale_log2": "fp32"},
                 {"QUERY_GROUP": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64, "BLOCK_N": 64,

@@ -1,5 +1,5 @@
-"""Down projections as K-split partial sums (layers/split_k.py): what they sum to, and which products
-take them (measured shapes and row counts, CUDA, fp16/bf16, tp=1, PDSERVE_SPLIT_NORM)."""
+"""Down projections as K-split partial sums (kernels/split_k.py): what they sum to, and which products
+take them (the tuning's shapes and row counts, CUDA, fp16/bf16, tp=1, KernelConfig split_norm)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.distributed.group import TPGroup
-from pdserve.layers import split_k
+from pdserve.kernels import split_k
 from pdserve.layers.linear import RowParallelLinear
 
-from .triton_env import CUDA, DEVICE
+from .triton_env import CUDA, DEVICE, build, hopper_tuning
 
 
 @pytest.mark.parametrize("splits", [1, 2, 4])
@@ -28,7 +28,7 @@ def test_partials_sum_to_the_product(splits: int) -> None:
 
 def test_the_cpu_never_takes_them() -> None:
     x, w = torch.randn(128, 18944, dtype=torch.bfloat16), torch.empty(3584, 18944, dtype=torch.bfloat16)
-    assert split_k.splits_for(x, w) == 0
+    assert split_k.splits_for(x, w, hopper_tuning().split_k) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -53,17 +53,17 @@ def test_bf16_partials_sum_like_f_linear(dtype: torch.dtype) -> None:
         (257, torch.bfloat16, True, 0),
         (128, torch.float16, True, 2),
         (128, torch.float32, True, 0),
-        (128, torch.bfloat16, False, 0),  # PDSERVE_SPLIT_NORM=0
+        (128, torch.bfloat16, False, 0),  # split_norm=off
     ],
 )
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="split_k takes CUDA products only")
 def test_forward_partials_only_for_measured_shapes_and_rows(
-    rows: int, dtype: torch.dtype, enabled: bool, taken: int, monkeypatch: pytest.MonkeyPatch
+    rows: int, dtype: torch.dtype, enabled: bool, taken: int
 ) -> None:
-    """Qwen2.5-7B's down_proj: split_k.Partials where SPLITS says, else forward()'s tensor."""
-    monkeypatch.setattr(split_k, "ENABLED", enabled)
-    down = RowParallelLinear(18944, 3584, (0, 18944), False, TPGroup.single(DEVICE))
+    """Qwen2.5-7B's down_proj: split_k.Partials where the tuning says, else forward()'s tensor."""
+    kernels = build(split_norm=enabled)
+    down = RowParallelLinear(18944, 3584, (0, 18944), False, TPGroup.single(DEVICE), kernels)
     down = down.to(device=DEVICE, dtype=dtype)
     x = torch.randn(rows, 18944, device=DEVICE, dtype=dtype)
     got = down.forward_partials(x)
@@ -73,4 +73,4 @@ def test_forward_partials_only_for_measured_shapes_and_rows(
     assert isinstance(got, torch.Tensor) and got.dtype == dtype
     torch.testing.assert_close(got.float(), F.linear(x, down.weight).float(), atol=3e-2, rtol=1.6e-2)
     strided = x.t().contiguous().t()  # the same values, column-major: the plain product
-    assert split_k.splits_for(strided, down.weight) == 0
+    assert split_k.splits_for(strided, down.weight, hopper_tuning().split_k) == 0

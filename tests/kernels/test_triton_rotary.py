@@ -1,6 +1,6 @@
 """The Triton rotary kernel against the torch rotate-half code, on q/k views cut from one qkv tensor.
 
-On CUDA the cases run on the GPU; without CUDA the small ones run under Triton's interpreter
+On CUDA the cases run on the GPU; without CUDA fewer small ones run under Triton's interpreter
 (TRITON_INTERPRET=1, set before the kernel is defined); bf16 is GPU-only, as in test_triton_fused.
 """
 
@@ -11,12 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pdserve.layers import triton_rotary
+from pdserve.kernels import norm, triton_rotary
 from pdserve.layers.rotary import RotaryEmbedding
 
-from .triton_env import CUDA, DEVICE, DTYPES, HAS_TRITON
+from .triton_env import CUDA, DEVICE, DTYPES, HAS_TRITON, build, grid
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+KERNELS = build()  # what the default config chooses here: Triton on CUDA, torch on CPU
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -38,10 +39,12 @@ def _reference(rope: RotaryEmbedding, pos: torch.Tensor, q: torch.Tensor, k: tor
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 4, 2, 64), (7, 40, 8, 128), (5, 14, 2, 64)])
+@pytest.mark.parametrize(
+    "tokens,heads,kv_heads,head_dim", grid([(5, 14, 2, 64)], [(1, 4, 2, 64), (7, 40, 8, 128), (5, 14, 2, 64)])
+)
 def test_matches_torch(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
     cfg = SimpleNamespace(rope_theta=1_000_000.0)
-    rope = RotaryEmbedding(cfg, head_dim, 4096).to(DEVICE)
+    rope = RotaryEmbedding(cfg, head_dim, 4096, KERNELS).to(DEVICE)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(DEVICE, dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
@@ -56,9 +59,9 @@ def test_matches_torch(tokens: int, heads: int, kv_heads: int, head_dim: int, dt
     assert torch.equal(v, v_before)  # the neighbour in qkv is untouched
 
 
-@pytest.mark.skipif(not CUDA, reason="the dispatch picks the kernel for CUDA tensors only")
-def test_module_dispatch_on_cuda() -> None:
-    rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 64, 128).to(DEVICE)
+def test_module_gives_the_reference_with_the_chosen_kernels() -> None:
+    """RotaryEmbedding with the default config's kernels: the Triton launch on CUDA, torch on CPU."""
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 64, 128, KERNELS).to(DEVICE)
     q, k = torch.randn(3, 4, 64, device=DEVICE), torch.randn(3, 2, 64, device=DEVICE)
     pos = torch.tensor([0, 5, 127], device=DEVICE)
     want_q, want_k = _reference(rope, pos, q, k)
@@ -68,7 +71,9 @@ def test_module_dispatch_on_cuda() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 4, 2, 64), (6, 14, 2, 64), (5, 40, 8, 128)])
+@pytest.mark.parametrize(
+    "tokens,heads,kv_heads,head_dim", grid([(6, 14, 2, 64)], [(1, 4, 2, 64), (6, 14, 2, 64), (5, 40, 8, 128)])
+)
 def test_rotary_store_writes_rotated_k_and_v_into_the_cache(
     tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> None:
@@ -78,7 +83,7 @@ def test_rotary_store_writes_rotated_k_and_v_into_the_cache(
     from pdserve.engine.kv_layout import allocate_kv_pool
 
     torch.manual_seed(tokens * 100 + heads)
-    rope = RotaryEmbedding(SimpleNamespace(rope_theta=1_000_000.0), head_dim, 4096).to(DEVICE)
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=1_000_000.0), head_dim, 4096, KERNELS).to(DEVICE)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(DEVICE, dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
@@ -105,7 +110,9 @@ def test_rotary_store_writes_rotated_k_and_v_into_the_cache(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 4, 2, 64), (5, 64, 8, 128)])
+@pytest.mark.parametrize(
+    "tokens,heads,kv_heads,head_dim", grid([(1, 4, 2, 64)], [(1, 4, 2, 64), (5, 64, 8, 128)])
+)
 def test_rotary_store_with_qk_norm_matches_norm_then_rotate(
     tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> None:
@@ -113,10 +120,9 @@ def test_rotary_store_with_qk_norm_matches_norm_then_rotate(
     torch code, rounding where it rounds) then rotary, each with its own weight; v is copied as is.
     Without the norms the same inputs give a different q (the norm is really applied)."""
     from pdserve.engine.kv_layout import allocate_kv_pool
-    from pdserve.layers.norm import rms_norm_torch
 
     torch.manual_seed(tokens + heads)
-    rope = RotaryEmbedding(SimpleNamespace(rope_theta=1_000_000.0), head_dim, 4096).to(DEVICE)
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=1_000_000.0), head_dim, 4096, KERNELS).to(DEVICE)
     qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim) * 3).to(DEVICE, dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
@@ -125,7 +131,7 @@ def test_rotary_store_with_qk_norm_matches_norm_then_rotate(
     pool = allocate_kv_pool(1, 4, 4, kv_heads, head_dim, dtype, DEVICE)
     slots = torch.randperm(16)[:tokens].to(DEVICE)
     pos = torch.randint(0, 4096, (tokens,), device=DEVICE)
-    normed_q, normed_k = (rms_norm_torch(x.cpu(), w.cpu(), 1e-6) for x, w in ((q, qw), (k, kw)))
+    normed_q, normed_k = (norm.rms_norm(x.cpu(), w.cpu(), 1e-6) for x, w in ((q, qw), (k, kw)))
     want_q, want_k = _reference(rope, pos, normed_q.to(DEVICE), normed_k.to(DEVICE))
     plain_q = q.clone()
     triton_rotary.rotary_store_kv(pos, plain_q, k, v, rope.cos, rope.sin, pool[0], slots.clone())

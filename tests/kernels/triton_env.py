@@ -2,6 +2,8 @@
 
 TRITON_INTERPRET=1 is read when a kernel is defined, so a test module imports this before any kernel
 module. bf16 cases are GPU-only: triton 3.6's interpreter truncates fp32 -> bf16 where the GPU rounds.
+The interpreter is slow: `grid` gives a test a smaller set of cases on CPU (each behaviour still
+covered once) and the full set under `make test-gpu`. `build` gives the kernels a KernelConfig chooses.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import os
 
 import pytest
 import torch
+
+from pdserve.kernels.config import KernelConfig  # these import no triton: the interpreter switch below
+from pdserve.kernels.factory import build_kernels  # still comes before any kernel is defined
+from pdserve.kernels.ops import Kernels
+from pdserve.kernels.tuning.tables import Tuning, tuning_for
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -39,3 +46,19 @@ def fix_interpreter() -> None:
 
     patched.pdserve_fixed = True  # type: ignore[attr-defined]
     interpreter._patch_lang_tensor = patched
+
+
+def grid(cpu: list, full: list) -> list:  # type: ignore[type-arg]
+    """Test cases: the smaller `cpu` list under the interpreter (slow), the `full` one on a GPU."""
+    return full if CUDA else cpu
+
+
+def hopper_tuning() -> Tuning:
+    """The tuning tables the engine loads on this machine's device (hopper.json on CPU too)."""
+    return tuning_for("auto", DEVICE)
+
+
+def build(**options: object) -> Kernels:
+    """The model's kernels for DEVICE as KernelConfig(**options) chooses them (Triton on CPU only where
+    a test asks for it, e.g. attention="triton", which then runs under the interpreter)."""
+    return build_kernels(KernelConfig(**options), DEVICE)  # type: ignore[arg-type]

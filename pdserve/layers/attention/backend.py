@@ -1,12 +1,11 @@
-"""The attention backend interface and its registry: triton on CUDA when installed, torch elsewhere.
+"""The attention backend interface: write this step's K/V into the paged cache, attend over it.
 
-PDSERVE_ATTENTION_BACKEND=torch|triton overrides the choice (triton on CPU runs only under
-TRITON_INTERPRET=1, which is for tests).
+The implementations are torch_backend.py and triton_backend.py; registry.py picks one from the
+model's Kernels (KernelConfig.attention).
 """
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -58,23 +57,3 @@ class AttentionBackend(ABC):
             q, k = qk_norm[0](q), qk_norm[1](k)
         q, k = rotary(positions, q, k)
         return self.forward(q, k, v, kv_cache, meta)
-
-
-BACKEND_ENV = "PDSERVE_ATTENTION_BACKEND"
-
-
-def get_backend_class(device: torch.device) -> type[AttentionBackend]:
-    from pdserve.layers.attention.torch_backend import TorchAttentionBackend
-
-    choice = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if choice not in ("", "torch", "triton"):
-        raise ValueError(f"{BACKEND_ENV} must be torch or triton, got {choice!r}")
-    if choice == "torch" or (not choice and device.type != "cuda"):
-        return TorchAttentionBackend
-    from pdserve.layers.attention.triton_backend import TRITON_AVAILABLE, TritonAttentionBackend
-
-    if TRITON_AVAILABLE:
-        return TritonAttentionBackend
-    if choice == "triton":
-        raise RuntimeError(f"{BACKEND_ENV}=triton but the triton package is not installed")
-    return TorchAttentionBackend

@@ -1,33 +1,25 @@
 """The Triton attention backend: paged KV store, split-K decode and prefix-aware prefill kernels.
 
 One step is at most three launches per layer (plus a reduce when decode splits): rotary (after
-Qwen3's q/k norms) fused with storing this step's K/V by slot (layers/triton_rotary.py), decode the
+Qwen3's q/k norms) fused with storing this step's K/V by slot (kernels/triton_rotary.py), decode the
 first `num_decodes` sequences, prefill the rest. Both attention kernels read this step's K/V from
 the cache, so k is never needed rotated in place. A decode-only step skips the rotary launch: the
-decode kernel rotates, stores and attends the new token itself (triton_new_token.py;
-PDSERVE_DECODE_ROTARY=0 keeps the launch). Importing this module never fails: without
-triton, `TRITON_AVAILABLE` is False and constructing the backend raises.
+decode kernel rotates, stores and attends the new token itself (kernels/attention/triton_new_token.py;
+KernelConfig.decode_rotary=off keeps the launch). The launches come bound in an AttentionKernels
+(pdserve.kernels.factory), so this module itself never imports triton.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from pdserve.engine.host_tensors import to_device
+from pdserve.host_tensors import to_device
+from pdserve.kernels.attention.new_token import NewToken
+from pdserve.kernels.ops import AttentionKernels
 from pdserve.layers.attention.backend import AttentionBackend
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.norm import RMSNorm
 from pdserve.layers.rotary import RotaryEmbedding
-
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-if TRITON_AVAILABLE:
-    from pdserve.layers.attention import triton_new_token
-    from pdserve.layers.attention.triton_cache import store_kv
-    from pdserve.layers.attention.triton_decode import choose_num_splits, paged_decode
-    from pdserve.layers.attention.triton_prefill import paged_prefill
-    from pdserve.layers.triton_rotary import rotary_store_kv
 
 
 def _fusable(qk_norm: tuple[RMSNorm, RMSNorm] | None, dtype: torch.dtype) -> bool:
@@ -41,12 +33,13 @@ def _fusable(qk_norm: tuple[RMSNorm, RMSNorm] | None, dtype: torch.dtype) -> boo
 class TritonAttentionBackend(AttentionBackend):
     cuda_graph_safe = True  # decode reads device tensors only; padded rows (slot -1, length 0) are inert
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        if not TRITON_AVAILABLE:
-            raise RuntimeError("the triton attention backend needs the triton package")
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ops: AttentionKernels
+    ) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
+        self.ops = ops
 
     def forward(
         self,
@@ -56,7 +49,7 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        self.ops.store_kv(k, v, kv_cache, meta.slot_mapping)
         return self._attend(q, kv_cache, meta)
 
     def forward_rotary(
@@ -73,12 +66,14 @@ class TritonAttentionBackend(AttentionBackend):
         if not all(x.stride(-1) == 1 for x in (q, k, v)) or not _fusable(qk_norm, q.dtype):
             return super().forward_rotary(rotary, positions, q, k, v, kv_cache, meta, qk_norm)
         norms = None if qk_norm is None else (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps)
-        if triton_new_token.ENABLED and meta.num_decodes == meta.num_seqs == q.shape[0]:  # decodes only
+        if self.ops.decode_rotary and meta.num_decodes == meta.num_seqs == q.shape[0]:  # decodes only
             out = torch.empty_like(q)
-            new = triton_new_token.NewToken(k, v, positions, rotary.cos, rotary.sin, meta.slot_mapping, norms)
+            new = NewToken(k, v, positions, rotary.cos, rotary.sin, meta.slot_mapping, norms)
             self._decode(q, kv_cache, meta, out, new)
             return out
-        rotary_store_kv(positions, q, k, v, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping, norms)
+        self.ops.rotary_store_kv(
+            positions, q, k, v, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping, norms
+        )
         return self._attend(q, kv_cache, meta)
 
     def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -89,7 +84,7 @@ class TritonAttentionBackend(AttentionBackend):
             self._decode(q, kv_cache, meta, out)
         if meta.num_seqs > nd:
             qsl = _device_query_start_loc(meta, q.device)
-            paged_prefill(
+            self.ops.paged_prefill(
                 q,
                 kv_cache,
                 meta.block_tables[nd:],
@@ -108,13 +103,15 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         out: torch.Tensor,
-        new_token: triton_new_token.NewToken | None = None,  # every row a decode, q not yet rotated
+        new_token: NewToken | None = None,  # every row a decode, q not yet rotated
     ) -> None:
         nd = meta.num_decodes
         max_len = max(meta.context_lens[:nd])
-        splits = choose_num_splits(nd, self.num_kv_heads, max_len, q.device)
+        splits = self.ops.num_splits(nd, self.num_kv_heads, max_len, q.device)
         tables, lens = meta.block_tables[:nd], meta.seq_lens[:nd]
-        paged_decode(q[:nd], kv_cache, tables, lens, out[:nd], self.scale, splits, new_token=new_token)
+        self.ops.paged_decode(
+            q[:nd], kv_cache, tables, lens, out[:nd], self.scale, splits, new_token=new_token
+        )
 
 
 def _device_query_start_loc(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:

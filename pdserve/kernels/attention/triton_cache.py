@@ -3,7 +3,7 @@
 A slot is `block_id * block_size + offset`; a negative slot (a padded token of a CUDA-graph batch)
 writes nothing. Chosen over two `index_copy_` calls: one launch instead of two, strided sources
 (k and v are views into the fused qkv projection) read in place, and padding that needs no dummy block.
-This module imports triton unconditionally: import it only where triton is installed.
+This module imports triton: import it only where Triton is chosen (the kernel factory).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ sequence's block table, so a tile may span pages (any power-of-two block_size wo
 `online_softmax_step` folds one tile's scores into the running (max, sum, accumulator) of each query
 row, in base 2 (scores are multiplied by scale * log2(e), so exp2 is the exponential), with fp32
 accumulation.
-This module imports triton unconditionally: import it only where triton is installed.
+This module imports triton: import it only where Triton is chosen (the kernel factory).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ at position p = ctx_len - q_len + j and sees keys 0..p, all read through the blo
 One program per (tile of BLOCK_M queries of one sequence, query head); a flat tile index is mapped to
 its sequence by binary search over query_start_loc, so the grid is known from the token and sequence
 counts alone: sequence i owns tiles from (query_start_loc[i] - base) // BLOCK_M + i onwards.
-This module imports triton unconditionally: import it only where triton is installed.
+This module imports triton: import it only where Triton is chosen (the kernel factory).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow2
+from pdserve.kernels.attention.triton_tile import attend_tile, dot_precision, pow2
+from pdserve.kernels.tuning.tables import AttentionTiles
 
 LOG2E = math.log2(math.e)
 
@@ -103,15 +104,6 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def tile_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    if dtype == torch.float32:
-        return 32, 32, 4, 2
-    if head_dim > 128:
-        return 64, 32, 4, 2
-    return 64, 64, 4, 2
-
-
 def paged_prefill(
     q: torch.Tensor,  # [T, num_heads, D]: all of the step"s tokens
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, D]
@@ -122,12 +114,13 @@ def paged_prefill(
     scale: float,
     token_base: int,  # query_start_loc[0]: the first prefill token
     num_tokens: int,  # query_start_loc[P] - token_base (an upper bound is fine)
+    tiles: AttentionTiles,  # the tuning's
 ) -> None:
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or num_tokens == 0:
         return
     num_heads, head_dim = q.shape[1], q.shape[2]
-    block_m, block_n, num_warps, num_stages = tile_config(q.dtype, head_dim)
+    block_m, block_n, num_warps, num_stages = tiles.prefill_tile(q.dtype, head_dim)
     grid = (num_tokens // block_m + num_seqs, num_heads)
     _prefill_kernel[grid](
         q,

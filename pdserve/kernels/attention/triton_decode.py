@@ -13,7 +13,7 @@ write: q comes unrotated, and the new token's key and value are stored and atten
 
 Only tensors are read on the device, the grid depends on the batch size and `num_splits` alone, and a
 sequence of length 0 (a padded batch entry) gets zeros: a decode step can be captured in a CUDA graph.
-This module imports triton unconditionally: import it only where triton is installed.
+This module imports triton: import it only where Triton is chosen (the kernel factory).
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.layers.attention.triton_new_token import NewToken, kernel_args, roped, store_and_attend
-from pdserve.layers.attention.triton_tile import attend_tile, dot_precision, pow2
-from pdserve.layers.pdl import launch_options, wait_prior
-from pdserve.layers.sm_count import num_sms
-from pdserve.layers.triton_rotary import cos_sin
+from pdserve.kernels.attention.new_token import NewToken, kernel_args
+from pdserve.kernels.attention.triton_new_token import roped, store_and_attend
+from pdserve.kernels.attention.triton_tile import attend_tile, dot_precision, pow2
+from pdserve.kernels.pdl import ALWAYS, Pdl, launch_options
+from pdserve.kernels.sm_count import num_sms
+from pdserve.kernels.triton_pdl import wait_prior
+from pdserve.kernels.triton_rotary import cos_sin
+from pdserve.kernels.tuning.tables import AttentionTiles
 
 LOG2E = math.log2(math.e)
-MAX_SPLITS = 64
-MIN_SPLIT_TOKENS = 64  # a partition shorter than this costs more to merge than it saves
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt", "stride_pb", "stride_ph", "stride_ps"])
@@ -158,23 +159,21 @@ def _decode_reduce_kernel(  # type: ignore[no-untyped-def]
     )
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """A power of two: enough (sequence, kv head, split) programs for two waves, none too short.
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device, max_splits: int, min_tokens: int
+) -> int:
+    """A power of two: enough (sequence, kv head, split) programs for two waves, at most `max_splits`,
+    none shorter than `min_tokens` (the tuning file's decode limits).
 
     Any value is correct for any lengths; it only sets how the work is spread.
     """
     programs = max(1, batch * num_kv_heads)
     wanted = -(-2 * num_sms(device) // programs)
-    cap = max(1, max_seq_len // MIN_SPLIT_TOKENS)
-    splits = min(pow2(wanted), MAX_SPLITS)
+    cap = max(1, max_seq_len // min_tokens)
+    splits = min(pow2(wanted), max_splits)
     while splits > 1 and splits > cap:
         splits //= 2
     return splits
-
-
-def split_config(dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel."""
-    return (32, 4, 2) if dtype == torch.float32 else (64, 4, 2)
 
 
 def paged_decode(
@@ -185,8 +184,10 @@ def paged_decode(
     out: torch.Tensor,  # [B, num_heads, D], written
     scale: float,
     num_splits: int,
-    config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages); default split_config
+    tiles: AttentionTiles,  # the tuning's; `config` overrides its decode tile
+    config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages)
     new_token: NewToken | None = None,  # q not yet rotated: the kernel rotates, stores and attends it
+    pdl: Pdl = ALWAYS,
 ) -> None:
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -200,7 +201,7 @@ def paged_decode(
     else:
         part_out = part_lse = out  # unused
     fp32 = q.dtype == torch.float32
-    block_n, num_warps, num_stages = config or split_config(q.dtype)
+    block_n, num_warps, num_stages = config or tiles.decode_tile(q.dtype)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -210,13 +211,13 @@ def paged_decode(
         QUERY_GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=kv_cache.shape[2], SINGLE_SPLIT=num_splits == 1, DOT_PRECISION=dot_precision(fp32),
         NEW_TOKEN=new_token is not None, HALF=head_dim // 2, NORM=bool(new_token and new_token.norms),
-        num_warps=num_warps, num_stages=num_stages, **launch_options(q, attention=True),
+        num_warps=num_warps, num_stages=num_stages, **launch_options(q, pdl, attention=True),
     )  # fmt: skip
     if num_splits > 1:
-        _merge_splits(part_out, part_lse, out)
+        _merge_splits(part_out, part_lse, out, pdl)
 
 
-def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, pdl: Pdl) -> None:
     """out[b, h] from the partitions' outputs [B, H, splits, D] and log-sum-exps [B, H, splits]."""
     batch, num_heads, num_splits, head_dim = part_out.shape
     _decode_reduce_kernel[(batch, num_heads)](
@@ -232,5 +233,5 @@ def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Ten
         BLOCK_D=pow2(head_dim),
         NUM_SPLITS=num_splits,
         num_warps=4,
-        **launch_options(out, attention=True),
+        **launch_options(out, pdl, attention=True),
     )

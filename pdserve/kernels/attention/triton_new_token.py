@@ -1,7 +1,7 @@
 """The step's own token inside the decode kernel: rotary (after Qwen3's q/k norms), the KV-cache write
 and its attention, done by the decode program instead of a launch before it.
 
-On a decode-only step the rotary + cache-write kernel (layers/triton_rotary.py) is a launch a layer
+On a decode-only step the rotary + cache-write kernel (kernels/triton_rotary.py) is a launch a layer
 between the qkv GEMM and decode attention, ~3 us at 128 rows. With `NewToken` given, paged_decode's
 split kernel instead loads q and rotates it itself, and the one program per (sequence, kv head)
 whose partition ends at the sequence's last position rotates that token's k, writes k and v into the
@@ -9,52 +9,16 @@ cache at its slot, and folds the new key into its online softmax from registers 
 it back (no program reads a position another program of the same launch writes). The arithmetic is
 triton_rotary's: the same fp32 products, q and k rounded where that kernel rounds them.
 
-On by default (triton_backend takes it on every decode-only step); PDSERVE_DECODE_ROTARY=0 keeps the
-rotary launch. The twelfth session's engine A/B on one H200 (docs/performance.md), B=128, 1k context:
-7B -0.12 ms, Qwen3-8B -0.3, Llama-3.1-8B -0.35, 32B -0.85 a step, nothing slower at B=1 or 32; at that
-context the old kernel also ran a whole tile for the one new token; at context 1000: 7B -0.08, 32B -0.3.
-This module imports triton unconditionally: import it only where triton is installed.
+On by default on decode-only steps, where it saves a launch a layer at every batch size measured
+(docs/performance.md); `KernelConfig.decode_rotary=off` keeps the rotary launch. NewToken, what the
+kernel is handed, is in new_token.py (no triton there).
+This module imports triton: import it only where Triton is chosen (the kernel factory).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
-import torch
 import triton
 import triton.language as tl
-
-ENABLED = os.environ.get("PDSERVE_DECODE_ROTARY", "1") != "0"
-
-
-@dataclass
-class NewToken:
-    """What the decode kernel needs to rotate, store and attend each sequence's one new token."""
-
-    k: torch.Tensor  # [B, Hk, D], not rotated (the qkv projection's view)
-    v: torch.Tensor  # [B, Hk, D]
-    positions: torch.Tensor  # [B]
-    cos: torch.Tensor  # [max_positions, D] (its halves repeat)
-    sin: torch.Tensor
-    slots: torch.Tensor  # [B] cache slots; negative: a padded row, nothing written
-    norms: tuple[torch.Tensor, torch.Tensor, float] | None = None  # q's, k's RMSNorm weights, eps
-
-    def kernel_args(self, q: torch.Tensor) -> list[object]:
-        """The split kernel's new-token arguments, in its order."""
-        assert all(x.stride(-1) == 1 for x in (q, self.k, self.v, self.cos))
-        assert self.cos.stride() == self.sin.stride()
-        qw, kw, eps = self.norms if self.norms is not None else (q, q, 0.0)
-        k, v = self.k, self.v
-        return [k, v, self.positions, self.cos, self.sin, self.slots, qw, kw, eps,
-                k.stride(0), k.stride(1), v.stride(0), v.stride(1), self.cos.stride(0)]  # fmt: skip
-
-
-def kernel_args(new_token: NewToken | None, q: torch.Tensor) -> list[object]:
-    """The split kernel's new-token arguments; without a new token, unused stand-ins in their places."""
-    if new_token is not None:
-        return new_token.kernel_args(q)
-    return [*[q] * 8, 0.0, *[0] * 5]
 
 
 @triton.jit
