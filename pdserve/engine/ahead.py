@@ -52,7 +52,7 @@ def can_run_ahead(flight: InFlight, scheduler: Scheduler, connector: KVConnector
     for r in flight.sampling:
         if not kernel_draws(r) or r.num_output_tokens + 2 > r.max_output_tokens:
             return False
-        if connector is not None and connector.sends_kv(r):
+        if connector is not None and connector.sends_kv(r.handoff):
             return False
         need += cdiv(r.num_computed_tokens + 2, bs) > len(r.block_ids)  # N computes one, N+1 one more
     return need <= scheduler.bm.num_free_blocks

@@ -30,10 +30,10 @@ from pdserve.distributed.sharding import model_head_shard
 from pdserve.distributed.shared_pool import ipc_export, open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from pdserve.engine.host_tensors import long_tensor, padded_rows, to_device
-from pdserve.engine.kv_layout import allocate_kv_pool
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.warmup import warm_sampler, warmup_steps
+from pdserve.kv_layout import allocate_kv_pool
 from pdserve.layers.attention.backend import get_backend_class
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.sampler import PendingSample, SampleResult, sample_later

@@ -5,7 +5,7 @@ instance's KV pool, GPU to GPU over the copy engine (NVLink/PCIe peer copies), w
     prefill: open it once per peer (mapped into its own GPU's address space, peer access enabled)
     per transfer, on a side stream:  remote_blocks[d:d+n].copy_(local_blocks[s:s+n])
              for each run of blocks contiguous on both sides: pools are block-major in memory
-             (engine/kv_layout.py), so each run, all layers, K and V, is one contiguous memcpy
+             (pdserve/kv_layout.py), so each run, all layers, K and V, is one contiguous memcpy
     then an event: once it completes, KVData(written=True) tells the decode side the write is done.
 
 Tensor-parallel pools on either side (shards.py): the decode offers every rank's handle, the prefill
