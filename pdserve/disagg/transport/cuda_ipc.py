@@ -157,8 +157,8 @@ def write_blocks_direct(
         began = torch.cuda.Event(enable_timing=True)
         began.record(stream)
         for s, d, n in [] if blocks.streamed else paired_runs(blocks.block_ids, dst):
-            # one copy per run of blocks (and pair of shards), every layer and K/V at once (was one
-            # per layer and K/V: 128 launches for a 64-layer model, the link idle between them); one
+            # one copy per run of blocks (and pair of shards), every layer and K/V at once: a copy per
+            # layer and K/V would be 128 launches for a 64-layer model, the link idle between them; one
             # memcpy when both pools are block-major in memory and hold the same heads
             copy_run(copies, s, d, n)
         done = torch.cuda.Event(enable_timing=True)
