@@ -7,8 +7,10 @@ already been launched once more; that token is dropped when collected (request.i
 steady decode batch the next step is even launched before the previous one is collected (ahead.py).
 
 Single-threaded by design: AsyncEngine drives it from one thread. Text exists only here and above;
-the scheduler and runner see token ids. With a KV connector (role prefill or decode), each step first
-applies what arrived from peers: prompts to prefill for a decode instance, KV that landed for ours.
+the scheduler and runner see token ids. With a KV connector (role prefill or decode), each step applies
+the connector's typed actions (disagg/actions.py: prompts to prefill for a decode instance, KV that
+landed for ours, failures, blocks to free) and sends the Reserves for the requests the scheduler just
+reserved blocks for; the scheduler itself does no network I/O.
 """
 
 from __future__ import annotations
