@@ -46,8 +46,8 @@ def pattern(shape: tuple[int, ...], block_ids: list[int], dtype: torch.dtype, de
 
 def connector(kind: str, device: str, shape: tuple[int, ...], dtype: torch.dtype) -> Any:
     from pdserve.disagg.connector import KVConnector
-    from pdserve.disagg.transport.base import make_transport
-    from pdserve.engine.kv_layout import allocate_kv_pool
+    from pdserve.disagg.transport.factory import make_transport
+    from pdserve.kv_layout import allocate_kv_pool
 
     torch.cuda.set_device(device)
     layers, _, blocks, block_size, heads, dim = shape
@@ -57,10 +57,8 @@ def connector(kind: str, device: str, shape: tuple[int, ...], dtype: torch.dtype
 
 
 def prefill_main(kind: str, args: argparse.Namespace, addr_q: Any, times_q: Any) -> None:
-    from pdserve.disagg.connector import NewPrefill
-    from pdserve.engine.request import Request
-    from pdserve.engine.sampling import SamplingParams
-    from pdserve.layers.sampler import SampleResult
+    from pdserve.disagg.actions import StartPrefill
+    from pdserve.disagg.handoff import FirstToken, PromptKV
 
     n = -(-args.tokens // args.block_size)
     c = connector(kind, "cuda:0", pool_shape(args, n + 4), DTYPES[args.dtype])
@@ -70,25 +68,25 @@ def prefill_main(kind: str, args: argparse.Namespace, addr_q: Any, times_q: Any)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         for ev in c.poll():
-            if isinstance(ev, NewPrefill):
-                request = Request(f"kv-{ev.transfer_id}", ev.prompt_token_ids, SamplingParams())
-                request.kv_transfer = {"transfer_id": ev.transfer_id, "decode_addr": ev.decode_addr}
-                request.kv_transfer["block_ids"] = ev.block_ids
-                request.block_ids = list(range(len(ev.block_ids)))
+            if isinstance(ev, StartPrefill):
+                tid = ev.target.transfer_id
+                kv = PromptKV(ev.request_id, ev.target, tuple(range(len(ev.target.block_ids))))
                 start = time.monotonic()
-                c.send_kv(request, SampleResult(1, None))
-                while ev.transfer_id in c.leases:  # the transport still reads our blocks
+                c.send_kv(kv, FirstToken(1), 0)
+                while tid in c.leases:  # the transport still reads our blocks
                     time.sleep(0)
                 read = time.monotonic()
                 copies = getattr(c.transport, "copy_seconds", None)  # cuda_ipc: the copy's GPU time
-                times_q.put((ev.transfer_id, start, read, copies[-1] if copies else None))
-                c.request_finished(request)
+                times_q.put((tid, start, read, copies[-1] if copies else None))
+                c.request_finished(ev.request_id, ev.target)
         time.sleep(0.0002)
 
 
 def decode_main(kind: str, args: argparse.Namespace, addr: str, device: str, result_q: Any) -> None:
-    from pdserve.disagg.connector import KVReady, TransferFailed
-    from pdserve.engine.request import Request
+    from dataclasses import asdict
+
+    from pdserve.disagg.actions import Activate, Fail
+    from pdserve.disagg.handoff import FromPrefill
     from pdserve.engine.sampling import SamplingParams
 
     n = -(-args.tokens // args.block_size)
@@ -96,18 +94,17 @@ def decode_main(kind: str, args: argparse.Namespace, addr: str, device: str, res
     dst = list(range(n + 8, 2 * n + 8))
     runs = []
     for i in range(args.warmup + args.repeats):
-        request = Request(f"r{i}", list(range(1, args.tokens + 1)), SamplingParams(), kv_transfer={})
-        request.kv_transfer = {"prefill_kv_addr": addr}
-        request.block_ids = dst
+        rid, source = f"r{i}", FromPrefill(addr)
         c.kv_cache[:, :, dst] = 0
         torch.cuda.synchronize()
-        c.start_receive(request)
-        ready = _wait_ready(c, KVReady, TransferFailed)
+        c.start_receive(rid, source, list(range(1, args.tokens + 1)), asdict(SamplingParams()), dst)
+        tid = c.receiver.transfer_of[rid]
+        ready = _wait_ready(c, Activate, Fail)
         if i in (0, args.warmup + args.repeats - 1):
             expected = pattern(tuple(c.kv_cache.shape), list(range(n)), c.kv_cache.dtype, device)
             assert torch.equal(c.kv_cache[:, :, dst], expected), f"{kind}: wrong KV bytes arrived"
-        runs.append((request.kv_transfer["transfer_id"], ready))
-        c.request_finished(request)
+        runs.append((tid, ready))
+        c.request_finished(rid, source)
     result_q.put({"runs": runs[args.warmup :], "bytes": n * c.block_bytes, "path": c.transport.path_to(addr)})
     c.close()
 

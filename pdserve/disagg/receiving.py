@@ -1,18 +1,19 @@
 """The connector's decode side: a request whose KV comes from a prefill instance.
 
-    start_receive: a Handshake (first time, or the transport asks) and a Reserve for its blocks
-    KVData: the bytes are in those blocks (a byte stream landed through `_payload_target` and
-            `_payload_done`, a payload handed over whole, or the fence of writes into our pool)
-    Done: the first token; with every byte in too (either order) -> KVReady -> RUNNING
-    Failed from the peer -> TransferFailed; a refused handshake, a Pong that does not know the
+    start: a Handshake (first time, or the transport asks) and a Reserve for its blocks
+    KVData: the bytes are in those blocks (a byte stream landed through `payload_target` and
+            `payload_done`, a payload handed over whole, or the fence of writes into our pool)
+    Done: the first token; with every byte in too (either order) -> Activate -> RUNNING
+    Failed from the peer -> Fail; a refused handshake, a Pong that does not know the
     transfer, bytes of the wrong size or broken off, a timeout, a silent peer -> `_fail`:
-    TransferFailed, and an Abort to the peer
+    Fail, and an Abort to the peer
 
-Threads: transport callbacks write KV bytes into reserved blocks (under the connector's lock, or,
-for a byte stream, under a "writing" lease while it lands) and queue events; the engine thread's
-`poll` runs `_check_incoming`: timeouts, and a Heartbeat to each prefill instance still owing KV.
+Threads: transport callbacks write KV bytes into reserved blocks (under the Receiver's lock, or,
+for a byte stream, under a "writing" lease while it lands) and queue actions (Activate, Fail); the
+engine thread's `poll` runs `check`: timeouts, and a Heartbeat to each prefill instance still owing KV.
+The Receiver knows requests only by id: which transfer each waits on is its own record (`transfer_of`).
 
-Where the peer writes into our pool itself (a "direct" path), `start_receive` holds a "direct" lease
+Where the peer writes into our pool itself (a "direct" path), `start` holds a "direct" lease
 on the blocks. It ends at the writer's fence (KVData.written, or Failed), when the writer cannot
 write any more (it refused the handshake or picked a path that sends bytes, it never heard of the
 transfer, or its process is gone), once every byte is in, or DIRECT_WRITE_GRACE after the transfer's
@@ -23,19 +24,22 @@ the grace only has to cover a stall between that check and the copies being queu
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from pdserve.disagg import protocol as p
-from pdserve.disagg.events import KVReady, TransferFailed
-from pdserve.disagg.state import ConnectorState
+from pdserve.disagg.actions import Activate, Fail
+from pdserve.disagg.handoff import FirstToken, FromPrefill
+from pdserve.disagg.link import Link
 from pdserve.disagg.transport.blocks import pinned_bytes, write_blocks
-from pdserve.engine.request import Logprob, Request
-from pdserve.layers.sampler import SampleResult
+from pdserve.disagg.transport.shards import ShardedPool
+from pdserve.kv_layout import block_major
 
 logger = logging.getLogger(__name__)
 
@@ -55,66 +59,125 @@ class Incoming:
     done: p.Done | None = None  # the first token, if it overtook the KV bytes
 
 
-class ReceiveSide(ConnectorState):
-    """Decode side of KVConnector: asks for KV, lands it in reserved blocks, reports it ready."""
+class Receiver:
+    """Decode side of the connector: asks for KV, lands it in reserved blocks, reports it ready."""
 
-    model_name: str
-    block_bytes: int
-    incoming: dict[str, Incoming]
-    staging: dict[str, torch.Tensor]
-    pool_bytes: np.ndarray | None
-    bytes_received: int
-    transfer_seconds: list[float]
+    def __init__(
+        self,
+        link: Link,
+        kv_cache: torch.Tensor,  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+        shards: ShardedPool | None,
+        block_bytes: int,
+    ) -> None:
+        self.link = link
+        self.kv_cache = kv_cache
+        self.shards = shards
+        self.block_bytes = block_bytes
+        self.lock = threading.Lock()
+        self.incoming: dict[str, Incoming] = {}  # by transfer id
+        self.transfer_of: dict[str, str] = {}  # request id -> the transfer it waits on, until it ends
+        self.staging: dict[str, torch.Tensor] = {}  # GPU pool: pinned buffers bytes land in
+        self.bytes_received = 0
+        self.transfer_seconds: list[float] = []  # drained by metrics
+        # a host pool in block-major memory takes KV bytes straight from the socket, a run of blocks per
+        # read; device (or sharded, or other-layout) pools take them through a buffer
+        blocks_first = block_major(kv_cache)
+        host = kv_cache.device.type == "cpu" and shards is None and blocks_first.is_contiguous()
+        self.pool_bytes: np.ndarray | None = blocks_first.view(torch.uint8).numpy() if host else None
 
-    def start_receive(self, request: Request) -> None:
+    def start(
+        self,
+        request_id: str,
+        source: FromPrefill,
+        prompt_token_ids: list[int],
+        params: dict[str, Any],
+        block_ids: list[int],
+    ) -> None:
         """Blocks for the prompt are reserved: ask the prefill instance to fill them."""
-        assert request.kv_transfer is not None
-        peer = str(request.kv_transfer["prefill_kv_addr"])
+        link, peer = self.link, source.prefill_kv_addr
         transfer_id = uuid.uuid4().hex
-        request.kv_transfer["transfer_id"] = transfer_id
-        blocks = list(request.block_ids)
-        inc = Incoming(request.request_id, peer, blocks, len(blocks) * self.block_bytes)
+        blocks = list(block_ids)
+        inc = Incoming(request_id, peer, blocks, len(blocks) * self.block_bytes)
         with self.lock:
             self.incoming[transfer_id] = inc
-            needs_handshake = self.peers.should_handshake(peer, inc.started)
-        if needs_handshake or self.transport.needs_handshake(peer):
-            offer = self.transport.offer(peer)
-            self.transport.send(peer, p.Handshake(self.address, self.model_name, self.layout, offer))
-        if self.transport.writes_into_pool(peer):
-            expires = inc.started + self.transfer_timeout + DIRECT_WRITE_GRACE
-            self.leases.hold(transfer_id, request.request_id, peer, "direct", expires)
-        params = asdict(request.params)
+            self.transfer_of[request_id] = transfer_id
+            needs_handshake = link.peers.should_handshake(peer, inc.started)
+        if needs_handshake or link.transport.needs_handshake(peer):
+            offer = link.transport.offer(peer)
+            link.transport.send(peer, p.Handshake(link.address, link.model_name, link.layout, offer))
+        if link.transport.writes_into_pool(peer):
+            expires = inc.started + link.transfer_timeout + DIRECT_WRITE_GRACE
+            link.leases.hold(transfer_id, request_id, peer, "direct", expires)
         reserve = p.Reserve(
-            self.address, transfer_id, request.prompt_token_ids, params, blocks, self.transfer_timeout
+            link.address, transfer_id, list(prompt_token_ids), params, blocks, link.transfer_timeout
         )
-        self.transport.send(peer, reserve)
+        link.transport.send(peer, reserve)
 
-    def _check_incoming(
-        self, now: float, incoming: list[tuple[str, Incoming]], silent: dict[str, float]
-    ) -> None:
+    def finished(self, request_id: str) -> bool:
+        """The request ended (before its blocks are freed). True: a lease keeps them."""
+        with self.lock:
+            transfer_id = self.transfer_of.pop(request_id, None)
+            if transfer_id is None:
+                return False
+            incoming = self.incoming.pop(transfer_id, None)
+            leased = self.link.leases.finish(transfer_id)
+        if incoming is not None:  # decode gave up first: tell prefill to stop
+            self.link.transport.send(incoming.peer, p.Abort(self.link.address, transfer_id))
+        return leased
+
+    def shut(self) -> None:
+        """The engine is gone: abort every transfer still owed to us."""
+        with self.lock:
+            incoming = list(self.incoming.items())
+            self.incoming.clear()
+        for tid, inc in incoming:
+            self.link.transport.send(inc.peer, p.Abort(self.link.address, tid))
+
+    def busy_peers(self) -> set[str]:
+        with self.lock:
+            return {inc.peer for inc in self.incoming.values()}
+
+    def check(self, now: float) -> None:
+        """The engine thread, now and then: time out transfers, give up on silent peers, ping the rest."""
+        link = self.link
+        with self.lock:
+            incoming = list(self.incoming.items())
+        silent = link.peers.silences(now)
         by_peer: dict[str, list[str]] = {}
         for tid, inc in incoming:
-            if now - inc.started > self.transfer_timeout:
-                self._fail(tid, f"KV transfer from {inc.peer} timed out after {self.transfer_timeout:.0f}s")
-            elif silent.get(inc.peer, 0.0) > self.peer_timeout:
+            if now - inc.started > link.transfer_timeout:
+                self._fail(tid, f"KV transfer from {inc.peer} timed out after {link.transfer_timeout:.0f}s")
+            elif silent.get(inc.peer, 0.0) > link.peer_timeout:
                 self._fail(tid, f"prefill instance {inc.peer} stopped answering")
-                self.transport.forget_peer(inc.peer)
+                link.transport.forget_peer(inc.peer)
             else:
                 by_peer.setdefault(inc.peer, []).append(tid)
         for peer, tids in by_peer.items():
-            self.peers.pinged(peer, now)
-            self.transport.send(peer, p.Heartbeat(self.address, tids))
+            link.peers.pinged(peer, now)
+            link.transport.send(peer, p.Heartbeat(link.address, tids))
 
     def _fail(self, transfer_id: str, reason: str) -> None:
         with self.lock:
             inc = self.incoming.pop(transfer_id, None)
         if inc is not None:
             logger.warning("transfer %s failed: %s", transfer_id, reason)
-            self.transport.send(inc.peer, p.Abort(self.address, transfer_id))
-            self.events.put(TransferFailed(inc.request_id, reason))
-            self.wake()
+            self.link.transport.send(inc.peer, p.Abort(self.link.address, transfer_id))
+            self.link.actions.put(Fail(inc.request_id, reason))
 
-    def _payload_target(self, msg: p.Message) -> list[memoryview] | None:
+    # ---- transport callbacks (I/O threads) ----------------------------------------------------------
+    def on_handshake_ack(self, msg: p.HandshakeAck) -> None:
+        link = self.link
+        if msg.ok:
+            link.transport.accepted(msg.sender, msg.kv_path)
+        link.peers.judge(msg.sender, "" if msg.ok else msg.reason)
+        with self.lock:
+            doomed = [t for t, inc in self.incoming.items() if inc.peer == msg.sender] if not msg.ok else []
+        if not link.transport.writes_into_pool(msg.sender):  # refused, or a path that sends bytes
+            link.leases.release_peer(msg.sender, "direct")
+        for tid in doomed:
+            self._fail(tid, f"prefill instance {msg.sender} refused the handshake: {msg.reason}")
+
+    def payload_target(self, msg: p.Message) -> list[memoryview] | None:
         """Where the bytes land: writable views of the reserved blocks, in the payload's order
         (runs of blocks, each all layers, K and V) for a host pool; a pinned buffer for a GPU pool."""
         if not isinstance(msg, p.KVData):
@@ -125,7 +188,7 @@ class ReceiveSide(ConnectorState):
             if inc is None or msg.block_ids != inc.block_ids or inc.received:
                 return None
             sized = msg.nbytes == len(msg.block_ids) * self.block_bytes
-            if sized and not self.leases.try_hold(tid, inc.request_id, inc.peer, "writing"):
+            if sized and not self.link.leases.try_hold(tid, inc.request_id, inc.peer, "writing"):
                 return None  # another payload of this transfer is landing
         if not sized:
             self._fail(tid, f"KV data from {inc.peer}: {msg.nbytes} bytes for {len(msg.block_ids)} blocks")
@@ -134,7 +197,7 @@ class ReceiveSide(ConnectorState):
             try:
                 self.staging[tid] = pinned_bytes(msg.nbytes)
             except (RuntimeError, MemoryError) as e:  # pinned memory exhausted: this transfer fails
-                self.leases.release(tid, "writing")
+                self.link.leases.release(tid, "writing")
                 self._fail(tid, f"no staging memory for {msg.nbytes} bytes of KV: {e}")
                 return None
             return [self.staging[tid].numpy().data]
@@ -147,8 +210,8 @@ class ReceiveSide(ConnectorState):
         pool = self.pool_bytes  # [blocks, layers, 2, ...] as bytes, contiguous
         return [pool[a:b].data.cast("B") for a, b in runs]
 
-    def _payload_done(self, msg: p.Message, ok: bool) -> None:
-        """All of a payload's bytes landed in `_payload_target`'s views (or the stream broke off)."""
+    def payload_done(self, msg: p.Message, ok: bool) -> None:
+        """All of a payload's bytes landed in `payload_target`'s views (or the stream broke off)."""
         assert isinstance(msg, p.KVData)
         tid = msg.transfer_id
         staging = self.staging.pop(tid, None)
@@ -161,16 +224,16 @@ class ReceiveSide(ConnectorState):
             ok = False
             logger.warning("writing KV of transfer %s failed: %s", tid, e)
         finally:
-            self.leases.release(tid, "writing")
+            self.link.leases.release(tid, "writing")
         if inc is not None and not ok:
             self._fail(tid, f"KV data from {inc.peer} broke off")
         elif ok:
             self._received(msg)
 
-    def _on_KVData(self, msg: p.KVData, payload: memoryview | torch.Tensor | None) -> None:  # noqa: N802
+    def on_kv_data(self, msg: p.KVData, payload: memoryview | torch.Tensor | None) -> None:
         if msg.written:  # the fence of a direct write: it is complete, nothing more will land
             self._received(msg)
-            self.leases.release(msg.transfer_id, "direct")
+            self.link.leases.release(msg.transfer_id, "direct")
             return
         with self.lock:  # held while writing: the blocks cannot be freed under us
             inc = self.incoming.get(msg.transfer_id)
@@ -198,7 +261,7 @@ class ReceiveSide(ConnectorState):
         if ready and inc.done is not None:
             self._ready(msg.transfer_id, inc, inc.done)
 
-    def _on_Done(self, msg: p.Done, _: object) -> None:  # noqa: N802
+    def on_done(self, msg: p.Done) -> None:
         with self.lock:
             inc = self.incoming.get(msg.transfer_id)
             if inc is None:
@@ -209,34 +272,32 @@ class ReceiveSide(ConnectorState):
             del self.incoming[msg.transfer_id]
         if inc.received != inc.expected_bytes:
             reason = f"KV size mismatch: {inc.received} of {inc.expected_bytes} bytes arrived"
-            self.events.put(TransferFailed(inc.request_id, reason))
-            self.wake()
+            self.link.actions.put(Fail(inc.request_id, reason))
             return
         self._ready(msg.transfer_id, inc, msg)
 
     def _ready(self, tid: str, inc: Incoming, msg: p.Done) -> None:
-        self.leases.drop(tid)  # every byte is in: nobody writes into these blocks any more
+        self.link.leases.drop(tid)  # every byte is in: nobody writes into these blocks any more
+        with self.lock:  # the request is local from here: nothing of the transfer is left to end
+            if self.transfer_of.get(inc.request_id) == tid:
+                del self.transfer_of[inc.request_id]
         self.transfer_seconds.append(time.monotonic() - inc.started)
-        lp = Logprob(**msg.logprob) if msg.logprob else None
-        if lp is not None:
-            lp.top = [(int(t), float(v)) for t, v in lp.top]
-        self.events.put(KVReady(inc.request_id, SampleResult(msg.token_id, lp), msg.num_cached_tokens))
-        self.wake()
+        first = FirstToken.from_wire(msg.token_id, msg.logprob)
+        self.link.actions.put(Activate(inc.request_id, first, msg.num_cached_tokens))
 
-    def _on_Failed(self, msg: p.Failed, _: object) -> None:  # noqa: N802
+    def on_failed(self, msg: p.Failed) -> None:
         with self.lock:
             inc = self.incoming.pop(msg.transfer_id, None)
-        self.leases.release(msg.transfer_id, "direct")  # the prefill writes nothing (more) of it
+        self.link.leases.release(msg.transfer_id, "direct")  # the prefill writes nothing (more) of it
         if inc is not None:
-            self.events.put(TransferFailed(inc.request_id, msg.reason, str(msg.refused)))
-            self.wake()
+            self.link.actions.put(Fail(inc.request_id, msg.reason, str(msg.refused)))
 
-    def _on_Pong(self, msg: p.Pong, _: object) -> None:  # noqa: N802
+    def on_pong(self, msg: p.Pong) -> None:
         if msg.unknown_transfer_ids:
-            self.peers.forget(msg.sender)  # a restarted peer: shake hands again
+            self.link.peers.forget(msg.sender)  # a restarted peer: shake hands again
         for tid in msg.unknown_transfer_ids:
             self._fail(tid, f"prefill instance {msg.sender} lost the request (restarted?)")
-            self.leases.release(tid, "direct")  # it has never heard of the transfer: it will not write
+            self.link.leases.release(tid, "direct")  # it has never heard of the transfer: it will not write
 
 
 def _nbytes(payload: memoryview | torch.Tensor) -> int:

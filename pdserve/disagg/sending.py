@@ -1,32 +1,37 @@
 """The connector's prefill side: a request whose KV goes to a decode instance once its prefill is done.
 
-    Reserve -> Outgoing and a NewPrefill event (the engine runs the prompt as a local request);
+    Handshake -> HandshakeAck: the model and KV layout must match; the transport picks the path
+    Reserve -> Outgoing and a StartPrefill action (the engine runs the prompt as a local request);
                refused (shut, or a peer whose handshake failed) -> Failed to the peer
     prompt computed, first token sampled -> send_kv: KVData (the blocks, or only the fence of writes
                that went layer by layer, layer_stream.py), then Done
-    Abort, a decode instance gone quiet, or past its deadline -> AbortPrefill (and Failed to the peer)
+    Abort, a decode instance gone quiet, or past its deadline -> Cancel (and Failed to the peer)
     Heartbeat -> Pong, naming the transfers we know nothing of (neither waiting nor recently sent)
 
 Claiming a transfer (`_claim`, in send_kv or when a streaming step is launched) moves it from
 `outgoing` to `sent` and takes a "reading" lease on the request's blocks, held until the transport no
 longer reads them. Nothing is written into the decode instance's blocks later than Reserve.timeout
-after the Reserve: it has given up on them by then.
+after the Reserve: it has given up on them by then. The Sender sees requests only as PromptKV values.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from pdserve.disagg import protocol as p
-from pdserve.disagg.events import AbortPrefill, NewPrefill
+from pdserve.disagg.actions import Cancel, StartPrefill
+from pdserve.disagg.handoff import FirstToken, PromptKV, ToDecode
 from pdserve.disagg.layer_stream import Streamed, make_hook
-from pdserve.disagg.state import ConnectorState
+from pdserve.disagg.link import Link
 from pdserve.disagg.transport.blocks import KVBlocks
-from pdserve.engine.request import Request
-from pdserve.layers.sampler import SampleResult
+from pdserve.disagg.transport.shards import ShardedPool
 
 
 @dataclass
@@ -39,43 +44,49 @@ class Outgoing:
     write_by: float = math.inf  # the decode side stops waiting then: write nothing after it
 
 
-def _outgoing(request: Request) -> tuple[str, str, list[int], list[int]]:
-    """Prefill side: a request's transfer id, decode peer, and source and destination blocks."""
-    assert request.kv_transfer is not None
-    dst = list(request.kv_transfer["block_ids"])
-    return (
-        str(request.kv_transfer["transfer_id"]),
-        str(request.kv_transfer["decode_addr"]),
-        request.block_ids[: len(dst)],
-        dst,
-    )
+class Sender:
+    """Prefill side of the connector: takes Reserves, has their prompts computed, sends the KV."""
 
+    def __init__(
+        self,
+        link: Link,
+        kv_cache: torch.Tensor,  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+        shards: ShardedPool | None,
+    ) -> None:
+        self.link = link
+        self.kv_cache = kv_cache
+        self.shards = shards
+        self.lock = threading.Lock()
+        self.outgoing: dict[str, Outgoing] = {}  # by transfer id
+        self.sent: dict[str, float] = {}  # transfers whose KV left recently: not "unknown" to a ping
+        self.streams: dict[str, Streamed] = {}  # transfers going out layer by layer this step
+        self.transfers_streamed = 0  # of them, those whose every layer went during the step
+        self.bytes_sent = 0
+        self.refusing: str | None = None  # shut(): why every Reserve is refused
 
-class SendSide(ConnectorState):
-    """Prefill side of KVConnector: takes Reserves, computes their prompts, sends the KV."""
-
-    outgoing: dict[str, Outgoing]
-    sent: dict[str, float]
-    streams: dict[str, Streamed]
-    transfers_streamed: int
-    bytes_sent: int
-    refusing: str | None
-
-    def _on_Reserve(self, msg: p.Reserve, _: object) -> None:  # noqa: N802
-        now = time.monotonic()
-        write_by = now + msg.timeout if msg.timeout > 0 else math.inf
-        refused = self.refusing or self.peers.refusal(msg.sender)
+    def shut(self, reason: str) -> None:
+        """The engine is gone: fail every transfer we owe, and every Reserve from now on."""
         with self.lock:
-            if not refused:
-                self.outgoing[msg.transfer_id] = Outgoing(f"kv-{msg.transfer_id}", msg.sender, now, write_by)
-        if refused:
-            self.transport.send(msg.sender, p.Failed(self.address, msg.transfer_id, refused))
-            return
-        self.events.put(
-            NewPrefill(msg.transfer_id, msg.sender, msg.prompt_token_ids, msg.params, msg.block_ids)
-        )
-        self.wake()
+            self.refusing = reason
+            outgoing = list(self.outgoing.items())
+            self.outgoing.clear()
+        for tid, out in outgoing:
+            self.link.transport.send(out.peer, p.Failed(self.link.address, tid, reason))
 
+    def finished(self, transfer_id: str) -> bool:
+        """The request ended (before its blocks are freed). True: a lease keeps them."""
+        streamed = self.streams.pop(transfer_id, None)
+        if streamed is not None:  # ended during its streaming step: fence what was queued
+            self._write(transfer_id, streamed.peer, streamed.src, streamed.dst, streamed)
+        with self.lock:
+            self.outgoing.pop(transfer_id, None)
+            return self.link.leases.finish(transfer_id)
+
+    def busy_peers(self) -> set[str]:
+        with self.lock:
+            return {out.peer for out in self.outgoing.values()}
+
+    # ---- the engine thread --------------------------------------------------------------------------
     def _claim(self, transfer_id: str, request_id: str, peer: str) -> bool:
         """From here our writes may land in the peer's blocks: False if aborted or too late."""
         with self.lock:  # from here a heartbeat finds the transfer in `sent`, never "unknown"
@@ -85,77 +96,115 @@ class SendSide(ConnectorState):
             late = time.monotonic() > out.write_by
             if not late:
                 self.sent[transfer_id] = time.monotonic()
-                self.leases.hold(transfer_id, request_id, peer, "reading")
+                self.link.leases.hold(transfer_id, request_id, peer, "reading")
         if late:  # the decode side has given up on it: write nothing into its blocks any more
-            self.transport.send(peer, p.Failed(self.address, transfer_id, "prefill finished too late"))
+            self.link.transport.send(
+                peer, p.Failed(self.link.address, transfer_id, "prefill finished too late")
+            )
         return not late
 
-    def layer_hook(self, requests: list[Request]) -> Callable[[int], None] | None:
-        """For a step that completes these requests' prompts: the model's after-layer call that
-        streams their KV to direct-write peers (layer_stream.py); None when none can go that way."""
+    def layer_hook(self, prompts: list[PromptKV]) -> Callable[[int], None] | None:
+        """For a step that completes these prompts: the model's after-layer call that streams their KV
+        to direct-write peers (layer_stream.py); None when none can go that way."""
         if self.shards is not None or not self.kv_cache.is_cuda:
             return None
         streams = []
-        for request in requests:
-            transfer_id, peer, src, dst = _outgoing(request)
-            if self.transport.can_write_layers(peer) and self._claim(transfer_id, request.request_id, peer):
-                stream = Streamed(peer, src, dst)
-                self.streams[transfer_id] = stream
+        for kv in prompts:
+            tid, peer = kv.target.transfer_id, kv.target.decode_addr
+            if self.link.transport.can_write_layers(peer) and self._claim(tid, kv.request_id, peer):
+                stream = Streamed(peer, list(kv.block_ids), list(kv.target.block_ids))
+                self.streams[tid] = stream
                 streams.append(stream)
-        return make_hook(self.transport, streams) if streams else None
+        return make_hook(self.link.transport, streams) if streams else None
 
-    def send_kv(self, request: Request, result: SampleResult) -> None:
+    def send_kv(self, kv: PromptKV, first: FirstToken, num_cached_tokens: int) -> None:
         """The prompt is computed and its first token sampled: push KV, then the token."""
-        transfer_id, peer, src, dst = _outgoing(request)
-        streamed = self.streams.pop(transfer_id, None)
-        if streamed is None and not self._claim(transfer_id, request.request_id, peer):
+        tid, peer = kv.target.transfer_id, kv.target.decode_addr
+        streamed = self.streams.pop(tid, None)
+        if streamed is None and not self._claim(tid, kv.request_id, peer):
             return
-        logprob = asdict(result.logprob) if result.logprob is not None else None
-        done = p.Done(self.address, transfer_id, result.token_id, logprob, request.num_cached_tokens)
-        self._write(transfer_id, peer, src, dst, streamed)
-        self.transport.send(peer, done)
+        done = p.Done(self.link.address, tid, first.token_id, first.to_wire(), num_cached_tokens)
+        self._write(tid, peer, list(kv.block_ids), list(kv.target.block_ids), streamed)
+        self.link.transport.send(peer, done)
 
     def _write(
         self, transfer_id: str, peer: str, src: list[int], dst: list[int], streamed: Streamed | None
     ) -> None:
         """Send the blocks (or, where every layer went already, only the fence of those writes)."""
-        release = lambda: self.leases.release(transfer_id, "reading")  # noqa: E731
+        release = lambda: self.link.leases.release(transfer_id, "reading")  # noqa: E731
         blocks = KVBlocks.of(self.kv_cache, src, release, self.shards)
-        blocks.streamed = streamed is not None and streamed.layers == self.layout["num_layers"]
+        blocks.streamed = streamed is not None and streamed.layers == self.link.layout["num_layers"]
         self.transfers_streamed += blocks.streamed
-        self.transport.send(peer, p.KVData(self.address, transfer_id, dst, blocks.nbytes), blocks)
+        self.link.transport.send(peer, p.KVData(self.link.address, transfer_id, dst, blocks.nbytes), blocks)
         self.bytes_sent += blocks.nbytes
 
-    def failed_to_start(self, transfer_id: str, peer: str, reason: str, refused: str = "") -> None:
+    def failed_to_start(self, target: ToDecode, reason: str, refused: str = "") -> None:
         with self.lock:
-            self.outgoing.pop(transfer_id, None)
-        self.transport.send(peer, p.Failed(self.address, transfer_id, reason, refused))
+            self.outgoing.pop(target.transfer_id, None)
+        self.link.transport.send(
+            target.decode_addr, p.Failed(self.link.address, target.transfer_id, reason, refused)
+        )
 
-    def _check_outgoing(
-        self, now: float, outgoing: list[tuple[str, Outgoing]], seen: dict[str, float]
-    ) -> None:
-        # Prefill side: a decode instance that stopped pinging has gone (or aborted): drop its work. Its
-        # pings come from its engine thread, so allow for a long step there before giving up.
+    def check(self, now: float) -> None:
+        """The engine thread, now and then: forget old sends; a decode instance that stopped pinging
+        has gone (or aborted): drop its work. Its pings come from its engine thread, so allow for a
+        long step there before giving up."""
+        link = self.link
+        seen = link.peers.last_seen()
+        with self.lock:
+            self.sent = {t: ts for t, ts in self.sent.items() if now - ts < link.transfer_timeout}
+            outgoing = list(self.outgoing.items())
         for tid, out in outgoing:
             quiet = now - max(seen.get(out.peer, 0.0), out.started)
-            late = now - out.started > self.transfer_timeout or now > out.write_by
-            if quiet > 4 * self.peer_timeout or late:
+            late = now - out.started > link.transfer_timeout or now > out.write_by
+            if quiet > 4 * link.peer_timeout or late:
                 with self.lock:
                     self.outgoing.pop(tid, None)
-                self.events.put(AbortPrefill(out.request_id))
-                self.transport.send(out.peer, p.Failed(self.address, tid, "dropped by the prefill instance"))
+                link.actions.put(Cancel(out.request_id))
+                link.transport.send(out.peer, p.Failed(link.address, tid, "dropped by the prefill instance"))
 
-    def _on_Abort(self, msg: p.Abort, _: object) -> None:  # noqa: N802
+    # ---- transport callbacks (I/O threads) ----------------------------------------------------------
+    def on_handshake(self, msg: p.Handshake) -> None:
+        link = self.link
+        reason = ""
+        path: dict[str, Any] = {}
+        if msg.model != link.model_name:
+            reason = f"model mismatch: decode serves {msg.model!r}, prefill serves {link.model_name!r}"
+        elif msg.layout != link.layout:
+            reason = f"KV layout mismatch: decode {msg.layout}, prefill {link.layout}"
+        else:
+            try:
+                path = link.transport.accept(msg.sender, msg.kv_offer)
+            except ValueError as e:
+                reason = str(e)
+        link.peers.judge(msg.sender, reason)
+        link.transport.send(msg.sender, p.HandshakeAck(link.address, not reason, reason, path))
+
+    def on_reserve(self, msg: p.Reserve) -> None:
+        link = self.link
+        now = time.monotonic()
+        write_by = now + msg.timeout if msg.timeout > 0 else math.inf
+        target = ToDecode(msg.transfer_id, msg.sender, tuple(msg.block_ids))
+        prefill = StartPrefill(target, msg.prompt_token_ids, msg.params)
+        refused = self.refusing or link.peers.refusal(msg.sender)
+        with self.lock:
+            if not refused:
+                self.outgoing[msg.transfer_id] = Outgoing(prefill.request_id, msg.sender, now, write_by)
+        if refused:
+            link.transport.send(msg.sender, p.Failed(link.address, msg.transfer_id, refused))
+            return
+        link.actions.put(prefill)
+
+    def on_abort(self, msg: p.Abort) -> None:
         with self.lock:
             out = self.outgoing.pop(msg.transfer_id, None)
-            reading = msg.transfer_id in self.leases
+            reading = msg.transfer_id in self.link.leases
         if out is not None:
-            self.events.put(AbortPrefill(out.request_id))
-            self.wake()
+            self.link.actions.put(Cancel(out.request_id))
         if not reading:  # a fence: nothing of this transfer will be written (one in flight fences itself)
-            self.transport.send(msg.sender, p.Failed(self.address, msg.transfer_id, "aborted"))
+            self.link.transport.send(msg.sender, p.Failed(self.link.address, msg.transfer_id, "aborted"))
 
-    def _on_Heartbeat(self, msg: p.Heartbeat, _: object) -> None:  # noqa: N802
+    def on_heartbeat(self, msg: p.Heartbeat) -> None:
         with self.lock:
             unknown = [t for t in msg.transfer_ids if t not in self.outgoing and t not in self.sent]
-        self.transport.send(msg.sender, p.Pong(self.address, unknown))
+        self.link.transport.send(msg.sender, p.Pong(self.link.address, unknown))

@@ -12,6 +12,12 @@ min_tokens bans count N's tokens on the device, layers/penalties.py); none can r
 its length limit with N's token, none hands KV to a decode instance, and the pool has the blocks for
 everyone's next slot (no preemption). A request that N ends (EOS, a stop id, a stop string) has one
 wasted row in N+1, dropped when N+1 is collected (Engine._update skips finished requests).
+
+Why this is not part of the scheduler's one rule: that rule reads the host's view of each request
+(`num_tokens`), in which N's token does not exist yet, and walks the queues, the prefix cache and the
+budget. Launching ahead needs the step in flight (the engine's, not the scheduler's) and must cost
+nothing beyond one block check per request, or the GPU would wait on the host again; so it stays a
+separate, small rule that only ever reuses the running batch.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ def can_run_ahead(flight: InFlight, scheduler: Scheduler, connector: KVConnector
     for r in flight.sampling:
         if not kernel_draws(r) or r.num_output_tokens + 2 > r.max_output_tokens:
             return False
-        if connector is not None and connector.sends_kv(r):
+        if connector is not None and connector.sends_kv(r.handoff):
             return False
         need += cdiv(r.num_computed_tokens + 2, bs) > len(r.block_ids)  # N computes one, N+1 one more
     return need <= scheduler.bm.num_free_blocks

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pdserve.config import EngineConfig
+from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.outputs import EngineStats, RequestOutput
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import EngineDeadError
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# (request_id, prompt_token_ids, params, kv_transfer): kv_transfer names the prefill instance, if any
-SubRequest = tuple[str, list[int], SamplingParams, dict[str, Any] | None]
+# (request_id, prompt_token_ids, params, handoff): handoff names the prefill instance, if any
+SubRequest = tuple[str, list[int], SamplingParams, FromPrefill | None]
 
 
 @dataclass
@@ -313,8 +314,8 @@ class AsyncEngine:
             return
         added: list[str] = []
         try:
-            for request_id, prompt_token_ids, params, kv_transfer in command.requests:
-                self._engine.add_request(request_id, prompt_token_ids, params, kv_transfer)
+            for request_id, prompt_token_ids, params, handoff in command.requests:
+                self._engine.add_request(request_id, prompt_token_ids, params, handoff)
                 added.append(request_id)
                 self._sinks[request_id] = _Sink(command.loop, command.outputs)
         except Exception as e:  # noqa: BLE001 - InvalidRequestError/OverloadedError go to the caller

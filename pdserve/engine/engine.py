@@ -7,31 +7,27 @@ already been launched once more; that token is dropped when collected (request.i
 steady decode batch the next step is even launched before the previous one is collected (ahead.py).
 
 Single-threaded by design: AsyncEngine drives it from one thread. Text exists only here and above;
-the scheduler and runner see token ids. With a KV connector (role prefill or decode), each step first
-applies what arrived from peers: prompts to prefill for a decode instance, KV that landed for ours.
+the scheduler and runner see token ids. With a KV connector (role prefill or decode), each step applies
+the connector's typed actions (disagg/actions.py: prompts to prefill for a decode instance, KV that
+landed for ours, failures, blocks to free) and sends the Reserves for the requests the scheduler just
+reserved blocks for; the scheduler itself does no network I/O.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from pdserve.config import EngineConfig
-from pdserve.disagg.connector import (
-    AbortPrefill,
-    Event,
-    KVConnector,
-    KVReady,
-    NewPrefill,
-    ReleaseBlocks,
-    TransferFailed,
-)
-from pdserve.disagg.transport.base import make_transport
+from pdserve.disagg.actions import Action, Activate, Cancel, Fail, Release, StartPrefill
+from pdserve.disagg.connector import KVConnector
+from pdserve.disagg.handoff import FirstToken, FromPrefill, HandOff, PromptKV, ToDecode
+from pdserve.disagg.transport.factory import make_transport
 from pdserve.engine.ahead import InFlight, can_run_ahead, schedule_ahead
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import Detokenizer
@@ -122,7 +118,7 @@ class Engine:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        kv_transfer: dict[str, Any] | None = None,
+        handoff: HandOff | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -137,7 +133,7 @@ class Engine:
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         role = self.config.disagg.role
-        if kv_transfer and kv_transfer.get("prefill_kv_addr") and role != "decode":
+        if isinstance(handoff, FromPrefill) and role != "decode":
             raise InvalidRequestError(
                 f"this instance does not take KV from prefill instances (role {role})", "kv_transfer_params"
             )
@@ -147,7 +143,7 @@ class Engine:
             params,
             self.eos_token_ids,
             self.max_model_len,
-            dict(kv_transfer or {}),
+            handoff,
         )
         self.scheduler.add_request(request)
         self.detokenizers[request_id] = Detokenizer(
@@ -166,25 +162,44 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Collect the step on the GPU (if any), launch the next, then build the collected step's
-        outputs while the new one runs; in a steady decode batch, launch the next before collecting
-        (ahead.py). Without overlap (SchedulerConfig.overlap_outputs) each step is waited for first."""
+        outputs while the new one runs. In a steady decode batch the next step is launched before
+        the previous one is collected (ahead.py); without overlap (SchedulerConfig.overlap_outputs)
+        each step is waited for right after its launch."""
         outputs, self.pending = self.pending, []
         if self.overlap and self._ahead_possible():
-            return outputs + self._step_ahead()
+            return outputs + self._launch_ahead_then_collect()
+        return outputs + self._collect_then_launch(had_outputs=bool(outputs))
+
+    def _collect_then_launch(self, had_outputs: bool) -> list[RequestOutput]:
+        """Collect the step in flight, apply what peers sent, schedule and launch the next step.
+        First tokens that arrived with their KV go out at once, without waiting for a model step."""
         tokens = self._collect()
-        if self.connector is not None:
-            arrived = self._apply_events(self.connector.poll())
-            if arrived:  # first tokens that arrived with their KV go out now, not after a model step
-                self.idle = False
-                return outputs + arrived + self._emit(tokens)
-        sched = self.scheduler.schedule()
-        self.idle = sched.is_empty and not outputs and not tokens
-        if not sched.is_empty:
-            sched.chunks.sort(key=lambda c: c.num_tokens != 1)  # decodes first, as the runner wants
-            self._launch(sched)
-            if not self.overlap:
+        arrived = self._apply(self._poll())
+        launched = False
+        if not arrived:
+            launched = self._schedule_and_launch()
+            if launched and not self.overlap:
                 tokens += self._collect()
-        return outputs + self._emit(tokens)
+        self.idle = not (arrived or launched or had_outputs or tokens)
+        return arrived + self._emit(tokens)
+
+    def _schedule_and_launch(self) -> bool:
+        """Schedule a step, ask prefill instances for the KV of requests just given blocks, and
+        launch the step if it has work; False if it has none."""
+        sched = self.scheduler.schedule()
+        self._ask_for_kv(sched.reserved)
+        if sched.is_empty:
+            return False
+        sched.chunks.sort(key=lambda c: c.num_tokens != 1)  # decodes first, as the runner wants
+        self._launch(sched)
+        return True
+
+    def _ask_for_kv(self, reserved: list[Request]) -> None:
+        """Requests whose blocks were just reserved for remote KV: send their Reserves."""
+        for r in reserved:
+            assert self.connector is not None and isinstance(r.handoff, FromPrefill)
+            params = asdict(r.params)
+            self.connector.start_receive(r.request_id, r.handoff, r.prompt_token_ids, params, r.block_ids)
 
     def _launch(self, sched: SchedulerOutput, ahead: InFlight | None = None) -> None:
         """Queue a step on the runner; what depends on the requests' state now is decided now."""
@@ -205,7 +220,8 @@ class Engine:
         """Stream the KV of prompts this step completes, layer by layer (disagg/layer_stream.py)."""
         if self.connector is None or not self.config.disagg.stream_layers or not self.runner.single_rank:
             return None
-        finals = [c.request for c in sched.chunks if c.samples and self.connector.sends_kv(c.request)]
+        sends = self.connector.sends_kv
+        finals = [_prompt_kv(c.request) for c in sched.chunks if c.samples and sends(c.request.handoff)]
         return self.connector.layer_hook(finals) if finals else None
 
     def _ahead_possible(self) -> bool:
@@ -214,7 +230,7 @@ class Engine:
             return False
         return can_run_ahead(flight, self.scheduler, self.connector)
 
-    def _step_ahead(self) -> list[RequestOutput]:
+    def _launch_ahead_then_collect(self) -> list[RequestOutput]:
         """Launch step N+1 behind step N (engine/ahead.py), then collect N and build its outputs."""
         flight = self.in_flight
         assert flight is not None
@@ -224,8 +240,7 @@ class Engine:
         self.num_steps_ahead += 1
         self.idle = False
         tokens = self._update(flight, flight.pending.wait())
-        arrived = self._apply_events(self.connector.poll()) if self.connector is not None else []
-        return arrived + self._emit(tokens)
+        return self._apply(self._poll()) + self._emit(tokens)
 
     def _collect(self) -> list[Token]:
         """Wait for the step in flight and apply its tokens to the requests (stop tokens, lengths,
@@ -242,8 +257,9 @@ class Engine:
         for request, result in zip(flight.sampling, results, strict=True):
             if request.is_finished:  # stopped by a string or aborted while this step ran: not a token
                 continue
-            if self.connector is not None and self.connector.sends_kv(request):
-                self.connector.send_kv(request, result)  # the decode instance answers the client
+            if self.connector is not None and self.connector.sends_kv(request.handoff):
+                # the decode instance answers the client
+                self.connector.send_kv(_prompt_kv(request), _first_token(result), request.num_cached_tokens)
                 self._finish_silently(request, RequestStatus.FINISHED_STOPPED)
             else:
                 self._append(request, result)
@@ -282,45 +298,56 @@ class Engine:
         self.scheduler.finish_request(request, status)
         self.detokenizers.pop(request.request_id, None)
 
-    def _apply_events(self, events: list[Event]) -> list[RequestOutput]:
+    def _poll(self) -> list[Action]:
+        return self.connector.poll() if self.connector is not None else []
+
+    def _apply(self, actions: list[Action]) -> list[RequestOutput]:
+        """Apply what the connector reports; the outputs for clients it produces (first tokens, errors)."""
         outputs: list[RequestOutput] = []
-        for ev in events:
-            if isinstance(ev, NewPrefill):
-                self._start_prefill_for_peer(ev)
-            elif isinstance(ev, KVReady):
-                request = self.scheduler.waiting_for_kv.get(ev.request_id)
-                if request is not None:
-                    self.scheduler.activate(request)
-                    request.num_cached_tokens = ev.num_cached_tokens
-                    if request.generator is not None and not request.params.greedy:
-                        torch.rand(self.hf_config.vocab_size, generator=request.generator)  # prefill's draw
-                    outputs.append(self._accept(request, ev.result))
-            elif isinstance(ev, TransferFailed):
-                request = self.scheduler.requests.get(ev.request_id)
-                if request is not None:
-                    # server/streaming.py maps the prefix to HTTP: 400 (no retry helps) or 502 (retried)
-                    kind = "invalid_request" if ev.refused == "invalid" else "prefill_failed"
-                    request.error = f"{kind}: {ev.reason}"
-                    self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
-                    outputs.append(self._output(request, [], []))
-            elif isinstance(ev, ReleaseBlocks):
-                self.scheduler.release(ev.request_id)
-            elif isinstance(ev, AbortPrefill):
-                request = self.scheduler.requests.get(ev.request_id)
+        for action in actions:
+            if isinstance(action, StartPrefill):
+                self._start_prefill_for_peer(action)
+            elif isinstance(action, Activate):
+                outputs += self._activate(action)
+            elif isinstance(action, Fail):
+                outputs += self._fail(action)
+            elif isinstance(action, Release):
+                self.scheduler.release(action.request_id)
+            elif isinstance(action, Cancel):
+                request = self.scheduler.requests.get(action.request_id)
                 if request is not None:
                     self._finish_silently(request, RequestStatus.FINISHED_ABORTED)
         return outputs
 
-    def _start_prefill_for_peer(self, ev: NewPrefill) -> None:
+    def _activate(self, action: Activate) -> list[RequestOutput]:
+        """A request's KV and first token arrived: it runs here from now on."""
+        request = self.scheduler.waiting_for_kv.get(action.request_id)
+        if request is None:
+            return []
+        self.scheduler.activate(request)
+        request.num_cached_tokens = action.num_cached_tokens
+        if request.generator is not None and not request.params.greedy:
+            torch.rand(self.hf_config.vocab_size, generator=request.generator)  # prefill's draw
+        return [self._accept(request, _sample_result(action.first))]
+
+    def _fail(self, action: Fail) -> list[RequestOutput]:
+        request = self.scheduler.requests.get(action.request_id)
+        if request is None:
+            return []
+        # server/streaming.py maps the prefix to HTTP: 400 (no retry helps) or 502 (retried)
+        kind = "invalid_request" if action.refused == "invalid" else "prefill_failed"
+        request.error = f"{kind}: {action.reason}"
+        self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
+        return [self._output(request, [], [])]
+
+    def _start_prefill_for_peer(self, action: StartPrefill) -> None:
         assert self.connector is not None
-        transfer = {"transfer_id": ev.transfer_id, "decode_addr": ev.decode_addr, "block_ids": ev.block_ids}
         try:
-            params = SamplingParams(**ev.params)
-            self.add_request(f"kv-{ev.transfer_id}", ev.prompt_token_ids, params, transfer)
+            params = SamplingParams(**action.params)
+            self.add_request(action.request_id, action.prompt_token_ids, params, action.target)
         except (PDServeError, TypeError) as e:
             refused = "" if isinstance(e, OverloadedError) else "invalid"  # overloaded: another prefill may
-            reason = f"the prefill instance: {e}"
-            self.connector.failed_to_start(ev.transfer_id, ev.decode_addr, reason, refused)
+            self.connector.failed_to_start(action.target, f"the prefill instance: {e}", refused)
 
     def _output(self, request: Request, new_ids: list[int], logprobs: list[Logprob]) -> RequestOutput:
         finished = request.is_finished
@@ -384,10 +411,30 @@ class Engine:
         c = self.connector
         if c is None:
             return {}
-        seconds, c.transfer_seconds = c.transfer_seconds, []
         return {
             "kv_bytes_sent": c.bytes_sent,
             "kv_bytes_received": c.bytes_received,
-            "kv_transfer_seconds": seconds,
+            "kv_transfer_seconds": c.take_transfer_seconds(),
             "kv_transfers_streamed": c.transfers_streamed,
         }
+
+
+def _prompt_kv(request: Request) -> PromptKV:
+    """A prefill request's computed prompt KV, as the connector sends it: its first blocks, one per
+    block the decode instance reserved."""
+    target = request.handoff
+    assert isinstance(target, ToDecode)
+    return PromptKV(request.request_id, target, tuple(request.block_ids[: len(target.block_ids)]))
+
+
+def _first_token(result: SampleResult) -> FirstToken:
+    lp = result.logprob
+    if lp is None:
+        return FirstToken(result.token_id)
+    return FirstToken(result.token_id, lp.logprob, tuple(lp.top))
+
+
+def _sample_result(first: FirstToken) -> SampleResult:
+    if first.logprob is None:
+        return SampleResult(first.token_id, None)
+    return SampleResult(first.token_id, Logprob(first.token_id, first.logprob, list(first.top)))

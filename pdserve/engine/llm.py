@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pdserve.config import EngineConfig
+from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Logprob
 from pdserve.engine.sampling import SamplingParams
@@ -108,7 +109,7 @@ class LLM:
             transfer = None
             if self.prefill_engines:
                 prefill = self.prefill_engines[i % len(self.prefill_engines)]
-                transfer = {"prefill_kv_addr": prefill.connector.address if prefill.connector else ""}
+                transfer = FromPrefill(prefill.connector.address) if prefill.connector else None
             self.engines[i % len(self.engines)].add_request(rid, ids, params, transfer)
             results[rid] = Completion(prompt_token_ids=list(ids))
             order.append(rid)

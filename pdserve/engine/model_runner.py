@@ -30,13 +30,13 @@ from pdserve.distributed.messages import StepInputs
 from pdserve.distributed.sharding import model_head_shard
 from pdserve.distributed.shared_pool import ipc_export, open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
-from pdserve.engine.kv_layout import allocate_kv_pool
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.warmup import warm_sampler, warmup_steps
 from pdserve.host_tensors import long_tensor, padded_rows, to_device
 from pdserve.kernels.config import KernelConfig
 from pdserve.kernels.factory import build_kernels
+from pdserve.kv_layout import allocate_kv_pool
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.attention.registry import backend_class
 from pdserve.layers.sampler import PendingSample, SampleResult, sample_later

@@ -10,10 +10,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from pdserve.disagg.handoff import HandOff
 from pdserve.engine.sampling import SamplingParams
 
 
@@ -59,7 +59,7 @@ class Request:
         params: SamplingParams,
         eos_token_ids: tuple[int, ...] = (),
         max_model_len: int = 1 << 30,
-        kv_transfer: dict[str, Any] | None = None,
+        handoff: HandOff | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -67,7 +67,7 @@ class Request:
         self.params = params
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
-        self.kv_transfer = kv_transfer
+        self.handoff = handoff  # where its prompt KV comes from or goes to (None: local)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache

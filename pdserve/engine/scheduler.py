@@ -8,6 +8,8 @@ while budget, sequence slots and blocks last. The scheduler never touches the mo
 A request whose KV comes from a prefill instance (the connector says so) is admitted by reserving
 blocks for its whole prompt, without spending budget; it waits in WAITING_FOR_KV until `activate`.
 The waiting queue is then the decode side's bounded prealloc queue: nothing is ever over-committed.
+`schedule` only decides: the requests it reserved blocks for are in `SchedulerOutput.reserved`, and
+the engine asks their prefill instances for the KV (no network I/O here).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    reserved: list[Request] = field(default_factory=list)  # blocks reserved for remote KV: ask for it
 
     @property
     def num_tokens(self) -> int:
@@ -105,7 +108,9 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.waiting_for_kv.pop(request.request_id, None)
-        if self.connector is not None and self.connector.request_finished(request):
+        if self.connector is not None and self.connector.request_finished(
+            request.request_id, request.handoff
+        ):
             self.held[request.request_id] = request  # KV bytes are landing in its blocks right now
         else:
             self.bm.free(request)
@@ -137,9 +142,10 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and self.num_seqs < self.config.max_num_seqs:
             request = self.waiting[0]
-            if self.connector is not None and self.connector.gets_kv_remotely(request):
+            if self.connector is not None and self.connector.gets_kv_remotely(request.handoff):
                 if not self._reserve_for_remote_kv(request):
                     return
+                out.reserved.append(request)
                 continue
             computed = self.bm.get_computed_blocks(request)
             num_cached = len(computed) * self.bm.block_size
@@ -158,13 +164,11 @@ class Scheduler:
             budget -= num_new
 
     def _reserve_for_remote_kv(self, request: Request) -> bool:
-        assert self.connector is not None
         if not self.bm.allocate(request, request.num_tokens):
             return False
         self.waiting.popleft()
         request.status = RequestStatus.WAITING_FOR_KV
         self.waiting_for_kv[request.request_id] = request
-        self.connector.start_receive(request)
         return True
 
     def release(self, request_id: str) -> None:
@@ -176,7 +180,7 @@ class Scheduler:
     def activate(self, request: Request) -> None:
         """The request's prompt KV has fully arrived: it joins the running batch."""
         del self.waiting_for_kv[request.request_id]
-        request.kv_transfer = None  # from now on it is a local request (a preemption recomputes here)
+        request.handoff = None  # from now on it is a local request (a preemption recomputes here)
         request.num_computed_tokens = request.num_prompt_tokens
         request.status = RequestStatus.RUNNING
         self.running.append(request)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.async_engine import SubRequest
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import Logprob
@@ -55,7 +56,7 @@ class Generation:
     stream: bool
     include_usage: bool
     choices: list[Choice]
-    kv_transfer: dict[str, Any] | None = None  # from the router: where this request's KV comes from
+    handoff: FromPrefill | None = None  # from the entry: where this request's KV comes from
     created: int = field(default_factory=lambda: int(time.time()))
 
     def sub_request_id(self, index: int) -> str:
@@ -63,7 +64,7 @@ class Generation:
 
     def sub_requests(self) -> list[SubRequest]:
         return [
-            (self.sub_request_id(i), self.prompt_token_ids, choice_params(self.params, i), self.kv_transfer)
+            (self.sub_request_id(i), self.prompt_token_ids, choice_params(self.params, i), self.handoff)
             for i in range(self.n)
         ]
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pdserve.disagg.handoff import FromPrefill
+
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -40,6 +42,10 @@ class KVTransferParams(_Request):
         if not 0 < int(addr.rsplit(":", 1)[1]) < 65536:
             raise ValueError("the port must be in [1, 65535]")
         return addr
+
+    def handoff(self) -> FromPrefill:
+        """The validated hand-off the engine takes (disagg/handoff.py)."""
+        return FromPrefill(self.prefill_kv_addr, self.prefill_url)
 
 
 class TextContentPart(_Request):

@@ -198,5 +198,5 @@ class RequestBuilder:
             bool(req.stream),
             req.include_usage,
             choices,
-            None if req.kv_transfer_params is None else req.kv_transfer_params.model_dump(exclude_none=True),
+            None if req.kv_transfer_params is None else req.kv_transfer_params.handoff(),
         )

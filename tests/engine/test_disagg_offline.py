@@ -10,6 +10,7 @@ import pytest
 
 from pdserve import LLM, SamplingParams
 from pdserve.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig
+from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.engine import Engine
 
 from .conftest import MAX_NEW
@@ -71,7 +72,7 @@ def test_layout_mismatch_refused_at_handshake(model_dir):
     prefill, decode = _engine(model_dir, "prefill", block_size=16), _engine(model_dir, "decode", block_size=8)
     try:
         assert prefill.connector and decode.connector
-        decode.add_request("r", [1, 2, 3, 4, 5], GREEDY, {"prefill_kv_addr": prefill.connector.address})
+        decode.add_request("r", [1, 2, 3, 4, 5], GREEDY, FromPrefill(prefill.connector.address))
         last = _run([decode, prefill], "r")[-1]
         assert last.finish_reason == "error"
         assert "KV layout mismatch" in (last.error or "")
@@ -84,7 +85,7 @@ def test_layout_mismatch_refused_at_handshake(model_dir):
 def test_dead_prefill_fails_request_and_frees_blocks(model_dir):
     decode = _engine(model_dir, "decode", peer_timeout=1.0)
     try:
-        decode.add_request("r", list(range(1, 40)), GREEDY, {"prefill_kv_addr": "inproc://nobody"})
+        decode.add_request("r", list(range(1, 40)), GREEDY, FromPrefill("inproc://nobody"))
         t = time.monotonic()
         last = _run([decode], "r")[-1]
         assert last.finish_reason == "error" and "stopped answering" in (last.error or "")
@@ -99,7 +100,7 @@ def test_transfer_timeout_frees_both_sides(model_dir):
     decode = _engine(model_dir, "decode", kv_transfer_timeout=0.5)
     try:
         assert prefill.connector
-        decode.add_request("r", list(range(1, 40)), GREEDY, {"prefill_kv_addr": prefill.connector.address})
+        decode.add_request("r", list(range(1, 40)), GREEDY, FromPrefill(prefill.connector.address))
         decode.step()  # reserve sent; the prefill engine is never stepped, so nothing comes back
         time.sleep(1.2)
         last = _run([decode], "r")[-1]
@@ -115,7 +116,7 @@ def test_decode_abort_reaches_prefill(model_dir):
     prefill, decode = _engine(model_dir, "prefill"), _engine(model_dir, "decode")
     try:
         assert prefill.connector
-        decode.add_request("r", list(range(1, 40)), GREEDY, {"prefill_kv_addr": prefill.connector.address})
+        decode.add_request("r", list(range(1, 40)), GREEDY, FromPrefill(prefill.connector.address))
         decode.step()
         decode.abort_request("r")
         assert _run([decode], "r")[-1].finish_reason == "abort"
@@ -134,4 +135,4 @@ def test_colocated_refuses_kv_transfer(model_dir):
         EngineConfig(model=ModelConfig(path=model_dir), cache=replace(CacheConfig(), num_blocks=64))
     )
     with pytest.raises(InvalidRequestError):
-        engine.add_request("r", [1, 2, 3], GREEDY, {"prefill_kv_addr": "tcp://127.0.0.1:1"})
+        engine.add_request("r", [1, 2, 3], GREEDY, FromPrefill("tcp://127.0.0.1:1"))

@@ -29,6 +29,8 @@ from pdserve.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig
 from pdserve.disagg import connector as conn
 from pdserve.disagg import protocol as p
 from pdserve.disagg import receiving
+from pdserve.disagg.actions import Activate, Fail, Release
+from pdserve.disagg.handoff import FirstToken, FromPrefill, PromptKV, ToDecode
 from pdserve.disagg.transport import nccl
 from pdserve.disagg.transport.base import KVTransport
 from pdserve.engine.engine import Engine
@@ -90,7 +92,7 @@ def test_explicit_kinds_without_a_common_path_are_refused(model_dir):
     try:
         assert prefill.connector is not None
         addr = prefill.connector.address
-        decode.add_request("r", [1, 2, 3, 4, 5], GREEDY, {"prefill_kv_addr": addr})
+        decode.add_request("r", [1, 2, 3, 4, 5], GREEDY, FromPrefill(addr))
         last = _drive([decode], [prefill], ["r"])["r"]
         assert last.finish_reason == "error" and "no KV path in common" in (last.error or "")
         assert decode.check_pool_free() and prefill.check_pool_free()
@@ -146,25 +148,30 @@ def _decode_connector(transport: KVTransport, timeout: float = 120.0) -> conn.KV
     return conn.KVConnector(transport, pool, {}, "m", transfer_timeout=timeout, peer_timeout=60.0)
 
 
-def _reserved(c: conn.KVConnector, blocks: list[int]) -> Request:
-    request = Request("r", [1, 2, 3], SamplingParams(), kv_transfer={"prefill_kv_addr": "fake://prefill"})
-    request.block_ids = blocks
-    c.start_receive(request)
-    return request
+SOURCE = FromPrefill("fake://prefill")
+
+
+def _reserved(c: conn.KVConnector, blocks: list[int]) -> str:
+    """Start receiving request "r" into `blocks`; the transfer's id."""
+    c.start_receive("r", SOURCE, [1, 2, 3], {}, blocks)
+    return c.receiver.transfer_of["r"]
+
+
+def _finished(c: conn.KVConnector) -> bool:
+    return c.request_finished("r", SOURCE)
 
 
 def _releases(c: conn.KVConnector) -> list[str]:
     c.next_heartbeat = 0.0
-    return [e.request_id for e in c.poll() if isinstance(e, conn.ReleaseBlocks)]
+    return [e.request_id for e in c.poll() if isinstance(e, Release)]
 
 
 @pytest.mark.parametrize("fence", ["failed", "written"])
 def test_aborted_direct_transfer_holds_blocks_until_the_writer_fences(fence):
     transport = _FakeDirect()
     c = _decode_connector(transport)
-    request = _reserved(c, [2, 3])
-    tid = request.kv_transfer["transfer_id"]
-    assert c.request_finished(request), "blocks freed while the prefill may still write into them"
+    tid = _reserved(c, [2, 3])
+    assert _finished(c), "blocks freed while the prefill may still write into them"
     assert any(isinstance(m, p.Abort) for m in transport.sent)
     assert _releases(c) == []
     nbytes = 2 * c.block_bytes
@@ -178,12 +185,12 @@ def test_aborted_direct_transfer_holds_blocks_until_the_writer_fences(fence):
 def test_failed_direct_transfer_holds_blocks_until_the_lease_expires(monkeypatch):
     monkeypatch.setattr(receiving, "DIRECT_WRITE_GRACE", 0.3)
     c = _decode_connector(_FakeDirect(), timeout=0.2)
-    request = _reserved(c, [5])
+    _reserved(c, [5])
     time.sleep(0.25)
     c.next_heartbeat = 0.0
     events = c.poll()
-    assert any(isinstance(e, conn.TransferFailed) for e in events)
-    assert c.request_finished(request), "a timed-out direct transfer freed its blocks at once"
+    assert any(isinstance(e, Fail) for e in events)
+    assert _finished(c), "a timed-out direct transfer freed its blocks at once"
     assert _releases(c) == []
     time.sleep(0.3)
     assert _releases(c) == ["r"]
@@ -191,21 +198,20 @@ def test_failed_direct_transfer_holds_blocks_until_the_lease_expires(monkeypatch
 
 def test_direct_writer_whose_process_is_gone_releases_at_once():
     c = _decode_connector(_FakeDirect(gone=True))
-    request = _reserved(c, [1])
-    assert c.request_finished(request)
+    _reserved(c, [1])
+    assert _finished(c)
     assert _releases(c) == ["r"]
 
 
 def test_completed_direct_transfer_is_ready_and_leaves_no_lease():
     c = _decode_connector(_FakeDirect())
-    request = _reserved(c, [4])
-    tid = request.kv_transfer["transfer_id"]
+    tid = _reserved(c, [4])
     c._on_message(p.Done("fake://prefill", tid, 7), None)
-    assert not [e for e in c.poll() if isinstance(e, conn.KVReady)], "ready before the write finished"
+    assert not [e for e in c.poll() if isinstance(e, Activate)], "ready before the write finished"
     c._on_message(p.KVData("fake://prefill", tid, [4], c.block_bytes, written=True), None)
-    ready = [e for e in c.poll() if isinstance(e, conn.KVReady)]
-    assert ready and ready[0].result.token_id == 7
-    assert not c.leases and not c.request_finished(request)
+    ready = [e for e in c.poll() if isinstance(e, Activate)]
+    assert ready and ready[0].first == FirstToken(7)
+    assert not c.leases and not _finished(c)
 
 
 def test_prefill_writes_nothing_after_the_decode_deadline():
@@ -213,27 +219,22 @@ def test_prefill_writes_nothing_after_the_decode_deadline():
     c = _decode_connector(transport)
     c._on_message(p.Reserve("fake://decode2", "t1", [1, 2], {}, [0], timeout=0.05), None)
     time.sleep(0.1)
-    request = Request("kv-t1", [1, 2], SamplingParams())
-    request.kv_transfer = {"transfer_id": "t1", "decode_addr": "fake://decode2", "block_ids": [0]}
-    request.block_ids = [6]
-    from pdserve.layers.sampler import SampleResult
-
-    c.send_kv(request, SampleResult(3, None))
+    target = ToDecode("t1", "fake://decode2", (0,))
+    c.send_kv(PromptKV("kv-t1", target, (6,)), FirstToken(3), 0)
     assert not any(isinstance(m, p.KVData) for m in transport.sent)
     assert any(isinstance(m, p.Failed) and m.transfer_id == "t1" for m in transport.sent)
-    assert not c.request_finished(request)
+    assert not c.request_finished("kv-t1", target)
 
 
 def test_abort_racing_the_last_byte_still_frees_the_blocks(monkeypatch):
     """The client leaves just as a direct transfer completes: the request ends between the I/O thread
     taking the transfer out of `incoming` and dropping its lease. The drop must free its blocks."""
     c = _decode_connector(_FakeDirect())
-    request = _reserved(c, [4])
-    tid = request.kv_transfer["transfer_id"]
+    tid = _reserved(c, [4])
     drop = c.leases.drop
 
     def abort_then_drop(transfer_id: str) -> None:
-        assert c.request_finished(request)  # the engine thread's abort, in between
+        assert _finished(c)  # the engine thread's abort, in between
         drop(transfer_id)
 
     monkeypatch.setattr(c.leases, "drop", abort_then_drop)
@@ -250,7 +251,7 @@ class _FakeTcp(_FakeDirect):
 
 
 def _failures(c: conn.KVConnector) -> list[str]:
-    return [e.reason for e in c.poll() if isinstance(e, conn.TransferFailed)]
+    return [e.reason for e in c.poll() if isinstance(e, Fail)]
 
 
 def test_kv_data_of_the_wrong_size_fails_the_transfer_at_once():
@@ -258,42 +259,38 @@ def test_kv_data_of_the_wrong_size_fails_the_transfer_at_once():
     the transfer fails now, not after the transfer timeout, whether they would land in place or be
     staged first, and nothing keeps the blocks."""
     c = _decode_connector(_FakeTcp())
-    request = _reserved(c, [2, 3])
-    tid = request.kv_transfer["transfer_id"]
-    assert c._payload_target(p.KVData("fake://prefill", tid, [2, 3], c.block_bytes)) is None
+    tid = _reserved(c, [2, 3])
+    assert c.receiver.payload_target(p.KVData("fake://prefill", tid, [2, 3], c.block_bytes)) is None
     assert any("bytes" in reason for reason in _failures(c)) and not c.leases
-    request = _reserved(c, [5, 6])
-    tid = request.kv_transfer["transfer_id"]
+    tid = _reserved(c, [5, 6])
     staged = torch.zeros(c.block_bytes, dtype=torch.uint8)
     c._on_message(p.KVData("fake://prefill", tid, [5, 6], c.block_bytes), staged)
-    assert _failures(c) and not c.request_finished(request)
+    assert _failures(c) and not _finished(c)
 
 
 def test_staging_and_writing_failures_fail_the_transfer_and_release_its_blocks(monkeypatch):
     """No pinned memory for the bytes, or the copy into the pool raising: the transfer fails, the
     "writing" lease goes, the I/O thread goes on."""
     c = _decode_connector(_FakeTcp())
-    c.pool_bytes = None  # a GPU pool's path: bytes land in a staging buffer first
+    c.receiver.pool_bytes = None  # a GPU pool's path: bytes land in a staging buffer first
 
     def no_memory(nbytes: int) -> torch.Tensor:
         raise RuntimeError("out of pinned memory")
 
-    request = _reserved(c, [1])
-    msg = p.KVData("fake://prefill", request.kv_transfer["transfer_id"], [1], c.block_bytes)
+    msg = p.KVData("fake://prefill", _reserved(c, [1]), [1], c.block_bytes)
     with monkeypatch.context() as m:
         m.setattr(receiving, "pinned_bytes", no_memory)
-        assert c._payload_target(msg) is None
+        assert c.receiver.payload_target(msg) is None
     assert any("staging" in reason for reason in _failures(c)) and not c.leases
 
     def broken_copy(*args: Any) -> None:
         raise RuntimeError("CUDA error: an illegal memory access")
 
-    request = _reserved(c, [2])
-    msg = p.KVData("fake://prefill", request.kv_transfer["transfer_id"], [2], c.block_bytes)
-    assert c._payload_target(msg) is not None and c.leases  # "writing" held while bytes land
+    msg = p.KVData("fake://prefill", _reserved(c, [2]), [2], c.block_bytes)
+    assert c.receiver.payload_target(msg) is not None and c.leases  # "writing" held while bytes land
     monkeypatch.setattr(receiving, "write_blocks", broken_copy)
-    c._payload_done(msg, True)
-    assert _failures(c) and not c.leases and not c.request_finished(request)
+    c.receiver.payload_done(msg, True)
+    assert _failures(c) and not c.leases and not _finished(c)
 
 
 # ---- driving engines by hand (different devices, other processes) ---------------------------------
@@ -341,7 +338,7 @@ def _drive(decodes: list[Engine], prefills: list[Engine], ids: list[str], deadli
 def _generate(decode: Engine, prefills: list[Engine], addr: str, prompts: list[list[int]]) -> list[list[int]]:
     ids = [f"q{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts, strict=True):
-        decode.add_request(rid, prompt, GREEDY, {"prefill_kv_addr": addr})
+        decode.add_request(rid, prompt, GREEDY, FromPrefill(addr))
     done = _drive([decode], prefills, ids)
     assert all(done[i].error is None for i in ids), [done[i].error for i in ids]
     return [done[i].new_token_ids for i in ids]
@@ -457,7 +454,7 @@ def test_gpu_layer_streaming_equals_colocated(tiny_model, gpu_prompts, gpu_coloc
         got = _generate(decode, [prefill], prefill.connector.address, gpu_prompts)
         assert got == gpu_colocated
         _assert_kv_moved(prefill, decode, gpu_prompts)
-        assert prefill.connector.transfers_streamed > 0 and not prefill.connector.streams
+        assert prefill.connector.transfers_streamed > 0 and not prefill.connector.sender.streams
         assert decode.check_pool_free() and prefill.check_pool_free()
     finally:
         prefill.close()
@@ -465,7 +462,6 @@ def test_gpu_layer_streaming_equals_colocated(tiny_model, gpu_prompts, gpu_coloc
 
 
 def test_the_runner_calls_the_layer_hook_after_every_layer_of_an_eager_step(model_dir):
-    from pdserve.engine.request import Request
     from pdserve.engine.scheduler import ScheduledChunk
 
     llm = LLM(model_dir, num_blocks=64)
@@ -481,10 +477,8 @@ def test_no_layer_streaming_without_a_direct_path(model_dir):
     prefill = _engine(model_dir, "prefill", "cpu", "tcp", stream_layers=True)
     try:
         assert prefill.connector is not None
-        request = type(
-            "R", (), {"kv_transfer": {"transfer_id": "t", "decode_addr": "tcp://x:1", "block_ids": [0]}}
-        )
-        assert prefill.connector.layer_hook([request]) is None  # a CPU pool, and tcp writes no pools
+        prompt = PromptKV("kv-t", ToDecode("t", "tcp://x:1", (0,)), (0,))
+        assert prefill.connector.layer_hook([prompt]) is None  # a CPU pool, and tcp writes no pools
     finally:
         prefill.close()
 
@@ -518,7 +512,7 @@ def serve_decode(model_dir: str, device: str, prefill_addr: str, num_blocks: str
     """A decode engine in this process (a child of a test) with a pool of `num_blocks`: one request's
     KV comes from `prefill_addr`; prints "done", then idles until killed."""
     engine = _engine(model_dir, "decode", device, "cuda_ipc", num_blocks=int(num_blocks))
-    engine.add_request("q", list(range(3, 40)), GREEDY, {"prefill_kv_addr": prefill_addr})
+    engine.add_request("q", list(range(3, 40)), GREEDY, FromPrefill(prefill_addr))
     done = _drive([engine], [], ["q"])
     assert done["q"].error is None, done["q"].error
     print("done", flush=True)
@@ -672,7 +666,7 @@ def test_a_dead_prefill_engine_fails_its_transfers_at_once(model_dir):
         while prefill.fatal_error is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert prefill.fatal_error is not None
-        transfer = {"prefill_kv_addr": prefill.kv_addr}
+        transfer = FromPrefill(prefill.kv_addr)
         decode.add_request("r", [1, 2, 3, 4], SamplingParams(max_tokens=4), transfer)
         started, outs = time.monotonic(), []
         while not outs and time.monotonic() - started < 30:
@@ -755,8 +749,8 @@ def test_idle_peers_whose_process_ended_are_forgotten():
     transport.ended.add("fake://dead")
     _releases(c)
     assert transport.forgotten == []  # its transfer is still pending
-    with c.lock:
-        c.outgoing.clear()
+    with c.sender.lock:
+        c.sender.outgoing.clear()
     _releases(c)
     assert transport.forgotten == ["fake://dead"] and c.peers.known() == ["fake://alive"]
     _releases(c)
@@ -777,7 +771,7 @@ def test_a_request_the_prefill_finds_wrong_fails_as_the_clients_error(model_dir)
     decode = _engine(model_dir, "decode", "cpu", "tcp")
     try:
         assert prefill.connector is not None
-        transfer = {"prefill_kv_addr": prefill.connector.address}
+        transfer = FromPrefill(prefill.connector.address)
         decode.add_request("r", list(range(1, 41)), SamplingParams(max_tokens=4), transfer)
         outs: list[Any] = []
         deadline = time.monotonic() + 30

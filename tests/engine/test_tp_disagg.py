@@ -14,7 +14,7 @@ import torch
 
 from pdserve import LLM
 from pdserve.disagg.transport.shards import ShardedPool, copy_run, head_copies
-from pdserve.engine.kv_layout import allocate_kv_pool, block_major
+from pdserve.kv_layout import allocate_kv_pool, block_major
 
 from .test_tensor_parallel import GREEDY, prompts_for, save_shape, two_gpus
 
@@ -98,7 +98,7 @@ def _pool(heads: int) -> torch.Tensor:
 
 
 def test_sharded_pool_gathers_every_head_once_and_writes_every_copy():
-    """Payloads are block-major ([n, layers, 2, block_size, heads, dim], engine/kv_layout.py)."""
+    """Payloads are block-major ([n, layers, 2, block_size, heads, dim], pdserve/kv_layout.py)."""
     full = _pool(3)
     wire = block_major(full)
     shards = ShardedPool([full[..., :2, :].clone(), full[..., 2:, :].clone()], [0, 2], 3)  # 2 + 1 heads

@@ -80,7 +80,7 @@ def test_rotary_store_writes_rotated_k_and_v_into_the_cache(
     """The fused launch against rotate-then-store: q rotated in place, the cache (a layer of the real
     pool layout, strided) holds rotated k and plain v at each slot, padded tokens (slot -1) write
     nothing, and k's own memory is left alone."""
-    from pdserve.engine.kv_layout import allocate_kv_pool
+    from pdserve.kv_layout import allocate_kv_pool
 
     torch.manual_seed(tokens * 100 + heads)
     rope = RotaryEmbedding(SimpleNamespace(rope_theta=1_000_000.0), head_dim, 4096, KERNELS).to(DEVICE)
@@ -119,7 +119,7 @@ def test_rotary_store_with_qk_norm_matches_norm_then_rotate(
     """Qwen3's per-head q/k RMSNorm inside the same launch: q and the cache's k equal RMSNorm (the
     torch code, rounding where it rounds) then rotary, each with its own weight; v is copied as is.
     Without the norms the same inputs give a different q (the norm is really applied)."""
-    from pdserve.engine.kv_layout import allocate_kv_pool
+    from pdserve.kv_layout import allocate_kv_pool
 
     torch.manual_seed(tokens + heads)
     rope = RotaryEmbedding(SimpleNamespace(rope_theta=1_000_000.0), head_dim, 4096, KERNELS).to(DEVICE)

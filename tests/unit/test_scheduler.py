@@ -11,6 +11,7 @@ import random
 import pytest
 
 from pdserve.config import SchedulerConfig
+from pdserve.disagg.handoff import FromPrefill, HandOff
 from pdserve.engine.block_manager import BlockManager, cdiv
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling import SamplingParams
@@ -543,3 +544,40 @@ def test_random_aborts_leave_the_pool_free() -> None:
     assert not sched.has_unfinished
     assert sched.requests == {}
     assert_pool_free(sched.bm)
+
+
+class _RecordingConnector:
+    """A connector that only answers the scheduler's questions and records what it is told."""
+
+    def __init__(self) -> None:
+        self.finished: list[str] = []
+
+    @staticmethod
+    def gets_kv_remotely(handoff: HandOff | None) -> bool:
+        return isinstance(handoff, FromPrefill)
+
+    def request_finished(self, request_id: str, handoff: HandOff | None) -> bool:
+        self.finished.append(request_id)
+        return False
+
+
+def test_remote_kv_request_is_reserved_and_returned_not_sent() -> None:
+    """schedule() only decides: a request whose KV comes from a prefill instance gets blocks for its
+    whole prompt and is listed in `reserved`, for the engine to ask for its KV; no chunk runs it."""
+    bm = BlockManager(16, BS, enable_prefix_caching=True)
+    connector = _RecordingConnector()
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32), bm, connector)  # type: ignore[arg-type]
+    source = FromPrefill("tcp://127.0.0.1:5601")
+    remote = Request("d", tokens(1, 9), SamplingParams(max_tokens=4), handoff=source)
+    local = make_request("l", tokens(100, 5))
+    sched.add_request(remote)
+    sched.add_request(local)
+    out = sched.schedule()
+    assert out.reserved == [remote] and [c.request for c in out.chunks] == [local]
+    assert remote.status is RequestStatus.WAITING_FOR_KV and len(remote.block_ids) == cdiv(9, BS)
+    assert remote.handoff is source  # the hand-off is never changed in place
+    assert sched.schedule().reserved == []
+    sched.activate(remote)
+    assert remote.handoff is None and remote.num_computed_tokens == 9
+    sched.finish_request(remote, RequestStatus.FINISHED_ABORTED)
+    assert connector.finished == ["d"]

@@ -1,11 +1,11 @@
-"""The transport interface both roles share, and the factory.
+"""The transport interface both roles share (the factory that picks an implementation is factory.py).
 
 A transport delivers control messages (protocol.py) to a peer address, optionally followed by one
 payload: KV blocks of the local pool (`KVBlocks`, all layers), which the transport moves its own way.
 Incoming messages are handed to one callback; with a threaded transport it runs on an I/O thread, and
 a received payload comes as host bytes (memoryview) or a tensor.
 
-Kinds (`make_transport`):
+Kinds (factory.make_transport):
     tcp       ZeroMQ control + raw TCP bytes; CUDA pools are staged through pinned host buffers
     cuda_ipc  the prefill writes straight into the decode pool (same host, CUDA pools)
     nccl      a NCCL process group per pair (CUDA pools; on CPU pools it runs on Gloo)
@@ -31,9 +31,6 @@ MessageHandler = Callable[[Message, memoryview | torch.Tensor | None], None]
 # to get it in a staging buffer through the MessageHandler instead; then whether it all arrived.
 PayloadTarget = Callable[[Message], list[memoryview] | None]
 PayloadDone = Callable[[Message, bool], None]
-
-KINDS = ("auto", "tcp", "cuda_ipc", "nccl", "inproc")
-_PATHS = {"auto": ("cuda_ipc", "nccl", "tcp"), "cuda_ipc": ("cuda_ipc",), "nccl": ("nccl",)}
 
 
 class KVTransport(ABC):
@@ -98,21 +95,3 @@ class KVTransport(ABC):
     def peer_gone(self, peer: str) -> bool:
         """True only if `peer`'s process is known to have ended (so it can write nothing more)."""
         return False
-
-
-def make_transport(
-    kind: str, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None
-) -> KVTransport:
-    if kind == "tcp":
-        from pdserve.disagg.transport.tcp import TcpTransport
-
-        return TcpTransport(host, port, advertise_host)
-    if kind == "inproc":
-        from pdserve.disagg.transport.inproc import InprocTransport
-
-        return InprocTransport()
-    if kind in _PATHS:
-        from pdserve.disagg.transport.multipath import MultiPathTransport
-
-        return MultiPathTransport(_PATHS[kind], host, port, advertise_host)
-    raise ValueError(f"unknown KV transport {kind!r}; choose one of {', '.join(KINDS)}")

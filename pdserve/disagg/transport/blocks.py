@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pdserve.disagg.transport.shards import ShardedPool
-from pdserve.engine.kv_layout import block_major
+from pdserve.kv_layout import block_major
 
 
 @functools.cache

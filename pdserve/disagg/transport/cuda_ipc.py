@@ -5,7 +5,7 @@ instance's KV pool, GPU to GPU over the copy engine (NVLink/PCIe peer copies), w
     prefill: open it once per peer (mapped into its own GPU's address space, peer access enabled)
     per transfer, on a side stream:  remote_blocks[d:d+n].copy_(local_blocks[s:s+n])
              for each run of blocks contiguous on both sides: pools are block-major in memory
-             (engine/kv_layout.py), so each run, all layers, K and V, is one contiguous memcpy
+             (pdserve/kv_layout.py), so each run, all layers, K and V, is one contiguous memcpy
     then an event: once it completes, KVData(written=True) tells the decode side the write is done.
 
 Tensor-parallel pools on either side (shards.py): the decode offers every rank's handle, the prefill
@@ -157,8 +157,8 @@ def write_blocks_direct(
         began = torch.cuda.Event(enable_timing=True)
         began.record(stream)
         for s, d, n in [] if blocks.streamed else paired_runs(blocks.block_ids, dst):
-            # one copy per run of blocks (and pair of shards), every layer and K/V at once (was one
-            # per layer and K/V: 128 launches for a 64-layer model, the link idle between them); one
+            # one copy per run of blocks (and pair of shards), every layer and K/V at once: a copy per
+            # layer and K/V would be 128 launches for a 64-layer model, the link idle between them; one
             # memcpy when both pools are block-major in memory and hold the same heads
             copy_run(copies, s, d, n)
         done = torch.cuda.Event(enable_timing=True)

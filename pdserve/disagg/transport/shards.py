@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pdserve.engine.kv_layout import block_major
+from pdserve.kv_layout import block_major
 
 
 @dataclass(frozen=True)
