@@ -59,8 +59,8 @@ def connector(kind: str, device: str, shape: tuple[int, ...], dtype: torch.dtype
 def prefill_main(kind: str, args: argparse.Namespace, addr_q: Any, times_q: Any) -> None:
     from pdserve.disagg.connector import NewPrefill
     from pdserve.engine.request import Request
+    from pdserve.engine.sampler import SampleResult
     from pdserve.engine.sampling import SamplingParams
-    from pdserve.layers.sampler import SampleResult
 
     n = -(-args.tokens // args.block_size)
     c = connector(kind, "cuda:0", pool_shape(args, n + 4), DTYPES[args.dtype])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.layers.sampler import SampleResult
+from pdserve.engine.sampler import SampleResult
 
 
 @dataclass

@@ -35,7 +35,7 @@ from pdserve.disagg.events import KVReady, TransferFailed
 from pdserve.disagg.state import ConnectorState
 from pdserve.disagg.transport.blocks import pinned_bytes, write_blocks
 from pdserve.engine.request import Logprob, Request
-from pdserve.layers.sampler import SampleResult
+from pdserve.engine.sampler import SampleResult
 
 logger = logging.getLogger(__name__)
 

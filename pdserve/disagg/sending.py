@@ -26,7 +26,7 @@ from pdserve.disagg.layer_stream import Streamed, make_hook
 from pdserve.disagg.state import ConnectorState
 from pdserve.disagg.transport.blocks import KVBlocks
 from pdserve.engine.request import Request
-from pdserve.layers.sampler import SampleResult
+from pdserve.engine.sampler import SampleResult
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.host_tensors import long_tensor, padded_rows
+from pdserve.host_tensors import long_tensor, padded_rows
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.models.llama import LlamaForCausalLM
 

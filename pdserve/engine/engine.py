@@ -38,10 +38,10 @@ from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import EngineStats, RequestOutput
 from pdserve.engine.request import Logprob, Request, RequestStatus
+from pdserve.engine.sampler import SampleResult
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError, OverloadedError, PDServeError
-from pdserve.layers.sampler import SampleResult
 from pdserve.models.prepare import resolve_model, tokenizer_path
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ class Engine:
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 4096))
         self.eos_token_ids = self._eos_ids(path)
         cache = replace(config.cache, share_pool=config.moves_sharded_kv)
-        self.runner = ModelRunner(config.model, cache, self.hf_config, config.scheduler)
+        self.runner = ModelRunner(
+            config.model, cache, self.hf_config, config.scheduler, kernels=config.kernels
+        )
         pool_tokens = self.runner.num_blocks * config.cache.block_size
         self.max_model_len = min(config.model.max_model_len or model_max, model_max, pool_tokens)
         self.block_manager = BlockManager(

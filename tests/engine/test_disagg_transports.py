@@ -216,7 +216,7 @@ def test_prefill_writes_nothing_after_the_decode_deadline():
     request = Request("kv-t1", [1, 2], SamplingParams())
     request.kv_transfer = {"transfer_id": "t1", "decode_addr": "fake://decode2", "block_ids": [0]}
     request.block_ids = [6]
-    from pdserve.layers.sampler import SampleResult
+    from pdserve.engine.sampler import SampleResult
 
     c.send_kv(request, SampleResult(3, None))
     assert not any(isinstance(m, p.KVData) for m in transport.sent)

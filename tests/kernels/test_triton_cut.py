@@ -46,7 +46,7 @@ def _wanted(row: torch.Tensor, temp: float, k: int, p: float) -> torch.Tensor:
 def _search(
     logits: torch.Tensor, temps: list[float], ks: list[int], ps: list[float], chunks: int, min_ps=None
 ):
-    from pdserve.layers.triton_cut import search_cuts
+    from pdserve.kernels.truncation_triton import search_cuts
 
     rows, vocab = logits.shape
     block = 256

@@ -6,7 +6,7 @@ import gc
 
 import torch
 
-from pdserve.engine.host_tensors import long_tensor, padded_rows
+from pdserve.host_tensors import long_tensor, padded_rows
 
 
 def test_long_tensor_equals_torch_tensor_and_outlives_its_list() -> None:

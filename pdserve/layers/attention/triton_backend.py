@@ -15,7 +15,7 @@ import importlib.util
 
 import torch
 
-from pdserve.engine.host_tensors import to_device
+from pdserve.host_tensors import to_device
 from pdserve.layers.attention.backend import AttentionBackend
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.norm import RMSNorm
