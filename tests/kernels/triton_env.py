@@ -39,3 +39,8 @@ def fix_interpreter() -> None:
 
     patched.pdserve_fixed = True  # type: ignore[attr-defined]
     interpreter._patch_lang_tensor = patched
+
+
+def by_device(cpu: int, gpu: int) -> int:
+    """A test's size: `cpu` under the interpreter (each program runs in Python), `gpu` on CUDA."""
+    return gpu if CUDA else cpu
