@@ -4,8 +4,8 @@ detokenizer, outputs: everything but HTTP), with and without building outputs wh
     python3 benchmarks/engine_loop_gpu.py --model qwen2.5-7b --batch 128 [--no-overlap] [--output f.json]
 
 B prompts of `--input-len` random tokens, `--output-len` tokens each (EOS ignored), dummy weights,
-temperature 1 (`--top-p` below 1: each row's top-p cut is searched first, triton_cut.py; with
-PDSERVE_TRUNCATING_KERNEL=0 the torch sort instead, and no step is launched ahead;
+temperature 1 (`--top-p` below 1: each row's top-p cut is searched first, truncation_triton.py;
+with the KernelConfig's truncating_sampler off, the torch sort instead;
 `--repetition-penalty`: penalized rows, launched ahead with their counts kept on the device).
 A first run with one output token measures the prefill; the decode time per step is (full run -
 prefill run) / (output_len - 1). Compare with benchmarks/gpu_engine.py's step time at the
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=1000)
     ap.add_argument("--output-len", type=int, default=129)
     ap.add_argument("--no-overlap", action="store_true")
-    ap.add_argument("--top-p", type=float, default=1.0, help="< 1: rows cut by top-p (triton_cut.py)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="< 1: rows cut by top-p (truncation_triton.py)")
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="!= 1: penalized rows")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (with --load-format auto)")
     ap.add_argument("--load-format", default="dummy")

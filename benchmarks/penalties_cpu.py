@@ -1,4 +1,4 @@
-"""Host cost of the sampler's penalties per decode step (layers/penalties.py), on the CPU: B requests
+"""Host cost of the sampler's penalties per decode step (engine/penalties.py), on the CPU: B requests
 with P-token random prompts and O outputs each, repetition 1.05 and presence 0.2 (Qwen-style
 settings), a 152k vocabulary.
 
@@ -6,9 +6,9 @@ settings), a 152k vocabulary.
 
 Prints ms per call of: building the flat (row, token, value) arrays (the host work that a GPU step
 waits for, once histories exist), apply_penalties on CPU float32 logits (arrays plus torch's
-gather/scatter on the CPU), the whole torch sampler (_sample_torch, greedy rows), and the baseline:
-the per-row loop the sampler ran before (a set() over each row's tokens, a copy and three torch
-ops per penalty and row).
+gather/scatter on the CPU), the whole torch sampler (sample_torch, greedy rows), and the baseline
+that batching is measured against: a per-row loop (a set() over each row's tokens, a copy and three
+torch ops per penalty and row).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
+from pdserve.engine import penalties, sampler
 from pdserve.engine.request import Request
 from pdserve.engine.sampling import SamplingParams
-from pdserve.layers import penalties, sampler
 
 
 def per_call_ms(fn: Callable[[], object], calls: int = 5) -> float:
@@ -35,7 +35,7 @@ def per_call_ms(fn: Callable[[], object], calls: int = 5) -> float:
 
 
 def per_row(logits: torch.Tensor, requests: list[Request]) -> None:
-    """The sampler's penalties before layers/penalties.py, row by row."""
+    """The same penalties applied row by row: the baseline apply_penalties batches."""
     for i, req in enumerate(requests):
         p, row = req.params, logits[i]
         if p.repetition_penalty != 1.0:
@@ -68,10 +68,10 @@ def main() -> None:
     arrays = per_call_ms(lambda: (penalties._repetition(requests), penalties._frequency(requests, False)))
     work = logits.clone()  # penalized again on every call: the values drift, the work does not
     applied = per_call_ms(lambda: penalties.apply_penalties(work, requests))
-    whole = per_call_ms(lambda: sampler._sample_torch(logits, requests))
+    whole = per_call_ms(lambda: sampler.sample_torch(logits, requests))
     before = per_call_ms(lambda: per_row(work, requests))
     print(f"{args.rows} rows: arrays {arrays:.2f} ms, apply_penalties {applied:.2f} ms, ", end="")
-    print(f"sampler {whole:.1f} ms; the per-row loop before: {before:.2f} ms")
+    print(f"sampler {whole:.1f} ms; the per-row loop: {before:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""Sampling time per decode step on a GPU: what `sampler.sample_later` dispatches to (the plain
-kernel for temperature rows, the same after triton_cut.py's statistics for min-p rows, and for
-top-k / top-p rows triton_cut.py's search unless PDSERVE_TRUNCATING_KERNEL=0 sends them to the sort)
-against the torch path
-alone, at batch 1, 8, 32 and 128 over a 152k vocabulary (Qwen2.5's), bf16 logits.
+"""Sampling time per decode step on a GPU: what `Sampler.sample_later` dispatches to (the plain
+kernel for temperature rows, the same after truncation_triton.py's statistics for min-p rows, and
+for top-k / top-p rows truncation_triton.py's search unless `--kernels truncating_sampler=off` sends
+them to the sort) against the torch path alone, at batch 1, 8, 32 and 128 over a 152k vocabulary
+(Qwen2.5's), bf16 logits.
 
-    python3 benchmarks/sampler_gpu.py [--vocab 152064] [--output sampler_gpu.json]
+    python3 benchmarks/sampler_gpu.py [--vocab 152064] [--kernels SPEC] [--output sampler_gpu.json]
 
 Logits are random with a few peaked tokens (as a language model's); each figure is the median of 50
-calls of `sampler.sample_later(...)` + wait, by CUDA events, so host launch time counts. "gpu": the
+calls of `Sampler.sample_later(...)` + wait, by CUDA events, so host launch time counts. "gpu": the
 same calls queued behind a ~1 ms sleep kernel, timed from the sleep's end: the GPU's own time, as in
 a decode step, where the host queues the sampler while the step's graph still runs. --profile FILE
 adds a kernel table (torch.profiler) of 20 top-p calls at 128 rows.
@@ -23,9 +23,12 @@ from datetime import date
 import torch
 from gpu_engine import timed  # this folder: run as a script
 
+from pdserve.engine import sampler
 from pdserve.engine.request import Request
+from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling import SamplingParams
-from pdserve.layers import sampler
+from pdserve.kernels import sampling_triton
+from pdserve.kernels.config import KernelConfig
 
 CASES = {
     "temperature": dict(temperature=0.8),
@@ -57,15 +60,15 @@ def gpu_ms(fn: Callable[[], object], iters: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def profile_top_p(path: str, vocab: int) -> None:
+def profile_top_p(chosen: Sampler, path: str, vocab: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     logits = logits_like_a_model(128, vocab)
     reqs = [Request(f"r{i}", [1], SamplingParams(**CASES["top_p 0.9"])) for i in range(128)]
-    sampler.sample_later(logits, reqs).wait()
+    chosen.sample_later(logits, reqs).wait()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
-            sampler.sample_later(logits, reqs).wait()
+            chosen.sample_later(logits, reqs).wait()
     with open(path, "w") as f:
         f.write("20 calls, 128 rows, top_p 0.9\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
@@ -76,27 +79,27 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=152064)
     ap.add_argument("--output", default=None)
     ap.add_argument("--profile", default=None, help="write a kernel table of top-p at 128 rows here")
+    ap.add_argument("--kernels", default="", help="KernelConfig spec, e.g. truncating_sampler=off")
     ap.add_argument("--programs-per-sm", type=int, default=None, help="override choose_chunks' aim")
     args = ap.parse_args()
-    if args.programs_per_sm:
-        from pdserve.layers import triton_sampler
-
-        triton_sampler.PROGRAMS_PER_SM = args.programs_per_sm
+    if args.programs_per_sm:  # a tuning experiment: the module's constant, this process only
+        sampling_triton.PROGRAMS_PER_SM = args.programs_per_sm
+    chosen = Sampler.for_device(KernelConfig.parse(args.kernels), torch.device("cuda"))
     results = []
     for rows in (1, 8, 32, 128):
         logits = logits_like_a_model(rows, args.vocab)
         for name, kw in CASES.items():
             reqs = [Request(f"r{i}", [1], SamplingParams(**kw)) for i in range(rows)]
-            kernel = 1e3 * timed(lambda x=logits, r=reqs: sampler.sample_later(x, r).wait(), 50)
-            torch_ms = 1e3 * timed(lambda x=logits, r=reqs: sampler._sample_torch(x, r)[0].tolist(), 50)
-            gpu = gpu_ms(lambda x=logits, r=reqs: sampler.sample_later(x, r))
+            kernel = 1e3 * timed(lambda x=logits, r=reqs: chosen.sample_later(x, r).wait(), 50)
+            torch_ms = 1e3 * timed(lambda x=logits, r=reqs: sampler.sample_torch(x, r)[0].tolist(), 50)
+            gpu = gpu_ms(lambda x=logits, r=reqs: chosen.sample_later(x, r))
             results.append(
                 {"rows": rows, "case": name, "kernel_ms": kernel, "kernel_gpu_ms": gpu, "torch_ms": torch_ms}
             )
             timing = f"dispatched {kernel:7.3f} ms (gpu {gpu:7.3f})   torch {torch_ms:7.3f} ms"
             print(f"B={rows:3d} {name:24s} {timing}", flush=True)
     if args.profile:
-        profile_top_p(args.profile, args.vocab)
+        profile_top_p(chosen, args.profile, args.vocab)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(

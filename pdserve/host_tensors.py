@@ -1,13 +1,14 @@
-"""Step inputs from Python lists to tensors, fast: the host side of every step sits between GPU steps.
+"""Host lists to tensors and back, fast: the host side of every step sits between GPU steps.
 
-`torch.tensor(list_of_lists)` walks every element through Python objects: ~0.8 ms for the block
-tables of a 128-sequence decode step with 1k-token contexts. Packing the ints into an `array` and
-viewing it with `torch.frombuffer` does the same in ~0.13 ms (measured on the dev box's CPU).
+`torch.tensor(list_of_lists)` walks every element through Python objects, several times slower for
+the block tables of a large decode batch than packing the ints into an `array` and viewing it with
+`torch.frombuffer`, which long_tensor and padded_rows do.
 
 To a GPU, inputs go through pinned memory with a non-blocking copy: a plain `.to("cuda")` of pageable
 memory synchronizes the stream, so the host would wait for the step already running before it could
 queue the next one (and a step launched ahead, engine/ahead.py, would gain nothing). Results come
-back the same way: pinned copies and an event (to_host_later).
+back the same way: pinned copies and an event (to_host_later). Used by the engine, the layers and
+the kernels alike, so it imports none of them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def list_on(
+    values: list[int] | list[float], device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A small host list on `device` without waiting for the work queued there."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def to_host_later(tensors: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:

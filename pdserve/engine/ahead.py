@@ -8,7 +8,7 @@ only then; collecting N, building its outputs and scheduling overlap N+1 on the 
 Allowed only where nothing can change the batch or need the token on the host first: N was decodes
 only, every one sampling; no request waits for admission and the running list is N's; every request
 needs nothing of its token on the host (sampler.kernel_draws: no seed, no logprobs; penalties and
-min_tokens bans count N's tokens on the device, layers/penalties.py); none can reach
+min_tokens bans count N's tokens on the device, engine/penalties.py); none can reach
 its length limit with N's token, none hands KV to a decode instance, and the pool has the blocks for
 everyone's next slot (no preemption). A request that N ends (EOS, a stop id, a stop string) has one
 wasted row in N+1, dropped when N+1 is collected (Engine._update skips finished requests).
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 from pdserve.engine.block_manager import cdiv
 from pdserve.engine.request import Request
+from pdserve.engine.sampler import PendingSample, kernel_draws
 from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from pdserve.layers.sampler import PendingSample, kernel_draws
 
 if TYPE_CHECKING:
     from pdserve.disagg.connector import KVConnector

@@ -34,10 +34,10 @@ from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import EngineStats, RequestOutput
 from pdserve.engine.request import Logprob, Request, RequestStatus
+from pdserve.engine.sampler import SampleResult
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError, OverloadedError, PDServeError
-from pdserve.layers.sampler import SampleResult
 from pdserve.models.prepare import resolve_model, tokenizer_path
 
 logger = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ from pdserve.distributed.sharding import model_head_shard
 from pdserve.distributed.shared_pool import ipc_export, open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from pdserve.engine.memory_profile import profile_kv_bytes
+from pdserve.engine.sampler import PendingSample, Sampler, SampleResult
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.warmup import warm_sampler, warmup_steps
 from pdserve.host_tensors import long_tensor, padded_rows, to_device
@@ -39,7 +40,6 @@ from pdserve.kernels.factory import build_kernels
 from pdserve.kv_layout import allocate_kv_pool
 from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.attention.registry import backend_class
-from pdserve.layers.sampler import PendingSample, SampleResult, sample_later
 from pdserve.models.llama import head_dim_of
 from pdserve.models.loader import build_model
 
@@ -103,6 +103,7 @@ class ModelRunner:
         self.tp = tp or TPGroup.single(torch.device(model_config.device))
         self.device = self.tp.device
         self.kernels = build_kernels(kernels or KernelConfig(), self.device)  # the model's one choice
+        self.sampler = Sampler.for_device(kernels or KernelConfig(), self.device)
         with on_device(self.device):
             self._build(model_config, cache_config, hf_config)
         self.kv_shards = self._open_shards(hf_config) if cache_config.share_pool else None
@@ -155,7 +156,7 @@ class ModelRunner:
             for step in warmup_steps(lay.block_size, self.num_blocks):
                 logits = self._run_all_ranks(step)
             if logits is not None:
-                warm_sampler(logits)
+                warm_sampler(self.sampler, logits)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.num_blocks,
@@ -244,7 +245,7 @@ class ModelRunner:
             if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
                 logits = logits[to_device(long_tensor(rows), self.device)]
             assert ahead is None or len(rows) == len(chunks) == ahead.shape[0], "ahead: every row samples"
-            return sample_later(logits, [chunks[i].request for i in rows], ahead)
+            return self.sampler.sample_later(logits, [chunks[i].request for i in rows], ahead)
 
     def _run_all_ranks(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:
         """Run a step on every rank (through the driver with tensor parallelism); rank 0's logits."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from pdserve.distributed.messages import StepInputs
+from pdserve.engine.sampler import Sampler
+from pdserve.kernels.sampling import RowFilters
 
 _PROMPTS = (5, 19)  # token counts: one under a block, one across blocks at the usual block sizes
 _CONTINUE = 3  # tokens of the second prompt computed in the mixed step
@@ -55,23 +57,20 @@ def warmup_steps(block_size: int, num_blocks: int) -> list[StepInputs]:
     return [first, mixed]
 
 
-def warm_sampler(logits: torch.Tensor) -> None:
-    """Compile the Triton sampling kernels for these logits' vocabulary, in their dtype and in
+def warm_sampler(sampler: Sampler, logits: torch.Tensor) -> None:
+    """Compile the sampler's Triton kernels for these logits' vocabulary, in their dtype and in
     float32 (rows with penalties are drawn from a float32 copy): rows split over programs (small
-    batches) and whole (large ones), min-p's floor (triton_cut.py's statistics), and unless
-    PDSERVE_TRUNCATING_KERNEL=0 sends those rows to the torch sort the top-k/top-p search, for
-    batches with top-p rows, top-k rows and both (each its own compiled variant)."""
-    from pdserve.layers.sampler import TRUNCATING_KERNEL, RowFilters
-    from pdserve.layers.triton_sampler import HAS_TRITON, triton_sample
-
-    if not HAS_TRITON:
+    batches) and whole (large ones), min-p's floor (truncation_triton.py's statistics), and unless
+    the sampler sends those rows to the torch sort the top-k/top-p search, for batches with top-p
+    rows, top-k rows and both (each its own compiled variant)."""
+    if sampler.kernel is None:
         return
     rows = logits.shape[0]
     temperatures = [1.0] * rows
-    searches = [(50, 1.0), (0, 0.9), (50, 0.9)] if TRUNCATING_KERNEL else []  # (top_k, top_p)
+    searches = [(50, 1.0), (0, 0.9), (50, 0.9)] if sampler.truncating else []  # (top_k, top_p)
     for x in dict.fromkeys([logits, logits.float()]):  # one of each dtype
-        triton_sample(x, temperatures)
-        triton_sample(x, temperatures, chunks=1)
-        triton_sample(x, temperatures, filters=RowFilters([0] * rows, [1.0] * rows, [0.05] * rows))
+        sampler.kernel(x, temperatures)
+        sampler.kernel(x, temperatures, chunks=1)
+        sampler.kernel(x, temperatures, filters=RowFilters([0] * rows, [1.0] * rows, [0.05] * rows))
         for k, p in searches:
-            triton_sample(x, temperatures, filters=RowFilters([k] * rows, [p] * rows, [0.0] * rows))
+            sampler.kernel(x, temperatures, filters=RowFilters([k] * rows, [p] * rows, [0.0] * rows))

@@ -177,7 +177,7 @@ def test_cuda_default_overlaps_and_launches_ahead(model_dir, prompts, reference,
 
 def test_penalized_rows_launch_ahead_on_cuda_and_match_waiting(model_dir, prompts, device, monkeypatch):
     """Penalties and min_tokens bans of a step launched ahead count the previous step's tokens on
-    the GPU (layers/penalties.py; the Triton sampler draws after them): the same tokens as an engine
+    the GPU (engine/penalties.py; the Triton sampler draws after them): the same tokens as an engine
     that waits for every step (CUDA graphs, float32)."""
     if device != "cuda":
         pytest.skip("the CPU case is tests/engine/test_overlap_outputs.py")

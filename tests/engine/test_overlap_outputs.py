@@ -150,7 +150,7 @@ def test_penalized_rows_launch_ahead_and_match(
     params: SamplingParams,
 ) -> None:
     """Penalties and min_tokens bans count the previous step's tokens on the device
-    (layers/penalties.py): the same tokens as an engine that waits for each step, and the penalty
+    (engine/penalties.py): the same tokens as an engine that waits for each step, and the penalty
     really acts (the tokens differ from plain greedy). Where min_tokens is reached exactly by the
     unseen token is pinned by tests/unit/test_penalties.py (greedy here rarely lands on it)."""
     calls = _count_ahead(monkeypatch)

@@ -120,8 +120,8 @@ def test_warmup_steps_run_and_leave_nothing_to_compile(runner: ModelRunner) -> N
     """The start-up steps are well formed (every row's logits come back), and on CUDA they leave no
     Triton kernel to compile for the steps real requests make afterwards, sampling included."""
     from pdserve.engine.warmup import warmup_steps
+    from pdserve.kernels import sampling_triton
     from pdserve.kernels.attention import triton_cache, triton_decode, triton_prefill
-    from pdserve.layers import triton_sampler
 
     steps = warmup_steps(runner.layout.block_size, runner.num_blocks)
     assert [s.num_decodes for s in steps] == [0, 1]
@@ -137,8 +137,8 @@ def test_warmup_steps_run_and_leave_nothing_to_compile(runner: ModelRunner) -> N
         triton_decode._decode_split_kernel,
         triton_decode._decode_reduce_kernel,
         triton_cache._store_kv_kernel,
-        triton_sampler._sample_kernel,  # compiled by warm_sampler on the warm-up step's logits
-        triton_sampler._pick_chunk_kernel,
+        sampling_triton._sample_kernel,  # compiled by warm_sampler on the warm-up step's logits
+        sampling_triton._pick_chunk_kernel,
     ]
 
     def compiled() -> list[int]:

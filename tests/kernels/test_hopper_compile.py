@@ -25,26 +25,26 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 # kernels with PDL on (kernels/pdl.py: griddepcontrol must compile too)
 KERNELS = {
     **{f"sample{'_cut' if cut else ''}": (
-        "pdserve.layers.triton_sampler", "_sample_kernel",
+        "pdserve.kernels.sampling_triton", "_sample_kernel",
         {"logits_ptr": "*bf16", "inv_temp_ptr": "*fp32", "out_ptr": "*i64", "part_score_ptr": "*fp32",
          "part_index_ptr": "*i32", "state_f_ptr": "*fp32", "state_k_ptr": "*i64"},
         {"VOCAB": 152064, "BLOCK": 1024, "SINGLE_CHUNK": False, "HAS_CUT": cut, "PDL": True}, 4, 3)
         for cut in (False, True)},
-    "cut_stats": ("pdserve.layers.triton_cut", "_stats_kernel",
+    "cut_stats": ("pdserve.kernels.truncation_triton", "_stats_kernel",
                   {"logits_ptr": "*bf16", "params_ptr": "*fp32", "part_f_ptr": "*fp32", "part_k_ptr": "*i64"},
                   {"VOCAB": 152064, "BLOCK": 1024}, 4, 3),
     **{f"cut_count_{dtype[1:]}": (
-        "pdserve.layers.triton_cut", "_count_kernel",
+        "pdserve.kernels.truncation_triton", "_count_kernel",
         {"logits_ptr": dtype, "params_ptr": "*fp32", "part_f_ptr": "*fp32", "part_k_ptr": "*i64",
          "state_f_ptr": "*fp32", "state_k_ptr": "*i64", "part_mass_ptr": "*fp32", "part_count_ptr": "*i32"},
         {"VOCAB": 152064, "BLOCK": 128, "BLOCK_C": 16, "CUTS": 16, "TOP_P": True, "TOP_K": True}, 4, 3)
         for dtype in ("*bf16", "*fp32")},
-    "cut_finish": ("pdserve.layers.triton_cut", "_finish_kernel",
+    "cut_finish": ("pdserve.kernels.truncation_triton", "_finish_kernel",
                    {"params_ptr": "*fp32", "part_f_ptr": "*fp32", "part_k_ptr": "*i64",
                     "state_f_ptr": "*fp32", "state_k_ptr": "*i64", "part_mass_ptr": "*fp32",
                     "part_count_ptr": "*i32"},
                    {"VOCAB": 152064, "BLOCK_C": 16, "CUTS": 16, "TOP_P": True, "TOP_K": True}, 4, 3),
-    "sample_pick": ("pdserve.layers.triton_sampler", "_pick_chunk_kernel",
+    "sample_pick": ("pdserve.kernels.sampling_triton", "_pick_chunk_kernel",
                     {"part_score_ptr": "*fp32", "part_index_ptr": "*i32", "out_ptr": "*i64"},
                     {"BLOCK_C": 64, "PDL": True}, 1, 3),
     "rotary": ("pdserve.kernels.triton_rotary", "_rotary_kernel",

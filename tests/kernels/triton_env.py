@@ -62,3 +62,8 @@ def build(**options: object) -> Kernels:
     """The model's kernels for DEVICE as KernelConfig(**options) chooses them (Triton on CPU only where
     a test asks for it, e.g. attention="triton", which then runs under the interpreter)."""
     return build_kernels(KernelConfig(**options), DEVICE)  # type: ignore[arg-type]
+
+
+def by_device(cpu: int, gpu: int) -> int:
+    """A test's size: `cpu` under the interpreter (each program runs in Python), `gpu` on CUDA."""
+    return gpu if CUDA else cpu

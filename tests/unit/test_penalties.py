@@ -1,4 +1,4 @@
-"""Penalties and min_tokens bans of a batch (layers/penalties.py) against their definitions: worked
+"""Penalties and min_tokens bans of a batch (engine/penalties.py) against their definitions: worked
 by hand on one row, and row by row (Python sets and counts, float32 arithmetic) on a random batch
 mixing every kind. No model."""
 
@@ -8,9 +8,9 @@ from collections import Counter
 
 import torch
 
+from pdserve.engine.penalties import apply_penalties
 from pdserve.engine.request import Request
 from pdserve.engine.sampling import SamplingParams
-from pdserve.layers.penalties import apply_penalties
 
 
 def _request(prompt: list[int], outputs: list[int], eos: tuple[int, ...] = (), **params: object) -> Request:

@@ -16,12 +16,12 @@ statistics (max logit, softmax sum, key range), after them a launch per row keep
 Tokens tied at the cut are all kept (torch's sort keeps those it happened to order first).
 
 min-p keeps z >= max z + log(min_p) (p_i >= min_p * p_max), a floor found with the statistics, no
-search. The draw itself is triton_sampler's plain kernel with the cut and the floor as per-row
-bounds, so its noise is keyed by (row, index) as for plain rows. The torch path sorts every row:
-~3.6 ms a decode step at 128 rows of a 152k vocabulary on an H200; this path is 2 + passes launches
-(2 for min-p alone). Measured on one H200 (seventh session, with a launch per row between passes):
-128 rows, top-p 0.45 ms of GPU time a call vs 3.6 ms for the sort (docs/performance.md);
-sampler.py sends top-k/top-p rows here unless PDSERVE_TRUNCATING_KERNEL=0.
+search. The draw itself is sampling_triton's plain kernel with the cut and the floor as per-row
+bounds, so its noise is keyed by (row, index) as for plain rows. The torch reference
+(kernels/sampling.py) sorts every row, a full sort of [rows, vocab] each decode step; this path is
+2 + passes launches (2 for min-p alone), faster than the sort at every batch size measured
+(docs/performance.md). The engine's Sampler sends top-k/top-p rows here unless the KernelConfig's
+truncating_sampler is off.
 """
 
 from __future__ import annotations

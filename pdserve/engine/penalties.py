@@ -1,15 +1,15 @@
 """Repetition, presence and frequency penalties and min_tokens bans of a whole batch of logits, in a
 few launches.
 
-Row by row, the torch sampler used to take a set() over the prompt and output, one host-to-device
-copy and three kernels per penalty, every step: ~5 launches and ~100 us of host time a row. Here
-each request keeps a _History, brought up to date with only the tokens added since the step before
-(its distinct tokens, prompt and output, and its output tokens' counts); a step concatenates the
-rows' arrays into flat (row, token, value) arrays, copies each once, and one gather and one scatter
-per kind of adjustment apply them all. The arithmetic is the torch path's, element by element in
-float32: repetition divides a positive logit by the penalty and multiplies a negative one, on every
-distinct token of prompt and output; then on each output token logit -= frequency * count +
-presence; then EOS and stop ids get -inf while a request has fewer than min_tokens outputs.
+Applied row by row, penalties would cost a set() over the prompt and output, a host-to-device copy
+and a few kernels per row and penalty, every step. Instead each request keeps a _History, brought up
+to date with only the tokens added since the step before (its distinct tokens, prompt and output,
+and its output tokens' counts); a step concatenates the rows' arrays into flat (row, token, value)
+arrays, copies each once, and one gather and one scatter per kind of adjustment apply them all. The
+arithmetic is the per-row definition's, element by element in float32: repetition divides a
+positive logit by the penalty and multiplies a negative one, on every distinct token of prompt and
+output; then on each output token logit -= frequency * count + presence; then EOS and stop ids get
+-inf while a request has fewer than min_tokens outputs.
 
 A step launched ahead (engine/ahead.py) samples before the host has the previous step's tokens:
 those arrive as a device tensor (`unseen`), and each row's counts take its unseen token on the
@@ -150,7 +150,7 @@ def _frequency(requests: list[Request], ahead: bool) -> Counts | None:
 
 def _subtract(logits: torch.Tensor, out: Counts, unseen: torch.Tensor | None) -> None:
     """logits -= frequency * count + presence on each row's output tokens (float32, two roundings,
-    as the torch path computed it); with `unseen`, each asking row's unseen token counts once more."""
+    as the per-row definition has them); with `unseen`, each asking row's unseen token counts once more."""
     per_entry = (np.repeat(a, out.lengths) for a in (out.freq, out.presence))
     rows, ids, counts, freq, presence = _on_device(logits.device, out.rows, out.ids, out.counts, *per_entry)
     if unseen is not None:
