@@ -4,8 +4,9 @@ Colocated mode (`--instance`) is tested against two real instances: answers equa
 load spreads, auth and malformed JSON are answered by the router, instance errors pass through, a
 killed instance leaves the rotation and returns when restarted, a stream whose instance dies ends with
 an error event, a client that leaves aborts the instance's request, no instance -> 503. `pdserve up`
-is run end to end as a subprocess. The disaggregated path (kv_transfer_params, prefill retry) is tested
-against small fake prefill/decode instances served from this process, until real roles exist.
+is run end to end as a subprocess. The router's side of the disaggregated path (kv_transfer_params,
+prefill retry) is tested against small fake prefill/decode instances served from this process, which can
+fail on cue; tests/e2e/test_disagg.py runs the path with real ones.
 
 Every process is started in its own process group and killed with it, even when a test fails.
 """

@@ -188,7 +188,7 @@ def test_tp2_equals_tp1(tiny_model, tiny_prompts):
 
 def test_default_model_tp2_equals_tp1(model_dir, prompt_ids, hf_greedy):
     """The tp=1 output is transformers' (test_greedy_equivalence holds it to `hf_greedy`), so tp=2 is
-    held to that same reference instead of loading and running a tp=1 engine again."""
+    held to that same reference: equal to it is equal to tp=1, without a tp=1 engine to load here."""
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     llm = LLM(model_dir, num_blocks=256, tensor_parallel_size=2)
     try:
