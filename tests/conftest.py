@@ -8,6 +8,7 @@ every test that used a server, the KV pool of that server must return to fully f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,8 @@ API_KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
 READY_TIMEOUT_S = 240.0  # a cold start on two contended CPU cores
 POOL_FREE_TIMEOUT_S = 60.0
-SERVER_FIXTURES = ("server", "overload_server")
+SERVER_FIXTURES = ("server", "small_server")
+TUNED = {"temperature": 0.0, "repetition_penalty": 1.3, "do_sample": True}  # small_server's model
 
 
 def free_port() -> int:
@@ -139,12 +141,28 @@ def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield s
 
 
+def tuned_model(model_dir: str, root: Path) -> Path:
+    """A copy of the default model (links to its files) whose generation_config.json adds TUNED."""
+    tuned = root / "model"
+    tuned.mkdir()
+    for name in os.listdir(model_dir):
+        if name != "generation_config.json":
+            (tuned / name).symlink_to(Path(model_dir) / name)
+    config = json.loads((Path(model_dir) / "generation_config.json").read_text())
+    (tuned / "generation_config.json").write_text(json.dumps({**config, **TUNED}))
+    return tuned
+
+
 @pytest.fixture(scope="session")
-def overload_server(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One running request and one waiting at most: the rest must get 503 at once."""
-    log = tmp_path_factory.mktemp("overload") / "server.log"
-    args = ["--model", model_dir, "--num-blocks", "128", "--max-num-seqs", "1", "--max-waiting", "1"]
-    with running_server(log, args + ["--device", "cpu"]) as s:
+def small_server(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A 128-block KV pool, one running request and one waiting at most (the rest must get 503 at
+    once), serving a copy of the default model whose generation_config.json asks for TUNED sampling.
+    The overload, pool-size and sampling-defaults tests need none of what the others change, so they
+    share this one start."""
+    root = tmp_path_factory.mktemp("small")
+    args = ["--model", str(tuned_model(model_dir, root)), "--served-model-name", MODEL, "--num-blocks", "128"]
+    args += ["--max-num-seqs", "1", "--max-waiting", "1", "--device", "cpu"]
+    with running_server(root / "server.log", args) as s:
         yield s
 
 

@@ -4,8 +4,9 @@ Colocated mode (`--instance`) is tested against two real instances: answers equa
 load spreads, auth and malformed JSON are answered by the router, instance errors pass through, a
 killed instance leaves the rotation and returns when restarted, a stream whose instance dies ends with
 an error event, a client that leaves aborts the instance's request, no instance -> 503. `pdserve up`
-is run end to end as a subprocess. The disaggregated path (kv_transfer_params, prefill retry) is tested
-against small fake prefill/decode instances served from this process, until real roles exist.
+is run end to end as a subprocess. The router's side of the disaggregated path (kv_transfer_params,
+prefill retry) is tested against small fake prefill/decode instances served from this process, which can
+fail on cue; tests/e2e/test_disagg.py runs the path with real ones.
 
 Every process is started in its own process group and killed with it, even when a test fails.
 """
@@ -92,6 +93,15 @@ class Instances:
         self.start(i)
         self.wait_ready(i)
 
+    def revive(self) -> None:
+        """Restart the instances a test killed: only when a later test needs them, so a kill in the
+        module's last test costs no start."""
+        dead = [i for i, proc in enumerate(self.procs) if not proc.alive]
+        for i in dead:
+            self.start(i)
+        for i in dead:
+            self.wait_ready(i)
+
     def stop_all(self) -> None:
         for proc in self.procs:
             proc.stop()
@@ -103,7 +113,7 @@ def model() -> str:
 
 
 @pytest.fixture(scope="module")
-def instances(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instances]:
+def instance_group(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instances]:
     group = Instances(model, tmp_path_factory.mktemp("instances"), [free_port(), free_port()])
     try:
         for i in range(2):
@@ -113,6 +123,13 @@ def instances(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield group
     finally:
         group.stop_all()
+
+
+@pytest.fixture
+def instances(instance_group: Instances) -> Instances:
+    """The module's two instances, both running: one an earlier test killed is started again."""
+    instance_group.revive()
+    return instance_group
 
 
 @dataclass
@@ -319,18 +336,13 @@ def test_stream_ends_with_error_when_instance_dies(
     router = start_router(*colocated(instances, 1))
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once", "max_tokens": 400, "ignore_eos": True}
     events: list[Any] = []
-    try:
-        with httpx.stream(
-            "POST", f"{router.url}/v1/completions", json={**body, "stream": True}, timeout=60
-        ) as r:
-            stream = sse_events(r)
-            events += [next(stream), next(stream)]
-            instances.kill(1)
-            killed = time.monotonic()
-            events += list(stream)
-        assert time.monotonic() - killed < 15
-    finally:
-        instances.restart(1)
+    with httpx.stream("POST", f"{router.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        stream = sse_events(r)
+        events += [next(stream), next(stream)]
+        instances.kill(1)  # the `instances` fixture starts it again for a later test that needs it
+        killed = time.monotonic()
+        events += list(stream)
+    assert time.monotonic() - killed < 15
     errors = [e for e in events if isinstance(e, dict) and "error" in e]
     assert len(errors) == 1 and errors[0]["error"]["code"] == "instance_failed", events[-3:]
     assert events[-1] == "[DONE]" and events[-2] is errors[0]

@@ -363,11 +363,11 @@ def test_client_disconnect_non_stream_aborts(server: ServerProcess) -> None:
     assert kv["pool_free"], kv
 
 
-async def test_overload_answers_503(overload_server: ServerProcess) -> None:
+async def test_overload_answers_503(small_server: ServerProcess) -> None:
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "ignore_eos": True}
 
     async def one(client: httpx.AsyncClient) -> httpx.Response:
-        return await client.post(f"{overload_server.v1}/completions", json=body)
+        return await client.post(f"{small_server.v1}/completions", json=body)
 
     async with httpx.AsyncClient(timeout=300) as client:
         responses = await asyncio.wait_for(asyncio.gather(*(one(client) for _ in range(8))), timeout=400)
@@ -380,12 +380,12 @@ async def test_overload_answers_503(overload_server: ServerProcess) -> None:
             assert set(error) == {"message", "type", "param", "code"} and error["code"] == "overloaded"
         else:
             assert r.json()["choices"][0]["finish_reason"] == "length"
-    assert httpx.get(f"{overload_server.url}/health").status_code == 200
+    assert httpx.get(f"{small_server.url}/health").status_code == 200
 
 
-def test_prompt_beyond_kv_pool_is_400(overload_server: ServerProcess) -> None:
+def test_prompt_beyond_kv_pool_is_400(small_server: ServerProcess) -> None:
     # 128 blocks of 16 tokens hold 2048 tokens; the model's context is 8192.
     body = {"model": MODEL, "prompt": list(range(100, 2200)), "max_tokens": 1}
-    r = httpx.post(f"{overload_server.v1}/completions", json=body, timeout=60)
+    r = httpx.post(f"{small_server.v1}/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"

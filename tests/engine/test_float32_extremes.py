@@ -27,10 +27,10 @@ def test_values_float32_cannot_carry_pick_what_their_limits_pick(
 ) -> None:
     greedy = _tokens(llm, prompt_ids, temperature=0.0)
     assert [g[: len(h)] for g, h in zip(greedy, hf_greedy, strict=True)] == hf_greedy
-    # 1 / 1e-38 overflows float32: every logit was +-inf, softmax NaN, token 0 every step
+    # 1 / 1e-38 overflows float32: unmoved, every logit would be +-inf, softmax NaN, token 0 every step
     assert _tokens(llm, prompt_ids, temperature=1e-38, seed=1) == greedy  # seed: the torch sampler
     assert _tokens(llm, prompt_ids, temperature=1e-38) == greedy
-    # 1e-46 is 0 in float32: top_p dropped every token
+    # 1e-46 is 0 in float32: unmoved, top_p would drop every token
     assert _tokens(llm, prompt_ids, temperature=1.0, top_p=1e-46, seed=2) == greedy
     tiny = _tokens(llm, prompt_ids, temperature=0.0, repetition_penalty=1e-50)  # 0 in float32
     assert tiny == _tokens(llm, prompt_ids, temperature=0.0, repetition_penalty=1 / FLOAT32_SAFE)
