@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh transfer   # 2x H200: KV hand-off GPU0 -> GPU1 per transport
 #   bash scripts/gpu_session.sh sweep [B]  # one GPU: decode attention tiles and splits around the defaults
 #   bash scripts/gpu_session.sh handoff    # 2x H200: TTFT added by disaggregation, with/without layer streaming
+#   bash scripts/gpu_session.sh abtree DIR   # one H200 (~9 min): engine table of the tree in DIR vs this one
 #   bash scripts/gpu_session.sh ab KERNELS [SHAPES] [BATCHES]  # one GPU (~1 min a shape and side):
 #                                           decode steps, the default kernels vs KERNELS (a KernelConfig
 #                                           spec for gpu_engine.py --kernels), alternating, 2 rounds
@@ -78,6 +79,21 @@ handoff)
     --output "$OUT/handoff_ttft.json" >"$OUT/handoff_ttft.log" 2>&1
   echo "rc=$?" >>"$OUT/handoff_ttft.log"
   tail -8 "$OUT/handoff_ttft.log"
+  ;;
+abtree)  # DIR [SHAPES] [BATCHES]: a restructuring's A/B, ~9 min on one H200: the engine table of the code
+  # in DIR (an older commit's `git archive COMMIT pdserve benchmarks | tar -x -C DIR`) and of this tree, in
+  # one call: round 1 both with prefill (before, after), round 2 decode only in the other order
+  dir=${2:?abtree needs the directory of the other tree} shapes=${3:-qwen2.5-7b,qwen2.5-32b}
+  batches=${4:-1,32,128}
+  for run in "before 1 --output" "after 1 --output" "after 2 --no-prefill --output" "before 2 --no-prefill --output"; do
+    set -- $run
+    root=$PWD
+    [ "$1" = before ] && root=$PWD/$dir
+    echo "== $1 round $2" >>"$OUT/abtree.log"
+    (cd "$root" && PYTHONPATH=/tmp/site:$root timeout 170 python3 benchmarks/gpu_engine.py --shapes "$shapes" \
+      --batches "$batches" "${@:3}" "$OUT/abtree_$1_$2.json") >>"$OUT/abtree.log" 2>&1
+  done
+  grep -E "==|decode b|prefill|Error" "$OUT/abtree.log"
   ;;
 ab)
   other=${2:?ab needs kernel options, e.g. pdl=off} shapes=${3:-qwen2.5-7b,qwen2.5-32b}
