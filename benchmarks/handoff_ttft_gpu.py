@@ -12,7 +12,7 @@ to the first token out of the decode engine (the prefill process switches stream
 - pd: prefill on cuda:0, KV copied into cuda:1's pool after the prefill step (send_kv);
 - pd-stream: the same with --kv-stream-layers: each layer's KV is copied while the next computes.
 
-"added" = pd - local, as a fraction of local (issue 4's target: at most 5% of the prefill time).
+"added" = pd - local, as a fraction of local.
 
     python3 benchmarks/handoff_ttft_gpu.py --model qwen2.5-32b --tokens 1100 --repeats 10 --output f.json
 """

@@ -8,7 +8,7 @@ The request has Qwen2.5-32B's KV shape by default: 64 layers, 8 KV heads, head_d
 256 KiB a token (about 282 MB for 1100 tokens), in blocks of 16 tokens. Each process runs a real
 KVConnector over a real transport with a synthetic pool (no model); the decode side reserves blocks
 and asks, the prefill side sends them when asked, one request at a time. The hand-off time runs from
-the prefill's `send_kv` call to the decode's KVReady event (one host clock: CLOCK_MONOTONIC); the
+the prefill's `send_kv` call to the decode's Activate action (one host clock: CLOCK_MONOTONIC); the
 sender time to when the prefill no longer reads its blocks; for cuda_ipc, also the copy's own GPU
 time (CUDA events around the copies), which separates bandwidth from the control messages' latency.
 The decode side checks every byte of the first and last transfer. The ceiling is one large `copy_`
