@@ -9,6 +9,7 @@
 #   bash scripts/gpu_session.sh sweep [B]  # one GPU: decode attention tiles and splits around the defaults
 #   bash scripts/gpu_session.sh handoff    # 2x H200: TTFT added by disaggregation, with/without layer streaming
 #   bash scripts/gpu_session.sh abtree DIR   # one H200 (~9 min): engine table of the tree in DIR vs this one
+#   bash scripts/gpu_session.sh httptree DIR # one GPU (~3 min): 7B through HTTP, the tree in DIR vs this one
 #   bash scripts/gpu_session.sh ab KERNELS [SHAPES] [BATCHES]  # one GPU (~1 min a shape and side):
 #                                           decode steps, the default kernels vs KERNELS (a KernelConfig
 #                                           spec for gpu_engine.py --kernels), alternating, 2 rounds
@@ -94,6 +95,22 @@ abtree)  # DIR [SHAPES] [BATCHES]: a restructuring's A/B, ~9 min on one H200: th
       --batches "$batches" "${@:3}" "$OUT/abtree_$1_$2.json") >>"$OUT/abtree.log" 2>&1
   done
   grep -E "==|decode b|prefill|Error" "$OUT/abtree.log"
+  ;;
+httptree)  # DIR: one H200/H100 (~3 min): a 7B server (dummy weights) of the tree in DIR and of this one,
+  # alternating, two rounds: 512 requests of 256 + 256 tokens sent at once through HTTP
+  dir=${2:?httptree needs the directory of the other tree} top=$PWD
+  for side in before after before after; do
+    root=$top
+    [ "$side" = before ] && root=$top/$dir
+    (cd "$root" && PYTHONPATH=/tmp/site:$root serve_7b "$OUT/serve_$side.log" --tokenizer "$top/.whl/tokenizer"
+      PYTHONPATH=/tmp/site:$root timeout 120 python3 -m pdserve.cli bench serve --base-url http://127.0.0.1:8011 \
+        --tokenizer "$top/.whl/tokenizer" --input-len 256 --output-len 256 --ignore-eos --num-prompts 512 \
+        --disable-tqdm --label "$side" --output "$OUT/http_$side.json" >"$OUT/bench_$side.log" 2>&1
+      echo "== $side"
+      grep -iE "output token throughput|mean ttft|mean tpot|error" "$OUT/bench_$side.log" | head -5
+      kill "$server" 2>/dev/null
+      wait)
+  done
   ;;
 ab)
   other=${2:?ab needs kernel options, e.g. pdl=off} shapes=${3:-qwen2.5-7b,qwen2.5-32b}
