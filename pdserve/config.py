@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pdserve.cluster_secret import ClusterSecret
 from pdserve.kernels.config import KernelConfig
 
 
@@ -102,6 +103,9 @@ class DisaggConfig:
     # disagg/layer_stream.py). Off by default: it adds more to TTFT than copying the whole request's
     # KV once the step is done (figures in docs/performance.md)
     stream_layers: bool = False
+    # authenticates the KV control and data channels and the hand-off fields (cluster_secret.py);
+    # a prefill or decode instance on a network transport refuses to start without one
+    cluster_secret: ClusterSecret | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

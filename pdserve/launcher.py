@@ -39,8 +39,8 @@ from pdserve.router.cli_commands import API_KEY_ENV, LOG_LEVELS, add_routing_opt
 
 PR_SET_PDEATHSIG = 1
 GRACE_SECONDS = 10.0
-# serve options that `up` sets itself for each instance (or, --model, --api-key: once, for all)
-_OWN_SERVE_OPTIONS = {"host", "port", "model", "api_key", "role", "kv_port"}
+# serve options that `up` sets itself for each instance (or, --model, --api-key, the secret: once, for all)
+_OWN_SERVE_OPTIONS = {"host", "port", "model", "api_key", "role", "kv_port", "cluster_secret"}
 
 
 class LaunchError(Exception):

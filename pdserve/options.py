@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.cli_types import int_at_least, parse_size
+from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, SecretError
 from pdserve.config import (
     ROLES,
     CacheConfig,
@@ -32,6 +33,14 @@ from pdserve.kernels.config import KernelConfig
 _positive = int_at_least(1)
 MODEL_GROUP = "model and device"
 DISAGG_GROUP = "disaggregation"
+
+
+def cluster_secret_file(path: str) -> ClusterSecret:
+    """An argparse type: the secret in the file at `path`."""
+    try:
+        return ClusterSecret.from_file(path)
+    except SecretError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def kernel_spec(text: str) -> KernelConfig:
@@ -275,6 +284,17 @@ OPTIONS: tuple[Option, ...] = (
         default=120.0,
         type=float,
         help="seconds before a transfer fails",
+        group=DISAGG_GROUP,
+        offline=False,
+    ),
+    Option(
+        "cluster_secret",
+        ("--cluster-secret-file",),
+        "disagg",
+        type=cluster_secret_file,
+        metavar="FILE",
+        help=f"the secret this cluster's router and instances share (KV channels, hand-offs); "
+        f"default: ${SECRET_ENV}; pdserve up makes one",
         group=DISAGG_GROUP,
         offline=False,
     ),

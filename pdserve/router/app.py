@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdserve.cluster_secret import ClusterSecret
 from pdserve.router.errors import RouterError, error_body, unavailable
 from pdserve.router.instances import HealthPoller, Registry
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
@@ -54,6 +55,7 @@ class RouterConfig:
     health_interval: float = 1.0
     health_timeout: float = 1.0
     request_timeout: float = 600.0
+    cluster_secret: ClusterSecret | None = None  # signs the hand-off fields sent to decode instances
 
     def __post_init__(self) -> None:
         if self.instances and (self.prefill or self.decode):

@@ -13,6 +13,8 @@ import logging
 import os
 
 from pdserve.cli_types import int_at_least, positive_float
+from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
+from pdserve.options import cluster_secret_file
 from pdserve.router.policies import POLICIES
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,14 @@ def add_routing_options(parser: argparse.ArgumentParser) -> None:
         type=_count,
         default=64,
         help="least_loaded skips a decode instance with more queued requests, unless all have more",
+    )
+    parser.add_argument(
+        "--cluster-secret-file",
+        dest="cluster_secret",
+        type=cluster_secret_file,
+        default=None,
+        metavar="FILE",
+        help=f"the secret the cluster's instances share (signs hand-offs); default: ${SECRET_ENV}",
     )
     parser.add_argument("--health-interval", type=positive_float, default=1.0, metavar="SECONDS")
     parser.add_argument("--request-timeout", type=positive_float, default=600.0, metavar="SECONDS")
@@ -73,6 +83,7 @@ def run_router(args: argparse.Namespace) -> None:
             health_interval=args.health_interval,
             health_timeout=args.health_timeout,
             request_timeout=args.request_timeout,
+            cluster_secret=args.cluster_secret or ClusterSecret.from_env(),
         )
     except ValueError as e:
         logger.error("%s", e)
