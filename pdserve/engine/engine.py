@@ -32,7 +32,7 @@ from pdserve.engine.ahead import InFlight, can_run_ahead, schedule_ahead
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.outputs import EngineStats, RequestOutput
+from pdserve.engine.outputs import EngineStats, RequestOutput, TransferLog
 from pdserve.engine.request import Logprob, Request, RequestStatus
 from pdserve.engine.sampler import SampleResult
 from pdserve.engine.sampling import SamplingParams
@@ -70,6 +70,7 @@ class Engine:
         self.num_steps = 0
         self.num_steps_ahead = 0
         self.num_prefill_tokens = 0  # prompt tokens this instance ran through the model
+        self.kv_times = TransferLog()  # cumulative: any number of stats() readers
         self.idle = False  # the last step had nothing to compute (all waiting on peers or blocks)
         overlap = config.scheduler.overlap_outputs
         self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
@@ -414,7 +415,7 @@ class Engine:
         return {
             "kv_bytes_sent": c.bytes_sent,
             "kv_bytes_received": c.bytes_received,
-            "kv_transfer_seconds": c.take_transfer_seconds(),
+            "kv_transfer_times": self.kv_times.add(c.take_transfer_seconds()),
             "kv_transfers_streamed": c.transfers_streamed,
         }
 

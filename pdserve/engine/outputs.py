@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.engine.request import Logprob
@@ -23,6 +24,37 @@ class RequestOutput:
     error: str | None = None
 
 
+KV_TIMES_KEPT = 4096  # transfer durations kept for readers that have not seen them yet
+
+
+@dataclass(frozen=True)
+class TransferTimes:
+    """KV transfers received and timed since start (`count`), and the latest durations (at most
+    KV_TIMES_KEPT, newest last). Cumulative, so any number of readers can each take what is new to
+    them (`since`) and reading takes nothing from another reader."""
+
+    count: int = 0
+    latest: tuple[float, ...] = ()
+
+    def since(self, seen: int) -> tuple[float, ...]:
+        """The durations of the transfers after the first `seen` (those still kept)."""
+        new = self.count - seen
+        return self.latest[-new:] if new > 0 else ()
+
+
+class TransferLog:
+    """The engine's running record behind TransferTimes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.latest: deque[float] = deque(maxlen=KV_TIMES_KEPT)
+
+    def add(self, seconds: list[float]) -> TransferTimes:
+        self.count += len(seconds)
+        self.latest.extend(seconds)
+        return TransferTimes(self.count, tuple(self.latest))
+
+
 @dataclass
 class EngineStats:
     """A snapshot for /metrics, /health and the router's load reports."""
@@ -41,7 +73,7 @@ class EngineStats:
     tokens_in_flight: int = 0  # prompt tokens admitted or queued but not yet computed
     kv_bytes_sent: int = 0
     kv_bytes_received: int = 0
-    kv_transfer_seconds: list[float] = field(default_factory=list)  # transfers finished since last asked
+    kv_transfer_times: TransferTimes = field(default_factory=TransferTimes)
     kv_transfers_streamed: int = 0  # prefill: transfers whose every layer left during the step
 
     @property

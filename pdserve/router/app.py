@@ -16,6 +16,7 @@ internal errors are answered in OpenAI's shape.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -24,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,8 +34,9 @@ from pdserve.router.errors import RouterError, error_body, unavailable
 from pdserve.router.instances import HealthPoller, Registry
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, make_policy
-from pdserve.router.proxy import _CONNECT_TIMEOUT, Call, Proxy
+from pdserve.router.proxy import Call, Proxy
 from pdserve.router.relay import SSEResponse
+from pdserve.router.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +153,8 @@ def _ops_router(app: FastAPI, registry: Registry, metrics: RouterMetrics) -> API
     @router.get("/health")
     async def health() -> Response:
         missing = [registry.why_none(r) for r in registry.needed_roles if not registry.healthy(r)]
-        if missing:
-            raise unavailable("; ".join(missing))
+        if missing:  # answered, not raised: a health check is no client request for the errors counter
+            return unavailable("; ".join(missing)).response()
         counts = {r: len(registry.healthy(r)) for r in registry.needed_roles}
         return JSONResponse({"status": "ok", "healthy": counts})
 
@@ -201,11 +202,10 @@ def build_app(config: RouterConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(config.request_timeout, connect=_CONNECT_TIMEOUT)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        stale = functools.partial(metrics.count_retry, "stale_connection")
+        async with Upstream(config.request_timeout, stale) as client:
             poller = HealthPoller(registry, client, config.health_interval, config.health_timeout)
-            app.state.proxy = Proxy(registry, policy, metrics, poller, client)
+            app.state.proxy = Proxy(registry, policy, metrics, poller, client, config.cluster_secret)
             await poller.check_all()
             poller.start()
             try:

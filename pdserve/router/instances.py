@@ -2,7 +2,9 @@
 
 The router owns one `Instance` per URL given on its command line; `HealthPoller` checks each one every
 interval (GET /health, then GET /pd/info) and the proxy marks one down at once when it refuses a
-connection. An instance that is down stays polled, so a restarted process on the same URL comes back.
+connection. A poll that fails on a keep-alive connection the instance had closed is retried on a new
+connection first (upstream.py), so a race on an idle connection never takes an instance out. An
+instance that is down stays polled, so a restarted process on the same URL comes back.
 
 Load, as the policies see it, is the instance's latest report plus what the router sent it since that
 report was requested (so a burst between two polls spreads out instead of landing on one instance). An
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import httpx
+
+from pdserve.router.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +233,7 @@ def role_problem(expected: Role, info: Info) -> str | None:
 class HealthPoller:
     """Checks every instance every `interval` seconds; `check_soon` asks for an early check of one."""
 
-    def __init__(
-        self, registry: Registry, client: httpx.AsyncClient, interval: float, timeout: float
-    ) -> None:
+    def __init__(self, registry: Registry, client: Upstream, interval: float, timeout: float) -> None:
         self.registry = registry
         self.client = client
         self.interval = interval

@@ -1,10 +1,13 @@
 """The router's Prometheus metrics, in a registry of its own (never the global one).
 
-Counted here: requests routed per instance, errors by kind, retries, time to first token and request
-latency as the client sees them. Set at scrape time: per-stage queue lengths and per-instance health
-from the latest load reports. KV transfer totals are summed from the instances' own /metrics
+Counted here: requests routed per instance, errors by kind (client requests only: a 503 from the
+router's own /health is not one), retries by reason, time to first token and request latency as the
+client sees them. Set at scrape time: per-stage queue lengths and per-instance health from the latest
+load reports. KV transfer totals are summed from the instances' own /metrics
 (`pdserve_kv_transfer_bytes_total`, histogram `pdserve_kv_transfer_seconds`), scraped when the router
 is scraped; an instance that does not answer keeps its last totals, so the sums never go backwards.
+Every KV byte leaves one instance and reaches another: only the received direction is summed, so each
+byte counts once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pdserve.router.instances import Instance, Registry
+from pdserve.router.upstream import Upstream
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KV_BYTES = "pdserve_kv_transfer_bytes_total"
@@ -48,7 +52,10 @@ class KVTotals:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if s.name == KV_BYTES:
-                    totals.bytes += s.value
+                    # each byte is counted by its sender and its receiver: the receiver's count only
+                    # (a total without a direction label counts as received)
+                    if s.labels.get("direction", "received") == "received":
+                        totals.bytes += s.value
                 elif s.name == KV_SECONDS + "_sum":
                     totals.seconds_sum += s.value
                 elif s.name == KV_SECONDS + "_count":
@@ -71,7 +78,8 @@ class KVTransferCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         totals = list(self.by_instance.values())
         transferred = CounterMetricFamily(
-            "pdserve_router_kv_transfer_bytes", "KV bytes moved between instances (sum over instances)"
+            "pdserve_router_kv_transfer_bytes",
+            "KV bytes moved between instances (received, summed over instances)",
         )
         transferred.add_metric([], sum(t.bytes for t in totals))
         yield transferred
@@ -137,6 +145,9 @@ class RouterMetrics:
     def count_error(self, kind: str) -> None:
         self.errors.labels(kind=kind).inc()
 
+    def count_retry(self, reason: str) -> None:
+        self.retries.labels(reason=reason).inc()
+
     def count_routed(self, instance: Instance) -> None:
         self.routed.labels(instance=instance.url, role=instance.role).inc()
 
@@ -156,7 +167,7 @@ class RouterMetrics:
         for stage, value in stages.items():
             self.queue.labels(stage=stage).set(value)
 
-    async def scrape_kv(self, client: httpx.AsyncClient, instances: list[Instance], timeout: float) -> None:
+    async def scrape_kv(self, client: Upstream, instances: list[Instance], timeout: float) -> None:
         async def one(instance: Instance) -> None:
             try:
                 answer = await client.get(f"{instance.url}/metrics", timeout=timeout)

@@ -2,11 +2,18 @@
 
 Disaggregated, one request:
 
-    client ──▶ router ── body + {"kv_transfer_params": {prefill_kv_addr, prefill_url}} ──▶ DECODE
+    client ──▶ router ── body + {"kv_transfer_params": {prefill_kv_addr, prefill_url, expires,
+                 │                                        signature}} ──▶ DECODE
                  ▲                                                                    │ asks PREFILL
                  └──────────────────── SSE: first token ... [DONE] ◀──────────────────┘
 
-Instances' 4xx answers pass through unchanged. Retries, each at most once per instance: an instance that
+The hand-off fields are signed with the cluster secret (cluster_secret.sign_handoff), so a decode
+instance takes them from the router only, never from a client. Without a secret they go unsigned (and
+decode instances refuse them): the router warns at startup.
+
+Instances' 4xx answers pass through unchanged. A keep-alive connection the instance closed just as the
+request went out is retried on a new connection (upstream.py) and says nothing about the instance.
+Retries, each at most once per instance: an instance that
 refuses the connection is marked down and the request goes to another of its role; an answer
 "prefill_failed" before any token (HTTP 502, or an SSE error event: see relay.py) goes to another prefill
 instance, once. An instance that dies mid-answer is out of the rotation until its health check passes;
@@ -26,16 +33,16 @@ import anyio
 import httpx
 from fastapi.responses import Response
 
+from pdserve.cluster_secret import ClusterSecret, sign_handoff
 from pdserve.router.errors import RouterError, unavailable
 from pdserve.router.instances import HealthPoller, Instance, Registry, Role
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
 from pdserve.router.relay import Relay, SSEResponse
 from pdserve.router.sse import json_error_code
+from pdserve.router.upstream import CONNECT_TIMEOUT_S, Upstream
 
 logger = logging.getLogger(__name__)
-
-_CONNECT_TIMEOUT = 3.0
 
 
 # ---- one routed attempt -------------------------------------------------------------------------------
@@ -69,11 +76,14 @@ class Route:
             self.target.end(self.tokens)
             self._open = False
 
-    def content(self, raw: bytes, body: dict[str, Any]) -> bytes:
-        """Colocated: the client's bytes unchanged; disaggregated: the body plus kv_transfer_params."""
+    def content(self, raw: bytes, body: dict[str, Any], secret: ClusterSecret | None) -> bytes:
+        """Colocated: the client's bytes unchanged; disaggregated: the body plus kv_transfer_params,
+        signed with `secret` (unsigned without one: decode instances refuse those)."""
         if self.prefill is None:
             return raw
-        params = {"prefill_kv_addr": self.prefill.kv_addr, "prefill_url": self.prefill.url}
+        params: dict[str, Any] = {"prefill_kv_addr": self.prefill.kv_addr, "prefill_url": self.prefill.url}
+        if secret is not None:
+            params = sign_handoff(secret, params)
         return json.dumps({**body, "kv_transfer_params": params}).encode()
 
 
@@ -118,13 +128,21 @@ class Proxy:
         policy: Policy,
         metrics: RouterMetrics,
         poller: HealthPoller,
-        client: httpx.AsyncClient,
+        client: Upstream,
+        secret: ClusterSecret | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
         self.metrics = metrics
         self.poller = poller
         self.client = client
+        self.secret = secret
+        if secret is None and not registry.colocated:
+            logger.warning(
+                "no cluster secret (--cluster-secret-file or $PDSERVE_CLUSTER_SECRET): the hand-off "
+                "fields go to decode instances unsigned, and instances that check them refuse every "
+                "request; give the router the secret its instances were started with"
+            )
 
     def choose(self, role: Role, exclude: Iterable[str]) -> Instance:
         candidates = self.registry.healthy(role, exclude)
@@ -151,7 +169,7 @@ class Proxy:
             if call.authorization is not None:
                 headers["authorization"] = call.authorization
             request = self.client.build_request(
-                "POST", url, content=route.content(call.raw, call.body), headers=headers
+                "POST", url, content=route.content(call.raw, call.body, self.secret), headers=headers
             )
             try:
                 return route, await self.client.send(request, stream=True)
@@ -231,7 +249,7 @@ class Proxy:
         roles: tuple[Role, ...] = ("both",) if self.registry.colocated else ("decode", "prefill")
         for instance in [i for role in roles for i in self.registry.healthy(role)]:
             try:
-                answer = await self.client.get(f"{instance.url}/v1/models", timeout=_CONNECT_TIMEOUT)
+                answer = await self.client.get(f"{instance.url}/v1/models", timeout=CONNECT_TIMEOUT_S)
             except httpx.HTTPError as e:
                 instance.mark_down(f"GET /v1/models failed: {type(e).__name__}")
                 continue

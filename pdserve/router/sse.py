@@ -44,10 +44,14 @@ def event_data(event: bytes) -> Any:
 
 
 def error_code(data: Any) -> str | None:
-    """The `code` of an OpenAI error object (a whole answer or an SSE event), else None."""
+    """The `code` of an OpenAI error object (a whole answer or an SSE event), else None. An error whose
+    code is null (a 400's usually is) is named by its `type` (e.g. "invalid_request_error")."""
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        code = data["error"].get("code")
-        return str(code) if code is not None else "error"
+        error = data["error"]
+        for name in (error.get("code"), error.get("type")):
+            if name is not None and name != "":
+                return str(name)
+        return "error"
     return None
 
 

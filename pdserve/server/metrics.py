@@ -79,7 +79,7 @@ class ServerMetrics:
             "Prefill: transfers sent layer by layer during the step",
             registry=r,
         )
-        self._kv_seen = {"sent": 0, "received": 0}
+        self._kv_seen = {"sent": 0, "received": 0, "timed": 0}
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -96,11 +96,21 @@ class ServerMetrics:
         self.prefill_tokens.set(stats.num_prefill_tokens)
         self.steps_ahead.set(stats.num_steps_ahead)
         self.kv_streamed.set(stats.kv_transfers_streamed)
+        self._count_kv(stats)
+
+    def _count_kv(self, stats: EngineStats) -> None:
+        """Add what is new since the last stats seen. Stats are cumulative, and two scrapes may hand
+        theirs in out of order: an older snapshot adds nothing."""
+        seen = self._kv_seen
         for direction, total in (("sent", stats.kv_bytes_sent), ("received", stats.kv_bytes_received)):
-            self.kv_bytes.labels(direction=direction).inc(total - self._kv_seen[direction])
-            self._kv_seen[direction] = total
-        for seconds in stats.kv_transfer_seconds:
+            counter = self.kv_bytes.labels(direction=direction)  # shown (as 0) before any KV moves
+            if total > seen[direction]:
+                counter.inc(total - seen[direction])
+                seen[direction] = total
+        times = stats.kv_transfer_times
+        for seconds in times.since(seen["timed"]):
             self.kv_seconds.observe(seconds)
+        seen["timed"] = max(seen["timed"], times.count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -132,11 +142,13 @@ class RequestTracker:
         if out.finished:
             self.finish(out.finish_reason or "stop")
 
-    def finish(self, outcome: str) -> None:
-        """Record the request's end (idempotent); `outcome` is its finish reason or why it was cut."""
+    def finish(self, outcome: str | None) -> None:
+        """Record the request's end (idempotent); `outcome` is its finish reason or why it was cut, None
+        where it is counted elsewhere (an error that becomes the HTTP answer: errors.py counts it)."""
         if self.done:
             return
         self.done = True
-        self.metrics.count(outcome)
+        if outcome is not None:
+            self.metrics.count(outcome)
         self.metrics.e2e.observe(time.monotonic() - self.arrival)
         self.metrics.prompt_tokens.inc(self.num_prompt_tokens)

@@ -5,7 +5,9 @@
 
 An engine output that ends badly becomes a typed error: an error event inside the stream (headers are
 already sent), or an exception for errors.py to answer. However the answer ends (done, client gone,
-error), every engine request still running is aborted.
+error), every engine request still running is aborted. Each answer counts one outcome per choice in
+the requests counter, except an error that becomes the HTTP answer (a client gone before a whole
+answer included): errors.py counts that one, once.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class GenerationRunner:
                 if not task.done() and await raw.is_disconnected():
                     raise ClientDisconnectedError("client disconnected")
             task.result()
+        except Exception:
+            for choice in gen.choices:  # the error becomes the answer: errors.py counts its outcome
+                choice.tracker.finish(None)
+            raise
         finally:
             task.cancel()
             self._close(gen, stream)
@@ -72,7 +78,6 @@ class GenerationRunner:
     async def _consume(self, gen: Generation, stream: RequestStream) -> None:
         async for out in stream:
             if _ended_badly(out):
-                gen.choice_of(out).tracker.finish(out.finish_reason or "error")
                 raise self.failure(out)
             gen.choice_of(out).add(out)
 
