@@ -57,7 +57,7 @@ class Upstream:
         """The answer (headers only when `stream`); a stale reused connection costs one quiet retry."""
         events: list[str] = []
 
-        def trace(name: str, _info: dict[str, Any]) -> None:
+        async def trace(name: str, _info: dict[str, Any]) -> None:
             events.append(name)
 
         request.extensions["trace"] = trace
