@@ -2,22 +2,21 @@
 
 Disaggregated, one request:
 
-    client ──▶ router ── body + {"kv_transfer_params": {prefill_kv_addr, prefill_url, expires,
-                 │                                        signature}} ──▶ DECODE
-                 ▲                                                                    │ asks PREFILL
-                 └──────────────────── SSE: first token ... [DONE] ◀──────────────────┘
+    client ──▶ router ── body + {"kv_transfer_params": {prefill_kv_addr, prefill_url,
+                 ▲                                      expires, signature}} ──▶ DECODE
+                 │                                                                  │ asks PREFILL
+                 └─────────────────── SSE: first token ... [DONE] ◀─────────────────┘
 
 The hand-off fields are signed with the cluster secret (cluster_secret.sign_handoff), so a decode
 instance takes them from the router only, never from a client. Without a secret they go unsigned (and
 decode instances refuse them): the router warns at startup.
 
-Instances' 4xx answers pass through unchanged. A keep-alive connection the instance closed just as the
-request went out is retried on a new connection (upstream.py) and says nothing about the instance.
-Retries, each at most once per instance: an instance that
-refuses the connection is marked down and the request goes to another of its role; an answer
-"prefill_failed" before any token (HTTP 502, or an SSE error event: see relay.py) goes to another prefill
-instance, once. An instance that dies mid-answer is out of the rotation until its health check passes;
-not streaming, the client gets HTTP 502.
+Instances' 4xx answers pass through unchanged. A keep-alive connection that the instance closed just as
+the request went out is retried on a new connection (upstream.py) and says nothing about the instance.
+Retries, each at most once per instance: an instance that refuses the connection is marked down and the
+request goes to another of its role; an answer "prefill_failed" before any token (HTTP 502, or an SSE
+error event: see relay.py) goes to another prefill instance, once. An instance that dies mid-answer is
+out of the rotation until its health check passes; not streaming, the client gets HTTP 502.
 """
 
 from __future__ import annotations

@@ -323,6 +323,22 @@ def test_1p1d_concurrent_requests_equal_colocated_and_kv_moved(up1: UpCluster, r
     print(f"1P1D: {len(specs)} concurrent requests in {seconds:.1f}s; prefill computed {computed} tokens")
 
 
+def test_1p1d_kv_metrics_count_each_transfer_once(up1: UpCluster) -> None:
+    """Reading /debug/kv takes no transfer time from /metrics, and the router counts each KV byte once
+    (where it arrives), not once per instance it passed (issue 29, item 7)."""
+    transfers = lambda: up1.decode.metric("pdserve_kv_transfer_seconds_count")  # noqa: E731
+    before = transfers()
+    results = up1.run(workload(2))
+    assert all(isinstance(r, dict) for r in results), results
+    for _ in range(2):  # readers of the engine's stats besides /metrics
+        up1.decode.kv()
+    assert transfers() == before + 2
+    router = Endpoint(up1.router)
+    moved = up1.decode.metric("pdserve_kv_transfer_bytes_total", direction="received")
+    assert moved > 0 and router.metric("pdserve_router_kv_transfer_bytes_total") == moved
+    assert router.metric("pdserve_router_kv_transfer_seconds_count") == transfers()
+
+
 def test_1p1d_greedy_equals_transformers(up1: UpCluster, reference: Reference, model_dir: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
