@@ -26,8 +26,8 @@ import httpx
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
-# Below the instances' uvicorn timeout_keep_alive (uvicorn's default is 5 s, pdserve's instances keep
-# idle connections longer): the side that closes an idle connection first must be the client.
+# Below the instances' uvicorn keep-alive timeout (uvicorn's default: 5 s; pdserve's instances keep idle
+# connections longer): the side that closes an idle connection first must be the client.
 KEEPALIVE_EXPIRY_S = 4.0
 MAX_KEEPALIVE = 256
 
