@@ -205,7 +205,7 @@ def build_app(config: RouterConfig) -> FastAPI:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
             poller = HealthPoller(registry, client, config.health_interval, config.health_timeout)
-            app.state.proxy = Proxy(registry, policy, metrics, poller, client)
+            app.state.proxy = Proxy(registry, policy, metrics, poller, client, config.cluster_secret)
             await poller.check_all()
             poller.start()
             try:

@@ -26,6 +26,7 @@ import anyio
 import httpx
 from fastapi.responses import Response
 
+from pdserve.cluster_secret import ClusterSecret, sign_handoff
 from pdserve.router.errors import RouterError, unavailable
 from pdserve.router.instances import HealthPoller, Instance, Registry, Role
 from pdserve.router.metrics import RouterMetrics
@@ -69,11 +70,12 @@ class Route:
             self.target.end(self.tokens)
             self._open = False
 
-    def content(self, raw: bytes, body: dict[str, Any]) -> bytes:
+    def content(self, raw: bytes, body: dict[str, Any], secret: ClusterSecret | None = None) -> bytes:
         """Colocated: the client's bytes unchanged; disaggregated: the body plus kv_transfer_params."""
         if self.prefill is None:
             return raw
         params = {"prefill_kv_addr": self.prefill.kv_addr, "prefill_url": self.prefill.url}
+        params = params if secret is None else sign_handoff(secret, params)
         return json.dumps({**body, "kv_transfer_params": params}).encode()
 
 
@@ -119,7 +121,9 @@ class Proxy:
         metrics: RouterMetrics,
         poller: HealthPoller,
         client: httpx.AsyncClient,
+        secret: ClusterSecret | None = None,
     ) -> None:
+        self.secret = secret
         self.registry = registry
         self.policy = policy
         self.metrics = metrics
@@ -151,7 +155,7 @@ class Proxy:
             if call.authorization is not None:
                 headers["authorization"] = call.authorization
             request = self.client.build_request(
-                "POST", url, content=route.content(call.raw, call.body), headers=headers
+                "POST", url, content=route.content(call.raw, call.body, self.secret), headers=headers
             )
             try:
                 return route, await self.client.send(request, stream=True)
