@@ -216,7 +216,7 @@ def _bytes_after_challenge(listener: socket.socket, secret: ClusterSecret) -> by
         conn.sendall(ours)
         answer = conn.recv(48, socket.MSG_WAITALL)
         conn.sendall(secret.mac("data-server", answer[:16], ours))
-        conn.settimeout(2)
+        conn.settimeout(1)  # the sender keeps a link open: a second of silence ends what it sends
         received = b""
         with contextlib.suppress(TimeoutError, ConnectionError):
             while chunk := conn.recv(65536):
