@@ -4,6 +4,9 @@ come from their own modules, which never import this one.
 Every option has a default, so a bare `pdserve serve` serves the default model on 127.0.0.1:8000.
 `serve`'s options are declared once, in pdserve/options.py. Heavy imports (torch, transformers, the
 server) happen inside the subcommand that needs them.
+
+A prefill or decode instance on a network KV transport does not start without a cluster secret
+(--cluster-secret-file, else $PDSERVE_CLUSTER_SECRET): its KV ports would take any peer.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from pdserve import options
 from pdserve.bench.cli import add_bench_parser
+from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
 from pdserve.config import ServerConfig
 from pdserve.launcher import add_up_parser
 from pdserve.router.cli_commands import LOG_LEVELS, add_router_parser
@@ -50,7 +54,20 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     from pdserve.models.prepare import resolve_model
 
     given = {o.name: getattr(args, o.name) for o in options.OPTIONS}
-    return options.server_config(**{**given, "model": resolve_model(args.model)})
+    secret = given["cluster_secret"] or ClusterSecret.from_env()  # SecretError: a ValueError
+    return options.server_config(**{**given, "model": resolve_model(args.model), "cluster_secret": secret})
+
+
+def missing_secret(config: ServerConfig) -> str | None:
+    """Why this instance must not start without a cluster secret, or None if it may."""
+    d = config.engine.disagg
+    if d.role == "both" or d.kv_transport == "inproc" or d.cluster_secret is not None:
+        return None
+    return (
+        f"a {d.role} instance on the {d.kv_transport} KV transport needs the cluster's secret, or any "
+        f"peer that reaches its KV ports could use them: give --cluster-secret-file FILE or set "
+        f"${SECRET_ENV} (pdserve up makes one per cluster)"
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -60,6 +77,10 @@ def _serve(args: argparse.Namespace) -> int:
         config = server_config(args)
     except (FileNotFoundError, ValueError) as e:
         logging.getLogger("pdserve").error("%s", e)
+        return 2
+    refusal = missing_secret(config)
+    if refusal is not None:
+        logging.getLogger("pdserve").error("%s", refusal)
         return 2
     run_server(config)
     return 0

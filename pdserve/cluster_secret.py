@@ -13,7 +13,7 @@ Every use derives its own key from it (HMAC-SHA256 with a label), so no two chan
     data         the challenge both ends of a KV data connection answer before any byte of KV moves
 
 The secret authenticates peers; it does not encrypt KV bytes on the data connections: those, and the
-NCCL links, still belong on a private network (docs/deployment.md says which ports).
+NCCL links, still belong on a private network (docs/architecture.md, "What is authenticated").
 This module never prints or logs the secret: `repr` hides it.
 """
 

@@ -77,7 +77,9 @@ class Engine:
 
     def _make_connector(self) -> KVConnector:
         d = self.config.disagg
-        transport = make_transport(d.kv_transport, d.kv_host, d.kv_port, d.kv_advertise_host)
+        transport = make_transport(
+            d.kv_transport, d.kv_host, d.kv_port, d.kv_advertise_host, d.cluster_secret
+        )
         lay = self.runner.layout
         layout = {
             "num_layers": lay.num_layers,

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdserve.cluster_secret import HandoffRefused
 from pdserve.errors import (
     EngineDeadError,
     InvalidRequestError,
@@ -52,6 +53,8 @@ _KINDS: list[tuple[type[Exception], ErrorKind]] = [
     (InvalidRequestError, INVALID),
     (ModelNotFoundError, ErrorKind(404, "invalid_request_error", "model_not_found", "model_not_found")),
     (AuthenticationError, ErrorKind(401, "authentication_error", "invalid_api_key", "unauthorized")),
+    # hand-off fields this cluster did not sign (a client posing as the router): HTTP 403
+    (HandoffRefused, ErrorKind(403, "permission_error", "invalid_handoff_signature", "forbidden")),
     (OverloadedError, ErrorKind(503, "service_unavailable_error", "overloaded", "overloaded")),
     (EngineDeadError, ErrorKind(503, "service_unavailable_error", "engine_dead", "engine_dead")),
     (PrefillFailedError, ErrorKind(502, "server_error", "prefill_failed", "prefill_failed")),
@@ -117,6 +120,7 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[ErrorKind], None]) 
         )
 
     app.add_exception_handler(PDServeError, typed)
+    app.add_exception_handler(HandoffRefused, typed)  # a ValueError, not a PDServeError: its own entry
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ValidationError, invalid)
     app.add_exception_handler(StarletteHTTPException, http)

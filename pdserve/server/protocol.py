@@ -12,7 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pdserve.cluster_secret import HandoffRefused, check_handoff
+from pdserve.config import DisaggConfig
 from pdserve.disagg.handoff import FromPrefill
+from pdserve.errors import InvalidRequestError
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -29,12 +32,15 @@ class StreamOptions(_Request):
 
 class KVTransferParams(_Request):
     """What the router adds to a request it sends a decode instance: the prefill instance's KV address
-    (tcp://host:port, as its /pd/info says) and URL. Nothing else: the rest of a hand-off's fields are
-    made by the instances themselves, so a client reaching an instance directly cannot forge them."""
+    (tcp://host:port, as its /pd/info says) and URL, signed with the cluster secret (`expires`,
+    `signature`: cluster_secret.sign_handoff), so a client reaching an instance directly cannot name a
+    prefill instance of its own. The rest of a hand-off's fields are made by the instances themselves."""
 
     model_config = ConfigDict(extra="forbid")  # strict, as every request model
     prefill_kv_addr: str = Field(pattern=r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._\-]+):[0-9]{1,5}$")
     prefill_url: str | None = None
+    expires: float | None = None  # unix time; missing or past: refused
+    signature: str | None = None  # hex HMAC of the other fields under the cluster's "handoff" key
 
     @field_validator("prefill_kv_addr")
     @classmethod
@@ -42,6 +48,20 @@ class KVTransferParams(_Request):
         if not 0 < int(addr.rsplit(":", 1)[1]) < 65536:
             raise ValueError("the port must be in [1, 65535]")
         return addr
+
+    def verified(self, disagg: DisaggConfig) -> KVTransferParams:
+        """These params, if this instance takes hand-offs (else InvalidRequestError: HTTP 400) and its
+        cluster signed them (else HandoffRefused: HTTP 403; a decode instance without a secret has
+        nothing to check them with, so it refuses them all)."""
+        if disagg.role != "decode":
+            raise InvalidRequestError(
+                f"this instance does not take KV from prefill instances (role {disagg.role})",
+                "kv_transfer_params",
+            )
+        if disagg.cluster_secret is None:
+            raise HandoffRefused("this instance has no cluster secret to check kv_transfer_params with")
+        check_handoff(disagg.cluster_secret, self.model_dump(exclude_unset=True))  # the fields as sent
+        return self
 
     def handoff(self) -> FromPrefill:
         """The validated hand-off the engine takes (disagg/handoff.py)."""

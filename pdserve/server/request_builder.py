@@ -198,5 +198,7 @@ class RequestBuilder:
             bool(req.stream),
             req.include_usage,
             choices,
-            None if req.kv_transfer_params is None else req.kv_transfer_params.handoff(),
+            None
+            if req.kv_transfer_params is None
+            else req.kv_transfer_params.verified(self.engine.config.disagg).handoff(),
         )

@@ -5,19 +5,27 @@ kill, SIGSTOP or restart it as a whole, and a teardown can always kill what is l
 failure. The same workload runner serves the tests (in this process) and a client that runs inside a
 network namespace: `python -m tests.e2e.cluster client ROUTER_URL SPEC_FILE INSTANCE_URL...` prints the
 answers and the instances' counters as JSON.
+
+Every prefill/decode instance and every router started here shares one cluster secret, in a file
+(mode 0600) made once per test process (`secret_file`); `pdserve up` gets it as $PDSERVE_CLUSTER_SECRET
+too, for launchers that do not make their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,12 +35,28 @@ from typing import Any
 
 import httpx
 
+from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
 READY_TIMEOUT_S = 240.0  # a cold start on two contended CPU cores
 NUM_BLOCKS = "256"
 # Several engines share two CPU cores here: one OpenMP thread each, or idle ones spin and starve the rest.
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@functools.cache
+def secret_file() -> Path:
+    """The cluster secret of every cluster this test process starts (removed when it exits)."""
+    directory = Path(tempfile.mkdtemp(prefix="pdserve-secret-"))
+    atexit.register(shutil.rmtree, directory, True)
+    path = directory / "cluster.secret"
+    ClusterSecret.create_file(path)
+    return path
+
+
+def cluster_secret() -> ClusterSecret:
+    return ClusterSecret.from_file(secret_file())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -179,6 +203,8 @@ class Instance(Endpoint):
     def command(self) -> list[str]:
         cmd = [*self.prefix, sys.executable, "-m", "pdserve.cli", "serve", "--role", self.role]
         cmd += ["--host", self.host, "--port", str(self.port), "--model", self.model]
+        if self.role != "both" and "--cluster-secret-file" not in self.extra:
+            cmd += ["--cluster-secret-file", str(secret_file())]
         return cmd + ["--num-blocks", NUM_BLOCKS, "--device", "cpu", *self.extra]
 
     def start(self) -> Instance:
@@ -232,6 +258,7 @@ class Router:
         self.port = port or free_port()
         cmd = [*prefix, sys.executable, "-m", "pdserve.cli", "router", "--port", str(self.port)]
         cmd += ["--health-interval", str(health_interval), "--prefill", *prefill, "--decode", *decode]
+        cmd += ["--cluster-secret-file", str(secret_file())]
         self.proc = Proc(cmd, log_path)
 
     @property
@@ -299,7 +326,7 @@ def pdserve_up(log_dir: Path, *args: str, timeout: float = READY_TIMEOUT_S) -> I
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **SERVER_ENV},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **SERVER_ENV, SECRET_ENV: secret_file().read_text()},
     )
     launched = Launched(proc)
     up = threading.Event()

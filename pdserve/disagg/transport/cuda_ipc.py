@@ -16,6 +16,10 @@ An IPC handle cannot be opened by the process that exported it, so peers in one 
 `LLM(prefill=..., decode=...)`) use the pool tensor itself, found in `_EXPORTED` (module state, one
 entry per exported pool). Which writes may still land is the connector's business (leases): this
 module only promises that `KVData(written=True)` or `Failed` is sent after the last byte landed.
+
+Authentication: the IPC handle (the right to write into the decode pool) and every KVData travel on
+the control channel, which admits only holders of the cluster secret and is encrypted (auth.py); a
+handle opens only on the same host, by a process allowed to use that GPU.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pdserve.cluster_secret import ClusterSecret
 from pdserve.disagg import protocol as p
 from pdserve.disagg.transport import cuda_ipc
 from pdserve.disagg.transport.base import KVTransport, MessageHandler, PayloadDone, PayloadTarget
@@ -43,9 +44,11 @@ class MultiPathTransport(KVTransport):
         host: str = "127.0.0.1",
         port: int = 0,
         advertise_host: str | None = None,
+        secret: ClusterSecret | None = None,
     ) -> None:
         self.kinds = kinds  # ours, in order of preference
-        self.tcp = TcpTransport(host, port, advertise_host)
+        self.secret = secret
+        self.tcp = TcpTransport(host, port, advertise_host, secret)
         self.address = self.tcp.address
         self.me = local_identity()
         self.pool: torch.Tensor | None = None
@@ -72,7 +75,7 @@ class MultiPathTransport(KVTransport):
                 self.completions = cuda_ipc.Completions()
         if "nccl" in self.kinds and (pool.is_cuda or self.kinds == ("nccl",)):
             host = self.tcp.address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
-            self.nccl = NcclPath(pool, host)
+            self.nccl = NcclPath(pool, host, self.secret)
 
     def start(
         self,

@@ -13,6 +13,13 @@ NCCL; CPU pools use Gloo (the same code, so this path is testable without a GPU)
 both ranks on one GPU, so such a pair is refused. The NCCL watchdog is told to abort a hung
 communicator rather than the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=2 unless set): a broken link
 fails its transfers, and the decode side shakes hands again for a new one.
+
+What is authenticated: the offer (store address, pair id) travels on the control channel, which is
+CURVE-encrypted between holders of the cluster secret (auth.py). The rendezvous itself cannot be: a
+TCPStore takes no credentials and anyone who reaches its port may connect. So its keys are made
+unguessable instead: their prefix is a MAC of the pair id under the cluster secret (`store_prefix`),
+and the pair id itself is random and sent only encrypted. The NCCL (or Gloo) link that follows is
+neither authenticated nor encrypted: like the store's port, it belongs on a private network.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pdserve.cluster_secret import ClusterSecret
 from pdserve.disagg.protocol import KVData
 from pdserve.disagg.transport.blocks import KVBlocks
 
@@ -39,6 +47,12 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 128 << 20  # the most a link sends at once: bounds both sides' staging memory
 LINK_TIMEOUT = timedelta(seconds=120)  # rendezvous, and any one send or receive
 Deliver = Callable[[KVData, torch.Tensor | None], None]  # a received chunk, or None: the rest is lost
+
+
+def store_prefix(pair: str, secret: ClusterSecret | None) -> str:
+    """The rendezvous keys' prefix: without the secret, nobody on the network can name them."""
+    tag = "" if secret is None else secret.mac("nccl-store", pair.encode()).hex()
+    return f"pdserve-kv/{pair}/{tag}/"
 
 
 def chunks(msg: KVData) -> list[tuple[int, int]]:
@@ -64,9 +78,16 @@ class Link:
     """One pair's process group and the thread that runs its sends or receives in order."""
 
     def __init__(
-        self, pair: str, rank: int, store: Callable[[], dist.Store], device: torch.device, host: str
+        self,
+        pair: str,
+        rank: int,
+        store: Callable[[], dist.Store],
+        device: torch.device,
+        host: str,
+        prefix: str | None = None,
     ) -> None:
         self.pair, self.rank, self.device, self.host = pair, rank, device, host
+        self.prefix = prefix or store_prefix(pair, None)  # of the rendezvous keys
         self.make_store = store  # called on the link's thread: joining a rendezvous may take a while
         self.jobs: queue.SimpleQueue[_Send | _Recv | None] = queue.SimpleQueue()
         self.broken = ""  # why the link failed, once it has
@@ -126,7 +147,7 @@ class Link:
             job.deliver(job.msg, None)
 
     def _connect(self) -> Any:
-        store = dist.PrefixStore(f"pdserve-kv/{self.pair}/", self.make_store())
+        store = dist.PrefixStore(self.prefix, self.make_store())
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
@@ -175,8 +196,9 @@ def chunks_of(blocks: KVBlocks) -> list[tuple[int, int]]:
 class NcclPath:
     """The links of one instance, by peer, and (decode side) the rendezvous store peers join."""
 
-    def __init__(self, pool: torch.Tensor, host: str) -> None:
+    def __init__(self, pool: torch.Tensor, host: str, secret: ClusterSecret | None = None) -> None:
         self.device = pool.device
+        self.secret = secret
         self.backend = "nccl" if pool.is_cuda else "gloo"
         self.host = host  # this instance's advertised host: where peers reach its store and link
         self.server: dist.TCPStore | None = None
@@ -211,7 +233,8 @@ class NcclPath:
         def store() -> dist.Store:
             return dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=LINK_TIMEOUT)
 
-        self._replace(peer, Link(pair, 0, store, self.device, self.host))
+        prefix = store_prefix(pair, self.secret)
+        self._replace(peer, Link(pair, 0, store, self.device, self.host, prefix))
         return {"pair": pair}
 
     def accepted(self, peer: str, path: dict[str, Any]) -> None:
@@ -226,7 +249,8 @@ class NcclPath:
         if pair is None or pair != path.get("pair") or server is None:
             logger.warning("nccl: %s accepted an unknown pair; shaking hands again", peer)
             return
-        self._replace(peer, Link(pair, 1, lambda: server, self.device, self.host))
+        prefix = store_prefix(pair, self.secret)
+        self._replace(peer, Link(pair, 1, lambda: server, self.device, self.host, prefix))
 
     def needs_handshake(self, peer: str) -> bool:
         with self.lock:

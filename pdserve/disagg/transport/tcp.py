@@ -12,6 +12,11 @@ the gathered block buffer with `sendall`; the receiver asks the connector where 
 a GPU, into a pinned buffer that the connector then copies up (one copy). Control messages and data
 travel separately, so the receiver must not rely on their relative order (the connector waits for
 both). KV blocks of a GPU pool are copied into a pinned host buffer before they are sent.
+
+With a cluster secret both channels admit only peers that prove it (auth.py): the control sockets
+speak CURVE (encrypted, a ZAP handler on the control thread checks the client key) and each data
+connection opens with a mutual HMAC challenge. KV bytes on the data connection are not encrypted.
+Without a secret (the offline API, library use) both stay plain.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 
 import zmq
 
+from pdserve.cluster_secret import ClusterSecret
 from pdserve.disagg.protocol import Failed, Message, decode, encode
+from pdserve.disagg.transport import auth
 from pdserve.disagg.transport.base import KVTransport, MessageHandler, PayloadDone, PayloadTarget
 from pdserve.disagg.transport.blocks import KVBlocks
 
@@ -44,11 +51,22 @@ def data_address(control_addr: str) -> tuple[str, int]:
 
 
 class TcpTransport(KVTransport):
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        secret: ClusterSecret | None = None,
+    ) -> None:
+        self.secret = secret
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.RCVHWM, 0)
+        auth.make_server(self.router, secret)
+        # bound before the ROUTER: no connection may arrive while nobody answers its ZAP request
+        self.gate = None if secret is None else auth.ZapGate(self.ctx, self.router, secret)
+        self.data_refused = auth.RateLimitedLog("KV data: refused a connection")
         self.listener, port = self._bind_pair(host, port)
         self.address = f"tcp://{advertise_host or host}:{port}"
         self.outbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
@@ -109,7 +127,8 @@ class TcpTransport(KVTransport):
         with self.senders_lock:
             sender = self.senders.get(peer)
             if sender is None:
-                sender = self.senders[peer] = _DataSender(data_address(peer), self._data_failed(peer))
+                addr, failed = data_address(peer), self._data_failed(peer)
+                sender = self.senders[peer] = _DataSender(addr, failed, self.secret)
         sender.put(encode(msg), payload)
 
     def _data_failed(self, peer: str) -> Callable[[bytes, OSError], None]:
@@ -162,8 +181,12 @@ class TcpTransport(KVTransport):
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.wake_pull, zmq.POLLIN)
+        for sock in [] if self.gate is None else self.gate.sockets:
+            poller.register(sock, zmq.POLLIN)
         while not self.stopped.is_set():
             events = dict(poller.poll(200))
+            if self.gate is not None:
+                self.gate.handle(set(events))
             if self.wake_pull in events:
                 while self.wake_pull.poll(0):
                     self.wake_pull.recv()
@@ -175,6 +198,8 @@ class TcpTransport(KVTransport):
             sock.close(0)
         self.router.close(0)
         self.wake_pull.close(0)
+        if self.gate is not None:
+            self.gate.close()
 
     def _receive_one(self) -> None:
         frames = self.router.recv_multipart()
@@ -205,6 +230,7 @@ class TcpTransport(KVTransport):
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+            auth.make_client(sock, self.secret)
             sock.connect(peer)
             self.dealers[peer] = sock
         return sock
@@ -224,6 +250,11 @@ class TcpTransport(KVTransport):
     def _receive_data(self, conn: socket.socket) -> None:
         staging = bytearray()
         with conn:
+            try:
+                auth.challenge_connector(conn, self.secret)
+            except OSError as e:  # ChallengeFailed too: nothing from this peer is read or written
+                self.data_refused(f"{_peer_name(conn)} failed the challenge ({e})")
+                return
             while not self.stopped.is_set():
                 try:
                     conn.settimeout(None)  # an idle link may stay quiet for as long as it likes
@@ -261,6 +292,14 @@ class TcpTransport(KVTransport):
         return ok
 
 
+def _peer_name(conn: socket.socket) -> str:
+    try:
+        host, port = conn.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "a peer"
+
+
 def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview:
     got = 0
     while got < len(view):
@@ -274,9 +313,12 @@ def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview:
 class _DataSender:
     """One peer's outgoing KV stream: a thread writing queued (header, payload) pairs in order."""
 
-    def __init__(self, addr: tuple[str, int], failed: Callable[[bytes, OSError], None]) -> None:
+    def __init__(
+        self, addr: tuple[str, int], failed: Callable[[bytes, OSError], None], secret: ClusterSecret | None
+    ) -> None:
         self.addr = addr
         self.failed = failed  # (header, error) of a payload that could not be sent
+        self.secret = secret
         self.queue: queue.SimpleQueue[tuple[bytes, Any] | None] = queue.SimpleQueue()
         self.sock: socket.socket | None = None
         threading.Thread(target=self._run, name="kv-data-send", daemon=True).start()
@@ -306,6 +348,7 @@ class _DataSender:
     def _send(self, header: bytes, payload: Any) -> None:
         if self.sock is None:
             self.sock = socket.create_connection(self.addr, timeout=5)
+            auth.answer_listener(self.sock, self.secret)  # raises unless the listener has the secret
             self.sock.settimeout(60)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(_LEN.pack(len(header)) + header)
