@@ -224,10 +224,8 @@ def build_app(config: RouterConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(config.request_timeout, connect=_CONNECT_TIMEOUT)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        headers = config.instance_headers
-        async with httpx.AsyncClient(
-            timeout=timeout, limits=limits, headers=headers, trust_env=False
-        ) as client:
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+            client.headers.update(config.instance_headers)  # the router's key, on every call to instances
             poller = HealthPoller(registry, client, config.health_interval, config.health_timeout)
             app.state.proxy = Proxy(registry, policy, metrics, poller, client)
             await poller.check_all()

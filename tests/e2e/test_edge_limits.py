@@ -198,6 +198,7 @@ def test_malformed_http_is_answered_in_openai_shape(server: ServerProcess, route
     for url in (server.url, router.url):
         head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n"
         assert_openai_error(raw_exchange(url, head), {400, 431})
+        assert_openai_error(raw_exchange(url, b"NOT HTTP AT ALL\r\n\r\n"), 400)
         assert_openai_error(httpx.get(f"{url}/v1/nothing-here", headers=KEY, timeout=10), 404)
         assert_openai_error(httpx.delete(f"{url}/v1/models", headers=KEY, timeout=10), 405)
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}

@@ -340,8 +340,12 @@ def test_api_key_required_on_v1(server: ServerProcess) -> None:
 # ---- disconnects and overload ----------------------------------------------------------------------------
 
 
+def server_metrics(server: ServerProcess) -> str:
+    return httpx.get(f"{server.url}/metrics", headers=server.headers).text
+
+
 def test_client_disconnect_mid_stream_aborts(server: ServerProcess) -> None:
-    before = metric(httpx.get(f"{server.url}/metrics", headers=server.headers).text, "pdserve_requests_total", 'outcome="abort"')
+    before = metric(server_metrics(server), "pdserve_requests_total", 'outcome="abort"')
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 4000, "stream": True, "ignore_eos": True}
     with httpx.stream(
         "POST", f"{server.v1}/chat/completions", json=body, headers=server.headers, timeout=300
@@ -352,7 +356,7 @@ def test_client_disconnect_mid_stream_aborts(server: ServerProcess) -> None:
         assert len(got) >= 2
     kv = server.wait_pool_free()  # without the abort this request would run for minutes
     assert kv["pool_free"], kv
-    after = metric(httpx.get(f"{server.url}/metrics", headers=server.headers).text, "pdserve_requests_total", 'outcome="abort"')
+    after = metric(server_metrics(server), "pdserve_requests_total", 'outcome="abort"')
     assert after == before + 1
 
 
