@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from pdserve.cluster_secret import ClusterSecret
+from pdserve.http_edge.limits import DEFAULT_MAX_CHAT_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
 from pdserve.kernels.config import KernelConfig
 
 
@@ -149,3 +150,7 @@ class ServerConfig:
     served_model_name: str | None = None
     generation_config: str = "auto"  # auto: omitted sampling fields take the model's defaults; none: OpenAI's
     engine: EngineConfig = field(default_factory=EngineConfig)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body: 413, before it is read whole
+    max_chat_messages: int = DEFAULT_MAX_CHAT_MESSAGES
+    metrics_public: bool = False  # /metrics without the API key
+    access_log_polls: bool = False  # keep /health, /pd/info, /metrics polls in the access log

@@ -28,6 +28,7 @@ from pdserve.config import (
     ServerConfig,
     default_max_num_seqs,
 )
+from pdserve.http_edge.limits import DEFAULT_MAX_CHAT_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
 from pdserve.kernels.config import KernelConfig
 
 _positive = int_at_least(1)
@@ -296,6 +297,45 @@ OPTIONS: tuple[Option, ...] = (
         help=f"the secret this cluster's router and instances share (KV channels, hand-offs); "
         f"default: ${SECRET_ENV}; pdserve up makes one",
         group=DISAGG_GROUP,
+        offline=False,
+    ),
+    Option(
+        "max_request_bytes",
+        ("--max-request-bytes",),
+        "server",
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        type=parse_size,
+        metavar="SIZE",
+        help="a larger request body is answered 413 before it is read, e.g. 16MiB (default: 4MiB)",
+        offline=False,
+    ),
+    Option(
+        "max_chat_messages",
+        ("--max-chat-messages",),
+        "server",
+        default=DEFAULT_MAX_CHAT_MESSAGES,
+        type=_positive,
+        help="messages in one chat request at most; more: 400",
+        offline=False,
+    ),
+    Option(
+        "metrics_public",
+        ("--metrics-public",),
+        "server",
+        default=False,
+        flag=True,
+        const=True,
+        help="serve /metrics without the API key (for a Prometheus scraper without it)",
+        offline=False,
+    ),
+    Option(
+        "access_log_polls",
+        ("--access-log-polls",),
+        "server",
+        default=False,
+        flag=True,
+        const=True,
+        help="keep successful GET /health, /pd/info and /metrics polls in the access log",
         offline=False,
     ),
 )

@@ -78,7 +78,7 @@ class ServerProcess:
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
 
     def kv(self) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.url}/debug/kv", timeout=30).json())
+        return dict(httpx.get(f"{self.url}/debug/kv", headers=self.headers, timeout=30).json())
 
     def wait_pool_free(self, timeout: float = POOL_FREE_TIMEOUT_S) -> dict[str, Any]:
         """Poll until no request holds a KV block (aborts land on the engine's next step)."""

@@ -6,8 +6,11 @@
     GET  /health, /metrics, /router/instances     -> the router's own view
 
 The router parses the body only to check that it is a JSON object (400 otherwise); everything else is
-the instance's to validate. With an API key, /v1 wants `Authorization: Bearer <key>` (401 otherwise);
-the client's Authorization header goes on to the instance (instances started with the same key).
+the instance's to validate. With an API key, every route but /health wants `Authorization: Bearer <key>`
+(401 otherwise; /metrics too, unless metrics_public; the API docs are not served), and the router sends
+that key on its own calls to the instances (polls, proxied requests: instances started with the same
+key). Without one, a client's Authorization header goes on to the instance. Body size, trailing slashes
+and malformed HTTP are pdserve/http_edge's.
 Where a request goes and its retries are proxy.py's, relaying a stream relay.py's. A client that goes
 away closes the upstream request, so the instance aborts it. The router's own errors, 404/405 and
 internal errors are answered in OpenAI's shape.
@@ -16,8 +19,8 @@ internal errors are answered in OpenAI's shape.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +33,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.cluster_secret import ClusterSecret
+from pdserve.http_edge.auth import API_DOCS_OFF, REFUSAL, bearer_header, require_api_key
+from pdserve.http_edge.body_limit import BodyLimit
+from pdserve.http_edge.limits import DEFAULT_MAX_REQUEST_BYTES
+from pdserve.http_edge.slashes import TrailingSlash
+from pdserve.http_edge.uvicorn_setup import uvicorn_config
 from pdserve.router.errors import RouterError, error_body, unavailable
 from pdserve.router.instances import HealthPoller, Registry
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
@@ -57,6 +65,8 @@ class RouterConfig:
     health_timeout: float = 1.0
     request_timeout: float = 600.0
     cluster_secret: ClusterSecret | None = None  # signs the hand-off fields sent to decode instances
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body: 413, before it is read whole
+    metrics_public: bool = False  # /metrics without the API key
 
     def __post_init__(self) -> None:
         if self.instances and (self.prefill or self.decode):
@@ -69,6 +79,13 @@ class RouterConfig:
             raise ValueError("intervals and timeouts must be positive")
         if self.decode_max_queued < 0:
             raise ValueError("--decode-max-queued must be at least 0")
+        if self.max_request_bytes < 1:
+            raise ValueError("--max-request-bytes must be positive")
+
+    @property
+    def instance_headers(self) -> dict[str, str]:
+        """Headers on every call the router makes to an instance: its API key, if it has one."""
+        return bearer_header(self.api_key)
 
 
 async def parse_body(raw: Request) -> tuple[bytes, dict[str, Any]]:
@@ -105,27 +122,19 @@ async def until_disconnect(raw: Request, work: Awaitable[Response]) -> Response:
 
 
 def _auth(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise RouterError(
-                401,
-                "a valid API key is required: Authorization: Bearer <key>",
-                "invalid_api_key",
-                "authentication_error",
-            )
-
-    return check
+    return require_api_key(
+        api_key, lambda: RouterError(401, REFUSAL, "invalid_api_key", "authentication_error")
+    )
 
 
 def _v1_router(app: FastAPI, api_key: str | None) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_auth(api_key))])
+    router = APIRouter(prefix="/v1")
 
     async def proxied(raw: Request, path: str) -> Response:
         content, body = await parse_body(raw)
-        call = Call(path, content, body, raw.headers.get("authorization"))
+        # with a key of its own the router sends that (its client's default header); else the client's
+        authorization = None if api_key else raw.headers.get("authorization")
+        call = Call(path, content, body, authorization)
         proxy: Proxy = app.state.proxy
         if body.get("stream") is True:
             return await until_disconnect(raw, proxy.stream(call))
@@ -147,7 +156,7 @@ def _v1_router(app: FastAPI, api_key: str | None) -> APIRouter:
     return router
 
 
-def _ops_router(app: FastAPI, registry: Registry, metrics: RouterMetrics) -> APIRouter:
+def _health_router(registry: Registry) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
@@ -158,12 +167,24 @@ def _ops_router(app: FastAPI, registry: Registry, metrics: RouterMetrics) -> API
         counts = {r: len(registry.healthy(r)) for r in registry.needed_roles}
         return JSONResponse({"status": "ok", "healthy": counts})
 
+    return router
+
+
+def _metrics_router(app: FastAPI, registry: Registry, metrics: RouterMetrics) -> APIRouter:
+    router = APIRouter()
+
     @router.get("/metrics")
     async def prometheus_metrics() -> Response:
         proxy: Proxy = app.state.proxy
         await metrics.scrape_kv(proxy.client, registry.instances, proxy.poller.timeout)
         metrics.set_state(registry)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return router
+
+
+def _instances_router(registry: Registry) -> APIRouter:
+    router = APIRouter()
 
     @router.get("/router/instances")
     async def instances() -> Response:
@@ -203,7 +224,7 @@ def build_app(config: RouterConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stale = functools.partial(metrics.count_retry, "stale_connection")
-        async with Upstream(config.request_timeout, stale) as client:
+        async with Upstream(config.request_timeout, stale, config.instance_headers) as client:
             poller = HealthPoller(registry, client, config.health_interval, config.health_timeout)
             app.state.proxy = Proxy(registry, policy, metrics, poller, client, config.cluster_secret)
             await poller.check_all()
@@ -213,12 +234,20 @@ def build_app(config: RouterConfig) -> FastAPI:
             finally:
                 await poller.stop()
 
-    app = FastAPI(title="pdserve router", version="0.1.0", lifespan=lifespan)
+    docs: dict[str, Any] = {} if config.api_key is None else API_DOCS_OFF
+    app = FastAPI(title="pdserve router", version="0.1.0", lifespan=lifespan, redirect_slashes=False, **docs)
     app.state.registry = registry
     app.state.metrics = metrics
     _install_error_handlers(app, metrics)
-    app.include_router(_v1_router(app, config.api_key))
-    app.include_router(_ops_router(app, registry, metrics))
+    keyed = [Depends(_auth(config.api_key))]
+    app.include_router(_health_router(registry))
+    app.include_router(_v1_router(app, config.api_key), dependencies=keyed)
+    app.include_router(
+        _metrics_router(app, registry, metrics), dependencies=[] if config.metrics_public else keyed
+    )
+    app.include_router(_instances_router(registry), dependencies=keyed)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(TrailingSlash)
     return app
 
 
@@ -240,11 +269,8 @@ def run_router(config: RouterConfig, log_level: str = "info") -> None:
         modes,
         config.policy,
     )
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+    server = uvicorn.Server(uvicorn_config(app, config.host, config.port, log_level, access_log=False))
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, raised again once uvicorn has drained
+        server.run()
+    if not server.started:  # as uvicorn.run: the port was taken, say
+        raise SystemExit(3)

@@ -12,8 +12,9 @@ import argparse
 import logging
 import os
 
-from pdserve.cli_types import int_at_least, positive_float
+from pdserve.cli_types import int_at_least, parse_size, positive_float
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
+from pdserve.http_edge.limits import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.options import cluster_secret_file
 from pdserve.router.policies import POLICIES
 
@@ -63,6 +64,14 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
     add_routing_options(r)
     r.add_argument("--health-timeout", type=positive_float, default=1.0, metavar="SECONDS")
     r.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    r.add_argument(
+        "--max-request-bytes",
+        type=parse_size,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="SIZE",
+        help="a larger request body is answered 413 before it is read, e.g. 16MiB (default: 4MiB)",
+    )
+    r.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     r.set_defaults(func=run_router)
 
 
@@ -84,6 +93,8 @@ def run_router(args: argparse.Namespace) -> None:
             health_timeout=args.health_timeout,
             request_timeout=args.request_timeout,
             cluster_secret=args.cluster_secret or ClusterSecret.from_env(),
+            max_request_bytes=args.max_request_bytes,
+            metrics_public=args.metrics_public,
         )
     except ValueError as e:
         logger.error("%s", e)

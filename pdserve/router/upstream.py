@@ -17,7 +17,7 @@ httpcore's trace events for that request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -40,14 +40,19 @@ _ANSWER_BEGAN = "http11.receive_response_headers.complete"
 class Upstream:
     """Sends requests to instances; a stale keep-alive connection is retried once on a new one."""
 
-    def __init__(self, request_timeout: float, on_stale_retry: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        request_timeout: float,
+        on_stale_retry: Callable[[], None] | None = None,
+        headers: Mapping[str, str] | None = None,  # on every call: the router's own API key
+    ) -> None:
         timeout = httpx.Timeout(request_timeout, connect=CONNECT_TIMEOUT_S)
         pooled = httpx.Limits(
             max_connections=None, max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=KEEPALIVE_EXPIRY_S
         )
-        self.pooled = httpx.AsyncClient(timeout=timeout, limits=pooled, trust_env=False)
+        self.pooled = httpx.AsyncClient(timeout=timeout, limits=pooled, headers=headers, trust_env=False)
         fresh = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-        self.fresh = httpx.AsyncClient(timeout=timeout, limits=fresh, trust_env=False)
+        self.fresh = httpx.AsyncClient(timeout=timeout, limits=fresh, headers=headers, trust_env=False)
         self.on_stale_retry = on_stale_retry
 
     def build_request(self, method: str, url: str, **kwargs: Any) -> httpx.Request:

@@ -6,12 +6,15 @@
 A completion handler is three steps, each its own module: request_builder.py (validate, tokenize,
 SamplingParams -> a Generation, generation.py), streaming.py (run it on the engine: SSE or one answer)
 and responses.py (the chat and completion answer shapes). Errors become HTTP answers in errors.py only.
+
+With an API key, every route but /health wants it (/metrics too, unless metrics_public), and the API
+docs (/docs, /redoc, /openapi.json) are not served. What every request meets first (body size, a
+trailing slash, malformed HTTP, the access log) is pdserve/http_edge's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import signal
 import threading
@@ -24,6 +27,10 @@ from fastapi.responses import JSONResponse, Response
 from pdserve.config import ServerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.errors import EngineDeadError
+from pdserve.http_edge.auth import API_DOCS_OFF, REFUSAL, require_api_key
+from pdserve.http_edge.body_limit import BodyLimit
+from pdserve.http_edge.slashes import TrailingSlash
+from pdserve.http_edge.uvicorn_setup import uvicorn_config
 from pdserve.server import protocol as p
 from pdserve.server.errors import AuthenticationError, ErrorKind, install_error_handlers
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -46,29 +53,22 @@ class OpenAIServer:
 
 
 def _auth(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise AuthenticationError("a valid API key is required: Authorization: Bearer <key>")
-
-    return check
+    return require_api_key(api_key, lambda: AuthenticationError(REFUSAL))
 
 
-def _v1_router(server: OpenAIServer, config: ServerConfig) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_auth(config.api_key))])
+def _v1_router(server: OpenAIServer) -> APIRouter:
+    router = APIRouter(prefix="/v1")
     requests, runner = server.requests, server.runner
 
     @router.post("/chat/completions")
     async def chat_completions(raw: Request) -> Response:
-        req = await requests.parse(raw, p.ChatCompletionRequest)
-        return await runner.run(requests.chat_generation(req), raw)
+        gen = await requests.build(raw, p.ChatCompletionRequest, requests.chat_generation)
+        return await runner.run(gen, raw)
 
     @router.post("/completions")
     async def completions(raw: Request) -> Response:
-        req = await requests.parse(raw, p.CompletionRequest)
-        return await runner.run(requests.completion_generation(req), raw)
+        gen = await requests.build(raw, p.CompletionRequest, requests.completion_generation)
+        return await runner.run(gen, raw)
 
     @router.get("/models")
     async def models() -> p.ModelList:
@@ -82,7 +82,7 @@ def _v1_router(server: OpenAIServer, config: ServerConfig) -> APIRouter:
     return router
 
 
-def _ops_router(engine: AsyncEngine, metrics: ServerMetrics) -> APIRouter:
+def _health_router(engine: AsyncEngine) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
@@ -90,6 +90,12 @@ def _ops_router(engine: AsyncEngine, metrics: ServerMetrics) -> APIRouter:
         if not engine.is_healthy():
             raise EngineDeadError(f"the engine is not running: {engine.fatal_error or 'stopped'}")
         return JSONResponse({"status": "ok"})
+
+    return router
+
+
+def _metrics_router(engine: AsyncEngine, metrics: ServerMetrics) -> APIRouter:
+    router = APIRouter()
 
     @router.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -104,7 +110,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     """The app for one started AsyncEngine. The engine's lifetime belongs to the caller."""
     metrics = ServerMetrics()
     server = OpenAIServer(engine, config, metrics)
-    app = FastAPI(title="pdserve", version="0.1.0")
+    docs: dict[str, Any] = {} if config.api_key is None else API_DOCS_OFF
+    app = FastAPI(title="pdserve", version="0.1.0", redirect_slashes=False, **docs)
     app.state.server = server
     app.state.metrics = metrics
 
@@ -112,9 +119,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         metrics.count(kind.outcome)
 
     install_error_handlers(app, count_error)
-    app.include_router(_v1_router(server, config))
-    app.include_router(_ops_router(engine, metrics))
-    app.include_router(pd_router(engine))
+    keyed = [Depends(_auth(config.api_key))]
+    app.include_router(_health_router(engine))
+    app.include_router(_v1_router(server), dependencies=keyed)
+    app.include_router(_metrics_router(engine, metrics), dependencies=[] if config.metrics_public else keyed)
+    app.include_router(pd_router(engine), dependencies=keyed)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(TrailingSlash)
     return app
 
 
@@ -153,7 +164,5 @@ def _make_uvicorn(app: FastAPI, config: ServerConfig) -> Any:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    uv_config = uvicorn.Config(
-        app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5
-    )
+    uv_config = uvicorn_config(app, config.host, config.port, "info", log_polls=config.access_log_polls)
     return Server(uv_config)

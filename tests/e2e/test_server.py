@@ -294,11 +294,11 @@ METRIC_NAMES = [
 
 
 def test_metrics_exposed_and_counting(server: ServerProcess, client: OpenAI) -> None:
-    before = httpx.get(f"{server.url}/metrics").text
+    before = httpx.get(f"{server.url}/metrics", headers=server.headers).text
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, extra_body=LONG)
     r = httpx.post(f"{server.v1}/completions", json={"model": "nope", "prompt": "x"}, headers=server.headers)
     assert r.status_code == 404
-    resp = httpx.get(f"{server.url}/metrics")
+    resp = httpx.get(f"{server.url}/metrics", headers=server.headers)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     after = resp.text
     for name in METRIC_NAMES:
@@ -331,16 +331,21 @@ def test_api_key_required_on_v1(server: ServerProcess) -> None:
             error = r.json()["error"]
             assert set(r.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
             assert error["type"] == "authentication_error"
-    assert httpx.get(f"{server.url}/health").status_code == 200
-    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200  # the one route open without the key
+    assert httpx.get(f"{server.url}/metrics").status_code == 401  # unless --metrics-public
+    assert httpx.get(f"{server.url}/metrics", headers=server.headers).status_code == 200
     assert httpx.get(f"{server.v1}/models", headers=server.headers).status_code == 200
 
 
 # ---- disconnects and overload ----------------------------------------------------------------------------
 
 
+def server_metrics(server: ServerProcess) -> str:
+    return httpx.get(f"{server.url}/metrics", headers=server.headers).text
+
+
 def test_client_disconnect_mid_stream_aborts(server: ServerProcess) -> None:
-    before = metric(httpx.get(f"{server.url}/metrics").text, "pdserve_requests_total", 'outcome="abort"')
+    before = metric(server_metrics(server), "pdserve_requests_total", 'outcome="abort"')
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 4000, "stream": True, "ignore_eos": True}
     with httpx.stream(
         "POST", f"{server.v1}/chat/completions", json=body, headers=server.headers, timeout=300
@@ -351,7 +356,7 @@ def test_client_disconnect_mid_stream_aborts(server: ServerProcess) -> None:
         assert len(got) >= 2
     kv = server.wait_pool_free()  # without the abort this request would run for minutes
     assert kv["pool_free"], kv
-    after = metric(httpx.get(f"{server.url}/metrics").text, "pdserve_requests_total", 'outcome="abort"')
+    after = metric(server_metrics(server), "pdserve_requests_total", 'outcome="abort"')
     assert after == before + 1
 
 

@@ -1,0 +1,12 @@
+"""The HTTP edge an instance and the router share: what every request meets before a route sees it.
+
+    limits.py       the defaults: request body size, chat messages, the server's keep-alive
+    errors.py       OpenAI's error body, for answers given outside the apps' own error handlers
+    auth.py         the API key (Authorization: Bearer KEY) on every route but /health
+    body_limit.py   413 for a body over the limit, from Content-Length or while it streams in
+    slashes.py      a trailing slash serves the same route (no 307 redirect)
+    access_log.py   health/info/metrics polls out of the access log
+    uvicorn_setup.py the uvicorn server: its keep-alive, OpenAI-shaped answers to malformed HTTP
+
+It knows nothing of the engine, the instances' routes or the router's; both fronts import it.
+"""

@@ -1,0 +1,53 @@
+"""The uvicorn server of an instance or of the router: keep-alive, malformed HTTP, the access log.
+
+uvicorn answers what its HTTP parser refuses (headers over its limit, a broken request line) itself, in
+plain text; the protocol here answers the same in OpenAI's error shape: 431 for a request head over the
+parser's limit, 400 otherwise, and closes the connection as uvicorn does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
+
+from pdserve.http_edge.access_log import quiet_polls
+from pdserve.http_edge.errors import error_json, raw_response
+from pdserve.http_edge.limits import SERVER_KEEP_ALIVE_S
+
+GRACEFUL_SHUTDOWN_S = 5
+
+
+class OpenAIShapedH11(H11Protocol):  # type: ignore[misc]
+    """uvicorn's h11 protocol, with its plain-text 400 answered as an OpenAI error."""
+
+    def send_400_response(self, msg: str) -> None:
+        limit = self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+        if len(self.conn.trailing_data[0]) > limit:
+            status, reason = 431, "Request Header Fields Too Large"
+            message = f"the request head is larger than the server's limit of {limit} bytes"
+        else:
+            status, reason, message = 400, "Bad Request", "invalid HTTP request"
+        body = error_json(message, "invalid_request_error", "invalid_http_request")
+        self.transport.write(raw_response(status, reason, body))
+        self.transport.close()
+
+
+def uvicorn_config(
+    app: Any, host: str, port: int, log_level: str, access_log: bool = True, log_polls: bool = False
+) -> Any:
+    """The uvicorn.Config both fronts use (h11, whatever else is installed, so malformed HTTP is
+    answered in one shape)."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        http=OpenAIShapedH11,
+        timeout_keep_alive=SERVER_KEEP_ALIVE_S,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    quiet_polls(not log_polls)  # after Config(), which sets up uvicorn's loggers
+    return config
