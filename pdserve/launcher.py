@@ -44,7 +44,7 @@ from pdserve.options import (
     help_with_default,
 )
 from pdserve.placement import instance_envs, option_value
-from pdserve.ports import PortTaken, check_free, free_port, listens_on
+from pdserve.ports import PortTaken, check_free, free_port
 from pdserve.router.cli_commands import API_KEY_ENV as ROUTER_API_KEY_ENV
 from pdserve.router.cli_commands import LOG_LEVELS, add_routing_options
 from pdserve.supervisor import Child, GiveUp, RestartPolicy, Supervisor, stop_all
@@ -141,12 +141,6 @@ def secret_file(given: str | None, log_dir: Path) -> str:
     return str(path)
 
 
-def _port(child: Child) -> int:
-    port = httpx.URL(child.url).port
-    assert port is not None
-    return port
-
-
 # ---- starting, waiting, watching --------------------------------------------------------------------------
 
 
@@ -156,7 +150,7 @@ def _is_healthy(client: httpx.Client, child: Child) -> bool:
         ok = client.get(f"{child.url}/health").status_code == 200
     except httpx.HTTPError:
         return False
-    return ok and listens_on(child.pid, _port(child))
+    return ok and child.owns_port()
 
 
 def wait_healthy(children: Sequence[Child], timeout: float) -> None:
@@ -201,7 +195,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Child], Path]:
     print(f"model: {model}\nlogs: {log_dir}\ncluster secret: {shared.secret_file}", flush=True)
     instances = instance_children(args, shared, log_dir)
     for child in instances:
-        check_free("127.0.0.1", _port(child), child.name)
+        check_free("127.0.0.1", child.port, child.name)
     return [*instances, router_child(args, instances, shared, log_dir)], log_dir
 
 

@@ -24,6 +24,8 @@ from typing import IO
 
 import httpx
 
+from pdserve.ports import listens_on
+
 PR_SET_PDEATHSIG = 1
 GRACE_SECONDS = 10.0
 ENGINE_DEAD = "engine_dead"  # the error code of an instance's /health when its engine has stopped
@@ -82,6 +84,14 @@ class Child:
     @property
     def pid(self) -> int:
         return self.process.pid if self.process is not None else -1
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
+
+    def owns_port(self) -> bool:
+        """Is it this child that listens on its port (not a server that took the port meanwhile)?"""
+        return listens_on(self.pid, self.port)
 
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -205,7 +215,7 @@ class Supervisor:
         state = probe(client, w.child.url)
         if state == ENGINE_DEAD:
             self._failed(w, "reports engine_dead", now)
-        elif state == "ok" and w.starting_since is not None:
+        elif state == "ok" and w.starting_since is not None and w.child.owns_port():
             w.starting_since = None
             self.say(f"{w.child.name} is healthy again")
         elif w.starting_since is not None and now - w.starting_since > self.startup_timeout:
