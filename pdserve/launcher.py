@@ -182,7 +182,7 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
-def plan(args: argparse.Namespace) -> tuple[list[Child], Path]:
+def plan(args: argparse.Namespace) -> list[Child]:
     """Every child of this cluster (the router last), once their ports are known to be free."""
     from pdserve.models.prepare import resolve_model
 
@@ -196,11 +196,11 @@ def plan(args: argparse.Namespace) -> tuple[list[Child], Path]:
     instances = instance_children(args, shared, log_dir)
     for child in instances:
         check_free("127.0.0.1", child.port, child.name)
-    return [*instances, router_child(args, instances, shared, log_dir)], log_dir
+    return [*instances, router_child(args, instances, shared, log_dir)]
 
 
 def launch(args: argparse.Namespace) -> int:
-    children, _ = plan(args)
+    children = plan(args)
     policy = RestartPolicy(max_restarts=args.max_restarts, window=args.restart_window)
     try:
         for child in children:
@@ -208,8 +208,7 @@ def launch(args: argparse.Namespace) -> int:
             print(child.describe(), flush=True)
         wait_healthy(children, args.startup_timeout)
         print(f"pdserve is up: {children[-1].url}/v1", flush=True)
-        Supervisor(children, policy, args.startup_timeout).run()
-        return 1  # run returns only by an exception
+        Supervisor(children, policy, args.startup_timeout).run()  # until GiveUp or Stop
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -302,6 +301,31 @@ def _adapt_routing_options(up: argparse.ArgumentParser) -> None:
 _count = int_at_least(1)
 
 
+def _add_supervision_options(up: argparse.ArgumentParser) -> None:
+    up.add_argument(
+        "--startup-timeout",
+        type=positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long each child may take to become healthy, at start and after a restart",
+    )
+    up.add_argument(
+        "--max-restarts",
+        type=int_at_least(0),
+        default=5,
+        metavar="N",
+        help="a child that exits or whose engine died is restarted (back-off 1, 2, 4 ... s); one more "
+        "failure after N restarts within --restart-window stops everything (exit 1)",
+    )
+    up.add_argument(
+        "--restart-window",
+        type=positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="the window in which --max-restarts counts",
+    )
+
+
 def add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser(
         "up",
@@ -346,28 +370,7 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     add_routing_options(up)
     _adapt_routing_options(up)
     up.add_argument("--log-dir", default=None, help="where the children's logs go (default: a new temp dir)")
-    up.add_argument(
-        "--startup-timeout",
-        type=positive_float,
-        default=600.0,
-        metavar="SECONDS",
-        help="how long each child may take to become healthy, at start and after a restart",
-    )
-    up.add_argument(
-        "--max-restarts",
-        type=int_at_least(0),
-        default=5,
-        metavar="N",
-        help="a child that exits or whose engine died is restarted (back-off 1, 2, 4 ... s); one more "
-        "failure after N restarts within --restart-window stops everything (exit 1)",
-    )
-    up.add_argument(
-        "--restart-window",
-        type=positive_float,
-        default=300.0,
-        metavar="SECONDS",
-        help="the window in which --max-restarts counts",
-    )
+    _add_supervision_options(up)
     up.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the router's log level")
     up.add_argument("serve_rest", nargs=argparse.REMAINDER, help="after --: more arguments for each instance")
     up.set_defaults(func=run_up, serve_args=[])

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 import httpx
 
@@ -189,7 +189,7 @@ class Supervisor:
         self.health_interval = health_interval
         self.say = say
 
-    def run(self, tick: float = 0.25) -> None:
+    def run(self, tick: float = 0.25) -> NoReturn:
         next_probe = 0.0
         with httpx.Client(timeout=2.0, trust_env=False) as client:
             while True:
