@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,23 +24,37 @@ from pdserve.config import ServerConfig
 from pdserve.launcher import add_up_parser
 from pdserve.router.cli_commands import LOG_LEVELS, add_router_parser
 
+LOG_LEVEL_HELP = "how much the log shows"
+
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve", help="serve one instance over an OpenAI-compatible HTTP API")
+    s = sub.add_parser(
+        "serve",
+        help="serve one instance over an OpenAI-compatible HTTP API",
+        formatter_class=options.HelpFormatter,
+    )
     options.add_options(s)
-    s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
     s.set_defaults(func=_serve)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("prepare", help="locate or convert the model once; print its directory")
+    s = sub.add_parser(
+        "prepare",
+        help="locate or convert the model once; print its directory",
+        formatter_class=options.HelpFormatter,
+    )
     s.add_argument("--model", default=None, help=options.MODEL_HELP)
-    s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
     s.set_defaults(func=_prepare)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description="prefill/decode disaggregated LLM serving")
+    parser = argparse.ArgumentParser(
+        prog="pdserve",
+        description="prefill/decode disaggregated LLM serving",
+        formatter_class=options.HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_prepare(sub)
@@ -55,7 +70,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
     given = {o.name: getattr(args, o.name) for o in options.OPTIONS}
     secret = given["cluster_secret"] or ClusterSecret.from_env()  # SecretError: a ValueError
-    return options.server_config(**{**given, "model": resolve_model(args.model), "cluster_secret": secret})
+    api_key = args.api_key or os.environ.get(options.API_KEY_ENV) or None  # env: not in `ps`
+    return options.server_config(
+        **{**given, "model": resolve_model(args.model), "cluster_secret": secret, "api_key": api_key}
+    )
 
 
 def missing_secret(config: ServerConfig) -> str | None:

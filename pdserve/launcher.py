@@ -4,43 +4,54 @@
     pdserve up --instances 2                                  colocated
     pdserve up --instances 2 -- --some-new-serve-flag X       anything after -- goes to each instance
 
+Before anything starts, every port it will listen on is checked free (a taken one: exit 1 at once).
 The model is prepared once, here, before any instance starts (so they never race on a conversion).
-Each child is `python -m ...` in its own process group, logging to a file under the printed log
-directory; each is told by the kernel (PR_SET_PDEATHSIG) to stop if the launcher dies. The launcher
-waits until every child is healthy (or shows the failing one's log tail), prints the router's URL, and
-on Ctrl-C or SIGTERM stops them all: SIGTERM, then SIGKILL after a grace period.
+A cluster secret is made in the log directory (mode 0600) unless --cluster-secret-file names one; its
+path goes to every child; the API key goes by environment, so neither is in any command line or in
+this launcher's output. Each child is `python -m ...` in its own process group, logging to a file under
+the printed log directory; each is told by the kernel (PR_SET_PDEATHSIG) to stop if the launcher dies.
+The launcher waits until every child is healthy (and is the one listening on its port), prints the
+router's URL, then supervises them (supervisor.py: restarts with back-off, gives up after
+--max-restarts). On Ctrl-C or SIGTERM it stops them all: SIGTERM, then SIGKILL after a grace period.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
-from pdserve.cli_types import int_at_least
-from pdserve.options import MODEL_HELP, OPTIONS, Option
+from pdserve.cli_types import int_at_least, positive_float
+from pdserve.cluster_secret import ClusterSecret, SecretError
+from pdserve.options import (
+    API_KEY_ENV,
+    MODEL_HELP,
+    OPTIONS,
+    HelpFormatter,
+    Option,
+    cluster_secret_file,
+    help_with_default,
+)
 from pdserve.placement import instance_envs, option_value
-from pdserve.router.cli_commands import API_KEY_ENV, LOG_LEVELS, add_routing_options
+from pdserve.ports import PortTaken, check_free, free_port
+from pdserve.router.cli_commands import API_KEY_ENV as ROUTER_API_KEY_ENV
+from pdserve.router.cli_commands import LOG_LEVELS, add_routing_options
+from pdserve.supervisor import Child, GiveUp, RestartPolicy, Supervisor, stop_all
 
-PR_SET_PDEATHSIG = 1
-GRACE_SECONDS = 10.0
 # serve options that `up` sets itself for each instance (or, --model, --api-key, the secret: once, for all)
 _OWN_SERVE_OPTIONS = {"host", "port", "model", "api_key", "role", "kv_port", "cluster_secret"}
+SECRET_FILE = "cluster-secret"
 
 
 class LaunchError(Exception):
@@ -51,111 +62,19 @@ class Stop(BaseException):
     """SIGTERM (or SIGINT) arrived: stop everything."""
 
 
-# ---- children ---------------------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking the kernel to SIGTERM the child when this process dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
-
-
-@dataclass
-class Child:
-    """One process the launcher owns: its command, its URL and its log."""
-
-    name: str
-    cmd: list[str]
-    url: str
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        self._log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.process = subprocess.Popen(
-            self.cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # its own process group: we stop it and whatever it starts
-            preexec_fn=_die_with_parent(),
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid if self.process is not None else -1
-
-    def exit_code(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def signal_group(self, sig: int) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, sig)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def stop_all(children: Sequence[Child], grace: float = GRACE_SECONDS) -> None:
-    """SIGTERM every child's group, wait up to `grace`, then SIGKILL what is left (and reap it all)."""
-    for child in children:
-        child.signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for child in children:
-        if child.process is None:
-            continue
-        try:
-            child.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"{child.name} did not stop in {grace:.0f}s: SIGKILL", file=sys.stderr, flush=True)
-        child.signal_group(signal.SIGKILL)  # also whatever it left behind in its group
-        child.process.wait()
-        child.close_log()
-
-
 # ---- the plan: which children, on which ports -------------------------------------------------------------
 
 
-def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
-    """A port nobody listens on now (and not in `taken`)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if taken is None or port not in taken:
-            if taken is not None:
-                taken.add(port)
-            return port
+@dataclass(frozen=True)
+class Shared:
+    """What every child of one cluster gets: the model, the secret's file, the API key (or None)."""
+
+    model: str
+    secret_file: str
+    api_key: str | None
 
 
-def instance_children(args: argparse.Namespace, model: str, log_dir: Path) -> list[Child]:
+def instance_children(args: argparse.Namespace, shared: Shared, log_dir: Path) -> list[Child]:
     taken: set[int] = {args.port}
     serve_args = [*args.serve_args, *_remainder(args.serve_rest)]
     device = option_value(serve_args, ["--device"], "auto")
@@ -169,6 +88,7 @@ def instance_children(args: argparse.Namespace, model: str, log_dir: Path) -> li
         ]
     )
     envs = iter(instance_envs([t for _, count, t in roles for _ in range(count)], device, args.gpus))
+    env = {API_KEY_ENV: shared.api_key} if shared.api_key else {}  # not on the command line: not in `ps`
     children = []
     for role, count, role_tp in roles:
         for index in range(count):
@@ -177,14 +97,17 @@ def instance_children(args: argparse.Namespace, model: str, log_dir: Path) -> li
                 [] if role == "instance" else ["--role", role, "--tp", str(role_tp)]
             )
             cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-            cmd += ["--model", model, *serve_args, *role_args]  # role_args last: their --tp wins
+            cmd += ["--model", shared.model, "--cluster-secret-file", shared.secret_file]
+            cmd += [*serve_args, *role_args]  # role_args last: their --tp wins
             name = f"{role}-{index}"
-            env = next(envs)
-            children.append(Child(name, cmd, f"http://127.0.0.1:{port}", log_dir / f"{name}.log", env))
+            url = f"http://127.0.0.1:{port}"
+            children.append(Child(name, cmd, url, log_dir / f"{name}.log", next(envs), env))
     return children
 
 
-def router_child(args: argparse.Namespace, instances: Sequence[Child], log_dir: Path) -> Child:
+def router_child(
+    args: argparse.Namespace, instances: Sequence[Child], shared: Shared, log_dir: Path
+) -> Child:
     cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", args.host]
     cmd += ["--port", str(args.port), "--policy", args.policy, "--log-level", args.log_level]
     cmd += [
@@ -193,14 +116,26 @@ def router_child(args: argparse.Namespace, instances: Sequence[Child], log_dir: 
         "--health-interval",
         str(args.health_interval),
     ]
-    cmd += ["--request-timeout", str(args.request_timeout)]
+    cmd += ["--request-timeout", str(args.request_timeout), "--cluster-secret-file", shared.secret_file]
+    cmd += _router_edge_args([*args.serve_args, *_remainder(args.serve_rest)])
     for flag, prefix in (("--instance", "instance-"), ("--prefill", "prefill-"), ("--decode", "decode-")):
         urls = [c.url for c in instances if c.name.startswith(prefix)]
         if urls:
             cmd += [flag, *urls]
-    env = {API_KEY_ENV: args.api_key} if args.api_key else {}  # not on the command line, so not in `ps`
+    env = {ROUTER_API_KEY_ENV: shared.api_key} if shared.api_key else {}
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    return Child("router", cmd, f"http://{host}:{args.port}", log_dir / "router.log", env)
+    return Child("router", cmd, f"http://{host}:{args.port}", log_dir / "router.log", env=env)
+
+
+def _router_edge_args(serve_args: Sequence[str]) -> list[str]:
+    """The HTTP-edge options the router shares with its instances (body limit, public /metrics)."""
+    edge = []
+    size = option_value(serve_args, ["--max-request-bytes"], "")
+    if size:
+        edge += ["--max-request-bytes", size]
+    if "--metrics-public" in serve_args:
+        edge.append("--metrics-public")
+    return edge
 
 
 def _remainder(rest: Sequence[str] | None) -> list[str]:
@@ -208,14 +143,26 @@ def _remainder(rest: Sequence[str] | None) -> list[str]:
     return rest[1:] if rest[:1] == ["--"] else rest
 
 
+def secret_file(given: str | None, log_dir: Path) -> str:
+    """The cluster secret's file: the one given, else a new one in the log directory (mode 0600)."""
+    if given:
+        return str(Path(given).resolve())
+    path = log_dir / SECRET_FILE
+    path.unlink(missing_ok=True)  # O_CREAT's mode applies to a new file only
+    ClusterSecret.create_file(path)
+    return str(path)
+
+
 # ---- starting, waiting, watching --------------------------------------------------------------------------
 
 
-def _is_healthy(client: httpx.Client, url: str) -> bool:
+def _is_healthy(client: httpx.Client, child: Child) -> bool:
+    """/health answers 200, and from our child: a server we did not start may hold the port."""
     try:
-        return client.get(f"{url}/health").status_code == 200
+        ok = client.get(f"{child.url}/health").status_code == 200
     except httpx.HTTPError:
         return False
+    return ok and child.owns_port()
 
 
 def wait_healthy(children: Sequence[Child], timeout: float) -> None:
@@ -231,7 +178,7 @@ def wait_healthy(children: Sequence[Child], timeout: float) -> None:
                         f"{child.name} exited with code {code}; its log {child.log_path} ends:\n"
                         f"{child.log_tail()}"
                     )
-                if _is_healthy(client, child.url):
+                if _is_healthy(client, child):
                     pending.remove(child)
                     print(f"{child.name} is healthy", flush=True)
             if pending and time.monotonic() > deadline:
@@ -243,47 +190,37 @@ def wait_healthy(children: Sequence[Child], timeout: float) -> None:
             time.sleep(0.25)
 
 
-def watch(children: Sequence[Child], router: Child) -> int:
-    """Until a signal: report children that exit; if the router exits, so does the launcher."""
-    reported: set[str] = set()
-    while True:
-        for child in children:
-            code = child.exit_code()
-            if code is None or child.name in reported:
-                continue
-            reported.add(child.name)
-            print(
-                f"{child.name} exited with code {code}; its log ends:\n{child.log_tail()}",
-                file=sys.stderr,
-                flush=True,
-            )
-            if child is router:
-                return 1
-        time.sleep(0.5)
-
-
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
-def launch(args: argparse.Namespace) -> int:
+def plan(args: argparse.Namespace) -> list[Child]:
+    """Every child of this cluster (the router last), once their ports are known to be free."""
     from pdserve.models.prepare import resolve_model
 
+    check_free(args.host, args.port, "the router (--port)")  # first: never report another server as ours
     model = resolve_model(args.model)  # once, before any instance can race on a conversion
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"model: {model}\nlogs: {log_dir}", flush=True)
-    instances = instance_children(args, model, log_dir)
-    router = router_child(args, instances, log_dir)
-    children = [*instances, router]
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or os.environ.get(ROUTER_API_KEY_ENV) or None
+    shared = Shared(model, secret_file(args.cluster_secret, log_dir), api_key)
+    print(f"model: {model}\nlogs: {log_dir}\ncluster secret: {shared.secret_file}", flush=True)
+    instances = instance_children(args, shared, log_dir)
+    for child in instances:
+        check_free("127.0.0.1", child.port, child.name)
+    return [*instances, router_child(args, instances, shared, log_dir)]
+
+
+def launch(args: argparse.Namespace) -> int:
+    children = plan(args)
+    policy = RestartPolicy(max_restarts=args.max_restarts, window=args.restart_window)
     try:
         for child in children:
             child.start()
-            placed = " ".join(f"{k}={v}" for k, v in child.env.items())
-            print(f"{child.name}: pid {child.pid} at {child.url}, log {child.log_path} {placed}", flush=True)
+            print(child.describe(), flush=True)
         wait_healthy(children, args.startup_timeout)
-        print(f"pdserve is up: {router.url}/v1", flush=True)
-        return watch(children, router)
+        print(f"pdserve is up: {children[-1].url}/v1", flush=True)
+        Supervisor(children, policy, args.startup_timeout).run()  # until GiveUp or Stop
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -303,7 +240,7 @@ def run_up(args: argparse.Namespace) -> int:
         return launch(args)
     except Stop:
         return 0
-    except (LaunchError, FileNotFoundError) as e:
+    except (LaunchError, GiveUp, PortTaken, SecretError, FileNotFoundError) as e:
         print(f"pdserve up failed: {e}", file=sys.stderr, flush=True)
         return 1
 
@@ -348,8 +285,8 @@ def _add_serve_passthrough(up: argparse.ArgumentParser) -> None:
             *option.flags,
             action=_PassThrough,
             dest="serve_args",
-            default=[],
-            help=option.help,
+            default=[],  # nothing given: the instance's own default, which the help shows
+            help=help_with_default(option),
             choices=list(option.choices) if option.choices else None,
             **extra,
         )
@@ -359,33 +296,93 @@ def _metavar(option: Option) -> str:
     return option.metavar or option.flags[-1].lstrip("-").upper().replace("-", "_")
 
 
+def _adapt_routing_options(up: argparse.ArgumentParser) -> None:
+    """`up` hands the secret's file on to its children: --cluster-secret-file (a routing option, parsed
+    into the secret for the router) keeps its path here, once checked readable and long enough."""
+    for action in up._actions:
+        if action.dest == "cluster_secret":
+            action.type = _checked(cluster_secret_file)
+            action.help = "the secret the cluster shares (default: a new one, mode 0600, in --log-dir)"
+        elif action.dest == "api_key":
+            action.help = (
+                f"require Authorization: Bearer KEY on the router and every instance, on every route but "
+                f"/health (default: ${API_KEY_ENV} or ${ROUTER_API_KEY_ENV}, else none)"
+            )
+
+
 _count = int_at_least(1)
+
+
+def _add_supervision_options(up: argparse.ArgumentParser) -> None:
+    up.add_argument(
+        "--startup-timeout",
+        type=positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long each child may take to become healthy, at start and after a restart",
+    )
+    up.add_argument(
+        "--max-restarts",
+        type=int_at_least(0),
+        default=5,
+        metavar="N",
+        help="a child that exits or whose engine died is restarted (back-off 1, 2, 4 ... s); one more "
+        "failure after N restarts within --restart-window stops everything (exit 1)",
+    )
+    up.add_argument(
+        "--restart-window",
+        type=positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="the window in which --max-restarts counts",
+    )
 
 
 def add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser(
         "up",
         help="start prefill + decode instances (or colocated ones) and a router",
-        description="Start instances and a router; stop them all on Ctrl-C or SIGTERM.",
+        description="Start instances and a router, restart any that fails; stop them all on Ctrl-C or "
+        "SIGTERM.",
+        formatter_class=HelpFormatter,
     )
-    up.add_argument("--prefill", type=_count, default=None, metavar="N", help="prefill instances (default 1)")
-    up.add_argument("--decode", type=_count, default=None, metavar="M", help="decode instances (default 1)")
-    up.add_argument("--instances", type=_count, default=None, metavar="K", help="colocated instances instead")
     up.add_argument(
-        "--prefill-tp", type=_count, default=None, metavar="N", help="each prefill instance's --tp"
+        "--prefill", type=_count, default=None, metavar="N", help="prefill instances (default: 1)"
     )
-    up.add_argument("--decode-tp", type=_count, default=None, metavar="N", help="each decode instance's --tp")
+    up.add_argument("--decode", type=_count, default=None, metavar="M", help="decode instances (default: 1)")
+    up.add_argument(
+        "--instances",
+        type=_count,
+        default=None,
+        metavar="K",
+        help="colocated instances instead (default: none)",
+    )
+    up.add_argument(
+        "--prefill-tp",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="each prefill instance's --tp (default: --tp)",
+    )
+    up.add_argument(
+        "--decode-tp",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="each decode instance's --tp (default: --tp)",
+    )
     up.add_argument("--model", default=None, help=MODEL_HELP)
     up.add_argument(
         "--gpus",
         default=None,
         help="GPU ids to spread instances over, e.g. 0,1 (default: every visible GPU; tp GPUs each)",
     )
-    up.add_argument("--host", default="127.0.0.1", help="the router's host")
+    up.add_argument("--host", default="127.0.0.1", help="the router's host (instances listen on 127.0.0.1)")
     up.add_argument("--port", type=int, default=8000, help="the router's port")
     add_routing_options(up)
+    _adapt_routing_options(up)
     up.add_argument("--log-dir", default=None, help="where the children's logs go (default: a new temp dir)")
-    up.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS")
+    _add_supervision_options(up)
     up.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the router's log level")
     up.add_argument("serve_rest", nargs=argparse.REMAINDER, help="after --: more arguments for each instance")
     up.set_defaults(func=run_up, serve_args=[])

@@ -32,6 +32,7 @@ from pdserve.http_edge.limits import DEFAULT_MAX_CHAT_MESSAGES, DEFAULT_MAX_REQU
 from pdserve.kernels.config import KernelConfig
 
 _positive = int_at_least(1)
+API_KEY_ENV = "PDSERVE_API_KEY"  # read when --api-key is not given (how `pdserve up` passes it)
 MODEL_GROUP = "model and device"
 DISAGG_GROUP = "disaggregation"
 
@@ -79,13 +80,14 @@ MODEL_HELP = "HF directory, .gguf file, or a shape in pdserve/model_configs (def
 
 OPTIONS: tuple[Option, ...] = (
     Option("model", ("--model",), "model", "path", help=MODEL_HELP),
-    Option("host", ("--host",), "server", default="127.0.0.1", offline=False),
-    Option("port", ("--port",), "server", default=8000, type=int, offline=False),
+    Option("host", ("--host",), "server", default="127.0.0.1", help="the HTTP address", offline=False),
+    Option("port", ("--port",), "server", default=8000, type=int, help="the HTTP port", offline=False),
     Option(
         "api_key",
         ("--api-key",),
         "server",
-        help="require Authorization: Bearer KEY on /v1/*",
+        help=f"require Authorization: Bearer KEY on every route but /health (default: ${API_KEY_ENV}, "
+        "else none)",
         offline=False,
     ),
     Option(
@@ -113,7 +115,12 @@ OPTIONS: tuple[Option, ...] = (
         help="sequences in one step (default: 256 on CUDA, 64 on CPU)",
     ),
     Option(
-        "max_num_batched_tokens", ("--max-num-batched-tokens",), "scheduler", default=2048, type=_positive
+        "max_num_batched_tokens",
+        ("--max-num-batched-tokens",),
+        "scheduler",
+        default=2048,
+        type=_positive,
+        help="prompt and decode tokens in one step (longer prompts are prefilled in chunks)",
     ),
     Option(
         "max_waiting",
@@ -131,15 +138,22 @@ OPTIONS: tuple[Option, ...] = (
         const=False,
         help="wait for each step before building its outputs or launching the next (CUDA default: overlap)",
     ),
-    Option("block_size", ("--block-size",), "cache", default=16, type=_positive),
-    Option("num_blocks", ("--num-blocks",), "cache", type=_positive, help="KV pool size in blocks"),
+    Option("block_size", ("--block-size",), "cache", default=16, type=_positive, help="tokens per KV block"),
+    Option(
+        "num_blocks",
+        ("--num-blocks",),
+        "cache",
+        type=_positive,
+        help="KV pool size in blocks (default: from --kv-cache-memory)",
+    ),
     Option(
         "kv_cache_memory",
         ("--kv-cache-memory",),
         "cache",
         "kv_cache_memory_bytes",
         type=parse_size,
-        help="KV pool size in bytes, e.g. 2GiB",
+        help="KV pool size in bytes, e.g. 2GiB (default: CUDA, what --gpu-memory-utilization leaves; "
+        "CPU, the weights' size within [one --max-model-len sequence, 1GiB])",
     ),
     Option(
         "device",
@@ -147,6 +161,7 @@ OPTIONS: tuple[Option, ...] = (
         "model",
         default="auto",
         choices=("auto", "cpu", "cuda"),
+        help="auto: cuda when a GPU is visible, else cpu",
         group=MODEL_GROUP,
     ),
     Option(
@@ -155,9 +170,17 @@ OPTIONS: tuple[Option, ...] = (
         "model",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights and KV; auto: bfloat16 on CUDA, float32 on CPU",
         group=MODEL_GROUP,
     ),
-    Option("max_model_len", ("--max-model-len",), "model", type=_positive, group=MODEL_GROUP),
+    Option(
+        "max_model_len",
+        ("--max-model-len",),
+        "model",
+        type=_positive,
+        help="prompt + output tokens of one request at most (default: the model's max_position_embeddings)",
+        group=MODEL_GROUP,
+    ),
     Option(
         "load_format",
         ("--load-format",),
@@ -219,8 +242,16 @@ OPTIONS: tuple[Option, ...] = (
         default=True,
         flag=True,
         const=False,
+        help="do not reuse the KV of a prompt prefix computed before",
     ),
-    Option("seed", ("--seed",), "model", default=0, type=int),
+    Option(
+        "seed",
+        ("--seed",),
+        "model",
+        default=0,
+        type=int,
+        help="the engine's random seed: sampling without a request seed, dummy weights",
+    ),
     Option(
         "role",
         ("--role",),
@@ -266,7 +297,7 @@ OPTIONS: tuple[Option, ...] = (
         "disagg",
         default=0,
         type=int,
-        help="KV control port (data uses the next one); 0: free ports",
+        help="KV control port (data uses the next one); 0: free ports, picked at start",
         group=DISAGG_GROUP,
         offline=False,
     ),
@@ -294,8 +325,8 @@ OPTIONS: tuple[Option, ...] = (
         "disagg",
         type=cluster_secret_file,
         metavar="FILE",
-        help=f"the secret this cluster's router and instances share (KV channels, hand-offs); "
-        f"default: ${SECRET_ENV}; pdserve up makes one",
+        help=f"the secret this cluster's router and instances share (KV channels, hand-offs) "
+        f"(default: ${SECRET_ENV}; pdserve up makes one)",
         group=DISAGG_GROUP,
         offline=False,
     ),
@@ -342,6 +373,32 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME = {o.name: o for o in OPTIONS}
 # LLM runs in this process, with no HTTP queue in front: a CPU default and no waiting-queue bound
 OFFLINE_DEFAULTS: dict[str, Any] = {"device": "cpu", "max_waiting": 1 << 30, "kv_transport": "inproc"}
+
+
+def _names_default(text: str) -> bool:
+    return "default:" in text or "(default" in text
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with "(default: X)", unless its text already says its default or there
+    is nothing to show: no default (None: the text says what happens), or a flag (it sets a constant)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or action.nargs == 0 or _names_default(text):
+            return text
+        if default is None or default is argparse.SUPPRESS or default == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def help_with_default(option: Option) -> str:
+    """An option's help with its default spelled out (for `up`, which passes the option on as given)."""
+    text = option.help or ""
+    if option.flag or option.default is None or _names_default(text):
+        return text
+    return f"{text} (default: {option.default})".replace("%", "%%")
 
 
 def add_options(parser: argparse.ArgumentParser, options: Iterable[Option] = OPTIONS) -> None:

@@ -29,10 +29,12 @@ from pdserve.bench.metrics import SLO, error_summary, format_table, parse_slo, p
 from pdserve.bench.runner import run_requests
 from pdserve.bench.sweep import format_sweep, geometric_rates, parse_rates, prompts_for_rate, run_sweep
 from pdserve.cli_types import int_at_least, positive_float
+from pdserve.options import HelpFormatter
 
 logger = logging.getLogger("pdserve.bench")
 _positive = int_at_least(1)
 _count = int_at_least(0)
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def _slo(text: str) -> SLO:
@@ -44,53 +46,89 @@ def _slo(text: str) -> SLO:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """`pdserve bench` and its three subcommands."""
-    bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server (ours or another)")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark an OpenAI-compatible server (ours or another)",
+        formatter_class=HelpFormatter,
+    )
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
-    serve = bench_sub.add_parser("serve", help="one load run: latency, throughput, goodput")
+    serve = bench_sub.add_parser(
+        "serve", help="one load run: latency, throughput, goodput", formatter_class=HelpFormatter
+    )
     _add_load_args(serve)
-    serve.add_argument("--request-rate", type=positive_float, default=math.inf, help="req/s (Poisson); inf")
+    serve.add_argument(
+        "--request-rate",
+        type=positive_float,
+        default=math.inf,
+        help="requests a second, Poisson arrivals; inf: all at once",
+    )
     serve.set_defaults(func=_bench_serve)
-    sweep = bench_sub.add_parser("sweep", help="load runs at increasing request rates, up to saturation")
+    sweep = bench_sub.add_parser(
+        "sweep",
+        help="load runs at increasing request rates, up to saturation",
+        formatter_class=HelpFormatter,
+    )
     _add_load_args(sweep)
     _add_sweep_args(sweep)
     sweep.set_defaults(func=_bench_sweep)
-    plot = bench_sub.add_parser("plot", help="PNG charts comparing result files")
+    plot = bench_sub.add_parser(
+        "plot", help="PNG charts comparing result files", formatter_class=HelpFormatter
+    )
     plot.add_argument("results", nargs="+", help="JSON files written by bench serve / bench sweep")
-    plot.add_argument("--output-dir", default="bench-plots")
-    plot.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    plot.add_argument("--output-dir", default="bench-plots", help="where the PNG files go")
+    plot.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
     plot.set_defaults(func=_bench_plot)
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (with or without /v1)")
-    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    p.add_argument(
+        "--endpoint",
+        choices=["completions", "chat"],
+        default="completions",
+        help="/v1/completions or /v1/chat/completions",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="sent as Authorization: Bearer KEY (default: $OPENAI_API_KEY)",
+    )
     p.add_argument("--model", default=None, help="model to ask for (default: first id of /v1/models)")
     p.add_argument("--served-model-name", default=None, help="the name sent in requests (default: --model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model if a dir, else ours)")
-    p.add_argument("--dataset", choices=["random"], default="random")
+    p.add_argument("--dataset", choices=["random"], default="random", help="random: token-id prompts")
     p.add_argument("--input-len", type=_positive, default=1100, help="prompt tokens (after the prefix)")
     p.add_argument("--output-len", type=_positive, default=140, help="max_tokens of each request")
     p.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- ratio)")
     p.add_argument("--prefix-len", type=_count, default=0, help="tokens of a prefix shared by all prompts")
-    p.add_argument("--num-prompts", type=_positive, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-concurrency", type=_positive, default=None, help="requests in flight at most")
+    p.add_argument("--num-prompts", type=_positive, default=200, help="requests in the run")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
+    p.add_argument(
+        "--max-concurrency",
+        type=_positive,
+        default=None,
+        help="requests in flight at most (default: no limit)",
+    )
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: every answer is output-len")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="of every request")
     p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request")
-    p.add_argument("--slo", type=_slo, default=SLO(), help="e.g. ttft=500,tpot=50 (ms; e2el too)")
+    p.add_argument(
+        "--slo",
+        type=_slo,
+        default=SLO(),
+        help="latency targets for goodput, e.g. ttft=500,tpot=50 (ms; e2el too) (default: none)",
+    )
     p.add_argument("--label", default=None, help="a name for this run in the JSON and the plots")
     p.add_argument("--output", default=None, help="write the result JSON here")
-    p.add_argument("--disable-tqdm", action="store_true")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", default=None, help="comma-separated req/s, e.g. 0.5,1,2,4 (overrides the rest)")
-    p.add_argument("--rate-start", type=positive_float, default=1.0)
-    p.add_argument("--rate-factor", type=float, default=2.0)
-    p.add_argument("--max-rates", type=_positive, default=6)
+    p.add_argument("--rate-start", type=positive_float, default=1.0, help="the first rate, req/s")
+    p.add_argument("--rate-factor", type=float, default=2.0, help="each rate is the last one times this")
+    p.add_argument("--max-rates", type=_positive, default=6, help="rates to run at most")
     p.add_argument("--min-attainment", type=float, default=0.5, help="stop below this SLO attainment")
     p.add_argument(
         "--arrival-seconds",

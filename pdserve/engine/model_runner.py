@@ -45,7 +45,12 @@ from pdserve.models.loader import build_model
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CPU_KV_BYTES = 1 << 30
+# The CPU pool, unless told: as many bytes as the weights, at least one max_model_len sequence, at most
+# this. A CPU step streams every weight once and every cached token of its batch once, so a full pool
+# the size of the weights makes a step at most about twice a weight-only one: a bigger pool would be
+# served ever more slowly rather than faster (and the 135M default model in fp32 then takes ~0.5 GiB
+# of KV per instance instead of 1 GiB).
+MAX_CPU_KV_BYTES = 1 << 30
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -139,7 +144,8 @@ class ModelRunner:
             cache_config.block_size,
             self.dtype,
         )
-        self.num_blocks = self.tp.all_min(self._pool_blocks(cache_config))  # every rank's pool holds it
+        model_len = model_config.max_model_len or int(hf_config.max_position_embeddings)
+        self.num_blocks = self.tp.all_min(self._pool_blocks(cache_config, model_len))  # same on every rank
         lay = self.layout
         graph_safe = backend_class(self.kernels).cuda_graph_safe
         use_graphs = self.device.type == "cuda" and not model_config.enforce_eager and graph_safe
@@ -164,7 +170,7 @@ class ModelRunner:
             self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
         )
 
-    def _pool_blocks(self, cache: CacheConfig) -> int:
+    def _pool_blocks(self, cache: CacheConfig, model_len: int) -> int:
         if cache.num_blocks is not None:
             return cache.num_blocks
         budget = cache.kv_cache_memory_bytes
@@ -179,7 +185,13 @@ class ModelRunner:
                 sched.max_num_seqs,
                 self.model_config.gpu_memory_utilization,
             )
-        return max(2, (budget or DEFAULT_CPU_KV_BYTES) // self.layout.bytes_per_block)
+        return max(2, (budget or self._cpu_kv_bytes(model_len)) // self.layout.bytes_per_block)
+
+    def _cpu_kv_bytes(self, model_len: int) -> int:
+        """The default CPU pool (MAX_CPU_KV_BYTES says why): this rank's weights' bytes, bounded."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        one_sequence = -(-model_len // self.layout.block_size) * self.layout.bytes_per_block
+        return min(max(weights, one_sequence), MAX_CPU_KV_BYTES)
 
     def _capture_graphs(self, hf_config: Any) -> DecodeGraphs:
         model_len = self.model_config.max_model_len or int(hf_config.max_position_embeddings)

@@ -15,7 +15,7 @@ import os
 from pdserve.cli_types import int_at_least, parse_size, positive_float
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
 from pdserve.http_edge.limits import DEFAULT_MAX_REQUEST_BYTES
-from pdserve.options import cluster_secret_file
+from pdserve.options import HelpFormatter, cluster_secret_file
 from pdserve.router.policies import POLICIES
 
 logger = logging.getLogger(__name__)
@@ -28,8 +28,15 @@ _count = int_at_least(0)
 
 def add_routing_options(parser: argparse.ArgumentParser) -> None:
     """The options `router` and `up` share: policy, API key, queue bound, health interval."""
-    parser.add_argument("--policy", choices=POLICIES, default="round_robin")
-    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    parser.add_argument(
+        "--policy", choices=POLICIES, default="round_robin", help="how the router picks an instance"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require Authorization: Bearer KEY on every route but /health (default: ${API_KEY_ENV}, "
+        "else none)",
+    )
     parser.add_argument(
         "--decode-max-queued",
         type=_count,
@@ -42,10 +49,22 @@ def add_routing_options(parser: argparse.ArgumentParser) -> None:
         type=cluster_secret_file,
         default=None,
         metavar="FILE",
-        help=f"the secret the cluster's instances share (signs hand-offs); default: ${SECRET_ENV}",
+        help=f"the secret the cluster's instances share (signs hand-offs) (default: ${SECRET_ENV})",
     )
-    parser.add_argument("--health-interval", type=positive_float, default=1.0, metavar="SECONDS")
-    parser.add_argument("--request-timeout", type=positive_float, default=600.0, metavar="SECONDS")
+    parser.add_argument(
+        "--health-interval",
+        type=positive_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the router checks each instance's /health",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="the longest a request to an instance may take",
+    )
 
 
 def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -53,23 +72,32 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         "router",
         help="route OpenAI requests to prefill + decode instances (or colocated ones)",
         description="Give --prefill and --decode instances (disaggregated), or --instance (colocated).",
+        formatter_class=HelpFormatter,
     )
-    r.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL")
-    r.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL")
+    r.add_argument(
+        "--prefill", nargs="+", action="extend", default=[], metavar="URL", help="prefill instances"
+    )
+    r.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL", help="decode instances")
     r.add_argument(
         "--instance", nargs="+", action="extend", default=[], metavar="URL", help="colocated instances"
     )
-    r.add_argument("--host", default="127.0.0.1")
-    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--host", default="127.0.0.1", help="the router's HTTP address")
+    r.add_argument("--port", type=int, default=8000, help="the router's HTTP port")
     add_routing_options(r)
-    r.add_argument("--health-timeout", type=positive_float, default=1.0, metavar="SECONDS")
-    r.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    r.add_argument(
+        "--health-timeout",
+        type=positive_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="a /health check not answered this fast counts as failed",
+    )
+    r.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="how much the log shows")
     r.add_argument(
         "--max-request-bytes",
         type=parse_size,
         default=DEFAULT_MAX_REQUEST_BYTES,
         metavar="SIZE",
-        help="a larger request body is answered 413 before it is read, e.g. 16MiB (default: 4MiB)",
+        help="a larger request body is answered 413 before it is read, e.g. 16MiB",
     )
     r.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     r.set_defaults(func=run_router)

@@ -55,6 +55,11 @@ class Upstream:
         self.fresh = httpx.AsyncClient(timeout=timeout, limits=fresh, headers=headers, trust_env=False)
         self.on_stale_retry = on_stale_retry
 
+    @property
+    def headers(self) -> httpx.Headers:
+        """What every call carries (the router's own API key, when it has one)."""
+        return self.pooled.headers
+
     def build_request(self, method: str, url: str, **kwargs: Any) -> httpx.Request:
         return self.pooled.build_request(method, url, **kwargs)
 

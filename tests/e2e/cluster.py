@@ -7,8 +7,7 @@ network namespace: `python -m tests.e2e.cluster client ROUTER_URL SPEC_FILE INST
 answers and the instances' counters as JSON.
 
 Every prefill/decode instance and every router started here shares one cluster secret, in a file
-(mode 0600) made once per test process (`secret_file`); `pdserve up` gets it as $PDSERVE_CLUSTER_SECRET
-too, for launchers that do not make their own.
+(mode 0600) made once per test process (`secret_file`); `pdserve up` makes its own.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
+from pdserve.cluster_secret import ClusterSecret
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
@@ -326,7 +325,7 @@ def pdserve_up(log_dir: Path, *args: str, timeout: float = READY_TIMEOUT_S) -> I
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **SERVER_ENV, SECRET_ENV: secret_file().read_text()},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **SERVER_ENV},
     )
     launched = Launched(proc)
     up = threading.Event()
