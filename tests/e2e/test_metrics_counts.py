@@ -45,7 +45,7 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., str]]:
 
 def test_non_streamed_disconnect_counts_abort_once(server: ServerProcess) -> None:
     def aborts() -> float:
-        return metric(httpx.get(f"{server.url}/metrics").text, "pdserve_requests_total", outcome="abort")
+        return metric(httpx.get(f"{server.url}/metrics", headers=server.headers).text, "pdserve_requests_total", outcome="abort")
 
     before = aborts()
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}
@@ -63,7 +63,7 @@ def test_router_error_kinds(server: ServerProcess, start_router: Callable[..., s
     bad = {"model": MODEL, "prompt": "Hi", "temperature": -1}
     answer = httpx.post(f"{router}/v1/completions", json=bad, headers=server.headers, timeout=30)
     assert answer.status_code == 400 and answer.json()["error"]["code"] is None, answer.text
-    errors = httpx.get(f"{router}/metrics", timeout=10).text
+    errors = httpx.get(f"{router}/metrics", headers=server.headers, timeout=10).text
     assert metric(errors, ERRORS, kind="upstream_invalid_request_error") == 1, errors
     assert metric(errors, ERRORS, kind="upstream_error") == 0, errors
 
