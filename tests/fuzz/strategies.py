@@ -96,6 +96,21 @@ JUNK = st.one_of(  # any JSON value: scalars, and lists and objects of them, two
 )  # (st.recursive says it better, at five times the cost of a draw)
 
 
+def weighted(choices: list[tuple[int, st.SearchStrategy[Any]]]) -> st.SearchStrategy[Any]:
+    """One of `choices`, about as often as its weight says. (one_of favours its first branches, and
+    integers their bounds: the first choice, the commonest, takes both ends of the table.)"""
+    (weight, first), rest = choices[0], choices[1:]
+    table = (
+        [first] * (weight - weight // 2) + [s for w, s in rest for _ in range(w)] + [first] * (weight // 2)
+    )
+    return st.integers(0, len(table) - 1).flatmap(lambda i: table[i])
+
+
+def rarely(one_in: int) -> st.SearchStrategy[bool]:
+    """True about once in `one_in` draws (a value in the middle: integers favour their bounds)."""
+    return st.integers(0, one_in - 1).map(lambda i: i == one_in // 2)
+
+
 def deep(depth: int, leaf: Any = 1) -> Any:
     """A list nested `depth` deep (built without recursion)."""
     value = leaf
@@ -342,23 +357,25 @@ _BAD_AUTH = st.sampled_from(
 _CONTENT_TYPE = st.sampled_from(CONTENT_TYPES)
 _EXTRA_HEADERS = st.lists(st.tuples(header_names.map(lambda n: "X-" + n), header_values), max_size=3)
 _HUGE = st.sampled_from([8_000, 70_000, 300_000])
+_AUTH = weighted([(16, st.just("right")), (3, st.just("wrong")), (1, st.just("none"))])
+_RARELY = {n: rarely(n) for n in (5, 10, 20, 30)}
 
 
 @st.composite
 def headers(draw: st.DrawFn, api_key: str, json_body: bool) -> tuple[tuple[str, str], ...]:
     """Mostly the right key and content type; sometimes none, a wrong one, extra or huge headers."""
     out: list[tuple[str, str]] = []
-    auth = draw(st.integers(0, 19))
-    if auth < 16:
+    auth = draw(_AUTH)
+    if auth == "right":
         out.append(("Authorization", f"Bearer {api_key}"))
-    elif auth < 19:
+    elif auth == "wrong":
         out.append(("Authorization", draw(_BAD_AUTH).format(key=api_key)))
-    if json_body and draw(st.integers(0, 9)) < 8:
+    if json_body and not draw(_RARELY[5]):
         out.append(("Content-Type", "application/json"))
     elif draw(st.booleans()):
         out.append(("Content-Type", draw(_CONTENT_TYPE)))
     out += draw(_EXTRA_HEADERS)
-    if draw(st.integers(0, 29)) == 0:
+    if draw(_RARELY[30]):
         out.append(("X-Huge", "h" * draw(_HUGE)))
     return tuple(out)
 
@@ -410,12 +427,6 @@ def http_case(api_key: str) -> st.SearchStrategy[HttpCase]:
     return weighted([(24, both("broken", broken_body)), (7, raw), (7, route), (1, mutated), (1, valid)])
 
 
-def weighted(choices: list[tuple[int, st.SearchStrategy[Any]]]) -> st.SearchStrategy[Any]:
-    """One of `choices`, each as often as its weight says (one_of favours its first branches)."""
-    table = [strategy for weight, strategy in choices for _ in range(weight)]
-    return st.integers(0, len(table) - 1).flatmap(lambda i: table[i])
-
-
 # ---- KV control messages (pdserve/disagg/protocol.py) ---------------------------------------------------
 
 
@@ -458,10 +469,9 @@ def pick(
     valid: st.SearchStrategy[Any], boundary: st.SearchStrategy[Any] | None = None
 ) -> st.SearchStrategy[Any]:
     """A field's value: usually valid, sometimes at a boundary, sometimes of any type at all."""
-    choices = [valid, valid, valid, valid, JUNK]
-    if boundary is not None:
-        choices.append(boundary)
-    return st.one_of(*choices)
+    if boundary is None:
+        return weighted([(8, valid), (2, JUNK)])
+    return weighted([(6, valid), (2, JUNK), (2, boundary)])
 
 
 BAD_BLOCKS = st.one_of(
@@ -473,7 +483,7 @@ BAD_BLOCKS = st.one_of(
 BAD_TOKENS = st.one_of(
     st.just([]),
     st.lists(st.sampled_from([VOCAB_SIZE, -1, 2**63, 1.5, True]), min_size=1, max_size=3),
-    st.lists(token_ids, min_size=200, max_size=300),  # valid, only long
+    st.lists(token_ids, min_size=100, max_size=150),  # valid, only long
 )
 BAD_TOKEN = st.sampled_from([VOCAB_SIZE, 10**9, -1, 2**63])
 ODD_TIMEOUTS = st.sampled_from([-1.0, 1e-9, 1e308, float("nan"), float("inf")])
@@ -557,19 +567,18 @@ def logprobs() -> st.SearchStrategy[Any]:
 
 def senders(ctx: ControlContext) -> st.SearchStrategy[Any]:
     """Mostly our own address (so replies come back), else one nobody listens on, or no address."""
-    ours = st.just(ctx.sender)
-    return st.one_of(
-        ours, ours, ours, ours, st.sampled_from(UNREACHABLE), st.sampled_from(NOT_ADDRESSES), JUNK
-    )
+    others = [(1, st.sampled_from(UNREACHABLE)), (1, st.sampled_from(NOT_ADDRESSES)), (1, JUNK)]
+    return weighted([(12, st.just(ctx.sender)), *others])
 
 
+TYPE_WEIGHTS = {"Reserve": 4, "Done": 2, "KVData": 2, "Handshake": 2}  # the ones that reach an engine
 _ODD_TYPES = st.sampled_from(["Message", "reserve", "RESERVE", "", "__class__"]) | JUNK
 
 
 def control_message(ctx: ControlContext, types: tuple[str, ...] = ()) -> st.SearchStrategy[dict[str, Any]]:
     """One message as a JSON object: a `type`, its fields (some wrong or missing), maybe extra ones."""
     table = message_fields(ctx)
-    names = st.sampled_from(types or sorted(table))
+    names = weighted([(TYPE_WEIGHTS.get(name, 1), st.just(name)) for name in types or sorted(table)])
     sender = senders(ctx)
 
     @st.composite
@@ -577,11 +586,11 @@ def control_message(ctx: ControlContext, types: tuple[str, ...] = ()) -> st.Sear
         name = draw(names)
         msg: dict[str, Any] = {"type": name, "sender": draw(sender)}
         for key, strategy in table[name].items():
-            if draw(st.integers(0, 19)) > 0:  # now and then a field is missing
+            if not draw(_RARELY[20]):  # now and then a field is missing
                 msg[key] = draw(strategy)
-        if draw(st.integers(0, 9)) == 0:
+        if draw(_RARELY[10]):
             msg[draw(st.text(max_size=10))] = draw(JUNK)
-        if draw(st.integers(0, 29)) == 0:
+        if draw(_RARELY[30]):
             msg["type"] = draw(_ODD_TYPES)
         return msg
 
@@ -609,7 +618,7 @@ def control_frame(ctx: ControlContext) -> st.SearchStrategy[bytes]:
     that are no message at all."""
     message = control_message(ctx).map(encode)
     cut = st.tuples(message, st.integers(0, 10_000)).map(lambda t: t[0][: t[1] % max(len(t[0]), 1)])
-    return st.one_of(message, message, message, message, cut, _NOT_MESSAGES)
+    return weighted([(8, message), (1, cut), (1, _NOT_MESSAGES)])
 
 
 @dataclass(frozen=True)
@@ -619,6 +628,10 @@ class Reply:
 
     frame: dict[str, Any] | bytes
     payload: bytes | None = None
+
+    def __repr__(self) -> str:
+        size = "" if self.payload is None else f" + {len(self.payload)} bytes"
+        return f"{str(self.frame)[:240]}{size}"
 
 
 def prefill_replies(ctx: ControlContext) -> st.SearchStrategy[list[Reply]]:
@@ -639,4 +652,4 @@ def prefill_replies(ctx: ControlContext) -> st.SearchStrategy[list[Reply]]:
     first = st.builds(done, pick(token_ids, st.sampled_from([VOCAB_SIZE, 10**9, -1])))
     fuzzed = control_message(ctx, ("HandshakeAck", "KVData", "Done", "Failed", "Pong")).map(Reply)
     frames = control_frame(ctx).map(Reply)
-    return st.lists(st.one_of(kv, first, kv, first, fuzzed, fuzzed, frames), min_size=1, max_size=6)
+    return st.lists(weighted([(2, kv), (2, first), (2, fuzzed), (1, frames)]), min_size=1, max_size=6)
