@@ -96,6 +96,9 @@ JUNK = st.one_of(  # any JSON value: scalars, and lists and objects of them, two
 )  # (st.recursive says it better, at five times the cost of a draw)
 
 
+DEPTHS = st.sampled_from([100, 2_000, 100_000])  # nesting: below, near and past a parser's recursion limit
+
+
 def weighted(choices: list[tuple[int, st.SearchStrategy[Any]]]) -> st.SearchStrategy[Any]:
     """One of `choices`, about as often as its weight says. (one_of favours its first branches, and
     integers their bounds: the first choice, the commonest, takes both ends of the table.)"""
@@ -183,7 +186,7 @@ _BROKEN_MESSAGE = st.one_of(
 BAD_MESSAGES = st.one_of(  # wrong in one place, too many for the context, or nested deep
     st.lists(_BROKEN_MESSAGE, min_size=1, max_size=3).map(lambda m: [_USER, *m]),
     st.integers(2000, 5000).map(lambda n: [{"role": "user", "content": ""}] * n),
-    st.integers(10, 500).map(lambda d: [{"role": "user", "content": deep(d, "x")}]),
+    st.sampled_from([10, 500]).map(lambda d: [{"role": "user", "content": deep(d, "x")}]),
     JUNK,
 )
 BAD_PROMPTS = st.one_of(
@@ -191,7 +194,7 @@ BAD_PROMPTS = st.one_of(
     st.lists(st.floats(), min_size=1, max_size=3),
     st.lists(st.text(max_size=5), min_size=2, max_size=3),  # a batch
     st.sampled_from([[], [[]], [[1], [2]], [""], [[VOCAB_SIZE]], "ab " * 12_000]),
-    st.integers(1, 300).map(deep),
+    st.sampled_from([1, 300, 5_000]).map(deep),
     JUNK,
 )
 BAD_MODELS = st.sampled_from([MODEL.lower(), MODEL + " ", "gpt-4o", "", "../" + MODEL, MODEL + "\x00"])
@@ -310,7 +313,9 @@ RAW_BODIES = st.one_of(  # not quite a JSON request
     JUNK.map(lambda v: json.dumps(v).encode()),
     st.sampled_from(_TEMPLATES).map(str.encode),
     st.integers(20, 6000).map(lambda n: (_HEAD + '"prompt": "hi", "seed": ' + "9" * n + "}").encode()),
-    st.integers(100, 100_000).map(lambda d: (_HEAD + '"prompt": ' + "[" * d + "]" * d + "}").encode()),
+    st.sampled_from([100, 2_000, 100_000]).map(
+        lambda d: (_HEAD + '"prompt": ' + "[" * d + "]" * d + "}").encode()
+    ),
     st.tuples(_VALID_JSON, st.sampled_from(["utf-16", "utf-32", "utf-8-sig", "latin-1"])).map(
         lambda t: t[0].decode().encode(t[1], errors="replace")
     ),
@@ -601,16 +606,17 @@ def encode(msg: Any) -> bytes:
     return json.dumps(msg).encode("utf-8", "surrogatepass")
 
 
-_NOT_MESSAGES = st.one_of(
-    st.binary(max_size=200),
-    JUNK.map(encode),
-    st.integers(100, 100_000).map(lambda d: b'{"type": "Heartbeat", "sender": ' + b"[" * d + b"]" * d + b"}"),
-    st.sampled_from([
+NESTED_FRAME = b'{"type": "Heartbeat", "sender": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+_NOT_MESSAGES = weighted([
+    (2, st.binary(max_size=200)),
+    (2, JUNK.map(encode)),
+    (1, DEPTHS.map(lambda d: b'{"type": "Heartbeat", "sender": ' + b"[" * d + b"]" * d + b"}")),
+    (1, st.sampled_from([
         b'{"type": "Reserve", "sender": "\\ud800", "transfer_id": "\\udfff"}',
         b'{"type": "Done", "sender": "x", "transfer_id": "t0", "token_id": NaN}',
         b'{"type": "Abort", "sender": "x", "transfer_id": "t0", "transfer_id": 5}',
-    ]),
-)  # fmt: skip
+    ])),
+])  # fmt: skip
 
 
 def control_frame(ctx: ControlContext) -> st.SearchStrategy[bytes]:

@@ -36,14 +36,14 @@ import httpx
 import pytest
 import torch
 import zmq
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, sign_handoff
 from pdserve.disagg import protocol as p
 from pdserve.disagg.transport.tcp import TcpTransport
 from tests.e2e.cluster import MODEL, Instance, Router, wait_until
-from tests.fuzz.strategies import ControlContext, Reply, control_frame, encode, prefill_replies
+from tests.fuzz.strategies import NESTED_FRAME, ControlContext, Reply, control_frame, encode, prefill_replies
 
 SECRET_TEXT = "pdserve-fuzz-cluster-secret-0123456789"
 SECRET = ClusterSecret.from_text(SECRET_TEXT)
@@ -102,6 +102,7 @@ def test_decode_raises_value_or_type_error_or_returns_well_typed_messages() -> N
         violations[kind] = (count + 1, example)
 
     @fuzz_settings(120)
+    @example([NESTED_FRAME])  # deeper than json's recursion limit
     @given(st.lists(control_frame(ctx) | st.binary(max_size=64), min_size=25, max_size=25))
     def frames(batch: list[bytes]) -> None:
         for frame in batch:

@@ -23,11 +23,11 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import API_KEY, MODEL, ServerProcess
-from tests.fuzz.strategies import HttpCase, http_case
+from tests.fuzz.strategies import CHAT, COMP, HttpCase, http_case
 
 BATCHES = 45  # hypothesis examples, each a batch of requests sent concurrently
 BATCH_SIZE = (35, 60)
@@ -41,6 +41,25 @@ FUZZ = settings(
     phases=[Phase.explicit, Phase.generate],  # no shrinking: every violation is reported, not the smallest
     suppress_health_check=list(HealthCheck),
 )
+_AUTH = (("Authorization", f"Bearer {API_KEY}"), ("Content-Type", "application/json"))
+_BODY = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
+EDGE_CASES = [  # sent first, whatever hypothesis generates: the cases and parser limits
+    HttpCase(
+        "POST", COMP, _AUTH, b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "raw"
+    ),
+    HttpCase(
+        "POST", COMP, _AUTH, b'{"model": "m", "prompt": "\\ud800", "seed": ' + b"9" * 5000 + b"}", "raw"
+    ),
+    HttpCase("POST", CHAT + "/", _AUTH, _BODY, "route"),
+    HttpCase("POST", COMP, (*_AUTH, ("X-Huge", "h" * 300_000)), _BODY, "route"),
+    HttpCase(
+        "POST",
+        COMP,
+        _AUTH,
+        json.dumps({"model": MODEL, "messages": [{"role": "user"}] * 20_000}).encode(),
+        "raw",
+    ),
+]
 GREEDY = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "Name three colors."}],
@@ -71,8 +90,8 @@ class Tally:
         lines = [
             f"{len(self.violations)} kinds of violation in {self.sent} requests ({dict(self.statuses)}):"
         ]
-        for key, (count, example) in sorted(self.violations.items()):
-            lines.append(f"  {count:5d} x {key}\n          e.g. {example}")
+        for key, (count, first) in sorted(self.violations.items()):
+            lines.append(f"  {count:5d} x {key}\n          e.g. {first}")
         return "\n".join(lines)
 
 
@@ -177,6 +196,7 @@ def fuzzed(server: ServerProcess) -> Iterator[Fuzzed]:
     started = time.monotonic()
 
     @FUZZ
+    @example(EDGE_CASES)
     @given(st.lists(http_case(API_KEY), min_size=BATCH_SIZE[0], max_size=BATCH_SIZE[1]))
     def batch(cases: list[HttpCase]) -> None:
         for case, answer in zip(cases, asyncio.run(send_all(server.url, cases)), strict=True):
