@@ -139,7 +139,7 @@ class Cluster:
     def revive(self) -> None:
         """Start again each instance whose engine an earlier test left dead (so that each test
         reports what it found itself), and wait until the router serves again."""
-        dead = [i for i in (self.prefill, self.decode) if i.get("/health").status_code != 200]
+        dead = [i for i in (self.prefill, self.decode) if health(i)[0] != 200]
         for instance in dead:
             instance.restart()
         if dead:
@@ -147,7 +147,7 @@ class Cluster:
             assert ok, f"the cluster does not answer as before after restarting {[i.name for i in dead]}"
 
     def answers(self) -> str | None:
-        with contextlib.suppress(AssertionError):
+        with contextlib.suppress(AssertionError, httpx.HTTPError):
             return self.greedy()
         return None
 
@@ -334,12 +334,19 @@ def still_answers(peer: Peer, target: str, layout: dict[str, Any]) -> str:
 def check_alive(instance: Instance, findings: Findings, example: Any, problem: str = "") -> None:
     if problem:
         findings.add(problem, example)
-    health = instance.get("/health")
-    if health.status_code != 200:
-        findings.add(
-            f"{instance.name} engine dead (/health {health.status_code}): {death_note(instance)}", example
-        )
+    status, _ = health(instance)
+    if status != 200:
+        findings.add(f"{instance.name} engine dead (/health {status}): {death_note(instance)}", example)
         findings.dead = True
+
+
+def health(instance: Instance) -> tuple[int, str]:
+    """/health's status and body; 0 when nothing answers (a process whose engine died may exit)."""
+    try:
+        answer = instance.get("/health")
+    except httpx.HTTPError as e:
+        return 0, f"no answer ({type(e).__name__}): the process has exited?"
+    return answer.status_code, answer.text[:200]
 
 
 def death_note(instance: Instance) -> str:
@@ -357,9 +364,9 @@ def death_note(instance: Instance) -> str:
 def check_after(cluster: Cluster, findings: Findings) -> None:
     """Both engines alive, both pools free, the greedy answer unchanged: else a violation."""
     for instance in (cluster.prefill, cluster.decode):
-        health = instance.get("/health")
-        if health.status_code != 200:
-            findings.add(f"{instance.name} /health {health.status_code} after the fuzz", health.text[:200])
+        status, body = health(instance)
+        if status != 200:
+            findings.add(f"{instance.name} /health {status} after the fuzz", body)
             continue
         kv = instance.wait_pool_free(timeout=30.0)
         if not kv.get("pool_free"):
