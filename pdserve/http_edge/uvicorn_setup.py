@@ -2,7 +2,10 @@
 
 uvicorn answers what its HTTP parser refuses (headers over its limit, a broken request line) itself, in
 plain text; the protocol here answers the same in OpenAI's error shape: 431 for a request head over the
-parser's limit, 400 otherwise, and closes the connection as uvicorn does.
+parser's limit, 400 otherwise. It closes the connection gently: it stops writing, then reads and drops
+what the client is still sending until the client closes (or LINGER_S pass). Closing at once with
+unread bytes in the socket makes the kernel send a reset, which can destroy the answer before the
+client reads it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pdserve.http_edge.errors import error_json, raw_response
 from pdserve.http_edge.limits import SERVER_KEEP_ALIVE_S
 
 GRACEFUL_SHUTDOWN_S = 5
+LINGER_S = 2.0  # how long a refused client may go on sending before the connection is cut
 
 
 class OpenAIShapedH11(H11Protocol):  # type: ignore[misc]
@@ -31,7 +35,15 @@ class OpenAIShapedH11(H11Protocol):  # type: ignore[misc]
             status, reason, message = 400, "Bad Request", "invalid HTTP request"
         body = error_json(message, "invalid_request_error", "invalid_http_request")
         self.transport.write(raw_response(status, reason, body))
-        self.transport.close()
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if getattr(self, "_refused", False):
+            return  # the rest of a refused request: dropped unparsed
+        super().data_received(data)
 
 
 def uvicorn_config(

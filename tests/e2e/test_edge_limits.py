@@ -167,7 +167,9 @@ def test_empty_message_flood_is_rejected_while_health_answers(server: ServerProc
         poller.result()
     for answer in answers:
         assert assert_openai_error(answer, 400)["param"] == "messages"
-    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+    # rendering on the event loop held /health 3 s per request (16.8 s here); 3 s leaves room for a
+    # loaded machine without letting one held-up render through
+    assert len(latencies) >= 3 and max(latencies) < 3.0, latencies
 
 
 @pytest.mark.parametrize("target", ["instance", "router"])
