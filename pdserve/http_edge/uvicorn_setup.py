@@ -10,7 +10,8 @@ client reads it.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, cast
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
@@ -20,11 +21,45 @@ from pdserve.http_edge.errors import error_json, raw_response
 from pdserve.http_edge.limits import SERVER_KEEP_ALIVE_S
 
 GRACEFUL_SHUTDOWN_S = 5
-LINGER_S = 2.0  # how long a refused client may go on sending before the connection is cut
+LINGER_S = 5.0  # how long a client whose connection we close may go on sending (nginx's lingering_timeout)
+
+
+class _LingeringClose:
+    """The connection's transport, with `close` replaced by a gentle one: stop writing, drop what the
+    client still sends until it closes or LINGER_S pass, then close. Closing at once with unread bytes
+    (a refused 300 MB body, a header over the limit) makes the kernel send a reset, which can destroy
+    the answer before the client reads it. The client's own close ends the wait: asyncio closes the
+    transport at EOF (H11Protocol.eof_received returns None)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: OpenAIShapedH11) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        raw = self._transport
+        if self._protocol.draining or raw.is_closing():
+            return
+        self._protocol.draining = True
+        raw.resume_reading()  # reads may be paused (a body over the high-water mark)
+        if raw.can_write_eof():
+            raw.write_eof()
+        self._protocol.loop.call_later(LINGER_S, raw.close)
+
+    def is_closing(self) -> bool:
+        return self._protocol.draining or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class OpenAIShapedH11(H11Protocol):  # type: ignore[misc]
-    """uvicorn's h11 protocol, with its plain-text 400 answered as an OpenAI error."""
+    """uvicorn's h11 protocol: its plain-text 400 answered as an OpenAI error; every close lingers."""
+
+    draining = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        super().connection_made(cast(asyncio.Transport, _LingeringClose(transport, self)))
 
     def send_400_response(self, msg: str) -> None:
         limit = self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
@@ -35,14 +70,11 @@ class OpenAIShapedH11(H11Protocol):  # type: ignore[misc]
             status, reason, message = 400, "Bad Request", "invalid HTTP request"
         body = error_json(message, "invalid_request_error", "invalid_http_request")
         self.transport.write(raw_response(status, reason, body))
-        self._refused = True
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.loop.call_later(LINGER_S, self.transport.close)
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if getattr(self, "_refused", False):
-            return  # the rest of a refused request: dropped unparsed
+        if self.draining:
+            return  # the rest of a request we have answered and closed: dropped unparsed
         super().data_received(data)
 
 
