@@ -380,8 +380,10 @@ class Receiver:
         if msg.unknown_transfer_ids:
             self.link.peers.forget(msg.sender)  # a restarted peer: shake hands again
         with self.lock:
-            mine = {t for t, inc in self.incoming.items() if inc.peer == msg.sender}
-            lost = [t for t in msg.unknown_transfer_ids if t in mine]
+            named = {t: self.incoming[t].peer for t in msg.unknown_transfer_ids if t in self.incoming}
+        lost = [t for t, peer in named.items() if peer == msg.sender]
+        if len(lost) < len(named):
+            self.link.drop("wrong_sender", msg, ": it names transfers of other prefill instances")
         for tid in lost:
             self._fail(tid, f"prefill instance {msg.sender} lost the request (restarted?)")
             self.link.leases.release(tid, "direct", msg.sender)  # it never heard of it: it will not write

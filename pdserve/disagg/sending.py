@@ -148,6 +148,9 @@ class Sender:
         self.bytes_sent += blocks.nbytes
 
     def failed_to_start(self, target: ToDecode, reason: str, refused: str = "") -> None:
+        if refused == "invalid":  # the engine found the Reserve's prompt or parameters wrong
+            logger.warning("refusing Reserve %s from %s: %s", target.transfer_id, target.decode_addr, reason)
+            self.link.dropped.add("invalid")
         with self.lock:
             self.outgoing.pop(target.transfer_id, None)
         self.link.transport.send(

@@ -80,6 +80,10 @@ class ServerMetrics:
             registry=r,
         )
         self._kv_seen = {"sent": 0, "received": 0}
+        self.peer_dropped = Counter(
+            "pdserve_peer_messages_dropped", "KV peer messages dropped, by reason", ["reason"], registry=r
+        )
+        self._dropped_seen: dict[str, int] = {}
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -99,6 +103,9 @@ class ServerMetrics:
         for direction, total in (("sent", stats.kv_bytes_sent), ("received", stats.kv_bytes_received)):
             self.kv_bytes.labels(direction=direction).inc(total - self._kv_seen[direction])
             self._kv_seen[direction] = total
+        for reason, total in stats.peer_messages_dropped.items():
+            self.peer_dropped.labels(reason=reason).inc(total - self._dropped_seen.get(reason, 0))
+            self._dropped_seen[reason] = total
         for seconds in stats.kv_transfer_seconds:
             self.kv_seconds.observe(seconds)
 
