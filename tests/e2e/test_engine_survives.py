@@ -113,11 +113,11 @@ def test_a_prefill_instance_refuses_bad_reserves_and_serves_on(model_dir, prompt
         refused, dropped = _bad_reserves(peer, prompt, vocab)
         for msg in [*refused.values(), *dropped]:
             peer.send(kv_addr, msg)
-        answers: dict[str, p.Failed] = {}
-        while set(answers) != set(refused):
+        answers: dict[str, str] = {}  # transfer id -> why it was refused
+        while not set(refused) <= set(answers):
             failed = peer.expect(p.Failed, timeout=60)
-            answers[failed.transfer_id] = failed
-        assert all(f.refused == "invalid" for f in answers.values()), answers
+            answers[failed.transfer_id] = failed.refused
+        assert answers == dict.fromkeys(refused, "invalid"), "refused otherwise, or a dropped one answered"
         assert inst.get("/health").status_code == 200
         assert _prefill_once(peer, kv_addr, "after", prompt) == (token, kv), "the answer changed"
         assert inst.metric("pdserve_peer_messages_dropped_total", reason="malformed") >= len(dropped)
@@ -168,7 +168,8 @@ def _lie(peer: Peer, other: Peer, engine: Engine, lie: str) -> None:
         if not isinstance(msg, p.Reserve):
             return
         tid, size = msg.transfer_id, len(msg.block_ids) * nbytes
-        if lie == "huge-token":
+        if lie == "huge-token":  # the KV bytes are fine, the first token is not
+            peer.send(addr, p.KVData(peer.address, tid, msg.block_ids, size), bytes(size))
             peer.send(addr, p.Done(peer.address, tid, 10**9))
         elif lie == "fence-without-bytes":  # tcp writes nothing into the pool: no fence can be true
             peer.send(addr, p.KVData(peer.address, tid, msg.block_ids, size, written=True))
