@@ -13,6 +13,13 @@ for a byte stream, under a "writing" lease while it lands) and queue actions (Ac
 engine thread's `poll` runs `check`: timeouts, and a Heartbeat to each prefill instance still owing KV.
 The Receiver knows requests only by id: which transfer each waits on is its own record (`transfer_of`).
 
+Every message is judged against the transfer it names. One naming a transfer we do not wait on, or
+sent by another instance than the transfer's prefill, is dropped (logged, counted: Link.drop). From
+the transfer's prefill, anything but bytes for reserved blocks not landed yet, of exactly their size,
+a fence of all of them on a path that writes into our pool, and a first token (and logprobs) in the
+vocabulary fails the transfer: the request gets an error and its blocks are freed, so no token is
+ever computed from blocks that were not written (`Incoming.landed` counts blocks, not bytes).
+
 Where the peer writes into our pool itself (a "direct" path), `start` holds a "direct" lease
 on the blocks. It ends at the writer's fence (KVData.written, or Failed), when the writer cannot
 write any more (it refused the handshake or picked a path that sends bytes, it never heard of the

@@ -2,10 +2,14 @@
 
     Handshake -> HandshakeAck: the model and KV layout must match; the transport picks the path
     Reserve -> Outgoing and a StartPrefill action (the engine runs the prompt as a local request);
-               refused (shut, or a peer whose handshake failed) -> Failed to the peer
+               refused (shut, or a peer whose handshake failed) -> Failed to the peer; refused as
+               "invalid" (token ids outside the vocabulary, destination blocks that repeat or do not
+               fit the prompt, a transfer id in use) -> Failed(refused="invalid"), no StartPrefill;
+               the engine refuses what only it can judge (sampling parameters, context) the same way
     prompt computed, first token sampled -> send_kv: KVData (the blocks, or only the fence of writes
                that went layer by layer, layer_stream.py), then Done
-    Abort, a decode instance gone quiet, or past its deadline -> Cancel (and Failed to the peer)
+    Abort (from the transfer's decode instance only), a decode instance gone quiet, or past its
+               deadline -> Cancel (and Failed to the peer)
     Heartbeat -> Pong, naming the transfers we know nothing of (neither waiting nor recently sent)
 
 Claiming a transfer (`_claim`, in send_kv or when a streaming step is launched) moves it from
