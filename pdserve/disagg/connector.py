@@ -187,7 +187,8 @@ class KVConnector:
     @property
     def messages_dropped(self) -> dict[str, int]:
         """Peer messages dropped since start, by reason: "malformed" (no transport of this process could
-        decode them), "invalid" (a Reserve refused as such), "unknown_transfer", "wrong_sender", "error"."""
+        decode them), "invalid" (a Reserve refused as such), "unknown_transfer", "wrong_sender", "unasked" (a
+        handshake answer nobody asked for), "error" (handling it raised)."""
         return {**schemas.MALFORMED.snapshot(), **self.link.dropped.snapshot()}
 
     def take_transfer_seconds(self) -> list[float]:

@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,7 @@ class Receiver:
         self.lock = threading.Lock()
         self.incoming: dict[str, Incoming] = {}  # by transfer id
         self.transfer_of: dict[str, str] = {}  # request id -> the transfer it waits on, until it ends
+        self.handshakes: Counter[str] = Counter()  # peer -> handshakes sent it and not answered yet
         self.staging: dict[str, torch.Tensor] = {}  # GPU pool: pinned buffers bytes land in
         self.bytes_received = 0
         self.transfer_seconds: list[float] = []  # drained by metrics
@@ -118,6 +120,8 @@ class Receiver:
             needs_handshake = link.peers.should_handshake(peer, inc.started)
         if needs_handshake or link.transport.needs_handshake(peer):
             offer = link.transport.offer(peer)
+            with self.lock:
+                self.handshakes[peer] += 1
             link.transport.send(peer, p.Handshake(link.address, link.model_name, link.layout, offer))
         if link.transport.writes_into_pool(peer):
             expires = inc.started + link.transfer_timeout + DIRECT_WRITE_GRACE
@@ -191,7 +195,17 @@ class Receiver:
         return inc
 
     def on_handshake_ack(self, msg: p.HandshakeAck) -> None:
+        """The answer to a handshake we sent (nobody else picks the path KV takes into our pool)."""
         link = self.link
+        with self.lock:
+            asked = self.handshakes[msg.sender] > 0
+            if asked:
+                self.handshakes[msg.sender] -= 1
+            else:
+                self.handshakes.pop(msg.sender, None)
+        if not asked:
+            link.drop("unasked", msg)
+            return
         reason = "" if msg.ok else msg.reason or "refused"
         if msg.ok:
             try:

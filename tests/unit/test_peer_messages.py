@@ -305,6 +305,11 @@ def test_first_token_and_fences_count_only_from_the_transfer_prefill(ends):
     assert _actions(c, 0.5) == [] and _dropped(c, "wrong_sender") == 4
     a.send(c.address, p.Done(a.address, "nosuchtransfer", 5))
     assert _actions(c) == [] and _dropped(c, "unknown_transfer") == 1
+    b.send(c.address, p.HandshakeAck(b.address, True, "", {"kind": "cuda_ipc"}))  # nobody asked b
+    deadline = time.monotonic() + 5
+    while not _dropped(c, "unasked") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _dropped(c, "unasked") == 1
     a.send(c.address, p.KVData(a.address, tid, [2], c.block_bytes, written=True))  # tcp writes no pools
     fail = _wait_for(c, Fail)
     assert fail.request_id == "r1" and "claims" in fail.reason
