@@ -26,4 +26,7 @@ class PrefillFailedError(PDServeError):
 
 
 class EngineDeadError(PDServeError):
-    """The engine loop has stopped and cannot serve: HTTP 503."""
+    """The engine loop has stopped and cannot serve: HTTP 503. The server then exits with
+    EXIT_STATUS, so that its supervisor (`pdserve up`, Kubernetes) restarts it."""
+
+    EXIT_STATUS = 3  # 1: an uncaught error, 2: a bad configuration

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from pdserve.disagg import protocol as p
+from pdserve.disagg import schemas
 from pdserve.disagg.actions import Action, ActionQueue, Release
 from pdserve.disagg.handoff import FirstToken, FromPrefill, HandOff, PromptKV, ToDecode
 from pdserve.disagg.leases import LeaseRegistry
@@ -60,6 +61,7 @@ class KVConnector:
         transfer_timeout: float = 120.0,
         peer_timeout: float = 5.0,
         shards: ShardedPool | None = None,  # tensor parallel: every rank's part of the pool
+        vocab_size: int = 0,  # token ids from peers must be below it (0: not checked)
     ) -> None:
         self.transport = transport
         self.kv_cache = kv_cache
@@ -75,7 +77,9 @@ class KVConnector:
             layout,
             transfer_timeout,
             peer_timeout,
+            vocab_size,
         )
+        self.link = link
         self.block_bytes = pool_block_bytes(kv_cache, shards)
         self.receiver = Receiver(link, kv_cache, shards, self.block_bytes)
         self.sender = Sender(link, kv_cache, shards)
@@ -180,6 +184,13 @@ class KVConnector:
     def transfers_streamed(self) -> int:
         return self.sender.transfers_streamed
 
+    @property
+    def messages_dropped(self) -> dict[str, int]:
+        """Peer messages dropped since start, by reason: "malformed" (no transport of this process could
+        decode them), "invalid" (a Reserve refused as such), "unknown_transfer", "wrong_sender", "unasked" (a
+        handshake answer nobody asked for), "error" (handling it raised)."""
+        return {**schemas.MALFORMED.snapshot(), **self.link.dropped.snapshot()}
+
     def take_transfer_seconds(self) -> list[float]:
         """How long each transfer received since the last call took (for metrics)."""
         seconds, self.receiver.transfer_seconds = self.receiver.transfer_seconds, []
@@ -208,7 +219,14 @@ class KVConnector:
 
     # ---- transport callbacks (I/O threads) ----------------------------------------------------------
     def _on_message(self, msg: p.Message, payload: memoryview | torch.Tensor | None) -> None:
+        """One peer message, on whichever thread the transport delivers it (the sending engine's own,
+        in process): whatever it holds, it must not raise into that thread."""
         self.peers.heard_from(msg.sender, time.monotonic())
         handler = self._handlers.get(type(msg))
-        if handler is not None:
+        if handler is None:
+            return
+        try:
             handler(msg, payload)
+        except Exception:  # noqa: BLE001 - a bug handling one message must not stop the I/O or engine
+            logger.exception("handling %s from %s failed", type(msg).__name__, msg.sender)
+            self.link.dropped.add("error")

@@ -79,11 +79,12 @@ class LeaseRegistry:
         if reason == "direct":
             lease.expires = expires
 
-    def release(self, transfer_id: str, reason: Reason) -> None:
-        """`reason` no longer holds; the lease's last reason gone, a finished request's blocks are freed."""
+    def release(self, transfer_id: str, reason: Reason, peer: str | None = None) -> None:
+        """`reason` no longer holds; the lease's last reason gone, a finished request's blocks are freed.
+        `peer`: only if the lease is that peer's (a fence counts only from the transfer's writer)."""
         with self._lock:
             lease = self._leases.get(transfer_id)
-            if lease is None or reason not in lease.reasons:
+            if lease is None or reason not in lease.reasons or peer not in (None, lease.peer):
                 return
             lease.reasons.discard(reason)
             if lease.reasons:

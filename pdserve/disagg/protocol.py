@@ -14,6 +14,10 @@ travel is the transport's business (transport/): raw bytes after the frame (tcp)
 link announced by `KVData.link` (nccl), or not at all: `KVData.written` says the sender already wrote
 them into the reserved blocks (cuda_ipc), so that message is the proof the write is complete. Every
 message names its sender's address so replies need no socket identity.
+
+`decode` checks every field of what a peer sent (types, ranges, sizes: disagg/schemas.py) before a
+message exists; what depends on state (the transfer it names, the blocks reserved, the vocabulary) is
+checked where that state is (receiving.py, sending.py, the engine).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from pdserve.disagg.schemas import MALFORMED, check_fields
 
 
 @dataclass
@@ -101,16 +107,28 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
-    """The message in `data`; ValueError (or TypeError) for anything else, including a sender that
-    is not an address (replies go to it) or a transfer id that is not a string."""
-    obj = json.loads(data)
+    """The message in `data`, every field checked (schemas.py); ValueError for anything else, counted
+    in MALFORMED. Fields it does not know are ignored (a newer peer may send more)."""
+    try:
+        return _decode(data)
+    except ValueError:
+        MALFORMED.add()
+        raise
+
+
+def _decode(data: bytes) -> Message:
+    try:
+        obj = json.loads(data)
+    except RecursionError as e:  # nested too deep for the parser: not a control message either
+        raise ValueError("a control message nested too deep") from e
     if not isinstance(obj, dict):
         raise ValueError("a control message is a JSON object")
-    cls = MESSAGE_TYPES.get(obj.pop("type", None))
+    cls = MESSAGE_TYPES.get(obj.pop("type", None)) if isinstance(obj.get("type"), str) else None
     if cls is None:
         raise ValueError("unknown control message type")
-    names = {f.name for f in fields(cls)}
-    msg = cls(**{k: v for k, v in obj.items() if k in names})
-    if not isinstance(msg.sender, str) or not isinstance(getattr(msg, "transfer_id", ""), str):
-        raise ValueError("sender and transfer_id must be strings")
-    return msg
+    values = {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+    check_fields(cls.__name__, values)
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"{cls.__name__}: {e}") from e

@@ -2,10 +2,14 @@
 
     Handshake -> HandshakeAck: the model and KV layout must match; the transport picks the path
     Reserve -> Outgoing and a StartPrefill action (the engine runs the prompt as a local request);
-               refused (shut, or a peer whose handshake failed) -> Failed to the peer
+               refused (shut, or a peer whose handshake failed) -> Failed to the peer; refused as
+               "invalid" (token ids outside the vocabulary, destination blocks that repeat or do not
+               fit the prompt, a transfer id in use) -> Failed(refused="invalid"), no StartPrefill;
+               the engine refuses what only it can judge (sampling parameters, context) the same way
     prompt computed, first token sampled -> send_kv: KVData (the blocks, or only the fence of writes
                that went layer by layer, layer_stream.py), then Done
-    Abort, a decode instance gone quiet, or past its deadline -> Cancel (and Failed to the peer)
+    Abort (from the transfer's decode instance only), a decode instance gone quiet, or past its
+               deadline -> Cancel (and Failed to the peer)
     Heartbeat -> Pong, naming the transfers we know nothing of (neither waiting nor recently sent)
 
 Claiming a transfer (`_claim`, in send_kv or when a streaming step is launched) moves it from
@@ -16,6 +20,7 @@ after the Reserve: it has given up on them by then. The Sender sees requests onl
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -32,6 +37,8 @@ from pdserve.disagg.layer_stream import Streamed, make_hook
 from pdserve.disagg.link import Link
 from pdserve.disagg.transport.blocks import KVBlocks
 from pdserve.disagg.transport.shards import ShardedPool
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,7 +131,13 @@ class Sender:
         if streamed is None and not self._claim(tid, kv.request_id, peer):
             return
         done = p.Done(self.link.address, tid, first.token_id, first.to_wire(), num_cached_tokens)
-        self._write(tid, peer, list(kv.block_ids), list(kv.target.block_ids), streamed)
+        try:
+            self._write(tid, peer, list(kv.block_ids), list(kv.target.block_ids), streamed)
+        except Exception as e:  # noqa: BLE001 - this transfer fails, not the engine thread
+            logger.exception("sending the KV of transfer %s to %s failed", tid, peer)
+            self.link.leases.release(tid, "reading")
+            self.link.transport.send(peer, p.Failed(self.link.address, tid, f"sending KV failed: {e}"))
+            return
         self.link.transport.send(peer, done)
 
     def _write(
@@ -139,6 +152,9 @@ class Sender:
         self.bytes_sent += blocks.nbytes
 
     def failed_to_start(self, target: ToDecode, reason: str, refused: str = "") -> None:
+        if refused == "invalid":  # the engine found the Reserve's prompt or parameters wrong
+            logger.warning("refusing Reserve %s from %s: %s", target.transfer_id, target.decode_addr, reason)
+            self.link.dropped.add("invalid")
         with self.lock:
             self.outgoing.pop(target.transfer_id, None)
         self.link.transport.send(
@@ -175,8 +191,8 @@ class Sender:
         else:
             try:
                 path = link.transport.accept(msg.sender, msg.kv_offer)
-            except ValueError as e:
-                reason = str(e)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # none fits, or an offer askew
+                reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
         link.peers.judge(msg.sender, reason)
         link.transport.send(msg.sender, p.HandshakeAck(link.address, not reason, reason, path))
 
@@ -188,16 +204,40 @@ class Sender:
         prefill = StartPrefill(target, msg.prompt_token_ids, msg.params)
         refused = self.refusing or link.peers.refusal(msg.sender)
         with self.lock:
-            if not refused:
+            invalid = "" if refused else self._invalid(msg)
+            if not refused and not invalid:
                 self.outgoing[msg.transfer_id] = Outgoing(prefill.request_id, msg.sender, now, write_by)
-        if refused:
+        if invalid:  # the decode instance answers its client 400: no other prefill would take it
+            link.drop("invalid", msg, f": {invalid}")
+            link.transport.send(msg.sender, p.Failed(link.address, msg.transfer_id, invalid, "invalid"))
+        elif refused:
             link.transport.send(msg.sender, p.Failed(link.address, msg.transfer_id, refused))
-            return
-        link.actions.put(prefill)
+        else:
+            link.actions.put(prefill)
+
+    def _invalid(self, msg: p.Reserve) -> str:
+        """Why this Reserve can never be served here ("": it may be). Called with the lock held; what
+        needs the engine (sampling parameters, the context length) is checked when it is added."""
+        tid, vocab = msg.transfer_id, self.link.vocab_size
+        if tid in self.outgoing or tid in self.sent or tid in self.link.leases:
+            return f"transfer id {tid} is in use"
+        if vocab and msg.prompt_token_ids and max(msg.prompt_token_ids) >= vocab:
+            return f"prompt token ids must be in [0, {vocab})"
+        block_size = self.link.layout.get("block_size")
+        if len(set(msg.block_ids)) != len(msg.block_ids):
+            return "the destination block ids repeat"
+        if block_size and len(msg.block_ids) != -(-len(msg.prompt_token_ids) // block_size):
+            n = len(msg.prompt_token_ids)
+            return f"{len(msg.block_ids)} destination blocks for {n} tokens in blocks of {block_size}"
+        return ""
 
     def on_abort(self, msg: p.Abort) -> None:
         with self.lock:
-            out = self.outgoing.pop(msg.transfer_id, None)
+            out = self.outgoing.get(msg.transfer_id)
+            if out is not None and out.peer != msg.sender:
+                self.link.drop("wrong_sender", msg, f": transfer {msg.transfer_id} is {out.peer}'s")
+                return
+            self.outgoing.pop(msg.transfer_id, None)
             reading = msg.transfer_id in self.link.leases
         if out is not None:
             self.link.actions.put(Cancel(out.request_id))

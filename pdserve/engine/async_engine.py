@@ -7,7 +7,10 @@
 The Engine is not thread-safe, so every call into it (building it included) happens on the loop thread.
 Handlers only enqueue commands and await concurrent futures. When nothing is running the thread blocks on
 the command queue; it never spins. If `step()` raises, every in-flight request gets an error output and
-the engine is marked dead: later requests are refused with EngineDeadError, nothing waits forever.
+the engine is marked dead: later requests are refused with EngineDeadError, nothing waits forever,
+and `on_dead` is called (the server exits then, so that a supervisor restarts it). A failure that
+belongs to one request (a peer's bad message, a token that cannot be detokenized) fails that request
+inside the Engine and never reaches this point.
 This module knows nothing about HTTP or text; tokenization belongs to the caller.
 """
 
@@ -126,6 +129,7 @@ class AsyncEngine:
         self._engine: Any = None  # pdserve.engine.engine.Engine, touched only on the loop thread
         self._sinks: dict[str, _Sink] = {}  # loop thread only
         self._fatal: str | None = None
+        self.on_dead: Callable[[str], None] | None = None  # called once, on the loop thread, if it dies
         self._stopped = False
         self._lock = threading.Lock()  # orders "refuse new commands" against "stop"
         self.tokenizer: Any = None
@@ -235,6 +239,8 @@ class AsyncEngine:
                 self._stopped = True
             self._end_all("abort" if self._fatal is None else "error", self._fatal)
             self._refuse_pending()
+            if self._fatal is not None:
+                self._tell_dead(self._fatal)
 
     def _refuse_pending(self) -> None:
         """After the loop: answer whatever is still queued (nothing can be queued any more)."""
@@ -341,9 +347,18 @@ class AsyncEngine:
             self._fatal = f"{type(e).__name__}: {e}"
             self._end_all("error", self._fatal)
             self._shut_connector(self._fatal)
+            self._tell_dead(self._fatal)
             return
         self.load = self._engine.load()
         self._deliver(outputs)
+
+    def _tell_dead(self, reason: str) -> None:
+        on_dead, self.on_dead = self.on_dead, None  # once
+        if on_dead is not None:
+            try:
+                on_dead(reason)
+            except Exception:  # noqa: BLE001 - the engine is dead either way
+                logger.exception("the engine's on_dead callback failed")
 
     def _shut_connector(self, reason: str) -> None:
         """Tell KV peers now that this engine is dead (its transfers fail, its Reserves are refused)."""

@@ -16,6 +16,7 @@ reserved blocks for; the scheduler itself does no network I/O.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
@@ -96,6 +97,7 @@ class Engine:
             d.kv_transfer_timeout,
             d.peer_timeout,
             self.runner.kv_shards,
+            vocab_size=int(self.hf_config.vocab_size),
         )
 
     def close(self) -> None:
@@ -125,6 +127,10 @@ class Engine:
     ) -> None:
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
+        try:  # a float is no token id (and would reach the model as one)
+            prompt_token_ids = [operator.index(t) for t in prompt_token_ids]
+        except TypeError:
+            raise InvalidRequestError("prompt token ids must be integers", param="prompt") from None
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(prompt_token_ids)} tokens; this server's context is {self.max_model_len}",
@@ -148,10 +154,9 @@ class Engine:
             self.max_model_len,
             handoff,
         )
-        self.scheduler.add_request(request)
-        self.detokenizers[request_id] = Detokenizer(
-            self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens
-        )
+        detokenizer = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens)
+        self.scheduler.add_request(request)  # last: whatever raises before leaves nothing behind
+        self.detokenizers[request_id] = detokenizer
 
     def abort_request(self, request_id: str) -> None:
         request = self.scheduler.requests.get(request_id)
@@ -261,13 +266,22 @@ class Engine:
             if request.is_finished:  # stopped by a string or aborted while this step ran: not a token
                 continue
             if self.connector is not None and self.connector.sends_kv(request.handoff):
-                # the decode instance answers the client
-                self.connector.send_kv(_prompt_kv(request), _first_token(result), request.num_cached_tokens)
-                self._finish_silently(request, RequestStatus.FINISHED_STOPPED)
+                self._send_kv(request, result)  # the decode instance answers the client
             else:
                 self._append(request, result)
                 tokens.append((request, result))
         return tokens
+
+    def _send_kv(self, request: Request, result: SampleResult) -> None:
+        """A prefill request for a peer is computed: its KV and first token go there, and it ends here.
+        If sending fails, only that transfer does (the decode instance is told)."""
+        assert self.connector is not None and isinstance(request.handoff, ToDecode)
+        try:
+            self.connector.send_kv(_prompt_kv(request), _first_token(result), request.num_cached_tokens)
+        except Exception as e:  # noqa: BLE001 - one transfer fails, not the engine
+            logger.exception("sending the KV of %s failed", request.request_id)
+            self.connector.failed_to_start(request.handoff, f"the prefill instance could not send KV: {e}")
+        self._finish_silently(request, RequestStatus.FINISHED_STOPPED)
 
     def _append(self, request: Request, result: SampleResult) -> None:
         """A sampled token joins the request; stop tokens and lengths end it here."""
@@ -286,7 +300,14 @@ class Engine:
             if detok is None:  # ended without a word to the client meanwhile
                 continue
             check_stop = request.num_output_tokens >= request.params.min_tokens  # as vLLM: none before
-            if detok.add_token(result.token_id, check_stop) and not request.is_finished:
+            try:
+                stopped = detok.add_token(result.token_id, check_stop)
+            except Exception as e:  # noqa: BLE001 - this request fails, not the engine
+                logger.exception("detokenizing %s failed", request.request_id)
+                error = f"the engine could not detokenize token {result.token_id}: {e}"
+                outputs.append(self._error(request, error))
+                continue
+            if stopped and not request.is_finished:
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
             logprobs = [result.logprob] if result.logprob else []
             outputs.append(self._output(request, [result.token_id], logprobs))
@@ -323,15 +344,39 @@ class Engine:
         return outputs
 
     def _activate(self, action: Activate) -> list[RequestOutput]:
-        """A request's KV and first token arrived: it runs here from now on."""
+        """A request's KV and first token arrived: it runs here from now on. A first token this
+        engine cannot take fails the request alone."""
         request = self.scheduler.waiting_for_kv.get(action.request_id)
         if request is None:
             return []
-        self.scheduler.activate(request)
-        request.num_cached_tokens = action.num_cached_tokens
-        if request.generator is not None and not request.params.greedy:
-            torch.rand(self.hf_config.vocab_size, generator=request.generator)  # prefill's draw
-        return [self._accept(request, _sample_result(action.first))]
+        vocab = self.hf_config.vocab_size
+        if not 0 <= action.first.token_id < vocab:
+            return [self._error(request, f"prefill_failed: first token {action.first.token_id} >= {vocab}")]
+        try:
+            self.scheduler.activate(request)
+            request.num_cached_tokens = min(action.num_cached_tokens, request.num_prompt_tokens)
+            if request.generator is not None and not request.params.greedy:
+                torch.rand(vocab, generator=request.generator)  # prefill's draw
+            return [self._accept(request, _sample_result(action.first))]
+        except Exception as e:  # noqa: BLE001 - this request fails, not the engine
+            logger.exception("activating %s failed", request.request_id)
+            return [self._error(request, f"prefill_failed: its first token could not be taken: {e}")]
+
+    def _error(self, request: Request, error: str) -> RequestOutput:
+        """End `request` with `error` (the client's answer); its text so far is not needed."""
+        request.error = error
+        self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
+        self.detokenizers.pop(request.request_id, None)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=[],
+            new_text="",
+            finished=True,
+            finish_reason=RequestStatus.FINISHED_ERROR.value,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            error=error,
+        )
 
     def _fail(self, action: Fail) -> list[RequestOutput]:
         request = self.scheduler.requests.get(action.request_id)
@@ -344,13 +389,19 @@ class Engine:
         return [self._output(request, [], [])]
 
     def _start_prefill_for_peer(self, action: StartPrefill) -> None:
+        """A decode instance's Reserve: its prompt runs here as a local request. Parameters and prompt
+        are checked as the HTTP edge's are (SamplingParams, add_request); a bad one is refused as
+        invalid and never reaches a step."""
         assert self.connector is not None
         try:
             params = SamplingParams(**action.params)
             self.add_request(action.request_id, action.prompt_token_ids, params, action.target)
-        except (PDServeError, TypeError) as e:
+        except (PDServeError, TypeError, ValueError) as e:
             refused = "" if isinstance(e, OverloadedError) else "invalid"  # overloaded: another prefill may
             self.connector.failed_to_start(action.target, f"the prefill instance: {e}", refused)
+        except Exception as e:  # noqa: BLE001 - this transfer fails, not the engine
+            logger.exception("starting the prefill of %s failed", action.request_id)
+            self.connector.failed_to_start(action.target, f"the prefill instance could not start it: {e}")
 
     def _output(self, request: Request, new_ids: list[int], logprobs: list[Logprob]) -> RequestOutput:
         finished = request.is_finished
@@ -419,6 +470,7 @@ class Engine:
             "kv_bytes_received": c.bytes_received,
             "kv_transfer_times": self.kv_times.add(c.take_transfer_seconds()),
             "kv_transfers_streamed": c.transfers_streamed,
+            "peer_messages_dropped": c.messages_dropped,
         }
 
 

@@ -75,6 +75,7 @@ class EngineStats:
     kv_bytes_received: int = 0
     kv_transfer_times: TransferTimes = field(default_factory=TransferTimes)
     kv_transfers_streamed: int = 0  # prefill: transfers whose every layer left during the step
+    peer_messages_dropped: dict[str, int] = field(default_factory=dict)  # since start, by reason
 
     @property
     def kv_usage(self) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 from pdserve.errors import InvalidRequestError
@@ -14,9 +15,25 @@ FLOAT32_SAFE = 1e30  # temperature at most this (above: uniform alike); top_p an
 # penalty at least 1 / this (top_p: the top token alike), the penalty at most this
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what a torch.Generator takes (the HTTP edge's seed width)
+INT_MAX = 2**63 - 1  # counts end up in int64 tensors
+_INTS = ("n", "top_k", "min_tokens")
+_OPTIONAL_INTS = ("seed", "max_tokens", "logprobs")
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_BOOLS = ("ignore_eos", "skip_special_tokens")
+
+
 def _check(ok: bool, message: str, param: str) -> None:
     if not ok:
         raise InvalidRequestError(message, param=param)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -43,6 +60,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self._check_types()
         _check(self.n >= 1, "n must be at least 1", "n")
         _check(self.temperature >= 0.0, "temperature must be >= 0", "temperature")
         _check(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]", "top_p")
@@ -71,6 +89,33 @@ class SamplingParams:
         _check(len(self.stop) <= 16, "at most 16 stop strings", "stop")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0", "stop_token_ids")
         self._float32_safe()
+
+    def _check_types(self) -> None:
+        """Every field of the right type (a bool is not a number, a float not a count) and every count
+        within int64, whoever built it: the HTTP edge's models, or a peer's Reserve."""
+        for name in _INTS + _OPTIONAL_INTS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INTS:
+                continue
+            _check(_is_int(value), f"{name} must be an integer", name)
+            lo, hi = (SEED_MIN, SEED_MAX) if name == "seed" else (-INT_MAX, INT_MAX)
+            _check(lo <= value <= hi, f"{name} must be in [{lo}, {hi}]", name)
+            setattr(self, name, int(value))  # numpy's too
+        for name in _FLOATS:
+            value = getattr(self, name)
+            _check(_is_number(value), f"{name} must be a number", name)
+            try:
+                setattr(self, name, float(value))
+            except OverflowError:  # an int like 10**400 has no float
+                _check(False, f"{name} is out of range", name)
+        for name in _BOOLS:
+            _check(isinstance(getattr(self, name), bool), f"{name} must be true or false", name)
+        stop, ids = self.stop, self.stop_token_ids
+        ok_stop = isinstance(stop, list) and all(isinstance(x, str) for x in stop)
+        _check(ok_stop, "stop must be strings", "stop")
+        ok_ids = isinstance(ids, list) and all(_is_int(t) and t <= INT_MAX for t in ids)
+        _check(ok_ids, "stop_token_ids must be integers", "stop_token_ids")
+        self.stop_token_ids = [int(t) for t in ids]
 
     def _float32_safe(self) -> None:
         """Move values float32 cannot carry to the nearest ones that pick the same tokens."""

@@ -80,6 +80,10 @@ class ServerMetrics:
             registry=r,
         )
         self._kv_seen = {"sent": 0, "received": 0, "timed": 0}
+        self.peer_dropped = Counter(
+            "pdserve_peer_messages_dropped", "KV peer messages dropped, by reason", ["reason"], registry=r
+        )
+        self._dropped_seen: dict[str, int] = {}
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -107,6 +111,10 @@ class ServerMetrics:
             if total > seen[direction]:
                 counter.inc(total - seen[direction])
                 seen[direction] = total
+        for reason, total in stats.peer_messages_dropped.items():
+            if total > self._dropped_seen.get(reason, 0):  # an older snapshot adds nothing
+                self.peer_dropped.labels(reason=reason).inc(total - self._dropped_seen.get(reason, 0))
+                self._dropped_seen[reason] = total
         times = stats.kv_transfer_times
         for seconds in times.since(seen["timed"]):
             self.kv_seconds.observe(seconds)

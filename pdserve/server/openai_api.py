@@ -130,19 +130,26 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
 
 def run_server(config: ServerConfig) -> None:
-    """Start the engine, serve HTTP until SIGTERM/SIGINT, then stop both cleanly (exit status 0)."""
+    """Start the engine, serve HTTP until SIGTERM/SIGINT, then stop both cleanly (exit status 0).
+    If the engine dies, answer the requests in flight (errors), stop, and exit with
+    EngineDeadError.EXIT_STATUS so that a supervisor restarts this instance."""
     engine = AsyncEngine(config.engine)
     logger.info("loading %s", config.engine.model.path)
     engine.start()
     try:
         app = build_app(engine, config)
         server = _make_uvicorn(app, config)
+        engine.on_dead = lambda reason: setattr(server, "should_exit", True)  # uvicorn drains, then stops
+        server.should_exit = engine.fatal_error is not None  # died before on_dead was set
         name = config.served_model_name or engine.model_name
         logger.info("serving %s at http://%s:%d/v1", name, config.host, config.port)
         server.run()  # returns once a signal asked it to stop and open requests drained
     finally:
         engine.shutdown()
         logger.info("stopped")
+    if engine.fatal_error is not None:
+        logger.error("exiting: the engine has died (%s)", engine.fatal_error)
+        raise SystemExit(EngineDeadError.EXIT_STATUS)
 
 
 def _make_uvicorn(app: FastAPI, config: ServerConfig) -> Any:

@@ -45,7 +45,11 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., str]]:
 
 def test_non_streamed_disconnect_counts_abort_once(server: ServerProcess) -> None:
     def aborts() -> float:
-        return metric(httpx.get(f"{server.url}/metrics", headers=server.headers).text, "pdserve_requests_total", outcome="abort")
+        return metric(
+            httpx.get(f"{server.url}/metrics", headers=server.headers).text,
+            "pdserve_requests_total",
+            outcome="abort",
+        )
 
     before = aborts()
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}
