@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import queue
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +28,8 @@ from pdserve.disagg import schemas
 from pdserve.disagg.actions import Action, Activate, Cancel, Fail, StartPrefill
 from pdserve.disagg.connector import KVConnector
 from pdserve.disagg.handoff import FirstToken, FromPrefill
-from pdserve.disagg.transport.tcp import TcpTransport
+from pdserve.disagg.transport.auth import answer_listener
+from pdserve.disagg.transport.tcp import TcpTransport, data_address
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import InvalidRequestError
 from tests.e2e.cluster import cluster_secret
@@ -353,3 +356,21 @@ def test_kv_bytes_land_only_in_the_reserved_blocks_at_their_size(ends):
     ready = _wait_for(c, Activate)
     assert ready.request_id == "r4" and ready.first == FirstToken(5)
     assert c.kv_cache[:, :, [6, 1]].any() and not c.kv_cache[:, :, [2, 3, 4, 5]].any()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_payload_claimed_larger_than_any_transfer_is_not_read(ends):
+    """An authenticated peer naming 1 TiB of bytes on the data port: the transfer fails and the
+    receiver never allocates for it (before: bytearray(2**40), a MemoryError in the data thread)."""
+    c, a, _ = ends
+    tid = _receiving(c, a, "r1", [2])
+    header = p.encode(p.KVData(a.address, tid, [2], 1 << 40))
+    with socket.create_connection(data_address(c.address), timeout=5) as sock:
+        answer_listener(sock, cluster_secret())
+        sock.sendall(struct.pack("!I", len(header)) + header)
+        assert _wait_for(c, Fail).request_id == "r1"
+        assert sock.recv(1) == b""  # the receiver dropped the connection
+    tid = _receiving(c, a, "r2", [3])  # and still takes KV
+    a.send(c.address, p.KVData(a.address, tid, [3], c.block_bytes), bytes(c.block_bytes))
+    a.send(c.address, p.Done(a.address, tid, 5))
+    assert _wait_for(c, Activate).request_id == "r2"

@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 RECV_TIMEOUT_S = 30.0  # a sender silent this long mid-payload is cut off
 SEND_HWM = 1024  # control messages queued per peer before sends are dropped
+MAX_HEADER_BYTES = 1 << 20  # a KVData header is a few hundred bytes; a longer one is not ours
+# Bytes the receiver did not place straight into reserved blocks are staged for the connector to judge
+# (it refuses them: a real transfer always lands in place); more than this is not worth reading
+MAX_STAGED_BYTES = 64 << 20
 _LEN = struct.Struct("!I")
 
 
@@ -260,6 +264,8 @@ class TcpTransport(KVTransport):
                     conn.settimeout(None)  # an idle link may stay quiet for as long as it likes
                     (length,) = _LEN.unpack(_recv_exact(conn, memoryview(bytearray(_LEN.size))))
                     conn.settimeout(RECV_TIMEOUT_S)  # but once a message has begun, it must go on
+                    if length > MAX_HEADER_BYTES:
+                        raise ValueError(f"a {length}-byte KV data header")
                     msg = decode(bytes(_recv_exact(conn, memoryview(bytearray(length)))))
                 except (OSError, ConnectionError, ValueError, TypeError):
                     return  # peer closed or sent garbage: drop the connection
@@ -271,6 +277,10 @@ class TcpTransport(KVTransport):
                     continue
                 if views is not None and self.payload_done is not None:
                     self.payload_done(msg, False)  # a target of the wrong size: refuse it
+                if nbytes > MAX_STAGED_BYTES:
+                    logger.warning("dropping a KV data connection that sent %d bytes for no transfer", nbytes)
+                    self._handle(msg, None)  # the connector fails the transfer it names, if any
+                    return
                 try:
                     if len(staging) < nbytes:
                         staging = bytearray(nbytes)
