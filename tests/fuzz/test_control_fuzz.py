@@ -13,8 +13,7 @@ cluster (two `pdserve serve` processes and a router, all with one cluster secret
     afterwards        both pools free, and the cluster's greedy answer is what it was
 
 Frames travel as a peer's would: through a TcpTransport (replies, KV bytes) and a ZeroMQ DEALER per
-instance (frames no Message can hold), both with the cluster secret's CURVE keys once the transport
-takes a secret. Deterministic (derandomized hypothesis, no database) and bounded: an instance found
+instance (frames no Message can hold), both with the cluster secret's CURVE keys. Deterministic (derandomized hypothesis, no database) and bounded: an instance found
 dead ends its fuzz early; every violation is gathered and reported.
 """
 
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import inspect
 import queue
 import time
 import types
@@ -39,15 +37,13 @@ import zmq
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, sign_handoff
+from pdserve.cluster_secret import sign_handoff
 from pdserve.disagg import protocol as p
 from pdserve.disagg.transport.tcp import TcpTransport
-from tests.e2e.cluster import MODEL, Instance, Router, wait_until
+from tests.e2e.cluster import MODEL, Instance, Router, cluster_secret, wait_until
 from tests.fuzz.strategies import NESTED_FRAME, ControlContext, Reply, control_frame, encode, prefill_replies
 
-SECRET_TEXT = "pdserve-fuzz-cluster-secret-0123456789"
-SECRET = ClusterSecret.from_text(SECRET_TEXT)
-TAKES_SECRET = "secret" in inspect.signature(TcpTransport.__init__).parameters  # the CURVE change
+SECRET = cluster_secret()  # the one every instance and router of tests/e2e/cluster.py is given
 REPLY_TIMEOUT_S = 10.0
 SETTLE_S = 0.5  # how long a fake prefill's answers may take to end a request by themselves
 GREEDY = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0}
@@ -155,11 +151,9 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = tmp_path_factory.mktemp("control-fuzz")
-    env = {SECRET_ENV: SECRET_TEXT}
-    prefill = Instance("prefill", "prefill", model_dir, log_dir, env=env)
-    decode = Instance("decode", "decode", model_dir, log_dir, env=env)
+    prefill = Instance("prefill", "prefill", model_dir, log_dir)
+    decode = Instance("decode", "decode", model_dir, log_dir)
     router = Router(log_dir / "router.log", [prefill.url], [decode.url], health_interval=0.5)
-    router.proc.env = {SECRET_ENV: SECRET_TEXT}
     try:
         for instance in (prefill, decode):
             instance.start()
@@ -180,7 +174,7 @@ class Peer:
     from it), and a DEALER per instance for raw frames."""
 
     def __init__(self) -> None:
-        kwargs: dict[str, Any] = {"secret": SECRET} if TAKES_SECRET else {}
+        kwargs: dict[str, Any] = {"secret": SECRET}
         self.transport = TcpTransport("127.0.0.1", 0, **kwargs)
         self.inbox: queue.SimpleQueue[p.Message] = queue.SimpleQueue()
         self.transport.start(self._on_message)
@@ -200,9 +194,9 @@ class Peer:
         if peer not in self.dealers:
             sock = self.zmq.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            if TAKES_SECRET:  # as the contract says: a CURVE client of the instance's CURVE server
-                sock.curve_publickey, sock.curve_secretkey = SECRET.curve_keypair("client")
-                sock.curve_serverkey = SECRET.curve_keypair("server")[0]
+            # a CURVE client of the instance's CURVE server, with the cluster's keys
+            sock.curve_publickey, sock.curve_secretkey = SECRET.curve_keypair("client")
+            sock.curve_serverkey = SECRET.curve_keypair("server")[0]
             sock.connect(peer)
             self.dealers[peer] = sock
         self.dealers[peer].send(frame)
@@ -258,10 +252,10 @@ def peer() -> Iterator[Peer]:
 
 @pytest.fixture(scope="module")
 def handoff(cluster: Cluster, peer: Peer) -> Handoff:
-    """Ask the decode instance for one transfer from us (signed hand-off fields; unsigned if this
-    build does not take signed ones yet) and learn its KV layout from the Handshake it sends."""
+    """Ask the decode instance for one transfer from us (signed hand-off fields) and learn its KV
+    layout from the Handshake it sends."""
     fields = {"prefill_kv_addr": peer.address, "prefill_url": "http://127.0.0.1:9"}
-    for params in (sign_handoff(SECRET, fields), fields):
+    for params in (sign_handoff(SECRET, fields),):
         session = start_request(cluster, params)
         shake = peer.wait_for(lambda m: isinstance(m, p.Handshake), timeout=5.0)
         if shake is None:
@@ -485,4 +479,4 @@ def test_decode_survives_a_lying_prefill(cluster: Cluster, peer: Peer, handoff: 
     peer.drain()
     check_after(cluster, findings)
     assert not findings.violations, findings.report()
-    assert findings.frames >= 80, f"only {findings.frames} replies were sent"
+    assert findings.frames >= 30, f"only {findings.frames} replies were sent"  # not vacuous: ~1 a session
