@@ -13,8 +13,9 @@ cluster (two `pdserve serve` processes and a router, all with one cluster secret
     afterwards        both pools free, and the cluster's greedy answer is what it was
 
 Frames travel as a peer's would: through a TcpTransport (replies, KV bytes) and a ZeroMQ DEALER per
-instance (frames no Message can hold), both with the cluster secret's CURVE keys. Deterministic (derandomized hypothesis, no database) and bounded: an instance found
-dead ends its fuzz early; every violation is gathered and reported.
+instance (frames no Message can hold), both with the cluster secret's CURVE keys. Deterministic
+(derandomized hypothesis, no database) and bounded: an instance found dead ends its fuzz early;
+every violation is gathered and reported.
 """
 
 from __future__ import annotations
