@@ -7,10 +7,12 @@ prefill and decode engines (separate KV pools) joined by the in-process KV trans
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pdserve.cluster_secret import ClusterSecret
 from pdserve.config import EngineConfig
 from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.engine import Engine
@@ -40,6 +42,10 @@ def _start_engines(
     (TP prefill_tp) and `decode` decode engines joined by config.disagg.kv_transport."""
     if (prefill > 0) != (decode > 0):
         raise ValueError("disaggregated serving needs at least one prefill and one decode engine")
+    if config.disagg.cluster_secret is None and config.disagg.kv_transport != "inproc":
+        # engines of one process on network ports: a secret of their own, which nobody else holds
+        secret = ClusterSecret.from_text(secrets.token_urlsafe(32))
+        config = replace(config, disagg=replace(config.disagg, cluster_secret=secret))
     prefill_config = replace(
         config,
         model=replace(config.model, tensor_parallel_size=prefill_tp),

@@ -30,6 +30,8 @@ def test_disaggregated_greedy_equals_transformers(
         assert sum(p.num_prefill_tokens for p in llm.prefill_engines) == sum(len(p) for p in prompt_ids)
         assert all(e.connector and e.connector.bytes_received > 0 for e in llm.engines)
         assert llm.check_pool_free()
+        secrets = {e.config.disagg.cluster_secret for e in [*llm.engines, *llm.prefill_engines]}
+        assert len(secrets) == 1 and (None in secrets) == (transport == "inproc"), "tcp runs unauthenticated"
     finally:
         llm.close()
 
