@@ -86,6 +86,8 @@ class RequestBuilder:
             )
 
     def check_common(self, req: p.SamplingRequest) -> None:
+        if req.kv_transfer_params is not None:  # before tokenizing: a forged hand-off costs nothing
+            req.kv_transfer_params.verified(self.engine.config.disagg)
         if req.stream_options is not None and not req.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
         if req.logit_bias:
