@@ -21,6 +21,7 @@ from pdserve import options
 from pdserve.bench.cli import add_bench_parser
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
 from pdserve.config import ServerConfig
+from pdserve.deploy.cli import add_deploy_parser
 from pdserve.launcher import add_up_parser
 from pdserve.router.cli_commands import LOG_LEVELS, add_router_parser
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_parser(sub)
     add_up_parser(sub)
     add_bench_parser(sub)
+    add_deploy_parser(sub)
     return parser
 
 
