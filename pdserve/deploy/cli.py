@@ -63,7 +63,12 @@ def add_deploy_parser(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--policy", choices=POLICIES, default="round_robin", help="the router's policy")
     d.add_argument("--no-api-key", dest="api_key", action="store_false", help="no API key from the Secret")
     d.add_argument("--output", default=None, metavar="DIR", help="write the files here (default: stdout)")
-    d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much the log shows",
+    )
     d.set_defaults(func=run_deploy)
 
 

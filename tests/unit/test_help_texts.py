@@ -28,7 +28,17 @@ _SERVE_DEFAULTS = {flag: o for o in OPTIONS for flag in o.flags}  # `up` passes 
 
 
 def test_every_command_is_walked() -> None:
-    expected = {"serve", "prepare", "router", "up", "bench", "bench serve", "bench sweep", "bench plot"}
+    expected = {
+        "serve",
+        "prepare",
+        "router",
+        "up",
+        "bench",
+        "bench serve",
+        "bench sweep",
+        "bench plot",
+        "deploy",
+    }
     assert {name.removeprefix("pdserve ") for name in COMMANDS} == expected
 
 
