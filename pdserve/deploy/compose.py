@@ -111,6 +111,6 @@ def generate(layout: Layout, header: list[str]) -> dict[str, str]:
         f"  mkdir -p secrets && head -c 32 /dev/urandom | base64 > secrets/{SECRET_KEY_FILE}",
     ]
     if layout.api_key:
-        howto.append(f"  echo YOUR-API-KEY > secrets/{API_KEY_KEY}")
+        howto.append(f"  printf %s YOUR-API-KEY > secrets/{API_KEY_KEY}")
     howto.append("then: docker compose up -d; clients call http://localhost:" + str(layout.http_port))
     return {"compose.yaml": yaml_documents([*header, *howto], [doc])}

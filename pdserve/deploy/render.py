@@ -19,9 +19,9 @@ def secret_instructions(layout: Layout) -> list[str]:
     """How to create the Secret the manifests mount (values never go in a manifest)."""
     api_key = f" --from-file={API_KEY_KEY}=./{API_KEY_KEY}" if layout.api_key else ""
     return [
-        "Create the Secret first (a random cluster secret, and the API key clients will send):",
+        "Create the Secret first (a random cluster secret; the API key clients send, without a newline):",
         "  head -c 32 /dev/urandom | base64 > cluster-secret",
-        *([f"  echo YOUR-API-KEY > {API_KEY_KEY}"] if layout.api_key else []),
+        *([f"  printf %s YOUR-API-KEY > {API_KEY_KEY}"] if layout.api_key else []),
         f"  kubectl create secret generic {layout.secret_name()} "
         f"--from-file={SECRET_KEY_FILE}=./{SECRET_KEY_FILE}{api_key}",
     ]

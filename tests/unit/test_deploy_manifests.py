@@ -333,3 +333,21 @@ def test_the_cpu_image_builds_and_knows_the_commands() -> None:
     for command in ("serve", "up", "router"):
         run = ["docker", "run", "--rm", "pdserve:cpu-test", "pdserve", command, "--help"]
         assert subprocess.run(run, capture_output=True, timeout=300).returncode == 0
+
+
+def test_the_cpu_image_installs_as_make_install_does() -> None:
+    """Without a container engine: the CPU image runs the README's `make install`, every file it copies
+    passes .dockerignore, and its user is the one the manifests' securityContext names."""
+    dockerfile = (DEPLOY / "Dockerfile.cpu").read_text()
+    assert re.search(r"^RUN .*\bmake install\b", dockerfile, re.M)
+    assert 'CMD ["pdserve", "up"' in dockerfile and "useradd --uid 1000" in dockerfile
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):
+        for source in line.split():
+            assert source in allowed and (ROOT / source).exists(), source
+    template = _docs(_only(generate("kubernetes", LAYOUTS["seed"])))[1]["spec"]["template"]
+    assert template["spec"]["securityContext"]["runAsUser"] == 1000
