@@ -10,8 +10,8 @@ One instance pod:
 - a preStop sleep: the pod leaves the headless Service at once, and the router's DNS re-resolution
   sees it gone while it still serves; then SIGTERM, and uvicorn drains what is in flight;
 - Prometheus scrape annotations on /metrics, which --metrics-public serves without the key.
-The router pod is the same, except its liveness is a TCP check: its /health answers 503 while no
-instance is healthy, which must take it out of the Service, not restart it.
+The router pod is the same, except its startup and liveness probes are TCP checks: its /health
+answers 503 while no instance is healthy, which must take it out of the Service, not restart it.
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ def container(layout: Layout, command: str, argv: list[str]) -> Obj:
             mounts.append({"name": "model", "mountPath": layout.model_mount, "readOnly": True})
         if layout.gpus:
             resources = {"limits": {"nvidia.com/gpu": str(layout.gpus)}}
-    startup_failures = 180 if command == "serve" else 30  # up to 30 min to load the weights
+    # an instance's /health answers once the weights are loaded (up to 30 min); the router's is 503
+    # until some instance is healthy, which must not restart it: its startup and liveness are TCP
+    own_health = "/health" if command == "serve" else None
+    startup_failures = 180 if command == "serve" else 30
     return {
         "name": "pdserve",
         "image": layout.image,
@@ -92,9 +95,9 @@ def container(layout: Layout, command: str, argv: list[str]) -> Obj:
         "ports": _ports(layout, command),
         "resources": resources,
         "volumeMounts": mounts,
-        "startupProbe": _probe("/health", "http", 10, startup_failures),
+        "startupProbe": _probe(own_health, "http", 10, startup_failures),
         "readinessProbe": _probe("/health", "http", 5, 2),
-        "livenessProbe": _probe("/health" if command == "serve" else None, "http", 10, 6),
+        "livenessProbe": _probe(own_health, "http", 10, 6),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(DRAIN_S)]}}},
     }
 

@@ -134,8 +134,11 @@ def _check_pod(layout: Layout, template: Obj, container: Obj, secret_file: Path)
         assert args.kv_advertise_host == "$(POD_IP)"
         assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
         assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+        assert container["startupProbe"]["httpGet"]["path"] == "/health"
         gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
         assert gpus == (str(layout.tp) if layout.device == "cuda" else None)
+    else:  # its /health is 503 while no instance is: that takes it out of the Service, never restarts it
+        assert "tcpSocket" in container["startupProbe"] and "tcpSocket" in container["livenessProbe"]
     return component, args
 
 
