@@ -192,6 +192,31 @@ def test_redis_down_serving_goes_on_and_the_registry_refills(cluster: Cluster) -
         assert "unreachable" in getattr(cluster, name).proc.log(20000), "the outage is in the log"
 
 
+def test_a_router_of_dns_names(cluster: Cluster, tmp_path: Path) -> None:
+    """dns://localhost:PORT through the system resolver, in a real router: every address of the name
+    joins (127.0.0.1, and ::1 where localhost has it, never healthy here), and a request goes through."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), "--health-interval", "0.5"]
+    cmd += [
+        "--prefill",
+        f"dns://localhost:{cluster.prefill.port}",
+        "--decode",
+        f"dns://localhost:{cluster.decode.port}",
+    ]
+    cmd += ["--cluster-secret-file", str(secret_file())]
+    router = Proc(cmd, tmp_path / "dns-router.log").start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        up = wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 30)
+        assert up and router.alive, router.log()
+        table = {i["url"]: i for i in httpx.get(f"{url}/router/instances", timeout=5).json()["instances"]}
+        assert table[cluster.prefill.url]["healthy"] and table[cluster.decode.url]["role"] == "decode"
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0.0}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code == 200
+    finally:
+        router.stop()
+
+
 def test_clean_exit_deregisters_and_a_killed_instance_expires(cluster: Cluster) -> None:
     prefill_key, decode_key = (f"pdserve:member:{i.url}" for i in (cluster.prefill, cluster.decode))
     assert cluster.prefill.proc is not None and cluster.decode.proc is not None
