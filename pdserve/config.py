@@ -154,3 +154,5 @@ class ServerConfig:
     max_chat_messages: int = DEFAULT_MAX_CHAT_MESSAGES
     metrics_public: bool = False  # /metrics without the API key
     access_log_polls: bool = False  # keep /health, /pd/info, /metrics polls in the access log
+    registry: str | None = None  # redis://HOST:PORT[/DB]: registered there while serving
+    registry_ttl: float = 10.0  # seconds the registry entry outlives its last refresh

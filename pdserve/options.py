@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.cli_types import int_at_least, parse_size
+from pdserve.cli_types import int_at_least, parse_size, positive_float
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, SecretError
 from pdserve.config import (
     ROLES,
@@ -30,6 +30,7 @@ from pdserve.config import (
 )
 from pdserve.http_edge.limits import DEFAULT_MAX_CHAT_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
 from pdserve.kernels.config import KernelConfig
+from pdserve.registry.redis_keys import check_registry_url
 
 _positive = int_at_least(1)
 API_KEY_ENV = "PDSERVE_API_KEY"  # read when --api-key is not given (how `pdserve up` passes it)
@@ -42,6 +43,14 @@ def cluster_secret_file(path: str) -> ClusterSecret:
     try:
         return ClusterSecret.from_file(path)
     except SecretError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def registry_url(text: str) -> str:
+    """An argparse type: a redis:// registry URL."""
+    try:
+        return check_registry_url(text)
+    except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -367,6 +376,27 @@ OPTIONS: tuple[Option, ...] = (
         flag=True,
         const=True,
         help="keep successful GET /health, /pd/info and /metrics polls in the access log",
+        offline=False,
+    ),
+    Option(
+        "registry",
+        ("--registry",),
+        "server",
+        type=registry_url,
+        metavar="URL",
+        help="redis://HOST:PORT[/DB]: register this instance there while it serves (routers find it)",
+        group=DISAGG_GROUP,
+        offline=False,
+    ),
+    Option(
+        "registry_ttl",
+        ("--registry-ttl",),
+        "server",
+        default=10.0,
+        type=positive_float,
+        metavar="SECONDS",
+        help="the registry entry expires this long after the last refresh (refreshed every third of it)",
+        group=DISAGG_GROUP,
         offline=False,
     ),
 )

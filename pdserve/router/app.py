@@ -38,8 +38,11 @@ from pdserve.http_edge.body_limit import BodyLimit
 from pdserve.http_edge.limits import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.http_edge.slashes import TrailingSlash
 from pdserve.http_edge.uvicorn_setup import uvicorn_config
+from pdserve.registry.dns import is_dns_url, parse_dns_url
+from pdserve.registry.redis_keys import check_registry_url, redact
 from pdserve.router.errors import RouterError, error_body, unavailable
-from pdserve.router.instances import HealthPoller, Registry
+from pdserve.router.instances import HealthPoller, Registry, Role
+from pdserve.router.membership import MembershipWatcher, membership_sources
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, make_policy
 from pdserve.router.proxy import Call, Proxy
@@ -67,12 +70,20 @@ class RouterConfig:
     cluster_secret: ClusterSecret | None = None  # signs the hand-off fields sent to decode instances
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body: 413, before it is read whole
     metrics_public: bool = False  # /metrics without the API key
+    registry: str | None = None  # redis://HOST:PORT[/DB]: instances join and leave through it
 
     def __post_init__(self) -> None:
         if self.instances and (self.prefill or self.decode):
             raise ValueError("give either --instance (colocated) or --prefill and --decode, not both")
-        if not self.instances and not (self.prefill and self.decode):
-            raise ValueError("give at least one --prefill and one --decode instance, or --instance")
+        if not self.registry and not self.instances and not (self.prefill and self.decode):
+            raise ValueError(
+                "give at least one --prefill and one --decode instance, --instance, or --registry"
+            )
+        if self.registry is not None:
+            check_registry_url(self.registry)
+        for url in (*self.prefill, *self.decode, *self.instances):
+            if is_dns_url(url):
+                parse_dns_url(url)
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if min(self.health_interval, self.health_timeout, self.request_timeout) <= 0:
@@ -215,6 +226,26 @@ def _install_error_handlers(app: FastAPI, metrics: RouterMetrics) -> None:
     app.add_exception_handler(Exception, internal)
 
 
+def _membership_watcher(
+    config: RouterConfig, registry: Registry, metrics: RouterMetrics, poller: HealthPoller
+) -> MembershipWatcher | None:
+    """What follows dns:// names and the registry; None when every instance is a fixed URL."""
+    lists: tuple[tuple[Role, tuple[str, ...]], ...] = (
+        ("prefill", config.prefill),
+        ("decode", config.decode),
+        ("both", config.instances),
+    )
+    up = None
+    if config.registry is not None:
+        from prometheus_client import Gauge
+
+        up = Gauge(
+            "pdserve_registry_up", "1: the registry answered the latest read", registry=metrics.registry
+        )
+    sources = membership_sources(lists, config.registry, lambda ok: up.set(int(ok)) if up else None)
+    return MembershipWatcher(registry, sources, poller.check_soon) if sources else None
+
+
 def build_app(config: RouterConfig) -> FastAPI:
     """The router app; its HTTP client and health poller live as long as the app is served."""
     registry = Registry.build(config.prefill, config.decode, config.instances)
@@ -227,12 +258,17 @@ def build_app(config: RouterConfig) -> FastAPI:
         async with Upstream(config.request_timeout, stale, config.instance_headers) as client:
             poller = HealthPoller(registry, client, config.health_interval, config.health_timeout)
             app.state.proxy = Proxy(registry, policy, metrics, poller, client, config.cluster_secret)
+            watcher = _membership_watcher(config, registry, metrics, poller)
+            if watcher is not None:
+                await watcher.start()
             await poller.check_all()
             poller.start()
             try:
                 yield
             finally:
                 await poller.stop()
+                if watcher is not None:
+                    await watcher.stop()
 
     docs: dict[str, Any] = {} if config.api_key is None else API_DOCS_OFF
     app = FastAPI(title="pdserve router", version="0.1.0", lifespan=lifespan, redirect_slashes=False, **docs)
@@ -262,6 +298,8 @@ def run_router(config: RouterConfig, log_level: str = "info") -> None:
         if config.instances
         else (f"{len(config.prefill)} prefill + {len(config.decode)} decode")
     )
+    if config.registry is not None:
+        modes += " + those registered in " + redact(config.registry)
     logger.info(
         "router at http://%s:%d/v1 in front of %s instances (%s)",
         config.host,

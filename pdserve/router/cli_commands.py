@@ -2,6 +2,8 @@
 
     pdserve router --prefill URL [URL ...] --decode URL [URL ...]     disaggregated
     pdserve router --instance URL [URL ...]                           colocated ("both" instances)
+    pdserve router --registry redis://HOST:PORT                       whoever registered there
+A URL may be dns://NAME:PORT: every address of the name, re-resolved every few seconds.
 
 The parsers are added to the one `pdserve` command (pdserve/cli.py); `up` shares the routing options.
 """
@@ -71,11 +73,17 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
     r = subparsers.add_parser(
         "router",
         help="route OpenAI requests to prefill + decode instances (or colocated ones)",
-        description="Give --prefill and --decode instances (disaggregated), or --instance (colocated).",
+        description="Give --prefill and --decode instances (disaggregated), --instance (colocated), or "
+        "--registry.",
         formatter_class=HelpFormatter,
     )
     r.add_argument(
-        "--prefill", nargs="+", action="extend", default=[], metavar="URL", help="prefill instances"
+        "--prefill",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="URL",
+        help="prefill instances (http://HOST:PORT, or dns://NAME:PORT for every address of a name)",
     )
     r.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL", help="decode instances")
     r.add_argument(
@@ -100,6 +108,12 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a larger request body is answered 413 before it is read, e.g. 16MiB",
     )
     r.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    r.add_argument(
+        "--registry",
+        default=None,
+        metavar="URL",
+        help="redis://HOST:PORT[/DB]: follow the instances registered there (no URL lists needed)",
+    )
     r.set_defaults(func=run_router)
 
 
@@ -123,6 +137,7 @@ def run_router(args: argparse.Namespace) -> None:
             cluster_secret=args.cluster_secret or ClusterSecret.from_env(),
             max_request_bytes=args.max_request_bytes,
             metrics_public=args.metrics_public,
+            registry=args.registry,
         )
     except ValueError as e:
         logger.error("%s", e)

@@ -1,6 +1,8 @@
 """The instances behind the router: who they are, whether they can serve, and how busy they are.
 
-The router owns one `Instance` per URL given on its command line; `HealthPoller` checks each one every
+The router owns one `Instance` per URL given on its command line, and, with dns:// URLs or a registry,
+one per member its sources see now (`Registry.sync`: instances join and leave while serving; a request
+in flight keeps the Instance it holds). `HealthPoller` checks each one every
 interval (GET /health, then GET /pd/info) and the proxy marks one down at once when it refuses a
 connection. A poll that fails on a keep-alive connection the instance had closed is retried on a new
 connection first (upstream.py), so a race on an idle connection never takes an instance out. An
@@ -22,6 +24,8 @@ from typing import Any, Literal, cast
 
 import httpx
 
+from pdserve.registry.dns import is_dns_url
+from pdserve.registry.membership import Seen
 from pdserve.router.upstream import Upstream
 
 logger = logging.getLogger(__name__)
@@ -189,17 +193,39 @@ class Registry:
 
     @classmethod
     def build(cls, prefill: Iterable[str], decode: Iterable[str], both: Iterable[str]) -> Registry:
+        """The instances named by URL (dns:// names join later, through `sync`)."""
         instances: list[Instance] = []
         for role, urls in (("prefill", prefill), ("decode", decode), ("both", both)):
-            instances += [Instance(normalize_url(u), cast(Role, role)) for u in urls]
+            instances += [Instance(normalize_url(u), cast(Role, role)) for u in urls if not is_dns_url(u)]
         seen = [i.url for i in instances]
         if len(set(seen)) != len(seen):
             raise ValueError("each instance URL may be given once")
         return cls(instances)
 
+    def sync(self, seen: Iterable[Seen]) -> list[Instance]:
+        """Follow the members the sources see now: new ones join (not healthy until checked), missing
+        ones leave. A URL seen in two roles keeps the role it has (else the first role in ROLES order).
+        Returns the instances that joined."""
+        wanted: dict[str, Role] = {}
+        for s in sorted(seen, key=lambda s: (ROLES.index(s.role), s.url)):
+            url = normalize_url(s.url)
+            have = next((i.role for i in self.instances if i.url == url and i.role == s.role), None)
+            wanted[url] = have or wanted.get(url, s.role)
+        kept = [i for i in self.instances if wanted.get(i.url) == i.role]
+        for gone in (i for i in self.instances if wanted.get(i.url) != i.role):
+            logger.info("instance %s (%s) left the cluster", gone.url, gone.role)
+        known = {i.url for i in kept}
+        joined = [Instance(url, role) for url, role in wanted.items() if url not in known]
+        for new in joined:
+            logger.info("instance %s (%s) joined the cluster", new.url, new.role)
+        self.instances = kept + joined  # a new list: a scrape iterating the old one is undisturbed
+        return joined
+
     @property
     def colocated(self) -> bool:
-        return any(i.role == "both" for i in self.instances)
+        """Colocated ("both") instances only; with any prefill or decode instance the router disaggregates."""
+        roles = {i.role for i in self.instances}
+        return "both" in roles and not roles & {"prefill", "decode"}
 
     @property
     def needed_roles(self) -> tuple[Role, ...]:

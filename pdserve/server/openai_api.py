@@ -35,6 +35,7 @@ from pdserve.server import protocol as p
 from pdserve.server.errors import AuthenticationError, ErrorKind, install_error_handlers
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.pd_routes import pd_router
+from pdserve.server.registration import registration_lifespan
 from pdserve.server.request_builder import RequestBuilder
 from pdserve.server.streaming import GenerationRunner
 
@@ -111,7 +112,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics()
     server = OpenAIServer(engine, config, metrics)
     docs: dict[str, Any] = {} if config.api_key is None else API_DOCS_OFF
-    app = FastAPI(title="pdserve", version="0.1.0", redirect_slashes=False, **docs)
+    lifespan = registration_lifespan(engine, config, metrics.registry)
+    app = FastAPI(title="pdserve", version="0.1.0", redirect_slashes=False, lifespan=lifespan, **docs)
     app.state.server = server
     app.state.metrics = metrics
 

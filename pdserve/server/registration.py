@@ -1,0 +1,69 @@
+"""The server's side of `--registry`: this instance's entry, kept in Redis while the app is served.
+
+    entry = {role, model, url (how peers reach this HTTP front), kv_addr, tp, load}
+
+The URL's host is --kv-advertise-host when given, else --host, else (a wildcard bind) this machine's
+name. Registration starts with the app (its lifespan) and its entry is removed when the app stops;
+`pdserve_registry_up` (0/1) on /metrics says whether the latest refresh reached Redis.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from pdserve.config import ServerConfig
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.registry.member import Member, Role
+from pdserve.registry.redis_registry import Registration
+
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def advertised_url(config: ServerConfig) -> str:
+    host = config.engine.disagg.kv_advertise_host or config.host
+    if host in _WILDCARDS:
+        host = socket.getfqdn()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{config.port}"
+
+
+def member_of(engine: AsyncEngine, config: ServerConfig) -> Callable[[], Member]:
+    url = advertised_url(config)
+    tp = config.engine.model.tensor_parallel_size
+
+    def entry() -> Member:
+        model = config.served_model_name or engine.model_name or None
+        return Member(cast(Role, engine.role), url, model, engine.kv_addr, tp, dict(engine.load))
+
+    return entry
+
+
+def registration_lifespan(
+    engine: AsyncEngine, config: ServerConfig, metrics_registry: CollectorRegistry
+) -> Callable[[Any], AbstractAsyncContextManager[None]] | None:
+    """The app's lifespan that registers this instance; None without --registry."""
+    if config.registry is None:
+        return None
+    url: str = config.registry
+    up = Gauge(
+        "pdserve_registry_up", "1: the latest registry refresh reached Redis", registry=metrics_registry
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        registration = Registration(
+            url, member_of(engine, config), config.registry_ttl, lambda ok: up.set(ok)
+        )
+        registration.start()
+        try:
+            yield
+        finally:
+            await registration.stop()
+
+    return lifespan
