@@ -233,11 +233,8 @@ class Sender:
         """Why the destination blocks do not cover the prompt after the decode's cached prefix ("": they
         do). The prefix is whole blocks and leaves at least one token to send (KV goes with the first
         token); a peer that reserved fewer blocks without saying so is refused here."""
-        block_size, n, cached = (
-            self.link.layout.get("block_size"),
-            len(msg.prompt_token_ids),
-            msg.cached_blocks,
-        )
+        block_size = self.link.layout.get("block_size")
+        n, cached = len(msg.prompt_token_ids), msg.cached_blocks
         if not block_size:
             return ""
         if cached * block_size >= n:
