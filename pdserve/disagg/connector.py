@@ -141,9 +141,11 @@ class KVConnector:
         prompt_token_ids: list[int],
         params: dict[str, Any],
         block_ids: list[int],
+        cached_blocks: int = 0,
     ) -> None:
-        """Blocks for the request's prompt are reserved: ask its prefill instance to fill them."""
-        self.receiver.start(request_id, source, prompt_token_ids, params, block_ids)
+        """Blocks for the request's prompt after its first `cached_blocks` (cached here) are reserved:
+        ask its prefill instance to fill them."""
+        self.receiver.start(request_id, source, prompt_token_ids, params, block_ids, cached_blocks)
 
     def layer_hook(self, prompts: list[PromptKV]) -> Callable[[int], None] | None:
         return self.sender.layer_hook(prompts)

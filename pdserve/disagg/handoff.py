@@ -1,7 +1,8 @@
 """The typed hand-off between instances: what each side is asked for and what a transfer reports.
 
     entry ── FromPrefill(prefill_kv_addr, prefill_url) ──▶ decode   (HTTP: kv_transfer_params)
-    decode ── Reserve ──▶ prefill: the prefill's request gets ToDecode(transfer_id, decode_addr, blocks)
+    decode ── Reserve ──▶ prefill: the prefill's request gets ToDecode(transfer_id, decode_addr, blocks,
+                                   cached_blocks: the prompt's leading blocks decode has, none sent)
     prefill ── Done ──▶ decode: FirstToken(token_id, logprob, top) and the prompt's cached tokens
 
 A request holds one of the first two (or none: it is local) and never changes it; per-transfer state
@@ -25,11 +26,13 @@ class FromPrefill:
 @dataclass(frozen=True)
 class ToDecode:
     """Prefill side: this request's prompt KV goes into `block_ids` of the decode instance
-    `decode_addr`, as transfer `transfer_id`; the decode instance answers the client."""
+    `decode_addr`, as transfer `transfer_id`; the decode instance answers the client. It caches the
+    prompt's first `cached_blocks` blocks already: `block_ids` are for the blocks after them."""
 
     transfer_id: str
     decode_addr: str
     block_ids: tuple[int, ...]
+    cached_blocks: int = 0
 
 
 HandOff = FromPrefill | ToDecode

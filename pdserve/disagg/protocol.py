@@ -3,7 +3,8 @@
     decode                                   prefill
       | Handshake(layout, model, kv_offer) ---> |   checked once per peer; a mismatch is refused
       | <--- HandshakeAck(ok, reason, kv_path)  |   the prefill picks how KV travels to this peer
-      | Reserve(T, prompt, params, blocks) ---> |   decode has reserved `blocks` for T's prompt
+      | Reserve(T, prompt, params, blocks) ---> |   decode has reserved `blocks` for T's prompt, after
+      |                                         |   the `cached_blocks` it has already (prefix reuse)
       | <-------- KVData(T, blocks) + raw bytes |   written straight into the reserved blocks
       | <-------------------- Done(T, token)    |   the first token; prefill frees its blocks
       | Abort(T) / Heartbeat  ----------------> |
@@ -55,6 +56,7 @@ class Reserve(Message):
     params: dict[str, Any]
     block_ids: list[int]
     timeout: float = 0.0  # seconds the decode side waits; a direct write never starts later than that
+    cached_blocks: int = 0  # the prompt's leading blocks decode caches: `block_ids` are for those after
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The connector's decode side: a request whose KV comes from a prefill instance.
 
-    start: a Handshake (first time, or the transport asks) and a Reserve for its blocks
+    start: a Handshake (first time, or the transport asks) and a Reserve for its blocks (those after
+           the prompt's prefix this instance caches already: `cached_blocks`, never sent)
     KVData: the bytes are in those blocks (a byte stream landed through `payload_target` and
             `payload_done`, a payload handed over whole, or the fence of writes into our pool)
     Done: the first token; with every byte in too (either order) -> Activate -> RUNNING
@@ -108,8 +109,10 @@ class Receiver:
         prompt_token_ids: list[int],
         params: dict[str, Any],
         block_ids: list[int],
+        cached_blocks: int = 0,
     ) -> None:
-        """Blocks for the prompt are reserved: ask the prefill instance to fill them."""
+        """Blocks for the prompt after its first `cached_blocks` (this instance has their KV already)
+        are reserved: ask the prefill instance to fill them."""
         link, peer = self.link, source.prefill_kv_addr
         transfer_id = uuid.uuid4().hex
         blocks = list(block_ids)
@@ -127,7 +130,13 @@ class Receiver:
             expires = inc.started + link.transfer_timeout + DIRECT_WRITE_GRACE
             link.leases.hold(transfer_id, request_id, peer, "direct", expires)
         reserve = p.Reserve(
-            link.address, transfer_id, list(prompt_token_ids), params, blocks, link.transfer_timeout
+            link.address,
+            transfer_id,
+            list(prompt_token_ids),
+            params,
+            blocks,
+            link.transfer_timeout,
+            cached_blocks,
         )
         link.transport.send(peer, reserve)
 

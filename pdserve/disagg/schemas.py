@@ -111,6 +111,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
         "params": obj(),
         "block_ids": ids(MAX_BLOCKS, non_empty=True),
         "timeout": (_seconds, "a finite number of seconds >= 0"),
+        "cached_blocks": integer(0, MAX_BLOCKS),
     },
     "KVData": {
         "transfer_id": TRANSFER,

@@ -1,10 +1,12 @@
 """The connector's prefill side: a request whose KV goes to a decode instance once its prefill is done.
 
     Handshake -> HandshakeAck: the model and KV layout must match; the transport picks the path
-    Reserve -> Outgoing and a StartPrefill action (the engine runs the prompt as a local request);
+    Reserve -> Outgoing and a StartPrefill action (the engine runs the whole prompt as a local request,
+               and sends KV only for the blocks after the decode's `cached_blocks`);
                refused (shut, or a peer whose handshake failed) -> Failed to the peer; refused as
                "invalid" (token ids outside the vocabulary, destination blocks that repeat or do not
-               fit the prompt, a transfer id in use) -> Failed(refused="invalid"), no StartPrefill;
+               fit the prompt after its cached blocks, a transfer id in use) -> Failed(refused="invalid"),
+               no StartPrefill;
                the engine refuses what only it can judge (sampling parameters, context) the same way
     prompt computed, first token sampled -> send_kv: KVData (the blocks, or only the fence of writes
                that went layer by layer, layer_stream.py), then Done
@@ -200,7 +202,7 @@ class Sender:
         link = self.link
         now = time.monotonic()
         write_by = now + msg.timeout if msg.timeout > 0 else math.inf
-        target = ToDecode(msg.transfer_id, msg.sender, tuple(msg.block_ids))
+        target = ToDecode(msg.transfer_id, msg.sender, tuple(msg.block_ids), msg.cached_blocks)
         prefill = StartPrefill(target, msg.prompt_token_ids, msg.params)
         refused = self.refusing or link.peers.refusal(msg.sender)
         with self.lock:
@@ -223,12 +225,25 @@ class Sender:
             return f"transfer id {tid} is in use"
         if vocab and msg.prompt_token_ids and max(msg.prompt_token_ids) >= vocab:
             return f"prompt token ids must be in [0, {vocab})"
-        block_size = self.link.layout.get("block_size")
         if len(set(msg.block_ids)) != len(msg.block_ids):
             return "the destination block ids repeat"
-        if block_size and len(msg.block_ids) != -(-len(msg.prompt_token_ids) // block_size):
-            n = len(msg.prompt_token_ids)
-            return f"{len(msg.block_ids)} destination blocks for {n} tokens in blocks of {block_size}"
+        return self._unfit_blocks(msg)
+
+    def _unfit_blocks(self, msg: p.Reserve) -> str:
+        """Why the destination blocks do not cover the prompt after the decode's cached prefix ("": they
+        do). The prefix is whole blocks and leaves at least one token to send (KV goes with the first
+        token); a peer that reserved fewer blocks without saying so is refused here."""
+        block_size = self.link.layout.get("block_size")
+        n, cached = len(msg.prompt_token_ids), msg.cached_blocks
+        if not block_size:
+            return ""
+        if cached * block_size >= n:
+            return f"{cached} cached blocks of {block_size} leave nothing of a {n}-token prompt to send"
+        if len(msg.block_ids) != -(-n // block_size) - cached:
+            return (
+                f"{len(msg.block_ids)} destination blocks for {n} tokens in blocks of {block_size}"
+                f" after {cached} cached blocks"
+            )
         return ""
 
     def on_abort(self, msg: p.Abort) -> None:

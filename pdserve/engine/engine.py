@@ -203,11 +203,15 @@ class Engine:
         return True
 
     def _ask_for_kv(self, reserved: list[Request]) -> None:
-        """Requests whose blocks were just reserved for remote KV: send their Reserves."""
+        """Requests whose blocks were just reserved for remote KV: send their Reserves, each for the
+        blocks after the prefix this instance already had (its computed tokens, in full blocks)."""
         for r in reserved:
             assert self.connector is not None and isinstance(r.handoff, FromPrefill)
             params = asdict(r.params)
-            self.connector.start_receive(r.request_id, r.handoff, r.prompt_token_ids, params, r.block_ids)
+            cached = r.num_computed_tokens // self.block_manager.block_size
+            self.connector.start_receive(
+                r.request_id, r.handoff, r.prompt_token_ids, params, r.block_ids[cached:], cached
+            )
 
     def _launch(self, sched: SchedulerOutput, ahead: InFlight | None = None) -> None:
         """Queue a step on the runner; what depends on the requests' state now is decided now."""
@@ -437,6 +441,7 @@ class Engine:
             prefix_cache_queries=bm.query_tokens,
             prefix_cache_hits=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            kv_reused_tokens=self.scheduler.num_kv_reused_tokens,
             num_prefill_tokens=self.num_prefill_tokens,
             num_steps=self.num_steps,
             num_steps_ahead=self.num_steps_ahead,
@@ -475,11 +480,14 @@ class Engine:
 
 
 def _prompt_kv(request: Request) -> PromptKV:
-    """A prefill request's computed prompt KV, as the connector sends it: its first blocks, one per
-    block the decode instance reserved."""
+    """A prefill request's computed prompt KV, as the connector sends it: its blocks after those the
+    decode instance already caches, one per block it reserved."""
     target = request.handoff
     assert isinstance(target, ToDecode)
-    return PromptKV(request.request_id, target, tuple(request.block_ids[: len(target.block_ids)]))
+    first = target.cached_blocks
+    return PromptKV(
+        request.request_id, target, tuple(request.block_ids[first : first + len(target.block_ids)])
+    )
 
 
 def _first_token(result: SampleResult) -> FirstToken:

@@ -73,6 +73,7 @@ class EngineStats:
     tokens_in_flight: int = 0  # prompt tokens admitted or queued but not yet computed
     kv_bytes_sent: int = 0
     kv_bytes_received: int = 0
+    kv_reused_tokens: int = 0  # decode: prompt tokens whose KV was cached here, so not received
     kv_transfer_times: TransferTimes = field(default_factory=TransferTimes)
     kv_transfers_streamed: int = 0  # prefill: transfers whose every layer left during the step
     peer_messages_dropped: dict[str, int] = field(default_factory=dict)  # since start, by reason

@@ -5,8 +5,10 @@ its next chunk); when the pool runs dry the most recent running request is preem
 recomputed later). Then waiting requests are admitted in arrival order, reusing prefix-cache blocks,
 while budget, sequence slots and blocks last. The scheduler never touches the model or tokens' text.
 
-A request whose KV comes from a prefill instance (the connector says so) is admitted by reserving
-blocks for its whole prompt, without spending budget; it waits in WAITING_FOR_KV until `activate`.
+A request whose KV comes from a prefill instance (the connector says so) is admitted without spending
+budget: the leading full blocks of its prompt this instance already caches are taken as prefix hits
+(they count as computed), blocks for the rest are reserved; it waits in WAITING_FOR_KV until
+`activate`, and the prefill instance sends KV only for the reserved blocks.
 The waiting queue is then the decode side's bounded prealloc queue: nothing is ever over-committed.
 `schedule` only decides: the requests it reserved blocks for are in `SchedulerOutput.reserved`, and
 the engine asks their prefill instances for the KV (no network I/O here).
@@ -73,6 +75,7 @@ class Scheduler:
         self.held: dict[str, Request] = {}  # finished, blocks kept until the connector lets go
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_kv_reused_tokens = 0  # decode: prompt tokens whose KV was cached here, not received
 
     @property
     def has_unfinished(self) -> bool:
@@ -164,9 +167,15 @@ class Scheduler:
             budget -= num_new
 
     def _reserve_for_remote_kv(self, request: Request) -> bool:
-        if not self.bm.allocate(request, request.num_tokens):
+        """Take the cached prefix (at least one token is always left, so at least one block comes),
+        reserve blocks for the rest. The hits are referenced from here: nothing evicts them."""
+        computed = self.bm.get_computed_blocks(request)
+        num_cached = len(computed) * self.bm.block_size
+        if not self.bm.allocate(request, request.num_tokens - num_cached, computed):
             return False
         self.waiting.popleft()
+        request.num_computed_tokens = num_cached
+        self.num_kv_reused_tokens += num_cached
         request.status = RequestStatus.WAITING_FOR_KV
         self.waiting_for_kv[request.request_id] = request
         return True

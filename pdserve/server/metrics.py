@@ -79,7 +79,12 @@ class ServerMetrics:
             "Prefill: transfers sent layer by layer during the step",
             registry=r,
         )
-        self._kv_seen = {"sent": 0, "received": 0, "timed": 0}
+        self.kv_reused = Counter(
+            "pdserve_kv_reused_tokens",
+            "Decode: prompt tokens whose KV was cached here, not received",
+            registry=r,
+        )
+        self._kv_seen = {"sent": 0, "received": 0, "timed": 0, "reused": 0}
         self.peer_dropped = Counter(
             "pdserve_peer_messages_dropped", "KV peer messages dropped, by reason", ["reason"], registry=r
         )
@@ -111,6 +116,9 @@ class ServerMetrics:
             if total > seen[direction]:
                 counter.inc(total - seen[direction])
                 seen[direction] = total
+        if stats.kv_reused_tokens > seen["reused"]:
+            self.kv_reused.inc(stats.kv_reused_tokens - seen["reused"])
+            seen["reused"] = stats.kv_reused_tokens
         for reason, total in stats.peer_messages_dropped.items():
             if total > self._dropped_seen.get(reason, 0):  # an older snapshot adds nothing
                 self.peer_dropped.labels(reason=reason).inc(total - self._dropped_seen.get(reason, 0))

@@ -70,6 +70,9 @@ BAD_FIELDS: list[tuple[str, str, Any]] = [
     ("Reserve", "transfer_id", ""),
     ("Reserve", "transfer_id", "a/b"),
     ("Reserve", "transfer_id", "x" * 65),
+    ("Reserve", "cached_blocks", -1),
+    ("Reserve", "cached_blocks", 1.0),
+    ("Reserve", "cached_blocks", True),
     ("Reserve", "prompt_token_ids", [1.5, 2.5]),
     ("Reserve", "prompt_token_ids", [True, 2]),
     ("Reserve", "prompt_token_ids", [-1]),
@@ -244,7 +247,8 @@ def _dropped(c: KVConnector, reason: str) -> int:
 
 
 def _reserve(peer: Peer, tid: str, prompt: list[Any], blocks: list[Any], **kw: Any) -> p.Reserve:
-    return p.Reserve(peer.address, tid, prompt, kw.pop("params", {}), blocks, kw.pop("timeout", 30.0))
+    params, timeout, cached = kw.pop("params", {}), kw.pop("timeout", 30.0), kw.pop("cached_blocks", 0)
+    return p.Reserve(peer.address, tid, prompt, params, blocks, timeout, cached)
 
 
 def test_malformed_messages_are_dropped_counted_and_the_channel_goes_on(ends):
@@ -279,6 +283,23 @@ def test_a_reserve_that_can_never_be_served_is_refused_as_invalid(ends, prompt, 
     assert failed.transfer_id == "t1" and failed.refused == "invalid" and why in failed.reason
     assert not [x for x in _actions(c) if isinstance(x, StartPrefill)]
     assert _dropped(c, "invalid") == 1
+
+
+@pytest.mark.parametrize(
+    ("length", "blocks", "cached", "why"),
+    [(9, [5], 2, ""), (9, [5], 1, "destination blocks"), (8, [5], 2, "leave nothing"),
+     (9, [5], 0, "destination blocks")],  # the last: a peer that reserved past a prefix, unsaid
+)  # fmt: skip
+def test_a_reserve_after_a_cached_prefix_names_the_blocks_it_lacks(ends, length, blocks, cached, why):
+    """Blocks of 4: the destination blocks are those after the decode's `cached_blocks`, at least one."""
+    c, a, _ = ends
+    a.send(c.address, _reserve(a, "t1", list(range(1, length + 1)), blocks, cached_blocks=cached))
+    if not why:
+        start = _wait_for(c, StartPrefill)
+        assert start.target.cached_blocks == cached and start.target.block_ids == tuple(blocks)
+        return
+    failed = a.expect(p.Failed)
+    assert failed.refused == "invalid" and why in failed.reason
 
 
 def test_a_transfer_id_in_use_is_refused_and_an_abort_counts_only_from_its_decode(ends):

@@ -581,3 +581,87 @@ def test_remote_kv_request_is_reserved_and_returned_not_sent() -> None:
     assert remote.handoff is None and remote.num_computed_tokens == 9
     sched.finish_request(remote, RequestStatus.FINISHED_ABORTED)
     assert connector.finished == ["d"]
+
+
+# --- decode-side prefix reuse: a remote-KV request reserves only the blocks it lacks -------------------
+
+
+def _remote_scheduler(num_blocks: int = 16) -> Scheduler:
+    bm = BlockManager(num_blocks, BS, enable_prefix_caching=True)
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32)
+    return Scheduler(config, bm, _RecordingConnector())  # type: ignore[arg-type]
+
+
+def _remote(request_id: str, prompt: list[int]) -> Request:
+    return Request(request_id, prompt, SamplingParams(max_tokens=4), handoff=FromPrefill("tcp://127.0.0.1:1"))
+
+
+def _turn_one(sched: Scheduler, prompt: list[int]) -> list[int]:
+    """A local request runs to its end: its full blocks stay cached. Returns its tokens and blocks' ids."""
+    first = add(sched, "turn1", prompt, max_tokens=4)
+    blocks: list[int] = []
+    while sched.has_unfinished:
+        blocks = list(first.block_ids) or blocks
+        step(sched)
+    return blocks
+
+
+def test_remote_kv_request_reserves_only_the_blocks_after_its_cached_prefix() -> None:
+    """Turn 2 extends turn 1: its leading full blocks cached here are taken as hits (computed tokens),
+    only the rest are reserved; once its KV lands, the received full blocks are cached too."""
+    sched = _remote_scheduler()
+    turn1 = tokens(1, 13)  # 13 prompt + 4 output tokens: 4 full blocks of 4 cached afterwards
+    held = _turn_one(sched, turn1)
+    prompt = turn1 + [FAKE_TOKEN + i for i in range(3)] + tokens(300, 6)  # 22 tokens, 6 blocks
+    remote = _remote("d", prompt)
+    sched.add_request(remote)
+    out = sched.schedule()
+    assert out.reserved == [remote] and remote.status is RequestStatus.WAITING_FOR_KV
+    assert remote.num_computed_tokens == 16 and remote.block_ids[:4] == held[:4]
+    assert len(remote.block_ids) == cdiv(22, BS) and sched.num_kv_reused_tokens == 16
+    sched.activate(remote)
+    assert remote.num_computed_tokens == 22
+    again = _remote("e", prompt + [9])
+    sched.add_request(again)
+    sched.schedule()
+    assert again.block_ids[:5] == remote.block_ids[:5], "a block that landed was not cached"
+    assert again.num_computed_tokens == 20 and sched.num_kv_reused_tokens == 36
+    for r in (remote, again):
+        sched.finish_request(r, RequestStatus.FINISHED_ABORTED)
+    assert_pool_free(sched.bm)
+
+
+@pytest.mark.parametrize(("length", "cached"), [(12, 8), (13, 12), (16, 12)])
+def test_a_fully_cached_prompt_still_receives_its_last_block(length: int, cached: int) -> None:
+    """Every block of the prompt is cached (16 tokens of turn 1 are): at least one token, so one block,
+    still comes from the prefill instance, with the first token sampled there."""
+    sched = _remote_scheduler()
+    turn1 = tokens(1, 13)
+    _turn_one(sched, turn1)
+    remote = _remote("d", (turn1 + [FAKE_TOKEN + i for i in range(3)])[:length])
+    sched.add_request(remote)
+    assert sched.schedule().reserved == [remote]
+    assert remote.num_computed_tokens == cached
+    assert len(remote.block_ids) - cached // BS == 1
+    sched.finish_request(remote, RequestStatus.FINISHED_ABORTED)
+    assert_pool_free(sched.bm)
+
+
+def test_cached_prefix_blocks_are_held_while_the_rest_is_awaited() -> None:
+    """Between the lookup and the KV landing, the hits are referenced: a request that needs the whole
+    rest of the pool cannot evict them, and an abort gives them back still cached."""
+    sched = _remote_scheduler(num_blocks=10)
+    turn1 = tokens(1, 9)  # 9 + 4 tokens: 3 full blocks cached
+    _turn_one(sched, turn1)
+    remote = _remote("d", turn1 + tokens(400, 2))  # 11 tokens: 2 hits (8 tokens), 1 block reserved
+    sched.add_request(remote)
+    sched.schedule()
+    hits = remote.block_ids[:2]
+    assert remote.num_computed_tokens == 8 and len(remote.block_ids) == 3
+    hog = add(sched, "hog", tokens(1000, 27), max_tokens=1)  # 7 blocks: every other block of the pool
+    assert sched.schedule().chunks[0].request is hog and sched.bm.num_free_blocks == 0
+    assert all(sched.bm.blocks[b].ref_count == 1 and sched.bm.blocks[b].hash for b in hits)
+    sched.finish_request(remote, RequestStatus.FINISHED_ABORTED)
+    sched.finish_request(hog, RequestStatus.FINISHED_ABORTED)
+    assert_pool_free(sched.bm)
+    assert sched.bm.get_computed_blocks(_remote("x", turn1 + [5]))[:2] == hits, "the hits were evicted"
