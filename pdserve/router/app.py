@@ -41,7 +41,7 @@ from pdserve.http_edge.uvicorn_setup import uvicorn_config
 from pdserve.router.errors import RouterError, error_body, unavailable
 from pdserve.router.instances import HealthPoller, Registry
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
-from pdserve.router.policies import POLICIES, make_policy
+from pdserve.router.policies import DEFAULT_IMBALANCE, POLICIES, make_policy
 from pdserve.router.proxy import Call, Proxy
 from pdserve.router.relay import SSEResponse
 from pdserve.router.upstream import Upstream
@@ -61,6 +61,7 @@ class RouterConfig:
     policy: str = "round_robin"
     api_key: str | None = None
     decode_max_queued: int = 64
+    cache_imbalance: float = DEFAULT_IMBALANCE  # cache_aware: see policies.py
     health_interval: float = 1.0
     health_timeout: float = 1.0
     request_timeout: float = 600.0
@@ -81,6 +82,8 @@ class RouterConfig:
             raise ValueError("--decode-max-queued must be at least 0")
         if self.max_request_bytes < 1:
             raise ValueError("--max-request-bytes must be positive")
+        if self.cache_imbalance < 1:
+            raise ValueError("--cache-imbalance must be at least 1")
 
     @property
     def instance_headers(self) -> dict[str, str]:
@@ -219,7 +222,7 @@ def build_app(config: RouterConfig) -> FastAPI:
     """The router app; its HTTP client and health poller live as long as the app is served."""
     registry = Registry.build(config.prefill, config.decode, config.instances)
     metrics = RouterMetrics()
-    policy = make_policy(config.policy, config.decode_max_queued)
+    policy = make_policy(config.policy, config.decode_max_queued, imbalance=config.cache_imbalance)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
