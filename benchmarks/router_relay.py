@@ -11,7 +11,7 @@ connections), first straight at the backend, then through the router, for each S
 The router runs pinned to one core (taskset); its CPU use per run comes from /proc. A last run at
 --profile-level repeats the router under cProfile and lists its top costs.
 
-    .venv/bin/python benchmarks/router_relay.py [--chunks 64] [--interval-ms 10] [--levels 1,32,128,512]
+    .venv/bin/python benchmarks/router_relay.py [--chunks 64] [--interval-ms 10] [--levels 1,32,128,256]
 """
 
 from __future__ import annotations
@@ -220,9 +220,9 @@ def wait_healthy(port: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"nothing healthy on port {port} after {timeout:.0f}s")
 
 
-def start_router(backend: int, port: int, profile: str | None) -> subprocess.Popen[bytes]:
-    pdserve = [__file__, "profiled-router", profile] if profile else ["-m", "pdserve.cli"]
-    cmd = [sys.executable, *pdserve, "router", "--instance", f"http://127.0.0.1:{backend}"]
+def start_router(backend: int, port: int, client: str, profile: str | None) -> subprocess.Popen[bytes]:
+    wrapper = [__file__, "wrapped-router", client, profile or "-"]
+    cmd = [sys.executable, *wrapper, "router", "--instance", f"http://127.0.0.1:{backend}"]
     cmd += ["--port", str(port), "--log-level", "warning"]
     router = subprocess.Popen(pinned(0, cmd), start_new_session=True)
     wait_healthy(port)
@@ -239,12 +239,20 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def profiled_router(out: str, argv: list[str]) -> None:
-    """`pdserve router` whose cProfile runs from SIGUSR1 to SIGUSR2 only (steady state, no start-up)."""
+def wrapped_router(client: str, out: str, argv: list[str]) -> None:
+    """`pdserve router ARGS`, its upstream client module swapped for httpx2 (a fork whose connection pool
+    is linear) if `client` says so, and with `out` != "-" a cProfile from SIGUSR1 to SIGUSR2 only
+    (steady state, no start-up)."""
     import cProfile
+    import importlib
 
+    if client != "httpx":
+        sys.modules["httpx"] = importlib.import_module(client)
     from pdserve.cli import main as pdserve_main
 
+    if out == "-":
+        pdserve_main(argv)
+        return
     profiler = cProfile.Profile()
     signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
 
@@ -324,28 +332,27 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     backend_cmd = [sys.executable, __file__, "backend", "--port", str(backend_port)]
     backend_cmd += ["--chunks", str(args.chunks), "--interval-ms", str(args.interval_ms)]
     backend = subprocess.Popen(pinned(1, backend_cmd), start_new_session=True)
-    rows: list[dict[str, object]] = []
     try:
         wait_healthy(backend_port)
-        router = start_router(backend_port, router_port, None)
-        try:
-            for s in args.levels:
-                direct = measure(backend_port, s, args, None)
-                routed = measure(router_port, s, args, router.pid)
-                rows.append({"concurrency": s, "direct": direct, "router": routed})
-                print(json.dumps(rows[-1]), flush=True)
-        finally:
-            stop(router)
-        profile = profile_router(backend_port, free_port(), args)
+        rows = {s: {"concurrency": s, "direct": measure(backend_port, s, args, None)} for s in args.levels}
+        for client in args.clients:
+            router = start_router(backend_port, router_port, client, None)
+            try:
+                for s, row in rows.items():
+                    row[f"router_{client}"] = measure(router_port, s, args, router.pid)
+                    print(json.dumps(row), flush=True)
+            finally:
+                stop(router)
+        profile = {c: profile_router(backend_port, free_port(), c, args) for c in args.clients}
     finally:
         stop(backend)
-    return {"rows": rows, "profile": profile}
+    return {"rows": list(rows.values()), "profile": profile}
 
 
-def profile_router(backend_port: int, port: int, args: argparse.Namespace) -> dict[str, object]:
+def profile_router(backend_port: int, port: int, client: str, args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "router.prof")
-        router = start_router(backend_port, port, path)
+        router = start_router(backend_port, port, client, path)
         try:
             os.kill(router.pid, signal.SIGUSR1)
             row = measure(port, args.profile_level, args, router.pid)
@@ -365,9 +372,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="backend mode: its port")
     p.add_argument("--chunks", type=int, default=64, help="events per stream")
     p.add_argument("--interval-ms", type=float, default=10.0, help="backend's time between two events")
-    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128, 512])
+    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128, 256])
     p.add_argument("--warmup", type=float, default=1.0, help="seconds per run not counted")
     p.add_argument("--duration", type=float, default=5.0, help="seconds counted per run")
+    p.add_argument(
+        "--clients",
+        type=lambda s: s.split(","),
+        default=["httpx", "httpx2"],
+        help="the router's upstream client module, one router run each (httpx2: only if installed)",
+    )
     p.add_argument("--profile-level", type=int, default=128, help="concurrency of the cProfile run")
     p.add_argument("--out", default=None, help="results JSON (default docs/bench/cpu/router-relay-DATE.json)")
     return p.parse_args(argv)
@@ -375,8 +388,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["profiled-router"]:  # profiled-router OUT router ARGS...
-        profiled_router(argv[1], argv[2:])
+    if argv[:1] == ["wrapped-router"]:  # wrapped-router CLIENT PROFILE|- router ARGS...
+        wrapped_router(argv[1], argv[2], argv[3:])
         return
     args = parse_args(argv)
     if args.mode == "backend":
@@ -391,7 +404,9 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "command": " ".join(["benchmarks/router_relay.py", *sys.argv[1:]]),
     }
-    config = {k: getattr(args, k) for k in ("chunks", "interval_ms", "levels", "warmup", "duration")}
+    config = {
+        k: getattr(args, k) for k in ("chunks", "interval_ms", "levels", "warmup", "duration", "clients")
+    }
     out.write_text(json.dumps({**meta, "config": config, **results}, indent=2) + "\n")
     print(f"wrote {out}")
 
