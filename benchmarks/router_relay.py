@@ -220,10 +220,12 @@ def wait_healthy(port: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"nothing healthy on port {port} after {timeout:.0f}s")
 
 
-def start_router(backend: int, port: int, client: str, profile: str | None) -> subprocess.Popen[bytes]:
+def start_router(
+    backend: int, port: int, client: str, profile: str | None, policy: str
+) -> subprocess.Popen[bytes]:
     wrapper = [__file__, "wrapped-router", client, profile or "-"]
     cmd = [sys.executable, *wrapper, "router", "--instance", f"http://127.0.0.1:{backend}"]
-    cmd += ["--port", str(port), "--log-level", "warning"]
+    cmd += ["--port", str(port), "--log-level", "warning", "--policy", policy]
     router = subprocess.Popen(pinned(0, cmd), start_new_session=True)
     wait_healthy(port)
     return router
@@ -336,7 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         wait_healthy(backend_port)
         rows = {s: {"concurrency": s, "direct": measure(backend_port, s, args, None)} for s in args.levels}
         for client in args.clients:
-            router = start_router(backend_port, router_port, client, None)
+            router = start_router(backend_port, router_port, client, None, args.policy)
             try:
                 for s, row in rows.items():
                     row[f"router_{client}"] = measure(router_port, s, args, router.pid)
@@ -352,7 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 def profile_router(backend_port: int, port: int, client: str, args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "router.prof")
-        router = start_router(backend_port, port, client, path)
+        router = start_router(backend_port, port, client, path, args.policy)
         try:
             os.kill(router.pid, signal.SIGUSR1)
             row = measure(port, args.profile_level, args, router.pid)
@@ -381,6 +383,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=["httpx", "httpx2"],
         help="the router's upstream client module, one router run each (httpx2: only if installed)",
     )
+    p.add_argument("--policy", default="round_robin", help="the router's --policy")
     p.add_argument("--profile-level", type=int, default=128, help="concurrency of the cProfile run")
     p.add_argument("--out", default=None, help="results JSON (default docs/bench/cpu/router-relay-DATE.json)")
     return p.parse_args(argv)
@@ -404,9 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "command": " ".join(["benchmarks/router_relay.py", *sys.argv[1:]]),
     }
-    config = {
-        k: getattr(args, k) for k in ("chunks", "interval_ms", "levels", "warmup", "duration", "clients")
-    }
+    keys = ("chunks", "interval_ms", "levels", "warmup", "duration", "clients", "policy")
+    config = {k: getattr(args, k) for k in keys}
     out.write_text(json.dumps({**meta, "config": config, **results}, indent=2) + "\n")
     print(f"wrote {out}")
 
