@@ -6,7 +6,8 @@
     sse.py          reading and writing server-sent events
     errors.py       the errors the router answers itself, in OpenAI's shape
     instances.py    the instances, their health, role, kv address and load, and the poller that keeps them
-    policies.py     round_robin and least_loaded: which healthy instance takes the next request
+    policies.py     round_robin, least_loaded, power_of_two, cache_aware: which instance takes a request
+    prefix_index.py prompt prefixes (chained chunk hashes) -> the instance that served them last
     metrics.py      the router's Prometheus metrics (its own registry), KV-transfer totals from instances
     cli_commands.py `pdserve router ...`
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 from collections import Counter
 
 import pytest
 
 from pdserve.router.app import RouterConfig
-from pdserve.router.instances import Info, Instance, Load, Registry, role_problem
-from pdserve.router.metrics import KVTotals
+from pdserve.router.instances import HealthPoller, Info, Instance, Load, Registry, role_problem
+from pdserve.router.metrics import KVTotals, RouterMetrics
 from pdserve.router.policies import (
     CacheAware,
     LeastLoaded,
@@ -19,7 +21,9 @@ from pdserve.router.policies import (
     make_policy,
 )
 from pdserve.router.prefix_index import CHUNK_CHARS, PrefixIndex, prompt_chain
+from pdserve.router.proxy import Call, Proxy
 from pdserve.router.sse import carries_token, error_code, event_data
+from pdserve.router.upstream import Upstream
 
 
 def decode(
@@ -252,6 +256,35 @@ def test_cache_aware_prefers_the_longest_prefix_and_ignores_absent_instances() -
     policy.choose([b], "prefill", chat("other"))  # b owns the system prompt now, a the longer prefix
     assert policy.choose([a, b], "prefill", chat("long", "talk", "here", "next", "q")) is a
     assert policy.choose([b], "prefill", chat("long", "talk", "here", "x", "y")) is b  # a not offered
+
+
+def test_the_proxy_routes_each_conversation_by_its_prompt() -> None:
+    """Through Proxy.route, as a request goes: the body reaches the policy, next turns stick."""
+    registry = Registry.build(["http://p1", "http://p2"], ["http://d1", "http://d2"], [])
+    for instance in registry.instances:
+        instance.healthy, instance.kv_addr = True, "tcp://127.0.0.1:1"
+
+    def call(*turns: str) -> Call:
+        body = chat(*turns)
+        return Call("/v1/chat/completions", json.dumps(body).encode(), body)
+
+    async def scenario() -> None:
+        async with Upstream(10.0) as client:
+            poller = HealthPoller(registry, client, 1.0, 1.0)
+            proxy = Proxy(registry, CacheAware(rng=random.Random(0)), RouterMetrics(), poller, client)
+            first = []
+            for conv in range(6):  # all in flight at once (Proxy.open begins each route it takes)
+                first.append(proxy.route(call(f"q{conv}")))
+                first[-1].begin()
+            assert {route.prefill.url for route in first if route.prefill} == {"http://p1", "http://p2"}
+            for route in first:
+                route.release()
+            for conv, route in enumerate(first):
+                for _ in range(3):
+                    again = proxy.route(call(f"q{conv}", f"a{conv}", "more"))
+                    assert again.prefill is route.prefill and again.target is route.target
+
+    asyncio.run(scenario())
 
 
 def test_prefix_index_evicts_least_recently_used_and_forgets_instances() -> None:
