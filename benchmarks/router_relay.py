@@ -376,7 +376,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--interval-ms", type=float, default=10.0, help="backend's time between two events")
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128, 256])
     p.add_argument("--warmup", type=float, default=1.0, help="seconds per run not counted")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds counted per run")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds counted per run")
     p.add_argument(
         "--clients",
         type=lambda s: s.split(","),
@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = parse_args(argv)
     if args.mode == "backend":
-        asyncio.run(run_backend(args.port, args.chunks, args.interval_ms / 1000))
+        with contextlib.suppress(KeyboardInterrupt):  # stopped by SIGINT
+            asyncio.run(run_backend(args.port, args.chunks, args.interval_ms / 1000))
         return
     results = run(args)
     date = datetime.date.today().isoformat()
