@@ -8,10 +8,13 @@ POST with an OpenAI chat stream of --chunks events, one every --interval-ms, eac
 time.monotonic_ns() (one clock for every process of the machine), so the load generator measures each
 chunk's delivery latency. The load generator keeps S streams open at a time (closed loop, keep-alive
 connections), first straight at the backend, then through the router, for each S in --levels.
-The router runs pinned to one core (taskset); its CPU use per run comes from /proc. A last run at
---profile-level repeats the router under cProfile and lists its top costs.
+The router runs pinned to one core (taskset); its CPU use per run comes from /proc. It runs once per
+--clients entry: its upstream client module as shipped (httpx), then swapped for another by module
+alias (httpx2, a fork with a linear connection pool). A last run per client at --profile-level repeats
+the router under cProfile, between two signals (steady state), and lists its top costs.
 
     .venv/bin/python benchmarks/router_relay.py [--chunks 64] [--interval-ms 10] [--levels 1,32,128,256]
+        [--clients httpx,httpx2] [--policy round_robin] [--out FILE]
 """
 
 from __future__ import annotations
