@@ -22,9 +22,9 @@ with its own index, unless its load exceeds the least loaded one's by the imbala
 
     affinity holds while  load(cached) <= imbalance * (load(least) + one request)
 
-(one request: this prompt's tokens for prefill, 1 for decode; `--cache-imbalance`, default 2.0). Beyond
-it, or with no prefix served anywhere, least_loaded chooses. Either way the chosen instance now owns the
-prompt's prefixes.
+(one request: this prompt's tokens for prefill, 1 where load counts requests; `--cache-imbalance`,
+default 2.0). Beyond it, or with no prefix served anywhere, least_loaded chooses. Either way the
+chosen instance now owns the prompt's prefixes.
 
 State: the router keeps no state that another router lacks except the prefix index, which is soft
 state: losing it (a restart, another router taking the request) only costs cache hits, never a wrong
@@ -161,7 +161,9 @@ class CacheAware(LeastLoaded):
         best = [i for i in pool if matched[i.url] == longest]
         load = load_of(role)
         cached = min(best, key=load)
-        unit = sum(chain.weights) // 4 + 1 if role == "prefill" else 1
+        reports = (i.load is None or i.load.tokens_in_flight is not None for i in pool)
+        in_tokens = role == "prefill" and all(reports)
+        unit = sum(chain.weights) // 4 + 1 if in_tokens else 1  # one request, in the load's own unit
         least = min(load(i) for i in pool)
         return cached if load(cached) <= self.imbalance * (least + unit) else None
 

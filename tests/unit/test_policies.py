@@ -242,6 +242,12 @@ def test_cache_aware_falls_back_to_least_load_beyond_the_imbalance() -> None:
     assert policy.choose([cached, idle], "prefill", body) is idle
     cached.load = Load(tokens_in_flight=0)
     assert policy.choose([cached, idle], "prefill", body) is idle  # most recently served wins
+    counted, spare = prefill("http://counted", tokens=None), prefill("http://spare", tokens=None, waiting=1)
+    policy.choose([counted], "prefill", body)
+    counted.load = Load(num_waiting=4)  # no token reports: load and threshold count requests
+    assert policy.choose([counted, spare], "prefill", body) is counted  # 4 <= 2 x (1 + 1)
+    counted.load = Load(num_waiting=5)
+    assert policy.choose([counted, spare], "prefill", body) is spare
     busy, free = decode("http://busy", running=4), decode("http://free", running=1)
     policy.choose([busy], "decode", body)
     assert policy.choose([busy, free], "decode", body) is busy  # 4 <= 2 x (1 + 1)
