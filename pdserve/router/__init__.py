@@ -7,7 +7,8 @@
     errors.py       the errors the router answers itself, in OpenAI's shape
     instances.py    the instances, their health, role, kv address and load, and the poller that keeps them
     membership.py   instances joining and leaving while serving: dns:// names, --registry (pdserve/registry)
-    policies.py     round_robin and least_loaded: which healthy instance takes the next request
+    policies.py     round_robin, least_loaded, power_of_two, cache_aware: which instance takes a request
+    prefix_index.py prompt prefixes (chained chunk hashes) -> the instance that served them last
     metrics.py      the router's Prometheus metrics (its own registry), KV-transfer totals from instances
     cli_commands.py `pdserve router ...`
 

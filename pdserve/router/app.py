@@ -44,7 +44,7 @@ from pdserve.router.errors import RouterError, error_body, unavailable
 from pdserve.router.instances import HealthPoller, Registry, Role
 from pdserve.router.membership import MembershipWatcher, membership_sources
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
-from pdserve.router.policies import POLICIES, make_policy
+from pdserve.router.policies import DEFAULT_IMBALANCE, POLICIES, make_policy
 from pdserve.router.proxy import Call, Proxy
 from pdserve.router.relay import SSEResponse
 from pdserve.router.upstream import Upstream
@@ -64,6 +64,7 @@ class RouterConfig:
     policy: str = "round_robin"
     api_key: str | None = None
     decode_max_queued: int = 64
+    cache_imbalance: float = DEFAULT_IMBALANCE  # cache_aware: see policies.py
     health_interval: float = 1.0
     health_timeout: float = 1.0
     request_timeout: float = 600.0
@@ -92,6 +93,8 @@ class RouterConfig:
             raise ValueError("--decode-max-queued must be at least 0")
         if self.max_request_bytes < 1:
             raise ValueError("--max-request-bytes must be positive")
+        if self.cache_imbalance < 1:
+            raise ValueError("--cache-imbalance must be at least 1")
 
     @property
     def instance_headers(self) -> dict[str, str]:
@@ -250,7 +253,7 @@ def build_app(config: RouterConfig) -> FastAPI:
     """The router app; its HTTP client and health poller live as long as the app is served."""
     registry = Registry.build(config.prefill, config.decode, config.instances)
     metrics = RouterMetrics()
-    policy = make_policy(config.policy, config.decode_max_queued)
+    policy = make_policy(config.policy, config.decode_max_queued, imbalance=config.cache_imbalance)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -258,6 +261,7 @@ def build_app(config: RouterConfig) -> FastAPI:
         async with Upstream(config.request_timeout, stale, config.instance_headers) as client:
             poller = HealthPoller(registry, client, config.health_interval, config.health_timeout)
             app.state.proxy = Proxy(registry, policy, metrics, poller, client, config.cluster_secret)
+            registry.on_leave = policy.forget
             watcher = _membership_watcher(config, registry, metrics, poller)
             if watcher is not None:
                 await watcher.start()

@@ -18,7 +18,7 @@ from pdserve.cli_types import int_at_least, parse_size, positive_float
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
 from pdserve.http_edge.limits import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.options import HelpFormatter, cluster_secret_file
-from pdserve.router.policies import POLICIES
+from pdserve.router.policies import DEFAULT_IMBALANCE, POLICIES
 
 logger = logging.getLogger(__name__)
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -99,6 +99,14 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="a /health check not answered this fast counts as failed",
     )
+    r.add_argument(
+        "--cache-imbalance",
+        type=positive_float,
+        default=DEFAULT_IMBALANCE,
+        metavar="FACTOR",
+        help="cache_aware keeps a prompt on the instance that served its prefix while that instance's "
+        "load is at most FACTOR x (the least loaded's + one request); beyond it, least load",
+    )
     r.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="how much the log shows")
     r.add_argument(
         "--max-request-bytes",
@@ -131,6 +139,7 @@ def run_router(args: argparse.Namespace) -> None:
             policy=args.policy,
             api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
             decode_max_queued=args.decode_max_queued,
+            cache_imbalance=args.cache_imbalance,
             health_interval=args.health_interval,
             health_timeout=args.health_timeout,
             request_timeout=args.request_timeout,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -190,6 +190,8 @@ class Registry:
     """All instances, by role; `colocated` when they are "both" instances (`--instance`)."""
 
     instances: list[Instance] = field(default_factory=list)
+    # told the URL of each instance that leaves (the cache_aware policy forgets what it served)
+    on_leave: Callable[[str], None] | None = None
 
     @classmethod
     def build(cls, prefill: Iterable[str], decode: Iterable[str], both: Iterable[str]) -> Registry:
@@ -214,6 +216,8 @@ class Registry:
         kept = [i for i in self.instances if wanted.get(i.url) == i.role]
         for gone in (i for i in self.instances if wanted.get(i.url) != i.role):
             logger.info("instance %s (%s) left the cluster", gone.url, gone.role)
+            if self.on_leave is not None:
+                self.on_leave(gone.url)
         known = {i.url for i in kept}
         joined = [Instance(url, role) for url, role in wanted.items() if url not in known]
         for new in joined:

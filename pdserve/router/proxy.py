@@ -143,17 +143,17 @@ class Proxy:
                 "request; give the router the secret its instances were started with"
             )
 
-    def choose(self, role: Role, exclude: Iterable[str]) -> Instance:
+    def choose(self, role: Role, exclude: Iterable[str], body: dict[str, Any] | None = None) -> Instance:
         candidates = self.registry.healthy(role, exclude)
         if not candidates:
             raise unavailable(self.registry.why_none(role))
-        return self.policy.choose(candidates, role)
+        return self.policy.choose(candidates, role, body)
 
     def route(self, call: Call) -> Route:
         if self.registry.colocated:
-            return Route(self.choose("both", call.tries.targets), None, call.tokens)
-        target = self.choose("decode", call.tries.targets)
-        return Route(target, self.choose("prefill", call.tries.prefills), call.tokens)
+            return Route(self.choose("both", call.tries.targets, call.body), None, call.tokens)
+        target = self.choose("decode", call.tries.targets, call.body)
+        return Route(target, self.choose("prefill", call.tries.prefills, call.body), call.tokens)
 
     async def open(self, call: Call) -> tuple[Route, httpx.Response]:
         """Send one attempt; an instance that refuses the connection is marked down and another tried."""

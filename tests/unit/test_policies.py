@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 from collections import Counter
 
 import pytest
 
 from pdserve.router.app import RouterConfig
-from pdserve.router.instances import Info, Instance, Load, Registry, role_problem
-from pdserve.router.metrics import KVTotals
-from pdserve.router.policies import LeastLoaded, RoundRobin, least_band, make_policy
+from pdserve.router.instances import HealthPoller, Info, Instance, Load, Registry, role_problem
+from pdserve.router.metrics import KVTotals, RouterMetrics
+from pdserve.router.policies import (
+    CacheAware,
+    LeastLoaded,
+    PowerOfTwo,
+    RoundRobin,
+    least_band,
+    make_policy,
+)
+from pdserve.router.prefix_index import CHUNK_CHARS, PrefixIndex, prompt_chain
+from pdserve.router.proxy import Call, Proxy
 from pdserve.router.sse import carries_token, error_code, event_data
+from pdserve.router.upstream import Upstream
 
 
 def decode(
@@ -143,8 +155,166 @@ def test_instance_without_load_reports_uses_router_inflight() -> None:
 def test_make_policy() -> None:
     assert isinstance(make_policy("round_robin"), RoundRobin)
     assert isinstance(make_policy("least_loaded", 3), LeastLoaded)
+    assert isinstance(make_policy("power_of_two"), PowerOfTwo)
+    aware = make_policy("cache_aware", imbalance=3.0)
+    assert isinstance(aware, CacheAware) and aware.imbalance == 3.0
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("fastest")
+
+
+# ---- power of two ----
+
+
+def test_power_of_two_takes_the_less_loaded_of_two_drawn() -> None:
+    policy = PowerOfTwo(rng=random.Random(0))
+    loads = {"http://a": 0, "http://b": 3, "http://c": 6, "http://d": 9}
+    candidates = [decode(u, running=r) for u, r in loads.items()]
+    counts = picks(policy, candidates, n=600)  # type: ignore[arg-type]
+    assert "http://d" not in counts  # the most loaded never wins a pair
+    assert counts["http://a"] > counts["http://b"] > counts["http://c"] > 0  # 1/2, 1/3, 1/6 of pairs
+    assert picks(policy, [decode("http://only", running=50)]) == {"http://only": 200}  # type: ignore[arg-type]
+
+
+def test_power_of_two_prefill_weighs_tokens_and_decode_skips_over_queued() -> None:
+    policy = PowerOfTwo(decode_max_queued=2, rng=random.Random(0))
+    p = [prefill("http://p1", tokens=5000), prefill("http://p2", tokens=10)]
+    assert picks(policy, p, role="prefill") == {"http://p2": 200}  # type: ignore[arg-type]
+    d = [decode("http://q", running=0, waiting=5), decode("http://b", running=7)]
+    assert picks(policy, d) == {"http://b": 200}  # type: ignore[arg-type]
+
+
+# ---- cache aware ----
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant. " * 20}
+
+
+def chat(*turns: str) -> dict[str, object]:
+    """A conversation: the shared system prompt, then user/assistant turns alternating."""
+    roles = ("user", "assistant")
+    messages = [SYSTEM] + [{"role": roles[k % 2], "content": t} for k, t in enumerate(turns)]
+    return {"model": "m", "messages": messages, "stream": True}
+
+
+def test_prompt_chain_is_chained_per_message_and_per_chunk() -> None:
+    one, two = prompt_chain(chat("hi")), prompt_chain(chat("hi", "hello", "more"))
+    assert len(one.hashes) == 2 and two.hashes[:2] == one.hashes and len(two.hashes) == 4
+    assert prompt_chain(chat("ho")).hashes[0] == one.hashes[0] != prompt_chain(chat("ho")).hashes[1]
+    assert prompt_chain({**chat("hi"), "model": "other"}).hashes[0] != one.hashes[0]
+    text = prompt_chain({"prompt": "x" * (2 * CHUNK_CHARS + 1)})
+    assert text.weights == (CHUNK_CHARS, CHUNK_CHARS, 1)
+    assert len(prompt_chain({"prompt": list(range(130))}).hashes) == 3
+    for unreadable in ({}, {"prompt": 5}, {"messages": "not a list"}):
+        assert prompt_chain(unreadable).hashes == ()
+
+
+def test_cache_aware_sends_the_next_turn_to_the_same_instances() -> None:
+    policy = CacheAware(rng=random.Random(0))
+    p = [prefill(f"http://p{k}", tokens=0) for k in range(4)]
+    d = [decode(f"http://d{k}") for k in range(4)]
+    first = {}
+    for conv in range(8):  # first turns share only the system prompt: they spread as load grows
+        body = chat(f"question {conv}")
+        chosen = policy.choose(p, "prefill", body), policy.choose(d, "decode", body)
+        for instance in chosen:
+            instance.begin(tokens=sum(prompt_chain(body).weights) // 4 + 1)  # in flight, as proxy.py does
+        first[conv] = (chosen[0].url, chosen[1].url)
+    assert len({pf for pf, _ in first.values()}) >= 3 and len({dc for _, dc in first.values()}) >= 3
+    for instance in p + d:  # the first turns are answered; the next load report says all are idle
+        idle = Load(num_free_blocks=100, num_blocks=100, tokens_in_flight=0)
+        pending = (instance.pending_requests, instance.pending_tokens)
+        instance.mark_up(Info(role=instance.role, load=idle), pending)
+    for conv in range(8):
+        body = chat(f"question {conv}", f"answer {conv}", "and then?")
+        for _ in range(5):
+            chosen = policy.choose(p, "prefill", body), policy.choose(d, "decode", body)
+            assert (chosen[0].url, chosen[1].url) == first[conv]
+
+
+def test_cache_aware_falls_back_to_least_load_beyond_the_imbalance() -> None:
+    policy = CacheAware(rng=random.Random(0), imbalance=2.0)
+    body = chat("q")
+    tokens = sum(prompt_chain(body).weights) // 4 + 1
+    cached, idle = prefill("http://cached", tokens=0), prefill("http://idle", tokens=0)
+    assert policy.choose([cached], "prefill", body) is cached
+    cached.load = Load(tokens_in_flight=2 * tokens)  # within 2 x (0 + one request): still affine
+    assert policy.choose([cached, idle], "prefill", body) is cached
+    cached.load = Load(tokens_in_flight=2 * tokens + 1)  # beyond: least load, which now owns it
+    assert policy.choose([cached, idle], "prefill", body) is idle
+    cached.load = Load(tokens_in_flight=0)
+    assert policy.choose([cached, idle], "prefill", body) is idle  # most recently served wins
+    counted, spare = prefill("http://counted", tokens=None), prefill("http://spare", tokens=None, waiting=1)
+    policy.choose([counted], "prefill", body)
+    counted.load = Load(num_waiting=4)  # no token reports: load and threshold count requests
+    assert policy.choose([counted, spare], "prefill", body) is counted  # 4 <= 2 x (1 + 1)
+    counted.load = Load(num_waiting=5)
+    assert policy.choose([counted, spare], "prefill", body) is spare
+    busy, free = decode("http://busy", running=4), decode("http://free", running=1)
+    policy.choose([busy], "decode", body)
+    assert policy.choose([busy, free], "decode", body) is busy  # 4 <= 2 x (1 + 1)
+    busy.load = Load(num_running=5, num_free_blocks=100, num_blocks=100)
+    assert policy.choose([busy, free], "decode", body) is free
+
+
+def test_cache_aware_prefers_the_longest_prefix_and_ignores_absent_instances() -> None:
+    policy = CacheAware(rng=random.Random(0))
+    a, b = prefill("http://a", tokens=0), prefill("http://b", tokens=0)
+    policy.choose([a], "prefill", chat("long", "talk", "here"))
+    policy.choose([b], "prefill", chat("other"))  # b owns the system prompt now, a the longer prefix
+    assert policy.choose([a, b], "prefill", chat("long", "talk", "here", "next", "q")) is a
+    assert policy.choose([b], "prefill", chat("long", "talk", "here", "x", "y")) is b  # a not offered
+
+
+def test_the_proxy_routes_each_conversation_by_its_prompt() -> None:
+    """Through Proxy.route, as a request goes: the body reaches the policy, next turns stick."""
+    registry = Registry.build(["http://p1", "http://p2"], ["http://d1", "http://d2"], [])
+    for instance in registry.instances:
+        instance.healthy, instance.kv_addr = True, "tcp://127.0.0.1:1"
+
+    def call(*turns: str) -> Call:
+        body = chat(*turns)
+        return Call("/v1/chat/completions", json.dumps(body).encode(), body)
+
+    async def scenario() -> None:
+        async with Upstream(10.0) as client:
+            poller = HealthPoller(registry, client, 1.0, 1.0)
+            proxy = Proxy(registry, CacheAware(rng=random.Random(0)), RouterMetrics(), poller, client)
+            first = []
+            for conv in range(6):  # all in flight at once (Proxy.open begins each route it takes)
+                first.append(proxy.route(call(f"q{conv}")))
+                first[-1].begin()
+            assert {route.prefill.url for route in first if route.prefill} == {"http://p1", "http://p2"}
+            for route in first:
+                route.release()
+            for conv, route in enumerate(first):
+                for _ in range(3):
+                    again = proxy.route(call(f"q{conv}", f"a{conv}", "more"))
+                    assert again.prefill is route.prefill and again.target is route.target
+
+    asyncio.run(scenario())
+
+
+def test_prefix_index_evicts_least_recently_used_and_forgets_instances() -> None:
+    index = PrefixIndex(capacity=4)
+    old, new = prompt_chain(chat("old")), prompt_chain(chat("new", "x", "y"))  # 2 + 4 hashes
+    index.record(old, "http://a")
+    index.record(new, "http://b")
+    assert len(index) == 4 and index.matches(old, ["http://a"]) == {"http://a": 0}
+    assert index.matches(new, ["http://b"])["http://b"] == sum(new.weights)
+    index.forget("http://b")
+    assert len(index) == 0 and index.matches(new, ["http://b"]) == {"http://b": 0}
+    with pytest.raises(ValueError):
+        PrefixIndex(capacity=0)
+
+
+def test_cache_aware_forgets_an_instance_that_left() -> None:
+    policy = CacheAware(rng=random.Random(0))
+    a, b = prefill("http://a", tokens=0), prefill("http://b", tokens=0)
+    body = chat("q")
+    policy.choose([a], "prefill", body)
+    policy.choose([a], "decode", body)
+    policy.forget("http://a")
+    assert all(len(index) == 0 for index in policy.indexes.values())
+    assert policy.choose([b], "prefill", body) is b
 
 
 # ---- registry, roles, config ----
