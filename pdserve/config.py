@@ -154,3 +154,18 @@ class ServerConfig:
     max_chat_messages: int = DEFAULT_MAX_CHAT_MESSAGES
     metrics_public: bool = False  # /metrics without the API key
     access_log_polls: bool = False  # keep /health, /pd/info, /metrics polls in the access log
+    # an instance that is the entry itself (server/entry.py): its peers' URLs, and a prefill entry's bound
+    prefill_peers: tuple[str, ...] = ()  # on a decode instance
+    decode_peers: tuple[str, ...] = ()  # on a prefill instance
+    decode_max_queued: int = 5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefill_peers", tuple(self.prefill_peers))
+        object.__setattr__(self, "decode_peers", tuple(self.decode_peers))
+        role = self.engine.disagg.role
+        if self.prefill_peers and role != "decode":
+            raise ValueError(f"--prefill URL... is for a decode instance (this one is {role})")
+        if self.decode_peers and role != "prefill":
+            raise ValueError(f"--decode URL... is for a prefill instance (this one is {role})")
+        if self.decode_max_queued < 0:
+            raise ValueError("--decode-max-queued must be at least 0")
