@@ -5,6 +5,7 @@ One 1P1D pair serves every check, with an API key on both (and on the router in 
 so every peer poll and every relayed request must carry the entry's own key:
     - the same greedy prompts (chat + completion, streamed and not) through the prefill instance, the
       decode instance and a router give identical answers, and each went through both instances;
+      each entry also lists a peer that never answers, which it must never choose;
     - the prefill entry, started with --decode-max-queued 0, answers 503 (OpenAI's shape, code
       "overloaded") while the decode instance (--max-num-seqs 1) holds a request waiting.
 """
@@ -31,7 +32,7 @@ SPECS: list[dict[str, Any]] = [
     {"kind": "completion", "prompt": "The capital of France is", "stream": False},
     {"kind": "completion", "prompt": "def add(a, b):\n", "stream": True},
 ]
-SPECS = [{**s, "max_tokens": 12} for s in SPECS]
+SPECS = [{**s, "max_tokens": 8} for s in SPECS]
 
 
 class Pair:
@@ -41,13 +42,14 @@ class Pair:
         env = {"PDSERVE_API_KEY": KEY}
         p_port, d_port = free_port(), free_port()
         p_url, d_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{d_port}"
+        self.dead = f"http://127.0.0.1:{free_port()}"  # a peer of each that never answers: never chosen
         self.prefill = Instance(
             "prefill", "prefill", model, log_dir, port=p_port, env=env,
-            extra=["--decode", d_url, "--decode-max-queued", "0"],
+            extra=["--decode", d_url, self.dead, "--decode-max-queued", "0"],
         )  # fmt: skip
         self.decode = Instance(
             "decode", "decode", model, log_dir, port=d_port, env=env,
-            extra=["--prefill", p_url, "--max-num-seqs", "1"],
+            extra=["--prefill", self.dead, p_url, "--max-num-seqs", "1"],
         )  # fmt: skip
         self.router = Router(log_dir / "router.log", [p_url], [d_url])
         self.router.proc.env = {"PDSERVE_ROUTER_API_KEY": KEY}
@@ -57,8 +59,8 @@ class Pair:
         assert answer.status_code == 200, answer.text
         return answer.json()
 
-    def peers(self, instance: Instance) -> list[dict[str, Any]]:
-        return list(self.get(instance.url, "/pd/peers")["peers"])
+    def peers(self, instance: Instance) -> dict[str, dict[str, Any]]:
+        return {p["url"]: p for p in self.get(instance.url, "/pd/peers")["peers"]}
 
     def generated(self) -> float:
         text = httpx.get(f"{self.decode.url}/metrics", headers=AUTH, timeout=10).text
@@ -90,14 +92,19 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
 
 
 def waiting(peer: dict[str, Any]) -> int:
+    """Requests the decode instance holds but does not run, as the prefill entry last saw."""
     load = peer["load"] or {}
     return int(load.get("num_waiting", 0)) + int(load.get("num_waiting_for_kv", 0))
 
 
 def settled(pair: Pair) -> bool:
-    """Both entries see their peer healthy, and the prefill entry sees no request waiting there."""
+    """Both entries see their live peer healthy (the dead one not), and the prefill entry sees no
+    request waiting on the decode instance."""
     decodes, prefills = pair.peers(pair.prefill), pair.peers(pair.decode)
-    return all(p["healthy"] for p in decodes + prefills) and waiting(decodes[0]) == 0
+    decode, prefill = decodes[pair.decode.url], prefills[pair.prefill.url]
+    dead = [decodes[pair.dead], prefills[pair.dead]]
+    alive = decode["healthy"] and prefill["healthy"] and not any(p["healthy"] for p in dead)
+    return alive and waiting(decode) == 0
 
 
 async def run_specs(v1: str, specs: list[dict[str, Any]]) -> list[Any]:
@@ -146,7 +153,7 @@ async def refused_while_one_waits(pair: Pair) -> list[httpx.Response]:
         try:
             for _ in range(300):  # until the prefill entry's view of the decode shows one waiting
                 peers = (await client.get(f"{pair.prefill.url}/pd/peers")).json()["peers"]
-                if waiting(peers[0]) >= 1:
+                if any(waiting(p) >= 1 for p in peers):
                     break
                 await asyncio.sleep(0.1)
             else:
