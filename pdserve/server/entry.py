@@ -58,7 +58,7 @@ class Entry:
         return router
 
     def install(self, app: FastAPI, metrics: ServerMetrics) -> None:
-        """Serve /pd/peers (behind `dependencies`' checks are the caller's) and answer RouterErrors."""
+        """Answer the entry's RouterErrors in OpenAI's shape, counted by their code."""
 
         async def entry_error(_: Request, exc: Exception) -> Response:
             assert isinstance(exc, RouterError)
