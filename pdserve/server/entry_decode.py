@@ -18,6 +18,7 @@ import logging
 import uuid
 
 from fastapi import Request
+from pydantic import ValidationError
 
 from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.async_engine import AsyncEngine, RequestStream
@@ -28,6 +29,7 @@ from pdserve.router.policies import LeastLoaded
 from pdserve.server.errors import ClientDisconnectedError
 from pdserve.server.generation import Generation
 from pdserve.server.peers import Peers
+from pdserve.server.protocol import KVTransferParams
 from pdserve.server.streaming import GenerationRunner
 
 logger = logging.getLogger(__name__)
@@ -48,26 +50,29 @@ class DecodeEntryRunner(GenerationRunner):
             return await super().open(gen, raw)
         tried: list[str] = []
         while True:
-            prefill = self.choose(tried)
-            stream, first = await self.attempt(gen, prefill, raw)
+            prefill, handoff = self.choose(tried)
+            stream, first = await self.attempt(gen, prefill, handoff, raw)
             if not _prefill_failed(first) or not self.may_retry(prefill, tried):
                 return Peeked(self.engine, stream, first)
             stream.abort()
             gen.request_id = f"{gen.request_id.split('-', 1)[0]}-{uuid.uuid4().hex}"
 
-    def choose(self, tried: list[str]) -> Instance:
-        candidates = self.prefills.healthy(tried)
-        if not candidates:
-            raise unavailable(self.prefills.why_none())
-        return self.policy.choose(candidates, "prefill")
+    def choose(self, tried: list[str]) -> tuple[Instance, FromPrefill]:
+        """A healthy prefill peer not tried yet, and the hand-off naming it; 503 if there is none."""
+        while candidates := self.prefills.healthy(tried):
+            prefill = self.policy.choose(candidates, "prefill")
+            handoff = _handoff(prefill)
+            if handoff is not None:
+                return prefill, handoff
+            prefill.mark_down(f"reports a kv_addr that is no tcp://HOST:PORT: {prefill.kv_addr!r:.80}")
+        raise unavailable(self.prefills.why_none())
 
     async def attempt(
-        self, gen: Generation, prefill: Instance, raw: Request
+        self, gen: Generation, prefill: Instance, handoff: FromPrefill, raw: Request
     ) -> tuple[RequestStream, RequestOutput]:
-        """Add the requests with `prefill` as their hand-off; wait for their first output (the prompt
+        """Add the requests with `handoff` (from `prefill`); wait for their first output (the prompt
         done, or the hand-off failed), so that a failure can still be retried unseen."""
-        assert prefill.kv_addr is not None  # a healthy prefill peer reports one (role_problem)
-        gen.handoff = FromPrefill(prefill.kv_addr, prefill.url)
+        gen.handoff = handoff
         tokens = len(gen.prompt_token_ids)
         prefill.begin(tokens)
         try:
@@ -102,6 +107,16 @@ async def _first_output(stream: RequestStream, raw: Request) -> RequestOutput:
                 raise ClientDisconnectedError("client disconnected")
     finally:
         first.cancel()
+
+
+def _handoff(prefill: Instance) -> FromPrefill | None:
+    """The hand-off naming `prefill`, its kv_addr checked as a router's kv_transfer_params are (a peer's
+    /pd/info is input too); None if it does not pass."""
+    fields = {"prefill_kv_addr": prefill.kv_addr, "prefill_url": prefill.url}
+    try:
+        return KVTransferParams.model_validate(fields).handoff()
+    except ValidationError:
+        return None
 
 
 def _prefill_failed(out: RequestOutput) -> bool:
