@@ -156,3 +156,18 @@ class ServerConfig:
     access_log_polls: bool = False  # keep /health, /pd/info, /metrics polls in the access log
     registry: str | None = None  # redis://HOST:PORT[/DB]: registered there while serving
     registry_ttl: float = 10.0  # seconds the registry entry outlives its last refresh
+    # an instance that is the entry itself (server/entry.py): its peers' URLs, and a prefill entry's bound
+    prefill_peers: tuple[str, ...] = ()  # on a decode instance
+    decode_peers: tuple[str, ...] = ()  # on a prefill instance
+    decode_max_queued: int = 5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefill_peers", tuple(self.prefill_peers))
+        object.__setattr__(self, "decode_peers", tuple(self.decode_peers))
+        role = self.engine.disagg.role
+        if self.prefill_peers and role != "decode":
+            raise ValueError(f"--prefill URL... is for a decode instance (this one is {role})")
+        if self.decode_peers and role != "prefill":
+            raise ValueError(f"--decode URL... is for a prefill instance (this one is {role})")
+        if self.decode_max_queued < 0:
+            raise ValueError("--decode-max-queued must be at least 0")

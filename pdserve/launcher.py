@@ -51,6 +51,7 @@ from pdserve.supervisor import Child, GiveUp, RestartPolicy, Supervisor, stop_al
 
 # serve options that `up` sets itself for each instance (or, --model, --api-key, the secret: once, for all)
 _OWN_SERVE_OPTIONS = {"host", "port", "model", "api_key", "role", "kv_port", "cluster_secret"}
+_OWN_SERVE_OPTIONS |= {"prefill_peers", "decode_peers", "decode_max_queued"}  # `up` has a router
 SECRET_FILE = "cluster-secret"
 
 

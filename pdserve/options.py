@@ -31,11 +31,13 @@ from pdserve.config import (
 from pdserve.http_edge.limits import DEFAULT_MAX_CHAT_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
 from pdserve.kernels.config import KernelConfig
 from pdserve.registry.redis_keys import check_registry_url
+from pdserve.router.instances import normalize_url
 
 _positive = int_at_least(1)
 API_KEY_ENV = "PDSERVE_API_KEY"  # read when --api-key is not given (how `pdserve up` passes it)
 MODEL_GROUP = "model and device"
 DISAGG_GROUP = "disaggregation"
+ENTRY_GROUP = "serving clients without a router (the instance is the entry)"
 
 
 def cluster_secret_file(path: str) -> ClusterSecret:
@@ -50,6 +52,14 @@ def registry_url(text: str) -> str:
     """An argparse type: a redis:// registry URL."""
     try:
         return check_registry_url(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def peer_url(text: str) -> str:
+    """An argparse type: a peer instance's http(s) URL (host:port reads as http://host:port)."""
+    try:
+        return normalize_url(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -79,6 +89,7 @@ class Option:
     const: Any = None
     group: str | None = None  # the argparse group it is listed under
     offline: bool = True  # an LLM keyword too (the server's and the KV endpoint's are not)
+    nargs: str | None = None  # "+": one or more values (a list)
 
     @property
     def config_field(self) -> str:
@@ -399,6 +410,41 @@ OPTIONS: tuple[Option, ...] = (
         group=DISAGG_GROUP,
         offline=False,
     ),
+    Option(
+        "decode_peers",
+        ("--decode",),
+        "server",
+        type=peer_url,
+        nargs="+",
+        metavar="URL",
+        help="on a prefill instance: the decode instances it hands client requests to, so that clients "
+        "may call it directly (BladeLLM's way)",
+        group=ENTRY_GROUP,
+        offline=False,
+    ),
+    Option(
+        "prefill_peers",
+        ("--prefill",),
+        "server",
+        type=peer_url,
+        nargs="+",
+        metavar="URL",
+        help="on a decode instance: the prefill instances it asks for client requests' prompts, so that "
+        "clients may call it directly (FastDeploy's way)",
+        group=ENTRY_GROUP,
+        offline=False,
+    ),
+    Option(
+        "decode_max_queued",
+        ("--decode-max-queued",),
+        "server",
+        default=5,
+        type=int_at_least(0),
+        help="on a prefill instance with --decode: a decode instance with more requests waiting is not "
+        "chosen; none under it: 503",
+        group=ENTRY_GROUP,
+        offline=False,
+    ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 # LLM runs in this process, with no HTTP queue in front: a CPU default and no waiting-queue bound
@@ -453,6 +499,8 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option] = OPT
         extra: dict[str, Any] = {"choices": list(option.choices)} if option.choices else {}
         if option.metavar:
             extra["metavar"] = option.metavar
+        if option.nargs:
+            extra["nargs"] = option.nargs
         target.add_argument(
             *option.flags,
             dest=option.name,

@@ -3,6 +3,9 @@
     POST /v1/chat/completions, /v1/completions   text in -> token ids -> AsyncEngine -> text out
     GET  /v1/models, /health, /metrics           (/pd/info, /debug/kv: pd_routes.py)
 
+An instance given its peers (--prefill on a decode instance, --decode on a prefill one) is an entry of
+its cluster itself (entry.py): a client request without kv_transfer_params is served disaggregated.
+
 A completion handler is three steps, each its own module: request_builder.py (validate, tokenize,
 SamplingParams -> a Generation, generation.py), streaming.py (run it on the engine: SSE or one answer)
 and responses.py (the chat and completion answer shapes). Errors become HTTP answers in errors.py only.
@@ -32,7 +35,9 @@ from pdserve.http_edge.body_limit import BodyLimit
 from pdserve.http_edge.slashes import TrailingSlash
 from pdserve.http_edge.uvicorn_setup import uvicorn_config
 from pdserve.server import protocol as p
+from pdserve.server.entry import make_entry
 from pdserve.server.errors import AuthenticationError, ErrorKind, install_error_handlers
+from pdserve.server.lifespans import combined
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.pd_routes import pd_router
 from pdserve.server.registration import registration_lifespan
@@ -48,9 +53,17 @@ class OpenAIServer:
     def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.api_key = config.api_key
         self.requests = RequestBuilder(engine, config, metrics)
-        self.runner = GenerationRunner(engine)
+        self.entry = make_entry(engine, config)  # with peers, this instance is the cluster's entry
+        decode_entry = self.entry.runner if self.entry is not None else None
+        self.runner: GenerationRunner = decode_entry or GenerationRunner(engine)
         self.served_model_name = self.requests.served_model_name
+
+    async def relayed(self, raw: Request, path: str) -> Response | None:
+        """A prefill entry's answer relayed from a decode peer; None: answer it here."""
+        relay = self.entry.relay if self.entry is not None else None
+        return None if relay is None else await relay.relayed(raw, path, self.api_key)
 
 
 def _auth(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
@@ -63,11 +76,15 @@ def _v1_router(server: OpenAIServer) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(raw: Request) -> Response:
+        if (answer := await server.relayed(raw, "/v1/chat/completions")) is not None:
+            return answer
         gen = await requests.build(raw, p.ChatCompletionRequest, requests.chat_generation)
         return await runner.run(gen, raw)
 
     @router.post("/completions")
     async def completions(raw: Request) -> Response:
+        if (answer := await server.relayed(raw, "/v1/completions")) is not None:
+            return answer
         gen = await requests.build(raw, p.CompletionRequest, requests.completion_generation)
         return await runner.run(gen, raw)
 
@@ -112,8 +129,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics()
     server = OpenAIServer(engine, config, metrics)
     docs: dict[str, Any] = {} if config.api_key is None else API_DOCS_OFF
-    lifespan = registration_lifespan(engine, config, metrics.registry)
-    app = FastAPI(title="pdserve", version="0.1.0", redirect_slashes=False, lifespan=lifespan, **docs)
+    lifespans = [registration_lifespan(engine, config, metrics.registry)]  # registered while served
+    lifespans.append(server.entry.lifespan if server.entry is not None else None)  # peers polled
+    app = FastAPI(
+        title="pdserve", version="0.1.0", redirect_slashes=False, lifespan=combined(lifespans), **docs
+    )
     app.state.server = server
     app.state.metrics = metrics
 
@@ -126,6 +146,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.include_router(_v1_router(server), dependencies=keyed)
     app.include_router(_metrics_router(engine, metrics), dependencies=[] if config.metrics_public else keyed)
     app.include_router(pd_router(engine), dependencies=keyed)
+    if server.entry is not None:
+        server.entry.install(app, metrics)
+        app.include_router(server.entry.routes(), dependencies=keyed)
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(TrailingSlash)
     return app

@@ -51,12 +51,16 @@ class GenerationRunner:
         self.token_str = TokenText(engine.tokenizer)
 
     async def run(self, gen: Generation, raw: Request) -> Response:
-        stream = await self.engine.add(gen.sub_requests())
+        stream = await self.open(gen, raw)
         fmt = format_of(gen, self.token_str)
         if gen.stream:
             return SSEResponse(self.sse(gen, stream, fmt), on_close=lambda: self._close(gen, stream))
         await self.collect(gen, stream, raw)
         return Response(fmt.response(gen).model_dump_json(), media_type="application/json")
+
+    async def open(self, gen: Generation, raw: Request) -> RequestStream:
+        """Add the generation's requests to the engine (an entry decode instance picks a prefill first)."""
+        return await self.engine.add(gen.sub_requests())
 
     async def collect(self, gen: Generation, stream: RequestStream, raw: Request) -> None:
         """Gather every choice's outputs; abort if the client goes away before the answer is ready."""

@@ -125,4 +125,5 @@ def test_up_offers_every_serve_flag_but_those_it_sets_itself() -> None:
     up = build_parser()._subparsers._group_actions[0].choices["up"]  # type: ignore[union-attr]
     passed = {a.option_strings[0] for a in up._actions if a.dest == "serve_args" and a.option_strings}
     own = {"--host", "--port", "--model", "--api-key", "--role", "--kv-port", "--cluster-secret-file"}
+    own |= {"--prefill", "--decode", "--decode-max-queued"}  # up's own, for its router
     assert passed == {o.flags[0] for o in OPTIONS} - own
