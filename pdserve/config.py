@@ -154,3 +154,4 @@ class ServerConfig:
     max_chat_messages: int = DEFAULT_MAX_CHAT_MESSAGES
     metrics_public: bool = False  # /metrics without the API key
     access_log_polls: bool = False  # keep /health, /pd/info, /metrics polls in the access log
+    otlp_traces_endpoint: str | None = None  # OTLP/HTTP collector for OpenTelemetry spans

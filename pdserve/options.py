@@ -369,6 +369,14 @@ OPTIONS: tuple[Option, ...] = (
         help="keep successful GET /health, /pd/info and /metrics polls in the access log",
         offline=False,
     ),
+    Option(
+        "otlp_traces_endpoint",
+        ("--otlp-traces-endpoint",),
+        "server",
+        metavar="URL",
+        help="send OpenTelemetry spans to this OTLP/HTTP endpoint, e.g. http://collector:4318/v1/traces",
+        offline=False,
+    ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 # LLM runs in this process, with no HTTP queue in front: a CPU default and no waiting-queue bound

@@ -55,6 +55,7 @@ class Reserve(Message):
     params: dict[str, Any]
     block_ids: list[int]
     timeout: float = 0.0  # seconds the decode side waits; a direct write never starts later than that
+    trace_context: str = ""  # W3C traceparent of the decode side's span ("": none)
 
 
 @dataclass

@@ -127,7 +127,13 @@ class Receiver:
             expires = inc.started + link.transfer_timeout + DIRECT_WRITE_GRACE
             link.leases.hold(transfer_id, request_id, peer, "direct", expires)
         reserve = p.Reserve(
-            link.address, transfer_id, list(prompt_token_ids), params, blocks, link.transfer_timeout
+            link.address,
+            transfer_id,
+            list(prompt_token_ids),
+            params,
+            blocks,
+            link.transfer_timeout,
+            source.trace_context,
         )
         link.transport.send(peer, reserve)
 

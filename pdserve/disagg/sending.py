@@ -37,6 +37,7 @@ from pdserve.disagg.layer_stream import Streamed, make_hook
 from pdserve.disagg.link import Link
 from pdserve.disagg.transport.blocks import KVBlocks
 from pdserve.disagg.transport.shards import ShardedPool
+from pdserve.observability import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class Sender:
             self.link.transport.send(peer, p.Failed(self.link.address, tid, f"sending KV failed: {e}"))
             return
         self.link.transport.send(peer, done)
+        tracing.record("prefill.request", kv.target.trace_context, kv.target.reserved_at, transfer_id=tid)
 
     def _write(
         self, transfer_id: str, peer: str, src: list[int], dst: list[int], streamed: Streamed | None
@@ -200,7 +202,7 @@ class Sender:
         link = self.link
         now = time.monotonic()
         write_by = now + msg.timeout if msg.timeout > 0 else math.inf
-        target = ToDecode(msg.transfer_id, msg.sender, tuple(msg.block_ids))
+        target = ToDecode(msg.transfer_id, msg.sender, tuple(msg.block_ids), msg.trace_context, now)
         prefill = StartPrefill(target, msg.prompt_token_ids, msg.params)
         refused = self.refusing or link.peers.refusal(msg.sender)
         with self.lock:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pdserve.config import SchedulerConfig
 from pdserve.engine.block_manager import BlockManager, cdiv
+from pdserve.engine.outputs import StageLog
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.errors import InvalidRequestError, OverloadedError
 
@@ -73,6 +74,7 @@ class Scheduler:
         self.held: dict[str, Request] = {}  # finished, blocks kept until the connector lets go
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.finished_times = StageLog()  # stage times of finished requests, for /metrics
 
     @property
     def has_unfinished(self) -> bool:
@@ -103,6 +105,7 @@ class Scheduler:
         if request.is_finished:
             return
         request.status = status
+        self.finished_times.add(request.times)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:

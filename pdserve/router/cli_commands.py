@@ -100,6 +100,12 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a larger request body is answered 413 before it is read, e.g. 16MiB",
     )
     r.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    r.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        metavar="URL",
+        help="send OpenTelemetry spans to this OTLP/HTTP endpoint, e.g. http://collector:4318/v1/traces",
+    )
     r.set_defaults(func=run_router)
 
 
@@ -123,6 +129,7 @@ def run_router(args: argparse.Namespace) -> None:
             cluster_secret=args.cluster_secret or ClusterSecret.from_env(),
             max_request_bytes=args.max_request_bytes,
             metrics_public=args.metrics_public,
+            otlp_traces_endpoint=args.otlp_traces_endpoint,
         )
     except ValueError as e:
         logger.error("%s", e)

@@ -31,8 +31,10 @@ from typing import Any
 import anyio
 import httpx
 from fastapi.responses import Response
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from pdserve.cluster_secret import ClusterSecret, sign_handoff
+from pdserve.observability import tracing
 from pdserve.router.errors import RouterError, unavailable
 from pdserve.router.instances import HealthPoller, Instance, Registry, Role
 from pdserve.router.metrics import RouterMetrics
@@ -105,6 +107,7 @@ class Call:
     authorization: str | None = None  # the client's header, passed on: instances may want the key too
     arrival: float = field(default_factory=time.monotonic)
     tries: Tries = field(default_factory=Tries)
+    span: Span = field(default_factory=lambda: INVALID_SPAN)  # the router's span (tracing.py)
 
     @property
     def tokens(self) -> int:
@@ -167,6 +170,7 @@ class Proxy:
             headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
             if call.authorization is not None:
                 headers["authorization"] = call.authorization
+            headers.update(tracing.headers(call.span))  # the instance's span joins the router's trace
             request = self.client.build_request(
                 "POST", url, content=route.content(call.raw, call.body, self.secret), headers=headers
             )

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from opentelemetry.trace import Span
 from pydantic import BaseModel
 
 from pdserve.engine.async_engine import AsyncEngine, RequestStream
@@ -29,6 +31,7 @@ from pdserve.errors import (
     PDServeError,
     PrefillFailedError,
 )
+from pdserve.observability import tracing
 from pdserve.server.errors import ClientDisconnectedError, error_body, kind_of
 from pdserve.server.generation import Generation
 from pdserve.server.responses import Format, TokenText, format_of
@@ -51,11 +54,23 @@ class GenerationRunner:
         self.token_str = TokenText(engine.tokenizer)
 
     async def run(self, gen: Generation, raw: Request) -> Response:
-        stream = await self.engine.add(gen.sub_requests())
+        span = tracing.start(
+            "decode.request" if gen.handoff else "instance.request", tracing.incoming(raw.headers)
+        )
+        if gen.handoff is not None:  # the prefill instance's span joins this trace (Reserve.trace_context)
+            gen.handoff = replace(gen.handoff, trace_context=tracing.traceparent(span) or "")
+        try:
+            stream = await self.engine.add(gen.sub_requests())
+        except BaseException:
+            span.end()
+            raise
         fmt = format_of(gen, self.token_str)
         if gen.stream:
-            return SSEResponse(self.sse(gen, stream, fmt), on_close=lambda: self._close(gen, stream))
-        await self.collect(gen, stream, raw)
+            return SSEResponse(self.sse(gen, stream, fmt), on_close=lambda: self._close(gen, stream, span))
+        try:
+            await self.collect(gen, stream, raw)
+        finally:
+            span.end()
         return Response(fmt.response(gen).model_dump_json(), media_type="application/json")
 
     async def collect(self, gen: Generation, stream: RequestStream, raw: Request) -> None:
@@ -102,10 +117,12 @@ class GenerationRunner:
         finally:
             self._close(gen, stream)
 
-    def _close(self, gen: Generation, stream: RequestStream) -> None:
+    def _close(self, gen: Generation, stream: RequestStream, span: Span | None = None) -> None:
         stream.abort()
         for choice in gen.choices:
             choice.tracker.finish("abort")  # no-op for choices that finished
+        if span is not None:
+            span.end()
 
     def failure(self, out: RequestOutput) -> PDServeError | RuntimeError:
         if self.engine.fatal_error is not None:
