@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -112,7 +113,10 @@ def traced(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         router.start().wait_healthy()
         yield TracedCluster(collector, router)
     finally:
-        for proc in (router, *instances):
+        procs = [router.proc, *(i.proc for i in instances if i.proc is not None)]
+        for proc in procs:  # all drain at once, not one after the other
+            proc.signal(signal.SIGTERM)
+        for proc in procs:
             with contextlib.suppress(Exception):
                 proc.stop()
         collector.server.shutdown()
