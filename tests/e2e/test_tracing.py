@@ -93,6 +93,8 @@ class Collector:
 class TracedCluster:
     collector: Collector
     router: Router
+    prefill: Instance
+    decode: Instance
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def traced(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for instance in instances:
             instance.wait_ready()
         router.start().wait_healthy()
-        yield TracedCluster(collector, router)
+        yield TracedCluster(collector, router, prefill, decode)
     finally:
         procs = [router.proc, *(i.proc for i in instances if i.proc is not None)]
         for proc in procs:  # all drain at once, not one after the other
@@ -164,6 +166,14 @@ def test_one_trace_across_router_decode_and_prefill(traced: TracedCluster) -> No
         time.sleep(0.2)
     assert len(new) == 1, traced.collector.spans
     _assert_chain(_wait_trace(traced.collector, new.pop()), "")
+
+    # the same two requests in the stage histograms: computed on the prefill instance (which answers
+    # no HTTP request for them), received and decoded on the decode instance
+    prefill, decode = traced.prefill, traced.decode
+    stage = "pdserve_request_{}_time_seconds_count".format
+    assert prefill.metric(stage("prefill")) == 2 and prefill.metric(stage("kv_transfer")) == 0
+    assert decode.metric(stage("kv_transfer")) == 2 and decode.metric(stage("decode")) == 2
+    assert decode.metric(stage("prefill")) == 0 and decode.metric(stage("queue")) == 2
 
 
 def test_a_reserve_with_a_malformed_trace_context_is_refused() -> None:
