@@ -127,14 +127,9 @@ class Receiver:
             expires = inc.started + link.transfer_timeout + DIRECT_WRITE_GRACE
             link.leases.hold(transfer_id, request_id, peer, "direct", expires)
         reserve = p.Reserve(
-            link.address,
-            transfer_id,
-            list(prompt_token_ids),
-            params,
-            blocks,
-            link.transfer_timeout,
-            source.trace_context,
+            link.address, transfer_id, list(prompt_token_ids), params, blocks, link.transfer_timeout
         )
+        reserve.trace_context = source.trace_context  # the prefill's span joins the request's trace
         link.transport.send(peer, reserve)
 
     def finished(self, request_id: str) -> bool:

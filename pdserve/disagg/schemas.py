@@ -6,6 +6,7 @@ its schema before it exists, so every handler sees only well-typed messages.
     transfer ids    1 to 64 characters of [A-Za-z0-9_.-] (a decode instance makes them: uuid4 hex)
     token, block    ints in [0, 2**31); lists of them bounded
     nbytes, counts  ints >= 0;  timeouts finite and >= 0;  text and objects bounded
+    trace_context   "" or a W3C traceparent (lower-case hex), nothing else
 
 Also the counts of dropped peer messages: MALFORMED (the one piece of process state here, because
 `decode` runs inside the transports, which keep no counters) and DropCounts for a connector's own.

@@ -17,6 +17,7 @@ Retries, each at most once per instance: an instance that refuses the connection
 request goes to another of its role; an answer "prefill_failed" before any token (HTTP 502, or an SSE
 error event: see relay.py) goes to another prefill instance, once. An instance that dies mid-answer is
 out of the rotation until its health check passes; not streaming, the client gets HTTP 502.
+Every attempt carries the router's span as its `traceparent` header (observability/tracing.py).
 """
 
 from __future__ import annotations

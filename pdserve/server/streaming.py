@@ -7,7 +7,9 @@ An engine output that ends badly becomes a typed error: an error event inside th
 already sent), or an exception for errors.py to answer. However the answer ends (done, client gone,
 error), every engine request still running is aborted. Each answer counts one outcome per choice in
 the requests counter, except an error that becomes the HTTP answer (a client gone before a whole
-answer included): errors.py counts that one, once.
+answer included): errors.py counts that one, once. Each answer is one OpenTelemetry span
+(observability/tracing.py), a child of the request's `traceparent` header; a hand-off passes the span
+on to the prefill instance in its Reserve.
 """
 
 from __future__ import annotations
