@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.cli_types import int_at_least, parse_size
+from pdserve.cli_types import http_url, int_at_least, parse_size
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, SecretError
 from pdserve.config import (
     ROLES,
@@ -373,6 +373,7 @@ OPTIONS: tuple[Option, ...] = (
         "otlp_traces_endpoint",
         ("--otlp-traces-endpoint",),
         "server",
+        type=http_url,
         metavar="URL",
         help="send OpenTelemetry spans to this OTLP/HTTP endpoint, e.g. http://collector:4318/v1/traces",
         offline=False,

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 
-from pdserve.cli_types import int_at_least, parse_size, positive_float
+from pdserve.cli_types import http_url, int_at_least, parse_size, positive_float
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
 from pdserve.http_edge.limits import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.options import HelpFormatter, cluster_secret_file
@@ -102,6 +102,7 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     r.add_argument(
         "--otlp-traces-endpoint",
+        type=http_url,
         default=None,
         metavar="URL",
         help="send OpenTelemetry spans to this OTLP/HTTP endpoint, e.g. http://collector:4318/v1/traces",

@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from pdserve.cli import build_parser, server_config
 from pdserve.disagg import protocol as p
 from tests.e2e.cluster import Instance, Router, free_port, wait_until
 
@@ -184,3 +185,16 @@ def test_a_reserve_with_a_malformed_trace_context_is_refused() -> None:
         reserve.trace_context = bad
         with pytest.raises(ValueError, match="trace_context"):
             p.decode(p.encode(reserve))
+
+
+def test_the_endpoint_must_be_an_http_url() -> None:
+    parser = build_parser()
+    url = "http://127.0.0.1:4318/v1/traces"
+    args = parser.parse_args(["serve", "--otlp-traces-endpoint", url])
+    assert server_config(args).otlp_traces_endpoint == url
+    routed = ["router", "--prefill", "http://a:1", "--decode", "http://b:2", "--otlp-traces-endpoint"]
+    assert parser.parse_args([*routed, url]).otlp_traces_endpoint == url
+    for bad in ("ftp://collector/v1/traces", "collector:4318", "http://h:99999"):
+        for argv in (["serve", "--otlp-traces-endpoint", bad], [*routed, bad]):
+            with pytest.raises(SystemExit):
+                parser.parse_args(argv)
