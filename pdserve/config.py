@@ -160,6 +160,7 @@ class ServerConfig:
     prefill_peers: tuple[str, ...] = ()  # on a decode instance
     decode_peers: tuple[str, ...] = ()  # on a prefill instance
     decode_max_queued: int = 5
+    otlp_traces_endpoint: str | None = None  # OTLP/HTTP collector for OpenTelemetry spans
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefill_peers", tuple(self.prefill_peers))

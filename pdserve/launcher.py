@@ -129,11 +129,13 @@ def router_child(
 
 
 def _router_edge_args(serve_args: Sequence[str]) -> list[str]:
-    """The HTTP-edge options the router shares with its instances (body limit, public /metrics)."""
+    """The HTTP-edge options the router shares with its instances (body limit, public /metrics, where
+    traces go)."""
     edge = []
-    size = option_value(serve_args, ["--max-request-bytes"], "")
-    if size:
-        edge += ["--max-request-bytes", size]
+    for flag in ("--max-request-bytes", "--otlp-traces-endpoint"):
+        value = option_value(serve_args, [flag], "")
+        if value:
+            edge += [flag, value]
     if "--metrics-public" in serve_args:
         edge.append("--metrics-public")
     return edge

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.cli_types import int_at_least, parse_size, positive_float
+from pdserve.cli_types import http_url, int_at_least, parse_size, positive_float
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, SecretError
 from pdserve.config import (
     ROLES,
@@ -443,6 +443,15 @@ OPTIONS: tuple[Option, ...] = (
         help="on a prefill instance with --decode: a decode instance with more requests waiting is not "
         "chosen; none under it: 503",
         group=ENTRY_GROUP,
+        offline=False,
+    ),
+    Option(
+        "otlp_traces_endpoint",
+        ("--otlp-traces-endpoint",),
+        "server",
+        type=http_url,
+        metavar="URL",
+        help="send OpenTelemetry spans to this OTLP/HTTP endpoint, e.g. http://collector:4318/v1/traces",
         offline=False,
     ),
 )

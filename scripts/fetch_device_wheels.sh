@@ -9,7 +9,9 @@ PIP="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
 PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_26_x86_64"
 # The versions .venv holds (what the tests ran against), with the dependencies the lent machines lack.
 for name in pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection gguf \
-  opentelemetry-api annotated-doc; do
+  opentelemetry-api annotated-doc opentelemetry-sdk opentelemetry-semantic-conventions \
+  opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common opentelemetry-proto \
+  opentelemetry-exporter-http-transport opentelemetry-exporter-otlp-common protobuf googleapis-common-protos; do
   version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)
   pkg=$name${version:+==$version}
   $PIP $PLAT "$pkg" || $PIP "$pkg"

@@ -21,6 +21,7 @@ class FromPrefill:
 
     prefill_kv_addr: str
     prefill_url: str | None = None
+    trace_context: str = ""  # the W3C traceparent the Reserve carries on (observability/tracing.py)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class ToDecode:
     decode_addr: str
     block_ids: tuple[int, ...]
     cached_blocks: int = 0
+    trace_context: str = ""  # the Reserve's: this instance's span is a child of the decode's
+    reserved_at: float = 0.0  # time.monotonic() when the Reserve came
 
 
 HandOff = FromPrefill | ToDecode

@@ -57,6 +57,7 @@ class Reserve(Message):
     block_ids: list[int]
     timeout: float = 0.0  # seconds the decode side waits; a direct write never starts later than that
     cached_blocks: int = 0  # the prompt's leading blocks decode caches: `block_ids` are for those after
+    trace_context: str = ""  # W3C traceparent of the decode side's span ("": none)
 
 
 @dataclass

@@ -138,6 +138,7 @@ class Receiver:
             link.transfer_timeout,
             cached_blocks,
         )
+        reserve.trace_context = source.trace_context  # the prefill's span joins the request's trace
         link.transport.send(peer, reserve)
 
     def finished(self, request_id: str) -> bool:

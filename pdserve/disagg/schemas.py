@@ -6,6 +6,7 @@ its schema before it exists, so every handler sees only well-typed messages.
     transfer ids    1 to 64 characters of [A-Za-z0-9_.-] (a decode instance makes them: uuid4 hex)
     token, block    ints in [0, 2**31); lists of them bounded
     nbytes, counts  ints >= 0;  timeouts finite and >= 0;  text and objects bounded
+    trace_context   "" or a W3C traceparent (lower-case hex), nothing else
 
 Also the counts of dropped peer messages: MALFORMED (the one piece of process state here, because
 `decode` runs inside the transports, which keep no counters) and DropCounts for a connector's own.
@@ -29,6 +30,7 @@ MAX_TOP = 64  # top alternatives of a first token's logprob
 MAX_TEXT = 1 << 16  # reasons, model names
 MAX_KEYS = 64  # keys of a JSON object field (params, layout, offers)
 TRANSFER_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._\-]{1,253}):([0-9]{1,5})")
 
 Check = tuple[Callable[[Any], bool], str]  # (does the value fit, what it must be)
@@ -79,6 +81,10 @@ def _seconds(v: Any) -> bool:
     return type(v) in (int, float) and math.isfinite(v) and v >= 0
 
 
+def _trace_context(v: Any) -> bool:
+    return type(v) is str and (v == "" or TRACEPARENT.fullmatch(v) is not None)
+
+
 def _logprob_value(v: Any) -> bool:
     return type(v) is float and not math.isnan(v) and v != math.inf
 
@@ -112,6 +118,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
         "block_ids": ids(MAX_BLOCKS, non_empty=True),
         "timeout": (_seconds, "a finite number of seconds >= 0"),
         "cached_blocks": integer(0, MAX_BLOCKS),
+        "trace_context": (_trace_context, "empty or a W3C traceparent"),
     },
     "KVData": {
         "transfer_id": TRANSFER,

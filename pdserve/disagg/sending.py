@@ -39,6 +39,7 @@ from pdserve.disagg.layer_stream import Streamed, make_hook
 from pdserve.disagg.link import Link
 from pdserve.disagg.transport.blocks import KVBlocks
 from pdserve.disagg.transport.shards import ShardedPool
+from pdserve.observability import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class Sender:
             self.link.transport.send(peer, p.Failed(self.link.address, tid, f"sending KV failed: {e}"))
             return
         self.link.transport.send(peer, done)
+        tracing.record("prefill.request", kv.target.trace_context, kv.target.reserved_at, transfer_id=tid)
 
     def _write(
         self, transfer_id: str, peer: str, src: list[int], dst: list[int], streamed: Streamed | None
@@ -202,7 +204,14 @@ class Sender:
         link = self.link
         now = time.monotonic()
         write_by = now + msg.timeout if msg.timeout > 0 else math.inf
-        target = ToDecode(msg.transfer_id, msg.sender, tuple(msg.block_ids), msg.cached_blocks)
+        target = ToDecode(
+            msg.transfer_id,
+            msg.sender,
+            tuple(msg.block_ids),
+            cached_blocks=msg.cached_blocks,
+            trace_context=msg.trace_context,
+            reserved_at=now,
+        )
         prefill = StartPrefill(target, msg.prompt_token_ids, msg.params)
         refused = self.refusing or link.peers.refusal(msg.sender)
         with self.lock:

@@ -447,6 +447,7 @@ class Engine:
             num_steps_ahead=self.num_steps_ahead,
             num_waiting_for_kv=len(self.scheduler.waiting_for_kv),
             tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in self._queued()),
+            request_stages=self.scheduler.finished_times.snapshot(),
             **self._kv_stats(),
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from pdserve.engine.request import Logprob
+from pdserve.engine.request import Logprob, RequestTimes
 
 
 @dataclass
@@ -55,6 +55,37 @@ class TransferLog:
         return TransferTimes(self.count, tuple(self.latest))
 
 
+STAGES = ("queue", "prefill", "kv_transfer", "decode")  # RequestTimes.stages' keys
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Requests finished since start (`count`) and the stage durations of the latest (at most
+    KV_TIMES_KEPT, newest last); cumulative like TransferTimes, read with `since`."""
+
+    count: int = 0
+    latest: tuple[dict[str, float], ...] = ()
+
+    def since(self, seen: int) -> tuple[dict[str, float], ...]:
+        new = self.count - seen
+        return self.latest[-new:] if new > 0 else ()
+
+
+class StageLog:
+    """The scheduler's running record behind StageTimes: one entry per finished request."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.latest: deque[dict[str, float]] = deque(maxlen=KV_TIMES_KEPT)
+
+    def add(self, times: RequestTimes) -> None:
+        self.count += 1
+        self.latest.append(times.stages())
+
+    def snapshot(self) -> StageTimes:
+        return StageTimes(self.count, tuple(self.latest))
+
+
 @dataclass
 class EngineStats:
     """A snapshot for /metrics, /health and the router's load reports."""
@@ -77,6 +108,7 @@ class EngineStats:
     kv_transfer_times: TransferTimes = field(default_factory=TransferTimes)
     kv_transfers_streamed: int = 0  # prefill: transfers whose every layer left during the step
     peer_messages_dropped: dict[str, int] = field(default_factory=dict)  # since start, by reason
+    request_stages: StageTimes = field(default_factory=StageTimes)  # finished requests' stage times
 
     @property
     def kv_usage(self) -> float:

@@ -41,6 +41,39 @@ _FINISHED = {
 
 
 @dataclass
+class RequestTimes:
+    """When one request reached each stage (time.monotonic(); None: it never did). `scheduled`: first
+    given blocks, to compute its prompt or to receive its KV; `kv_ready`: that KV (and its first token)
+    arrived; `stopped`: the request ended as it should (stop or length), not aborted or failed."""
+
+    arrival: float
+    scheduled: float | None = None
+    kv_ready: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    stopped: bool = False
+
+    def stages(self) -> dict[str, float]:
+        """Seconds spent in each stage the request went through: queue, prefill (computed here),
+        kv_transfer (received from a prefill instance), decode (first token to the last)."""
+        out: dict[str, float] = {}
+        if self.scheduled is None:
+            return out
+        out["queue"] = self.scheduled - self.arrival
+        if self.kv_ready is not None:
+            out["kv_transfer"] = self.kv_ready - self.scheduled
+        else:  # a prefill for a peer ends, stopped, without a token of its own here
+            prompt_done = self.first_token if self.first_token is not None else None
+            if prompt_done is None and self.stopped:
+                prompt_done = self.finished
+            if prompt_done is not None:
+                out["prefill"] = prompt_done - self.scheduled
+        if self.first_token is not None and self.finished is not None and self.stopped:
+            out["decode"] = self.finished - self.first_token
+        return out
+
+
+@dataclass
 class Logprob:
     """The sampled token's log-probability and the top alternatives at that position."""
 
@@ -68,7 +101,8 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.handoff = handoff  # where its prompt KV comes from or goes to (None: local)
-        self.status = RequestStatus.WAITING
+        self.times = RequestTimes(time.monotonic())
+        self._status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.block_ids: list[int] = []
@@ -76,12 +110,29 @@ class Request:
         self.num_registered_blocks = 0  # leading blocks already in the prefix cache (block_manager)
         self.logprobs: list[Logprob] = []
         self.num_preemptions = 0
-        self.arrival_time = time.monotonic()
+        self.arrival_time = self.times.arrival
         self.first_token_time: float | None = None
         self.error: str | None = None
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def status(self) -> RequestStatus:
+        return self._status
+
+    @status.setter
+    def status(self, status: RequestStatus) -> None:
+        """Every change of status goes through here, so the stage times (RequestTimes) are kept."""
+        times, now, was = self.times, time.monotonic(), self._status
+        if status in (RequestStatus.RUNNING, RequestStatus.WAITING_FOR_KV) and times.scheduled is None:
+            times.scheduled = now
+        elif status is RequestStatus.RUNNING and was is RequestStatus.WAITING_FOR_KV:
+            times.kv_ready = now
+        elif status.finished and times.finished is None:
+            times.finished = now
+            times.stopped = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+        self._status = status
 
     @property
     def num_tokens(self) -> int:
@@ -112,7 +163,7 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+            self.first_token_time = self.times.first_token = time.monotonic()
 
     def check_stop_token(self) -> RequestStatus | None:
         """After a token is appended: has the request hit EOS, a stop token, or its length limit?"""

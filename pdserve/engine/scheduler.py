@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from pdserve.config import SchedulerConfig
 from pdserve.engine.block_manager import BlockManager, cdiv
+from pdserve.engine.outputs import StageLog
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.errors import InvalidRequestError, OverloadedError
 
@@ -76,6 +77,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_kv_reused_tokens = 0  # decode: prompt tokens whose KV was cached here, not received
+        self.finished_times = StageLog()  # stage times of finished requests, for /metrics
 
     @property
     def has_unfinished(self) -> bool:
@@ -106,6 +108,7 @@ class Scheduler:
         if request.is_finished:
             return
         request.status = status
+        self.finished_times.add(request.times)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:

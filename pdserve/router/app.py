@@ -38,6 +38,7 @@ from pdserve.http_edge.body_limit import BodyLimit
 from pdserve.http_edge.limits import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.http_edge.slashes import TrailingSlash
 from pdserve.http_edge.uvicorn_setup import uvicorn_config
+from pdserve.observability import tracing
 from pdserve.registry.dns import is_dns_url, parse_dns_url
 from pdserve.registry.redis_keys import check_registry_url, redact
 from pdserve.router.errors import RouterError, error_body, unavailable
@@ -72,6 +73,7 @@ class RouterConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body: 413, before it is read whole
     metrics_public: bool = False  # /metrics without the API key
     registry: str | None = None  # redis://HOST:PORT[/DB]: instances join and leave through it
+    otlp_traces_endpoint: str | None = None  # OTLP/HTTP collector for OpenTelemetry spans
 
     def __post_init__(self) -> None:
         if self.instances and (self.prefill or self.decode):
@@ -148,11 +150,18 @@ def _v1_router(app: FastAPI, api_key: str | None) -> APIRouter:
         content, body = await parse_body(raw)
         # with a key of its own the router sends that (its client's default header); else the client's
         authorization = None if api_key else raw.headers.get("authorization")
-        call = Call(path, content, body, authorization)
+        span = tracing.start("router.request", tracing.incoming(raw.headers), path=path)
+        call = Call(path, content, body, authorization, span=span)
         proxy: Proxy = app.state.proxy
-        if body.get("stream") is True:
-            return await until_disconnect(raw, proxy.stream(call))
-        return await until_disconnect(raw, proxy.unary(call))
+        work = proxy.stream(call) if body.get("stream") is True else proxy.unary(call)
+        try:
+            response = await until_disconnect(raw, work)
+        except BaseException:
+            span.end()
+            raise
+        if not isinstance(response, SSEResponse):  # a relayed stream ends its span when it ends
+            span.end()
+        return response
 
     @router.post("/chat/completions")
     async def chat_completions(raw: Request) -> Response:
@@ -312,7 +321,9 @@ def run_router(config: RouterConfig, log_level: str = "info") -> None:
         config.policy,
     )
     server = uvicorn.Server(uvicorn_config(app, config.host, config.port, log_level, access_log=False))
+    tracing.setup(config.otlp_traces_endpoint, "pdserve-router")
     with contextlib.suppress(KeyboardInterrupt):  # SIGINT, raised again once uvicorn has drained
         server.run()
+    tracing.shutdown()
     if not server.started:  # as uvicorn.run: the port was taken, say
         raise SystemExit(3)

@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 
-from pdserve.cli_types import int_at_least, parse_size, positive_float
+from pdserve.cli_types import http_url, int_at_least, parse_size, positive_float
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
 from pdserve.http_edge.limits import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.options import HelpFormatter, cluster_secret_file
@@ -122,6 +122,13 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="redis://HOST:PORT[/DB]: follow the instances registered there (no URL lists needed)",
     )
+    r.add_argument(
+        "--otlp-traces-endpoint",
+        type=http_url,
+        default=None,
+        metavar="URL",
+        help="send OpenTelemetry spans to this OTLP/HTTP endpoint, e.g. http://collector:4318/v1/traces",
+    )
     r.set_defaults(func=run_router)
 
 
@@ -147,6 +154,7 @@ def run_router(args: argparse.Namespace) -> None:
             max_request_bytes=args.max_request_bytes,
             metrics_public=args.metrics_public,
             registry=args.registry,
+            otlp_traces_endpoint=args.otlp_traces_endpoint,
         )
     except ValueError as e:
         logger.error("%s", e)

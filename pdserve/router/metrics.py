@@ -7,7 +7,8 @@ load reports. KV transfer totals are summed from the instances' own /metrics
 (`pdserve_kv_transfer_bytes_total`, histogram `pdserve_kv_transfer_seconds`), scraped when the router
 is scraped; an instance that does not answer keeps its last totals, so the sums never go backwards.
 Every KV byte leaves one instance and reaches another: only the received direction is summed, so each
-byte counts once.
+byte counts once. Every series carries a `model_name` label: the model the instances report
+(observability/model_label.py), "unknown" until one has.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from pdserve.observability.model_label import labelled_registry
 from pdserve.router.instances import Instance, Registry
 from pdserve.router.upstream import Upstream
 
@@ -106,6 +108,8 @@ class RouterMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        self.model_name = ""
+        self.exposed = labelled_registry(r, lambda: self.model_name)
         labels = ["instance", "role"]
         self.routed = Counter(
             "pdserve_router_requests_routed", "Requests sent to each instance", labels, registry=r
@@ -154,6 +158,7 @@ class RouterMetrics:
     def set_state(self, registry: Registry) -> None:
         stages = dict.fromkeys(_STAGES["both" if registry.colocated else "disagg"], 0)
         for i in registry.instances:
+            self.model_name = self.model_name or i.model or ""
             self.healthy.labels(instance=i.url, role=i.role).set(1 if i.healthy else 0)
             self.inflight.labels(instance=i.url, role=i.role).set(i.inflight)
             load = i.load
@@ -180,4 +185,4 @@ class RouterMetrics:
         await asyncio.gather(*(one(i) for i in instances if i.healthy))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)

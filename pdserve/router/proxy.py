@@ -17,6 +17,7 @@ Retries, each at most once per instance: an instance that refuses the connection
 request goes to another of its role; an answer "prefill_failed" before any token (HTTP 502, or an SSE
 error event: see relay.py) goes to another prefill instance, once. An instance that dies mid-answer is
 out of the rotation until its health check passes; not streaming, the client gets HTTP 502.
+Every attempt carries the router's span as its `traceparent` header (observability/tracing.py).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from typing import Any
 import anyio
 import httpx
 from fastapi.responses import Response
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from pdserve.cluster_secret import ClusterSecret, sign_handoff
+from pdserve.observability import tracing
 from pdserve.router.errors import RouterError, unavailable
 from pdserve.router.instances import HealthPoller, Instance, Registry, Role
 from pdserve.router.metrics import RouterMetrics
@@ -105,6 +108,7 @@ class Call:
     authorization: str | None = None  # the client's header, passed on: instances may want the key too
     arrival: float = field(default_factory=time.monotonic)
     tries: Tries = field(default_factory=Tries)
+    span: Span = field(default_factory=lambda: INVALID_SPAN)  # the router's span (tracing.py)
 
     @property
     def tokens(self) -> int:
@@ -167,6 +171,7 @@ class Proxy:
             headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
             if call.authorization is not None:
                 headers["authorization"] = call.authorization
+            headers.update(tracing.headers(call.span))  # the instance's span joins the router's trace
             request = self.client.build_request(
                 "POST", url, content=route.content(call.raw, call.body, self.secret), headers=headers
             )

@@ -67,6 +67,7 @@ class Relay:
             with anyio.CancelScope(shield=True):
                 await self.close()
             self.proxy.metrics.e2e.observe(time.monotonic() - self.call.arrival)
+            self.call.span.end()
 
     async def pump(self) -> AsyncIterator[bytes]:
         held: list[bytes] = []

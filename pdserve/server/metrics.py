@@ -2,6 +2,12 @@
 
 Every app gets its own CollectorRegistry (never the global one), so several apps can live in one
 process (tests, router + instance). Latencies are measured on the asyncio side, so they include queueing.
+Every series carries a `model_name` label (observability/model_label.py). Besides pdserve's own names,
+the names the Kubernetes Gateway API Inference Extension's endpoint picker reads (gie.py). Figures the
+engine keeps as running totals are counters here too (the older gauges stay, for existing dashboards).
+Per-request stage histograms (queue, prefill, KV transfer, decode) come from the engine's record of
+finished requests, so a prefill instance, which answers no HTTP request for its peers' prompts, has
+them too.
 """
 
 from __future__ import annotations
@@ -10,19 +16,31 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from pdserve.engine.outputs import EngineStats, RequestOutput
+from pdserve.engine.outputs import STAGES, EngineStats, RequestOutput
+from pdserve.observability.model_label import labelled_registry
+from pdserve.server.gie import GIEMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+# vLLM's names (vllm:request_queue_time_seconds, ...), in pdserve's namespace; kv_transfer is ours
+_STAGE_HELP = {
+    "queue": "Arrival in the engine to its first blocks (to compute the prompt, or to receive its KV)",
+    "prefill": "Prompt computed here: first blocks to the first token (prefill instances: KV sent)",
+    "kv_transfer": "Decode: blocks reserved to the prompt's KV and first token received",
+    "decode": "First token to the last, of requests that ended by stop or length",
+}
 
 
 class ServerMetrics:
-    """The metric objects of one app, registered in their own registry."""
+    """The metric objects of one app, registered in their own registry (`registry`); `render` adds
+    the model_name label to every series."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "", block_size: int = 0) -> None:
         self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.exposed = labelled_registry(self.registry, lambda: self.model_name)
         r = self.registry
         self.requests = Counter(
             "pdserve_requests", "Requests by outcome (finish reason or error kind)", ["outcome"], registry=r
@@ -89,6 +107,33 @@ class ServerMetrics:
             "pdserve_peer_messages_dropped", "KV peer messages dropped, by reason", ["reason"], registry=r
         )
         self._dropped_seen: dict[str, int] = {}
+        self._add_counters_and_stages(r)
+        self.gie = GIEMetrics(r, block_size)
+
+    def _add_counters_and_stages(self, r: CollectorRegistry) -> None:
+        self.totals = {
+            "preemptions": Counter("pdserve_preemptions", "Preemptions", registry=r),
+            "prefill_tokens": Counter(
+                "pdserve_prefill_tokens_computed", "Prompt tokens run through the model here", registry=r
+            ),
+            "prefix_queries": Counter(
+                "pdserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+            ),
+            "prefix_hits": Counter(
+                "pdserve_prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r
+            ),
+            "kv_streamed": Counter(
+                "pdserve_kv_transfers_layerwise", "Prefill: transfers sent layer by layer", registry=r
+            ),
+        }
+        self._totals_seen = dict.fromkeys(self.totals, 0)
+        self.stages = {
+            stage: Histogram(
+                f"pdserve_request_{stage}_time_seconds", _STAGE_HELP[stage], buckets=_E2E_BUCKETS, registry=r
+            )
+            for stage in STAGES
+        }
+        self._stages_seen = 0
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -106,6 +151,28 @@ class ServerMetrics:
         self.steps_ahead.set(stats.num_steps_ahead)
         self.kv_streamed.set(stats.kv_transfers_streamed)
         self._count_kv(stats)
+        self._count_totals(stats)
+        self.gie.set(stats)
+
+    def _count_totals(self, stats: EngineStats) -> None:
+        """Counters from the engine's running totals, and the stage times of requests finished since
+        the last stats seen (an older snapshot, from a concurrent scrape, adds nothing)."""
+        totals = {
+            "preemptions": stats.num_preemptions,
+            "prefill_tokens": stats.num_prefill_tokens,
+            "prefix_queries": stats.prefix_cache_queries,
+            "prefix_hits": stats.prefix_cache_hits,
+            "kv_streamed": stats.kv_transfers_streamed,
+        }
+        for key, total in totals.items():
+            if total > self._totals_seen[key]:
+                self.totals[key].inc(total - self._totals_seen[key])
+                self._totals_seen[key] = total
+        finished = stats.request_stages
+        for stages in finished.since(self._stages_seen):
+            for stage, seconds in stages.items():
+                self.stages[stage].observe(max(seconds, 0.0))
+        self._stages_seen = max(self._stages_seen, finished.count)
 
     def _count_kv(self, stats: EngineStats) -> None:
         """Add what is new since the last stats seen. Stats are cumulative, and two scrapes may hand
@@ -129,7 +196,7 @@ class ServerMetrics:
         seen["timed"] = max(seen["timed"], times.count)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 class RequestTracker:

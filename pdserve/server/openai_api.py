@@ -34,6 +34,7 @@ from pdserve.http_edge.auth import API_DOCS_OFF, REFUSAL, require_api_key
 from pdserve.http_edge.body_limit import BodyLimit
 from pdserve.http_edge.slashes import TrailingSlash
 from pdserve.http_edge.uvicorn_setup import uvicorn_config
+from pdserve.observability import tracing
 from pdserve.server import protocol as p
 from pdserve.server.entry import make_entry
 from pdserve.server.errors import AuthenticationError, ErrorKind, install_error_handlers
@@ -126,8 +127,9 @@ def _metrics_router(engine: AsyncEngine, metrics: ServerMetrics) -> APIRouter:
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     """The app for one started AsyncEngine. The engine's lifetime belongs to the caller."""
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(block_size=config.engine.cache.block_size)
     server = OpenAIServer(engine, config, metrics)
+    metrics.model_name = server.served_model_name
     docs: dict[str, Any] = {} if config.api_key is None else API_DOCS_OFF
     lifespans = [registration_lifespan(engine, config, metrics.registry)]  # registered while served
     lifespans.append(server.entry.lifespan if server.entry is not None else None)  # peers polled
@@ -159,6 +161,7 @@ def run_server(config: ServerConfig) -> None:
     If the engine dies, answer the requests in flight (errors), stop, and exit with
     EngineDeadError.EXIT_STATUS so that a supervisor restarts this instance."""
     engine = AsyncEngine(config.engine)
+    tracing.setup(config.otlp_traces_endpoint, f"pdserve-{config.engine.disagg.role}")
     logger.info("loading %s", config.engine.model.path)
     engine.start()
     try:
@@ -171,6 +174,7 @@ def run_server(config: ServerConfig) -> None:
         server.run()  # returns once a signal asked it to stop and open requests drained
     finally:
         engine.shutdown()
+        tracing.shutdown()
         logger.info("stopped")
     if engine.fatal_error is not None:
         logger.error("exiting: the engine has died (%s)", engine.fatal_error)

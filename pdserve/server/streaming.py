@@ -7,7 +7,9 @@ An engine output that ends badly becomes a typed error: an error event inside th
 already sent), or an exception for errors.py to answer. However the answer ends (done, client gone,
 error), every engine request still running is aborted. Each answer counts one outcome per choice in
 the requests counter, except an error that becomes the HTTP answer (a client gone before a whole
-answer included): errors.py counts that one, once.
+answer included): errors.py counts that one, once. Each answer is one OpenTelemetry span
+(observability/tracing.py), a child of the request's `traceparent` header; a hand-off passes the span
+on to the prefill instance in its Reserve.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from opentelemetry.trace import Span
 from pydantic import BaseModel
 
 from pdserve.engine.async_engine import AsyncEngine, RequestStream
@@ -29,6 +33,7 @@ from pdserve.errors import (
     PDServeError,
     PrefillFailedError,
 )
+from pdserve.observability import tracing
 from pdserve.server.errors import ClientDisconnectedError, error_body, kind_of
 from pdserve.server.generation import Generation
 from pdserve.server.responses import Format, TokenText, format_of
@@ -51,11 +56,23 @@ class GenerationRunner:
         self.token_str = TokenText(engine.tokenizer)
 
     async def run(self, gen: Generation, raw: Request) -> Response:
-        stream = await self.open(gen, raw)
+        span = tracing.start(
+            "decode.request" if gen.handoff else "instance.request", tracing.incoming(raw.headers)
+        )
+        if gen.handoff is not None:  # the prefill instance's span joins this trace (Reserve.trace_context)
+            gen.handoff = replace(gen.handoff, trace_context=tracing.traceparent(span) or "")
+        try:
+            stream = await self.open(gen, raw)
+        except BaseException:
+            span.end()
+            raise
         fmt = format_of(gen, self.token_str)
         if gen.stream:
-            return SSEResponse(self.sse(gen, stream, fmt), on_close=lambda: self._close(gen, stream))
-        await self.collect(gen, stream, raw)
+            return SSEResponse(self.sse(gen, stream, fmt), on_close=lambda: self._close(gen, stream, span))
+        try:
+            await self.collect(gen, stream, raw)
+        finally:
+            span.end()
         return Response(fmt.response(gen).model_dump_json(), media_type="application/json")
 
     async def open(self, gen: Generation, raw: Request) -> RequestStream:
@@ -106,10 +123,12 @@ class GenerationRunner:
         finally:
             self._close(gen, stream)
 
-    def _close(self, gen: Generation, stream: RequestStream) -> None:
+    def _close(self, gen: Generation, stream: RequestStream, span: Span | None = None) -> None:
         stream.abort()
         for choice in gen.choices:
             choice.tracker.finish("abort")  # no-op for choices that finished
+        if span is not None:
+            span.end()
 
     def failure(self, out: RequestOutput) -> PDServeError | RuntimeError:
         if self.engine.fatal_error is not None:
