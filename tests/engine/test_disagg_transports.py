@@ -784,3 +784,34 @@ def test_a_request_the_prefill_finds_wrong_fails_as_the_clients_error(model_dir)
     finally:
         decode.close()
         prefill.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "cuda_ipc", pytest.param("nccl", marks=needs_two_gpus)])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_decode_reuses_a_cached_prefix(tiny_model, kind):
+    """A second prompt extending the first: the decode instance keeps the cached leading blocks and the
+    prefill writes only the rest (Reserve.cached_blocks), over every GPU path; outputs as colocated."""
+    first = [(5 * j) % 400 + 2 for j in range(40)]  # 2 full blocks and a partial one
+    second = first + [(11 * j) % 300 + 7 for j in range(30)]  # its 2 full blocks are cached by then
+    llm = LLM(tiny_model, device="cuda:0", dtype="float32", num_blocks=256)
+    try:
+        expected = [c.token_ids for c in llm.generate_ids([first, second], GREEDY)]
+    finally:
+        llm.close()
+    prefill = _engine(tiny_model, "prefill", "cuda:0", kind)
+    decode = _engine(tiny_model, "decode", DECODE_GPU, kind)
+    try:
+        assert prefill.connector is not None and decode.connector is not None
+        addr = prefill.connector.address
+        got = _generate(decode, [prefill], addr, [first])
+        before = decode.connector.bytes_received
+        got += _generate(decode, [prefill], addr, [second])
+        assert got == expected
+        sent_blocks = -(-len(second) // 16) - 2
+        assert decode.connector.bytes_received - before == sent_blocks * decode.connector.block_bytes
+        assert decode.stats().kv_reused_tokens == 32
+        assert decode.check_pool_free() and prefill.check_pool_free()
+    finally:
+        prefill.close()
+        decode.close()
