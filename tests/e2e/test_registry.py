@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.cluster import MODEL, Instance, Proc, free_port, secret_file, wait_until
+from tests.e2e.cluster import MODEL, Instance, Proc, free_port, metric, secret_file, wait_until
 
 TTL_S = 3.0
 KEYS = "pdserve:member:*"
@@ -104,8 +104,8 @@ class Cluster:
         assert answer.status_code == 200, answer.text
         return str(answer.json()["choices"][0]["text"])
 
-    def router_metric(self) -> str:
-        return httpx.get(f"{self.router}/metrics", timeout=10).text
+    def router_registry_up(self) -> float:
+        return metric(httpx.get(f"{self.router}/metrics", timeout=10).text, "pdserve_registry_up")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_instances_register_and_the_router_routes_through_them(cluster: Cluster)
     assert table[cluster.prefill.url]["healthy"] and table[cluster.decode.url]["healthy"], table
     assert table[cluster.decode.url]["role"] == "decode"
     assert cluster.complete()
-    assert "pdserve_registry_up 1.0" in cluster.router_metric()
+    assert cluster.router_registry_up() == 1.0
     assert cluster.decode.metric("pdserve_registry_up") == 1.0
 
 
@@ -177,14 +177,14 @@ def test_junk_is_ignored_and_members_join_and_expire(cluster: Cluster) -> None:
 
 def test_redis_down_serving_goes_on_and_the_registry_refills(cluster: Cluster) -> None:
     cluster.redis.kill()
-    assert wait_until(lambda: "pdserve_registry_up 0.0" in cluster.router_metric(), 5), "router says it"
+    assert wait_until(lambda: cluster.router_registry_up() == 0.0, 5), "router says it"
     assert wait_until(lambda: cluster.decode.metric("pdserve_registry_up") == 0.0, TTL_S + 3), "instance too"
     assert cluster.complete(), "the router keeps the instances it knows"
     assert cluster.table()[cluster.decode.url]["healthy"]
     cluster.redis.start()  # the same port, empty: the instances write their entries again
     want = {cluster.prefill.url, cluster.decode.url}
     assert wait_until(lambda: {e["url"] for e in cluster.redis.entries().values()} == want, TTL_S + 3)
-    assert wait_until(lambda: "pdserve_registry_up 1.0" in cluster.router_metric(), 5)
+    assert wait_until(lambda: cluster.router_registry_up() == 1.0, 5)
     assert cluster.decode.metric("pdserve_registry_up") == 1.0
     assert wait_until(lambda: set(cluster.table()) == want, 2.0, 0.1)
     assert cluster.complete()

@@ -9,6 +9,7 @@ import torch
 from pdserve import LLM, SamplingParams
 from pdserve.engine.block_manager import cdiv
 from pdserve.server.metrics import ServerMetrics
+from tests.e2e.cluster import metric
 
 MAX_NEW = 8  # enough tokens to see outputs diverge; each one costs on a CPU
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
@@ -77,7 +78,7 @@ def test_a_second_turn_receives_only_the_blocks_the_decode_instance_lacks(model_
         metrics = ServerMetrics()
         metrics.set_engine_stats(t.decode.stats())
         reused_total = reused2 + reused3
-        assert f"pdserve_kv_reused_tokens_total {float(reused_total)}" in metrics.render().decode()
+        assert metric(metrics.render().decode(), "pdserve_kv_reused_tokens_total") == reused_total
     finally:
         llm.close()
     colocated = LLM(model_dir, num_blocks=256)
