@@ -146,7 +146,7 @@ def test_empty_message_flood_is_rejected_while_health_answers(server: ServerProc
 
     def poll() -> None:
         with httpx.Client(timeout=30) as client:
-            while not done.is_set():
+            while not done.is_set() or len(latencies) < 3:  # a flood refused fast may end first
                 start = time.monotonic()
                 assert client.get(f"{server.url}/health").status_code == 200
                 latencies.append(time.monotonic() - start)
