@@ -179,7 +179,7 @@ def test_one_trace_across_router_decode_and_prefill(traced: TracedCluster) -> No
 
 def test_a_reserve_with_a_malformed_trace_context_is_refused() -> None:
     parent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
-    reserve = p.Reserve("tcp://127.0.0.1:5000", "t1", [1, 2], {}, [0], 1.0, parent)
+    reserve = p.Reserve("tcp://127.0.0.1:5000", "t1", [1, 2], {}, [0], 1.0, trace_context=parent)
     assert p.decode(p.encode(reserve)) == reserve
     for bad in ("not a traceparent", f"00-{CLIENT_TRACE.upper()}-{CLIENT_SPAN}-01", "x" * 100_000):
         reserve.trace_context = bad
