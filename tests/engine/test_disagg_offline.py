@@ -27,7 +27,10 @@ def test_disaggregated_greedy_equals_transformers(
         got = [c.token_ids for c in llm.generate_ids(prompt_ids, GREEDY)]
         assert got == hf_greedy
         assert all(e.num_prefill_tokens == 0 for e in llm.engines), "a decode engine ran a prompt"
-        assert sum(p.num_prefill_tokens for p in llm.prefill_engines) == sum(len(p) for p in prompt_ids)
+        # every prompt token is computed by a prefill engine or found in its prefix cache (prompts that
+        # share a first block hit it when an earlier one finished first: timing, not a fault)
+        computed = sum(p.num_prefill_tokens + p.stats().prefix_cache_hits for p in llm.prefill_engines)
+        assert computed == sum(len(p) for p in prompt_ids)
         assert all(e.connector and e.connector.bytes_received > 0 for e in llm.engines)
         assert llm.check_pool_free()
         secrets = {e.config.disagg.cluster_secret for e in [*llm.engines, *llm.prefill_engines]}
