@@ -28,6 +28,7 @@
 #                                           tests, then ab decode_rotary=off on 7B and Qwen3-8B at B=1,32,128
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
+#   bash scripts/gpu_session.sh multiturn  # one H200 (~5 min): 2P2D of 7B on one GPU, 64x6 chat turns, round_robin vs cache_aware
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
 #             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
@@ -227,6 +228,24 @@ compare)
     --tokenizer .whl/tokenizer --out-dir "$OUT/$model" >"$OUT/compare.log" 2>&1
   echo "rc=$?" >>"$OUT/compare.log"
   tail -40 "$OUT/compare.log"
+  ;;
+multiturn)  # one H200 (~5 min): 2 prefill + 2 decode instances of Qwen2.5-7B (dummy weights) sharing the
+  # GPU, 64 conversations x 6 turns (benchmarks/multi_turn.py), the router's round_robin vs cache_aware
+  for policy in round_robin cache_aware; do
+    timeout 280 python3 -m pdserve.cli up --prefill 2 --decode 2 --gpus 0 --port 8700 --policy "$policy" \
+      --model qwen2.5-7b --load-format dummy --tokenizer .whl/tokenizer --kv-cache-memory 12GiB \
+      --log-dir "/tmp/up-$policy" >"$OUT/up_$policy.log" 2>&1 &
+    up=$!
+    health="import urllib.request as u; u.urlopen('http://127.0.0.1:8700/health', timeout=2)"
+    until python3 -c "$health" 2>/dev/null; do sleep 1; kill -0 "$up" 2>/dev/null || break; done
+    timeout 200 python3 benchmarks/multi_turn.py --base-url http://127.0.0.1:8700 --conversations 64 \
+      --turns 6 --max-tokens 32 --concurrency 16 --label "$policy" --output "$OUT/multi_turn-$policy.json" \
+      >"$OUT/multi_turn-$policy.log" 2>&1
+    echo "== $policy rc=$?"
+    tail -25 "$OUT/multi_turn-$policy.log"
+    kill "$up" 2>/dev/null
+    wait "$up"
+  done
   ;;
 *)
   echo "unknown phase $1" >&2

@@ -1,0 +1,203 @@
+"""What a resume costs a client: 1 prefill + 2 decode instances and a router; S concurrent greedy streams;
+once every stream has its first K tokens, one decode instance is SIGKILLed and the router resumes its
+streams on the other (a prefill instance recomputes prompt + the tokens already sent, the KV moves).
+
+    .venv/bin/python benchmarks/resume_cost.py [--streams 8] [--max-tokens 64] [--kill-after 16]
+        [--output FILE] [-- SERVE OPTIONS...]    e.g. -- --device cuda --model qwen2.5-7b --load-format dummy
+
+Reported per stream, for a fault-free pass and the faulted pass of the same requests:
+    gap          the longest wait between two chunks (the resumed part's first token delay, faulted)
+    tpot         the median wait between chunks
+    e2e          request start to [DONE]
+Resumed streams are those whose text went on after the kill on the other decode instance; the router's
+pdserve_router_resumes_total says how many it resumed. Outputs must equal the fault-free pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Write a long story about a lighthouse keeper and the sea, chapter {i}:"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pdserve.cli", *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env
+    )
+
+
+def wait_healthy(url: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy in {timeout} s")
+
+
+class Cluster:
+    """1 prefill + 2 decode instances and a router, on this machine."""
+
+    def __init__(self, log_dir: Path, serve: list[str]) -> None:
+        self.log_dir = log_dir
+        secret = log_dir / "secret"
+        secret.write_text(os.urandom(32).hex())
+        secret.chmod(0o600)
+        self.env = {**os.environ, "PDSERVE_CLUSTER_SECRET": secret.read_text()}
+        self.ports = {name: free_port() for name in ("prefill", "decode0", "decode1", "router")}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.serve = serve
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def start(self) -> None:
+        for name in ("prefill", "decode0", "decode1"):
+            role = "prefill" if name == "prefill" else "decode"
+            args = ["serve", "--role", role, "--port", str(self.ports[name]), *self.serve]
+            self.procs[name] = start(args, self.log_dir / f"{name}.log", self.env)
+        for name in ("prefill", "decode0", "decode1"):
+            wait_healthy(self.url(name))
+        router = ["router", "--port", str(self.ports["router"]), "--health-interval", "0.5"]
+        router += ["--prefill", self.url("prefill"), "--decode", self.url("decode0"), self.url("decode1")]
+        self.procs["router"] = start(router, self.log_dir / "router.log", self.env)
+        wait_healthy(self.url("router"), 60)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def resumes(self) -> float:
+        text = httpx.get(f"{self.url('router')}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("pdserve_router_resumes_total") and 'outcome="resumed"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, seen: list[int]) -> dict:
+    body = {"model": "m", "prompt": PROMPT.format(i=i), "max_tokens": max_tokens, "temperature": 0.0}
+    body.update(stream=True, ignore_eos=True)
+    start = time.perf_counter()
+    times: list[float] = []
+    text = ""
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if "error" in data:
+                return {"error": data["error"], "text": text}
+            piece = data["choices"][0]["text"] if data.get("choices") else ""
+            if piece:
+                times.append(time.perf_counter() - start)
+                text += piece
+                seen[i] += 1
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {
+        "text": text,
+        "ttft": times[0] if times else None,
+        "gap": max(gaps, default=0.0),
+        "tpot": statistics.median(gaps) if gaps else 0.0,
+        "e2e": time.perf_counter() - start,
+    }
+
+
+async def run_pass(cluster: Cluster, streams: int, max_tokens: int, kill_after: int | None) -> list[dict]:
+    seen = [0] * streams
+    async with httpx.AsyncClient(timeout=600) as client:
+        tasks = [
+            asyncio.ensure_future(one_stream(client, cluster.url("router"), i, max_tokens, seen))
+            for i in range(streams)
+        ]
+        if kill_after is not None:
+            while min(seen) < kill_after and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.005)
+            cluster.procs["decode0"].kill()
+        return list(await asyncio.gather(*tasks))
+
+
+def summary(results: list[dict]) -> dict[str, float]:
+    ok = [r for r in results if "error" not in r]
+    return {
+        "streams": len(results),
+        "failed": len(results) - len(ok),
+        "gap_max_s": max((r["gap"] for r in ok), default=0.0),
+        "gap_median_s": statistics.median([r["gap"] for r in ok]) if ok else 0.0,
+        "tpot_median_s": statistics.median([r["tpot"] for r in ok]) if ok else 0.0,
+        "e2e_median_s": statistics.median([r["e2e"] for r in ok]) if ok else 0.0,
+        "e2e_max_s": max((r["e2e"] for r in ok), default=0.0),
+    }
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    serve = argv[argv.index("--") + 1 :] if "--" in argv else ["--device", "cpu", "--num-blocks", "512"]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, default=8, help="concurrent streams")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens of each answer")
+    p.add_argument("--kill-after", type=int, default=16, help="chunks every stream has before the kill")
+    p.add_argument("--output", default=None, help="write the result JSON here")
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="resume-cost-")), serve)
+    try:
+        cluster.start()
+        clean = asyncio.run(run_pass(cluster, args.streams, args.max_tokens, None))
+        faulted = asyncio.run(run_pass(cluster, args.streams, args.max_tokens, args.kill_after))
+        resumed = cluster.resumes()
+    finally:
+        cluster.stop()
+    equal = sum(a.get("text") == b.get("text") for a, b in zip(clean, faulted, strict=True))
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.node(),
+        "serve": serve,
+        "streams": args.streams,
+        "max_tokens": args.max_tokens,
+        "kill_after": args.kill_after,
+        "fault_free": summary(clean),
+        "faulted": summary(faulted),
+        "resumed_streams": resumed,
+        "outputs_equal": equal,
+    }
+    print(json.dumps(result, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
