@@ -29,6 +29,7 @@
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh multiturn  # one H200 (~5 min): 2P2D of 7B on one GPU, 64x6 chat turns, round_robin vs cache_aware
+#   bash scripts/gpu_session.sh resume     # one GPU (~3 min): the cost of a resume, 1P2D of 7B sharing the GPU
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
 #             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
@@ -246,6 +247,14 @@ multiturn)  # one H200 (~5 min): 2 prefill + 2 decode instances of Qwen2.5-7B (d
     kill "$up" 2>/dev/null
     wait "$up"
   done
+  ;;
+resume)  # one GPU (~3 min): benchmarks/resume_cost.py with 1 prefill + 2 decode instances of Qwen2.5-7B
+  # (dummy weights) sharing the GPU: 16 streams, one decode instance SIGKILLed after 32 tokens of each
+  timeout 400 python3 benchmarks/resume_cost.py --streams 16 --max-tokens 128 --kill-after 32 \
+    --output "$OUT/resume_cost_gpu.json" -- --device cuda --model qwen2.5-7b --load-format dummy \
+    --tokenizer .whl/tokenizer --kv-cache-memory 6GiB >"$OUT/resume_cost_gpu.log" 2>&1
+  echo "rc=$?" >>"$OUT/resume_cost_gpu.log"
+  tail -30 "$OUT/resume_cost_gpu.log"
   ;;
 *)
   echo "unknown phase $1" >&2
