@@ -28,7 +28,7 @@
 #                                           tests, then ab decode_rotary=off on 7B and Qwen3-8B at B=1,32,128
 #   bash scripts/gpu_session.sh loop [MODEL] [REP]  # one GPU: the serving loop, overlapped vs waiting, 3 pairs
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
-#   bash scripts/gpu_session.sh multiturn  # one H200 (~5 min): 2P2D of 7B on one GPU, 64x6 chat turns, round_robin vs cache_aware
+#   bash scripts/gpu_session.sh multiturn [KV]  # one H200 (~5 min; an H100 with KV=2GiB): 2P2D of 7B on one GPU, 64x6 chat turns, round_robin vs cache_aware
 #   bash scripts/gpu_session.sh resume     # one GPU (~3 min): the cost of a resume, 1P2D of 7B sharing the GPU
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
@@ -234,7 +234,7 @@ multiturn)  # one H200 (~5 min): 2 prefill + 2 decode instances of Qwen2.5-7B (d
   # GPU, 64 conversations x 6 turns (benchmarks/multi_turn.py), the router's round_robin vs cache_aware
   for policy in round_robin cache_aware; do
     timeout 280 python3 -m pdserve.cli up --prefill 2 --decode 2 --gpus 0 --port 8700 --policy "$policy" \
-      --model qwen2.5-7b --load-format dummy --tokenizer .whl/tokenizer --kv-cache-memory 12GiB \
+      --model qwen2.5-7b --load-format dummy --tokenizer .whl/tokenizer --kv-cache-memory "${2:-12GiB}" --max-num-batched-tokens 2048 \
       --log-dir "/tmp/up-$policy" >"$OUT/up_$policy.log" 2>&1 &
     up=$!
     health="import urllib.request as u; u.urlopen('http://127.0.0.1:8700/health', timeout=2)"
