@@ -91,8 +91,7 @@ class Drain:
             self.timeout,
         )
         deadline = self.started_at + self.timeout
-        for hook in self.on_begin:
-            await _quietly(hook())
+        await asyncio.gather(*(_quietly(hook()) for hook in self.on_begin))  # none waits for another
         await self._wait_idle(deadline)
         if self._open:
             self.cut = len(self._open)
