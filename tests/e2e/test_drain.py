@@ -135,7 +135,7 @@ def _error_code(answer: httpx.Response) -> str:
 def test_a_draining_decode_instance_finishes_its_stream_and_leaves(drain_cluster: DrainCluster) -> None:
     c, a = drain_cluster, drain_cluster.a
     assert c.registered(a)
-    stream = Stream(a.url, 60)  # served on decode A itself (no kv_transfer_params)
+    stream = Stream(a.url, 40)  # served on decode A itself (no kv_transfer_params)
     stream.wait_tokens()
     assert a.proc is not None
     a.proc.signal(signal.SIGTERM)
