@@ -156,6 +156,7 @@ class ServerConfig:
     access_log_polls: bool = False  # keep /health, /pd/info, /metrics polls in the access log
     registry: str | None = None  # redis://HOST:PORT[/DB]: registered there while serving
     registry_ttl: float = 10.0  # seconds the registry entry outlives its last refresh
+    drain_timeout: float = 30.0  # SIGTERM: how long requests in flight get to finish
     # an instance that is the entry itself (server/entry.py): its peers' URLs, and a prefill entry's bound
     prefill_peers: tuple[str, ...] = ()  # on a decode instance
     decode_peers: tuple[str, ...] = ()  # on a prefill instance

@@ -12,7 +12,8 @@ this launcher's output. Each child is `python -m ...` in its own process group, 
 the printed log directory; each is told by the kernel (PR_SET_PDEATHSIG) to stop if the launcher dies.
 The launcher waits until every child is healthy (and is the one listening on its port), prints the
 router's URL, then supervises them (supervisor.py: restarts with back-off, gives up after
---max-restarts). On Ctrl-C or SIGTERM it stops them all: SIGTERM, then SIGKILL after a grace period.
+--max-restarts). On Ctrl-C or SIGTERM it stops them all: SIGTERM (each drains: the requests in flight
+finish within --drain-timeout), then SIGKILL what is left after that timeout + STOP_MARGIN_S.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pdserve.cli_types import int_at_least, positive_float
 from pdserve.cluster_secret import ClusterSecret, SecretError
 from pdserve.options import (
     API_KEY_ENV,
+    BY_NAME,
     MODEL_HELP,
     OPTIONS,
     HelpFormatter,
@@ -53,6 +55,7 @@ from pdserve.supervisor import Child, GiveUp, RestartPolicy, Supervisor, stop_al
 _OWN_SERVE_OPTIONS = {"host", "port", "model", "api_key", "role", "kv_port", "cluster_secret"}
 _OWN_SERVE_OPTIONS |= {"prefill_peers", "decode_peers", "decode_max_queued"}  # `up` has a router
 SECRET_FILE = "cluster-secret"
+STOP_MARGIN_S = 15.0  # after a child's drain: its engine's own stop
 
 
 class LaunchError(Exception):
@@ -130,15 +133,20 @@ def router_child(
 
 def _router_edge_args(serve_args: Sequence[str]) -> list[str]:
     """The HTTP-edge options the router shares with its instances (body limit, public /metrics, where
-    traces go)."""
+    traces go, how long a drain waits)."""
     edge = []
-    for flag in ("--max-request-bytes", "--otlp-traces-endpoint"):
+    for flag in ("--max-request-bytes", "--otlp-traces-endpoint", "--drain-timeout"):
         value = option_value(serve_args, [flag], "")
         if value:
             edge += [flag, value]
     if "--metrics-public" in serve_args:
         edge.append("--metrics-public")
     return edge
+
+
+def _drain_timeout(args: argparse.Namespace) -> float:
+    serve_args = [*args.serve_args, *_remainder(args.serve_rest)]
+    return float(option_value(serve_args, ["--drain-timeout"], str(BY_NAME["drain_timeout"].default)))
 
 
 def _remainder(rest: Sequence[str] | None) -> list[str]:
@@ -228,7 +236,7 @@ def launch(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping", flush=True)
-        stop_all(children)
+        stop_all(children, grace=_drain_timeout(args) + STOP_MARGIN_S)
         print("stopped", flush=True)
 
 

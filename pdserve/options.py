@@ -390,6 +390,17 @@ OPTIONS: tuple[Option, ...] = (
         offline=False,
     ),
     Option(
+        "drain_timeout",
+        ("--drain-timeout",),
+        "server",
+        default=30.0,
+        type=positive_float,
+        metavar="SECONDS",
+        help="on SIGTERM: /health 503, new requests 503, those in flight get this long to finish, "
+        "then the rest are ended (a stream with an instance_draining error event) and it exits 0",
+        offline=False,
+    ),
+    Option(
         "registry",
         ("--registry",),
         "server",

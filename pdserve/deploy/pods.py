@@ -8,7 +8,9 @@ One instance pod:
 - nvidia.com/gpu = T (on CUDA), /dev/shm in memory (NCCL and the CPU TP ranks use it);
 - a startup probe on /health (loading a large model takes minutes), then readiness and liveness on it;
 - a preStop sleep: the pod leaves the headless Service at once, and the router's DNS re-resolution
-  sees it gone while it still serves; then SIGTERM, and uvicorn drains what is in flight;
+  sees it gone while it still serves; then SIGTERM, and the process drains (server/drain.py,
+  router/drain.py): /health 503, out of the registry, new requests 503, those in flight finish within
+  --drain-timeout; terminationGracePeriodSeconds covers the sleep, the drain and the engine's stop;
 - Prometheus scrape annotations on /metrics, which --metrics-public serves without the key.
 The router pod is the same, except its startup and liveness probes are TCP checks: its /health
 answers 503 while no instance is healthy, which must take it out of the Service, not restart it.
@@ -26,10 +28,12 @@ from pdserve.deploy.common import (
     api_key_env,
 )
 from pdserve.http_edge.uvicorn_setup import GRACEFUL_SHUTDOWN_S
+from pdserve.options import BY_NAME
 
 USER_ID = 1000  # the images' user (deploy/Dockerfile.*): the Secret's files are readable by its group
-DRAIN_S = 15  # preStop: longer than the endpoints update plus the router's DNS re-resolution
-GRACE_S = DRAIN_S + GRACEFUL_SHUTDOWN_S + 30  # and the engine's own stop after uvicorn's drain
+PRESTOP_S = 15  # preStop: longer than the endpoints update plus the router's DNS re-resolution
+DRAIN_TIMEOUT_S = int(BY_NAME["drain_timeout"].default)  # then SIGTERM: the drain (serve and router)
+GRACE_S = PRESTOP_S + DRAIN_TIMEOUT_S + GRACEFUL_SHUTDOWN_S + 15  # and uvicorn's, the engine's own stop
 Obj = dict[str, Any]
 
 
@@ -98,7 +102,7 @@ def container(layout: Layout, command: str, argv: list[str]) -> Obj:
         "startupProbe": _probe(own_health, "http", 10, startup_failures),
         "readinessProbe": _probe("/health", "http", 5, 2),
         "livenessProbe": _probe(own_health, "http", 10, 6),
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(DRAIN_S)]}}},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_S)]}}},
     }
 
 

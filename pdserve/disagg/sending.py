@@ -83,6 +83,11 @@ class Sender:
         for tid, out in outgoing:
             self.link.transport.send(out.peer, p.Failed(self.link.address, tid, reason))
 
+    def refuse(self, reason: str) -> None:
+        """Refuse every Reserve from now on (Failed `reason`), and go on with the transfers we owe."""
+        with self.lock:
+            self.refusing = self.refusing or reason
+
     def finished(self, transfer_id: str) -> bool:
         """The request ended (before its blocks are freed). True: a lease keeps them."""
         streamed = self.streams.pop(transfer_id, None)

@@ -156,6 +156,15 @@ class AsyncEngine:
         self._thread.join(timeout)
         self._engine.close()
 
+    async def refuse_reserves(self, reason: str) -> None:
+        """A prefill instance that drains: new Reserves get Failed(`reason`), started transfers go on."""
+
+        def refuse() -> None:
+            if self._engine.connector is not None:
+                self._engine.connector.sender.refuse(reason)
+
+        await self.call(refuse)
+
     def is_healthy(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive() and self._fatal is None and not self._stopped

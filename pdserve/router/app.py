@@ -35,12 +35,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pdserve.cluster_secret import ClusterSecret
 from pdserve.http_edge.auth import API_DOCS_OFF, REFUSAL, bearer_header, require_api_key
 from pdserve.http_edge.body_limit import BodyLimit
+from pdserve.http_edge.draining import DrainingServer
 from pdserve.http_edge.limits import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.http_edge.slashes import TrailingSlash
 from pdserve.http_edge.uvicorn_setup import uvicorn_config
 from pdserve.observability import tracing
 from pdserve.registry.dns import is_dns_url, parse_dns_url
 from pdserve.registry.redis_keys import check_registry_url, redact
+from pdserve.router.drain import DEFAULT_DRAIN_TIMEOUT_S, install_drain
 from pdserve.router.errors import RouterError, error_body, unavailable
 from pdserve.router.instances import HealthPoller, Registry, Role
 from pdserve.router.membership import MembershipWatcher, membership_sources
@@ -74,6 +76,7 @@ class RouterConfig:
     metrics_public: bool = False  # /metrics without the API key
     registry: str | None = None  # redis://HOST:PORT[/DB]: instances join and leave through it
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP collector for OpenTelemetry spans
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S  # SIGTERM: how long open relays get (router/drain.py)
 
     def __post_init__(self) -> None:
         if self.instances and (self.prefill or self.decode):
@@ -297,13 +300,12 @@ def build_app(config: RouterConfig) -> FastAPI:
     app.include_router(_instances_router(registry), dependencies=keyed)
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(TrailingSlash)
+    install_drain(app, config.drain_timeout, metrics)  # outermost: SIGTERM drains (router/drain.py)
     return app
 
 
 def run_router(config: RouterConfig, log_level: str = "info") -> None:
-    """Serve the router until SIGTERM/SIGINT."""
-    import uvicorn
-
+    """Serve the router until SIGTERM/SIGINT has drained it (a second one: at once)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check
     app = build_app(config)
     modes = (
@@ -320,7 +322,8 @@ def run_router(config: RouterConfig, log_level: str = "info") -> None:
         modes,
         config.policy,
     )
-    server = uvicorn.Server(uvicorn_config(app, config.host, config.port, log_level, access_log=False))
+    uv_config = uvicorn_config(app, config.host, config.port, log_level, access_log=False)
+    server = DrainingServer(uv_config, app.state.drain)
     tracing.setup(config.otlp_traces_endpoint, "pdserve-router")
     with contextlib.suppress(KeyboardInterrupt):  # SIGINT, raised again once uvicorn has drained
         server.run()

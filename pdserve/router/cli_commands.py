@@ -129,6 +129,13 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="send OpenTelemetry spans to this OTLP/HTTP endpoint, e.g. http://collector:4318/v1/traces",
     )
+    r.add_argument(
+        "--drain-timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM: /health and new requests 503, the streams open get this long to finish, exit 0",
+    )
     r.set_defaults(func=run_router)
 
 
@@ -155,6 +162,7 @@ def run_router(args: argparse.Namespace) -> None:
             metrics_public=args.metrics_public,
             registry=args.registry,
             otlp_traces_endpoint=args.otlp_traces_endpoint,
+            drain_timeout=args.drain_timeout,
         )
     except ValueError as e:
         logger.error("%s", e)

@@ -36,6 +36,7 @@ from opentelemetry.trace import INVALID_SPAN, Span
 
 from pdserve.cluster_secret import ClusterSecret, sign_handoff
 from pdserve.observability import tracing
+from pdserve.router.drain import InstanceDraining, check_not_draining
 from pdserve.router.errors import RouterError, unavailable
 from pdserve.router.instances import HealthPoller, Instance, Registry, Role
 from pdserve.router.metrics import RouterMetrics
@@ -176,13 +177,16 @@ class Proxy:
                 "POST", url, content=route.content(call.raw, call.body, self.secret), headers=headers
             )
             try:
-                return route, await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                response = await self.client.send(request, stream=True)
+                await check_not_draining(response)  # a draining instance: as if it refused
+                return route, response
+            except (httpx.ConnectError, httpx.ConnectTimeout, InstanceDraining) as e:
                 route.release()
                 route.target.mark_down(f"refused a connection: {str(e) or type(e).__name__}")
                 call.tries.targets.add(route.target.url)
-                self.metrics.count_error("connect_failed")
-                self.metrics.retries.labels(reason="connect_failed").inc()
+                reason = "instance_draining" if isinstance(e, InstanceDraining) else "connect_failed"
+                self.metrics.count_error(reason)
+                self.metrics.retries.labels(reason=reason).inc()
             except httpx.HTTPError as e:
                 route.release()
                 raise self.instance_failed(route.target, e) from None

@@ -36,6 +36,10 @@ class AuthenticationError(PDServeError):
     """Missing or wrong API key: HTTP 401."""
 
 
+class InstanceDrainingError(PDServeError):
+    """This instance is draining (SIGTERM): no new request, and those past --drain-timeout end. HTTP 503."""
+
+
 class ClientDisconnectedError(PDServeError):
     """The client went away before its answer was ready (nobody reads the 499)."""
 
@@ -57,6 +61,10 @@ _KINDS: list[tuple[type[Exception], ErrorKind]] = [
     (HandoffRefused, ErrorKind(403, "permission_error", "invalid_handoff_signature", "forbidden")),
     (OverloadedError, ErrorKind(503, "service_unavailable_error", "overloaded", "overloaded")),
     (EngineDeadError, ErrorKind(503, "service_unavailable_error", "engine_dead", "engine_dead")),
+    (
+        InstanceDrainingError,
+        ErrorKind(503, "service_unavailable_error", "instance_draining", "instance_draining"),
+    ),
     (PrefillFailedError, ErrorKind(502, "server_error", "prefill_failed", "prefill_failed")),
     (ClientDisconnectedError, ErrorKind(499, "invalid_request_error", "client_disconnected", "abort")),
 ]

@@ -12,16 +12,14 @@ and responses.py (the chat and completion answer shapes). Errors become HTTP ans
 
 With an API key, every route but /health wants it (/metrics too, unless metrics_public), and the API
 docs (/docs, /redoc, /openapi.json) are not served. What every request meets first (body size, a
-trailing slash, malformed HTTP, the access log) is pdserve/http_edge's.
+trailing slash, malformed HTTP, the access log) is pdserve/http_edge's. SIGTERM drains the instance
+(server/drain.py: /health and new requests 503, those in flight finish within --drain-timeout).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -32,10 +30,12 @@ from pdserve.engine.async_engine import AsyncEngine
 from pdserve.errors import EngineDeadError
 from pdserve.http_edge.auth import API_DOCS_OFF, REFUSAL, require_api_key
 from pdserve.http_edge.body_limit import BodyLimit
+from pdserve.http_edge.draining import DrainGate, DrainingServer
 from pdserve.http_edge.slashes import TrailingSlash
 from pdserve.http_edge.uvicorn_setup import uvicorn_config
 from pdserve.observability import tracing
 from pdserve.server import protocol as p
+from pdserve.server.drain import COMPLETION_PATHS, instance_drain
 from pdserve.server.entry import make_entry
 from pdserve.server.errors import AuthenticationError, ErrorKind, install_error_handlers
 from pdserve.server.lifespans import combined
@@ -131,13 +131,15 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     server = OpenAIServer(engine, config, metrics)
     metrics.model_name = server.served_model_name
     docs: dict[str, Any] = {} if config.api_key is None else API_DOCS_OFF
-    lifespans = [registration_lifespan(engine, config, metrics.registry)]  # registered while served
+    drain = instance_drain(engine, config.drain_timeout, metrics)
+    lifespans = [registration_lifespan(engine, config, metrics.registry, drain.on_begin)]
     lifespans.append(server.entry.lifespan if server.entry is not None else None)  # peers polled
     app = FastAPI(
         title="pdserve", version="0.1.0", redirect_slashes=False, lifespan=combined(lifespans), **docs
     )
     app.state.server = server
     app.state.metrics = metrics
+    app.state.drain = drain
 
     def count_error(kind: ErrorKind) -> None:
         metrics.count(kind.outcome)
@@ -153,11 +155,12 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         app.include_router(server.entry.routes(), dependencies=keyed)
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(TrailingSlash)
+    app.add_middleware(DrainGate, drain=drain, paths=COMPLETION_PATHS)
     return app
 
 
 def run_server(config: ServerConfig) -> None:
-    """Start the engine, serve HTTP until SIGTERM/SIGINT, then stop both cleanly (exit status 0).
+    """Start the engine, serve HTTP until SIGTERM/SIGINT has drained it, then stop both (exit status 0).
     If the engine dies, answer the requests in flight (errors), stop, and exit with
     EngineDeadError.EXIT_STATUS so that a supervisor restarts this instance."""
     engine = AsyncEngine(config.engine)
@@ -171,7 +174,7 @@ def run_server(config: ServerConfig) -> None:
         server.should_exit = engine.fatal_error is not None  # died before on_dead was set
         name = config.served_model_name or engine.model_name
         logger.info("serving %s at http://%s:%d/v1", name, config.host, config.port)
-        server.run()  # returns once a signal asked it to stop and open requests drained
+        server.run()  # returns once drained (SIGTERM), or at once on a second signal
     finally:
         engine.shutdown()
         tracing.shutdown()
@@ -181,24 +184,6 @@ def run_server(config: ServerConfig) -> None:
         raise SystemExit(EngineDeadError.EXIT_STATUS)
 
 
-def _make_uvicorn(app: FastAPI, config: ServerConfig) -> Any:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn re-raises the stop signal after draining, which would kill us before cleanup."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            stops = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in stops}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
+def _make_uvicorn(app: FastAPI, config: ServerConfig) -> DrainingServer:
     uv_config = uvicorn_config(app, config.host, config.port, "info", log_polls=config.access_log_polls)
-    return Server(uv_config)
+    return DrainingServer(uv_config, app.state.drain)

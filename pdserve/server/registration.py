@@ -3,14 +3,16 @@
     entry = {role, model, url (how peers reach this HTTP front), kv_addr, tp, load}
 
 The URL's host is --kv-advertise-host when given, else --host, else (a wildcard bind) this machine's
-name. Registration starts with the app (its lifespan) and its entry is removed when the app stops;
+name. Registration starts with the app (its lifespan) and its entry is removed when the app stops, or
+at once when a drain begins (SIGTERM: server/drain.py);
 `pdserve_registry_up` (0/1) on /metrics says whether the latest refresh reached Redis.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 
@@ -19,7 +21,10 @@ from prometheus_client import CollectorRegistry, Gauge
 from pdserve.config import ServerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.registry.member import Member, Role
+from pdserve.registry.redis_keys import redact
 from pdserve.registry.redis_registry import Registration
+
+logger = logging.getLogger(__name__)
 
 _WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
@@ -45,9 +50,13 @@ def member_of(engine: AsyncEngine, config: ServerConfig) -> Callable[[], Member]
 
 
 def registration_lifespan(
-    engine: AsyncEngine, config: ServerConfig, metrics_registry: CollectorRegistry
+    engine: AsyncEngine,
+    config: ServerConfig,
+    metrics_registry: CollectorRegistry,
+    on_drain: list[Callable[[], Awaitable[None]]] | None = None,
 ) -> Callable[[Any], AbstractAsyncContextManager[None]] | None:
-    """The app's lifespan that registers this instance; None without --registry."""
+    """The app's lifespan that registers this instance; None without --registry. While it runs,
+    `on_drain` (a drain's first steps) holds the step that removes the entry."""
     if config.registry is None:
         return None
     url: str = config.registry
@@ -61,9 +70,18 @@ def registration_lifespan(
             url, member_of(engine, config), config.registry_ttl, lambda ok: up.set(ok)
         )
         registration.start()
+
+        async def leave() -> None:
+            await registration.stop()
+            logger.info("draining: removed from the registry %s", redact(url))
+
+        if on_drain is not None:
+            on_drain.append(leave)
         try:
             yield
         finally:
+            if on_drain is not None and leave in on_drain:
+                on_drain.remove(leave)
             await registration.stop()
 
     return lifespan

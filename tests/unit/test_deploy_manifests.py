@@ -124,7 +124,11 @@ def _check_pod(layout: Layout, template: Obj, container: Obj, secret_file: Path)
     annotations = template["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics" and annotations["prometheus.io/scrape"] == "true"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    prestop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert prestop[0] == "sleep"
+    # SIGTERM comes after the preStop sleep, then the process drains: both fit in the grace period
+    grace = template["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= int(prestop[1]) + args.drain_timeout + 10, (grace, prestop, args.drain_timeout)
     env = {e["name"]: e for e in container.get("env", [])}
     key_env = "PDSERVE_ROUTER_API_KEY" if component == "router" else "PDSERVE_API_KEY"
     assert (key_env in env) == layout.api_key
