@@ -133,3 +133,13 @@ def test_disaggregated_resume_continues_the_colocated_run(llm, model_dir, prompt
         assert disagg.check_pool_free()
     finally:
         disagg.close()
+
+
+def test_reserve_carries_num_output_tokens_within_its_prompt():
+    from pdserve.disagg import protocol as p
+
+    reserve = p.Reserve("tcp://127.0.0.1:5000", "t1", [1, 2, 3], {}, [0], num_output_tokens=2)
+    assert p.decode(p.encode(reserve)) == reserve
+    for bad in (3, -1, True, 1.0):  # at least one prompt token stays a prompt's
+        with pytest.raises(ValueError, match="num_output_tokens"):
+            p.decode(p.encode(replace(reserve, num_output_tokens=bad)))
