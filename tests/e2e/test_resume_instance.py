@@ -15,16 +15,19 @@ from tests.conftest import MODEL, ServerProcess
 
 CHAT = [{"role": "user", "content": "Tell me a short story about a dragon."}]
 RESUMABLE = {"X-PDServe-Resumable": "1"}
-BASE = {"model": MODEL, "max_tokens": 24, "ignore_eos": True, "stream": True}
+BASE = {"model": MODEL, "max_tokens": 16, "ignore_eos": True, "stream": True}
 BASE_USAGE = {**BASE, "stream_options": {"include_usage": True}}
 NEVER = "@@never-in-this-text@@"  # a long stop string: the last 21 characters wait behind it
+
+
+Event = tuple[tuple[int, list[int]] | None, dict[str, Any] | str | None]
 
 
 @dataclass
 class Stream:
     """One SSE answer, event by event: ids (chars, token ids; None: no id), data (None: id only)."""
 
-    events: list[tuple[tuple[int, list[int]] | None, dict[str, Any] | str | None]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
@@ -50,7 +53,7 @@ def _piece(chunk: dict[str, Any]) -> str:
     return str(c.get("text") or c.get("delta", {}).get("content") or "")
 
 
-def _event(block: str) -> tuple[tuple[int, list[int]] | None, dict[str, Any] | str | None]:
+def _event(block: str) -> Event:
     ident, data = None, None
     for line in block.split("\n"):
         if line.startswith("id: "):
@@ -92,20 +95,20 @@ def resume_of(part: Stream) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("path", "body"),
+    ("path", "body", "cuts"),
     [
-        ("/chat/completions", {**BASE_USAGE, "messages": CHAT, "temperature": 0.0}),
-        ("/completions", {**BASE_USAGE, "prompt": "Once upon a time", "temperature": 0.8, "seed": 7}),
+        ("/chat/completions", {**BASE_USAGE, "messages": CHAT, "temperature": 0.0}, (1, 9)),
+        ("/completions", {**BASE_USAGE, "prompt": "Once upon a time", "temperature": 0.8, "seed": 7}, (6,)),
     ],
     ids=["chat-greedy", "completion-seeded"],
 )
 def test_a_cut_stream_resumed_continues_the_fault_free_answer(
-    server: ServerProcess, tokenizer: Any, path: str, body: dict[str, Any]
+    server: ServerProcess, tokenizer: Any, path: str, body: dict[str, Any], cuts: tuple[int, ...]
 ) -> None:
     whole, _ = stream(server, path, body, RESUMABLE)
     assert whole.events[-1][1] == "[DONE]"
     # the ids concatenate to the answer's tokens, and each id's chars count the text sent so far
-    assert len(whole.token_ids) == 24 == whole.usage["completion_tokens"]
+    assert len(whole.token_ids) == 16 == whole.usage["completion_tokens"]
     assert tokenizer.decode(whole.token_ids, skip_special_tokens=True) == whole.text
     sent = 0
     for ident, data in whole.events:
@@ -114,7 +117,7 @@ def test_a_cut_stream_resumed_continues_the_fault_free_answer(
             assert ident[0] == sent and len(ident[1]) == 1
         elif isinstance(data, dict):  # the role, the finish chunk after its tokens' event, usage
             assert not _piece(data), "text without an id"
-    for k in (1, 9):
+    for k in cuts:
         part, _ = stream(server, path, body, RESUMABLE, cut=k)
         assert part.token_ids == whole.token_ids[:k]
         rest, _ = stream(server, path, {**body, "resume": resume_of(part)}, RESUMABLE)
@@ -179,7 +182,7 @@ def test_a_non_streamed_resume_holds_the_whole_answer(server: ServerProcess) -> 
     ],
 )
 def test_an_invalid_resume_is_a_400(server: ServerProcess, change: dict[str, Any], says: str) -> None:
-    resume = {"output_token_ids": [42, 43, 44], "text_chars_sent": 0, "completion_id": "chatcmpl-x", "created": 1}
+    resume = {"output_token_ids": [42, 43, 44], "text_chars_sent": 0, "completion_id": "c-x", "created": 1}
     body: dict[str, Any] = {**BASE, "messages": CHAT, "resume": resume}
     for key, value in change.items():
         body[key] = {**resume, **value} if key == "resume" else value
