@@ -580,11 +580,13 @@ async def run_one(client: Any, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def run_workload(v1_url: str, specs: list[dict[str, Any]], timeout: float = 90.0) -> list[Any]:
+async def run_workload(
+    v1_url: str, specs: list[dict[str, Any]], timeout: float = 90.0, api_key: str = "none"
+) -> list[Any]:
     """All specs at once (asyncio.gather); each result is a dict, or an "error: ..." string."""
     from openai import AsyncOpenAI
 
-    async with AsyncOpenAI(base_url=v1_url, api_key="none", max_retries=0, timeout=timeout) as client:
+    async with AsyncOpenAI(base_url=v1_url, api_key=api_key, max_retries=0, timeout=timeout) as client:
         answers = await asyncio.gather(*(run_one(client, s) for s in specs), return_exceptions=True)
     return [a if isinstance(a, dict) else f"error: {type(a).__name__}: {a}" for a in answers]
 

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +37,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import API_KEY, ServerProcess
 from tests.e2e.cluster import (
+    MODEL,
     Instance,
     NetnsLan,
     Proc,
@@ -46,7 +49,7 @@ from tests.e2e.cluster import (
     secret_file,
     wait_until,
 )
-from tests.e2e.test_disagg import Reference, check_equal, workload
+from tests.e2e.test_disagg import log_warnings, workload
 
 TTL_S = 3.0
 KEYS = "pdserve:member:*"
@@ -117,6 +120,8 @@ class RedisServer:
             self.proc.kill()
 
     def entries(self) -> dict[str, dict[str, Any]]:
+        """Every entry, by its key (pdserve:member:URL)."""
+
         def read() -> dict[str, dict[str, Any]]:
             c = self.client()
             return {k.decode(): json.loads(c.get(k) or b"{}") for k in c.keys(KEYS)}
@@ -134,16 +139,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 # ---- the cluster: one host each ----------------------------------------------------------------------------
-
-
-class SmallReference(Reference):
-    """The colocated offline engine, computing only the requests asked for."""
-
-    def __init__(self, model_dir: str) -> None:
-        from pdserve import LLM
-
-        self.llm = LLM(model_dir, num_blocks=256)
-        self.cache: dict[str, Any] = {}
 
 
 class Hosts:
@@ -213,14 +208,23 @@ class Hosts:
         v1 = f"{url or self.router}/v1"
         return list(self.run(lambda: asyncio.run(run_workload(v1, specs, timeout=120))))
 
+    def dns_names(self, decodes: Sequence[str]) -> dict[str, list[str]]:
+        """/etc/hosts of the DNS router's host: prefill.pd is prefill0; decode.pd, these decode hosts."""
+        return {"prefill.pd": [self.lan.addr("prefill0")], "decode.pd": [self.lan.addr(d) for d in decodes]}
+
+    def dns_sources(self) -> list[str]:
+        return ["--prefill", f"dns://prefill.pd:{self.port}", "--decode", f"dns://decode.pd:{self.port}"]
+
     def registry_up(self, url: str) -> float:
         return metric(self.metrics(url), "pdserve_registry_up")
 
     def stop(self) -> None:
-        for proc in self.procs:
+        """SIGTERM every process at once, then wait for (or kill) each."""
+        procs = [*self.procs, *(i.proc for i in self.instances.values() if i.proc is not None)]
+        for proc in procs:
+            proc.signal(signal.SIGTERM)
+        for proc in procs:
             proc.stop()
-        for instance in self.instances.values():
-            instance.stop()
         self.redis.kill()
 
 
@@ -248,28 +252,41 @@ def lan() -> Iterator[NetnsLan]:
 
 @pytest.fixture(scope="module")
 def hosts(lan: NetnsLan, model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
-    """Redis, prefill0/1 (prefill1 is also an entry, relaying to decode0), decode0 and the router; decode1
-    is started by the test of a late join."""
+    """Redis, prefill0/1 (prefill1 is also an entry, relaying to decode0), decode0, the router, and a
+    second router that knows the instances by DNS names only; decode1 is started by the first test."""
     h = Hosts(lan, model_dir, tmp_path_factory.mktemp("hosts"))
     try:
         h.redis.start()
         h.instance("prefill0"), h.instance("prefill1", "--decode", h.url("decode0")), h.instance("decode0")
         router = h.router_proc("router", "--registry", h.redis.url)
+        if not lan.loopback:
+            lan.write_hosts("dnsrouter", h.dns_names(["decode0", "decode1"]))
+            h.router_proc("dnsrouter", *h.dns_sources())
         h.wait_ready("prefill0", "prefill1", "decode0")
-        up = h.run(wait_until, lambda: httpx.get(f"{h.router}/health", timeout=2).status_code == 200, 30)
+        up = h.run(wait_until, lambda: h.healthy(h.router), 30)
         assert up and router.alive, f"router not healthy:\n{router.log()}"
         yield h
     finally:
         h.stop()
 
 
-@pytest.fixture(scope="module")
-def small_reference(model_dir: str) -> SmallReference:
-    return SmallReference(model_dir)
-
-
 def _specs(n: int, offset: int) -> list[dict[str, Any]]:
     return [{**s, "model": SERVED} for s in workload(n, offset)]
+
+
+def check_colocated(
+    server: ServerProcess, specs: list[dict[str, Any]], results: list[Any], logs: Path
+) -> None:
+    """The same requests to the shared colocated server (conftest's `server`) give the same answers."""
+    mine = [{**s, "model": MODEL} for s in specs]
+    expected = asyncio.run(run_workload(server.v1, mine, timeout=120, api_key=API_KEY))
+    keys = ("text", "prompt_tokens", "completion_tokens", "finish_reason")
+    bad = [
+        f"#{i} {spec['kind']} stream={spec['stream']}: got {got}, colocated {want}"
+        for i, (spec, got, want) in enumerate(zip(specs, results, expected, strict=True))
+        if not isinstance(got, dict) or not isinstance(want, dict) or any(got[k] != want[k] for k in keys)
+    ]
+    assert not bad, "answers differ from colocated:\n" + "\n".join(bad) + "\n" + log_warnings(logs)
 
 
 # ---- the checks, in order (one cluster) --------------------------------------------------------------------
@@ -299,49 +316,15 @@ def test_instances_register_and_the_router_routes_through_them(hosts: Hosts) -> 
         "the router's series carry the served model name"
     )
     assert hosts.registry_up(hosts.url("decode0")) == 1.0
-
-
-def test_a_decode_instance_started_later_takes_requests_within_5s(hosts: Hosts) -> None:
-    late = hosts.instance("decode1")
-    hosts.wait_ready("decode1")
-    ready = time.monotonic()
-    served = lambda: metric(hosts.metrics(late.url), "pdserve_requests_total")  # noqa: E731
-    while served() == 0 and time.monotonic() - ready < 5.0:
-        hosts.complete()
-    took = time.monotonic() - ready
-    assert served() > 0, f"the new decode instance took no request in {took:.1f}s: {hosts.table()}"
-    print(f"a late decode instance took requests {took:.2f}s after it was ready")
-
-
-def test_2p2d_by_registry_equals_colocated(hosts: Hosts, small_reference: SmallReference) -> None:
-    specs = _specs(16, offset=3)
-    before = {h: hosts.run(i.prefill_tokens) for h, i in hosts.instances.items()}
-    results = hosts.workload(specs)
-    check_equal(small_reference, specs, results, hosts.logs)
-    for host in ("prefill0", "prefill1"):
-        assert hosts.run(hosts.instances[host].prefill_tokens) > before[host], f"{host} computed no prompt"
-    for host in ("decode0", "decode1"):
-        assert hosts.run(hosts.instances[host].prefill_tokens) == 0, f"{host} computed a prompt: KV moved"
-        served = metric(hosts.metrics(hosts.url(host)), "pdserve_requests_total")
-        assert served >= 4, f"{host} served {served}: round robin spreads"
-
-
-def test_a_prefill_entry_counts_its_relays(hosts: Hosts, small_reference: SmallReference) -> None:
-    """prefill1 is also an entry (`--decode URL`): clients may call it; it counts what it relays."""
-    entry = hosts.url("prefill1")
-    specs = _specs(4, offset=11)
-    check_equal(small_reference, specs, hosts.workload(specs, entry), hosts.logs)
-    text = hosts.metrics(entry)
-    routed = metric(text, "pdserve_router_requests_routed_total", role="decode", model_name=SERVED)
-    assert routed == len(specs), text
-    assert metric(text, "pdserve_router_request_seconds_count") == len(specs)
-    assert "pdserve_router_kv_transfer_bytes" not in text, "its own KV counters say that"
+    hosts.instance("decode1")  # a decode instance that starts while the cluster serves (next tests)
 
 
 def test_junk_is_ignored_and_members_join_and_expire(hosts: Hosts) -> None:
+    """(While decode1 starts: it may join at any time here.)"""
     members = {hosts.url(h) for h in ("prefill0", "prefill1", "decode0", "decode1")}
-    late = f"http://{hosts.lan.addr('client')}:{free_port()}"  # a decode instance nobody runs
     base = hosts.lan.addr("client")
+    late = f"http://{base}:{free_port()}"  # a decode instance nobody runs
+    junk = {f"http://{base}:{port}" for port in range(1, 6)} | {"file:///etc/passwd"}
 
     def write_junk() -> None:
         r = hosts.redis.client()
@@ -361,7 +344,7 @@ def test_junk_is_ignored_and_members_join_and_expire(hosts: Hosts) -> None:
     joined = time.monotonic() - joined_at
     table = hosts.table()
     assert not table[late]["healthy"]
-    assert set(table) == members | {late}, "junk never reaches it"
+    assert set(table) <= members | {late} and not set(table) & junk, f"junk never reaches it: {table}"
     assert hosts.complete()  # the unhealthy newcomer costs no request
     assert hosts.run(wait_until, lambda: late not in hosts.table(), TTL_S + 2, 0.2), "an expired entry leaves"
 
@@ -371,6 +354,43 @@ def test_junk_is_ignored_and_members_join_and_expire(hosts: Hosts) -> None:
 
     hosts.run(clean)
     print(f"joined after {joined:.2f} s")
+
+
+def test_a_decode_instance_started_later_takes_requests_within_5s(hosts: Hosts) -> None:
+    late = hosts.instances["decode1"]
+    hosts.wait_ready("decode1")
+    ready = time.monotonic()
+    served = lambda: metric(hosts.metrics(late.url), "pdserve_requests_total")  # noqa: E731
+    while served() == 0 and time.monotonic() - ready < 5.0:
+        hosts.complete()
+    took = time.monotonic() - ready
+    assert served() > 0, f"the new decode instance took no request in {took:.1f}s: {hosts.table()}"
+    print(f"a late decode instance took requests {took:.2f}s after it was ready")
+
+
+def test_2p2d_by_registry_equals_colocated(hosts: Hosts, server: ServerProcess) -> None:
+    specs = _specs(8, offset=3)
+    before = {h: hosts.run(i.prefill_tokens) for h, i in hosts.instances.items()}
+    results = hosts.workload(specs)
+    check_colocated(server, specs, results, hosts.logs)
+    for host in ("prefill0", "prefill1"):
+        assert hosts.run(hosts.instances[host].prefill_tokens) > before[host], f"{host} computed no prompt"
+    for host in ("decode0", "decode1"):
+        assert hosts.run(hosts.instances[host].prefill_tokens) == 0, f"{host} computed a prompt: KV moved"
+        served = metric(hosts.metrics(hosts.url(host)), "pdserve_requests_total")
+        assert served >= 2, f"{host} served {served}: round robin spreads"
+
+
+def test_a_prefill_entry_counts_its_relays(hosts: Hosts, server: ServerProcess) -> None:
+    """prefill1 is also an entry (`--decode URL`): clients may call it; it counts what it relays."""
+    entry = hosts.url("prefill1")
+    specs = _specs(4, offset=11)
+    check_colocated(server, specs, hosts.workload(specs, entry), hosts.logs)
+    text = hosts.metrics(entry)
+    routed = metric(text, "pdserve_router_requests_routed_total", role="decode", model_name=SERVED)
+    assert routed == len(specs), text
+    assert metric(text, "pdserve_router_request_seconds_count") == len(specs)
+    assert "pdserve_router_kv_transfer_bytes" not in text, "its own KV counters say that"
 
 
 def test_redis_down_serving_goes_on_and_the_registry_refills(hosts: Hosts) -> None:
@@ -398,43 +418,28 @@ def test_a_router_follows_a_dns_name_through_etc_hosts(hosts: Hosts) -> None:
     /etc/hosts (`ip netns exec` mounts /etc/netns/NS/hosts there), changed while the router runs."""
     if hosts.lan.loopback:
         pytest.skip("no network namespaces: no per-host /etc/hosts")
-    lan, port = hosts.lan, hosts.port
-    both = [lan.addr("decode0"), lan.addr("decode1")]
-    lan.write_hosts("dnsrouter", {"prefill.pd": [lan.addr("prefill0")], "decode.pd": both})
-    proc = hosts.router_proc(
-        "dnsrouter", "--prefill", f"dns://prefill.pd:{port}", "--decode", f"dns://decode.pd:{port}"
-    )
-    router = hosts.url("dnsrouter")
+    router, port = hosts.url("dnsrouter"), hosts.port
     decodes = lambda: {u for u, i in hosts.table(router).items() if i["role"] == "decode"}  # noqa: E731
-    urls = lambda addrs: {f"http://{a}:{port}" for a in addrs}  # noqa: E731
-    try:
-        assert hosts.run(wait_until, lambda: hosts.healthy(router), 30), proc.log()
-        assert hosts.run(wait_until, lambda: decodes() == urls(both), 5), hosts.table(router)
+    urls = lambda names: {hosts.url(n) for n in names}  # noqa: E731
+    for names in (["decode0", "decode1"], ["decode1"], ["decode0", "decode1"]):
+        hosts.lan.write_hosts("dnsrouter", hosts.dns_names(names))
+        assert hosts.run(wait_until, lambda n=names: decodes() == urls(n), 8), hosts.table(router)
+        healthy = lambda: all(i["healthy"] for i in hosts.table(router).values())  # noqa: E731
+        assert hosts.run(wait_until, healthy, 5), hosts.table(router)
         assert hosts.complete(router)
-        lan.write_hosts("dnsrouter", {"prefill.pd": [lan.addr("prefill0")], "decode.pd": both[:1]})
-        assert hosts.run(wait_until, lambda: decodes() == urls(both[:1]), 8), hosts.table(router)
-        assert hosts.complete(router) and hosts.complete(router)
-        lan.write_hosts("dnsrouter", {"prefill.pd": [lan.addr("prefill0")], "decode.pd": both})
-        assert hosts.run(wait_until, lambda: decodes() == urls(both), 8), hosts.table(router)
-        table = hosts.table(router)
-        assert hosts.run(wait_until, lambda: all(i["healthy"] for i in hosts.table(router).values()), 5), (
-            table
-        )
-        assert hosts.complete(router)
-        assert proc.alive
-    finally:
-        proc.stop()
+    assert hosts.procs[1].alive and f"dns://decode.pd:{port}" in " ".join(hosts.procs[1].cmd)
 
 
 def test_clean_exit_deregisters_and_a_killed_instance_is_dropped(hosts: Hosts) -> None:
     prefill, decode = hosts.instances["prefill1"], hosts.instances["decode0"]
     assert prefill.proc is not None and decode.proc is not None
     prefill.proc.stop()
-    assert hosts.url("prefill1") not in hosts.redis.entries(), "a clean exit removes its entry at once"
+    urls = lambda: {e.get("url") for e in hosts.redis.entries().values()}  # noqa: E731
+    assert prefill.url not in urls(), "a clean exit removes its entry at once"
     assert hosts.run(wait_until, lambda: prefill.url not in hosts.table(), 2.0, 0.1)
     decode.proc.kill()
     killed = time.monotonic()
-    assert decode.url in hosts.redis.entries(), "SIGKILL leaves the entry until it expires"
+    assert decode.url in urls(), "SIGKILL leaves the entry until it expires"
     assert hosts.run(wait_until, lambda: decode.url not in hosts.table(), TTL_S + 1.5, 0.1)
     dropped = time.monotonic() - killed
     assert dropped <= TTL_S + 1.5
