@@ -45,6 +45,7 @@ from tests.e2e.cluster import (
     Proc,
     free_port,
     metric,
+    pdserve_up,
     run_workload,
     secret_file,
     wait_until,
@@ -136,6 +137,32 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.kill()
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return ""
+
+
+def test_up_with_a_registry(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`pdserve up --registry URL`: the instances register there, and the router it starts follows the
+    registry instead of URL lists."""
+    args = ["--instances", "1", "--num-blocks", "64", "--device", "cpu", "--health-interval", "0.5"]
+    args += ["--registry", redis_server.url, "--registry-ttl", str(TTL_S)]
+    with pdserve_up(tmp_path, *args) as up:
+        instance = up.url("instance-0")
+        argv = _cmdline(up.pid("router"))
+        assert f"--registry {redis_server.url}" in argv and instance not in argv, argv
+        assert f"--registry {redis_server.url}" in _cmdline(up.pid("instance-0"))
+        entries = {e["url"]: e for e in redis_server.entries().values()}
+        assert entries[instance]["role"] == "both", entries
+        table = httpx.get(f"{up.router_url}/router/instances", timeout=10).json()["instances"]
+        assert [(i["url"], i["healthy"]) for i in table] == [(instance, True)], table
+        body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0.0}
+        answer = httpx.post(f"{up.router_v1}/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+    assert wait_until(lambda: not redis_server.entries(), 5), "a clean stop removes the entry"
 
 
 # ---- the cluster: one host each ----------------------------------------------------------------------------
