@@ -71,8 +71,11 @@ def up(port: int, *extra: str) -> list[str]:
     return cmd + ["--num-blocks", "256", "--device", "cpu", "--health-interval", "0.5", *extra]
 
 
+MODEL = "SmolLM2-135M-Instruct"  # the default model's served name
+
+
 def ttft(client: httpx.Client, url: str, prompt: list[int], out_len: int) -> float:
-    body = {"model": "x", "prompt": prompt, "max_tokens": out_len, "stream": True, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": out_len, "stream": True, "ignore_eos": True}
     sent = time.perf_counter()
     first = None
     with client.stream("POST", f"{url}/v1/completions", json=body) as answer:
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=8)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a stopped run still stops its clusters
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, 20000) for _ in range(args.input_len)] for _ in range(args.requests)]
     redis_port, static_port, registry_port = free_port(), free_port(), free_port()
