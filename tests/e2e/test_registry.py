@@ -175,7 +175,7 @@ class Hosts:
         self.lan, self.model_dir, self.logs = lan, model_dir, logs
         self.port = free_port()  # every instance's and router's HTTP port, each on its own host
         self.redis = RedisServer(
-            logs, lan.addr("redis"), 6379, lan.exec_prefix("redis"), lambda fn, *a: lan.call("client", fn, *a)
+            logs, lan.addr("redis"), free_port(), lan.exec_prefix("redis"), lambda fn, *a: lan.call("client", fn, *a)
         )
         self.instances: dict[str, Instance] = {}
         self.procs: list[Proc] = []
