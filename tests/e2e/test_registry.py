@@ -7,8 +7,8 @@ the router routes through them and labels its series with the served name; a dec
 later takes requests within 5 s of being ready; 2P2D answers equal the colocated engine's, spread over
 every instance, KV moved; a prefill instance that is also an entry (`--decode URL`) counts its relays
 in its own /metrics; junk entries are ignored, a new entry joins within 2 s and an expiring one leaves;
-Redis killed: serving goes on and pdserve_registry_up says 0, Redis restarted empty: the registry
-refills; a router given `dns://NAME:PORT` follows the name as the host's /etc/hosts changes (2
+Redis killed: serving goes on and pdserve_registry_up says 0; Redis restarted empty: the router keeps
+every instance while the registry refills; a router given `dns://NAME:PORT` follows the name as the host's /etc/hosts changes (2
 addresses, 1, 2) without a restart; a clean exit removes an entry at once, a SIGKILLed instance is
 dropped within the TTL and every request sent after that succeeds.
 
@@ -174,9 +174,7 @@ class Hosts:
     def __init__(self, lan: NetnsLan, model_dir: str, logs: Path) -> None:
         self.lan, self.model_dir, self.logs = lan, model_dir, logs
         self.port = free_port()  # every instance's and router's HTTP port, each on its own host
-        self.redis = RedisServer(
-            logs, lan.addr("redis"), free_port(), lan.exec_prefix("redis"), lambda fn, *a: lan.call("client", fn, *a)
-        )
+        self.redis = RedisServer(logs, lan.addr("redis"), free_port(), lan.exec_prefix("redis"), self.run)
         self.instances: dict[str, Instance] = {}
         self.procs: list[Proc] = []
         self.router = self.url("router")
@@ -295,6 +293,16 @@ def hosts(lan: NetnsLan, model_dir: str, tmp_path_factory: pytest.TempPathFactor
         yield h
     finally:
         h.stop()
+
+
+def _healthy_sets(router: str, seconds: float) -> list[set[str]]:
+    """The router's healthy instances, every 50 ms for `seconds`."""
+    sets, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        table = httpx.get(f"{router}/router/instances", timeout=5).json()["instances"]
+        sets.append({i["url"] for i in table if i["healthy"]})
+        time.sleep(0.05)
+    return sets
 
 
 def _specs(n: int, offset: int) -> list[dict[str, Any]]:
@@ -429,6 +437,8 @@ def test_redis_down_serving_goes_on_and_the_registry_refills(hosts: Hosts) -> No
     assert hosts.table()[decode]["healthy"]
     hosts.redis.start()  # the same address, empty: the instances write their entries again
     want = {hosts.url(h) for h in ("prefill0", "prefill1", "decode0", "decode1")}
+    tables = hosts.run(_healthy_sets, hosts.router, 2.0)  # the router reads the empty registry meanwhile
+    assert all(t == want for t in tables), f"the router lost instances while the registry refilled: {tables}"
     refilled = lambda: {e["url"] for e in hosts.redis.entries().values()} == want  # noqa: E731
     assert wait_until(refilled, TTL_S + 3)
     assert hosts.run(wait_until, lambda: hosts.registry_up(hosts.router) == 1.0, 5)
