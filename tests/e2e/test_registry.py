@@ -303,7 +303,8 @@ def _healthy_sets(router: str, seconds: float) -> list[set[str]]:
 
 
 def _specs(n: int, offset: int) -> list[dict[str, Any]]:
-    return [{**s, "model": SERVED} for s in workload(n, offset)]
+    """test_disagg's mixed workload (chat and completions, half streamed), 8 tokens each."""
+    return [{**s, "model": SERVED, "max_tokens": 8} for s in workload(n, offset)]
 
 
 def check_colocated(
