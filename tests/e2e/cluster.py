@@ -394,47 +394,6 @@ def ip(*args: str) -> None:
 
 
 @dataclass
-class NetnsPair:
-    """Two network namespaces joined by a veth pair: a.ip_a <-> b.ip_b."""
-
-    a: str
-    b: str
-    ip_a: str = "10.77.1.1"
-    ip_b: str = "10.77.1.2"
-    created: list[str] = field(default_factory=list)
-    veth: str = ""
-
-    def create(self) -> None:
-        suffix = self.a.rsplit("-", 1)[-1][:8]
-        veth_a, veth_b = f"pva{suffix}", f"pvb{suffix}"  # at most 15 characters
-        for ns in (self.a, self.b):
-            ip("netns", "add", ns)
-            self.created.append(ns)
-        ip("link", "add", veth_a, "type", "veth", "peer", "name", veth_b)
-        self.veth = veth_a
-        ip("link", "set", veth_a, "netns", self.a)
-        ip("link", "set", veth_b, "netns", self.b)
-        for ns, dev, addr in ((self.a, veth_a, self.ip_a), (self.b, veth_b, self.ip_b)):
-            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            ip("-n", ns, "link", "set", dev, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-
-    def delete(self) -> None:
-        for ns in self.created:
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                ip("netns", "del", ns)  # its end of the veth pair goes with it
-        self.created.clear()
-        if self.veth:  # still in this namespace if creation failed before moving it
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                ip("link", "del", self.veth)
-            self.veth = ""
-
-    @staticmethod
-    def exec_prefix(ns: str) -> list[str]:
-        return ["ip", "netns", "exec", ns]
-
-
-@dataclass
 class NetnsLan:
     """Several "hosts" on one LAN: a network namespace each, joined by veth pairs to a bridge that lives
     in a namespace of its own (the switch), so no host, and not this process, shares its stack.
@@ -454,11 +413,12 @@ class NetnsLan:
     tag: str
     net: int = 78
     loopback: bool = False
+    names: dict[str, str] = field(default_factory=dict)  # host -> its namespace's name, if not pdTAG-HOST
     created: list[str] = field(default_factory=list)
     _executors: dict[str, Any] = field(default_factory=dict)
 
     def ns(self, host: str) -> str:
-        return f"pd{self.tag}-{host}"
+        return self.names.get(host) or f"pd{self.tag}-{host}"
 
     def addr(self, host: str) -> str:
         index = list(self.hosts).index(host) + 1
@@ -538,6 +498,26 @@ def _enter_netns(host: str, ns: str | None) -> None:
             raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
     finally:
         os.close(fd)
+
+
+class NetnsPair:
+    """Two namespaces, `a` (at ip_a) and `b` (at ip_b), on a NetnsLan of their own."""
+
+    def __init__(self, a: str, b: str) -> None:
+        self.a, self.b = a, b
+        tag = a.rsplit("-", 1)[-1][:8]
+        self.lan = NetnsLan(("a", "b"), tag, net=77, names={"a": a, "b": b})
+        self.ip_a, self.ip_b = self.lan.addr("a"), self.lan.addr("b")
+
+    def create(self) -> None:
+        self.lan.create()
+
+    def delete(self) -> None:
+        self.lan.delete()
+
+    @staticmethod
+    def exec_prefix(ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
 
 
 # ---- the workload ----------------------------------------------------------------------------------------
