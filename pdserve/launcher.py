@@ -55,6 +55,7 @@ from pdserve.supervisor import Child, GiveUp, RestartPolicy, Supervisor, stop_al
 _OWN_SERVE_OPTIONS = {"host", "port", "model", "api_key", "role", "kv_port", "cluster_secret"}
 _OWN_SERVE_OPTIONS |= {"prefill_peers", "decode_peers", "decode_max_queued"}  # `up` has a router
 SECRET_FILE = "cluster-secret"
+_UP_HELP = {"registry": "redis://HOST:PORT[/DB]: the instances register there and the router follows it"}
 
 
 class LaunchError(Exception):
@@ -303,7 +304,7 @@ def _add_serve_passthrough(up: argparse.ArgumentParser) -> None:
             action=_PassThrough,
             dest="serve_args",
             default=[],  # nothing given: the instance's own default, which the help shows
-            help=help_with_default(option),
+            help=_UP_HELP.get(option.name) or help_with_default(option),
             choices=list(option.choices) if option.choices else None,
             **extra,
         )
