@@ -3,6 +3,8 @@
     pdserve up --prefill 1 --decode 2 --num-blocks 512      disaggregated
     pdserve up --instances 2                                  colocated
     pdserve up --instances 2 -- --some-new-serve-flag X       anything after -- goes to each instance
+    pdserve up --registry redis://HOST:6379                   instances register there; the router
+                                                              follows the registry, not URL lists
 
 Before anything starts, every port it will listen on is checked free (a taken one: exit 1 at once).
 The model is prepared once, here, before any instance starts (so they never race on a conversion).
@@ -56,6 +58,7 @@ _OWN_SERVE_OPTIONS = {"host", "port", "model", "api_key", "role", "kv_port", "cl
 _OWN_SERVE_OPTIONS |= {"prefill_peers", "decode_peers", "decode_max_queued"}  # `up` has a router
 SECRET_FILE = "cluster-secret"
 STOP_MARGIN_S = 15.0  # after a child's drain: its engine's own stop
+_UP_HELP = {"registry": "redis://HOST:PORT[/DB]: the instances register there and the router follows it"}
 
 
 class LaunchError(Exception):
@@ -121,14 +124,26 @@ def router_child(
         str(args.health_interval),
     ]
     cmd += ["--request-timeout", str(args.request_timeout), "--cluster-secret-file", shared.secret_file]
-    cmd += _router_edge_args([*args.serve_args, *_remainder(args.serve_rest)])
-    for flag, prefix in (("--instance", "instance-"), ("--prefill", "prefill-"), ("--decode", "decode-")):
-        urls = [c.url for c in instances if c.name.startswith(prefix)]
-        if urls:
-            cmd += [flag, *urls]
+    serve_args = [*args.serve_args, *_remainder(args.serve_rest)]
+    cmd += _router_edge_args(serve_args)
+    registry = option_value(serve_args, ["--registry"], "")
+    if registry:  # the instances register there: the router follows it, as another router would
+        cmd += ["--registry", registry]
+    else:
+        cmd += _url_lists(instances)
     env = {ROUTER_API_KEY_ENV: shared.api_key} if shared.api_key else {}
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     return Child("router", cmd, f"http://{host}:{args.port}", log_dir / "router.log", env=env)
+
+
+def _url_lists(instances: Sequence[Child]) -> list[str]:
+    """--instance / --prefill / --decode with the URLs of the children of each kind."""
+    lists = []
+    for flag, prefix in (("--instance", "instance-"), ("--prefill", "prefill-"), ("--decode", "decode-")):
+        urls = [c.url for c in instances if c.name.startswith(prefix)]
+        if urls:
+            lists += [flag, *urls]
+    return lists
 
 
 def _router_edge_args(serve_args: Sequence[str]) -> list[str]:
@@ -297,7 +312,7 @@ def _add_serve_passthrough(up: argparse.ArgumentParser) -> None:
             action=_PassThrough,
             dest="serve_args",
             default=[],  # nothing given: the instance's own default, which the help shows
-            help=help_with_default(option),
+            help=_UP_HELP.get(option.name) or help_with_default(option),
             choices=list(option.choices) if option.choices else None,
             **extra,
         )

@@ -5,13 +5,18 @@
 An entry that does not parse, or whose key does not match its URL, is ignored and logged (rate-limited);
 it never reaches the instance table. Expired instances simply stop being there: Redis removes their key.
 Redis down: `poll` raises MembershipUnavailable (the router keeps the instances it knows) and
-`on_state(False)` is called; the router's pdserve_registry_up gauge follows it.
+`on_state(False)` is called; the router's pdserve_registry_up gauge follows it. Back after an outage
+(perhaps restarted empty), the registry fills again as instances write their entries; until
+REFILL_GRACE_S has passed or all of them are back, the instances known before the outage stay in the
+answer, so the router never empties its table meanwhile (one that died in the outage fails its health
+checks anyway, and leaves when the grace ends).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +27,7 @@ from pdserve.registry.redis_keys import IO_TIMEOUT_S, KEY_PREFIX, MAX_MEMBERS, c
 
 logger = logging.getLogger(__name__)
 DEFAULT_INTERVAL_S = 0.5  # joins are seen within this plus one health check
+REFILL_GRACE_S = 10.0  # instances write their entries again well within this after an outage
 
 
 class RedisMembership(Membership):
@@ -39,19 +45,31 @@ class RedisMembership(Membership):
         self._client: Any = connect(url)
         self._down = RateLimitedLog(logger)
         self._bad = RateLimitedLog(logger)
+        self._known: frozenset[Seen] = frozenset()  # the latest answer before an outage
+        self._refill_until: float | None = None  # None: in an outage; else the end of its grace
 
     async def poll(self) -> frozenset[Seen]:
         try:
             members = await asyncio.wait_for(self._read(), IO_TIMEOUT_S * 2)
         except Exception as e:  # noqa: BLE001 - any client failure means "cannot tell now"
             self.on_state(False)
+            self._refill_until = None
             self._down.failure(
                 "registry %s unreachable (%s); keeping the instances known", redact(self.url), e
             )
             raise MembershipUnavailable(str(e)) from None
         self.on_state(True)
         self._down.recovered("registry %s reachable again", redact(self.url))
-        return frozenset(Seen(m.role, m.url) for m in members)
+        return self._after_outage(frozenset(Seen(m.role, m.url) for m in members))
+
+    def _after_outage(self, seen: frozenset[Seen]) -> frozenset[Seen]:
+        now = time.monotonic()
+        if self._refill_until is None:
+            self._refill_until = now + REFILL_GRACE_S if self._known else now
+        if now < self._refill_until and not self._known <= seen:
+            return seen | self._known
+        self._refill_until, self._known = now, seen  # refilled (or the grace is over)
+        return seen
 
     async def _read(self) -> list[Member]:
         keys: list[bytes] = []

@@ -58,7 +58,10 @@ class Entry:
         return router
 
     def install(self, app: FastAPI, metrics: ServerMetrics) -> None:
-        """Answer the entry's RouterErrors in OpenAI's shape, counted by their code."""
+        """Answer the entry's RouterErrors in OpenAI's shape, counted by their code; a prefill entry's
+        relays are counted in this instance's /metrics, under the router's names."""
+        if self.relay is not None:
+            metrics.registry.register(self.relay.metrics.registry)
 
         async def entry_error(_: Request, exc: Exception) -> Response:
             assert isinstance(exc, RouterError)

@@ -85,8 +85,12 @@ class PrefillRelay:
         me = _ThisInstance(url, "prefill")
         me.mark_up(Info(role="prefill", kv_addr=kv_addr), (0, 0))
         self.me, self.decodes = me, decodes
+        # its relays as a router counts them (per decode peer, errors, TTFT, latency), in this
+        # instance's /metrics (entry.py); its KV bytes are in this instance's own counters already
+        self.metrics = RouterMetrics()
+        self.metrics.registry.unregister(self.metrics.kv)
         self.proxy = Proxy(
-            Registry([me]), BoundedDecode(max_queued), RouterMetrics(), decodes.poller, decodes.client, secret
+            Registry([me]), BoundedDecode(max_queued), self.metrics, decodes.poller, decodes.client, secret
         )
 
     async def relayed(self, raw: Request, path: str, api_key: str | None) -> Response | None:

@@ -149,7 +149,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.include_router(_health_router(engine))
     app.include_router(_v1_router(server), dependencies=keyed)
     app.include_router(_metrics_router(engine, metrics), dependencies=[] if config.metrics_public else keyed)
-    app.include_router(pd_router(engine), dependencies=keyed)
+    app.include_router(pd_router(engine, server.served_model_name), dependencies=keyed)
     if server.entry is not None:
         server.entry.install(app, metrics)
         app.include_router(server.entry.routes(), dependencies=keyed)

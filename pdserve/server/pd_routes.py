@@ -1,6 +1,7 @@
 """The endpoints a disaggregated deployment asks of an instance: /pd/info (router, peers) and /debug/kv.
 
-    GET /pd/info    {"role", "model", "kv_addr", "load"}: never waits for the engine thread
+    GET /pd/info    {"role", "model", "kv_addr", "load"}: never waits for the engine thread; "model" is
+                    the name clients use (--served-model-name, else the engine's), as the registry has it
     GET /debug/kv   {"num_blocks", "num_free_blocks", "pool_free"}: is the KV pool back to fully free
 
 The KV hand-off itself (kv_transfer_params in a completion request) rides in the OpenAI routes.
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pdserve.engine.async_engine import AsyncEngine
 
 
-def pd_router(engine: AsyncEngine) -> APIRouter:
+def pd_router(engine: AsyncEngine, model: str) -> APIRouter:
     router = APIRouter()
 
     @router.get("/pd/info")
@@ -22,7 +23,7 @@ def pd_router(engine: AsyncEngine) -> APIRouter:
         """Role, KV/control address and load: what the router and peers need to know. Never waits
         for the engine thread (a long prefill step must not look like a dead instance)."""
         load = dict(engine.load)
-        body = {"role": engine.role, "model": engine.model_name, "kv_addr": engine.kv_addr, "load": load}
+        body = {"role": engine.role, "model": model, "kv_addr": engine.kv_addr, "load": load}
         return JSONResponse(body)
 
     @router.get("/debug/kv")

@@ -394,40 +394,126 @@ def ip(*args: str) -> None:
 
 
 @dataclass
-class NetnsPair:
-    """Two network namespaces joined by a veth pair: a.ip_a <-> b.ip_b."""
+class NetnsLan:
+    """Several "hosts" on one LAN: a network namespace each, joined by veth pairs to a bridge that lives
+    in a namespace of its own (the switch), so no host, and not this process, shares its stack.
 
-    a: str
-    b: str
-    ip_a: str = "10.77.1.1"
-    ip_b: str = "10.77.1.2"
+        switch namespace: bridge ── veth ── host 0 (10.78.N.1)
+                                 ├── veth ── host 1 (10.78.N.2) ...
+
+    `exec_prefix(host)` runs a command on a host (`ip netns exec`, which bind-mounts
+    /etc/netns/NS/hosts over /etc/hosts: `write_hosts` sets that file, in place, so a process already
+    running there reads the new text on its next lookup). `executor(host)` gives a thread of this
+    process that has entered the host's namespace (setns applies to one thread): HTTP from a test runs
+    there. Without namespaces (not root, no `ip`), `loopback=True` puts every host on its own
+    127.0.N.x address of this machine: the same ports, addresses and code, no /etc/hosts.
+    """
+
+    hosts: Sequence[str]
+    tag: str
+    net: int = 78
+    loopback: bool = False
+    names: dict[str, str] = field(default_factory=dict)  # host -> its namespace's name, if not pdTAG-HOST
     created: list[str] = field(default_factory=list)
-    veth: str = ""
+    _executors: dict[str, Any] = field(default_factory=dict)
+
+    def ns(self, host: str) -> str:
+        return self.names.get(host) or f"pd{self.tag}-{host}"
+
+    def addr(self, host: str) -> str:
+        index = list(self.hosts).index(host) + 1
+        return f"127.0.{self.net}.{index}" if self.loopback else f"10.{self.net}.0.{index}"
 
     def create(self) -> None:
-        suffix = self.a.rsplit("-", 1)[-1][:8]
-        veth_a, veth_b = f"pva{suffix}", f"pvb{suffix}"  # at most 15 characters
-        for ns in (self.a, self.b):
+        if self.loopback:
+            return
+        switch = self.ns("switch")
+        ip("netns", "add", switch)
+        self.created.append(switch)
+        ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        ip("-n", switch, "link", "set", "br0", "up")
+        for index, host in enumerate(self.hosts):
+            ns, here, there = self.ns(host), f"v{self.tag[:6]}{index}", f"w{self.tag[:6]}{index}"
             ip("netns", "add", ns)
             self.created.append(ns)
-        ip("link", "add", veth_a, "type", "veth", "peer", "name", veth_b)
-        self.veth = veth_a
-        ip("link", "set", veth_a, "netns", self.a)
-        ip("link", "set", veth_b, "netns", self.b)
-        for ns, dev, addr in ((self.a, veth_a, self.ip_a), (self.b, veth_b, self.ip_b)):
-            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "add", here, "type", "veth", "peer", "name", there, "netns", switch)
+            ip("-n", switch, "link", "set", there, "master", "br0", "up")
+            ip("-n", ns, "addr", "add", f"{self.addr(host)}/24", "dev", here)
+            ip("-n", ns, "link", "set", here, "up")
             ip("-n", ns, "link", "set", "lo", "up")
 
     def delete(self) -> None:
-        for ns in self.created:
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._executors.clear()
+        for ns in reversed(self.created):
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                ip("netns", "del", ns)  # its end of the veth pair goes with it
+                ip("netns", "del", ns)  # its veth ends go with it
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self.created.clear()
-        if self.veth:  # still in this namespace if creation failed before moving it
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                ip("link", "del", self.veth)
-            self.veth = ""
+
+    def exec_prefix(self, host: str) -> list[str]:
+        return [] if self.loopback else ["ip", "netns", "exec", self.ns(host)]
+
+    def write_hosts(self, host: str, names: dict[str, Sequence[str]]) -> None:
+        """The host's /etc/hosts: each name with its addresses (one line each), written in place."""
+        lines = ["127.0.0.1 localhost"] + [f"{a} {name}" for name, addrs in names.items() for a in addrs]
+        path = Path("/etc/netns") / self.ns(host) / "hosts"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("r+" if path.exists() else "w") as f:  # the same inode: the bind mount sees it
+            f.write("\n".join(lines) + "\n")
+            f.truncate()
+
+    def executor(self, host: str) -> Any:
+        """A one-thread executor whose thread is in the host's network namespace."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if host not in self._executors:
+            ns = None if self.loopback else self.ns(host)
+            enter = functools.partial(_enter_netns, host, ns)
+            self._executors[host] = ThreadPoolExecutor(1, thread_name_prefix=host, initializer=enter)
+        return self._executors[host]
+
+    def call(self, host: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), run on `host` (its sockets are that host's); directly when already there."""
+        if getattr(_on_host, "name", None) == host:
+            return fn(*args)
+        return self.executor(host).submit(fn, *args).result()
+
+
+_on_host = threading.local()  # the NetnsLan host an executor's thread is on
+
+
+def _enter_netns(host: str, ns: str | None) -> None:
+    import ctypes
+
+    _on_host.name = host
+    if ns is None:
+        return
+    clone_newnet = 0x40000000
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, clone_newnet) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+    finally:
+        os.close(fd)
+
+
+class NetnsPair:
+    """Two namespaces, `a` (at ip_a) and `b` (at ip_b), on a NetnsLan of their own."""
+
+    def __init__(self, a: str, b: str) -> None:
+        self.a, self.b = a, b
+        tag = a.rsplit("-", 1)[-1][:8]
+        self.lan = NetnsLan(("a", "b"), tag, net=77, names={"a": a, "b": b})
+        self.ip_a, self.ip_b = self.lan.addr("a"), self.lan.addr("b")
+
+    def create(self) -> None:
+        self.lan.create()
+
+    def delete(self) -> None:
+        self.lan.delete()
 
     @staticmethod
     def exec_prefix(ns: str) -> list[str]:
@@ -439,7 +525,11 @@ class NetnsPair:
 
 async def run_one(client: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """One request (chat or completion, streamed or not, greedy); its text and usage."""
-    common: dict[str, Any] = {"model": MODEL, "max_tokens": spec["max_tokens"], "temperature": 0.0}
+    common: dict[str, Any] = {
+        "model": spec.get("model", MODEL),
+        "max_tokens": spec["max_tokens"],
+        "temperature": 0.0,
+    }
     if spec["stream"]:
         common.update(stream=True, stream_options={"include_usage": True})
     if spec["kind"] == "chat":
@@ -470,11 +560,13 @@ async def run_one(client: Any, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def run_workload(v1_url: str, specs: list[dict[str, Any]], timeout: float = 90.0) -> list[Any]:
+async def run_workload(
+    v1_url: str, specs: list[dict[str, Any]], timeout: float = 90.0, api_key: str = "none"
+) -> list[Any]:
     """All specs at once (asyncio.gather); each result is a dict, or an "error: ..." string."""
     from openai import AsyncOpenAI
 
-    async with AsyncOpenAI(base_url=v1_url, api_key="none", max_retries=0, timeout=timeout) as client:
+    async with AsyncOpenAI(base_url=v1_url, api_key=api_key, max_retries=0, timeout=timeout) as client:
         answers = await asyncio.gather(*(run_one(client, s) for s in specs), return_exceptions=True)
     return [a if isinstance(a, dict) else f"error: {type(a).__name__}: {a}" for a in answers]
 

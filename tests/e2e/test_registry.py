@@ -1,31 +1,61 @@
-"""The Redis registry end to end: a real redis-server (the binary the test extras install), one prefill
-and one decode instance registered with --registry, and a router given only --registry.
+"""The Redis registry end to end, across hosts: network namespaces on one bridge (tests/e2e/cluster.py
+NetnsLan) for a real redis-server (the binary the test extras install), 2 prefill and 2 decode
+instances, a router and the client, everything found by `--registry` only.
 
-Checked: entries appear with role/model/url/kv_addr/tp/load; the router routes through them; a junk
-entry is ignored, a new entry joins within 2 s and an expiring one leaves; Redis killed: serving goes on
-and pdserve_registry_up says 0, Redis restarted empty: the registry refills; a clean exit removes the
-entry at once, a SIGKILLed instance's entry expires within the TTL and the router drops it.
+Checked, in order, on one cluster: entries carry role/model (--served-model-name)/url/kv_addr/tp/load
+and expire; the router routes through them and labels its series with the served name; junk entries
+are ignored, a new entry joins within 2 s and an expiring one leaves; a prefill instance that is also
+an entry (`--decode URL`) counts its relays in its own /metrics; a decode instance started later
+takes requests within 5 s of being ready; 2P2D answers equal a colocated server's, spread over every
+instance, KV moved; Redis killed: serving goes on and pdserve_registry_up says 0; Redis restarted
+empty: the router keeps every instance while the registry refills; a router given `dns://NAME:PORT`
+follows the name as its host's /etc/hosts changes (2 addresses, 1, 2) without a restart; a clean
+exit removes an entry at once, a SIGKILLed instance is dropped within the TTL and every request sent
+after that succeeds. Also `pdserve up --registry` (on this machine, no namespaces).
+
+Without network namespaces (not root, no `ip`), the same cluster runs on loopback addresses
+(127.0.78.x) and the /etc/hosts check is skipped. `RedisServer` and the `redis_server` fixture (on
+127.0.0.1) serve other modules too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.cluster import MODEL, Instance, Proc, free_port, metric, secret_file, wait_until
+from tests.conftest import API_KEY, ServerProcess
+from tests.e2e.cluster import (
+    MODEL,
+    Instance,
+    NetnsLan,
+    Proc,
+    free_port,
+    metric,
+    pdserve_up,
+    run_workload,
+    secret_file,
+    wait_until,
+)
+from tests.e2e.test_disagg import log_warnings, workload
 
 TTL_S = 3.0
 KEYS = "pdserve:member:*"
+SERVED = "smol-pd"  # --served-model-name of every instance: what clients ask for and metrics say
+HOSTS = ("redis", "prefill0", "prefill1", "decode0", "decode1", "router", "dnsrouter", "client")
 
 
 def redis_server_binary() -> str:
@@ -40,30 +70,45 @@ def redis_server_binary() -> str:
     return str(binary)
 
 
-class RedisServer:
-    """A real redis-server on a fixed port, without persistence, that a test can kill and start again."""
+Call = Callable[..., Any]
 
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port()
-        self.log_dir = log_dir
+
+def _here(fn: Call, *args: Any) -> Any:
+    return fn(*args)
+
+
+class RedisServer:
+    """A real redis-server on a fixed address, without persistence, that a test can kill and start
+    again. `prefix` runs it on another host; `call` runs a function where the server is reachable."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: Sequence[str] = (),
+        call: Call = _here,
+    ) -> None:
+        self.host, self.port = host, port or free_port()
+        self.log_dir, self.prefix, self.call = log_dir, list(prefix), call
         self.proc: Proc | None = None
         self.starts = 0
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def client(self) -> Any:
         import redis
 
-        return redis.Redis(port=self.port, socket_timeout=2)
+        return redis.Redis(host=self.host, port=self.port, socket_timeout=2)
 
     def start(self) -> RedisServer:
         self.starts += 1
-        cmd = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        cmd += ["--appendonly", "no"]
+        cmd = [*self.prefix, redis_server_binary(), "--port", str(self.port), "--bind", self.host]
+        cmd += ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
         self.proc = Proc(cmd, self.log_dir / f"redis-{self.starts}.log").start()
-        assert wait_until(self._pings, 20), f"redis-server did not start:\n{self.proc.log()}"
+        assert self.call(wait_until, self._pings, 20), f"redis-server did not start:\n{self.proc.log()}"
         return self
 
     def _pings(self) -> bool:
@@ -76,8 +121,13 @@ class RedisServer:
             self.proc.kill()
 
     def entries(self) -> dict[str, dict[str, Any]]:
-        c = self.client()
-        return {k.decode(): json.loads(c.get(k) or b"{}") for k in c.keys(KEYS)}
+        """Every entry, by its key (pdserve:member:URL)."""
+
+        def read() -> dict[str, dict[str, Any]]:
+            c = self.client()
+            return {k.decode(): json.loads(c.get(k) or b"{}") for k in c.keys(KEYS)}
+
+        return dict(self.call(read))
 
 
 @pytest.fixture(scope="module")
@@ -89,145 +139,348 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.kill()
 
 
-class Cluster:
-    def __init__(self, redis: RedisServer, prefill: Instance, decode: Instance, router: Proc, port: int):
-        self.redis, self.prefill, self.decode, self.router_proc = redis, prefill, decode, router
-        self.router = f"http://127.0.0.1:{port}"
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return ""
 
-    def table(self) -> dict[str, dict[str, Any]]:
-        answer = httpx.get(f"{self.router}/router/instances", timeout=10).json()
+
+def test_up_with_a_registry(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`pdserve up --registry URL`: the instances register there, and the router it starts follows the
+    registry instead of URL lists."""
+    args = ["--instances", "1", "--num-blocks", "64", "--device", "cpu", "--health-interval", "0.5"]
+    args += ["--registry", redis_server.url, "--registry-ttl", str(TTL_S)]
+    with pdserve_up(tmp_path, *args) as up:
+        instance = up.url("instance-0")
+        argv = _cmdline(up.pid("router"))
+        assert f"--registry {redis_server.url}" in argv and instance not in argv, argv
+        assert f"--registry {redis_server.url}" in _cmdline(up.pid("instance-0"))
+        entries = {e["url"]: e for e in redis_server.entries().values()}
+        assert entries[instance]["role"] == "both", entries
+        table = httpx.get(f"{up.router_url}/router/instances", timeout=10).json()["instances"]
+        assert [(i["url"], i["healthy"]) for i in table] == [(instance, True)], table
+        body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0.0}
+        answer = httpx.post(f"{up.router_v1}/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+    assert wait_until(lambda: not redis_server.entries(), 5), "a clean stop removes the entry"
+
+
+# ---- the cluster: one host each ----------------------------------------------------------------------------
+
+
+class Hosts:
+    """The LAN, Redis, the instances and the router; HTTP from a test goes out from the client host."""
+
+    def __init__(self, lan: NetnsLan, model_dir: str, logs: Path) -> None:
+        self.lan, self.model_dir, self.logs = lan, model_dir, logs
+        self.port = free_port()  # every instance's and router's HTTP port, each on its own host
+        self.redis = RedisServer(logs, lan.addr("redis"), free_port(), lan.exec_prefix("redis"), self.run)
+        self.instances: dict[str, Instance] = {}
+        self.procs: list[Proc] = []
+        self.router = self.url("router")
+
+    def url(self, host: str) -> str:
+        return f"http://{self.lan.addr(host)}:{self.port}"
+
+    def run(self, fn: Call, *args: Any) -> Any:
+        return self.lan.call("client", fn, *args)
+
+    def instance(self, host: str, *extra: str) -> Instance:
+        flags = ["--registry", self.redis.url, "--registry-ttl", str(TTL_S), "--served-model-name", SERVED]
+        role = host.rstrip("0123456789")
+        instance = Instance(
+            host,
+            role,
+            self.model_dir,
+            self.logs,
+            host=self.lan.addr(host),
+            port=self.port,
+            extra=[*flags, "--num-blocks", "128", *extra],
+            prefix=self.lan.exec_prefix(host),
+        )
+        self.instances[host] = instance
+        return instance.start()
+
+    def router_proc(self, host: str, *sources: str) -> Proc:
+        cmd = [*self.lan.exec_prefix(host), sys.executable, "-m", "pdserve.cli", "router"]
+        cmd += ["--host", self.lan.addr(host), "--port", str(self.port), "--health-interval", "0.5"]
+        cmd += [*sources, "--cluster-secret-file", str(secret_file())]
+        proc = Proc(cmd, self.logs / f"{host}.log").start()
+        self.procs.append(proc)
+        return proc
+
+    def wait_ready(self, *hosts: str) -> None:
+        for host in hosts:
+            self.run(self.instances[host].wait_ready)
+
+    def healthy(self, url: str) -> bool:
+        return bool(self.run(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200))
+
+    def table(self, router: str | None = None) -> dict[str, dict[str, Any]]:
+        answer = self.run(lambda: httpx.get(f"{router or self.router}/router/instances", timeout=10).json())
         return {i["url"]: i for i in answer["instances"]}
 
-    def complete(self, prompt: str = "The capital of France is") -> str:
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0.0}
-        answer = httpx.post(f"{self.router}/v1/completions", json=body, timeout=120)
+    def metrics(self, url: str) -> str:
+        return str(self.run(lambda: httpx.get(f"{url}/metrics", timeout=10).text))
+
+    def complete(self, url: str | None = None, prompt: str = "The capital of France is") -> str:
+        body = {"model": SERVED, "prompt": prompt, "max_tokens": 4, "temperature": 0.0}
+        answer = self.run(lambda: httpx.post(f"{url or self.router}/v1/completions", json=body, timeout=120))
         assert answer.status_code == 200, answer.text
         return str(answer.json()["choices"][0]["text"])
 
-    def router_registry_up(self) -> float:
-        return metric(httpx.get(f"{self.router}/metrics", timeout=10).text, "pdserve_registry_up")
+    def workload(self, specs: list[dict[str, Any]], url: str | None = None) -> list[Any]:
+        v1 = f"{url or self.router}/v1"
+        return list(self.run(lambda: asyncio.run(run_workload(v1, specs, timeout=120))))
+
+    def dns_names(self, decodes: Sequence[str]) -> dict[str, list[str]]:
+        """/etc/hosts of the DNS router's host: prefill.pd is prefill0; decode.pd, these decode hosts."""
+        return {"prefill.pd": [self.lan.addr("prefill0")], "decode.pd": [self.lan.addr(d) for d in decodes]}
+
+    def dns_sources(self) -> list[str]:
+        return ["--prefill", f"dns://prefill.pd:{self.port}", "--decode", f"dns://decode.pd:{self.port}"]
+
+    def registry_up(self, url: str) -> float:
+        return metric(self.metrics(url), "pdserve_registry_up")
+
+    def kill(self) -> None:
+        """SIGKILL every process (the tests are over: no entry or stream is left to care about)."""
+        for proc in [*self.procs, *(i.proc for i in self.instances.values() if i.proc is not None)]:
+            proc.kill()
+        self.redis.kill()
+
+
+def _lan(tag: str) -> NetnsLan:
+    lan = NetnsLan(HOSTS, tag)
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        return NetnsLan(HOSTS, tag, loopback=True)
+    try:
+        lan.create()
+    except (OSError, subprocess.SubprocessError) as e:
+        lan.delete()
+        print(f"no network namespaces ({e}): hosts on loopback addresses")
+        return NetnsLan(HOSTS, tag, loopback=True)
+    return lan
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    redis_server: RedisServer, model_dir: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Cluster]:
-    logs = tmp_path_factory.mktemp("registry")
-    extra = ["--registry", redis_server.url, "--registry-ttl", str(TTL_S), "--num-blocks", "128"]
-    prefill = Instance("prefill", "prefill", model_dir, logs, extra=extra)
-    decode = Instance("decode", "decode", model_dir, logs, extra=extra)
-    port = free_port()
-    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), "--health-interval", "0.5"]
-    cmd += ["--registry", redis_server.url, "--cluster-secret-file", str(secret_file())]
-    router = Proc(cmd, logs / "router.log")
+def lan() -> Iterator[NetnsLan]:
+    lan = _lan(uuid.uuid4().hex[:6])
     try:
-        prefill.start(), decode.start(), router.start()
-        prefill.wait_ready(), decode.wait_ready()
-        up = wait_until(
-            lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200, 30
-        )
-        assert up and router.alive, f"router not healthy:\n{router.log()}"
-        yield Cluster(redis_server, prefill, decode, router, port)
+        yield lan
     finally:
-        for proc in (router, prefill.proc, decode.proc):
-            if proc is not None:
-                proc.stop()
+        lan.delete()
 
 
-def test_instances_register_and_the_router_routes_through_them(cluster: Cluster) -> None:
-    entries = cluster.redis.entries()
-    by_role = {e["role"]: e for e in entries.values()}
-    assert set(by_role) == {"prefill", "decode"}, entries
-    assert by_role["prefill"]["url"] == cluster.prefill.url
-    assert by_role["decode"]["url"] == cluster.decode.url
-    assert by_role["prefill"]["kv_addr"] == cluster.prefill.info()["kv_addr"]
-    assert by_role["decode"]["tp"] == 1 and by_role["decode"]["model"]
-    assert "num_free_blocks" in by_role["decode"]["load"]
-    assert 0 < cluster.redis.client().pttl(f"pdserve:member:{cluster.decode.url}") <= TTL_S * 1000
-    table = cluster.table()
-    assert table[cluster.prefill.url]["healthy"] and table[cluster.decode.url]["healthy"], table
-    assert table[cluster.decode.url]["role"] == "decode"
-    assert cluster.complete()
-    assert cluster.router_registry_up() == 1.0
-    assert cluster.decode.metric("pdserve_registry_up") == 1.0
+@pytest.fixture(scope="module")
+def hosts(lan: NetnsLan, model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    """Redis, prefill0/1 (prefill1 is also an entry, relaying to decode0), decode0, the router, and a
+    second router that knows the instances by DNS names only; decode1 is started by the first test."""
+    h = Hosts(lan, model_dir, tmp_path_factory.mktemp("hosts"))
+    try:
+        h.redis.start()
+        h.instance("prefill0"), h.instance("prefill1", "--decode", h.url("decode0")), h.instance("decode0")
+        router = h.router_proc("router", "--registry", h.redis.url)
+        if not lan.loopback:
+            lan.write_hosts("dnsrouter", h.dns_names(["decode0", "decode1"]))
+            h.router_proc("dnsrouter", *h.dns_sources())
+        h.wait_ready("prefill0", "prefill1", "decode0")
+        up = h.run(wait_until, lambda: h.healthy(h.router), 30)
+        assert up and router.alive, f"router not healthy:\n{router.log()}"
+        yield h
+    finally:
+        h.kill()
 
 
-def test_junk_is_ignored_and_members_join_and_expire(cluster: Cluster) -> None:
-    r = cluster.redis.client()
-    r.set("pdserve:member:http://127.0.0.1:1", b"{not json")
-    r.set("pdserve:member:http://127.0.0.1:2", json.dumps({"role": "root", "url": "http://127.0.0.1:2"}))
-    r.set("pdserve:member:http://127.0.0.1:3", json.dumps({"role": "decode", "url": "http://127.0.0.1:4"}))
-    r.set("pdserve:member:file:///etc/passwd", json.dumps({"role": "decode", "url": "file:///etc/passwd"}))
-    r.set("pdserve:member:http://127.0.0.1:5", b"x" * 100_000)
-    late = f"http://127.0.0.1:{free_port()}"  # a decode instance nobody runs: joins, never healthy
-    joined_at = time.monotonic()
-    r.set(
-        f"pdserve:member:{late}", json.dumps({"role": "decode", "url": late, "tp": 1}), px=int(TTL_S * 1000)
+def _healthy_sets(router: str, seconds: float) -> list[set[str]]:
+    """The router's healthy instances, every 50 ms for `seconds`."""
+    sets, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        table = httpx.get(f"{router}/router/instances", timeout=5).json()["instances"]
+        sets.append({i["url"] for i in table if i["healthy"]})
+        time.sleep(0.05)
+    return sets
+
+
+def _specs(n: int, offset: int) -> list[dict[str, Any]]:
+    """test_disagg's mixed workload (chat and completions, half streamed), 8 tokens each."""
+    return [{**s, "model": SERVED, "max_tokens": 8} for s in workload(n, offset)]
+
+
+def check_colocated(
+    server: ServerProcess, specs: list[dict[str, Any]], results: list[Any], logs: Path
+) -> None:
+    """The same requests to the shared colocated server (conftest's `server`) give the same answers."""
+    mine = [{**s, "model": MODEL} for s in specs]
+    expected = asyncio.run(run_workload(server.v1, mine, timeout=120, api_key=API_KEY))
+    keys = ("text", "prompt_tokens", "completion_tokens", "finish_reason")
+    bad = [
+        f"#{i} {spec['kind']} stream={spec['stream']}: got {got}, colocated {want}"
+        for i, (spec, got, want) in enumerate(zip(specs, results, expected, strict=True))
+        if not isinstance(got, dict) or not isinstance(want, dict) or any(got[k] != want[k] for k in keys)
+    ]
+    assert not bad, "answers differ from colocated:\n" + "\n".join(bad) + "\n" + log_warnings(logs)
+
+
+# ---- the checks, in order (one cluster) --------------------------------------------------------------------
+
+
+def test_instances_register_and_the_router_routes_through_them(hosts: Hosts) -> None:
+    entries = hosts.redis.entries()
+    by_url = {e["url"]: e for e in entries.values()}
+    want = {hosts.url(h): h.rstrip("01") for h in ("prefill0", "prefill1", "decode0")}
+    assert {u: e["role"] for u, e in by_url.items()} == want, entries
+    decode = by_url[hosts.url("decode0")]
+    info = hosts.run(hosts.instances["decode0"].info)
+    assert decode["kv_addr"] == info["kv_addr"] and decode["kv_addr"].startswith(
+        f"tcp://{hosts.lan.addr('decode0')}:"
     )
-    assert wait_until(lambda: late in cluster.table(), 2.0, 0.1), "a new member is seen within 2 s"
+    assert decode["tp"] == 1 and decode["model"] == SERVED and info["model"] == SERVED
+    assert "num_free_blocks" in decode["load"]
+    ttl = hosts.run(lambda: hosts.redis.client().pttl(f"pdserve:member:{hosts.url('decode0')}"))
+    assert 0 < ttl <= TTL_S * 1000
+    table = hosts.table()
+    assert set(table) == set(want) and all(i["healthy"] for i in table.values()), table
+    assert table[hosts.url("decode0")]["role"] == "decode"
+    assert hosts.complete()
+    router_metrics = hosts.metrics(hosts.router)
+    assert metric(router_metrics, "pdserve_registry_up") == 1.0
+    assert metric(router_metrics, "pdserve_router_requests_routed_total", model_name=SERVED) > 0, (
+        "the router's series carry the served model name"
+    )
+    assert hosts.registry_up(hosts.url("decode0")) == 1.0
+    hosts.instance("decode1")  # a decode instance that starts while the cluster serves (next tests)
+
+
+def test_junk_is_ignored_and_members_join_and_expire(hosts: Hosts) -> None:
+    """(While decode1 starts, as in the next test: it may join at any time.)"""
+    members = {hosts.url(h) for h in ("prefill0", "prefill1", "decode0", "decode1")}
+    base = hosts.lan.addr("client")
+    late = f"http://{base}:{free_port()}"  # a decode instance nobody runs
+    junk = {f"http://{base}:{port}" for port in range(1, 6)} | {"file:///etc/passwd"}
+
+    def write_junk() -> None:
+        r = hosts.redis.client()
+        r.set(f"pdserve:member:http://{base}:1", b"{not json")
+        r.set(f"pdserve:member:http://{base}:2", json.dumps({"role": "root", "url": f"http://{base}:2"}))
+        r.set(f"pdserve:member:http://{base}:3", json.dumps({"role": "decode", "url": f"http://{base}:4"}))
+        r.set(
+            "pdserve:member:file:///etc/passwd", json.dumps({"role": "decode", "url": "file:///etc/passwd"})
+        )
+        r.set(f"pdserve:member:http://{base}:5", b"x" * 100_000)
+        entry = json.dumps({"role": "decode", "url": late, "tp": 1})
+        r.set(f"pdserve:member:{late}", entry, px=int(TTL_S * 1000))
+
+    hosts.run(write_junk)
+    joined_at = time.monotonic()
+    assert hosts.run(wait_until, lambda: late in hosts.table(), 2.0, 0.1), "a new member is seen within 2 s"
     joined = time.monotonic() - joined_at
-    assert not cluster.table()[late]["healthy"]
-    assert set(cluster.table()) == {cluster.prefill.url, cluster.decode.url, late}, "junk never reaches it"
-    assert cluster.complete()  # the unhealthy newcomer costs no request
-    assert wait_until(lambda: late not in cluster.table(), TTL_S + 2, 0.2), "an expired entry leaves"
-    assert cluster.router_proc.alive
-    r.delete(*r.keys("pdserve:member:http://127.0.0.1:[1-5]"), "pdserve:member:file:///etc/passwd")
+    table = hosts.table()
+    assert not table[late]["healthy"]
+    assert set(table) <= members | {late} and not set(table) & junk, f"junk never reaches it: {table}"
+    assert hosts.complete()  # the unhealthy newcomer costs no request
+    assert hosts.run(wait_until, lambda: late not in hosts.table(), TTL_S + 2, 0.2), "an expired entry leaves"
+
+    def clean() -> None:
+        r = hosts.redis.client()
+        r.delete(*r.keys(f"pdserve:member:http://{base}:[1-5]"), "pdserve:member:file:///etc/passwd")
+
+    hosts.run(clean)
     print(f"joined after {joined:.2f} s")
 
 
-def test_redis_down_serving_goes_on_and_the_registry_refills(cluster: Cluster) -> None:
-    cluster.redis.kill()
-    assert wait_until(lambda: cluster.router_registry_up() == 0.0, 5), "router says it"
-    assert wait_until(lambda: cluster.decode.metric("pdserve_registry_up") == 0.0, TTL_S + 3), "instance too"
-    assert cluster.complete(), "the router keeps the instances it knows"
-    assert cluster.table()[cluster.decode.url]["healthy"]
-    cluster.redis.start()  # the same port, empty: the instances write their entries again
-    want = {cluster.prefill.url, cluster.decode.url}
-    assert wait_until(lambda: {e["url"] for e in cluster.redis.entries().values()} == want, TTL_S + 3)
-    assert wait_until(lambda: cluster.router_registry_up() == 1.0, 5)
-    assert cluster.decode.metric("pdserve_registry_up") == 1.0
-    assert wait_until(lambda: set(cluster.table()) == want, 2.0, 0.1)
-    assert cluster.complete()
-    for name in ("prefill", "decode"):
-        assert "unreachable" in getattr(cluster, name).proc.log(20000), "the outage is in the log"
+def test_a_prefill_entry_counts_its_relays(hosts: Hosts, server: ServerProcess) -> None:
+    """prefill1 is also an entry (`--decode URL`): clients may call it; it counts what it relays."""
+    entry = hosts.url("prefill1")
+    specs = _specs(4, offset=11)
+    check_colocated(server, specs, hosts.workload(specs, entry), hosts.logs)
+    text = hosts.metrics(entry)
+    routed = metric(text, "pdserve_router_requests_routed_total", role="decode", model_name=SERVED)
+    assert routed == len(specs), text
+    assert metric(text, "pdserve_router_request_seconds_count") == len(specs)
+    assert "pdserve_router_kv_transfer_bytes" not in text, "its own KV counters say that"
 
 
-def test_a_router_of_dns_names(cluster: Cluster, tmp_path: Path) -> None:
-    """dns://localhost:PORT through the system resolver, in a real router: every address of the name
-    joins (127.0.0.1, and ::1 where localhost has it, never healthy here), and a request goes through."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), "--health-interval", "0.5"]
-    cmd += [
-        "--prefill",
-        f"dns://localhost:{cluster.prefill.port}",
-        "--decode",
-        f"dns://localhost:{cluster.decode.port}",
-    ]
-    cmd += ["--cluster-secret-file", str(secret_file())]
-    router = Proc(cmd, tmp_path / "dns-router.log").start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        up = wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 30)
-        assert up and router.alive, router.log()
-        table = {i["url"]: i for i in httpx.get(f"{url}/router/instances", timeout=5).json()["instances"]}
-        assert table[cluster.prefill.url]["healthy"] and table[cluster.decode.url]["role"] == "decode"
-        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0.0}
-        assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code == 200
-    finally:
-        router.stop()
+def test_a_decode_instance_started_later_takes_requests_within_5s(hosts: Hosts) -> None:
+    late = hosts.instances["decode1"]
+    hosts.wait_ready("decode1")
+    ready = time.monotonic()
+    served = lambda: metric(hosts.metrics(late.url), "pdserve_requests_total")  # noqa: E731
+    while served() == 0 and time.monotonic() - ready < 5.0:
+        hosts.complete()
+    took = time.monotonic() - ready
+    assert served() > 0, f"the new decode instance took no request in {took:.1f}s: {hosts.table()}"
+    print(f"a late decode instance took requests {took:.2f}s after it was ready")
 
 
-def test_clean_exit_deregisters_and_a_killed_instance_expires(cluster: Cluster) -> None:
-    prefill_key, decode_key = (f"pdserve:member:{i.url}" for i in (cluster.prefill, cluster.decode))
-    assert cluster.prefill.proc is not None and cluster.decode.proc is not None
-    cluster.prefill.proc.stop()
-    assert not cluster.redis.client().exists(prefill_key), "a clean exit removes its entry at once"
-    assert wait_until(lambda: cluster.prefill.url not in cluster.table(), 2.0, 0.1)
-    cluster.decode.proc.kill()
+def test_2p2d_by_registry_equals_colocated(hosts: Hosts, server: ServerProcess) -> None:
+    specs = _specs(8, offset=3)
+    before = {h: hosts.run(i.prefill_tokens) for h, i in hosts.instances.items()}
+    served = lambda h: metric(hosts.metrics(hosts.url(h)), "pdserve_requests_total")  # noqa: E731
+    served_before = {h: served(h) for h in ("decode0", "decode1")}
+    results = hosts.workload(specs)
+    check_colocated(server, specs, results, hosts.logs)
+    for host in ("prefill0", "prefill1"):
+        assert hosts.run(hosts.instances[host].prefill_tokens) > before[host], f"{host} computed no prompt"
+    for host in ("decode0", "decode1"):
+        assert hosts.run(hosts.instances[host].prefill_tokens) == 0, f"{host} computed a prompt: KV moved"
+        assert served(host) - served_before[host] >= 2, f"{host}: round robin spreads"
+
+
+def test_redis_down_serving_goes_on_and_the_registry_refills(hosts: Hosts) -> None:
+    decode = hosts.url("decode0")
+    hosts.redis.kill()
+    assert hosts.run(wait_until, lambda: hosts.registry_up(hosts.router) == 0.0, 5), "router says it"
+    assert hosts.run(wait_until, lambda: hosts.registry_up(decode) == 0.0, TTL_S + 3), "instance too"
+    assert hosts.complete() and hosts.complete(), "the router keeps the instances it knows"
+    assert hosts.table()[decode]["healthy"]
+    hosts.redis.start()  # the same address, empty: the instances write their entries again
+    want = {hosts.url(h) for h in ("prefill0", "prefill1", "decode0", "decode1")}
+    tables = hosts.run(_healthy_sets, hosts.router, 2.0)  # the router reads the empty registry meanwhile
+    assert all(t == want for t in tables), f"the router lost instances while the registry refilled: {tables}"
+    refilled = lambda: {e["url"] for e in hosts.redis.entries().values()} == want  # noqa: E731
+    assert wait_until(refilled, TTL_S + 3)
+    assert hosts.run(wait_until, lambda: hosts.registry_up(hosts.router) == 1.0, 5)
+    assert hosts.registry_up(decode) == 1.0
+    assert hosts.run(wait_until, lambda: set(hosts.table()) == want, 2.0, 0.1)
+    assert hosts.complete()
+    for name in ("prefill0", "decode0"):
+        proc = hosts.instances[name].proc
+        assert proc is not None and "unreachable" in proc.log(40000), "the outage is in the log"
+
+
+def test_a_router_follows_a_dns_name_through_etc_hosts(hosts: Hosts) -> None:
+    """`dns://decode.pd:PORT` in a router on its own host: the name's addresses come from that host's
+    /etc/hosts (`ip netns exec` mounts /etc/netns/NS/hosts there), changed while the router runs."""
+    if hosts.lan.loopback:
+        pytest.skip("no network namespaces: no per-host /etc/hosts")
+    router, port = hosts.url("dnsrouter"), hosts.port
+    decodes = lambda: {u for u, i in hosts.table(router).items() if i["role"] == "decode"}  # noqa: E731
+    urls = lambda names: {hosts.url(n) for n in names}  # noqa: E731
+    for names in (["decode0", "decode1"], ["decode1"], ["decode0", "decode1"]):
+        hosts.lan.write_hosts("dnsrouter", hosts.dns_names(names))
+        assert hosts.run(wait_until, lambda n=names: decodes() == urls(n), 8), hosts.table(router)
+        healthy = lambda: all(i["healthy"] for i in hosts.table(router).values())  # noqa: E731
+        assert hosts.run(wait_until, healthy, 5), hosts.table(router)
+        assert hosts.complete(router)
+    assert hosts.procs[1].alive and f"dns://decode.pd:{port}" in " ".join(hosts.procs[1].cmd)
+
+
+def test_clean_exit_deregisters_and_a_killed_instance_is_dropped(hosts: Hosts) -> None:
+    prefill, decode = hosts.instances["prefill1"], hosts.instances["decode0"]
+    assert prefill.proc is not None and decode.proc is not None
+    prefill.proc.stop()
+    urls = lambda: {e.get("url") for e in hosts.redis.entries().values()}  # noqa: E731
+    assert prefill.url not in urls(), "a clean exit removes its entry at once"
+    assert hosts.run(wait_until, lambda: prefill.url not in hosts.table(), 2.0, 0.1)
+    decode.proc.kill()
     killed = time.monotonic()
-    assert cluster.redis.client().exists(decode_key), "SIGKILL leaves the entry until it expires"
-    assert wait_until(lambda: cluster.decode.url not in cluster.table(), TTL_S + 1.5, 0.1)
-    assert time.monotonic() - killed <= TTL_S + 1.5
-    assert not cluster.redis.client().exists(decode_key)
-    assert httpx.get(f"{cluster.router}/health", timeout=5).status_code == 503
-    assert cluster.router_proc.alive
+    assert decode.url in urls(), "SIGKILL leaves the entry until it expires"
+    assert hosts.run(wait_until, lambda: decode.url not in hosts.table(), TTL_S + 1.5, 0.1)
+    dropped = time.monotonic() - killed
+    assert dropped <= TTL_S + 1.5
+    results = hosts.workload(_specs(6, offset=0))
+    failed = [r for r in results if not isinstance(r, dict)]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed after the drop: {failed[:3]}"
+    assert hosts.healthy(hosts.router)
+    print(f"SIGKILLed decode dropped after {dropped:.2f}s")
