@@ -1,0 +1,168 @@
+"""Nothing lost (issue 25): a stream whose instance fails is resumed on another one, and the client
+sees one whole answer.
+
+Router logic, against synthetic instances (tests/e2e/fake_instance.py, which speak the resume
+contract and fail on request): every way a stream can fail (breaks off, stalls, ends early, an
+error event), the budget, non-streamed retries, a draining instance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e import fake_instance as fake
+from tests.e2e.cluster import Proc, free_port, metric, wait_until
+
+STALL_S = 1.0
+
+
+class FakeCluster:
+    """Two synthetic colocated instances behind one real `pdserve router` (--max-resumes 2)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.ports = {name: free_port() for name in ("a", "b")}
+        self.fakes = [
+            Proc([sys.executable, "-m", "tests.e2e.fake_instance", str(port), name], log_dir / f"{name}.log")
+            for name, port in self.ports.items()
+        ]
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(self.port)]
+        cmd += ["--health-interval", "0.3", "--stall-timeout", str(STALL_S), "--instance"]
+        cmd += [f"http://127.0.0.1:{p}" for p in self.ports.values()]
+        self.router = Proc(cmd, log_dir / "router.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        for proc in (*self.fakes, self.router):
+            proc.start()
+        self.wait_all_healthy()
+
+    def wait_all_healthy(self) -> None:
+        def healthy() -> bool:
+            answer = httpx.get(f"{self.url}/router/instances", timeout=2).json()
+            return all(i["healthy"] for i in answer["instances"])
+
+        assert wait_until(healthy, 60), f"router or fakes not healthy:\n{self.router.log()}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
+
+    def stop(self) -> None:
+        for proc in (self.router, *self.fakes):
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCluster]:
+    cluster = FakeCluster(tmp_path_factory.mktemp("resume-fake"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def stream(url: str, how: str, chat: bool = True) -> dict[str, Any]:
+    """One streamed request through the router, read raw: text, usage, [DONE]s, errors, id lines."""
+    body: dict[str, Any] = {"model": "fake", "stream": True, "stream_options": {"include_usage": True}}
+    if chat:
+        body["messages"] = [{"role": "user", "content": how}]
+    else:
+        body["prompt"] = how
+    raw = b""
+    with httpx.stream("POST", f"{url}/v1/{'chat/' if chat else ''}completions", json=body, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        for piece in r.iter_bytes():
+            raw += piece
+    out: dict[str, Any] = {"text": "", "usage": None, "done": 0, "errors": [], "ids": set(), "roles": 0}
+    for event in raw.decode().split("\n\n"):
+        for line in event.split("\n"):
+            assert not line.startswith("id:"), f"an id line reached the client: {raw!r}"
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                out["done"] += 1
+                continue
+            obj = json.loads(data)
+            if "error" in obj:
+                out["errors"].append(obj["error"]["code"])
+                continue
+            out["ids"].add(obj["id"])
+            out["usage"] = obj.get("usage") or out["usage"]
+            for choice in obj["choices"]:
+                out["text"] += (choice["delta"].get("content") or "") if chat else choice["text"]
+                out["roles"] += 1 if chat and "role" in choice["delta"] else 0
+    return out
+
+
+@pytest.mark.parametrize("how", ["die@3", "stall@4", "end@5", "error:engine_dead@2", "error:instance_failed@7"])
+def test_a_failed_stream_is_resumed_whole(fakes: FakeCluster, how: str) -> None:
+    """The client sees the answer once: full text, one role chunk, one completion id, usage, one [DONE]."""
+    fakes.wait_all_healthy()
+    before = fakes.metric("pdserve_router_resumes_total", outcome="resumed")
+    out = stream(fakes.url, how)
+    assert out["errors"] == [] and out["done"] == 1, out
+    assert out["text"] == fake.FULL_TEXT, out
+    assert out["usage"]["completion_tokens"] == fake.N_TOKENS, out
+    assert out["roles"] == 1 and len(out["ids"]) == 1, out
+    assert fakes.metric("pdserve_router_resumes_total", outcome="resumed") == before + 1
+
+
+def test_completions_stream_resumed(fakes: FakeCluster) -> None:
+    fakes.wait_all_healthy()
+    out = stream(fakes.url, "die@6", chat=False)
+    assert out["errors"] == [] and out["done"] == 1 and out["text"] == fake.FULL_TEXT, out
+
+
+def test_budget_spent_ends_with_the_error(fakes: FakeCluster) -> None:
+    """Every attempt fails: after the two instances (the budget allows more, but both are excluded)
+    the client gets the error event and one [DONE], and never repeated text."""
+    fakes.wait_all_healthy()
+    failed = fakes.metric("pdserve_router_resumes_total", outcome="failed")
+    out = stream(fakes.url, "always-die@3")
+    assert out["errors"] == ["instance_failed"] and out["done"] == 1, out
+    assert out["text"] == fake.text_upto(6), out  # 3 tokens from each instance, none twice
+    assert fakes.metric("pdserve_router_resumes_total", outcome="failed") == failed + 1
+
+
+def test_failure_before_the_first_token_is_retried_whole(fakes: FakeCluster) -> None:
+    """Instance a breaks off before any token: the request goes again, whole, to b (the role chunk
+    of the first attempt, held back, never reaches the client)."""
+    retried = fakes.metric("pdserve_router_retries_total", reason="instance_failed")
+    for _ in range(2):  # round robin: one of them meets instance a
+        fakes.wait_all_healthy()
+        out = stream(fakes.url, "die-a@0")
+        assert out["errors"] == [] and out["done"] == 1 and out["text"] == fake.FULL_TEXT, out
+        assert out["roles"] == 1, out
+    assert fakes.metric("pdserve_router_retries_total", reason="instance_failed") >= retried + 1
+
+
+def test_unary_retried_and_draining_skipped(fakes: FakeCluster) -> None:
+    """Non-streamed: an engine_dead answer is retried whole on the other instance; a draining instance
+    is skipped without spending the budget (so with --max-resumes 2, four requests all succeed)."""
+    retried = fakes.metric("pdserve_router_retries_total", reason="engine_dead")
+    for _ in range(2):  # round robin: one of them meets instance a
+        fakes.wait_all_healthy()
+        body = {"model": "fake", "messages": [{"role": "user", "content": "die-a@1"}]}
+        answer = httpx.post(f"{fakes.url}/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == fake.FULL_TEXT
+    assert fakes.metric("pdserve_router_retries_total", reason="engine_dead") >= retried + 1
+    drained = fakes.metric("pdserve_router_retries_total", reason="instance_draining")
+    for _ in range(2):  # round robin: one of them meets instance a
+        fakes.wait_all_healthy()
+        body = {"model": "fake", "messages": [{"role": "user", "content": "drain-a"}]}
+        answer = httpx.post(f"{fakes.url}/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+    assert fakes.metric("pdserve_router_retries_total", reason="instance_draining") >= drained + 1
