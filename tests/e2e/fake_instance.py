@@ -10,7 +10,8 @@ continues after its output_token_ids (which must be this answer's first ones: el
 text_chars_sent, without a role preamble, under its completion_id/created.
 
 The last user message (or the prompt) says how the instance fails, e.g. "die@3": after 3 tokens of
-an attempt without `resume` it breaks the connection off ("die-a@3": only the instance called a). Kinds: die, stall (sends nothing more),
+an attempt without `resume` it breaks the connection off ("die-a@3": only the instance called a).
+Kinds: die, stall (sends nothing more),
 end (ends the stream without [DONE]), error:CODE (an error event); "always-" fails resumed attempts
 too; a non-streamed request with any kind is answered 503 engine_dead (without `resume`); "drain-NAME":
 the instance called NAME answers 503 instance_draining.

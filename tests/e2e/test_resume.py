@@ -106,7 +106,10 @@ def stream(url: str, how: str, chat: bool = True) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("how", ["die@3", "stall@4", "end@5", "error:engine_dead@2", "error:instance_failed@7"])
+FAILURES = ["die@3", "stall@4", "end@5", "error:engine_dead@2", "error:instance_failed@7"]
+
+
+@pytest.mark.parametrize("how", FAILURES)
 def test_a_failed_stream_is_resumed_whole(fakes: FakeCluster, how: str) -> None:
     """The client sees the answer once: full text, one role chunk, one completion id, usage, one [DONE]."""
     fakes.wait_all_healthy()
