@@ -22,6 +22,7 @@ class StartPrefill:
     target: ToDecode
     prompt_token_ids: list[int]
     params: dict[str, Any]  # SamplingParams' fields, as the Reserve carried them
+    num_output_tokens: int = 0  # the last N of prompt_token_ids are outputs (a resumed request)
 
     @property
     def request_id(self) -> str:

@@ -142,10 +142,14 @@ class KVConnector:
         params: dict[str, Any],
         block_ids: list[int],
         cached_blocks: int = 0,
+        num_output_tokens: int = 0,
     ) -> None:
         """Blocks for the request's prompt after its first `cached_blocks` (cached here) are reserved:
-        ask its prefill instance to fill them."""
-        self.receiver.start(request_id, source, prompt_token_ids, params, block_ids, cached_blocks)
+        ask its prefill instance to fill them. A resumed request's `num_output_tokens` outputs end
+        `prompt_token_ids`."""
+        self.receiver.start(
+            request_id, source, prompt_token_ids, params, block_ids, cached_blocks, num_output_tokens
+        )
 
     def layer_hook(self, prompts: list[PromptKV]) -> Callable[[int], None] | None:
         return self.sender.layer_hook(prompts)

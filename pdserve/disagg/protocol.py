@@ -4,7 +4,9 @@
       | Handshake(layout, model, kv_offer) ---> |   checked once per peer; a mismatch is refused
       | <--- HandshakeAck(ok, reason, kv_path)  |   the prefill picks how KV travels to this peer
       | Reserve(T, prompt, params, blocks) ---> |   decode has reserved `blocks` for T's prompt, after
-      |                                         |   the `cached_blocks` it has already (prefix reuse)
+      |                                         |   the `cached_blocks` it has already (prefix reuse);
+      |                                         |   a resumed request's outputs end the "prompt"
+      |                                         |   (`num_output_tokens`): the token sampled is theirs
       | <-------- KVData(T, blocks) + raw bytes |   written straight into the reserved blocks
       | <-------------------- Done(T, token)    |   the first token; prefill frees its blocks
       | Abort(T) / Heartbeat  ----------------> |
@@ -58,6 +60,7 @@ class Reserve(Message):
     timeout: float = 0.0  # seconds the decode side waits; a direct write never starts later than that
     cached_blocks: int = 0  # the prompt's leading blocks decode caches: `block_ids` are for those after
     trace_context: str = ""  # W3C traceparent of the decode side's span ("": none)
+    num_output_tokens: int = 0  # the last N of prompt_token_ids are outputs already (a resumed request)
 
 
 @dataclass

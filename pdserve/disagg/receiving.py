@@ -110,6 +110,7 @@ class Receiver:
         params: dict[str, Any],
         block_ids: list[int],
         cached_blocks: int = 0,
+        num_output_tokens: int = 0,
     ) -> None:
         """Blocks for the prompt after its first `cached_blocks` (this instance has their KV already)
         are reserved: ask the prefill instance to fill them."""
@@ -139,6 +140,7 @@ class Receiver:
             cached_blocks,
         )
         reserve.trace_context = source.trace_context  # the prefill's span joins the request's trace
+        reserve.num_output_tokens = num_output_tokens
         link.transport.send(peer, reserve)
 
     def finished(self, request_id: str) -> bool:

@@ -7,6 +7,7 @@ its schema before it exists, so every handler sees only well-typed messages.
     token, block    ints in [0, 2**31); lists of them bounded
     nbytes, counts  ints >= 0;  timeouts finite and >= 0;  text and objects bounded
     trace_context   "" or a W3C traceparent (lower-case hex), nothing else
+    num_output_tokens  0 <= N < len(prompt_token_ids): at least one prompt token is a prompt's
 
 Also the counts of dropped peer messages: MALFORMED (the one piece of process state here, because
 `decode` runs inside the transports, which keep no counters) and DropCounts for a connector's own.
@@ -119,6 +120,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
         "timeout": (_seconds, "a finite number of seconds >= 0"),
         "cached_blocks": integer(0, MAX_BLOCKS),
         "trace_context": (_trace_context, "empty or a W3C traceparent"),
+        "num_output_tokens": integer(0, MAX_TOKENS - 1),
     },
     "KVData": {
         "transfer_id": TRANSFER,
@@ -147,6 +149,9 @@ def check_fields(message_type: str, values: dict[str, Any]) -> None:
     for name, (ok, what) in SCHEMAS[message_type].items():
         if name in values and not ok(values[name]):
             raise ValueError(f"{message_type}.{name} must be {what}")
+    outputs = values.get("num_output_tokens", 0) if message_type == "Reserve" else 0
+    if outputs and outputs >= len(values.get("prompt_token_ids", ())):  # a prompt token must remain
+        raise ValueError("Reserve.num_output_tokens must be less than the number of prompt_token_ids")
 
 
 class DropCounts:

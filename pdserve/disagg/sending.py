@@ -212,7 +212,7 @@ class Sender:
             trace_context=msg.trace_context,
             reserved_at=now,
         )
-        prefill = StartPrefill(target, msg.prompt_token_ids, msg.params)
+        prefill = StartPrefill(target, msg.prompt_token_ids, msg.params, msg.num_output_tokens)
         refused = self.refusing or link.peers.refusal(msg.sender)
         with self.lock:
             invalid = "" if refused else self._invalid(msg)

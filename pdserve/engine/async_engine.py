@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from pdserve.config import EngineConfig
 from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.outputs import EngineStats, RequestOutput
+from pdserve.engine.resume import Resume
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import EngineDeadError
 
@@ -37,8 +38,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# (request_id, prompt_token_ids, params, handoff): handoff names the prefill instance, if any
-SubRequest = tuple[str, list[int], SamplingParams, FromPrefill | None]
+# (request_id, prompt_token_ids, params, handoff, resume): handoff names the prefill instance, if any;
+# resume: the outputs a resumed request already has (engine/resume.py)
+SubRequest = tuple[str, list[int], SamplingParams, FromPrefill | None, Resume | None]
 
 
 @dataclass
@@ -187,7 +189,7 @@ class AsyncEngine:
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; stopping early (disconnect, cancel, break) aborts it."""
-        stream = await self.add([(request_id, prompt_token_ids, params, None)])
+        stream = await self.add([(request_id, prompt_token_ids, params, None, None)])
         try:
             async for out in stream:
                 yield out
@@ -320,8 +322,8 @@ class AsyncEngine:
             return
         added: list[str] = []
         try:
-            for request_id, prompt_token_ids, params, handoff in command.requests:
-                self._engine.add_request(request_id, prompt_token_ids, params, handoff)
+            for request_id, prompt_token_ids, params, handoff, resume in command.requests:
+                self._engine.add_request(request_id, prompt_token_ids, params, handoff, resume)
                 added.append(request_id)
                 self._sinks[request_id] = _Sink(command.loop, command.outputs)
         except Exception as e:  # noqa: BLE001 - InvalidRequestError/OverloadedError go to the caller

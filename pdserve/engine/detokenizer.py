@@ -8,7 +8,10 @@ start a stop string any more, and the text is cut where a stop string begins.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from pdserve.errors import InvalidRequestError
 
 CONTEXT_TOKENS = 5
 
@@ -67,6 +70,23 @@ class Detokenizer:
             return False
         self.text = self.text[: min(hits)]
         return True
+
+    def prime(self, output_ids: Sequence[int], min_tokens: int, chars_sent: int) -> bool:
+        """Take outputs generated before (a resumed request) as add_token took them there, without
+        handing out their text: output continues at character `chars_sent` of it. Returns True when
+        a stop string ends the text already. InvalidRequestError if `chars_sent` is past the text."""
+        stopped = False
+        for i, token_id in enumerate(output_ids):
+            stopped = self.add_token(token_id, check_stop=i + 1 >= min_tokens)
+            if stopped:
+                break
+        if not 0 <= chars_sent <= len(self.text):
+            raise InvalidRequestError(
+                f"resume.text_chars_sent is {chars_sent}; the resumed tokens' text has {len(self.text)}",
+                "resume",
+            )
+        self.sent = chars_sent
+        return stopped
 
     def take(self, finished: bool) -> str:
         """The text that is safe to hand out now (all of it once the request has finished)."""

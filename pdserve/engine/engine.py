@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
-import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from pdserve.config import EngineConfig
@@ -35,6 +34,7 @@ from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import EngineStats, RequestOutput, TransferLog
 from pdserve.engine.request import Logprob, Request, RequestStatus
+from pdserve.engine.resume import Resume
 from pdserve.engine.sampler import SampleResult
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -124,21 +124,27 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         handoff: HandOff | None = None,
+        resume: Resume | None = None,
     ) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        try:  # a float is no token id (and would reach the model as one)
-            prompt_token_ids = [operator.index(t) for t in prompt_token_ids]
-        except TypeError:
-            raise InvalidRequestError("prompt token ids must be integers", param="prompt") from None
+        """Queue a request. With `resume`, it starts with those outputs already generated
+        (engine/resume.py); if they end it already (a stop token, a stop string, its length), it
+        finishes at once with what text is left, unless it is a prefill for a peer (refused)."""
+        prompt_token_ids = self._checked_ids(prompt_token_ids, "prompt")
+        outputs = self._checked_ids(list(resume.output_token_ids), "resume") if resume else []
+        if resume is not None and not outputs:
+            raise InvalidRequestError("resume.output_token_ids must not be empty", param="resume")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(prompt_token_ids)} tokens; this server's context is {self.max_model_len}",
                 param="prompt",
             )
+        if len(prompt_token_ids) + len(outputs) > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt and resumed outputs have {len(prompt_token_ids) + len(outputs)} tokens; this "
+                f"server's context is {self.max_model_len}",
+                param="resume",
+            )
         vocab = self.hf_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         role = self.config.disagg.role
@@ -147,16 +153,43 @@ class Engine:
                 f"this instance does not take KV from prefill instances (role {role})", "kv_transfer_params"
             )
         request = Request(
-            request_id,
-            prompt_token_ids,
-            params,
-            self.eos_token_ids,
-            self.max_model_len,
-            handoff,
+            request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len, handoff, outputs
         )
         detokenizer = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens)
+        ended = self._resumed_end(request, detokenizer, resume) if resume is not None else None
         self.scheduler.add_request(request)  # last: whatever raises before leaves nothing behind
         self.detokenizers[request_id] = detokenizer
+        if ended is not None:
+            self.scheduler.finish_request(request, ended)
+            self.pending.append(self._output(request, [], []))
+
+    def _checked_ids(self, ids: list[int], param: str) -> list[int]:
+        """Token ids that are ints in the vocabulary (a float is no token id, and would reach the model
+        as one); the prompt must not be empty."""
+        if param == "prompt" and not ids:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        what = "prompt token ids" if param == "prompt" else "resume.output_token_ids"
+        try:
+            ids = [operator.index(t) for t in ids]
+        except TypeError:
+            raise InvalidRequestError(f"{what} must be integers", param=param) from None
+        vocab = self.hf_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"{what} must be in [0, {vocab})", param=param)
+        return ids
+
+    def _resumed_end(self, request: Request, detok: Detokenizer, resume: Resume) -> RequestStatus | None:
+        """Prime the detokenizer with a resumed request's outputs; the status they end it with, if any."""
+        ended = request.check_stop_token()
+        if resume.text_chars_sent is not None:
+            min_tokens = request.params.min_tokens
+            if detok.prime(request.output_token_ids, min_tokens, resume.text_chars_sent) and ended is None:
+                ended = RequestStatus.FINISHED_STOPPED
+            if resume.whole_text:
+                detok.sent = 0
+        if ended is not None and isinstance(request.handoff, ToDecode):
+            raise InvalidRequestError("the resumed outputs end the request already", param="resume")
+        return ended
 
     def abort_request(self, request_id: str) -> None:
         request = self.scheduler.requests.get(request_id)
@@ -210,7 +243,13 @@ class Engine:
             params = asdict(r.params)
             cached = r.num_computed_tokens // self.block_manager.block_size
             self.connector.start_receive(
-                r.request_id, r.handoff, r.prompt_token_ids, params, r.block_ids[cached:], cached
+                r.request_id,
+                r.handoff,
+                r.token_ids,  # a resumed request's outputs too: the prefill computes them all
+                params,
+                r.block_ids[cached:],
+                cached,
+                num_output_tokens=r.num_output_tokens,
             )
 
     def _launch(self, sched: SchedulerOutput, ahead: InFlight | None = None) -> None:
@@ -359,8 +398,6 @@ class Engine:
         try:
             self.scheduler.activate(request)
             request.num_cached_tokens = min(action.num_cached_tokens, request.num_prompt_tokens)
-            if request.generator is not None and not request.params.greedy:
-                torch.rand(vocab, generator=request.generator)  # prefill's draw
             return [self._accept(request, _sample_result(action.first))]
         except Exception as e:  # noqa: BLE001 - this request fails, not the engine
             logger.exception("activating %s failed", request.request_id)
@@ -399,7 +436,10 @@ class Engine:
         assert self.connector is not None
         try:
             params = SamplingParams(**action.params)
-            self.add_request(action.request_id, action.prompt_token_ids, params, action.target)
+            ids, n_out = action.prompt_token_ids, action.num_output_tokens
+            prompt, outputs = ids[: len(ids) - n_out], tuple(ids[len(ids) - n_out :])
+            resume = Resume(outputs, text_chars_sent=None) if n_out else None
+            self.add_request(action.request_id, prompt, params, action.target, resume)
         except (PDServeError, TypeError, ValueError) as e:
             refused = "" if isinstance(e, OverloadedError) else "invalid"  # overloaded: another prefill may
             self.connector.failed_to_start(action.target, f"the prefill instance: {e}", refused)

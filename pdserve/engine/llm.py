@@ -17,6 +17,7 @@ from pdserve.config import EngineConfig
 from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Logprob
+from pdserve.engine.resume import Resume
 from pdserve.engine.sampling import SamplingParams
 from pdserve.kernels.config import KernelConfig
 from pdserve.options import offline_engine_config
@@ -107,7 +108,14 @@ class LLM:
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return [int(t) for t in ids]
 
-    def generate_ids(self, token_lists: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate_ids(
+        self,
+        token_lists: list[list[int]],
+        params: SamplingParams,
+        resumes: list[Resume | None] | None = None,
+    ) -> list[Completion]:
+        """Run token id prompts to completion. resumes[i]: prompt i continues after those outputs
+        (engine/resume.py); its Completion holds the tokens and text that come after them."""
         results: dict[str, Completion] = {}
         order = []
         for i, ids in enumerate(token_lists):
@@ -116,7 +124,8 @@ class LLM:
             if self.prefill_engines:
                 prefill = self.prefill_engines[i % len(self.prefill_engines)]
                 transfer = FromPrefill(prefill.connector.address) if prefill.connector else None
-            self.engines[i % len(self.engines)].add_request(rid, ids, params, transfer)
+            resume = resumes[i] if resumes else None
+            self.engines[i % len(self.engines)].add_request(rid, ids, params, transfer, resume)
             results[rid] = Completion(prompt_token_ids=list(ids))
             order.append(rid)
         while any(e.has_unfinished() for e in self.engines):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,10 +94,11 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         max_model_len: int = 1 << 30,
         handoff: HandOff | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
-        self.token_ids = list(prompt_token_ids)
+        self.token_ids = self.prompt_token_ids + list(output_token_ids)  # outputs: a resumed request's
         self.params = params
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len

@@ -2,7 +2,9 @@
 
 Order per row: penalties (repetition on prompt + output, presence/frequency on output) -> min_tokens
 masks EOS and stop ids -> greedy argmax, or temperature, top-k, top-p, min-p, then a draw. A request
-with a seed draws from its own generator, so its tokens do not depend on what else is in the batch.
+with a seed draws from its own generator, reseeded for each output position from (seed, position)
+(kernels/sampling.position_seed), so its tokens depend neither on the batch nor on where each one was
+drawn (a prefill instance, a decode instance, a resume elsewhere).
 Logprobs are those of the model's raw distribution.
 
 A Sampler is built once per model runner from its KernelConfig. With Triton chosen, a batch without
@@ -23,7 +25,7 @@ from pdserve.engine.penalties import apply_penalties
 from pdserve.engine.request import Logprob, Request
 from pdserve.host_tensors import list_on, to_host_later
 from pdserve.kernels.config import KernelConfig
-from pdserve.kernels.sampling import KernelSample, RowFilters, sample_reference
+from pdserve.kernels.sampling import KernelSample, RowFilters, position_seed, sample_reference
 
 
 @dataclass
@@ -130,10 +132,19 @@ def sample_torch(
         idx = list_on(random_rows, dev)
         drawing = [requests[i] for i in random_rows]
         temperatures = [r.params.temperature for r in drawing]
-        generators = [r.generator for r in drawing]
+        generators = [_positioned(r) for r in drawing]
         filters = row_filters(drawing, logits.shape[1])
         tokens[idx] = sample_reference(logits[idx], temperatures, filters, generators)
     return tokens, _logprobs(raw, tokens, requests)
+
+
+def _positioned(req: Request) -> torch.Generator | None:
+    """A seeded request's generator, reseeded for the output position it draws now (R4: the draw
+    is a function of seed and position only, so it continues identically on any instance)."""
+    g, seed = req.generator, req.params.seed
+    if g is not None and seed is not None:
+        g.manual_seed(position_seed(seed, req.num_output_tokens))
+    return g
 
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> _Logprobs | None:

@@ -190,10 +190,11 @@ class Scheduler:
             self.bm.free(request)
 
     def activate(self, request: Request) -> None:
-        """The request's prompt KV has fully arrived: it joins the running batch."""
+        """The request's KV (prompt, and a resumed request's outputs) has fully arrived: it joins the
+        running batch."""
         del self.waiting_for_kv[request.request_id]
         request.handoff = None  # from now on it is a local request (a preemption recomputes here)
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = request.num_tokens
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         self.bm.cache_full_blocks(request)

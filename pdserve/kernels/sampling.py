@@ -81,6 +81,19 @@ def sample_reference(
     return (probs / exp).argmax(dim=-1)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of the draw for output position `position` of a request seeded `seed`: a function of
+    the two alone (splitmix64 of both), so a request continues its random stream identically on any
+    instance, after any hand-off or resume, whatever the batch. In [0, 2**63) (a Generator's range)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
 def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """logits [rows, vocab] with the entries outside each row's top-k (0: off) and top-p (1: off) at
     -inf. Top-p keeps a token while the mass strictly above it is below p; ties at the cut are kept

@@ -15,6 +15,7 @@ from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.async_engine import SubRequest
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import Logprob
+from pdserve.engine.resume import Resume
 from pdserve.engine.sampling import SamplingParams
 from pdserve.server import protocol as p
 from pdserve.server.metrics import RequestTracker
@@ -34,10 +35,12 @@ class Choice:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     text_offset: int = 0  # completions logprobs: characters of token text already reported
+    chars_sent: int = 0  # characters of output text streamed so far (a resumed answer's included)
 
     def add(self, out: RequestOutput) -> None:
         self.tracker.on_output(out)
         self.text.append(out.new_text)
+        self.chars_sent += len(out.new_text)
         self.logprobs.extend(out.new_logprobs)
         self.num_output_tokens += len(out.new_token_ids)
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
@@ -58,13 +61,40 @@ class Generation:
     choices: list[Choice]
     handoff: FromPrefill | None = None  # from the entry: where this request's KV comes from
     created: int = field(default_factory=lambda: int(time.time()))
+    resume: p.ResumeParams | None = None  # continue an answer that broke off elsewhere (issue 25)
+    resumable: bool = False  # the stream carries id lines (protocol.RESUMABLE_HEADER)
+
+    def __post_init__(self) -> None:
+        if self.resume is not None:  # the answer goes on under its first id, counting what it had
+            self.created = self.resume.created
+            for choice in self.choices:
+                choice.num_output_tokens = len(self.resume.output_token_ids)
+                choice.chars_sent = self.resume.text_chars_sent
+
+    @property
+    def answer_id(self) -> str:
+        """The `id` of the answer's chunks: a resumed answer's first id, else this request's."""
+        return self.resume.completion_id if self.resume is not None else self.request_id
+
+    def engine_resume(self) -> Resume | None:
+        """What the engine continues from; a non-streamed answer repeats the resumed text."""
+        r = self.resume
+        if r is None:
+            return None
+        return Resume(tuple(r.output_token_ids), r.text_chars_sent, whole_text=not self.stream)
 
     def sub_request_id(self, index: int) -> str:
         return self.request_id if self.n == 1 else f"{self.request_id}-{index}"
 
     def sub_requests(self) -> list[SubRequest]:
         return [
-            (self.sub_request_id(i), self.prompt_token_ids, choice_params(self.params, i), self.handoff)
+            (
+                self.sub_request_id(i),
+                self.prompt_token_ids,
+                choice_params(self.params, i),
+                self.handoff,
+                self.engine_resume(),
+            )
             for i in range(self.n)
         ]
 

@@ -217,6 +217,8 @@ class RequestBuilder:
         self, kind: Kind, request_id: str, req: p.SamplingRequest, ids: list[int], params: SamplingParams
     ) -> Generation:
         n = req.n or 1
+        if req.resume is not None:
+            self.check_resume(req.resume, n)
         choices = [Choice(i, RequestTracker(self.metrics)) for i in range(n)]
         return Generation(
             kind,
@@ -231,4 +233,13 @@ class RequestBuilder:
             None
             if req.kv_transfer_params is None
             else req.kv_transfer_params.verified(self.engine.config.disagg).handoff(),
+            resume=req.resume,
         )
+
+    def check_resume(self, resume: p.ResumeParams, n: int) -> None:
+        """What the engine cannot see of a resume: one choice only, token ids of this tokenizer. The
+        rest (the context, text_chars_sent against the resumed text) is the engine's to check."""
+        if n != 1:
+            raise InvalidRequestError("resume needs n = 1", "resume")
+        if any(not 0 <= t < self.vocab_size for t in resume.output_token_ids):
+            raise InvalidRequestError(f"resume.output_token_ids must be in [0, {self.vocab_size})", "resume")

@@ -1,6 +1,7 @@
 """The two answer formats, chat and completion: stream chunks, whole answers, usage, logprobs.
 
-    Format.opening(gen)               chunks sent before any output (chat: the assistant role)
+    Format.opening(gen)               chunks sent before any output (chat: the assistant role; none
+                                      when the answer is resumed: its client has them already)
     Format.chunks(gen, choice, out)   the chunks one engine output becomes
     Format.usage_chunk(gen)           the last chunk, when stream_options.include_usage
     Format.response(gen)              the whole answer of a request that is not streamed
@@ -61,6 +62,8 @@ class Format:
 
 class ChatFormat(Format):
     def opening(self, gen: Generation) -> list[BaseModel]:
+        if gen.resume is not None:  # the client has had the role chunk from the answer's first part
+            return []
         return [
             self._chunk(gen, p.ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""}))
             for i in range(gen.n)
@@ -79,12 +82,12 @@ class ChatFormat(Format):
 
     def _chunk(self, gen: Generation, *choices: p.ChatChunkChoice) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(
-            id=gen.request_id, created=gen.created, model=gen.model, choices=list(choices)
+            id=gen.answer_id, created=gen.created, model=gen.model, choices=list(choices)
         )
 
     def usage_chunk(self, gen: Generation) -> BaseModel:
         return p.ChatCompletionChunk(
-            id=gen.request_id, created=gen.created, model=gen.model, choices=[], usage=gen.usage()
+            id=gen.answer_id, created=gen.created, model=gen.model, choices=[], usage=gen.usage()
         )
 
     def response(self, gen: Generation) -> BaseModel:
@@ -98,7 +101,7 @@ class ChatFormat(Format):
             for c in gen.choices
         ]
         return p.ChatCompletionResponse(
-            id=gen.request_id, created=gen.created, model=gen.model, choices=choices, usage=gen.usage()
+            id=gen.answer_id, created=gen.created, model=gen.model, choices=choices, usage=gen.usage()
         )
 
     def logprobs(self, gen: Generation, logprobs: list[Logprob]) -> p.ChatLogprobs | None:
@@ -130,14 +133,12 @@ class CompletionFormat(Format):
             finish_reason=out.finish_reason if out.finished else None,
         )
         return [
-            p.CompletionResponse(
-                id=gen.request_id, created=gen.created, model=gen.model, choices=[choice_out]
-            )
+            p.CompletionResponse(id=gen.answer_id, created=gen.created, model=gen.model, choices=[choice_out])
         ]
 
     def usage_chunk(self, gen: Generation) -> BaseModel:
         return p.CompletionResponse(
-            id=gen.request_id, created=gen.created, model=gen.model, choices=[], usage=gen.usage()
+            id=gen.answer_id, created=gen.created, model=gen.model, choices=[], usage=gen.usage()
         )
 
     def response(self, gen: Generation) -> BaseModel:
@@ -151,7 +152,7 @@ class CompletionFormat(Format):
                 )
             )
         return p.CompletionResponse(
-            id=gen.request_id, created=gen.created, model=gen.model, choices=choices, usage=gen.usage()
+            id=gen.answer_id, created=gen.created, model=gen.model, choices=choices, usage=gen.usage()
         )
 
     def logprobs(

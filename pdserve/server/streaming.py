@@ -1,6 +1,9 @@
 """Running one Generation on the engine and answering with it: an SSE stream, or one collected answer.
 
     streamed:     opening chunks, one or more chunks per engine output, [usage chunk], "data: [DONE]"
+                  (with the X-PDServe-Resumable: 1 header, the first event of each output that adds
+                  tokens carries `id: <chars>:<token ids>`, an id-only event if it has no chunk:
+                  what the router needs to resume the answer elsewhere, issue 25 R1)
     not streamed: every choice's outputs gathered, then Format.response as one JSON body
 
 An engine output that ends badly becomes a typed error: an error event inside the stream (headers are
@@ -35,7 +38,8 @@ from pdserve.errors import (
 )
 from pdserve.observability import tracing
 from pdserve.server.errors import ClientDisconnectedError, error_body, kind_of
-from pdserve.server.generation import Generation
+from pdserve.server.generation import Choice, Generation
+from pdserve.server.protocol import RESUMABLE_HEADER
 from pdserve.server.responses import Format, TokenText, format_of
 
 # engine/engine.py's hand-off error prefixes: the prefill instance found the request wrong (the
@@ -67,6 +71,7 @@ class GenerationRunner:
             span.end()
             raise
         fmt = format_of(gen, self.token_str)
+        gen.resumable = gen.stream and gen.n == 1 and raw.headers.get(RESUMABLE_HEADER) == "1"
         if gen.stream:
             return SSEResponse(self.sse(gen, stream, fmt), on_close=lambda: self._close(gen, stream, span))
         try:
@@ -114,8 +119,9 @@ class GenerationRunner:
                     break
                 choice = gen.choice_of(out)
                 choice.add(out)
-                for chunk in fmt.chunks(gen, choice, out):
-                    yield _sse(chunk, gen.include_usage)
+                events = [_sse(chunk, gen.include_usage) for chunk in fmt.chunks(gen, choice, out)]
+                for event in _with_id(events, _id_line(gen, choice, out)):
+                    yield event
             else:
                 if gen.include_usage:
                     yield _sse(fmt.usage_chunk(gen), True)
@@ -163,6 +169,24 @@ def _ended_badly(out: RequestOutput) -> bool:
 def _sse(chunk: BaseModel, include_usage: bool) -> str:
     exclude = None if include_usage else {"usage"}
     return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+def _id_line(gen: Generation, choice: Choice, out: RequestOutput) -> str | None:
+    """R1 (issue 25): `<chars>:<ids>`: the output text streamed so far, this event's included, and
+    the token ids this output added; None without the header or without new tokens."""
+    if not gen.resumable or not out.new_token_ids:
+        return None
+    return f"{choice.chars_sent}:{','.join(map(str, out.new_token_ids))}"
+
+
+def _with_id(events: list[str], id_line: str | None) -> list[str]:
+    """The events of one output, the first with its id line; an id-only event if there are none
+    (its tokens' text is held back)."""
+    if id_line is None:
+        return events
+    if not events:
+        return [f"id: {id_line}\n\n"]
+    return [f"id: {id_line}\n{events[0]}", *events[1:]]
 
 
 def _sse_json(obj: dict[str, Any]) -> str:
