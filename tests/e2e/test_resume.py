@@ -4,11 +4,16 @@ sees one whole answer.
 Router logic, against synthetic instances (tests/e2e/fake_instance.py, which speak the resume
 contract and fail on request): every way a stream can fail (breaks off, stalls, ends early, an
 error event), the budget, non-streamed retries, a draining instance.
+
+Then the real thing: 1 prefill + 2 decode instances (the default model) behind a router; the decode
+instance serving streams is SIGKILLed after their first chunks, greedy and seeded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +23,7 @@ import httpx
 import pytest
 
 from tests.e2e import fake_instance as fake
-from tests.e2e.cluster import Proc, free_port, metric, wait_until
+from tests.e2e.cluster import MODEL, Instance, Proc, Router, free_port, metric, wait_until
 
 STALL_S = 1.0
 
@@ -73,7 +78,7 @@ def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCluster]:
 
 
 def stream(url: str, how: str, chat: bool = True) -> dict[str, Any]:
-    """One streamed request through the router, read raw: text, usage, [DONE]s, errors, id lines."""
+    """One streamed request through the router, read raw."""
     body: dict[str, Any] = {"model": "fake", "stream": True, "stream_options": {"include_usage": True}}
     if chat:
         body["messages"] = [{"role": "user", "content": how}]
@@ -84,6 +89,12 @@ def stream(url: str, how: str, chat: bool = True) -> dict[str, Any]:
         assert r.status_code == 200, r.read()
         for piece in r.iter_bytes():
             raw += piece
+    return parse_stream(raw, chat)
+
+
+def parse_stream(raw: bytes, chat: bool) -> dict[str, Any]:
+    """A relayed stream's text, usage, [DONE]s, error codes, completion ids, role chunks (and no id
+    line may reach the client)."""
     out: dict[str, Any] = {"text": "", "usage": None, "done": 0, "errors": [], "ids": set(), "roles": 0}
     for event in raw.decode().split("\n\n"):
         for line in event.split("\n"):
@@ -169,3 +180,113 @@ def test_unary_retried_and_draining_skipped(fakes: FakeCluster) -> None:
         answer = httpx.post(f"{fakes.url}/v1/chat/completions", json=body, timeout=30)
         assert answer.status_code == 200, answer.text
     assert fakes.metric("pdserve_router_retries_total", reason="instance_draining") >= drained + 1
+
+
+# ---- a real cluster: 1 prefill + 2 decode + router, the default model ------------------------------------
+
+STREAMS = 12
+KILL_AFTER = 3
+MAX_TOKENS = 24
+
+
+class Disagg:
+    """One prefill and two decode instances behind a router, started once for the module."""
+
+    def __init__(self, log_dir: Path, model_dir: str) -> None:
+        self.prefill = Instance("prefill", "prefill", model_dir, log_dir)
+        self.decodes = [Instance(f"decode{i}", "decode", model_dir, log_dir) for i in range(2)]
+        self.router = Router(log_dir / "router.log", [self.prefill.url], [d.url for d in self.decodes], 0.3)
+
+    def start(self) -> None:
+        for instance in (self.prefill, *self.decodes):
+            instance.start()
+        self.router.start()
+        for instance in (self.prefill, *self.decodes):
+            instance.wait_ready()
+        self.wait_all_healthy()
+
+    def wait_all_healthy(self) -> None:
+        """Every instance in the rotation: one a test killed is started again first."""
+        for instance in (self.prefill, *self.decodes):
+            if instance.proc is not None and not instance.proc.alive:
+                instance.restart()
+        ok = wait_until(lambda: all(i["healthy"] for i in self.router.instances().values()), 60)
+        assert ok, f"not every instance is back in the rotation: {self.router.instances()}"
+
+    def stop(self) -> None:
+        self.router.stop()
+        for instance in (self.prefill, *self.decodes):
+            instance.stop()
+
+
+@pytest.fixture(scope="module")
+def disagg(tmp_path_factory: pytest.TempPathFactory, model_dir: str) -> Iterator[Disagg]:
+    cluster = Disagg(tmp_path_factory.mktemp("resume-disagg"), model_dir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _body(i: int, seeded: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Tell me a short story about the number {i}."}],
+        "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    body.update({"temperature": 0.8, "seed": 1000 + i} if seeded else {"temperature": 0.0})
+    return body
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], first: asyncio.Event) -> Any:
+    raw = b""
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for piece in r.aiter_bytes():
+            raw += piece
+            if re.search(rb'"content": ?"[^"]', raw):
+                first.set()
+    first.set()
+    return parse_stream(raw, chat=True)
+
+
+async def _streams(url: str, seeded: bool, during: Any = None) -> list[dict[str, Any]]:
+    """STREAMS concurrent streams; `during()` runs (in a thread) once KILL_AFTER have sent a first
+    token (the rest: some still in prefill or waiting for KV, which are retried whole)."""
+    firsts = [asyncio.Event() for _ in range(STREAMS)]
+    async with httpx.AsyncClient(timeout=180) as client:
+        tasks = [asyncio.create_task(_one(client, url, _body(i, seeded), firsts[i])) for i in range(STREAMS)]
+        if during is not None:
+            waits = [asyncio.ensure_future(f.wait()) for f in firsts]
+            while sum(w.done() for w in waits) < KILL_AFTER:
+                await asyncio.wait(waits, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.to_thread(during)
+        return list(await asyncio.gather(*tasks))
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_decode_killed_mid_stream_loses_nothing(disagg: Disagg, seeded: bool) -> None:
+    """12 streams; the decode instance serving half of them is SIGKILLed after their first chunks:
+    every stream ends as the fault-free run does, with one [DONE], no error and the whole usage."""
+    disagg.wait_all_healthy()
+    reference = asyncio.run(_streams(disagg.router.url, seeded))
+    victim = disagg.decodes[1 if seeded else 0]
+    resumed = disagg.router.metric("pdserve_router_resumes_total", outcome="resumed")
+    answers = asyncio.run(
+        _streams(disagg.router.url, seeded, during=lambda: victim.proc and victim.proc.kill())
+    )
+    for want, got in zip(reference, answers, strict=True):
+        assert want["errors"] == [] and want["done"] == 1, want
+        assert got["errors"] == [] and got["done"] == 1, got
+        assert got["text"] == want["text"], (got, want)
+        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] == MAX_TOKENS
+        assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+        assert got["roles"] == 1 and len(got["ids"]) == 1, got
+    assert disagg.router.metric("pdserve_router_resumes_total", outcome="resumed") >= resumed + 1
+    for instance in (disagg.prefill, *disagg.decodes):
+        if instance is not victim:
+            assert instance.wait_pool_free()["pool_free"]
