@@ -193,8 +193,10 @@ class Disagg:
     """One prefill and two decode instances behind a router, started once for the module."""
 
     def __init__(self, log_dir: Path, model_dir: str) -> None:
-        self.prefill = Instance("prefill", "prefill", model_dir, log_dir)
         self.decodes = [Instance(f"decode{i}", "decode", model_dir, log_dir) for i in range(2)]
+        # also an entry (--decode): clients may come to it directly, without the router
+        peers = ["--decode", *(d.url for d in self.decodes)]
+        self.prefill = Instance("prefill", "prefill", model_dir, log_dir, extra=peers)
         self.router = Router(log_dir / "router.log", [self.prefill.url], [d.url for d in self.decodes], 0.3)
 
     def start(self) -> None:
@@ -243,6 +245,7 @@ def _body(i: int, seeded: bool) -> dict[str, Any]:
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], first: asyncio.Event) -> Any:
+    """One stream, read raw; `first` is set once a token has come."""
     raw = b""
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, await r.aread()
@@ -254,18 +257,37 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], first:
     return parse_stream(raw, chat=True)
 
 
-async def _streams(url: str, seeded: bool, during: Any = None) -> list[dict[str, Any]]:
+async def _streams(url: str, seeded: bool, during: Any = None, n: int = STREAMS) -> list[dict[str, Any]]:
     """STREAMS concurrent streams; `during()` runs (in a thread) once KILL_AFTER have sent a first
     token (the rest: some still in prefill or waiting for KV, which are retried whole)."""
-    firsts = [asyncio.Event() for _ in range(STREAMS)]
+    firsts = [asyncio.Event() for _ in range(n)]
     async with httpx.AsyncClient(timeout=180) as client:
-        tasks = [asyncio.create_task(_one(client, url, _body(i, seeded), firsts[i])) for i in range(STREAMS)]
+        tasks = [asyncio.create_task(_one(client, url, _body(i, seeded), firsts[i])) for i in range(n)]
         if during is not None:
             waits = [asyncio.ensure_future(f.wait()) for f in firsts]
-            while sum(w.done() for w in waits) < KILL_AFTER:
+            while sum(w.done() for w in waits) < min(KILL_AFTER, n):
                 await asyncio.wait(waits, timeout=120, return_when=asyncio.FIRST_COMPLETED)
             await asyncio.to_thread(during)
         return list(await asyncio.gather(*tasks))
+
+
+def check_lossless(reference: list[dict[str, Any]], answers: list[dict[str, Any]]) -> None:
+    """Every answer as the fault-free one: text, usage, one role chunk and completion id, one [DONE]."""
+    for want, got in zip(reference, answers, strict=True):
+        assert want["errors"] == [] and want["done"] == 1, want
+        assert got["errors"] == [] and got["done"] == 1, got
+        assert got["text"] == want["text"], (got, want)
+        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] == MAX_TOKENS
+        assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+        assert got["roles"] == 1 and len(got["ids"]) == 1, got
+
+
+def killer(instance: Instance) -> Any:
+    def kill() -> None:
+        assert instance.proc is not None
+        instance.proc.kill()
+
+    return kill
 
 
 @pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
@@ -276,17 +298,22 @@ def test_decode_killed_mid_stream_loses_nothing(disagg: Disagg, seeded: bool) ->
     reference = asyncio.run(_streams(disagg.router.url, seeded))
     victim = disagg.decodes[1 if seeded else 0]
     resumed = disagg.router.metric("pdserve_router_resumes_total", outcome="resumed")
-    answers = asyncio.run(
-        _streams(disagg.router.url, seeded, during=lambda: victim.proc and victim.proc.kill())
-    )
-    for want, got in zip(reference, answers, strict=True):
-        assert want["errors"] == [] and want["done"] == 1, want
-        assert got["errors"] == [] and got["done"] == 1, got
-        assert got["text"] == want["text"], (got, want)
-        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] == MAX_TOKENS
-        assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
-        assert got["roles"] == 1 and len(got["ids"]) == 1, got
+    answers = asyncio.run(_streams(disagg.router.url, seeded, during=killer(victim)))
+    check_lossless(reference, answers)
     assert disagg.router.metric("pdserve_router_resumes_total", outcome="resumed") >= resumed + 1
     for instance in (disagg.prefill, *disagg.decodes):
         if instance is not victim:
             assert instance.wait_pool_free()["pool_free"]
+
+
+def test_prefill_entry_resumes_when_its_decode_peer_dies(disagg: Disagg) -> None:
+    """No router: the prefill instance is the entry and relays to a decode peer, which dies mid-stream;
+    the entry resumes the streams on the other decode peer."""
+    disagg.wait_all_healthy()
+    ok = wait_until(lambda: all(p["healthy"] for p in disagg.prefill.get("/pd/peers").json()["peers"]), 30)
+    assert ok, disagg.prefill.get("/pd/peers").text
+    reference = asyncio.run(_streams(disagg.prefill.url, False, n=4))
+    answers = asyncio.run(_streams(disagg.prefill.url, False, during=killer(disagg.decodes[0]), n=4))
+    check_lossless(reference, answers)
+    log = disagg.prefill.proc.log(20000) if disagg.prefill.proc else ""
+    assert "resumed on" in log, log
