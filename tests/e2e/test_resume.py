@@ -15,6 +15,7 @@ import asyncio
 import json
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,26 +191,34 @@ MAX_TOKENS = 24
 
 
 class Disagg:
-    """One prefill and two decode instances behind a router, started once for the module."""
+    """Two prefill and two decode instances behind a router, started once for the module. The first
+    prefill instance is also an entry (--decode: clients may come to it without the router), and so
+    is the second decode instance (--prefill: it picks a prefill instance itself)."""
 
     def __init__(self, log_dir: Path, model_dir: str) -> None:
+        self.prefills = [Instance(f"prefill{i}", "prefill", model_dir, log_dir) for i in range(2)]
         self.decodes = [Instance(f"decode{i}", "decode", model_dir, log_dir) for i in range(2)]
-        # also an entry (--decode): clients may come to it directly, without the router
-        peers = ["--decode", *(d.url for d in self.decodes)]
-        self.prefill = Instance("prefill", "prefill", model_dir, log_dir, extra=peers)
-        self.router = Router(log_dir / "router.log", [self.prefill.url], [d.url for d in self.decodes], 0.3)
+        self.prefill = self.prefills[0]
+        self.prefill.extra += ["--decode", *(d.url for d in self.decodes)]
+        self.decodes[1].extra += ["--prefill", *(p.url for p in self.prefills)]
+        urls = [p.url for p in self.prefills], [d.url for d in self.decodes]
+        self.router = Router(log_dir / "router.log", *urls, 0.3)
+
+    @property
+    def instances(self) -> list[Instance]:
+        return [*self.prefills, *self.decodes]
 
     def start(self) -> None:
-        for instance in (self.prefill, *self.decodes):
+        for instance in self.instances:
             instance.start()
         self.router.start()
-        for instance in (self.prefill, *self.decodes):
+        for instance in self.instances:
             instance.wait_ready()
         self.wait_all_healthy()
 
     def wait_all_healthy(self) -> None:
         """Every instance in the rotation: one a test killed is started again first."""
-        for instance in (self.prefill, *self.decodes):
+        for instance in self.instances:
             if instance.proc is not None and not instance.proc.alive:
                 instance.restart()
         ok = wait_until(lambda: all(i["healthy"] for i in self.router.instances().values()), 60)
@@ -217,7 +226,7 @@ class Disagg:
 
     def stop(self) -> None:
         self.router.stop()
-        for instance in (self.prefill, *self.decodes):
+        for instance in self.instances:
             instance.stop()
 
 
@@ -301,7 +310,7 @@ def test_decode_killed_mid_stream_loses_nothing(disagg: Disagg, seeded: bool) ->
     answers = asyncio.run(_streams(disagg.router.url, seeded, during=killer(victim)))
     check_lossless(reference, answers)
     assert disagg.router.metric("pdserve_router_resumes_total", outcome="resumed") >= resumed + 1
-    for instance in (disagg.prefill, *disagg.decodes):
+    for instance in disagg.instances:
         if instance is not victim:
             assert instance.wait_pool_free()["pool_free"]
 
@@ -317,3 +326,41 @@ def test_prefill_entry_resumes_when_its_decode_peer_dies(disagg: Disagg) -> None
     check_lossless(reference, answers)
     log = disagg.prefill.proc.log(20000) if disagg.prefill.proc else ""
     assert "resumed on" in log, log
+
+
+def _busy(instance: Instance) -> bool:
+    load = instance.info()["load"]
+    return bool(load["num_running"] or load["num_waiting"])
+
+
+@pytest.mark.parametrize("entry", ["router", "decode"])
+def test_prefill_killed_mid_prefill_is_retried(disagg: Disagg, entry: str) -> None:
+    """A prefill instance SIGKILLed while it computes a long prompt: the decode side answers
+    prefill_failed (its reserved blocks freed), and the router (or the decode entry) retries the
+    request on the other prefill instance; the client gets the fault-free answer."""
+    disagg.wait_all_healthy()
+    url = disagg.router.url if entry == "router" else disagg.decodes[1].url
+    words = " ".join(f"item{i}" for i in range(200))  # ~800 tokens: long enough to catch mid-way
+    body = {"model": MODEL, "prompt": f"List: {words}. Summary:", "max_tokens": 4, "temperature": 0.0}
+    reference = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+    victim: list[Instance] = []
+
+    def kill_the_busy_prefill() -> None:
+        def busy() -> bool:
+            victim.extend(p for p in disagg.prefills if _busy(p))
+            return bool(victim)
+
+        if wait_until(busy, 60, 0.01):
+            killer(victim[0])()
+
+    thread = threading.Thread(target=kill_the_busy_prefill)
+    thread.start()
+    answer = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    thread.join()
+    assert victim, "no prefill instance was seen busy"
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == reference["choices"][0]["text"]
+    usage, want = answer.json()["usage"], reference["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (want["prompt_tokens"], 4)
+    for decode in disagg.decodes:
+        assert decode.wait_pool_free()["pool_free"]
