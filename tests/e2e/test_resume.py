@@ -328,9 +328,14 @@ def test_prefill_entry_resumes_when_its_decode_peer_dies(disagg: Disagg) -> None
     assert "resumed on" in log, log
 
 
-def _busy(instance: Instance) -> bool:
-    load = instance.info()["load"]
-    return bool(load["num_running"] or load["num_waiting"])
+def _busy_prefills(disagg: Disagg, entry: str) -> list[Instance]:
+    """The prefill instances the entry (router or decode entry) has a request open on."""
+    if entry == "router":
+        seen = list(disagg.router.instances().values())
+    else:
+        seen = disagg.decodes[1].get("/pd/peers").json()["peers"]
+    busy = {i["url"] for i in seen if i["role"] == "prefill" and i["inflight"] > 0}
+    return [p for p in disagg.prefills if p.url in busy]
 
 
 @pytest.mark.parametrize("entry", ["router", "decode"])
@@ -340,17 +345,17 @@ def test_prefill_killed_mid_prefill_is_retried(disagg: Disagg, entry: str) -> No
     request on the other prefill instance; the client gets the fault-free answer."""
     disagg.wait_all_healthy()
     url = disagg.router.url if entry == "router" else disagg.decodes[1].url
-    words = " ".join(f"item{i}" for i in range(200))  # ~800 tokens: long enough to catch mid-way
-    body = {"model": MODEL, "prompt": f"List: {words}. Summary:", "max_tokens": 4, "temperature": 0.0}
-    reference = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+    # ~800 tokens, new to every prefix cache: long enough to catch the prefill at work
+    words = " ".join(f"{entry}{i}" for i in range(200))
+    body = {"model": MODEL, "prompt": f"{words}. Summary:", "max_tokens": 4, "temperature": 0.0}
     victim: list[Instance] = []
 
     def kill_the_busy_prefill() -> None:
         def busy() -> bool:
-            victim.extend(p for p in disagg.prefills if _busy(p))
+            victim.extend(_busy_prefills(disagg, entry))
             return bool(victim)
 
-        if wait_until(busy, 60, 0.01):
+        if wait_until(busy, 60, 0.02):
             killer(victim[0])()
 
     thread = threading.Thread(target=kill_the_busy_prefill)
@@ -359,6 +364,7 @@ def test_prefill_killed_mid_prefill_is_retried(disagg: Disagg, entry: str) -> No
     thread.join()
     assert victim, "no prefill instance was seen busy"
     assert answer.status_code == 200, answer.text
+    reference = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()  # fault-free
     assert answer.json()["choices"][0]["text"] == reference["choices"][0]["text"]
     usage, want = answer.json()["usage"], reference["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (want["prompt_tokens"], 4)
