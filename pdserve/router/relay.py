@@ -139,12 +139,12 @@ class Relay:
 
     def relayed(self, event: bytes, data: Any) -> bytes | None:
         """What of `event` goes to the client now (None: held back until a token comes)."""
+        self.progress.see(data)  # a held role chunk names the completion too
         if not self.committed:
             if not carries_token(data):
                 self.held.append(event)
                 return None
             self.commit(data)
-        self.progress.see(data)
         self.ended = self.ended or data == "[DONE]" or error_code(data) is not None
         out = b"".join(self.held) + event
         self.held, self.sent = [], True
@@ -170,8 +170,8 @@ class Relay:
         if not (resume or not self.sent) or not self.proxy.may_retry(self.call, failed, failure.code):
             return self.give_up(failure, resume, "no retry left" if resume else "")
         self.call.resume = self.progress.resume_field() if resume else None
-        if not resume:
-            self.held = []  # the next attempt brings its own preamble
+        if not resume:  # the next attempt starts the answer again, with its own preamble
+            self.held, self.progress = [], Progress()
         try:
             self.route, self.response = await self.proxy.open(self.call)
         except RouterError as e:
