@@ -167,8 +167,11 @@ class Relay:
         streams, else what ends the client's stream."""
         failed = self.route
         resume = self.call.resumable and self.progress.resumable
-        if not (resume or not self.sent) or not self.proxy.may_retry(self.call, failed, failure.code):
-            return self.give_up(failure, resume, "no retry left" if resume else "")
+        if not resume and self.sent:  # text reached the client, and no resume can follow it
+            self.proxy.metrics.count_error(failure.code)
+            return self.give_up(failure, resume, "")
+        if not self.proxy.may_retry(self.call, failed, failure.code):  # counts the error
+            return self.give_up(failure, resume, "no retry left")
         self.call.resume = self.progress.resume_field() if resume else None
         if not resume:  # the next attempt starts the answer again, with its own preamble
             self.held, self.progress = [], Progress()
@@ -207,7 +210,6 @@ class Relay:
                 len(self.progress.token_ids),
                 why,
             )
-        self.proxy.metrics.count_error(failure.code)
         event = failure.event
         if why and isinstance(event.get("error"), dict):
             event = {"error": {**event["error"], "message": f"{event['error'].get('message')} ({why})"}}
