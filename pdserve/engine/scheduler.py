@@ -160,8 +160,8 @@ class Scheduler:
                 return
             self.waiting.popleft()
             request.num_computed_tokens = num_cached
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = num_cached
+            if request.num_preemptions == 0:  # a resumed request's outputs are no prompt tokens
+                request.num_cached_tokens = min(num_cached, request.num_prompt_tokens)
                 self.bm.query_tokens += request.num_tokens
                 self.bm.hit_tokens += num_cached
             request.status = RequestStatus.RUNNING
