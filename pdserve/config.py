@@ -161,6 +161,8 @@ class ServerConfig:
     prefill_peers: tuple[str, ...] = ()  # on a decode instance
     decode_peers: tuple[str, ...] = ()  # on a prefill instance
     decode_max_queued: int = 5
+    max_resumes: int = 2  # an entry's retries and resumes of one request (router/proxy.py)
+    stall_timeout: float = 30.0  # a prefill entry's relayed stream silent this long resumes elsewhere
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP collector for OpenTelemetry spans
 
     def __post_init__(self) -> None:

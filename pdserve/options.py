@@ -457,6 +457,28 @@ OPTIONS: tuple[Option, ...] = (
         offline=False,
     ),
     Option(
+        "max_resumes",
+        ("--max-resumes",),
+        "server",
+        default=2,
+        type=int_at_least(0),
+        help="on an entry instance: retries and resumes of one request elsewhere after a peer failed it",
+        group=ENTRY_GROUP,
+        offline=False,
+    ),
+    Option(
+        "stall_timeout",
+        ("--stall-timeout",),
+        "server",
+        default=30.0,
+        type=positive_float,
+        metavar="SECONDS",
+        help="on a prefill instance with --decode: a relayed stream silent this long after a token is "
+        "resumed on another decode instance",
+        group=ENTRY_GROUP,
+        offline=False,
+    ),
+    Option(
         "otlp_traces_endpoint",
         ("--otlp-traces-endpoint",),
         "server",

@@ -2,7 +2,8 @@
 
     app.py          the FastAPI app: endpoints, auth, JSON check, OpenAI-shaped errors, /health, serving
     proxy.py        choosing instances, opening upstream requests, retries
-    relay.py        relaying a stream: events held back until the first token, reopened after prefill_failed
+    relay.py        relaying a stream: events held back until the first token, resumed when its instance fails
+    resume.py       what a stream has delivered (token ids from `id:` lines), the `resume` field it becomes
     sse.py          reading and writing server-sent events
     errors.py       the errors the router answers itself, in OpenAI's shape
     instances.py    the instances, their health, role, kv address and load, and the poller that keeps them

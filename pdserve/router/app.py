@@ -77,6 +77,8 @@ class RouterConfig:
     registry: str | None = None  # redis://HOST:PORT[/DB]: instances join and leave through it
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP collector for OpenTelemetry spans
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S  # SIGTERM: how long open relays get (router/drain.py)
+    max_resumes: int = 2  # retries and resumes of one request after its instance failed (proxy.py)
+    stall_timeout: float = 30.0  # a stream silent this long after a token is resumed elsewhere
 
     def __post_init__(self) -> None:
         if self.instances and (self.prefill or self.decode):
@@ -92,8 +94,10 @@ class RouterConfig:
                 parse_dns_url(url)
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if min(self.health_interval, self.health_timeout, self.request_timeout) <= 0:
+        if min(self.health_interval, self.health_timeout, self.request_timeout, self.stall_timeout) <= 0:
             raise ValueError("intervals and timeouts must be positive")
+        if self.max_resumes < 0:
+            raise ValueError("--max-resumes must be at least 0")
         if self.decode_max_queued < 0:
             raise ValueError("--decode-max-queued must be at least 0")
         if self.max_request_bytes < 1:
@@ -272,7 +276,16 @@ def build_app(config: RouterConfig) -> FastAPI:
         stale = functools.partial(metrics.count_retry, "stale_connection")
         async with Upstream(config.request_timeout, stale, config.instance_headers) as client:
             poller = HealthPoller(registry, client, config.health_interval, config.health_timeout)
-            app.state.proxy = Proxy(registry, policy, metrics, poller, client, config.cluster_secret)
+            app.state.proxy = Proxy(
+                registry,
+                policy,
+                metrics,
+                poller,
+                client,
+                config.cluster_secret,
+                config.max_resumes,
+                config.stall_timeout,
+            )
             registry.on_leave = policy.forget
             watcher = _membership_watcher(config, registry, metrics, poller)
             if watcher is not None:

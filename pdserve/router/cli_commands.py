@@ -69,6 +69,24 @@ def add_routing_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_resume_options(parser: argparse.ArgumentParser) -> None:
+    """How far the router goes to finish a request whose instance fails (router, entry instances)."""
+    parser.add_argument(
+        "--max-resumes",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="retries and resumes of one request on another instance after its instance failed it",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a stream that has sent a token and then nothing for this long is resumed elsewhere",
+    )
+
+
 def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
     r = subparsers.add_parser(
         "router",
@@ -107,6 +125,7 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         help="cache_aware keeps a prompt on the instance that served its prefix while that instance's "
         "load is at most FACTOR x (the least loaded's + one request); beyond it, least load",
     )
+    add_resume_options(r)
     r.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="how much the log shows")
     r.add_argument(
         "--max-request-bytes",
@@ -163,6 +182,8 @@ def run_router(args: argparse.Namespace) -> None:
             registry=args.registry,
             otlp_traces_endpoint=args.otlp_traces_endpoint,
             drain_timeout=args.drain_timeout,
+            max_resumes=args.max_resumes,
+            stall_timeout=args.stall_timeout,
         )
     except ValueError as e:
         logger.error("%s", e)

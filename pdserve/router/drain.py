@@ -11,32 +11,14 @@ an instance drains:
 
 from __future__ import annotations
 
-import httpx
 from fastapi import FastAPI
 
 from pdserve.http_edge.draining import Drain, DrainGate
 from pdserve.router.errors import RouterError
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.sse import json_error_code
 
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
-INSTANCE_DRAINING = "instance_draining"
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
-
-
-class InstanceDraining(Exception):
-    """An instance answered a new request 503 "instance_draining": try another, as if it refused."""
-
-
-async def check_not_draining(response: httpx.Response) -> None:
-    """Raise InstanceDraining (the response read and closed) if that is what `response` says. Any
-    other answer is left for the caller to read (a 503's body is read here, and kept by httpx)."""
-    if response.status_code != 503:
-        return
-    content = await response.aread()
-    if json_error_code(content) == INSTANCE_DRAINING:
-        await response.aclose()
-        raise InstanceDraining("it is draining")
 
 
 def install_drain(app: FastAPI, timeout: float, metrics: RouterMetrics) -> Drain:

@@ -1,7 +1,8 @@
 """The router's Prometheus metrics, in a registry of its own (never the global one).
 
 Counted here: requests routed per instance, errors by kind (client requests only: a 503 from the
-router's own /health is not one), retries by reason, time to first token and request latency as the
+router's own /health is not one), retries by reason, streams resumed (or not) after their instance
+failed and the resumed part's first-token delay, time to first token and request latency as the
 client sees them. Set at scrape time: per-stage queue lengths and per-instance health from the latest
 load reports. KV transfer totals are summed from the instances' own /metrics
 (`pdserve_kv_transfer_bytes_total`, histogram `pdserve_kv_transfer_seconds`), scraped when the router
@@ -128,6 +129,18 @@ class RouterMetrics:
             "pdserve_router_request_seconds",
             "Arrival at the router to the answer's end",
             buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.resumes = Counter(
+            "pdserve_router_resumes",
+            "Streams whose instance failed after a token: resumed on another pair, or not (failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.resume_seconds = Histogram(
+            "pdserve_router_resume_first_token_seconds",
+            "A resume sent to the resumed part's first token",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.queue = Gauge(

@@ -13,10 +13,12 @@ decode instances refuse them): the router warns at startup.
 
 Instances' 4xx answers pass through unchanged. A keep-alive connection that the instance closed just as
 the request went out is retried on a new connection (upstream.py) and says nothing about the instance.
-Retries, each at most once per instance: an instance that refuses the connection is marked down and the
-request goes to another of its role; an answer "prefill_failed" before any token (HTTP 502, or an SSE
-error event: see relay.py) goes to another prefill instance, once. An instance that dies mid-answer is
-out of the rotation until its health check passes; not streaming, the client gets HTTP 502.
+An instance that refuses the connection, or answers 503 "instance_draining", is marked down and the
+request goes to another of its role (no retry budget spent). Every other retry spends one of the
+request's `max_resumes`: "prefill_failed" (HTTP 502, or an SSE error event) goes to another prefill
+instance; an instance that breaks off, stalls or answers one of resume.RESUMABLE_CODES is out of the
+rotation until its health check passes, and the request goes to another pair: a whole non-streamed
+request again, a stream resumed where it broke off (relay.py). Budget spent: the client gets the error.
 Every attempt carries the router's span as its `traceparent` header (observability/tracing.py).
 """
 
@@ -36,12 +38,12 @@ from opentelemetry.trace import INVALID_SPAN, Span
 
 from pdserve.cluster_secret import ClusterSecret, sign_handoff
 from pdserve.observability import tracing
-from pdserve.router.drain import InstanceDraining, check_not_draining
 from pdserve.router.errors import RouterError, unavailable
 from pdserve.router.instances import HealthPoller, Instance, Registry, Role
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
 from pdserve.router.relay import Relay, SSEResponse
+from pdserve.router.resume import RESUMABLE_CODES, RESUMABLE_HEADER
 from pdserve.router.sse import json_error_code
 from pdserve.router.upstream import CONNECT_TIMEOUT_S, Upstream
 
@@ -79,24 +81,32 @@ class Route:
             self.target.end(self.tokens)
             self._open = False
 
-    def content(self, raw: bytes, body: dict[str, Any], secret: ClusterSecret | None) -> bytes:
-        """Colocated: the client's bytes unchanged; disaggregated: the body plus kv_transfer_params,
-        signed with `secret` (unsigned without one: decode instances refuse those)."""
+    def content(self, call: Call, secret: ClusterSecret | None) -> bytes:
+        """Colocated: the client's bytes unchanged (plus `resume`, when resuming); disaggregated: the
+        body plus kv_transfer_params, signed with `secret` (unsigned without one: decode instances
+        refuse those)."""
+        body = call.body if call.resume is None else {**call.body, "resume": call.resume}
         if self.prefill is None:
-            return raw
+            return call.raw if call.resume is None else json.dumps(body).encode()
         params: dict[str, Any] = {"prefill_kv_addr": self.prefill.kv_addr, "prefill_url": self.prefill.url}
         if secret is not None:
             params = sign_handoff(secret, params)
         return json.dumps({**body, "kv_transfer_params": params}).encode()
 
+    def describe(self) -> str:
+        if self.prefill is None:
+            return self.target.url
+        return f"decode {self.target.url} + prefill {self.prefill.url}"
+
 
 @dataclass
 class Tries:
-    """What one client request has tried: the instances that refused, whether prefill was retried."""
+    """What one client request has tried: the instances that failed it, and the retries and resumes
+    spent (against the router's max_resumes)."""
 
     targets: set[str] = field(default_factory=set)
     prefills: set[str] = field(default_factory=set)
-    prefill_retried: bool = False
+    spent: int = 0
 
 
 @dataclass
@@ -110,6 +120,12 @@ class Call:
     arrival: float = field(default_factory=time.monotonic)
     tries: Tries = field(default_factory=Tries)
     span: Span = field(default_factory=lambda: INVALID_SPAN)  # the router's span (tracing.py)
+    resume: dict[str, Any] | None = None  # the `resume` field the next attempt carries (relay.py)
+
+    @property
+    def resumable(self) -> bool:
+        """A stream of one choice: the instance marks its events with token ids (resume.py)."""
+        return self.body.get("stream") is True and self.body.get("n", 1) in (1, None)
 
     @property
     def tokens(self) -> int:
@@ -134,8 +150,12 @@ class Proxy:
         poller: HealthPoller,
         client: Upstream,
         secret: ClusterSecret | None = None,
+        max_resumes: int = 2,
+        stall_timeout: float = 30.0,
     ) -> None:
         self.registry = registry
+        self.max_resumes = max_resumes  # retries and resumes of one request, all told
+        self.stall_timeout = stall_timeout  # a stream with no event this long (after a token) resumes
         self.policy = policy
         self.metrics = metrics
         self.poller = poller
@@ -161,61 +181,90 @@ class Proxy:
         return Route(target, self.choose("prefill", call.tries.prefills, call.body), call.tokens)
 
     async def open(self, call: Call) -> tuple[Route, httpx.Response]:
-        """Send one attempt; an instance that refuses the connection is marked down and another tried."""
+        """Send one attempt; an instance that refuses the connection or is draining is marked down and
+        another tried."""
         while True:
             route = self.route(call)
             route.begin()
             for instance in (route.target, route.prefill):
                 if instance is not None:
                     self.metrics.count_routed(instance)
-            url = f"{route.target.url}{call.path}"
-            headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
-            if call.authorization is not None:
-                headers["authorization"] = call.authorization
-            headers.update(tracing.headers(call.span))  # the instance's span joins the router's trace
-            request = self.client.build_request(
-                "POST", url, content=route.content(call.raw, call.body, self.secret), headers=headers
-            )
             try:
-                response = await self.client.send(request, stream=True)
-                await check_not_draining(response)  # a draining instance: as if it refused
-                return route, response
-            except (httpx.ConnectError, httpx.ConnectTimeout, InstanceDraining) as e:
-                route.release()
-                route.target.mark_down(f"refused a connection: {str(e) or type(e).__name__}")
-                call.tries.targets.add(route.target.url)
-                reason = "instance_draining" if isinstance(e, InstanceDraining) else "connect_failed"
-                self.metrics.count_error(reason)
-                self.metrics.retries.labels(reason=reason).inc()
+                response = await self.client.send(self.request(call, route), stream=True)
+                if not await self.draining(response):
+                    return route, response
+                why, kind = "is draining", "instance_draining"
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                why, kind = f"refused a connection: {str(e) or type(e).__name__}", "connect_failed"
             except httpx.HTTPError as e:
                 route.release()
                 raise self.instance_failed(route.target, e) from None
             except BaseException:  # cancelled: the client went away
                 route.release()
                 raise
+            route.release()
+            route.target.mark_down(why)
+            call.tries.targets.add(route.target.url)
+            self.metrics.count_error(kind)
+            self.metrics.retries.labels(reason=kind).inc()
+
+    def request(self, call: Call, route: Route) -> httpx.Request:
+        url = f"{route.target.url}{call.path}"
+        headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+        if call.authorization is not None:
+            headers["authorization"] = call.authorization
+        if call.resumable:
+            headers[RESUMABLE_HEADER] = "1"
+        headers.update(tracing.headers(call.span))  # the instance's span joins the router's trace
+        content = route.content(call, self.secret)
+        return self.client.build_request("POST", url, content=content, headers=headers)
+
+    async def draining(self, response: httpx.Response) -> bool:
+        """A 503 "instance_draining" (read and closed here): the instance takes no new request."""
+        if response.status_code != 503:
+            return False
+        try:
+            content = await response.aread()
+        except httpx.HTTPError:
+            content = b""
+        if json_error_code(content) == "instance_draining":
+            await response.aclose()
+            return True
+        return False
 
     def instance_failed(self, instance: Instance, error: Exception) -> RouterError:
         """An instance broke off an answer: out of the rotation until its health check passes."""
         if isinstance(error, httpx.TimeoutException):
             message = f"instance {instance.url} did not answer in time"
             return RouterError(504, message, "instance_timeout")
-        instance.mark_down(f"broke off an answer: {type(error).__name__}")
-        self.poller.check_soon(instance)
+        self.take_out(instance, f"broke off an answer: {type(error).__name__}")
         message = f"instance {instance.url} failed while answering ({type(error).__name__})"
         return RouterError(502, message, "instance_failed")
 
-    def retry_prefill(self, call: Call, route: Route, code: str | None) -> bool:
-        """After "prefill_failed": True (and the failed instance excluded) if another prefill may try."""
-        if code != "prefill_failed" or route.prefill is None:
+    def take_out(self, instance: Instance, why: str) -> None:
+        """Out of the rotation until its health check (asked for now) passes."""
+        instance.mark_down(why)
+        self.poller.check_soon(instance)
+
+    def may_retry(self, call: Call, route: Route, code: str | None) -> bool:
+        """After a failure with `code`: True if the request may go to another pair (the failed instance
+        excluded: the prefill after "prefill_failed"/"kv_timeout", else the target), spending one of
+        its max_resumes."""
+        if code not in RESUMABLE_CODES:
             return False
-        self.metrics.count_error("prefill_failed")
-        self.poller.check_soon(route.prefill)
-        call.tries.prefills.add(route.prefill.url)
-        if call.tries.prefill_retried or not self.registry.healthy("prefill", call.tries.prefills):
+        self.metrics.count_error(code)
+        if code in ("prefill_failed", "kv_timeout") and route.prefill is not None:
+            self.poller.check_soon(route.prefill)
+            call.tries.prefills.add(route.prefill.url)
+            spare = self.registry.healthy("prefill", call.tries.prefills)
+        else:
+            self.take_out(route.target, f"failed a request: {code}")
+            call.tries.targets.add(route.target.url)
+            spare = self.registry.healthy(route.target.role, call.tries.targets)
+        if call.tries.spent >= self.max_resumes or not spare:
             return False
-        call.tries.prefill_retried = True
-        self.metrics.retries.labels(reason="prefill_failed").inc()
-        logger.warning("prefill on %s failed; retrying on another prefill instance", route.prefill.url)
+        call.tries.spent += 1
+        self.metrics.retries.labels(reason=code).inc()
         return True
 
     async def read(self, route: Route, response: httpx.Response) -> bytes:
@@ -236,10 +285,19 @@ class Proxy:
         return Response(content, status_code=status, media_type=media_type)
 
     async def unary(self, call: Call) -> Response:
+        """A whole answer; one that failed in a way another pair may not is retried there whole."""
         while True:
             route, response = await self.open(call)
-            content = await self.read(route, response)
-            if self.retry_prefill(call, route, json_error_code(content)):
+            try:
+                content = await self.read(route, response)
+            except RouterError as e:
+                if self.may_retry(call, route, e.code):
+                    logger.warning("%s; retrying the request on another instance", e.message)
+                    continue
+                raise
+            code = json_error_code(content) if response.status_code >= 500 else None
+            if self.may_retry(call, route, code):
+                logger.warning("%s answered %s; retrying the request elsewhere", route.describe(), code)
                 continue
             self.metrics.e2e.observe(time.monotonic() - call.arrival)
             return self.passthrough(response.status_code, content, response)
@@ -250,8 +308,10 @@ class Proxy:
             if response.status_code == 200:
                 return SSEResponse(Relay(self, call, route, response))
             content = await self.read(route, response)
-            if not self.retry_prefill(call, route, json_error_code(content)):
+            code = json_error_code(content) if response.status_code >= 500 else None
+            if not self.may_retry(call, route, code):
                 return self.passthrough(response.status_code, content, response)
+            logger.warning("%s answered %s; retrying the request elsewhere", route.describe(), code)
 
     async def models(self) -> Response:
         roles: tuple[Role, ...] = ("both",) if self.registry.colocated else ("decode", "prefill")

@@ -1,11 +1,11 @@
 """Server-sent events as the router writes and reads them: one JSON event, a body cut into whole
-events, an event's data and error code, and whether an event carries a token yet.
+events, an event's `id:` line split off, its data and error code, and whether it carries a token yet.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -20,7 +20,7 @@ def sse_event(obj: Any) -> bytes:
 # ---- reading SSE events -----------------------------------------------------------------------------------
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
+async def sse_events(response: httpx.Response) -> AsyncGenerator[bytes, None]:
     """The response body cut into whole events (each ending in a blank line)."""
     buffer = b""
     async for chunk in response.aiter_bytes():
@@ -30,6 +30,17 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
             buffer = buffer[end + 2 :]
     if buffer.strip():
         yield buffer if buffer.endswith(b"\n\n") else buffer.rstrip(b"\n") + b"\n\n"
+
+
+def split_id(event: bytes) -> tuple[bytes | None, bytes | None]:
+    """The event without its `id:` lines (None if nothing else is left: an id-only event), and the
+    value of its last `id:` line (None without one)."""
+    if not (event.startswith(b"id:") or b"\nid:" in event):
+        return event, None
+    lines = event.split(b"\n")
+    marks = [line[3:].strip() for line in lines if line.startswith(b"id:")]
+    rest = b"\n".join(line for line in lines if not line.startswith(b"id:")).strip(b"\n")
+    return (rest + b"\n\n" if rest.strip() else None), marks[-1]
 
 
 def event_data(event: bytes) -> Any:

@@ -76,11 +76,11 @@ def make_entry(engine: AsyncEngine, config: ServerConfig) -> Entry | None:
     headers = bearer_header(config.api_key)  # the peers want the key this instance wants
     if config.prefill_peers and engine.role == "decode":
         prefills = Peers("prefill", StaticPeers(config.prefill_peers), headers)
-        return Entry(prefills, runner=DecodeEntryRunner(engine, prefills))
+        return Entry(prefills, runner=DecodeEntryRunner(engine, prefills, config.max_resumes))
     if config.decode_peers and engine.role == "prefill" and engine.kv_addr is not None:
         decodes = Peers("decode", StaticPeers(config.decode_peers), headers)
         url = f"http://{config.host}:{config.port}"
         secret = config.engine.disagg.cluster_secret
-        relay = PrefillRelay(url, engine.kv_addr, decodes, secret, config.decode_max_queued)
+        relay = PrefillRelay(url, engine.kv_addr, decodes, secret, config)
         return Entry(decodes, relay=relay)
     return None

@@ -6,8 +6,10 @@ without kv_transfer_params is served disaggregated by this instance itself, no r
                  │ ── Reserve ──▶ PREFILL ── KV + first token ──▶ decode steps ──▶ client ◀─────────┘
 
 The hand-off never leaves this process, so nothing is signed. A hand-off that fails before the first
-token ("prefill_failed") is tried once more on another healthy prefill instance, under a new request
-id, as the router does; after that the client sees the failure (502, or an SSE error event). A request
+token ("prefill_failed": the prefill instance refused it, or died while computing the prompt or
+sending its KV, which this instance notices within its peer timeout, 5 s, its blocks freed) is
+tried again on another healthy prefill instance (up to --max-resumes times), under a new request id,
+as the router does; after that the client sees the failure (502, or an SSE error event). A request
 that brings kv_transfer_params (a router in front) goes where they say. No healthy prefill peer: 503.
 """
 
@@ -40,9 +42,10 @@ _DISCONNECT_CHECK_S = 1.0
 class DecodeEntryRunner(GenerationRunner):
     """A GenerationRunner whose requests without a hand-off get one: a prefill peer chosen here."""
 
-    def __init__(self, engine: AsyncEngine, prefills: Peers) -> None:
+    def __init__(self, engine: AsyncEngine, prefills: Peers, max_retries: int = 2) -> None:
         super().__init__(engine)
         self.prefills = prefills
+        self.max_retries = max_retries  # --max-resumes
         self.policy = LeastLoaded()
 
     async def open(self, gen: Generation, raw: Request) -> RequestStream:
@@ -86,10 +89,10 @@ class DecodeEntryRunner(GenerationRunner):
             prefill.end(tokens)
 
     def may_retry(self, prefill: Instance, tried: list[str]) -> bool:
-        """After prefill_failed: another prefill instance may try, once."""
+        """After prefill_failed: another prefill instance may try, up to max_retries times."""
         self.prefills.poller.check_soon(prefill)
         tried.append(prefill.url)
-        if len(tried) > 1 or not self.prefills.healthy(tried):
+        if len(tried) > self.max_retries or not self.prefills.healthy(tried):
             return False
         logger.warning("prefill on %s failed; retrying on another prefill instance", prefill.url)
         return True

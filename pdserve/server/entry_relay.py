@@ -7,9 +7,10 @@ decode instance's answer (a stream or one body) is relayed to the client unchang
                  └───────────────── SSE or JSON, relayed as it comes ◀─────────────────────────────┘
 
 It is the router's path with this instance as the only prefill instance, so it is the router's code:
-router/proxy.py's Proxy (routes, opens, retries a decode that refuses the connection) and relay.py's
-Relay, over this instance's peers (server/peers.py). The fields are signed with the cluster secret
-this instance holds, as the router signs them.
+router/proxy.py's Proxy (routes, opens, retries a decode that refuses the connection or fails the
+request) and relay.py's Relay (resumes a stream whose decode instance fails, up to --max-resumes,
+or stalls past --stall-timeout), over this instance's peers (server/peers.py). The fields are signed
+with the cluster secret this instance holds, as the router signs them.
 
 Which decode instance: the least loaded (router/policies.py) of those with at most
 `--decode-max-queued` requests waiting (their /pd/info report, plus what this instance sent them that
@@ -29,6 +30,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pdserve.cluster_secret import ClusterSecret
+from pdserve.config import ServerConfig
 from pdserve.router.app import until_disconnect
 from pdserve.router.errors import RouterError
 from pdserve.router.instances import Info, Instance, Registry, Role
@@ -80,7 +82,7 @@ class PrefillRelay:
     """Hands client requests to decode peers naming this instance, and relays their answers."""
 
     def __init__(
-        self, url: str, kv_addr: str, decodes: Peers, secret: ClusterSecret | None, max_queued: int
+        self, url: str, kv_addr: str, decodes: Peers, secret: ClusterSecret | None, config: ServerConfig
     ) -> None:
         me = _ThisInstance(url, "prefill")
         me.mark_up(Info(role="prefill", kv_addr=kv_addr), (0, 0))
@@ -89,8 +91,16 @@ class PrefillRelay:
         # instance's /metrics (entry.py); its KV bytes are in this instance's own counters already
         self.metrics = RouterMetrics()
         self.metrics.registry.unregister(self.metrics.kv)
+        policy = BoundedDecode(config.decode_max_queued)
         self.proxy = Proxy(
-            Registry([me]), BoundedDecode(max_queued), self.metrics, decodes.poller, decodes.client, secret
+            Registry([me]),
+            policy,
+            self.metrics,
+            decodes.poller,
+            decodes.client,
+            secret,
+            config.max_resumes,
+            config.stall_timeout,
         )
 
     async def relayed(self, raw: Request, path: str, api_key: str | None) -> Response | None:

@@ -556,10 +556,11 @@ def test_2p2d_decode_killed_mid_stream_then_restarted(pd2: tuple[PD2, Router], r
         events += list(stream)
         seconds = time.monotonic() - killed
     errors = [e for e in events if isinstance(e, dict) and "error" in e]
-    assert len(errors) == 1 and events[-1] == "[DONE]", events[-3:]
-    assert errors[0]["error"]["code"] == "instance_failed", errors
-    assert seconds < 15, f"the stream took {seconds:.1f}s to end"
-    print(f"decode killed: stream ended with {errors[0]['error']['code']} after {seconds:.2f}s")
+    # issue 25: the router resumes the stream on the other decode instance; the client sees no error
+    assert errors == [] and events.count("[DONE]") == 1 and events[-1] == "[DONE]", events[-3:]
+    assert router.metric("pdserve_router_resumes_total", outcome="resumed") >= 1
+    assert seconds < 60, f"the stream took {seconds:.1f}s to end"
+    print(f"decode killed: stream resumed and ended {seconds:.2f}s later")
     others = [i for i in cluster.instances if i is not victim]
     assert_pools_free(*others)
 

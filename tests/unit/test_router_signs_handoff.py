@@ -16,7 +16,7 @@ from pdserve.cluster_secret import ClusterSecret, HandoffRefused, check_handoff
 from pdserve.router.instances import HealthPoller, Instance, Registry
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import RoundRobin
-from pdserve.router.proxy import Proxy, Route
+from pdserve.router.proxy import Call, Proxy, Route
 from pdserve.router.upstream import Upstream
 
 SECRET = ClusterSecret.from_text("a cluster secret of enough bytes")
@@ -31,7 +31,8 @@ def _route(prefill: bool = True) -> Route:
 
 def test_hand_off_fields_are_signed_with_the_cluster_secret() -> None:
     raw = json.dumps(BODY).encode()
-    sent = json.loads(_route().content(raw, BODY, SECRET))
+    call = Call("/v1/chat/completions", raw, BODY)
+    sent = json.loads(_route().content(call, SECRET))
     params = sent.pop("kv_transfer_params")
     assert sent == BODY
     assert params["prefill_kv_addr"] == "tcp://127.0.0.1:9003"
@@ -41,10 +42,10 @@ def test_hand_off_fields_are_signed_with_the_cluster_secret() -> None:
         check_handoff(ClusterSecret.from_text("another cluster's secret!!"), params)
     with pytest.raises(HandoffRefused):
         check_handoff(SECRET, {**params, "prefill_kv_addr": "tcp://10.0.0.66:9003"})
-    unsigned = json.loads(_route().content(raw, BODY, None))["kv_transfer_params"]
+    unsigned = json.loads(_route().content(call, None))["kv_transfer_params"]
     with pytest.raises(HandoffRefused):
         check_handoff(SECRET, unsigned)
-    assert _route(prefill=False).content(raw, BODY, SECRET) == raw  # colocated: the client's bytes
+    assert _route(prefill=False).content(call, SECRET) == raw  # colocated: the client's bytes
 
 
 def _proxy(registry: Registry, secret: ClusterSecret | None) -> None:
