@@ -95,18 +95,7 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         "--registry.",
         formatter_class=HelpFormatter,
     )
-    r.add_argument(
-        "--prefill",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="URL",
-        help="prefill instances (http://HOST:PORT, or dns://NAME:PORT for every address of a name)",
-    )
-    r.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL", help="decode instances")
-    r.add_argument(
-        "--instance", nargs="+", action="extend", default=[], metavar="URL", help="colocated instances"
-    )
+    add_instance_sources(r)
     r.add_argument("--host", default="127.0.0.1", help="the router's HTTP address")
     r.add_argument("--port", type=int, default=8000, help="the router's HTTP port")
     add_routing_options(r)
@@ -126,6 +115,34 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         "load is at most FACTOR x (the least loaded's + one request); beyond it, least load",
     )
     add_resume_options(r)
+    add_edge_options(r)
+    r.set_defaults(func=run_router)
+
+
+def add_instance_sources(r: argparse.ArgumentParser) -> None:
+    """Where the router finds its instances: URL lists, or a registry."""
+    r.add_argument(
+        "--prefill",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="URL",
+        help="prefill instances (http://HOST:PORT, or dns://NAME:PORT for every address of a name)",
+    )
+    r.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL", help="decode instances")
+    r.add_argument(
+        "--instance", nargs="+", action="extend", default=[], metavar="URL", help="colocated instances"
+    )
+    r.add_argument(
+        "--registry",
+        default=None,
+        metavar="URL",
+        help="redis://HOST:PORT[/DB]: follow the instances registered there (no URL lists needed)",
+    )
+
+
+def add_edge_options(r: argparse.ArgumentParser) -> None:
+    """The router's own HTTP edge, logs, traces and shutdown."""
     r.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="how much the log shows")
     r.add_argument(
         "--max-request-bytes",
@@ -135,12 +152,6 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a larger request body is answered 413 before it is read, e.g. 16MiB",
     )
     r.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
-    r.add_argument(
-        "--registry",
-        default=None,
-        metavar="URL",
-        help="redis://HOST:PORT[/DB]: follow the instances registered there (no URL lists needed)",
-    )
     r.add_argument(
         "--otlp-traces-endpoint",
         type=http_url,
@@ -155,7 +166,6 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="on SIGTERM: /health and new requests 503, the streams open get this long to finish, exit 0",
     )
-    r.set_defaults(func=run_router)
 
 
 def run_router(args: argparse.Namespace) -> None:

@@ -42,6 +42,14 @@ class ServerMetrics:
         self.model_name = model_name
         self.exposed = labelled_registry(self.registry, lambda: self.model_name)
         r = self.registry
+        self._add_request_series(r)
+        self._add_engine_gauges(r)
+        self._add_kv_series(r)
+        self._add_counters_and_stages(r)
+        self.gie = GIEMetrics(r, block_size)
+
+    def _add_request_series(self, r: CollectorRegistry) -> None:
+        """Per-request outcomes, latencies and token counts."""
         self.requests = Counter(
             "pdserve_requests", "Requests by outcome (finish reason or error kind)", ["outcome"], registry=r
         )
@@ -64,6 +72,9 @@ class ServerMetrics:
             "pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r
         )
         self.generation_tokens = Counter("pdserve_generation_tokens", "Generated tokens", registry=r)
+
+    def _add_engine_gauges(self, r: CollectorRegistry) -> None:
+        """The engine's state as of its last step."""
         self.running = Gauge("pdserve_num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("pdserve_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
         self.kv_usage = Gauge("pdserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
@@ -78,6 +89,14 @@ class ServerMetrics:
         self.prefill_tokens = Gauge(
             "pdserve_prompt_tokens_computed", "Prompt tokens this instance ran through the model", registry=r
         )
+        self.steps_ahead = Gauge(
+            "pdserve_num_steps_ahead",
+            "Decode steps launched before the previous one was collected",
+            registry=r,
+        )
+
+    def _add_kv_series(self, r: CollectorRegistry) -> None:
+        """KV moved between instances, reused, and peer messages dropped."""
         self.kv_bytes = Counter(
             "pdserve_kv_transfer_bytes", "KV bytes moved between instances", ["direction"], registry=r
         )
@@ -85,11 +104,6 @@ class ServerMetrics:
             "pdserve_kv_transfer_seconds",
             "Decode: reserve to KV + first token",
             buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.steps_ahead = Gauge(
-            "pdserve_num_steps_ahead",
-            "Decode steps launched before the previous one was collected",
             registry=r,
         )
         self.kv_streamed = Gauge(
@@ -107,8 +121,6 @@ class ServerMetrics:
             "pdserve_peer_messages_dropped", "KV peer messages dropped, by reason", ["reason"], registry=r
         )
         self._dropped_seen: dict[str, int] = {}
-        self._add_counters_and_stages(r)
-        self.gie = GIEMetrics(r, block_size)
 
     def _add_counters_and_stages(self, r: CollectorRegistry) -> None:
         self.totals = {
