@@ -230,7 +230,8 @@ compare)
   echo "rc=$?" >>"$OUT/compare.log"
   tail -40 "$OUT/compare.log"
   ;;
-multiturn)  # one H200 (~5 min): 2 prefill + 2 decode instances of Qwen2.5-7B (dummy weights) sharing the
+multiturn)  # one H200 (~5 min; four 7B instances starting at once on one H100 did not get healthy
+  # within 280 s: their logs come back in $OUT): 2 prefill + 2 decode instances of Qwen2.5-7B (dummy weights) sharing the
   # GPU, 64 conversations x 6 turns (benchmarks/multi_turn.py), the router's round_robin vs cache_aware
   for policy in round_robin cache_aware; do
     timeout 280 python3 -m pdserve.cli up --prefill 2 --decode 2 --gpus 0 --port 8700 --policy "$policy" \
@@ -246,6 +247,7 @@ multiturn)  # one H200 (~5 min): 2 prefill + 2 decode instances of Qwen2.5-7B (d
     tail -25 "$OUT/multi_turn-$policy.log"
     kill "$up" 2>/dev/null
     wait "$up"
+    for log in /tmp/up-"$policy"/*.log; do tail -40 "$log" >"$OUT/${policy}_$(basename "$log")"; done
   done
   ;;
 resume)  # one GPU (~3 min): benchmarks/resume_cost.py with 1 prefill + 2 decode instances of Qwen2.5-7B
