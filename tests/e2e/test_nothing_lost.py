@@ -291,7 +291,7 @@ def test_colocated_instance_killed_mid_stream(cluster: Cluster) -> None:
     cluster.pools_free()
 
 
-LONG_TOKENS = 80
+LONG_TOKENS = 96  # ~3 s of decode here: far past the 1 s drain once 5 chunks came
 
 
 def _long_stream(url: str, on_tokens: Callable[[], None] | None = None) -> dict[str, Any]:
