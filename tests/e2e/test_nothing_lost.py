@@ -167,7 +167,8 @@ async def _load(url: str, done: Callable[[], bool], count: int, rate: float = RA
     async with AsyncOpenAI(
         base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=BOUND_S * 2
     ) as client:
-        tasks, started = [], time.monotonic()
+        tasks: list[asyncio.Task[dict[str, Any]]] = []
+        started = time.monotonic()
         while len(tasks) < count or not done():
             await asyncio.sleep(max(0.0, started + len(tasks) / rate - time.monotonic()))
             tasks.append(asyncio.create_task(_timed(client, len(tasks))))
@@ -298,14 +299,14 @@ def _long_stream(url: str, on_tokens: Callable[[], None] | None = None) -> dict[
     """A long greedy completion stream through `url`, read raw; `on_tokens()` once 5 chunks came."""
     body = {"model": MODEL, "prompt": "Once upon a time, in a land far away,", "max_tokens": LONG_TOKENS}
     body.update(min_tokens=LONG_TOKENS, temperature=0.0, stream=True, stream_options={"include_usage": True})
-    raw, chunks = b"", 0
+    raw, chunks, called = b"", 0, on_tokens is None
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()
         for piece in r.iter_bytes():
             raw, chunks = raw + piece, chunks + piece.count(b'"text"')
-            if on_tokens is not None and chunks >= 5:
-                on_tokens, hook = None, on_tokens
-                hook()
+            if not called and on_tokens is not None and chunks >= 5:
+                called = True
+                on_tokens()
     return parse_stream(raw, chat=False)
 
 
