@@ -330,6 +330,8 @@ def test_drain_hands_a_long_stream_on(cluster: Cluster) -> None:
     assert got["errors"] == [] and got["done"] == 1, got
     assert got["text"] == want["text"] and got["usage"] == want["usage"], (got, want)
     assert _resumed(router) == resumed + 1
+    log = router.proc.log(200_000)  # the resume's line names the request, the drained instance, the new pair
+    assert f"instance_draining on {drained[0].url} after" in log and "resumed on" in log, log[-3000:]
     assert _exit_status(drained[0]) == 0, drained[0].proc.log() if drained[0].proc else ""
     assert "1 requests ended by the drain" in (drained[0].proc.log(20000) if drained[0].proc else "")
     cluster.pools_free()
