@@ -5,12 +5,16 @@ streams on the other (a prefill instance recomputes prompt + the tokens already 
     .venv/bin/python benchmarks/resume_cost.py [--streams 8] [--max-tokens 64] [--kill-after 16]
         [--output FILE] [-- SERVE OPTIONS...]    e.g. -- --device cuda --model qwen2.5-7b --load-format dummy
 
-Reported per stream, for a fault-free pass and the faulted pass of the same requests:
-    gap          the longest wait between two chunks (the resumed part's first token delay, faulted)
+Reported for a fault-free pass and the faulted pass of the same requests:
+    ttft         request start to the first chunk
     tpot         the median wait between chunks
+    gap          the longest wait between two chunks
     e2e          request start to [DONE]
-Resumed streams are those whose text went on after the kill on the other decode instance; the router's
-pdserve_router_resumes_total says how many it resumed. Outputs must equal the fault-free pass.
+and, for the resumed streams only (the router's log names each resumed request by its completion id):
+    resume_delay the kill to the stream's next chunk: what the client waits for the resumed part's
+                 first token (failure detection, prompt + sent tokens recomputed, the KV moved)
+The router's pdserve_router_resumes_total says how many it resumed. Outputs must equal the fault-free
+pass. On CPU every engine gets one OpenMP thread (OMP_NUM_THREADS=1 unless set), as they share cores.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -69,10 +74,12 @@ class Cluster:
         secret = log_dir / "secret"
         secret.write_text(os.urandom(32).hex())
         secret.chmod(0o600)
-        self.env = {**os.environ, "PDSERVE_CLUSTER_SECRET": secret.read_text()}
+        self.env = {"OMP_NUM_THREADS": "1", **os.environ, "PDSERVE_CLUSTER_SECRET": secret.read_text()}
         self.ports = {name: free_port() for name in ("prefill", "decode0", "decode1", "router")}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.serve = serve
+        self.model = ""
+        self.killed_at = 0.0
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -88,6 +95,16 @@ class Cluster:
         router += ["--prefill", self.url("prefill"), "--decode", self.url("decode0"), self.url("decode1")]
         self.procs["router"] = start(router, self.log_dir / "router.log", self.env)
         wait_healthy(self.url("router"), 60)
+        self.model = httpx.get(f"{self.url('decode1')}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def kill_decode0(self) -> None:
+        self.killed_at = time.perf_counter()
+        self.procs["decode0"].kill()
+
+    def resumed_ids(self) -> set[str]:
+        """The completion ids of the requests the router resumed (its log line for each)."""
+        text = (self.log_dir / "router.log").read_text(errors="replace")
+        return set(re.findall(r"request (\S+): .* resumed on ", text))
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -108,13 +125,20 @@ class Cluster:
         return total
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, seen: list[int]) -> dict:
-    body = {"model": "m", "prompt": PROMPT.format(i=i), "max_tokens": max_tokens, "temperature": 0.0}
+async def one_stream(
+    client: httpx.AsyncClient, cluster: Cluster, i: int, max_tokens: int, seen: list[int]
+) -> dict:
+    body = {
+        "model": cluster.model,
+        "prompt": PROMPT.format(i=i),
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    }
     body.update(stream=True, ignore_eos=True)
     start = time.perf_counter()
     times: list[float] = []
-    text = ""
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+    text, completion_id = "", ""
+    async with client.stream("POST", f"{cluster.url('router')}/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -122,15 +146,18 @@ async def one_stream(client: httpx.AsyncClient, url: str, i: int, max_tokens: in
             data = json.loads(line[6:])
             if "error" in data:
                 return {"error": data["error"], "text": text}
+            completion_id = data.get("id", completion_id)
             piece = data["choices"][0]["text"] if data.get("choices") else ""
             if piece:
-                times.append(time.perf_counter() - start)
+                times.append(time.perf_counter())
                 text += piece
                 seen[i] += 1
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     return {
+        "id": completion_id,
         "text": text,
-        "ttft": times[0] if times else None,
+        "times": times,
+        "ttft": times[0] - start if times else None,
         "gap": max(gaps, default=0.0),
         "tpot": statistics.median(gaps) if gaps else 0.0,
         "e2e": time.perf_counter() - start,
@@ -141,14 +168,17 @@ async def run_pass(cluster: Cluster, streams: int, max_tokens: int, kill_after: 
     seen = [0] * streams
     async with httpx.AsyncClient(timeout=600) as client:
         tasks = [
-            asyncio.ensure_future(one_stream(client, cluster.url("router"), i, max_tokens, seen))
-            for i in range(streams)
+            asyncio.ensure_future(one_stream(client, cluster, i, max_tokens, seen)) for i in range(streams)
         ]
         if kill_after is not None:
             while min(seen) < kill_after and not all(t.done() for t in tasks):
                 await asyncio.sleep(0.005)
-            cluster.procs["decode0"].kill()
+            cluster.kill_decode0()
         return list(await asyncio.gather(*tasks))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
 
 
 def summary(results: list[dict]) -> dict[str, float]:
@@ -156,11 +186,28 @@ def summary(results: list[dict]) -> dict[str, float]:
     return {
         "streams": len(results),
         "failed": len(results) - len(ok),
+        "ttft_median_s": median([r["ttft"] for r in ok if r["ttft"] is not None]),
+        "tpot_median_s": median([r["tpot"] for r in ok]),
+        "gap_median_s": median([r["gap"] for r in ok]),
         "gap_max_s": max((r["gap"] for r in ok), default=0.0),
-        "gap_median_s": statistics.median([r["gap"] for r in ok]) if ok else 0.0,
-        "tpot_median_s": statistics.median([r["tpot"] for r in ok]) if ok else 0.0,
-        "e2e_median_s": statistics.median([r["e2e"] for r in ok]) if ok else 0.0,
+        "e2e_median_s": median([r["e2e"] for r in ok]),
         "e2e_max_s": max((r["e2e"] for r in ok), default=0.0),
+    }
+
+
+def resume_delays(results: list[dict], resumed: set[str], killed_at: float) -> dict[str, float]:
+    """For the resumed streams: the kill to their next chunk, and their own median chunk gap."""
+    delays, tpots = [], []
+    for r in results:
+        after = [t for t in r.get("times", []) if t > killed_at]
+        if r.get("id") in resumed and after:
+            delays.append(after[0] - killed_at)
+            tpots.append(r["tpot"])
+    return {
+        "resumed_streams": len(delays),
+        "resume_delay_median_s": median(delays),
+        "resume_delay_max_s": max(delays, default=0.0),
+        "their_tpot_median_s": median(tpots),
     }
 
 
@@ -179,6 +226,7 @@ def main() -> None:
         clean = asyncio.run(run_pass(cluster, args.streams, args.max_tokens, None))
         faulted = asyncio.run(run_pass(cluster, args.streams, args.max_tokens, args.kill_after))
         resumed = cluster.resumes()
+        delays = resume_delays(faulted, cluster.resumed_ids(), cluster.killed_at)
     finally:
         cluster.stop()
     equal = sum(a.get("text") == b.get("text") for a, b in zip(clean, faulted, strict=True))
@@ -191,7 +239,8 @@ def main() -> None:
         "kill_after": args.kill_after,
         "fault_free": summary(clean),
         "faulted": summary(faulted),
-        "resumed_streams": resumed,
+        "router_resumes_total": resumed,
+        "resumed": delays,
         "outputs_equal": equal,
     }
     print(json.dumps(result, indent=2))
