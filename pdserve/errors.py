@@ -25,6 +25,11 @@ class PrefillFailedError(PDServeError):
     """The prefill instance could not deliver this request's KV: HTTP 502; the router may retry."""
 
 
+class PrefillDrainingError(PrefillFailedError):
+    """The prefill instance is draining and took no part of this request: HTTP 503; the router
+    sends it to another prefill instance without counting a retry."""
+
+
 class EngineDeadError(PDServeError):
     """The engine loop has stopped and cannot serve: HTTP 503. The server then exits with
     EXIT_STATUS, so that its supervisor (`pdserve up`, Kubernetes) restarts it."""

@@ -226,8 +226,9 @@ class Sender:
         if invalid:  # the decode instance answers its client 400: no other prefill would take it
             link.drop("invalid", msg, f": {invalid}")
             link.transport.send(msg.sender, p.Failed(link.address, msg.transfer_id, invalid, "invalid"))
-        elif refused:
-            link.transport.send(msg.sender, p.Failed(link.address, msg.transfer_id, refused))
+        elif refused:  # draining: the decode side tells its router, which retries at no cost
+            why = "draining" if self.refusing else ""
+            link.transport.send(msg.sender, p.Failed(link.address, msg.transfer_id, refused, why))
         else:
             link.actions.put(prefill)
 

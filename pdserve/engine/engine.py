@@ -423,8 +423,10 @@ class Engine:
         request = self.scheduler.requests.get(action.request_id)
         if request is None:
             return []
-        # server/streaming.py maps the prefix to HTTP: 400 (no retry helps) or 502 (retried)
-        kind = "invalid_request" if action.refused == "invalid" else "prefill_failed"
+        # server/streaming.py maps the prefix to HTTP: 400 (no retry helps), 503 (a draining prefill:
+        # retried elsewhere at no cost) or 502 (retried)
+        kinds = {"invalid": "invalid_request", "draining": "prefill_draining"}
+        kind = kinds.get(action.refused, "prefill_failed")
         request.error = f"{kind}: {action.reason}"
         self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
         return [self._output(request, [], [])]

@@ -43,7 +43,7 @@ from pdserve.router.instances import HealthPoller, Instance, Registry, Role
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
 from pdserve.router.relay import Relay, SSEResponse
-from pdserve.router.resume import RESUMABLE_CODES, RESUMABLE_HEADER
+from pdserve.router.resume import PREFILL_CODES, RESUMABLE_CODES, RESUMABLE_HEADER
 from pdserve.router.sse import json_error_code
 from pdserve.router.upstream import CONNECT_TIMEOUT_S, Upstream
 
@@ -249,11 +249,14 @@ class Proxy:
     def may_retry(self, call: Call, route: Route, code: str | None) -> bool:
         """After a failure with `code`: True if the request may go to another pair (the failed instance
         excluded: the prefill after "prefill_failed"/"kv_timeout", else the target), spending one of
-        its max_resumes."""
+        its max_resumes; a draining prefill took no part in it, so trying another costs nothing."""
         if code not in RESUMABLE_CODES:
             return False
         self.metrics.count_error(code)
-        if code in ("prefill_failed", "kv_timeout") and route.prefill is not None:
+        free = code == "prefill_draining"
+        if code in PREFILL_CODES and route.prefill is not None:
+            if free:
+                route.prefill.mark_down("is draining")
             self.poller.check_soon(route.prefill)
             call.tries.prefills.add(route.prefill.url)
             spare = self.registry.healthy("prefill", call.tries.prefills)
@@ -261,9 +264,9 @@ class Proxy:
             self.take_out(route.target, f"failed a request: {code}")
             call.tries.targets.add(route.target.url)
             spare = self.registry.healthy(route.target.role, call.tries.targets)
-        if call.tries.spent >= self.max_resumes or not spare:
+        if not spare or (call.tries.spent >= self.max_resumes and not free):
             return False
-        call.tries.spent += 1
+        call.tries.spent += 0 if free else 1
         self.metrics.retries.labels(reason=code).inc()
         return True
 

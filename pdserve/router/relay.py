@@ -33,7 +33,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pdserve.router.errors import RouterError, error_body
-from pdserve.router.resume import RESUMABLE_CODES, Progress
+from pdserve.router.resume import PREFILL_CODES, RESUMABLE_CODES, Progress
 from pdserve.router.sse import (
     DONE,
     carries_token,
@@ -224,7 +224,7 @@ class Relay:
             "request %s: %s on %s after %d tokens (%d characters); resumed on %s (resume %d of %d)",
             self.progress.completion_id,
             failure.code,
-            failed.target.url if failure.code not in ("prefill_failed", "kv_timeout") else failed.describe(),
+            failed.target.url if failure.code not in PREFILL_CODES else failed.describe(),
             len(self.progress.token_ids),
             self.progress.chars,
             self.route.describe(),

@@ -22,8 +22,17 @@ from typing import Any
 RESUMABLE_HEADER = "X-PDServe-Resumable"
 # error codes (an SSE error event, or a 5xx answer) that another instance may do better on
 RESUMABLE_CODES = frozenset(
-    {"instance_failed", "instance_draining", "engine_dead", "prefill_failed", "kv_timeout"}
+    {
+        "instance_failed",
+        "instance_draining",
+        "engine_dead",
+        "prefill_failed",
+        "prefill_draining",
+        "kv_timeout",
+    }
 )
+# of those, the ones the prefill instance answers for: another prefill instance is tried
+PREFILL_CODES = frozenset({"prefill_failed", "prefill_draining", "kv_timeout"})
 MAX_TOKENS = 1 << 20
 _MAX_MARK_BYTES = 1 << 20  # one id line: far more than any one event's tokens
 

@@ -123,7 +123,7 @@ def _handoff(prefill: Instance) -> FromPrefill | None:
 
 
 def _prefill_failed(out: RequestOutput) -> bool:
-    return out.finished and (out.error or "").startswith("prefill_failed")
+    return out.finished and (out.error or "").startswith(("prefill_failed", "prefill_draining"))
 
 
 class Peeked(RequestStream):

@@ -26,6 +26,7 @@ from pdserve.errors import (
     ModelNotFoundError,
     OverloadedError,
     PDServeError,
+    PrefillDrainingError,
     PrefillFailedError,
 )
 
@@ -64,6 +65,10 @@ _KINDS: list[tuple[type[Exception], ErrorKind]] = [
     (
         InstanceDrainingError,
         ErrorKind(503, "service_unavailable_error", "instance_draining", "instance_draining"),
+    ),
+    (
+        PrefillDrainingError,
+        ErrorKind(503, "service_unavailable_error", "prefill_draining", "prefill_draining"),
     ),
     (PrefillFailedError, ErrorKind(502, "server_error", "prefill_failed", "prefill_failed")),
     (ClientDisconnectedError, ErrorKind(499, "invalid_request_error", "client_disconnected", "abort")),

@@ -34,6 +34,7 @@ from pdserve.errors import (
     EngineDeadError,
     InvalidRequestError,
     PDServeError,
+    PrefillDrainingError,
     PrefillFailedError,
 )
 from pdserve.observability import tracing
@@ -47,6 +48,7 @@ from pdserve.server.responses import Format, TokenText, format_of
 _HAND_OFF_ERRORS: dict[str, Callable[[str], PDServeError]] = {
     "invalid_request": InvalidRequestError,
     "prefill_failed": PrefillFailedError,
+    "prefill_draining": PrefillDrainingError,
 }
 
 _FINISHED_OK = ("stop", "length")

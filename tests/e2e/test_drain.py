@@ -9,7 +9,8 @@ Checked, in order (each step drains one process for good):
 - the router, a stream relayed through it: /health 503, a new request 503 router_draining, the stream
   ends normally, exit 0;
 - the prefill instance: a stream running on it ends normally, a Reserve it gets meanwhile is refused
-  ("draining": the decode instance answers 502 prefill_failed), exit 0;
+  ("draining": the decode instance answers 503 prefill_draining, which a router retries on another
+  prefill instance without spending a resume), exit 0;
 - decode B with --drain-timeout 2 and a stream far longer than that: the stream ends with an
   instance_draining error event and [DONE], pdserve_drain_seconds counts while it drains, exit 0.
 """
@@ -180,7 +181,7 @@ def test_a_draining_prefill_instance_refuses_new_reserves(drain_cluster: DrainCl
     assert wait_until(lambda: _health(prefill.url).status_code == 503, 2.0, 0.05), prefill.proc.log()
     assert wait_until(lambda: not c.registered(prefill), 1.0, 0.05), "still in the registry"
     answer = _complete(c.b.url, kv_transfer_params=params)
-    assert (answer.status_code, _error_code(answer)) == (502, "prefill_failed"), answer.text
+    assert (answer.status_code, _error_code(answer)) == (503, "prefill_draining"), answer.text
     assert "draining" in answer.json()["error"]["message"]
     stream.finish_normally()
     assert _exit_status(prefill.proc) == 0, prefill.proc.log()

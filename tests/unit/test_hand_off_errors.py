@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from pdserve.engine.outputs import RequestOutput
-from pdserve.errors import EngineDeadError, InvalidRequestError, PrefillFailedError
+from pdserve.errors import EngineDeadError, InvalidRequestError, PrefillDrainingError, PrefillFailedError
 from pdserve.server.streaming import GenerationRunner
 
 
@@ -18,6 +18,7 @@ from pdserve.server.streaming import GenerationRunner
     [
         ("invalid_request: the prefill instance: prompt has 40 tokens", InvalidRequestError, "prompt has 40"),
         ("prefill_failed: prefill instance tcp://h:1 stopped answering", PrefillFailedError, "stopped"),
+        ("prefill_draining: draining", PrefillDrainingError, "draining"),
         ("something else broke", RuntimeError, "something else"),
     ],
 )
