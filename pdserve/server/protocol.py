@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
-
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 

@@ -59,7 +59,8 @@ def json_values(text: str) -> list[Any] | None:
     """The JSON values `text` holds one after the other, separated by whitespace or `;`; None if any
     part of it is not JSON."""
     decoder = json.JSONDecoder()
-    values, i = [], 0
+    values: list[Any] = []
+    i = 0
     while True:
         while i < len(text) and (text[i].isspace() or text[i] == ";"):
             i += 1
