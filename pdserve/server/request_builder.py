@@ -111,7 +111,9 @@ class RequestBuilder:
         except ValidationError as e:
             raise validation_error(e) from None
         name = getattr(request, "model", None)
-        if name != self.served_model_name and not (name is None and isinstance(request, p.TokenizeRequest)):
+        if name != self.served_model_name and not (
+            name is None and isinstance(request, p.TokenizeRequest | p.DetokenizeRequest)
+        ):
             raise ModelNotFoundError(f"the model {name!r} does not exist")
         if isinstance(request, p.SamplingRequest) and (field := request.unsupported()) is not None:
             raise InvalidRequestError(f"{field} is not supported", field)
