@@ -9,6 +9,12 @@ megabytes would hold /health for seconds) nor on the engine thread; one thread, 
 safe to share between threads. Every refusal is a typed error (InvalidRequestError, ModelNotFoundError),
 mapped to HTTP in errors.py. `kv_transfer_params` from the router (protocol.KVTransferParams: the prefill
 instance's address only) rides along into the engine requests.
+
+Chat: messages (tool calls and tool answers too), tools and chat_template_kwargs go through the chat
+template; parsers/requested.py decides how the answer is parsed (reasoning, tool calls) and, for
+tool_choice required or a named function, the grammar that constrains it. Completions: a batch of
+prompts is one Generation of P * n choices; without max_tokens each gets 16 tokens at most.
+The same thread answers /tokenize and /detokenize.
 """
 
 from __future__ import annotations
