@@ -1,6 +1,6 @@
-"""The rest of OpenAI's surface and the answer parsers, end to end: one real `pdserve serve` started
-with --reasoning-parser qwen3 --enable-auto-tool-choice --tool-call-parser hermes, real HTTP (the
-openai SDK and httpx). The small default model writes no think tags or tool calls by itself, so the
+"""The rest of OpenAI's surface and the answer parsers, end to end: the shared `server` (conftest.py;
+started with --reasoning-parser qwen3 --enable-auto-tool-choice --tool-call-parser hermes), real
+HTTP (the openai SDK and httpx). The small default model writes no think tags or tool calls by itself, so the
 parser tests force them: a request that resumes (issue 25's `resume`) from the tokens of a recorded
 Qwen answer goes through the real request path, engine, detokenizer, parsers and stream, and the
 model continues it; a logit_bias of +100 on the end-of-turn token makes it stop right there.
@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from tests.conftest import API_KEY, MODEL, ServerProcess, running_server
+from tests.conftest import API_KEY, MODEL, ServerProcess
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Say hello."}]
@@ -37,23 +37,13 @@ WEATHER_TOOL = {
 
 
 @pytest.fixture(scope="module")
-def api_server(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("api") / "server.log"
-    args = ["--model", model_dir, "--num-blocks", "256", "--max-num-seqs", "16", "--device", "cpu"]
-    args += ["--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    with running_server(log, args, api_key=API_KEY) as s:
-        yield s
-        assert s.wait_pool_free()["pool_free"]
+def client(server: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def client(api_server: ServerProcess) -> OpenAI:
-    return OpenAI(base_url=api_server.v1, api_key=API_KEY, max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def http(api_server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_server.url, headers=api_server.headers, timeout=120) as c:
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=120) as c:
         yield c
 
 
@@ -99,26 +89,26 @@ def test_logit_bias_forces_and_bans(client: OpenAI, tokenizer: Any) -> None:
 def test_echo_token_arrays_and_prompt_batches_equal_single_prompts(client: OpenAI, tokenizer: Any) -> None:
     other = "Water boils at"
     single = [
-        client.completions.create(model=MODEL, prompt=x, max_tokens=6, **GREEDY) for x in (PROMPT, other)
+        client.completions.create(model=MODEL, prompt=x, max_tokens=4, **GREEDY) for x in (PROMPT, other)
     ]
     texts = [s.choices[0].text for s in single]
     ids = [tokenizer.encode(x) for x in (PROMPT, other)]
     assert (
-        client.completions.create(model=MODEL, prompt=ids[0], max_tokens=6, **GREEDY).choices[0].text
+        client.completions.create(model=MODEL, prompt=ids[0], max_tokens=4, **GREEDY).choices[0].text
         == texts[0]
     )
     for batch in ([PROMPT, other], ids):
-        out = client.completions.create(model=MODEL, prompt=batch, max_tokens=6, n=2, **GREEDY)  # type: ignore[arg-type]
+        out = client.completions.create(model=MODEL, prompt=batch, max_tokens=4, n=2, **GREEDY)  # type: ignore[arg-type]
         assert [c.index for c in out.choices] == [0, 1, 2, 3]
         assert [c.text for c in out.choices] == [texts[0], texts[0], texts[1], texts[1]]
         assert out.usage is not None and out.usage.prompt_tokens == len(ids[0]) + len(ids[1])
         assert out.usage.completion_tokens == sum(2 * s.usage.completion_tokens for s in single if s.usage)
-    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, echo=True, **GREEDY)
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, echo=True, **GREEDY)
     assert echoed.choices[0].text == PROMPT + texts[0]
-    echoed_ids = client.completions.create(model=MODEL, prompt=ids[1], max_tokens=6, echo=True, **GREEDY)
+    echoed_ids = client.completions.create(model=MODEL, prompt=ids[1], max_tokens=4, echo=True, **GREEDY)
     assert echoed_ids.choices[0].text == tokenizer.decode(ids[1]) + texts[1]
     stream = client.completions.create(
-        model=MODEL, prompt=[PROMPT, other], max_tokens=6, echo=True, stream=True, **GREEDY
+        model=MODEL, prompt=[PROMPT, other], max_tokens=4, echo=True, stream=True, **GREEDY
     )
     streamed = ["", ""]
     for chunk in stream:
@@ -162,7 +152,7 @@ def test_continuous_usage_stats(client: OpenAI) -> None:
 
 
 def test_tokenize_and_detokenize(
-    api_server: ServerProcess, http: httpx.Client, client: OpenAI, tokenizer: Any
+    server: ServerProcess, http: httpx.Client, client: OpenAI, tokenizer: Any
 ) -> None:
     r = http.post("/tokenize", json={"model": MODEL, "prompt": PROMPT, "return_token_strs": True})
     assert r.status_code == 200, r.text
@@ -178,7 +168,7 @@ def test_tokenize_and_detokenize(
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert http.post("/tokenize", json={"model": "gpt-4o", "prompt": "x"}).status_code == 404
     assert http.post("/tokenize", json={"prompt": "x", "messages": CHAT}).status_code == 400
-    assert httpx.post(f"{api_server.url}/tokenize", json={"prompt": "x"}).status_code == 401  # the API key
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}).status_code == 401  # the API key
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,8 @@ CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
 DROP = object()  # a field to leave out
 LONG_TEXT = "hello " * 9000  # more tokens than the model's 8192 context
+TOOL_F = {"type": "function", "function": {"name": "f"}}
+NAMED_G = {"type": "function", "function": {"name": "g"}}
 NAN_BODY = b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL.encode()
 
 
@@ -135,13 +137,9 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("logit-bias-beyond-vocab", COMP, comp(logit_bias={"999999": 5}), 400, "logit_bias"),
     ("logit-bias-not-an-id", COMP, comp(logit_bias={"a": 5}), 400, "logit_bias"),
     ("logit-bias-out-of-range", COMP, comp(logit_bias={"50": -101}), 400, "logit_bias"),
-    (
-        "tools-auto-unconfigured",
-        CHAT,
-        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
-        400,
-        "tool_choice",
-    ),
+    ("tool-choice-unknown-function", CHAT, chat(tools=[TOOL_F], tool_choice=NAMED_G), 400, "tool_choice"),
+    ("tool-choice-without-tools", CHAT, chat(tool_choice="required"), 400, "tool_choice"),
+    ("tool-without-name", CHAT, chat(tools=[{"type": "function", "function": {}}]), 400, "tools"),
     ("beam-search", CHAT, chat(use_beam_search=True), 400, "use_beam_search"),
     ("response-format", CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
 ]
