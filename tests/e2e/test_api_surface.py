@@ -214,6 +214,16 @@ CALLS = (
 )
 
 
+def gathered(stream: Any) -> tuple[str, str]:
+    """A streamed chat answer's reasoning_content and content."""
+    reasoning, content = "", ""
+    for chunk in stream:
+        for c in chunk.choices:
+            reasoning += getattr(c.delta, "reasoning_content", None) or ""
+            content += c.delta.content or ""
+    return reasoning, content
+
+
 def test_reasoning_content_streamed_and_whole(client: OpenAI, tokenizer: Any) -> None:
     whole = client.chat.completions.create(
         model=MODEL,
@@ -233,12 +243,21 @@ def test_reasoning_content_streamed_and_whole(client: OpenAI, tokenizer: Any) ->
         extra_body=forced(tokenizer, REASONED),
         **GREEDY,  # type: ignore[arg-type]
     )
-    reasoning, content = "", ""
-    for chunk in stream:
-        for c in chunk.choices:
-            reasoning += getattr(c.delta, "reasoning_content", None) or ""
-            content += c.delta.content or ""
+    reasoning, content = gathered(stream)
     assert (reasoning, content) == (message.reasoning_content, message.content)  # type: ignore[attr-defined]
+    sent = REASONED.index("greeting")  # resumed mid-reasoning: the parsers know where the client is
+    body = forced(tokenizer, REASONED)
+    body["resume"]["text_chars_sent"] = sent
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=40,
+        stream=True,
+        extra_body=body,
+        **GREEDY,  # type: ignore[arg-type]
+    )
+    reasoning, content = gathered(stream)
+    assert (reasoning, content) == ("greeting.\n", message.content)
     off = client.chat.completions.create(  # no think tag: all content, whatever chat_template_kwargs say
         model=MODEL,
         messages=CHAT,
