@@ -114,3 +114,9 @@ def test_arguments_are_json_text_of_an_object() -> None:
 
 def test_registry_names() -> None:
     assert set(TOOL_CALL_PARSERS) == {"hermes", "llama3_json"}
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    spec = ParserSpec(tool_parser="hermes", tool_mode="auto", parallel_tool_calls=False)
+    assert parse(spec, [HERMES_TWO]) == Parsed("", "", [WEATHER])
+    assert parse(spec, list(HERMES_TWO)) == Parsed("", "", [WEATHER])

@@ -28,6 +28,7 @@ class ParserSpec:
     tool_parser: str | None = None
     tool_mode: Literal["auto", "required", "function"] | None = None
     function: str | None = None
+    parallel_tool_calls: bool = True  # false: the first call only
 
     @property
     def active(self) -> bool:
@@ -55,6 +56,7 @@ class ChoiceParser:
     def __init__(self, spec: ParserSpec) -> None:
         self.reasoning = ReasoningParser(spec.reasoning) if spec.reasoning else None
         self.tools = _tool_parser(spec)
+        self.max_calls = None if spec.parallel_tool_calls else 1
         self.num_calls = 0
 
     def feed(self, text: str) -> Parsed:
@@ -71,6 +73,8 @@ class ChoiceParser:
         tools = self.tools.feed(split.content)
         if final:
             tools.add(self.tools.finish())
+        if self.max_calls is not None:
+            tools.calls = tools.calls[: max(0, self.max_calls - self.num_calls)]
         self.num_calls += len(tools.calls)
         return Parsed(split.reasoning, tools.content, tools.calls)
 

@@ -2,6 +2,7 @@
 `tools` / `tool_choice` mean (vLLM's rules):
 
     no tools, or tool_choice none     no tool parsing (the tools still reach the chat template)
+    parallel_tool_calls false         the first call only
     auto (the default with tools)     the server's --tool-call-parser, if --enable-auto-tool-choice;
                                       else 400
     required, or a named function     the output constrained to the calls' JSON (pdserve.structured's
@@ -22,12 +23,11 @@ def parser_spec(req: p.ChatCompletionRequest, config: ServerConfig) -> ParserSpe
     """The parsing of this request's answer; InvalidRequestError for a tool_choice it cannot have."""
     reasoning = config.reasoning_parser
     choice = req.tool_choice
+    parallel = req.parallel_tool_calls is not False
     if not req.tools:
         if choice not in (None, "none"):
             raise InvalidRequestError("tool_choice needs tools", "tool_choice")
         return ParserSpec(reasoning)
-    if req.parallel_tool_calls is False:
-        raise InvalidRequestError("parallel_tool_calls false is not supported", "parallel_tool_calls")
     if choice == "none":
         return ParserSpec(reasoning)
     if choice is None or choice == "auto":
@@ -37,15 +37,15 @@ def parser_spec(req: p.ChatCompletionRequest, config: ServerConfig) -> ParserSpe
                 "--tool-call-parser",
                 "tool_choice",
             )
-        return ParserSpec(reasoning, config.tool_call_parser, "auto")
+        return ParserSpec(reasoning, config.tool_call_parser, "auto", parallel_tool_calls=parallel)
     if choice == "required":
-        return ParserSpec(reasoning, None, "required")
+        return ParserSpec(reasoning, None, "required", parallel_tool_calls=parallel)
     names = {t.function.name for t in req.tools}
     if choice.function.name not in names:
         raise InvalidRequestError(
             f"tool_choice names {choice.function.name!r}, not one of the tools", "tool_choice"
         )
-    return ParserSpec(reasoning, None, "function", choice.function.name)
+    return ParserSpec(reasoning, None, "function", choice.function.name)  # one call by itself
 
 
 def forced_grammar(req: p.ChatCompletionRequest, spec: ParserSpec) -> Any:
