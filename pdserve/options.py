@@ -376,8 +376,9 @@ OPTIONS: tuple[Option, ...] = (
         ("--reasoning-parser",),
         "server",
         choices=REASONING_PARSERS,
-        help="chat answers' <think>...</think> text goes to reasoning_content (qwen3: Qwen3; "
-        "deepseek_r1: QwQ, DeepSeek-R1, whose answers open inside the block)",
+        help="chat answers' <think>...</think> text goes to reasoning_content (qwen3: answers that open "
+        "with <think>, Qwen3; deepseek_r1: answers that open inside the block, QwQ, DeepSeek-R1, "
+        "Qwen3-*-Thinking-2507)",
         offline=False,
     ),
     Option(

@@ -306,9 +306,10 @@ class RequestBuilder:
         gen = self.generation("chat", f"chatcmpl-{uuid.uuid4().hex}", req, [ids], params)
         gen.parsing = parsing if parsing.active else None
         if gen.parsing is not None and req.resume is not None and req.stream:
-            gen.parsed_before = self.tokenizer.decode(req.resume.output_token_ids)[
-                : req.resume.text_chars_sent
-            ]
+            resumed = self.tokenizer.decode(
+                req.resume.output_token_ids, skip_special_tokens=params.skip_special_tokens
+            )  # as the engine's detokenizer reads them
+            gen.parsed_before = resumed[: req.resume.text_chars_sent]
         return gen
 
     def completion_generation(self, req: p.CompletionRequest) -> Generation:
