@@ -6,7 +6,8 @@
     auto (the default with tools)     the server's --tool-call-parser, if --enable-auto-tool-choice;
                                       else 400
     required, or a named function     the output constrained to the calls' JSON (pdserve.structured's
-                                      tool_call_grammar), read by forced.py
+                                      tool_call_grammar) from its first token, read by forced.py
+                                      (no reasoning parser: the whole answer is that JSON)
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ def parser_spec(req: p.ChatCompletionRequest, config: ServerConfig) -> ParserSpe
             )
         return ParserSpec(reasoning, config.tool_call_parser, "auto", parallel_tool_calls=parallel)
     if choice == "required":
-        return ParserSpec(reasoning, None, "required", parallel_tool_calls=parallel)
+        return ParserSpec(None, None, "required", parallel_tool_calls=parallel)
     names = {t.function.name for t in req.tools}
     if choice.function.name not in names:
         raise InvalidRequestError(
             f"tool_choice names {choice.function.name!r}, not one of the tools", "tool_choice"
         )
-    return ParserSpec(reasoning, None, "function", choice.function.name)  # one call by itself
+    return ParserSpec(None, None, "function", choice.function.name)  # one call by itself
 
 
 def forced_grammar(req: p.ChatCompletionRequest, spec: ParserSpec) -> Any:
