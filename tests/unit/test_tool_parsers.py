@@ -5,10 +5,15 @@ reasoning parser in front of them (pipeline.ChoiceParser)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
+from pdserve.config import ServerConfig
+from pdserve.errors import InvalidRequestError
+from pdserve.server import protocol as p
 from pdserve.server.parsers.pipeline import TOOL_CALL_PARSERS, ChoiceParser, Parsed, ParserSpec
+from pdserve.server.parsers.requested import parser_spec
 from pdserve.server.parsers.tool_calls import ParsedCall
 
 WEATHER = ParsedCall("get_weather", json.dumps({"city": "Paris", "unit": "celsius"}))
@@ -120,3 +125,29 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     spec = ParserSpec(tool_parser="hermes", tool_mode="auto", parallel_tool_calls=False)
     assert parse(spec, [HERMES_TWO]) == Parsed("", "", [WEATHER])
     assert parse(spec, list(HERMES_TWO)) == Parsed("", "", [WEATHER])
+
+
+def _spec(config: ServerConfig, **fields: Any) -> ParserSpec:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return parser_spec(p.ChatCompletionRequest.model_validate(body), config)
+
+
+def test_what_tools_and_tool_choice_mean() -> None:
+    tool = {"type": "function", "function": {"name": "get_time"}}
+    plain = ServerConfig(reasoning_parser="qwen3")
+    auto = ServerConfig(reasoning_parser="qwen3", enable_auto_tool_choice=True, tool_call_parser="hermes")
+    assert _spec(plain) == ParserSpec("qwen3")
+    assert _spec(plain, tools=[tool], tool_choice="none") == ParserSpec("qwen3")
+    assert _spec(auto, tools=[tool]) == ParserSpec("qwen3", "hermes", "auto")
+    assert _spec(auto, tools=[tool], parallel_tool_calls=False).parallel_tool_calls is False
+    assert _spec(plain, tools=[tool], tool_choice="required") == ParserSpec(None, None, "required")
+    named = {"type": "function", "function": {"name": "get_time"}}
+    assert _spec(plain, tools=[tool], tool_choice=named) == ParserSpec(None, None, "function", "get_time")
+    for config, fields in (
+        (plain, {"tools": [tool]}),  # auto needs --enable-auto-tool-choice
+        (auto, {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "other"}}}),
+        (auto, {"tool_choice": "required"}),  # no tools
+    ):
+        with pytest.raises(InvalidRequestError) as e:
+            _spec(config, **fields)
+        assert e.value.param == "tool_choice"
