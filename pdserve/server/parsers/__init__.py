@@ -10,6 +10,7 @@ split the same text the same way, wherever a tag or a JSON object falls across p
     llama3_json.py   {"name", "parameters"} (Llama 3.x), `;`-separated, after an optional <|python_tag|>
     forced.py        the JSON a tool_choice of required / a named function constrains the output to
     pipeline.py      one choice's parsers in a row: reasoning first, then tool calls on the rest
+    requested.py     what a request's tools / tool_choice ask of its answer (vLLM's rules)
     held.py          holding back the end of a piece that may be the start of a tag
 
 Knows nothing of HTTP or of the engine.
