@@ -164,6 +164,9 @@ class ServerConfig:
     max_resumes: int = 2  # an entry's retries and resumes of one request (router/proxy.py)
     stall_timeout: float = 30.0  # a prefill entry's relayed stream silent this long resumes elsewhere
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP collector for OpenTelemetry spans
+    reasoning_parser: str | None = None  # server/parsers/reasoning.py's names
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # server/parsers/pipeline.py TOOL_CALL_PARSERS' names
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefill_peers", tuple(self.prefill_peers))
@@ -175,3 +178,5 @@ class ServerConfig:
             raise ValueError(f"--decode URL... is for a prefill instance (this one is {role})")
         if self.decode_max_queued < 0:
             raise ValueError("--decode-max-queued must be at least 0")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")

@@ -32,6 +32,8 @@ from pdserve.http_edge.limits import DEFAULT_MAX_CHAT_MESSAGES, DEFAULT_MAX_REQU
 from pdserve.kernels.config import KernelConfig
 from pdserve.registry.redis_keys import check_registry_url
 from pdserve.router.instances import normalize_url
+from pdserve.server.parsers.pipeline import TOOL_CALL_PARSERS
+from pdserve.server.parsers.reasoning import REASONING_PARSERS
 
 _positive = int_at_least(1)
 API_KEY_ENV = "PDSERVE_API_KEY"  # read when --api-key is not given (how `pdserve up` passes it)
@@ -367,6 +369,34 @@ OPTIONS: tuple[Option, ...] = (
         default=DEFAULT_MAX_CHAT_MESSAGES,
         type=_positive,
         help="messages in one chat request at most; more: 400",
+        offline=False,
+    ),
+    Option(
+        "reasoning_parser",
+        ("--reasoning-parser",),
+        "server",
+        choices=REASONING_PARSERS,
+        help="chat answers' <think>...</think> text goes to reasoning_content (qwen3: answers that open "
+        "with <think>, Qwen3; deepseek_r1: answers that open inside the block, QwQ, DeepSeek-R1, "
+        "Qwen3-*-Thinking-2507)",
+        offline=False,
+    ),
+    Option(
+        "enable_auto_tool_choice",
+        ("--enable-auto-tool-choice",),
+        "server",
+        default=False,
+        flag=True,
+        const=True,
+        help="tool_choice auto: the answer's tool calls (--tool-call-parser's format) become tool_calls",
+        offline=False,
+    ),
+    Option(
+        "tool_call_parser",
+        ("--tool-call-parser",),
+        "server",
+        choices=tuple(TOOL_CALL_PARSERS),
+        help="the tool-call format the model writes: hermes (Qwen2.5, Qwen3, QwQ), llama3_json (Llama 3.x)",
         offline=False,
     ),
     Option(

@@ -134,9 +134,11 @@ def tokenizer(model_dir: str) -> Any:
 
 @pytest.fixture(scope="session")
 def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The main test server: a small KV pool, an API key on /v1/*."""
+    """The main test server: a small KV pool, an API key on /v1/*, the answer parsers on (inert unless
+    an answer opens with <think> or a request has tools: tests/e2e/test_api_surface.py)."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--model", model_dir, "--num-blocks", "512", "--max-num-seqs", "16", "--device", "cpu"]
+    args += ["--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     with running_server(log, args, api_key=API_KEY) as s:
         yield s
 

@@ -8,8 +8,9 @@ and its output tokens' counts); a step concatenates the rows' arrays into flat (
 arrays, copies each once, and one gather and one scatter per kind of adjustment apply them all. The
 arithmetic is the per-row definition's, element by element in float32: repetition divides a
 positive logit by the penalty and multiplies a negative one, on every distinct token of prompt and
-output; then on each output token logit -= frequency * count + presence; then EOS and stop ids get
--inf while a request has fewer than min_tokens outputs.
+output; then on each output token logit -= frequency * count + presence; then each logit_bias entry
+is added (OpenAI's additive bias: +100 all but forces a token, -100 all but bans it); then EOS and
+stop ids get -inf while a request has fewer than min_tokens outputs.
 
 A step launched ahead (engine/ahead.py) samples before the host has the previous step's tokens:
 those arrive as a device tensor (`unseen`), and each row's counts take its unseen token on the
@@ -94,6 +95,10 @@ def apply_penalties(
     out = _frequency(requests, unseen is not None)
     if out is not None:
         _subtract(logits, out, unseen)
+    bias = _bias(requests, logits.shape[1])
+    if bias is not None:
+        rows, ids, values = _on_device(logits.device, *bias)
+        logits.index_put_((rows, ids), values, accumulate=True)
     bans = _banned(requests, logits.shape[1], unseen is not None)
     if bans is not None:
         rows, ids, _ = _on_device(logits.device, *bans)
@@ -167,6 +172,22 @@ def _subtract(logits: torch.Tensor, out: Counts, unseen: torch.Tensor | None) ->
         )
     minus = freq * counts + presence  # 0 for an unseen token already counted above: no change
     logits.index_put_((rows, ids), -minus, accumulate=True)
+
+
+def _bias(requests: list[Request], vocab: int) -> Entries | None:
+    """Each row's logit_bias, flat (ids past the vocabulary can never be drawn: left out)."""
+    rows: list[int] = []
+    ids: list[int] = []
+    values: list[float] = []
+    for i, r in enumerate(requests):
+        for t, v in (r.params.logit_bias or {}).items():
+            if t < vocab:
+                rows.append(i)
+                ids.append(t)
+                values.append(v)
+    if not rows:
+        return None
+    return np.asarray(rows, dtype=np.int64), np.asarray(ids, dtype=np.int64), np.asarray(values, np.float32)
 
 
 def _banned(requests: list[Request], vocab: int, ahead: bool) -> Entries | None:

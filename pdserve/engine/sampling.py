@@ -21,6 +21,8 @@ _INTS = ("n", "top_k", "min_tokens")
 _OPTIONAL_INTS = ("seed", "max_tokens", "logprobs")
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _BOOLS = ("ignore_eos", "skip_special_tokens")
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 forces it
+MAX_BIASED_TOKENS = 1024
 
 
 def _check(ok: bool, message: str, param: str) -> None:
@@ -56,6 +58,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: the sampled token's logprob plus the top k
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (a Reserve's JSON: str keys)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -88,6 +91,7 @@ class SamplingParams:
         _check(all(s for s in self.stop), "stop strings must not be empty", "stop")
         _check(len(self.stop) <= 16, "at most 16 stop strings", "stop")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0", "stop_token_ids")
+        self.logit_bias = _checked_bias(self.logit_bias)
         self._float32_safe()
 
     def _check_types(self) -> None:
@@ -129,4 +133,29 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Whether the logits change before the draw: penalties or a logit bias (penalties.py)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or bool(self.logit_bias)
+        )
+
+
+def _checked_bias(bias: object) -> dict[int, float] | None:
+    """logit_bias with int keys (a Reserve's JSON carries them as strings) and values in +-100."""
+    if bias is None:
+        return None
+    _check(isinstance(bias, dict), "logit_bias must map token ids to numbers", "logit_bias")
+    assert isinstance(bias, dict)
+    _check(len(bias) <= MAX_BIASED_TOKENS, f"logit_bias: at most {MAX_BIASED_TOKENS} tokens", "logit_bias")
+    result: dict[int, float] = {}
+    for key, value in bias.items():
+        ok_key = _is_int(key) or (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 12)
+        _check(ok_key, f"logit_bias keys must be token ids, not {str(key)[:32]!r}", "logit_bias")
+        ok_value = _is_number(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS  # NaN: False
+        _check(ok_value, "logit_bias values must be numbers in [-100, 100]", "logit_bias")
+        token = int(key)
+        _check(0 <= token <= 2**31 - 1, "logit_bias token ids must be in [0, 2**31)", "logit_bias")
+        result[token] = float(value)
+    return result or None

@@ -1,7 +1,9 @@
-"""One OpenAI request in flight: its n choices, the engine requests behind them, and its usage.
+"""One OpenAI request in flight: its choices, the engine requests behind them, and its usage.
 
-n choices are n engine requests added as one group: choice i is request "<id>-i" (just "<id>" when
-n is 1), seeded seed+i when a seed is given. Knows nothing of HTTP or of the answer's JSON shape.
+A request of P prompts (a /v1/completions batch; 1 otherwise) and n choices each is P * n engine
+requests added as one group: choice i (of prompt i // n) is request "<id>-i" (just "<id>" when there is
+one), seeded seed + i % n when a seed is given, so each prompt of a batch draws as it would alone.
+Knows nothing of HTTP or of the answer's JSON shape.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pdserve.engine.resume import Resume
 from pdserve.engine.sampling import SamplingParams
 from pdserve.server import protocol as p
 from pdserve.server.metrics import RequestTracker
+from pdserve.server.parsers.pipeline import ChoiceParser, ParserSpec
 
 Kind = Literal["chat", "completion"]
 
@@ -36,6 +39,8 @@ class Choice:
     num_cached_tokens: int = 0
     text_offset: int = 0  # completions logprobs: characters of token text already reported
     chars_sent: int = 0  # characters of output text streamed so far (a resumed answer's included)
+    parser: ChoiceParser | None = None  # a streamed chat answer's parsers (Generation.parser)
+    calls_sent: int = 0  # tool calls streamed so far (the next one's index)
 
     def add(self, out: RequestOutput) -> None:
         self.tracker.on_output(out)
@@ -63,8 +68,16 @@ class Generation:
     created: int = field(default_factory=lambda: int(time.time()))
     resume: p.ResumeParams | None = None  # continue an answer that broke off elsewhere (issue 25)
     resumable: bool = False  # the stream carries id lines (protocol.RESUMABLE_HEADER)
+    prompts: list[list[int]] = field(default_factory=list)  # a batch's prompts (default: the one)
+    budgets: list[int | None] = field(default_factory=list)  # each prompt's max_tokens (default: params')
+    echo: list[str] | None = None  # completions' echo: each prompt's text, before its choices' text
+    continuous_usage: bool = False  # usage so far on every streamed chunk
+    parsing: ParserSpec | None = None  # chat: reasoning / tool-call parsing of each choice's text
+    parsed_before: str = ""  # a resumed stream: the text its client has had (primes the parsers)
 
     def __post_init__(self) -> None:
+        if not self.prompts:
+            self.prompts = [self.prompt_token_ids]
         if self.resume is not None:  # the answer goes on under its first id, counting what it had
             self.created = self.resume.created
             for choice in self.choices:
@@ -84,31 +97,48 @@ class Generation:
         return Resume(tuple(r.output_token_ids), r.text_chars_sent, whole_text=not self.stream)
 
     def sub_request_id(self, index: int) -> str:
-        return self.request_id if self.n == 1 else f"{self.request_id}-{index}"
+        return self.request_id if len(self.choices) == 1 else f"{self.request_id}-{index}"
 
     def sub_requests(self) -> list[SubRequest]:
         return [
             (
                 self.sub_request_id(i),
-                self.prompt_token_ids,
-                choice_params(self.params, i),
+                self.prompts[i // self.n],
+                choice_params(self._prompt_params(i // self.n), i % self.n),
                 self.handoff,
                 self.engine_resume(),
             )
-            for i in range(self.n)
+            for i in range(len(self.choices))
         ]
 
+    def _prompt_params(self, prompt: int) -> SamplingParams:
+        if not self.budgets or self.budgets[prompt] == self.params.max_tokens:
+            return self.params
+        return dataclasses.replace(self.params, max_tokens=self.budgets[prompt])
+
     def choice_of(self, out: RequestOutput) -> Choice:
-        return self.choices[0] if self.n == 1 else self.choices[int(out.request_id.rsplit("-", 1)[1])]
+        if len(self.choices) == 1:
+            return self.choices[0]
+        return self.choices[int(out.request_id.rsplit("-", 1)[1])]
+
+    def parser(self) -> ChoiceParser | None:
+        """A fresh parser of one choice's text (None: its text is all content)."""
+        if self.parsing is None:
+            return None
+        parser = ChoiceParser(self.parsing)
+        if self.parsed_before:
+            parser.feed(self.parsed_before)  # what the client has had decides the parsers' state
+        return parser
 
     def usage(self) -> p.Usage:
         completion = sum(c.num_output_tokens for c in self.choices)
-        prompt = len(self.prompt_token_ids)
+        prompt = sum(len(ids) for ids in self.prompts)
+        cached = sum(self.choices[k * self.n].num_cached_tokens for k in range(len(self.prompts)))
         return p.Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
-            prompt_tokens_details=p.PromptTokensDetails(cached_tokens=self.choices[0].num_cached_tokens),
+            prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached),
         )
 
 

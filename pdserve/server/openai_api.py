@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP front of one instance: the FastAPI app, its routes, and run_server.
 
     POST /v1/chat/completions, /v1/completions   text in -> token ids -> AsyncEngine -> text out
+    POST /tokenize, /detokenize                  vLLM's: the tokenizer (and chat template) alone
     GET  /v1/models, /health, /metrics           (/pd/info, /debug/kv: pd_routes.py)
 
 An instance given its peers (--prefill on a decode instance, --decode on a prefill one) is an entry of
@@ -101,6 +102,22 @@ def _v1_router(server: OpenAIServer) -> APIRouter:
     return router
 
 
+def _tokenizer_router(requests: RequestBuilder) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/tokenize")
+    async def tokenize(raw: Request) -> Response:
+        answer = await requests.build(raw, p.TokenizeRequest, requests.tokenize)
+        return Response(answer.model_dump_json(), media_type="application/json")
+
+    @router.post("/detokenize")
+    async def detokenize(raw: Request) -> Response:
+        answer = await requests.build(raw, p.DetokenizeRequest, requests.detokenize)
+        return Response(answer.model_dump_json(), media_type="application/json")
+
+    return router
+
+
 def _health_router(engine: AsyncEngine) -> APIRouter:
     router = APIRouter()
 
@@ -148,6 +165,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     keyed = [Depends(_auth(config.api_key))]
     app.include_router(_health_router(engine))
     app.include_router(_v1_router(server), dependencies=keyed)
+    app.include_router(_tokenizer_router(server.requests), dependencies=keyed)
     app.include_router(_metrics_router(engine, metrics), dependencies=[] if config.metrics_public else keyed)
     app.include_router(pd_router(engine, server.served_model_name), dependencies=keyed)
     if server.entry is not None:

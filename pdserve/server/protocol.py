@@ -1,14 +1,17 @@
 """The OpenAI-compatible wire format: request models (validated, strict) and response models.
 
-Requests are strict about types ("8" is not an integer, 1.5 is not a count) and ignore fields they do
-not know, as OpenAI clients send many. Value ranges are checked once, by SamplingParams; the checks
-here cover only what SamplingParams cannot see (choice counts, seed width, fields we do not support).
+Requests are strict about types ("8" is not an integer, 1.5 is not a count) and keep fields they do
+not know aside (`model_extra`), as OpenAI clients send many: those OpenAI or vLLM define that pdserve
+does not do (UNSUPPORTED) are refused by name, never silently ignored. Value ranges are checked once,
+by SamplingParams; the checks here cover only what SamplingParams cannot see (choice counts, seed
+width, prompt counts).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -18,6 +21,8 @@ from pdserve.disagg.handoff import FromPrefill
 from pdserve.errors import InvalidRequestError
 
 MAX_N = 16
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_TOOLS = 128
 MAX_TOP_LOGPROBS = 20
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 MAX_RESUMED_TOKENS = 1 << 20  # the engine refuses more than its context anyway
@@ -30,6 +35,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # usage (so far) on every chunk
 
 
 class KVTransferParams(_Request):
@@ -88,22 +94,84 @@ class TextContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str = Field(max_length=256)
+    arguments: str  # a JSON object, as the model wrote it
+
+
+class ToolCall(_Request):
+    id: str | None = Field(default=None, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str = Field(max_length=256)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: which call it answers
+    reasoning_content: str | None = None  # an assistant's earlier reasoning (templates may drop it)
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (Qwen's and Llama's: tool_calls with `arguments` as
+        an object where the JSON parses, tool_call_id, name)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            message["tool_calls"] = [_template_call(c) for c in self.tool_calls]
+        return message
+
+
+def _template_call(call: ToolCall) -> dict[str, Any]:
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = call.function.arguments
+    function = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
 
 class SamplingRequest(_Request):
     """The fields chat and completions share, including the vLLM extras."""
 
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)  # UNSUPPORTED: by name
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}  # field -> the values that mean "not used"
+
     model: str
     max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = Field(default=None, ge=1, le=MAX_N)
@@ -132,23 +200,86 @@ class SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def unsupported(self) -> str | None:
+        """The first field this request sets that pdserve does not do (None: none)."""
+        for name, value in (self.model_extra or {}).items():
+            unused = self.UNSUPPORTED.get(name)
+            if unused is not None and value not in unused:
+                return name
+        return None
+
+
+_NOT_SET: tuple[Any, ...] = (None,)
+_OFF: tuple[Any, ...] = (None, False)
+_SHARED_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": _OFF,
+    "length_penalty": (None, 1, 1.0),
+    "prompt_logprobs": _NOT_SET,
+    "allowed_token_ids": _NOT_SET,
+    "bad_words": (None, []),
+    "include_stop_str_in_output": _OFF,
+    "truncate_prompt_tokens": _NOT_SET,
+    "logits_processors": _NOT_SET,
+    "guided_json": _NOT_SET,
+    "guided_regex": _NOT_SET,
+    "guided_choice": _NOT_SET,
+    "guided_grammar": _NOT_SET,
+    "structured_outputs": _NOT_SET,
+    "prompt_embeds": _NOT_SET,
+}
+
 
 class ChatCompletionRequest(SamplingRequest):
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_SHARED_UNSUPPORTED,
+        "functions": _NOT_SET,
+        "function_call": _NOT_SET,
+        "audio": _NOT_SET,
+        "modalities": (None, ["text"]),
+        "prediction": _NOT_SET,
+        "web_search_options": _NOT_SET,
+        "continue_final_message": _OFF,
+        "add_generation_prompt": (None, True),
+        "chat_template": _NOT_SET,
+        "documents": _NOT_SET,
+        "mm_processor_kwargs": _NOT_SET,
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. Qwen3's {"enable_thinking": false}
 
 
 class CompletionRequest(SamplingRequest):
-    # A string, token ids, or a batch of them (a batch of more than one is refused with a clear error).
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_SHARED_UNSUPPORTED,
+        "response_format": (None, {"type": "text"}),
+    }
+
+    # A string, token ids, or a batch of either (each prompt its own n choices).
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, one or a batch."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
 
 
 # ---- responses -----------------------------------------------------------------------------------------
@@ -190,9 +321,22 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str = ""
+    content: str | None = ""
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatChoice(_Response):
@@ -218,7 +362,7 @@ class ChatCompletionResponse(_Response):
 
 class ChatChunkChoice(_Response):
     index: int
-    delta: dict[str, str]
+    delta: dict[str, Any]  # role, content, reasoning_content, tool_calls (streamed.py's shapes)
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
@@ -264,3 +408,35 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- /tokenize and /detokenize (vLLM's shapes) -----------------------------------------------------
+
+
+class TokenizeRequest(_Request):
+    """A prompt, or chat messages through the chat template (as a chat request would be)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_RESUMED_TOKENS)
+
+
+class DetokenizeResponse(_Response):
+    prompt: str

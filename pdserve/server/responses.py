@@ -1,16 +1,22 @@
 """The two answer formats, chat and completion: stream chunks, whole answers, usage, logprobs.
 
-    Format.opening(gen)               chunks sent before any output (chat: the assistant role; none
-                                      when the answer is resumed: its client has them already)
+    Format.opening(gen)               chunks sent before any output (chat: the assistant role;
+                                      completions: the echoed prompts; none when the answer is
+                                      resumed: its client has them already)
     Format.chunks(gen, choice, out)   the chunks one engine output becomes
     Format.usage_chunk(gen)           the last chunk, when stream_options.include_usage
     Format.response(gen)              the whole answer of a request that is not streamed
 
-Pure shaping of pydantic models (protocol.py); running the request and sending bytes is streaming.py.
+A chat answer with parsing (Generation.parsing: --reasoning-parser, tools) goes through its choice's
+parsers (server/parsers/): streamed, each output's text becomes reasoning_content, content and
+tool_calls deltas (one delta per call, whole: id, name and arguments, as the openai SDK assembles
+them); whole, the same parsers read the whole text. Pure shaping of pydantic models (protocol.py);
+running the request and sending bytes is streaming.py.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from pydantic import BaseModel
@@ -19,6 +25,7 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import Logprob
 from pdserve.server import protocol as p
 from pdserve.server.generation import Choice, Generation
+from pdserve.server.parsers.tool_calls import ParsedCall
 
 _MIN_LOGPROB = -9999.0
 
@@ -66,19 +73,42 @@ class ChatFormat(Format):
             return []
         return [
             self._chunk(gen, p.ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""}))
-            for i in range(gen.n)
+            for i in range(len(gen.choices))
         ]
 
     def chunks(self, gen: Generation, choice: Choice, out: RequestOutput) -> list[BaseModel]:
         result: list[BaseModel] = []
-        if out.new_text or out.new_logprobs:
+        delta = self._delta(gen, choice, out)
+        if delta or out.new_logprobs:
             logprobs = self.logprobs(gen, out.new_logprobs)
-            delta = p.ChatChunkChoice(index=choice.index, delta={"content": out.new_text}, logprobs=logprobs)
-            result.append(self._chunk(gen, delta))
+            piece = p.ChatChunkChoice(index=choice.index, delta=delta or {"content": ""}, logprobs=logprobs)
+            result.append(self._chunk(gen, piece))
         if out.finished:
-            end = p.ChatChunkChoice(index=choice.index, delta={}, finish_reason=out.finish_reason)
+            reason = _finish_reason(gen, out.finish_reason, choice.calls_sent)
+            end = p.ChatChunkChoice(index=choice.index, delta={}, finish_reason=reason)
             result.append(self._chunk(gen, end))
         return result
+
+    def _delta(self, gen: Generation, choice: Choice, out: RequestOutput) -> dict[str, Any]:
+        """What this output adds to the choice's message: its text, or what the parsers made of it."""
+        if gen.parsing is None:
+            return {"content": out.new_text} if out.new_text else {}
+        if choice.parser is None:
+            choice.parser = gen.parser()
+        assert choice.parser is not None
+        parsed = choice.parser.feed(out.new_text)
+        if out.finished:
+            parsed.add(choice.parser.finish())
+        delta: dict[str, Any] = {}
+        if parsed.reasoning:
+            delta["reasoning_content"] = parsed.reasoning
+        if parsed.content:
+            delta["content"] = parsed.content
+        if parsed.calls:
+            calls = [_tool_call(c).model_dump() for c in parsed.calls]
+            delta["tool_calls"] = [{"index": choice.calls_sent + i, **c} for i, c in enumerate(calls)]
+            choice.calls_sent += len(calls)
+        return delta
 
     def _chunk(self, gen: Generation, *choices: p.ChatChunkChoice) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(
@@ -94,14 +124,27 @@ class ChatFormat(Format):
         choices = [
             p.ChatChoice(
                 index=c.index,
-                message=p.AssistantMessage(content="".join(c.text)),
+                message=self._message(gen, "".join(c.text)),
                 logprobs=self.logprobs(gen, c.logprobs),
                 finish_reason=c.finish_reason,
             )
             for c in gen.choices
         ]
+        for choice, message in zip(choices, (c.message for c in choices), strict=True):
+            choice.finish_reason = _finish_reason(gen, choice.finish_reason, len(message.tool_calls))
         return p.ChatCompletionResponse(
             id=gen.answer_id, created=gen.created, model=gen.model, choices=choices, usage=gen.usage()
+        )
+
+    def _message(self, gen: Generation, text: str) -> p.AssistantMessage:
+        parser = gen.parser()
+        if parser is None:
+            return p.AssistantMessage(content=text)
+        parsed = parser.whole(text)
+        return p.AssistantMessage(
+            content=parsed.content or (None if parsed.calls else ""),
+            reasoning_content=parsed.reasoning or None,
+            tool_calls=[_tool_call(c) for c in parsed.calls],
         )
 
     def logprobs(self, gen: Generation, logprobs: list[Logprob]) -> p.ChatLogprobs | None:
@@ -123,6 +166,15 @@ class ChatFormat(Format):
 
 
 class CompletionFormat(Format):
+    def opening(self, gen: Generation) -> list[BaseModel]:
+        if gen.echo is None or gen.resume is not None:  # a resumed answer's client has had the echo
+            return []
+        echoed = [p.CompletionChoice(index=c.index, text=self._echo(gen, c)) for c in gen.choices]
+        return [p.CompletionResponse(id=gen.answer_id, created=gen.created, model=gen.model, choices=echoed)]
+
+    def _echo(self, gen: Generation, choice: Choice) -> str:
+        return "" if gen.echo is None else gen.echo[choice.index // gen.n]
+
     def chunks(self, gen: Generation, choice: Choice, out: RequestOutput) -> list[BaseModel]:
         if not (out.new_text or out.new_logprobs or out.finished):
             return []
@@ -148,7 +200,10 @@ class CompletionFormat(Format):
             logprobs = self.logprobs(gen, c, c.logprobs)
             choices.append(
                 p.CompletionChoice(
-                    index=c.index, text="".join(c.text), logprobs=logprobs, finish_reason=c.finish_reason
+                    index=c.index,
+                    text=self._echo(gen, c) + "".join(c.text),
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
                 )
             )
         return p.CompletionResponse(
@@ -172,6 +227,17 @@ class CompletionFormat(Format):
             result.text_offset.append(choice.text_offset)
             choice.text_offset += len(s)
         return result
+
+
+def _tool_call(call: ParsedCall) -> p.ToolCallOut:
+    function = p.FunctionCallOut(name=call.name, arguments=call.arguments)
+    return p.ToolCallOut(id=f"chatcmpl-tool-{uuid.uuid4().hex}", function=function)
+
+
+def _finish_reason(gen: Generation, reason: str | None, num_calls: int) -> str | None:
+    """ "tool_calls" for an answer that ended calling tools (auto or required), as OpenAI says it."""
+    mode = gen.parsing.tool_mode if gen.parsing is not None else None
+    return "tool_calls" if num_calls and reason == "stop" and mode in ("auto", "required") else reason
 
 
 def format_of(gen: Generation, token_str: TokenText) -> Format:

@@ -73,7 +73,7 @@ class GenerationRunner:
             span.end()
             raise
         fmt = format_of(gen, self.token_str)
-        gen.resumable = gen.stream and gen.n == 1 and raw.headers.get(RESUMABLE_HEADER) == "1"
+        gen.resumable = gen.stream and len(gen.choices) == 1 and raw.headers.get(RESUMABLE_HEADER) == "1"
         if gen.stream:
             return SSEResponse(self.sse(gen, stream, fmt), on_close=lambda: self._close(gen, stream, span))
         try:
@@ -113,7 +113,7 @@ class GenerationRunner:
         """The event stream; leaving it early (client gone: cancelled) aborts what is still running."""
         try:
             for chunk in fmt.opening(gen):
-                yield _sse(chunk, gen.include_usage)
+                yield _sse(_with_usage(gen, chunk), gen.include_usage)
             async for out in stream:
                 if _ended_badly(out):
                     gen.choice_of(out).tracker.finish(out.finish_reason or "error")
@@ -121,7 +121,8 @@ class GenerationRunner:
                     break
                 choice = gen.choice_of(out)
                 choice.add(out)
-                events = [_sse(chunk, gen.include_usage) for chunk in fmt.chunks(gen, choice, out)]
+                chunks = fmt.chunks(gen, choice, out)
+                events = [_sse(_with_usage(gen, chunk), gen.include_usage) for chunk in chunks]
                 for event in _with_id(events, _id_line(gen, choice, out)):
                     yield event
             else:
@@ -169,8 +170,15 @@ def _ended_badly(out: RequestOutput) -> bool:
 
 
 def _sse(chunk: BaseModel, include_usage: bool) -> str:
-    exclude = None if include_usage else {"usage"}
+    exclude = None if include_usage or getattr(chunk, "usage", None) is not None else {"usage"}
     return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+def _with_usage(gen: Generation, chunk: BaseModel) -> BaseModel:
+    """stream_options.continuous_usage_stats: the usage so far on every chunk."""
+    if gen.continuous_usage:
+        chunk.usage = gen.usage()  # type: ignore[attr-defined]
+    return chunk
 
 
 def _id_line(gen: Generation, choice: Choice, out: RequestOutput) -> str | None:

@@ -17,6 +17,8 @@ CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
 DROP = object()  # a field to leave out
 LONG_TEXT = "hello " * 9000  # more tokens than the model's 8192 context
+TOOL_F = {"type": "function", "function": {"name": "f"}}
+NAMED_G = {"type": "function", "function": {"name": "g"}}
 NAN_BODY = b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL.encode()
 
 
@@ -118,8 +120,8 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     # prompts
     ("prompt-empty-string", COMP, comp(prompt=""), 400, "prompt"),
     ("prompt-empty-list", COMP, comp(prompt=[]), 400, "prompt"),
-    ("prompt-two-strings", COMP, comp(prompt=["a", "b"]), 400, "prompt"),
-    ("prompt-two-id-lists", COMP, comp(prompt=[[1, 2], [3]]), 400, "prompt"),
+    ("prompt-batch-too-big", COMP, comp(prompt=["a"] * 65), 400, "prompt"),
+    ("prompt-batch-with-empty", COMP, comp(prompt=[[1, 2], []]), 400, "prompt"),
     ("prompt-negative-id", COMP, comp(prompt=[-1]), 400, "prompt"),
     ("prompt-id-beyond-vocab", COMP, comp(prompt=[10**9]), 400, "prompt"),
     # context length
@@ -129,11 +131,16 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("chat-prompt-plus-max-tokens", CHAT, chat(max_tokens=8190), 400, "max_tokens"),
     ("chat-prompt-plus-max-completion", CHAT, chat(max_completion_tokens=8190), 400, "max_completion_tokens"),
     # unsupported features
-    ("echo", COMP, comp(echo=True), 400, "echo"),
+    ("echo-with-logprobs", COMP, comp(echo=True, logprobs=1), 400, "echo"),
     ("suffix", COMP, comp(suffix="x"), 400, "suffix"),
     ("best-of", COMP, comp(best_of=3), 400, "best_of"),
-    ("logit-bias", COMP, comp(logit_bias={"50": -100}), 400, "logit_bias"),
-    ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("logit-bias-beyond-vocab", COMP, comp(logit_bias={"999999": 5}), 400, "logit_bias"),
+    ("logit-bias-not-an-id", COMP, comp(logit_bias={"a": 5}), 400, "logit_bias"),
+    ("logit-bias-out-of-range", COMP, comp(logit_bias={"50": -101}), 400, "logit_bias"),
+    ("tool-choice-unknown-function", CHAT, chat(tools=[TOOL_F], tool_choice=NAMED_G), 400, "tool_choice"),
+    ("tool-choice-without-tools", CHAT, chat(tool_choice="required"), 400, "tool_choice"),
+    ("tool-without-name", CHAT, chat(tools=[{"type": "function", "function": {}}]), 400, "tools"),
+    ("beam-search", CHAT, chat(use_beam_search=True), 400, "use_beam_search"),
     ("response-format", CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
 ]
 

@@ -254,6 +254,7 @@ class UpCluster:
 @pytest.fixture(scope="module")
 def up1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpCluster]:
     args = ["--prefill", "1", "--decode", "1", "--num-blocks", "256", "--device", "cpu"]
+    args += ["--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     log_dir = tmp_path_factory.mktemp("up1")
     with pdserve_up(log_dir, *args, "--health-interval", "0.5") as launched:
         assert set(launched.children) == {"prefill-0", "decode-0", "router"}, launched.output()
@@ -321,6 +322,27 @@ def test_1p1d_concurrent_requests_equal_colocated_and_kv_moved(up1: UpCluster, r
     assert up1.decode.metric("pdserve_kv_transfer_bytes_total", direction="received") > 0
     assert_pools_free(up1.decode, up1.prefill)
     print(f"1P1D: {len(specs)} concurrent requests in {seconds:.1f}s; prefill computed {computed} tokens")
+
+
+def test_1p1d_api_surface_through_the_hand_off(up1: UpCluster, model_dir: str) -> None:
+    """Issue 27 through the router and a hand-off: logit_bias reaches the prefill instance (it draws
+    the first token) and the decode instance; a prompt batch with n = 2; the decode instance parses."""
+    from transformers import AutoTokenizer
+
+    banana = AutoTokenizer.from_pretrained(model_dir).encode(" banana", add_special_tokens=False)[0]
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0.0}
+    r = httpx.post(f"{up1.v1}/completions", json={**body, "logit_bias": {str(banana): 100}}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == " banana" * 2, r.text
+    single = httpx.post(f"{up1.v1}/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    batch = httpx.post(
+        f"{up1.v1}/completions", json={**body, "prompt": [body["prompt"]] * 2, "n": 2}, timeout=60
+    )
+    assert [c["text"] for c in batch.json()["choices"]] == [single] * 4, batch.text
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "tools": [tool]}
+    r = httpx.post(f"{up1.v1}/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"] == [], r.text
+    up1.used = True
 
 
 def test_1p1d_kv_metrics_count_each_transfer_once(up1: UpCluster) -> None:

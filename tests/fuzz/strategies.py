@@ -140,7 +140,7 @@ COMMON_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "presence_penalty": small_floats,
     "frequency_penalty": small_floats,
     "repetition_penalty": st.floats(0.5, 2.0),
-    "logit_bias": st.just({}),  # any bias is refused (not supported)
+    "logit_bias": st.just({}),
     "user": st.text(max_size=20),
     "ignore_eos": st.booleans(),
     "stop_token_ids": st.lists(token_ids, max_size=3),
@@ -221,7 +221,7 @@ _OUT_OF_RANGE: dict[str, st.SearchStrategy[Any]] = {
     "messages": BAD_MESSAGES.filter(lambda m: not isinstance(m, str)),  # (a str is no message list)
     "prompt": st.sampled_from([[], [[]], [[1], [2]], [[VOCAB_SIZE]], [-1], "ab " * 12_000]),
     "model": BAD_MODELS,
-    "echo": st.just(True),  # not supported
+    "echo": st.just(True),
 }
 _OBJECT_FIELDS = ("logit_bias", "stream_options")
 _EXTRA = "(extra)"
