@@ -179,7 +179,8 @@ def main() -> None:
         for name, bench in (("xgrammar", bench_xgrammar), ("llguidance", bench_llguidance)):
             compiles, masks = bench(vocab, answer_ids, args.rounds)
             print(
-                f"| {size} | {name} | {statistics.median(compiles) * 1e3:.1f} | {statistics.mean(masks) * 1e3:.3f} | "
+                f"| {size} | {name} | {statistics.median(compiles) * 1e3:.1f} | "
+                f"{statistics.mean(masks) * 1e3:.3f} | "
                 f"{_ms(masks, 50):.3f} | "
                 f"{_ms(masks, 90):.3f} | {_ms(masks, 99):.3f} | {_ms(masks, 100):.3f} |",
                 flush=True,

@@ -127,6 +127,12 @@ class SamplingRequest(_Request):
     kv_transfer_params: KVTransferParams | None = None
     # resume (issue 25): set by the router or an entry instance to continue a broken-off answer
     resume: ResumeParams | None = None
+    # structured output (issue 27, server/structured_request.py): vLLM's fields
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:

@@ -32,6 +32,7 @@ from pdserve.server.errors import validation_error
 from pdserve.server.generation import Choice, Generation, Kind
 from pdserve.server.metrics import RequestTracker, ServerMetrics
 from pdserve.server.sampling_defaults import load_defaults
+from pdserve.server.structured_request import structured_spec
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -154,6 +155,7 @@ class RequestBuilder:
             frequency_penalty=req.frequency_penalty or 0.0,
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens is not False,
+            structured=structured_spec(req),  # response_format, structured_outputs, guided_*
         )
 
     def max_tokens(
@@ -187,8 +189,6 @@ class RequestBuilder:
         self.check_common(req)
         if req.tools:
             raise InvalidRequestError("tools are not supported", "tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("only response_format type 'text' is supported", "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         ids = self.chat_prompt(req)

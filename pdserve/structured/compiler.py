@@ -47,7 +47,9 @@ class Grammars:
         try:
             compiled = _compile(compiler, spec)
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's errors derive from these
-            raise InvalidRequestError(f"the {spec.kind} cannot be compiled: {_first_line(e)}", "structured") from e
+            raise InvalidRequestError(
+                f"the {spec.kind} cannot be compiled: {_first_line(e)}", "structured"
+            ) from e
         with self._lock:
             self._cache[spec] = compiled
             while len(self._cache) > CACHE_SIZE:

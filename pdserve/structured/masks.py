@@ -16,6 +16,7 @@ from pdserve.host_tensors import list_on, to_device
 if TYPE_CHECKING:
     from pdserve.engine.request import Request
 
+
 def constrained_rows(requests: Sequence[Request]) -> list[int]:
     return [i for i, r in enumerate(requests) if r.matcher is not None and r.matcher.constrains]
 
@@ -36,7 +37,9 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) 
     dev = logits.device
     vocab = logits.shape[1]
     words = to_device(bitmask, dev)
-    allowed = ((words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=dev)) & 1).bool().flatten(1)  # [n, words * 32]
+    allowed = (
+        ((words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=dev)) & 1).bool().flatten(1)
+    )  # [n, words * 32]
     if allowed.shape[1] < vocab:  # tokens past the grammar's vocabulary are never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
     idx = list_on(rows, dev)

@@ -28,7 +28,9 @@ class GrammarSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise InvalidRequestError(f"structured output kind must be one of {', '.join(KINDS)}", "structured")
+            raise InvalidRequestError(
+                f"structured output kind must be one of {', '.join(KINDS)}", "structured"
+            )
         if not isinstance(self.spec, str):
             raise InvalidRequestError("a structured output spec must be a string", "structured")
         if len(self.spec) > MAX_SPEC_CHARS:

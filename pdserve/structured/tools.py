@@ -34,10 +34,19 @@ def tool_call_grammar(tools: Sequence[Any], mode: Any, parallel: bool = True) ->
     if name is not None:
         functions = [f for f in functions if f["name"] == name]
         if not functions:
-            raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+            raise InvalidRequestError(
+                f"tool_choice names {name!r}, which is not among the tools", "tool_choice"
+            )
         parallel = False
-    schema = {"anyOf": [_call_schema(f) for f in functions]} if len(functions) > 1 else _call_schema(functions[0])
-    tag = {"type": "tag", "begin": BEGIN, "content": {"type": "json_schema", "json_schema": schema}, "end": END}
+    schema = (
+        {"anyOf": [_call_schema(f) for f in functions]} if len(functions) > 1 else _call_schema(functions[0])
+    )
+    tag = {
+        "type": "tag",
+        "begin": BEGIN,
+        "content": {"type": "json_schema", "json_schema": schema},
+        "end": END,
+    }
     fmt = {
         "type": "tags_with_separator",
         "tags": [tag],
@@ -54,10 +63,14 @@ def _function(tool: Any) -> dict[str, Any]:
         tool = tool.model_dump(exclude_none=True)
     fn = tool.get("function") if isinstance(tool, Mapping) else None
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise InvalidRequestError('each tool must be {"type": "function", "function": {"name": ...}}', "tools")
+        raise InvalidRequestError(
+            'each tool must be {"type": "function", "function": {"name": ...}}', "tools"
+        )
     params = fn.get("parameters") or {"type": "object"}
     if not isinstance(params, Mapping):
-        raise InvalidRequestError(f"the parameters of tool {fn['name']!r} must be a JSON schema object", "tools")
+        raise InvalidRequestError(
+            f"the parameters of tool {fn['name']!r} must be a JSON schema object", "tools"
+        )
     return {"name": fn["name"], "parameters": dict(params)}
 
 
