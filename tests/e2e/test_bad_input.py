@@ -134,7 +134,7 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("best-of", COMP, comp(best_of=3), 400, "best_of"),
     ("logit-bias", COMP, comp(logit_bias={"50": -100}), 400, "logit_bias"),
     ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
-    ("response-format", CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
+    ("response-format", CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type"),
 ]
 
 
