@@ -21,8 +21,6 @@ import pytest
 from tests.conftest import API_KEY, MODEL, ServerProcess
 from tests.e2e.cluster import Instance, Router
 
-pytest.importorskip("xgrammar")
-
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {

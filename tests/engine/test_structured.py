@@ -17,8 +17,6 @@ from pdserve.engine.resume import Resume
 from pdserve.errors import InvalidRequestError
 from pdserve.structured import GrammarSpec
 
-pytest.importorskip("xgrammar")
-
 # First tokens the model would never pick unconstrained: the prefill instance must apply the grammar
 # or the decode instance's matcher refuses the first token (the request fails).
 CHOICE = GrammarSpec("choice", json.dumps(["zebra crossing", "quokka smile"]))

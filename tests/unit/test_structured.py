@@ -20,8 +20,6 @@ from pdserve.structured import GrammarSpec, tool_call_grammar
 from pdserve.structured.compiler import Grammars
 from pdserve.structured.masks import apply_bitmask
 
-pytest.importorskip("xgrammar")
-
 EOS = 2  # SmolLM2's <|im_end|>, the model's EOS
 SCHEMA = {
     "type": "object",
