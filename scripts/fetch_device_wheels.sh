@@ -11,7 +11,8 @@ PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
 for name in pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection gguf \
   opentelemetry-api annotated-doc opentelemetry-sdk opentelemetry-semantic-conventions \
   opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common opentelemetry-proto \
-  opentelemetry-exporter-http-transport opentelemetry-exporter-otlp-common protobuf googleapis-common-protos; do
+  opentelemetry-exporter-http-transport opentelemetry-exporter-otlp-common protobuf googleapis-common-protos \
+  xgrammar apache-tvm-ffi; do
   version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)
   pkg=$name${version:+==$version}
   $PIP $PLAT "$pkg" || $PIP "$pkg"

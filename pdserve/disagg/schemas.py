@@ -8,6 +8,7 @@ its schema before it exists, so every handler sees only well-typed messages.
     nbytes, counts  ints >= 0;  timeouts finite and >= 0;  text and objects bounded
     trace_context   "" or a W3C traceparent (lower-case hex), nothing else
     num_output_tokens  0 <= N < len(prompt_token_ids): at least one prompt token is a prompt's
+    params.structured  null or {"kind": str, "spec": str of at most MAX_SPEC characters}
 
 Also the counts of dropped peer messages: MALFORMED (the one piece of process state here, because
 `decode` runs inside the transports, which keep no counters) and DropCounts for a connector's own.
@@ -30,6 +31,7 @@ MAX_TRANSFER_IDS = 1 << 16  # in one Heartbeat or Pong
 MAX_TOP = 64  # top alternatives of a first token's logprob
 MAX_TEXT = 1 << 16  # reasons, model names
 MAX_KEYS = 64  # keys of a JSON object field (params, layout, offers)
+MAX_SPEC = 1 << 18  # a structured output's schema or grammar (structured/spec.py MAX_SPEC_CHARS)
 TRANSFER_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._\-]{1,253}):([0-9]{1,5})")
@@ -105,6 +107,19 @@ def _logprob(v: Any) -> bool:
     return _is_int(v.get("token_id"), 0, MAX_ID) and _logprob_value(v.get("logprob")) and ok_top
 
 
+def _params(v: Any) -> bool:
+    """Reserve's SamplingParams as a JSON object; its `structured` null or {"kind": str, "spec": str}
+    within the sizes the HTTP edge allows (SamplingParams checks the values themselves)."""
+    if not obj()[0](v):
+        return False
+    spec = v.get("structured")
+    if spec is None:
+        return True
+    if type(spec) is not dict or set(spec) != {"kind", "spec"}:
+        return False
+    return type(spec["kind"]) is str and len(spec["kind"]) <= 32 and text(MAX_SPEC)[0](spec["spec"])
+
+
 SENDER: Check = (_address, "a tcp://host:port address")
 TRANSFER: Check = (_transfer_id, "1 to 64 characters of [A-Za-z0-9_.-]")
 BOOL: Check = (lambda v: type(v) is bool, "true or false")
@@ -115,7 +130,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "Reserve": {
         "transfer_id": TRANSFER,
         "prompt_token_ids": ids(MAX_TOKENS, non_empty=True),
-        "params": obj(),
+        "params": (_params, 'a JSON object of at most 64 keys; "structured": null or {"kind", "spec"}'),
         "block_ids": ids(MAX_BLOCKS, non_empty=True),
         "timeout": (_seconds, "a finite number of seconds >= 0"),
         "cached_blocks": integer(0, MAX_BLOCKS),

@@ -182,6 +182,7 @@ class AsyncEngine:
 
         Either all of them are added or none (a failure aborts the ones already added).
         """
+        await self._compile_grammars(requests)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -193,6 +194,15 @@ class AsyncEngine:
             self.abort(*ids)  # applied after the add, in order: the requests never leak
             raise
         return RequestStream(self, ids, outputs)
+
+    async def _compile_grammars(self, requests: list[SubRequest]) -> None:
+        """Compile the requests' grammars on a worker thread (InvalidRequestError for a bad one), so
+        the engine thread finds them in the cache instead of stopping every request while it compiles."""
+        if self._engine is None:
+            return
+        grammars = self._engine.grammars  # thread-safe, unlike the rest of the Engine
+        for spec in {r[2].structured for r in requests} - {None}:
+            await asyncio.to_thread(grammars.compile, spec)
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str

@@ -40,6 +40,8 @@ from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError, OverloadedError, PDServeError
 from pdserve.models.prepare import resolve_model, tokenizer_path
+from pdserve.structured.compiler import Grammars
+from pdserve.structured.matcher import Matcher
 
 logger = logging.getLogger(__name__)
 Token = tuple[Request, SampleResult]  # a sampled token appended to its request, not yet detokenized
@@ -54,6 +56,7 @@ class Engine:
         self.model_name = path.rstrip("/").rsplit("/", 1)[-1]
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 4096))
         self.eos_token_ids = self._eos_ids(path)
+        self.grammars = Grammars(self.tokenizer, int(self.hf_config.vocab_size), self.eos_token_ids)
         cache = replace(config.cache, share_pool=config.moves_sharded_kv)
         self.runner = ModelRunner(
             config.model, cache, self.hf_config, config.scheduler, kernels=config.kernels
@@ -155,6 +158,8 @@ class Engine:
         request = Request(
             request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len, handoff, outputs
         )
+        if params.structured is not None:
+            request.matcher = self._matcher(params, outputs)
         detokenizer = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens)
         ended = self._resumed_end(request, detokenizer, resume) if resume is not None else None
         self.scheduler.add_request(request)  # last: whatever raises before leaves nothing behind
@@ -162,6 +167,15 @@ class Engine:
         if ended is not None:
             self.scheduler.finish_request(request, ended)
             self.pending.append(self._output(request, [], []))
+
+    def _matcher(self, params: SamplingParams, outputs: list[int]) -> Matcher:
+        """A structured request's grammar, advanced past its resumed outputs (a resume, or a
+        prefill instance's part of one): it continues where the request left off."""
+        assert params.structured is not None
+        matcher = self.grammars.matcher(params.structured)
+        if not matcher.replay(outputs):
+            raise InvalidRequestError("the resumed outputs do not match the structured output", "resume")
+        return matcher
 
     def _checked_ids(self, ids: list[int], param: str) -> list[int]:
         """Token ids that are ints in the vocabulary (a float is no token id, and would reach the model
@@ -327,10 +341,15 @@ class Engine:
         self._finish_silently(request, RequestStatus.FINISHED_STOPPED)
 
     def _append(self, request: Request, result: SampleResult) -> None:
-        """A sampled token joins the request; stop tokens and lengths end it here."""
+        """A sampled token joins the request and advances its grammar; stop tokens and lengths end
+        it here. The mask allowed the token, so a grammar refuses it only if that was broken."""
         request.append_token(result.token_id)
         if result.logprob is not None:
             request.logprobs.append(result.logprob)
+        if request.matcher is not None and not request.matcher.accept(result.token_id):
+            request.error = f"token {result.token_id} left the structured output's grammar"
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
+            return
         status = request.check_stop_token()
         if status is not None:
             self.scheduler.finish_request(request, status)

@@ -16,6 +16,7 @@ import torch
 
 from pdserve.disagg.handoff import HandOff
 from pdserve.engine.sampling import SamplingParams
+from pdserve.structured.matcher import Matcher
 
 
 class RequestStatus(enum.Enum):
@@ -116,6 +117,7 @@ class Request:
         self.first_token_time: float | None = None
         self.error: str | None = None
         self.generator: torch.Generator | None = None
+        self.matcher: Matcher | None = None  # its grammar's state, for a structured request (engine.py)
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
 

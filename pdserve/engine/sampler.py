@@ -1,10 +1,12 @@
 """Turn the logits of the rows that sample into tokens, each row by its request's SamplingParams.
 
 Order per row: penalties (repetition on prompt + output, presence/frequency on output) -> min_tokens
-masks EOS and stop ids -> greedy argmax, or temperature, top-k, top-p, min-p, then a draw. A request
-with a seed draws from its own generator, reseeded for each output position from (seed, position)
-(kernels/sampling.position_seed), so its tokens depend neither on the batch nor on where each one was
-drawn (a prefill instance, a decode instance, a resume elsewhere).
+masks EOS and stop ids -> a structured request's grammar masks what it does not allow (built on the
+host while the step's forward runs; structured/masks.py) -> greedy argmax, or temperature, top-k,
+top-p, min-p, then a draw. A request with a seed draws from its own generator, reseeded for each
+output position from (seed, position) (kernels/sampling.position_seed), so its tokens depend neither
+on the batch nor on where each one was drawn (a prefill instance, a decode instance, a resume
+elsewhere).
 Logprobs are those of the model's raw distribution.
 
 A Sampler is built once per model runner from its KernelConfig. With Triton chosen, a batch without
@@ -26,6 +28,7 @@ from pdserve.engine.request import Logprob, Request
 from pdserve.host_tensors import list_on, to_host_later
 from pdserve.kernels.config import KernelConfig
 from pdserve.kernels.sampling import KernelSample, RowFilters, position_seed, sample_reference
+from pdserve.structured.masks import apply_grammars
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Sampler:
                 if not all(plain_sampling(r) for r in requests):
                     logits = logits.to(torch.float32, copy=True)  # the model's logits stay as they are
                     apply_penalties(logits, requests, unseen)  # and min_tokens bans
+                    apply_grammars(logits, requests)
                 temperatures = [r.params.temperature for r in requests]
                 drawn = self.kernel(logits, temperatures, filters=filters)
                 return PendingSample(drawn, _results_later(drawn, None, requests))
@@ -126,6 +130,7 @@ def sample_torch(
     logits = logits.clone()
     dev = logits.device
     apply_penalties(logits, requests, unseen)  # and min_tokens bans
+    apply_grammars(logits, requests)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     if random_rows:
@@ -168,10 +173,11 @@ def kernel_draws(req: Request) -> bool:
 
 def plain_sampling(req: Request) -> bool:
     """What the Triton sampler draws from the model's logits as they are: greedy, or temperature with
-    top-k, top-p and min-p. No penalties or min_tokens bans (applied to a float32 copy first), no
-    seed (its own generator), no logprobs."""
+    top-k, top-p and min-p. No penalties, min_tokens bans or grammar (applied to a float32 copy
+    first), no seed (its own generator), no logprobs."""
     p = req.params
-    return kernel_draws(req) and not p.has_penalties and req.num_output_tokens >= p.min_tokens
+    plain = kernel_draws(req) and not p.has_penalties and req.num_output_tokens >= p.min_tokens
+    return plain and req.matcher is None
 
 
 def row_filters(requests: list[Request], vocab: int) -> RowFilters:

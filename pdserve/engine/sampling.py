@@ -6,6 +6,7 @@ import numbers
 from dataclasses import dataclass, field
 
 from pdserve.errors import InvalidRequestError
+from pdserve.structured.spec import GrammarSpec
 
 MAX_LOGPROBS = 20
 # The sampler works in float32. Past these, a value overflows there (1 / 1e-39 and 1e39 are inf, 1e-46
@@ -59,10 +60,18 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's logprob plus the top k
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (a Reserve's JSON: str keys)
+    structured: GrammarSpec | None = None  # what the output must match (pdserve/structured)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.structured = GrammarSpec.of(self.structured)  # a peer's Reserve carries its wire form
+        # min_tokens bans EOS where a grammar may allow only EOS: no token would be left
+        _check(
+            self.structured is None or self.min_tokens == 0,
+            "min_tokens is not supported with structured output",
+            "min_tokens",
+        )
         self._check_types()
         _check(self.n >= 1, "n must be at least 1", "n")
         _check(self.temperature >= 0.0, "temperature must be >= 0", "temperature")

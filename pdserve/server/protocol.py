@@ -195,6 +195,12 @@ class SamplingRequest(_Request):
     kv_transfer_params: KVTransferParams | None = None
     # resume (issue 25): set by the router or an entry instance to continue a broken-off answer
     resume: ResumeParams | None = None
+    # structured output (issue 27, server/structured_request.py): vLLM's fields
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -224,11 +230,6 @@ _SHARED_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "include_stop_str_in_output": _OFF,
     "truncate_prompt_tokens": _NOT_SET,
     "logits_processors": _NOT_SET,
-    "guided_json": _NOT_SET,
-    "guided_regex": _NOT_SET,
-    "guided_choice": _NOT_SET,
-    "guided_grammar": _NOT_SET,
-    "structured_outputs": _NOT_SET,
     "prompt_embeds": _NOT_SET,
 }
 

@@ -40,6 +40,7 @@ from pdserve.server.generation import Choice, Generation, Kind
 from pdserve.server.metrics import RequestTracker, ServerMetrics
 from pdserve.server.parsers.requested import forced_grammar, parser_spec, template_tools
 from pdserve.server.sampling_defaults import load_defaults
+from pdserve.server.structured_request import structured_spec
 
 R = TypeVar("R", bound=BaseModel)
 T = TypeVar("T")
@@ -253,6 +254,7 @@ class RequestBuilder:
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens is not False,
             logit_bias=self.logit_bias(req),
+            structured=structured_spec(req),  # response_format, structured_outputs, guided_*
         )
 
     def max_tokens(
@@ -290,8 +292,6 @@ class RequestBuilder:
 
     def chat_generation(self, req: p.ChatCompletionRequest) -> Generation:
         self.check_common(req)
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("only response_format type 'text' is supported", "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         parsing = parser_spec(req, self.config)
@@ -302,7 +302,13 @@ class RequestBuilder:
         params = self.sampling_params(req, max_tokens, logprobs)
         grammar = forced_grammar(req, parsing)
         if grammar is not None:
-            params = dataclasses.replace(params, structured=grammar)  # type: ignore[call-arg,unused-ignore]
+            if params.structured is not None:
+                raise InvalidRequestError(
+                    "tool_choice required or a named function constrains the output itself: "
+                    "give no response_format, structured_outputs or guided_* with it",
+                    "tool_choice",
+                )
+            params = dataclasses.replace(params, structured=grammar)
         gen = self.generation("chat", f"chatcmpl-{uuid.uuid4().hex}", req, [ids], params)
         gen.parsing = parsing if parsing.active else None
         if gen.parsing is not None and req.resume is not None and req.stream:

@@ -141,7 +141,7 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("tool-choice-without-tools", CHAT, chat(tool_choice="required"), 400, "tool_choice"),
     ("tool-without-name", CHAT, chat(tools=[{"type": "function", "function": {}}]), 400, "tools"),
     ("beam-search", CHAT, chat(use_beam_search=True), 400, "use_beam_search"),
-    ("response-format", CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
+    ("response-format", CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type"),
 ]
 
 

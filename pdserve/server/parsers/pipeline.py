@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pdserve.server.parsers.forced import ForcedParser
 from pdserve.server.parsers.hermes import HermesParser
 from pdserve.server.parsers.llama3_json import Llama3JsonParser
 from pdserve.server.parsers.reasoning import ReasoningParser, Split
@@ -89,4 +88,4 @@ def _tool_parser(spec: ParserSpec) -> ToolParser | None:
     if spec.tool_mode == "auto":
         assert spec.tool_parser is not None  # the request builder refuses auto without one
         return TOOL_CALL_PARSERS[spec.tool_parser]()
-    return ForcedParser(spec.function if spec.tool_mode == "function" else None)
+    return HermesParser()  # required / a named function: tool_call_grammar emits the hermes form

@@ -5,9 +5,10 @@
     parallel_tool_calls false         the first call only
     auto (the default with tools)     the server's --tool-call-parser, if --enable-auto-tool-choice;
                                       else 400
-    required, or a named function     the output constrained to the calls' JSON (pdserve.structured's
-                                      tool_call_grammar) from its first token, read by forced.py
-                                      (no reasoning parser: the whole answer is that JSON)
+    required, or a named function     the output constrained to hermes <tool_call> blocks
+                                      (pdserve.structured's tool_call_grammar) from its first token,
+                                      read by the hermes parser (no reasoning parser: the whole
+                                      answer is those calls)
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def parser_spec(req: p.ChatCompletionRequest, config: ServerConfig) -> ParserSpe
             )
         return ParserSpec(reasoning, config.tool_call_parser, "auto", parallel_tool_calls=parallel)
     if choice == "required":
-        return ParserSpec(None, None, "required", parallel_tool_calls=parallel)
+        return ParserSpec(None, "hermes", "required", parallel_tool_calls=parallel)
     names = {t.function.name for t in req.tools}
     if choice.function.name not in names:
         raise InvalidRequestError(
             f"tool_choice names {choice.function.name!r}, not one of the tools", "tool_choice"
         )
-    return ParserSpec(None, None, "function", choice.function.name)  # one call by itself
+    return ParserSpec(None, "hermes", "function", choice.function.name, parallel_tool_calls=False)
 
 
 def forced_grammar(req: p.ChatCompletionRequest, spec: ParserSpec) -> Any:
@@ -61,7 +62,7 @@ def forced_grammar(req: p.ChatCompletionRequest, spec: ParserSpec) -> Any:
         ) from None
     choice = req.tool_choice
     mode = choice.model_dump() if isinstance(choice, p.NamedToolChoice) else choice  # as sent
-    return tool_call_grammar(template_tools(req), mode)
+    return tool_call_grammar(template_tools(req) or [], mode, parallel=spec.parallel_tool_calls)
 
 
 def template_tools(req: p.ChatCompletionRequest | p.TokenizeRequest) -> list[dict[str, Any]] | None:
