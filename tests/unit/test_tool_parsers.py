@@ -28,6 +28,7 @@ HERMES_TEXT_FIRST = (
     'Let me check that.\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>'
 )
 HERMES_BAD_JSON = "<tool_call>\n{not json}\n</tool_call> rest"
+FORCED_TIME = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>'
 HERMES_CUT = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}'  # max_tokens
 LLAMA = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}'
 LLAMA_TWO = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; ' + (
@@ -69,13 +70,18 @@ CASES = [
         QWEN3_THINK_THEN_CALL,
         Parsed("\nI need the time.\n", "", [TIME]),
     ),
+    # required / named: tool_call_grammar constrains the output to hermes blocks (the hermes parser)
+    (ParserSpec(tool_parser="hermes", tool_mode="required"), HERMES_TWO, Parsed("", "", [WEATHER, TIME])),
     (
-        ParserSpec(tool_mode="required"),
-        '[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}]',
-        Parsed("", "", [WEATHER]),
+        ParserSpec(tool_parser="hermes", tool_mode="function", function="get_time"),
+        FORCED_TIME,
+        Parsed("", "", [TIME]),
     ),
-    (ParserSpec(tool_mode="function", function="get_time"), '{"tz": "Europe/Paris"}', Parsed("", "", [TIME])),
-    (ParserSpec(tool_mode="function", function="get_time"), '{"tz": "Eur', Parsed("", '{"tz": "Eur', [])),
+    (
+        ParserSpec(tool_parser="hermes", tool_mode="function", function="get_time"),
+        FORCED_TIME[:30],  # cut by max_tokens inside the JSON: no call, the text stays content
+        Parsed("", FORCED_TIME[:30], []),
+    ),
 ]
 
 
@@ -140,9 +146,11 @@ def test_what_tools_and_tool_choice_mean() -> None:
     assert _spec(plain, tools=[tool], tool_choice="none") == ParserSpec("qwen3")
     assert _spec(auto, tools=[tool]) == ParserSpec("qwen3", "hermes", "auto")
     assert _spec(auto, tools=[tool], parallel_tool_calls=False).parallel_tool_calls is False
-    assert _spec(plain, tools=[tool], tool_choice="required") == ParserSpec(None, None, "required")
+    assert _spec(plain, tools=[tool], tool_choice="required") == ParserSpec(None, "hermes", "required")
     named = {"type": "function", "function": {"name": "get_time"}}
-    assert _spec(plain, tools=[tool], tool_choice=named) == ParserSpec(None, None, "function", "get_time")
+    assert _spec(plain, tools=[tool], tool_choice=named) == ParserSpec(
+        None, "hermes", "function", "get_time", parallel_tool_calls=False
+    )
     for config, fields in (
         (plain, {"tools": [tool]}),  # auto needs --enable-auto-tool-choice
         (auto, {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "other"}}}),
