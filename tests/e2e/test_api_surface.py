@@ -325,8 +325,8 @@ def test_required_and_named_tool_choice_match_the_schema(client: OpenAI) -> None
     schema = WEATHER_TOOL["function"]["parameters"]  # type: ignore[index]
     named = {"type": "function", "function": {"name": "get_weather"}}
     for tool_choice in ("required", named):
-        kw: dict[str, Any] = {"model": MODEL, "messages": CHAT, "tools": [WEATHER_TOOL], "max_tokens": 60}
-        kw.update(tool_choice=tool_choice, temperature=0.8, seed=3)
+        kw: dict[str, Any] = {"model": MODEL, "messages": CHAT, "tools": [WEATHER_TOOL], "max_tokens": 200}
+        kw.update(tool_choice=tool_choice, temperature=0.8, seed=3, parallel_tool_calls=False)
         whole = client.chat.completions.create(**kw).choices[0].message
         with client.chat.completions.stream(**kw) as stream:
             streamed = stream.get_final_completion().choices[0].message
