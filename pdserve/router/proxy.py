@@ -196,9 +196,13 @@ class Proxy:
                 why, kind = "is draining", "instance_draining"
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 why, kind = f"refused a connection: {str(e) or type(e).__name__}", "connect_failed"
-            except httpx.HTTPError as e:
+            except httpx.HTTPError as e:  # it took the request, then broke off before answering
                 route.release()
-                raise self.instance_failed(route.target, e) from None
+                failure = self.instance_failed(route.target, e)
+                if self.may_retry(call, route, failure.code):  # nothing reached the client: whole
+                    logger.warning("%s; retrying the request on another instance", failure.message)
+                    continue
+                raise failure from None
             except BaseException:  # cancelled: the client went away
                 route.release()
                 raise
