@@ -175,7 +175,7 @@ def test_tokenize_and_detokenize(
     ("path", "field", "value"),
     [
         ("/v1/chat/completions", "functions", [{"name": "f"}]),
-        ("/v1/chat/completions", "guided_json", {"type": "object"}),
+        ("/v1/completions", "response_format", {"type": "json_object"}),
         ("/v1/chat/completions", "prompt_logprobs", 1),
         ("/v1/completions", "use_beam_search", True),
         ("/v1/completions", "suffix", "x"),
