@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
+rm -f .whl/*.whl  # old versions left beside new ones make the install there fail
 PIP="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl"
 PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_26_x86_64"
 # The versions .venv holds (what the tests ran against), with the dependencies the lent machines lack.
@@ -17,6 +18,8 @@ for name in pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-typ
   pkg=$name${version:+==$version}
   $PIP $PLAT "$pkg" || $PIP "$pkg"
 done
+# profiling on the lent machines (gpu_session.sh front): py-spy's binary wheel
+$PIP --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 py-spy
 # the default model's tokenizer (3.5 MB): dummy-weight shapes on the GPU machines use it (--tokenizer)
 mkdir -p .whl/tokenizer
 model_dir=$(.venv/bin/pdserve prepare --log-level warning 2>/dev/null | tail -1)

@@ -30,6 +30,9 @@
 #                                           (REP: a repetition penalty on every row, e.g. 1.05)
 #   bash scripts/gpu_session.sh multiturn [KV]  # one H200 (~5 min; an H100 with KV=2GiB): 2P2D of 7B on one GPU, 64x6 chat turns, round_robin vs cache_aware
 #   bash scripts/gpu_session.sh resume     # one GPU (~3 min): the cost of a resume, 1P2D of 7B sharing the GPU
+#   bash scripts/gpu_session.sh structured # one GPU (~2 min): decode step with half the batch JSON-constrained vs none, B=32,128
+#   bash scripts/gpu_session.sh front      # one GPU (~6 min): 7B offline vs through HTTP at 64 and 256 streams of
+#                                           1000 + 256 tokens, py-spy profiles of both (issue 30's split)
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
 #             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
@@ -257,6 +260,35 @@ resume)  # one GPU (~3 min): benchmarks/resume_cost.py with 1 prefill + 2 decode
     --tokenizer .whl/tokenizer --kv-cache-memory 6GiB >"$OUT/resume_cost_gpu.log" 2>&1
   echo "rc=$?" >>"$OUT/resume_cost_gpu.log"
   tail -30 "$OUT/resume_cost_gpu.log"
+  ;;
+structured)
+  timeout 300 python3 benchmarks/structured_tpot_gpu.py --batches 32,128 \
+    --output "$OUT/structured_tpot.json" >"$OUT/structured_tpot.log" 2>&1
+  echo "rc=$?" >>"$OUT/structured_tpot.log"
+  tail -5 "$OUT/structured_tpot.log"
+  ;;
+front)  # the offline engine and the HTTP server on the same work; py-spy (carried wheel) samples both
+  spy=/tmp/site/bin/py-spy
+  for c in 64 256; do
+    timeout 150 "$spy" record --idle --threads --format raw -r 50 -o "$OUT/spy_offline_$c.txt" -- \
+      python3 benchmarks/engine_loop_gpu.py --batch "$c" --input-len 1000 --output-len 256 \
+      --output "$OUT/front_offline.jsonl" >>"$OUT/front.log" 2>&1 || echo "offline $c rc=$?" >>"$OUT/front.log"
+  done
+  serve_7b "$OUT/front_serve.log" --max-num-seqs 256
+  pid=$(pgrep -f "pdserve.cli serve" | sort -n | tail -1)
+  for c in 64 256; do
+    timeout 60 "$spy" record --idle --threads --format raw -r 50 -d 25 -o "$OUT/spy_http_$c.txt" --pid "$pid" \
+      >>"$OUT/front.log" 2>&1 &
+    spy_pid=$!
+    timeout 150 python3 -m pdserve.cli bench serve --base-url http://127.0.0.1:8011 --tokenizer .whl/tokenizer \
+      --input-len 1000 --output-len 256 --ignore-eos --temperature 1 --num-prompts "$c" --max-concurrency "$c" \
+      --disable-tqdm --label "http_$c" --output "$OUT/front_http_$c.json" >>"$OUT/front.log" 2>&1
+    wait "$spy_pid"
+  done
+  kill "$server" 2>/dev/null
+  wait
+  cat "$OUT/front_offline.jsonl"
+  grep -iE "output token throughput|mean tpot|benchmark duration|error" "$OUT/front.log" | head -20
   ;;
 *)
   echo "unknown phase $1" >&2

@@ -111,11 +111,15 @@ class LLM:
     def generate_ids(
         self,
         token_lists: list[list[int]],
-        params: SamplingParams,
+        params: SamplingParams | list[SamplingParams],
         resumes: list[Resume | None] | None = None,
     ) -> list[Completion]:
-        """Run token id prompts to completion. resumes[i]: prompt i continues after those outputs
-        (engine/resume.py); its Completion holds the tokens and text that come after them."""
+        """Run token id prompts to completion, with one SamplingParams for all or one per prompt.
+        resumes[i]: prompt i continues after those outputs (engine/resume.py); its Completion holds
+        the tokens and text that come after them."""
+        per_prompt = params if isinstance(params, list) else [params] * len(token_lists)
+        if len(per_prompt) != len(token_lists):
+            raise ValueError("params: one SamplingParams, or one per prompt")
         results: dict[str, Completion] = {}
         order = []
         for i, ids in enumerate(token_lists):
@@ -125,7 +129,7 @@ class LLM:
                 prefill = self.prefill_engines[i % len(self.prefill_engines)]
                 transfer = FromPrefill(prefill.connector.address) if prefill.connector else None
             resume = resumes[i] if resumes else None
-            self.engines[i % len(self.engines)].add_request(rid, ids, params, transfer, resume)
+            self.engines[i % len(self.engines)].add_request(rid, ids, per_prompt[i], transfer, resume)
             results[rid] = Completion(prompt_token_ids=list(ids))
             order.append(rid)
         while any(e.has_unfinished() for e in self.engines):
