@@ -47,7 +47,9 @@ def tiles_for(num_assignments: int, num_experts: int) -> MoeTiles:
     return PREFILL_TILES if num_assignments >= 32 * num_experts else DECODE_TILES
 
 
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def align_by_expert(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_ids [P] int32, block_expert [P / block_m] int32) for topk_ids [T, K], in torch ops only."""
     flat = topk_ids.reshape(-1)
     m = flat.numel()
@@ -102,10 +104,8 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    if GATED:
-        a_rows = (ids // TOP_K).to(tl.int64)  # token rows of x
-    else:
-        a_rows = offs_m.to(tl.int64)  # gate_up's output rows, in sorted order
+    # gate_up reads token rows of x; down reads gate_up's output rows, which are in sorted order
+    a_rows = (ids // TOP_K).to(tl.int64) if GATED else offs_m.to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -2,7 +2,8 @@
 stored stacked) run on the tokens routed to them, and an optional shared expert runs on every token.
 
     x [T, H] -router-> topk_ids [T, K], topk_weights [T, K]
-             -experts-> y[t] = sum_k topk_weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t]),  e = topk_ids[t, k]
+             -experts-> y[t] = sum_k topk_weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t])
+                        with e = topk_ids[t, k]
              (+ shared expert; Qwen2-MoE's scaled by sigmoid(shared_expert_gate x))
 
 Routing is each model's transformers code (Routing): softmax, top-k (ERNIE's on scores plus its
@@ -61,7 +62,9 @@ class Router(nn.Module):
         dtype = torch.float32 if routing.float32_logits else None
         self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype))
         self.e_score_correction_bias = (
-            nn.Parameter(torch.zeros(1, num_experts, dtype=torch.float32)) if routing.correction_bias else None
+            nn.Parameter(torch.zeros(1, num_experts, dtype=torch.float32))
+            if routing.correction_bias
+            else None
         )
         self.routing = routing
 
@@ -91,7 +94,10 @@ class FusedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e * hidden, size))  # [E, H, I_r] flattened
         segments = []
         for x in range(e):  # expert x's gate rows, then its up rows, each cut to this rank's slice
-            segments += [(x * 2 * i + start, x * 2 * size, size), (x * 2 * i + i + start, x * 2 * size + size, size)]
+            segments += [
+                (x * 2 * i + start, x * 2 * size, size),
+                (x * 2 * i + i + start, x * 2 * size + size, size),
+            ]
         set_shard(self.gate_up_proj, ParamShard((e * 2 * i, hidden), tuple(segments)))
         set_shard(self.down_proj, ParamShard((e * hidden, i), ((0, 0, e * hidden),), (start, size)))
         self.fused = fused
@@ -198,7 +204,9 @@ class SparseMoeBlock(nn.Module):
         self.gate = Router(hidden, shape.num_experts, shape.routing)
         self.experts = FusedExperts(shape.num_experts, hidden, shape.intermediate, tp, fused_moe_for(kernels))
         self.shared_expert = (
-            SharedExpert(hidden, shape.shared_intermediate, tp, kernels) if shape.shared_intermediate else None
+            SharedExpert(hidden, shape.shared_intermediate, tp, kernels)
+            if shape.shared_intermediate
+            else None
         )
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shape.shared_gate else None
         self.tp = tp

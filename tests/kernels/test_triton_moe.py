@@ -67,7 +67,8 @@ SMALL = grid(
     [(1, 8, 2, 32, 48), (19, 4, 2, 32, 40), (70, 6, 4, 48, 24), (300, 16, 4, 256, 96)],
 )
 LARGE = [  # the qwen3-30b-a3b and ernie-4.5-21b-a3b expert shapes, one layer
-    pytest.param(s, marks=gpu) for s in [(1, 128, 8, 2048, 768), (128, 128, 8, 2048, 768), (4096, 64, 6, 2560, 1536)]
+    pytest.param(s, marks=gpu)
+    for s in [(1, 128, 8, 2048, 768), (128, 128, 8, 2048, 768), (4096, 64, 6, 2560, 1536)]
 ]
 
 
