@@ -114,6 +114,10 @@ class FusedExperts(nn.Module):
         """This rank's partial sum of the experts' weighted outputs, [T, H]."""
         if self.fused is not None and x.is_cuda:
             return self.fused(x, self.w13, self.w2, ids, weights)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the torch MoE reference waits for the GPU: use Triton kernels or enforce_eager"
+            )
         return experts_torch(x, self.w13, self.w2, ids, weights)
 
     def load(self, expert: int | None, part: str, tensor: torch.Tensor, prefix: str) -> list[str]:
