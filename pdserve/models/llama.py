@@ -8,6 +8,7 @@ of the MLP columns and of the vocabulary (pdserve.distributed.sharding); norms a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,10 +100,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, attn: Attention, tp: TPGroup, kernels: Kernels) -> None:
+    def __init__(self, cfg: Any, attn: Attention, mlp: nn.Module, kernels: Kernels) -> None:
         super().__init__()
         self.self_attn = attn
-        self.mlp = MLP(cfg, tp, kernels)
+        self.mlp = mlp  # MLP, or an MoE block (layers/moe.py): x -> tensor or Partials
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
@@ -124,14 +125,19 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+MlpBuilder = Callable[[int], nn.Module]  # layer index -> that layer's MLP (dense, or MoE)
+
+
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: Any, kernels: Kernels, bias: bool, qk_norm: bool, tp: TPGroup) -> None:
+    def __init__(
+        self, cfg: Any, kernels: Kernels, bias: bool, qk_norm: bool, tp: TPGroup, mlp: MlpBuilder
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg, head_dim_of(cfg), cfg.max_position_embeddings, kernels)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, Attention(cfg, rotary, kernels, bias, qk_norm, tp), tp, kernels)
-            for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, Attention(cfg, rotary, kernels, bias, qk_norm, tp), mlp(i), kernels)
+            for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
@@ -162,12 +168,21 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         tp = tp or TPGroup.single()
-        bias = bool(getattr(cfg, "attention_bias", self.qkv_bias_default))
-        self.model = DecoderModel(cfg, kernels, bias, self.qk_norm, tp)
+        bias = self.qkv_bias(cfg)
+        self.model = DecoderModel(
+            cfg, kernels, bias, self.qk_norm, tp, lambda i: self.build_mlp(cfg, i, tp, kernels)
+        )
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def qkv_bias(self, cfg: Any) -> bool:
+        return bool(getattr(cfg, "attention_bias", self.qkv_bias_default))
+
+    def build_mlp(self, cfg: Any, layer: int, tp: TPGroup, kernels: Kernels) -> nn.Module:
+        """Layer `layer`'s MLP: the dense SwiGLU here; MoE models return their expert block where it sits."""
+        return MLP(cfg, tp, kernels)
 
     def forward(
         self,

@@ -61,7 +61,10 @@ def load_safetensors(model: LlamaForCausalLM, model_dir: str) -> None:
 
 
 def _expected_fills(model: LlamaForCausalLM, params: dict[str, torch.nn.Parameter]) -> set[str]:
+    """Names `load_weight` must have returned: parameters, or for stacked ones each stacked part
+    (a MergedLinear's shards; a FusedExperts' gate, up and down of every expert)."""
     from pdserve.layers.linear import MergedLinear
+    from pdserve.layers.moe import FusedExperts
 
     expected = set(params)
     for mod_name, module in model.named_modules():
@@ -70,6 +73,9 @@ def _expected_fills(model: LlamaForCausalLM, params: dict[str, torch.nn.Paramete
                 if getattr(module, p) is not None:
                     expected.discard(f"{mod_name}.{p}")
                     expected.update(f"{mod_name}.{p}:{s}" for s in module.shards)
+        elif isinstance(module, FusedExperts):
+            expected -= {f"{mod_name}.gate_up_proj", f"{mod_name}.down_proj"}
+            expected.update(f"{mod_name}.{fill}" for fill in module.fill_names())
     if model.tie_word_embeddings:
         expected.discard("lm_head.weight")
     return expected

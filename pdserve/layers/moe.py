@@ -1,0 +1,254 @@
+"""The mixture-of-experts block: a router picks each token's top-k experts, those experts (SwiGLU MLPs
+stored stacked) run on the tokens routed to them, and an optional shared expert runs on every token.
+
+    x [T, H] -router-> topk_ids [T, K], topk_weights [T, K]
+             -experts-> y[t] = sum_k topk_weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t])
+                        with e = topk_ids[t, k]
+             (+ shared expert; Qwen2-MoE's scaled by sigmoid(shared_expert_gate x))
+
+Routing is each model's transformers code (Routing): softmax, top-k (ERNIE's on scores plus its
+score-correction bias, the weights from the unbiased softmax), optional renormalisation; capacity-free,
+no token is dropped. Expert weights are stacked: gate_up [E, 2I, H] (each expert's gate rows, then its
+up rows) and down [E, H, I], kept as 2-D parameters [E*2I, H] and [E*H, I] so that tensor parallelism
+and dummy init cut them like MergedLinear / RowParallelLinear: each rank holds every expert's slice of
+the intermediate dimension, and the block's partial output (routed + shared) is all-reduced once.
+
+Where the experts run: CUDA with Triton chosen, kernels/triton_moe.fused_moe (sorted by expert, two
+grouped GEMMs, no host sync, so CUDA graphs capture it); otherwise `experts_torch`, the reference
+(tokens grouped by expert, one matmul pair per expert hit, summed in expert order as transformers does).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.distributed.group import TPGroup
+from pdserve.distributed.sharding import split
+from pdserve.distributed.weights import ParamShard, copy_full_rows, load_full, set_shard
+from pdserve.kernels import activation
+from pdserve.kernels.ops import Kernels
+from pdserve.layers.linear import MergedLinear, RowParallelLinear
+
+FusedMoe = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# checkpoint names: one tensor per expert (HF checkpoints), or transformers' stacked in-memory form
+PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+STACKED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a model turns router logits into (expert ids, weights)."""
+
+    top_k: int
+    normalize: bool  # divide the k weights by their sum (Qwen: norm_topk_prob; ERNIE: always)
+    float32_logits: bool = False  # ERNIE: the router weight and its product in float32
+    correction_bias: bool = False  # ERNIE: top-k over softmax + e_score_correction_bias
+    norm_min: float = 0.0  # ERNIE: the sum is clamped to at least this before dividing
+
+
+class Router(nn.Module):
+    """Replicated on every rank: weight [E, H] (+ ERNIE's e_score_correction_bias [1, E])."""
+
+    def __init__(self, hidden: int, num_experts: int, routing: Routing) -> None:
+        super().__init__()
+        dtype = torch.float32 if routing.float32_logits else None
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype))
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(1, num_experts, dtype=torch.float32))
+            if routing.correction_bias
+            else None
+        )
+        self.routing = routing
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_ids [T, K] int64, topk_weights [T, K] in x's dtype)."""
+        r = self.routing
+        logits = F.linear(x.float(), self.weight.float()) if r.float32_logits else F.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+        bias = self.e_score_correction_bias
+        scores = probs if bias is None else probs + bias.squeeze(0)
+        ids = torch.topk(scores, r.top_k, dim=-1).indices
+        weights = probs.gather(-1, ids)
+        if r.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=r.norm_min)
+        return ids, weights.to(x.dtype)
+
+
+class FusedExperts(nn.Module):
+    """E SwiGLU experts of intermediate size I, this rank's slice [start, start + I_r) of each."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, tp: TPGroup, fused: FusedMoe | None):
+        super().__init__()
+        start, size = split(intermediate, tp.size, tp.rank)
+        e, i = num_experts, intermediate
+        self.num_experts, self.hidden, self.intermediate, self.local = e, hidden, intermediate, size
+        self.gate_up_proj = nn.Parameter(torch.empty(e * 2 * size, hidden))  # [E, 2I_r, H] flattened
+        self.down_proj = nn.Parameter(torch.empty(e * hidden, size))  # [E, H, I_r] flattened
+        segments = []
+        for x in range(e):  # expert x's gate rows, then its up rows, each cut to this rank's slice
+            segments += [
+                (x * 2 * i + start, x * 2 * size, size),
+                (x * 2 * i + i + start, x * 2 * size + size, size),
+            ]
+        set_shard(self.gate_up_proj, ParamShard((e * 2 * i, hidden), tuple(segments)))
+        set_shard(self.down_proj, ParamShard((e * hidden, i), ((0, 0, e * hidden),), (start, size)))
+        self.fused = fused
+
+    @property
+    def w13(self) -> torch.Tensor:  # [E, 2I_r, H]
+        return self.gate_up_proj.view(self.num_experts, 2 * self.local, self.hidden)
+
+    @property
+    def w2(self) -> torch.Tensor:  # [E, H, I_r]
+        return self.down_proj.view(self.num_experts, self.hidden, self.local)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum of the experts' weighted outputs, [T, H]."""
+        if self.fused is not None and x.is_cuda:
+            return self.fused(x, self.w13, self.w2, ids, weights)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the torch MoE reference waits for the GPU: use Triton kernels or enforce_eager"
+            )
+        return experts_torch(x, self.w13, self.w2, ids, weights)
+
+    def load(self, expert: int | None, part: str, tensor: torch.Tensor, prefix: str) -> list[str]:
+        """One checkpoint tensor: expert `expert`'s gate_proj / up_proj / down_proj ([I, H] / [I, H] /
+        [H, I]), or with expert None the stacked gate_up_proj [E, 2I, H] / down_proj [E, H, I]."""
+        e, i, h = self.num_experts, self.intermediate, self.hidden
+        if expert is None:
+            target = self.gate_up_proj if part == "gate_up_proj" else self.down_proj
+            shape = (e, 2 * i, h) if part == "gate_up_proj" else (e, h, i)
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{prefix}.{part}: checkpoint shape {tuple(tensor.shape)} != model {shape}")
+            load_full(target, tensor.reshape(shape[0] * shape[1], shape[2]), f"{prefix}.{part}")
+            return [f"{prefix}.{n}" for n in self.fill_names() if n.split(":")[0] == part]
+        if not 0 <= expert < e:
+            raise KeyError(f"{prefix}.{expert}: the model has {e} experts")
+        want = (h, i) if part == "down_proj" else (i, h)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{prefix}.{expert}.{part}: checkpoint shape {tuple(tensor.shape)} != {want}")
+        if part == "down_proj":
+            copy_full_rows(self.down_proj, tensor, expert * h)
+        else:
+            copy_full_rows(self.gate_up_proj, tensor, expert * 2 * i + (i if part == "up_proj" else 0))
+        return [f"{prefix}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}:{expert}:{part}"]
+
+    def fill_names(self) -> list[str]:
+        """What a checkpoint must fill (loader._expected_fills): each expert's three tensors."""
+        return [
+            f"{'down_proj' if p == 'down_proj' else 'gate_up_proj'}:{x}:{p}"
+            for x in range(self.num_experts)
+            for p in ("gate_proj", "up_proj", "down_proj")
+        ]
+
+
+def experts_torch(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The reference: x [T, H], w13 [E, 2I, H], w2 [E, H, I], ids / weights [T, K] -> [T, H]. Tokens
+    grouped by expert; each expert hit runs once on its tokens; outputs added in expert order."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # assignment numbers (token * K + slot), by expert
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = order[start : start + n]
+        start += n
+        tokens = rows // k
+        h = activation.silu_and_mul(F.linear(x[tokens], w13[expert]))  # [n, I]
+        y = F.linear(h, w2[expert]) * weights.reshape(-1)[rows, None]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+class SharedExpert(nn.Module):
+    """A dense SwiGLU MLP every token goes through, its intermediate dimension split like MLP's."""
+
+    def __init__(self, hidden: int, intermediate: int, tp: TPGroup, kernels: Kernels) -> None:
+        super().__init__()
+        start, size = split(intermediate, tp.size, tp.rank)
+        rows = {"gate": (intermediate, start, size), "up": (intermediate, start, size)}
+        self.gate_up_proj = MergedLinear(hidden, rows, False, kernels)
+        self.down_proj = RowParallelLinear(intermediate, hidden, (start, size), False, tp, kernels)
+        self.kernels = kernels
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial output (not yet summed over ranks)."""
+        h = self.kernels.silu_mul_linear(x, self.gate_up_proj.weight)
+        return self.kernels.linear(h, self.down_proj.weight, None)
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    num_experts: int
+    intermediate: int  # each routed expert's
+    routing: Routing
+    shared_intermediate: int = 0  # 0: no shared expert
+    shared_gate: bool = False  # Qwen2-MoE: the shared expert scaled by sigmoid(x @ shared_expert_gate^T)
+
+
+class SparseMoeBlock(nn.Module):
+    """router + routed experts (+ shared expert): x [T, H] -> [T, H], summed over tensor-parallel ranks."""
+
+    def __init__(self, hidden: int, shape: MoeShape, tp: TPGroup, kernels: Kernels) -> None:
+        super().__init__()
+        self.gate = Router(hidden, shape.num_experts, shape.routing)
+        self.experts = FusedExperts(shape.num_experts, hidden, shape.intermediate, tp, fused_moe_for(kernels))
+        self.shared_expert = (
+            SharedExpert(hidden, shape.shared_intermediate, tp, kernels)
+            if shape.shared_intermediate
+            else None
+        )
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shape.shared_gate else None
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.gate(x)
+        y = self.experts(x, ids, weights)
+        if self.shared_expert is not None:
+            shared = self.shared_expert.partial(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * shared
+            y = y + shared
+        return self.tp.all_reduce(y) if self.tp.size > 1 else y
+
+
+def fused_moe_for(kernels: Kernels) -> FusedMoe | None:
+    """The Triton fused MoE where the kernel config chooses Triton (imported only then), else None."""
+    if not kernels.config.triton:
+        return None
+    from pdserve.kernels.triton_moe import fused_moe
+
+    return fused_moe
+
+
+def load_expert_weight(model: nn.Module, name: str, tensor: torch.Tensor) -> list[str] | None:
+    """Load `name` if it is a routed expert's tensor (per expert or stacked); None if it is not one."""
+    match = PER_EXPERT.match(name)
+    if match is not None:
+        prefix, expert, part = match.group(1), int(match.group(2)), match.group(3)
+    else:
+        match = STACKED.match(name)
+        if match is None:
+            return None
+        prefix, expert, part = match.group(1), None, match.group(2)
+    try:
+        module: Any = model.get_submodule(prefix)
+    except AttributeError:
+        return None  # not this model's (e.g. ERNIE's mtp layer): the model's own loader decides
+    if not isinstance(module, FusedExperts):
+        raise KeyError(f"checkpoint tensor {name}: {prefix} is not an expert block in {type(model).__name__}")
+    return module.load(expert, part, tensor, prefix)
