@@ -33,6 +33,7 @@
 #   bash scripts/gpu_session.sh structured # one GPU (~2 min): decode step with half the batch JSON-constrained vs none, B=32,128
 #   bash scripts/gpu_session.sh front      # one GPU (~6 min): 7B offline vs through HTTP at 64 and 256 streams of
 #                                           1000 + 256 tokens, py-spy profiles of both (issue 30's split)
+#   bash scripts/gpu_session.sh moe        # one H100/H200 (~5 min): fused MoE block and whole-model steps, qwen3-30b-a3b and ernie-4.5-21b-a3b
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
 #             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
@@ -289,6 +290,11 @@ front)  # the offline engine and the HTTP server on the same work; py-spy (carri
   wait
   cat "$OUT/front_offline.jsonl"
   grep -iE "output token throughput|mean tpot|benchmark duration|error" "$OUT/front.log" | head -20
+  ;;
+moe)
+  timeout 420 python3 benchmarks/moe_gpu.py --out "$OUT/moe.json" >"$OUT/moe.log" 2>&1
+  echo "rc=$?" >>"$OUT/moe.log"
+  tail -30 "$OUT/moe.log"
   ;;
 *)
   echo "unknown phase $1" >&2

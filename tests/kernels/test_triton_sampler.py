@@ -27,7 +27,7 @@ from pdserve.kernels.config import KernelConfig
 from pdserve.kernels.sampling import KernelSample, RowFilters, top_k_top_p
 
 from .fit import fits
-from .triton_env import CUDA, DEVICE, HAS_TRITON, by_device, fix_interpreter, gpu
+from .triton_env import CUDA, DEVICE, HAS_TRITON, by_device, fix_interpreter, gpu, grid
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -127,12 +127,17 @@ def _torch_truncated(logits: torch.Tensor, temp: float, k: int, p: float, min_p:
 
 @pytest.mark.parametrize(
     "k,p,min_p,cpu_rows",
-    [
-        (3, 1.0, 0.0, 200),  # 200: catches k + 1, k - 1, no cut
-        (0, 0.8, 0.0, 200),  # 200: catches p + 0.1, p - 0.1 (one token more, one less), no cut
-        (0, 1.0, 0.3, 100),  # 100: catches min_p / 1.5, no floor, T ignored
-        (4, 0.9, 0.2, 80),  # 80: catches no filters, T ignored (each filter alone is checked above)
-    ],
+    grid(
+        # under the interpreter (minutes of CPU for the three below) only the case that combines
+        # every filter; each filter alone is checked where the kernel runs, on a GPU (make test-gpu)
+        cpu=[(4, 0.9, 0.2, 80)],
+        full=[
+            (3, 1.0, 0.0, 200),  # 200: catches k + 1, k - 1, no cut
+            (0, 0.8, 0.0, 200),  # 200: catches p + 0.1, p - 0.1 (one token more, one less), no cut
+            (0, 1.0, 0.3, 100),  # 100: catches min_p / 1.5, no floor, T ignored
+            (4, 0.9, 0.2, 80),  # 80: catches no filters, T ignored (each filter alone is checked above)
+        ],
+    ),
 )
 def test_truncated_rows_draw_from_what_the_torch_sampler_keeps(
     k: int, p: float, min_p: float, cpu_rows: int
