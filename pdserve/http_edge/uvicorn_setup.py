@@ -58,8 +58,9 @@ class OpenAIShapedH11(H11Protocol):  # type: ignore[misc]
     draining = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        super().connection_made(cast(asyncio.Transport, _LingeringClose(transport, self)))
+        # uvloop's TCPTransport has asyncio.Transport's methods without being its subclass
+        stream = cast(asyncio.Transport, transport)
+        super().connection_made(cast(asyncio.Transport, _LingeringClose(stream, self)))
 
     def send_400_response(self, msg: str) -> None:
         limit = self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
