@@ -101,6 +101,8 @@ class RequestBuilder:
         self.defaults = load_defaults(engine.model_dir, config.generation_config)
         self.config = config
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pdserve-prompts")
+        cache = config.engine.cache  # the decode scheduler's rule for sharing one prompt's KV
+        self.shared_prefill_min = cache.block_size + 1 if cache.enable_prefix_caching else None
 
     async def build(self, raw: Request, model: type[R], make: Callable[[R], T]) -> T:
         """Read the body here; parse, check and tokenize it on the prompt thread."""
@@ -367,6 +369,7 @@ class RequestBuilder:
             resume=req.resume,
             prompts=prompts,
             continuous_usage=req.continuous_usage,
+            shared_prefill_min=self.shared_prefill_min,
         )
 
     def check_resume(self, resume: p.ResumeParams, n: int) -> None:
