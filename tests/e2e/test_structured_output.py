@@ -180,7 +180,7 @@ def test_n_choices_share_one_prefill(pair: Pair) -> None:
     """n = 3 through the router: the prefill instance counts (and computes) the prompt once, each
     choice draws on its own (seed + index), the stream gives the same choices as the answer, usage
     counts the prompt once, and greedy choices are all the one greedy answer."""
-    prompt = f"Request {uuid.uuid4().hex[:8]}: a short poem about the sea, the wind, the gulls and the old boats."
+    prompt = f"Request {uuid.uuid4().hex[:8]}: a poem about the sea, the wind, the gulls and the old boats."
     kw: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 11}
     kw["extra_body"] = {"ignore_eos": True}
     before, decode_before = prompt_counts(pair.prefill), prompt_counts(pair.decode)[1]
@@ -197,7 +197,8 @@ def test_n_choices_share_one_prefill(pair: Pair) -> None:
     assert len(set(texts)) == 3, texts  # seeded seed, seed + 1, seed + 2: three draws
     streamed = ["", "", ""]
     usage = None
-    for chunk in pair.client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw):
+    options = {"include_usage": True}
+    for chunk in pair.client.completions.create(n=3, stream=True, stream_options=options, **kw):  # type: ignore[arg-type]
         for c in chunk.choices:
             streamed[c.index] += c.text
         usage = chunk.usage or usage
