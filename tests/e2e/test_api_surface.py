@@ -329,9 +329,26 @@ def test_required_and_named_tool_choice_match_the_schema(client: OpenAI) -> None
         kw.update(tool_choice=tool_choice, temperature=0.8, seed=3, parallel_tool_calls=False)
         whole = client.chat.completions.create(**kw).choices[0].message
         with client.chat.completions.stream(**kw) as stream:
+            deltas = [
+                d
+                for e in stream
+                if e.type == "chunk"
+                for c in e.chunk.choices
+                for d in c.delta.tool_calls or []
+            ]
             streamed = stream.get_final_completion().choices[0].message
+        # vLLM's deltas: the call's index, id, type and name first; then its arguments, piece by piece
+        first = deltas[0]
+        assert (
+            first.id and first.type == "function" and first.function and first.function.name == "get_weather"
+        )
+        assert len(deltas) > 3 and all(d.index == 0 and d.id is None for d in deltas[1:]), deltas
         for message in (whole, streamed):
             calls = message.tool_calls or []
             assert calls and all(c.function.name == "get_weather" for c in calls), message  # type: ignore[union-attr]
             for c in calls:
                 jsonschema.validate(json.loads(c.function.arguments), schema)  # type: ignore[union-attr]
+        as_called = [
+            [(c.function.name, c.function.arguments) for c in m.tool_calls or []] for m in (whole, streamed)
+        ]  # type: ignore[union-attr]
+        assert as_called[0] == as_called[1]  # the same seeded draw, streamed and assembled by the SDK
