@@ -352,3 +352,37 @@ def test_required_and_named_tool_choice_match_the_schema(client: OpenAI) -> None
             [(c.function.name, c.function.arguments) for c in m.tool_calls or []] for m in (whole, streamed)
         ]  # type: ignore[union-attr]
         assert as_called[0] == as_called[1]  # the same seeded draw, streamed and assembled by the SDK
+
+
+def test_forced_tool_call_after_reasoning(client: OpenAI, tokenizer: Any) -> None:
+    """The server's reasoning parser (qwen3) lets a forced call follow the model's reasoning: an answer
+    that has thought (resumed from a recorded think block) goes on into the call, whose reasoning
+    is reasoning_content, streamed and not."""
+    pytest.importorskip("pdserve.structured")
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"enum": ["Paris", "Oslo"]},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+            },
+        },
+    }
+    kw: dict[str, Any] = {"model": MODEL, "messages": CHAT, "tools": [tool], "max_tokens": 80, **GREEDY}
+    kw["tool_choice"] = {"type": "function", "function": {"name": "get_weather"}}
+    thought = "<think>\nThe user wants the weather.\n</think>\n\n"
+    whole = client.chat.completions.create(**kw, extra_body=forced(tokenizer, thought)).choices[0]
+    with client.chat.completions.stream(**kw, extra_body=forced(tokenizer, thought)) as stream:
+        streamed = stream.get_final_completion().choices[0]
+    for choice in (whole, streamed):
+        message = choice.message
+        assert message.reasoning_content == "\nThe user wants the weather.\n", message  # type: ignore[attr-defined]
+        calls = message.tool_calls or []
+        assert len(calls) == 1 and calls[0].function.name == "get_weather", message  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(calls[0].function.arguments), tool["function"]["parameters"])  # type: ignore[union-attr, index]
+    assert whole.message.tool_calls[0].function.arguments == streamed.message.tool_calls[0].function.arguments  # type: ignore[index, union-attr]
