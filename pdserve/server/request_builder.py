@@ -352,6 +352,12 @@ class RequestBuilder:
         n = req.n or 1
         if req.resume is not None:
             self.check_resume(req.resume, n * len(prompts))
+            if not req.stream and params.logprobs is not None:
+                raise InvalidRequestError(
+                    "logprobs with resume needs stream: a non-streamed answer repeats the resumed "
+                    "tokens, whose logprobs this instance does not have",
+                    "logprobs",
+                )
         choices = [Choice(i, RequestTracker(self.metrics)) for i in range(n * len(prompts))]
         return Generation(
             kind,

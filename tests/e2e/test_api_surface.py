@@ -386,3 +386,28 @@ def test_forced_tool_call_after_reasoning(client: OpenAI, tokenizer: Any) -> Non
         assert len(calls) == 1 and calls[0].function.name == "get_weather", message  # type: ignore[union-attr]
         jsonschema.validate(json.loads(calls[0].function.arguments), tool["function"]["parameters"])  # type: ignore[union-attr, index]
     assert whole.message.tool_calls[0].function.arguments == streamed.message.tool_calls[0].function.arguments  # type: ignore[index, union-attr]
+
+
+def test_a_non_streamed_resume_refuses_logprobs(http: httpx.Client, tokenizer: Any) -> None:
+    """A non-streamed answer that resumes repeats the resumed tokens, whose logprobs this instance does
+    not have: a 400 naming logprobs, rather than logprobs for the new tokens only. A resumed stream
+    sends only new tokens, with their logprobs."""
+    resume = forced(tokenizer, " Paris, and")
+    bodies = [
+        ("/v1/completions", {"prompt": PROMPT, "logprobs": 1}),
+        ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}),
+    ]
+    for path, body in bodies:
+        resumed = len(resume["resume"]["output_token_ids"])  # they count against max_tokens
+        body |= {"model": MODEL, "max_tokens": resumed + 3, **resume, **GREEDY}
+        body["ignore_eos"] = True
+        r = http.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
+        with http.stream("POST", path, json={**body, "stream": True}) as streamed:
+            assert streamed.status_code == 200
+            chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+        logprobs = [
+            c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+        ]
+        count = sum(len(lp["content"] if "content" in lp else lp["tokens"]) for lp in logprobs)
+        assert count == 3, chunks  # the new tokens'
