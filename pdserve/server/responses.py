@@ -96,6 +96,8 @@ class ChatFormat(Format):
             return {"content": out.new_text} if out.new_text else {}
         if choice.parser is None:
             choice.parser = gen.parser()
+            assert choice.parser is not None
+            choice.calls_sent = choice.parser.calls_given  # a resumed stream's client has had these
         assert choice.parser is not None
         parsed = choice.parser.feed(out.new_text)
         if out.finished:

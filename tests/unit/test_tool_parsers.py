@@ -159,6 +159,21 @@ def test_streamed_pieces_start_each_call_once_and_join_to_the_whole_call(
     assert fragments == list("".join(c.arguments for c in calls)), "the arguments did not stream"
 
 
+def test_primed_parser_knows_the_calls_its_client_has() -> None:
+    """A resumed stream primes its parsers with the text its client has had: the calls begun there
+    keep their indexes (the next call's is calls_given), and the rest of a call goes on."""
+    spec = ParserSpec(tool_parser="hermes", tool_mode="auto")
+    cut = HERMES_TWO.index("Europe")
+    parser = ChoiceParser(spec)
+    before = parser.feed(HERMES_TWO[:cut])
+    assert parser.calls_given == 2 and [c.name for c in before.calls] == ["get_weather", "get_time"]
+    rest = parser.feed(HERMES_TWO[cut:]).add(parser.finish())
+    assert rest.pieces == [CallPiece(arguments=TIME.arguments[TIME.arguments.index("Europe") :])]
+    one = ChoiceParser(ParserSpec(tool_parser="hermes", tool_mode="auto", parallel_tool_calls=False))
+    one.feed(HERMES_TWO[:cut])
+    assert one.calls_given == 1
+
+
 def test_llama3_json_calls_then_text_drop_the_text() -> None:
     """Once a call has streamed, it cannot be taken back: text after it that is no call is dropped."""
     spec = ParserSpec(tool_parser="llama3_json", tool_mode="auto")

@@ -88,6 +88,12 @@ class ChoiceParser:
                 kept.append(piece)
         return kept
 
+    @property
+    def calls_given(self) -> int:
+        """Calls started so far and kept: after priming with what a resumed stream's client has had,
+        the index its next call takes."""
+        return self.num_calls if self.max_calls is None else min(self.num_calls, self.max_calls)
+
     def whole(self, text: str) -> Parsed:
         """A whole answer, parsed as its stream would be."""
         return self.feed(text).add(self.finish())
