@@ -177,10 +177,10 @@ def prompt_counts(instance: Instance) -> tuple[float, float]:
     return metric(text, "pdserve_prefix_cache_queries_total"), metric(text, "pdserve_prompt_tokens_computed")
 
 
-def test_n_choices_share_one_prefill(pair: Pair) -> None:
+def test_n_choices_share_one_prefill(pair: Pair, client: openai.OpenAI) -> None:
     """n = 3 through the router: the prefill instance counts (and computes) the prompt once, each
-    choice draws on its own (seed + index), the stream gives the same choices as the answer, usage
-    counts the prompt once, and greedy choices are all one answer."""
+    choice draws on its own (seed + index) as it does colocated, the stream gives the same choices as
+    the answer, usage counts the prompt once, and greedy choices are all one answer."""
     prompt = f"Request {uuid.uuid4().hex[:8]}: a poem about the sea, the wind, the gulls and the old boats."
     kw: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 1.0, "seed": 11}
     kw["extra_body"] = {"ignore_eos": True}
@@ -196,6 +196,8 @@ def test_n_choices_share_one_prefill(pair: Pair) -> None:
     texts = [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
     assert [c.index for c in sorted(answer.choices, key=lambda c: c.index)] == [0, 1, 2]
     assert len(set(texts)) == 3, texts  # seeded seed, seed + 1, seed + 2: three draws
+    colocated = client.completions.create(n=3, **kw).choices
+    assert [c.text for c in sorted(colocated, key=lambda c: c.index)] == texts
     streamed = ["", "", ""]
     usage = None
     options = {"include_usage": True}
