@@ -12,6 +12,14 @@ budget: the leading full blocks of its prompt this instance already caches are t
 The waiting queue is then the decode side's bounded prealloc queue: nothing is ever over-committed.
 `schedule` only decides: the requests it reserved blocks for are in `SchedulerOutput.reserved`, and
 the engine asks their prefill instances for the KV (no network I/O here).
+
+A local request whose tokens are those of a request still waiting for its KV (the other choices of an
+n > 1 request whose first choice is the hand-off: server/generation.py) waits for that KV instead of
+computing the prompt again: it is queued (at the front) once the KV has arrived, and takes the prompt's
+full blocks from the prefix cache; it computes only the tokens after them and draws its own first token.
+
+    leader  (FromPrefill)  WAITING ─ reserve ─▶ WAITING_FOR_KV ─ activate ─▶ RUNNING
+    choices 1..n-1 (local) held in `sharing` ──────────────────▶ waiting (front) ─▶ prefix hits + tail
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished, blocks kept until the connector lets go
+        self.sharing: dict[str, list[Request]] = {}  # a remote-KV request's id -> local ones with its tokens
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_kv_reused_tokens = 0  # decode: prompt tokens whose KV was cached here, not received
@@ -101,7 +110,28 @@ class Scheduler:
             raise OverloadedError(f"server is overloaded: {len(self.waiting)} requests already waiting")
         request.max_model_len = min(request.max_model_len, pool_tokens)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        leader = self._kv_on_its_way(request)
+        if leader is not None:
+            self.sharing.setdefault(leader.request_id, []).append(request)
+        else:
+            self.waiting.append(request)
+
+    def _kv_on_its_way(self, request: Request) -> Request | None:
+        """A request still waiting for KV from a prefill instance whose tokens this local request has,
+        if at least one full block of them could be shared through the prefix cache."""
+        if self.connector is None or request.handoff is not None or not self.bm.enable_prefix_caching:
+            return None
+        if request.num_tokens <= self.bm.block_size:
+            return None
+        pending = [*self.waiting_for_kv.values(), *self.waiting]
+        for other in pending:
+            if self.connector.gets_kv_remotely(other.handoff) and other.token_ids == request.token_ids:
+                return other
+        return None
+
+    def _release_sharing(self, leader: Request) -> None:
+        """The leader's KV is in (or will never come): the requests that waited for it queue first."""
+        self.waiting.extendleft(reversed(self.sharing.pop(leader.request_id, [])))
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """End a request (stopped, length, aborted, error): leave the queues, free the blocks."""
@@ -113,7 +143,10 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        else:
+            self._stop_sharing(request)
         self.waiting_for_kv.pop(request.request_id, None)
+        self._release_sharing(request)
         if self.connector is not None and self.connector.request_finished(
             request.request_id, request.handoff
         ):
@@ -121,6 +154,13 @@ class Scheduler:
         else:
             self.bm.free(request)
         self.requests.pop(request.request_id, None)
+
+    def _stop_sharing(self, request: Request) -> None:
+        for leader_id, followers in list(self.sharing.items()):
+            if request in followers:
+                followers.remove(request)
+                if not followers:
+                    del self.sharing[leader_id]
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -198,6 +238,7 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         self.bm.cache_full_blocks(request)
+        self._release_sharing(request)
 
     def _preempt(self, request: Request) -> None:
         self.bm.free(request)

@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions, /v1/completions   -> the decode instance (+ kv_transfer_params naming the
                                                     chosen prefill instance), or one colocated instance
-    GET  /v1/models                               -> a healthy instance's answer
+    GET  /v1/models, POST /tokenize, /detokenize  -> a healthy instance's answer (the router has no
+                                                    tokenizer: any instance's is the model's)
     GET  /health, /metrics, /router/instances     -> the router's own view
 
 The router parses the body only to check that it is a JSON object (400 otherwise); everything else is
@@ -186,6 +187,27 @@ def _v1_router(app: FastAPI, api_key: str | None) -> APIRouter:
     return router
 
 
+def _tokenizer_router(app: FastAPI, api_key: str | None) -> APIRouter:
+    router = APIRouter()
+
+    async def forwarded(raw: Request, path: str) -> Response:
+        content, _ = await parse_body(raw)
+        proxy: Proxy = app.state.proxy
+        return await proxy.any_instance(
+            "POST", path, content, None if api_key else raw.headers.get("authorization")
+        )
+
+    @router.post("/tokenize")
+    async def tokenize(raw: Request) -> Response:
+        return await forwarded(raw, "/tokenize")
+
+    @router.post("/detokenize")
+    async def detokenize(raw: Request) -> Response:
+        return await forwarded(raw, "/detokenize")
+
+    return router
+
+
 def _health_router(registry: Registry) -> APIRouter:
     router = APIRouter()
 
@@ -307,6 +329,7 @@ def build_app(config: RouterConfig) -> FastAPI:
     keyed = [Depends(_auth(config.api_key))]
     app.include_router(_health_router(registry))
     app.include_router(_v1_router(app, config.api_key), dependencies=keyed)
+    app.include_router(_tokenizer_router(app, config.api_key), dependencies=keyed)
     app.include_router(
         _metrics_router(app, registry, metrics), dependencies=[] if config.metrics_public else keyed
     )

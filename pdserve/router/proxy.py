@@ -47,6 +47,8 @@ from pdserve.router.resume import PREFILL_CODES, RESUMABLE_CODES, RESUMABLE_HEAD
 from pdserve.router.sse import json_error_code
 from pdserve.router.upstream import CONNECT_TIMEOUT_S, Upstream
 
+_TOKENIZE_TIMEOUT_S = 60.0  # a long prompt through a chat template on a busy instance
+
 logger = logging.getLogger(__name__)
 
 
@@ -321,12 +323,28 @@ class Proxy:
             logger.warning("%s answered %s; retrying the request elsewhere", route.describe(), code)
 
     async def models(self) -> Response:
+        return await self.any_instance("GET", "/v1/models")
+
+    async def any_instance(
+        self, method: str, path: str, content: bytes | None = None, authorization: str | None = None
+    ) -> Response:
+        """What needs only the model, not a pair (/v1/models, /tokenize, /detokenize): the first healthy
+        instance that answers, its answer as it is; one that cannot be reached is marked down."""
         roles: tuple[Role, ...] = ("both",) if self.registry.colocated else ("decode", "prefill")
+        headers = {"content-type": "application/json"} if content is not None else {}
+        timeout = httpx.Timeout(
+            _TOKENIZE_TIMEOUT_S if content else CONNECT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S
+        )
+        if authorization is not None:
+            headers["authorization"] = authorization
         for instance in [i for role in roles for i in self.registry.healthy(role)]:
+            request = self.client.build_request(
+                method, f"{instance.url}{path}", content=content, headers=headers, timeout=timeout
+            )
             try:
-                answer = await self.client.get(f"{instance.url}/v1/models", timeout=CONNECT_TIMEOUT_S)
+                answer = await self.client.send(request)
             except httpx.HTTPError as e:
-                instance.mark_down(f"GET /v1/models failed: {type(e).__name__}")
+                instance.mark_down(f"{method} {path} failed: {type(e).__name__}")
                 continue
             media_type = answer.headers.get("content-type", "application/json")
             return Response(answer.content, status_code=answer.status_code, media_type=media_type)

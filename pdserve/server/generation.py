@@ -4,6 +4,13 @@ A request of P prompts (a /v1/completions batch; 1 otherwise) and n choices each
 requests added as one group: choice i (of prompt i // n) is request "<id>-i" (just "<id>" when there is
 one), seeded seed + i % n when a seed is given, so each prompt of a batch draws as it would alone.
 Knows nothing of HTTP or of the answer's JSON shape.
+
+Disaggregated, only the first choice of each prompt is a hand-off when the prompt is longer than one KV
+block (and the decode instance caches prefixes): the prefill instance computes that prompt once, and
+the other n - 1 choices are local requests the decode scheduler holds until that KV has arrived, then
+serves from its prefix cache (engine/scheduler.py), each computing only the tokens after the prompt's
+last full block and drawing its own first token. A shorter prompt has no block to share: each of its
+choices is its own hand-off.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class Generation:
     continuous_usage: bool = False  # usage so far on every streamed chunk
     parsing: ParserSpec | None = None  # chat: reasoning / tool-call parsing of each choice's text
     parsed_before: str = ""  # a resumed stream: the text its client has had (primes the parsers)
+    shared_prefill_min: int | None = None  # n > 1 hand-off: prompts this long are prefilled once
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -105,11 +113,17 @@ class Generation:
                 self.sub_request_id(i),
                 self.prompts[i // self.n],
                 choice_params(self._prompt_params(i // self.n), i % self.n),
-                self.handoff,
+                self._choice_handoff(i),
                 self.engine_resume(),
             )
             for i in range(len(self.choices))
         ]
+
+    def _choice_handoff(self, index: int) -> FromPrefill | None:
+        """The hand-off of choice `index`: none for a choice after the first whose prompt is shared."""
+        if index % self.n == 0 or self.handoff is None or self.shared_prefill_min is None:
+            return self.handoff
+        return None if len(self.prompts[index // self.n]) >= self.shared_prefill_min else self.handoff
 
     def _prompt_params(self, prompt: int) -> SamplingParams:
         if not self.budgets or self.budgets[prompt] == self.params.max_tokens:

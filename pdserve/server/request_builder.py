@@ -101,6 +101,8 @@ class RequestBuilder:
         self.defaults = load_defaults(engine.model_dir, config.generation_config)
         self.config = config
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pdserve-prompts")
+        cache = config.engine.cache  # the decode scheduler's rule for sharing one prompt's KV
+        self.shared_prefill_min = cache.block_size + 1 if cache.enable_prefix_caching else None
 
     async def build(self, raw: Request, model: type[R], make: Callable[[R], T]) -> T:
         """Read the body here; parse, check and tokenize it on the prompt thread."""
@@ -350,6 +352,12 @@ class RequestBuilder:
         n = req.n or 1
         if req.resume is not None:
             self.check_resume(req.resume, n * len(prompts))
+            if not req.stream and params.logprobs is not None:
+                raise InvalidRequestError(
+                    "logprobs with resume needs stream: a non-streamed answer repeats the resumed "
+                    "tokens, whose logprobs this instance does not have",
+                    "logprobs",
+                )
         choices = [Choice(i, RequestTracker(self.metrics)) for i in range(n * len(prompts))]
         return Generation(
             kind,
@@ -367,6 +375,7 @@ class RequestBuilder:
             resume=req.resume,
             prompts=prompts,
             continuous_usage=req.continuous_usage,
+            shared_prefill_min=self.shared_prefill_min,
         )
 
     def check_resume(self, resume: p.ResumeParams, n: int) -> None:

@@ -9,9 +9,10 @@
 
 A chat answer with parsing (Generation.parsing: --reasoning-parser, tools) goes through its choice's
 parsers (server/parsers/): streamed, each output's text becomes reasoning_content, content and
-tool_calls deltas (one delta per call, whole: id, name and arguments, as the openai SDK assembles
-them); whole, the same parsers read the whole text. Pure shaping of pydantic models (protocol.py);
-running the request and sending bytes is streaming.py.
+tool_calls deltas, as vLLM streams them and the openai SDK assembles them: a call's first delta has
+its index, id, type and name (arguments ""), the next ones more of its arguments' text under the same
+index; whole, the same parsers read the whole text, and each call's arguments are its pieces joined.
+Pure shaping of pydantic models (protocol.py); running the request and sending bytes is streaming.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import Logprob
 from pdserve.server import protocol as p
 from pdserve.server.generation import Choice, Generation
-from pdserve.server.parsers.tool_calls import ParsedCall
+from pdserve.server.parsers.tool_calls import CallPiece, ParsedCall
 
 _MIN_LOGPROB = -9999.0
 
@@ -95,6 +96,8 @@ class ChatFormat(Format):
             return {"content": out.new_text} if out.new_text else {}
         if choice.parser is None:
             choice.parser = gen.parser()
+            assert choice.parser is not None
+            choice.calls_sent = choice.parser.calls_given  # a resumed stream's client has had these
         assert choice.parser is not None
         parsed = choice.parser.feed(out.new_text)
         if out.finished:
@@ -104,10 +107,8 @@ class ChatFormat(Format):
             delta["reasoning_content"] = parsed.reasoning
         if parsed.content:
             delta["content"] = parsed.content
-        if parsed.calls:
-            calls = [_tool_call(c).model_dump() for c in parsed.calls]
-            delta["tool_calls"] = [{"index": choice.calls_sent + i, **c} for i, c in enumerate(calls)]
-            choice.calls_sent += len(calls)
+        if parsed.pieces:
+            delta["tool_calls"] = _call_deltas(choice, parsed.pieces)
         return delta
 
     def _chunk(self, gen: Generation, *choices: p.ChatChunkChoice) -> p.ChatCompletionChunk:
@@ -227,6 +228,22 @@ class CompletionFormat(Format):
             result.text_offset.append(choice.text_offset)
             choice.text_offset += len(s)
         return result
+
+
+def _call_deltas(choice: Choice, pieces: list[CallPiece]) -> list[dict[str, Any]]:
+    """The tool_calls of one delta: a call's start (index, id, type, name), its arguments' text under
+    its index; pieces of one call in a row share one entry."""
+    deltas: list[dict[str, Any]] = []
+    for piece in pieces:
+        if piece.name is not None:
+            choice.calls_sent += 1
+            call = _tool_call(ParsedCall(piece.name, piece.arguments)).model_dump()
+            deltas.append({"index": choice.calls_sent - 1, **call})
+        elif deltas:
+            deltas[-1]["function"]["arguments"] += piece.arguments
+        else:  # more of a call begun in an earlier delta
+            deltas.append({"index": choice.calls_sent - 1, "function": {"arguments": piece.arguments}})
+    return deltas
 
 
 def _tool_call(call: ParsedCall) -> p.ToolCallOut:

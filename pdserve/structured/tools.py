@@ -9,6 +9,15 @@ one call, or several separated by a newline when parallel calls are allowed; not
 Each call is a JSON object whose "name" is one of the allowed functions and whose "arguments" match
 that function's parameters schema, so the arguments always parse and validate. A named function
 gets the same tags (one call), so one parser reads both.
+
+With a reasoning parser (the server's --reasoning-parser), the calls may come after the model's
+reasoning, as vLLM lets a reasoning model think before its constrained output:
+
+    qwen3        [<think> any text </think>] calls       (Qwen3 opens the block itself, or not at all)
+    deepseek_r1  [<think>] any text </think> calls       (QwQ's and R1's templates end the prompt
+                                                          inside the block: the answer must close it)
+
+with up to four newlines or spaces after </think>. The reasoning is free text (no </think> inside).
 """
 
 from __future__ import annotations
@@ -21,12 +30,17 @@ from pdserve.errors import InvalidRequestError
 from pdserve.structured.spec import GrammarSpec
 
 BEGIN, END, SEPARATOR = "<tool_call>\n", "\n</tool_call>", "\n"
+THINK_START, THINK_END = "<think>", "</think>"
+_AFTER_THINKING = {"type": "regex", "pattern": "[ \\n]{0,4}"}
 
 
-def tool_call_grammar(tools: Sequence[Any], mode: Any, parallel: bool = True) -> GrammarSpec:
+def tool_call_grammar(
+    tools: Sequence[Any], mode: Any, parallel: bool = True, reasoning: str | None = None
+) -> GrammarSpec:
     """tools: the request's tools (OpenAI's {"type": "function", "function": {...}} dicts or pydantic
     models of them). mode: "required", or the named function (its name, or tool_choice's
-    {"type": "function", "function": {"name": ...}}). parallel: parallel_tool_calls."""
+    {"type": "function", "function": {"name": ...}}). parallel: parallel_tool_calls. reasoning: the
+    server's reasoning parser (qwen3, deepseek_r1), whose reasoning may come before the calls."""
     functions = [_function(t) for t in tools]
     if not functions:
         raise InvalidRequestError("tool_choice needs at least one tool", "tools")
@@ -47,14 +61,29 @@ def tool_call_grammar(tools: Sequence[Any], mode: Any, parallel: bool = True) ->
         "content": {"type": "json_schema", "json_schema": schema},
         "end": END,
     }
-    fmt = {
+    fmt: dict[str, Any] = {
         "type": "tags_with_separator",
         "tags": [tag],
         "separator": SEPARATOR,
         "at_least_one": True,
         "stop_after_first": not parallel,
     }
+    if reasoning is not None:
+        fmt = {"type": "sequence", "elements": [_thinking(reasoning), fmt]}
     return GrammarSpec("tool_calls", json.dumps({"type": "structural_tag", "format": fmt}))
+
+
+def _thinking(reasoning: str) -> dict[str, Any]:
+    """The reasoning block the calls may (qwen3) or must (deepseek_r1: opened by the prompt) follow."""
+    text = {"type": "any_text", "excludes": [THINK_END]}
+    if reasoning == "qwen3":
+        block = {"type": "tag", "begin": THINK_START, "content": text, "end": THINK_END}
+        return {"type": "optional", "content": {"type": "sequence", "elements": [block, _AFTER_THINKING]}}
+    if reasoning == "deepseek_r1":
+        start = {"type": "optional", "content": {"type": "const_string", "value": THINK_START}}
+        block = {"type": "tag", "begin": "", "content": text, "end": THINK_END}
+        return {"type": "sequence", "elements": [start, block, _AFTER_THINKING]}
+    raise InvalidRequestError(f"unknown reasoning parser {reasoning!r}", "tool_choice")
 
 
 def _function(tool: Any) -> dict[str, Any]:

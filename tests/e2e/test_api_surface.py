@@ -329,9 +329,85 @@ def test_required_and_named_tool_choice_match_the_schema(client: OpenAI) -> None
         kw.update(tool_choice=tool_choice, temperature=0.8, seed=3, parallel_tool_calls=False)
         whole = client.chat.completions.create(**kw).choices[0].message
         with client.chat.completions.stream(**kw) as stream:
+            deltas = [
+                d
+                for e in stream
+                if e.type == "chunk"
+                for c in e.chunk.choices
+                for d in c.delta.tool_calls or []
+            ]
             streamed = stream.get_final_completion().choices[0].message
+        # vLLM's deltas: the call's index, id, type and name first; then its arguments, piece by piece
+        first = deltas[0]
+        assert (
+            first.id and first.type == "function" and first.function and first.function.name == "get_weather"
+        )
+        assert len(deltas) > 3 and all(d.index == 0 and d.id is None for d in deltas[1:]), deltas
         for message in (whole, streamed):
             calls = message.tool_calls or []
             assert calls and all(c.function.name == "get_weather" for c in calls), message  # type: ignore[union-attr]
             for c in calls:
                 jsonschema.validate(json.loads(c.function.arguments), schema)  # type: ignore[union-attr]
+        as_called = [
+            [(c.function.name, c.function.arguments) for c in m.tool_calls or []] for m in (whole, streamed)
+        ]  # type: ignore[union-attr]
+        assert as_called[0] == as_called[1]  # the same seeded draw, streamed and assembled by the SDK
+
+
+def test_forced_tool_call_after_reasoning(client: OpenAI, tokenizer: Any) -> None:
+    """The server's reasoning parser (qwen3) lets a forced call follow the model's reasoning: an answer
+    that has thought (resumed from a recorded think block) goes on into the call, whose reasoning
+    is reasoning_content, streamed and not."""
+    pytest.importorskip("pdserve.structured")
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"enum": ["Paris", "Oslo"]},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+            },
+        },
+    }
+    kw: dict[str, Any] = {"model": MODEL, "messages": CHAT, "tools": [tool], "max_tokens": 80, **GREEDY}
+    kw["tool_choice"] = {"type": "function", "function": {"name": "get_weather"}}
+    thought = "<think>\nThe user wants the weather.\n</think>\n\n"
+    whole = client.chat.completions.create(**kw, extra_body=forced(tokenizer, thought)).choices[0]
+    with client.chat.completions.stream(**kw, extra_body=forced(tokenizer, thought)) as stream:
+        streamed = stream.get_final_completion().choices[0]
+    for choice in (whole, streamed):
+        message = choice.message
+        assert message.reasoning_content == "\nThe user wants the weather.\n", message  # type: ignore[attr-defined]
+        calls = message.tool_calls or []
+        assert len(calls) == 1 and calls[0].function.name == "get_weather", message  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(calls[0].function.arguments), tool["function"]["parameters"])  # type: ignore[union-attr, index]
+    assert whole.message.tool_calls[0].function.arguments == streamed.message.tool_calls[0].function.arguments  # type: ignore[index, union-attr]
+
+
+def test_a_non_streamed_resume_refuses_logprobs(http: httpx.Client, tokenizer: Any) -> None:
+    """A non-streamed answer that resumes repeats the resumed tokens, whose logprobs this instance does
+    not have: a 400 naming logprobs, rather than logprobs for the new tokens only. A resumed stream
+    sends only new tokens, with their logprobs."""
+    resume = forced(tokenizer, " Paris, and")
+    bodies = [
+        ("/v1/completions", {"prompt": PROMPT, "logprobs": 1}),
+        ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}),
+    ]
+    for path, body in bodies:
+        resumed = len(resume["resume"]["output_token_ids"])  # they count against max_tokens
+        body |= {"model": MODEL, "max_tokens": resumed + 3, **resume, **GREEDY}
+        body["ignore_eos"] = True
+        r = http.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
+        with http.stream("POST", path, json={**body, "stream": True}) as streamed:
+            assert streamed.status_code == 200
+            chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+        logprobs = [
+            c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+        ]
+        count = sum(len(lp["content"] if "content" in lp else lp["tokens"]) for lp in logprobs)
+        assert count == 3, chunks  # the new tokens'

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,16 @@ def test_decode_entry_retries_a_failed_hand_off_on_another_prefill(pair: Pair) -
             break
     assert pair.peers(pair.decode)[pair.misled.url]["routed"] > before, pair.peers(pair.decode)
     assert answers == expected * len(answers), (answers, expected)
+
+
+def test_decode_entry_prefills_n_choices_once(pair: Pair) -> None:
+    """n = 3 through the decode entry (issue 27): the prefill instance computes the prompt once; the
+    other choices share its KV on the decode instance (tests/e2e/test_structured_output.py has the rest)."""
+    assert wait_until(lambda: settled(pair), 30), pair.peers(pair.decode)
+    prompt = f"Entry {uuid.uuid4().hex[:8]}: the sea, the wind, the gulls and the old boats in the harbour."
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "n": 3, "temperature": 1.0, "seed": 5}
+    before = pair.prefilled()
+    answer = httpx.post(f"{pair.decode.url}/v1/completions", json=body, headers=AUTH, timeout=120)
+    assert answer.status_code == 200 and len(answer.json()["choices"]) == 3, answer.text
+    prompt_tokens = answer.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens > 16 and pair.prefilled() - before == prompt_tokens

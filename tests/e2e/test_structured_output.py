@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
 
 from tests.conftest import API_KEY, MODEL, ServerProcess
-from tests.e2e.cluster import Instance, Router
+from tests.e2e.cluster import Instance, Router, metric
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -104,8 +107,18 @@ def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=240)
 
 
+@dataclass
+class Pair:
+    """The 1P1D cluster: the SDK on its router, and its two instances."""
+
+    client: openai.OpenAI
+    router: str
+    prefill: Instance
+    decode: Instance
+
+
 @pytest.fixture(scope="module")
-def pair(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+def pair(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     """One prefill and one decode instance (tcp KV) behind a router."""
     log_dir = tmp_path_factory.mktemp("structured-pd")
     prefill = Instance("prefill-0", "prefill", model_dir, log_dir).start()
@@ -116,7 +129,8 @@ def pair(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[o
         decode.wait_ready()
         router = Router(log_dir / "router.log", [prefill.url], [decode.url]).start()
         router.wait_healthy()
-        yield openai.OpenAI(base_url=f"{router.url}/v1", api_key="none", max_retries=0, timeout=240)
+        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="none", max_retries=0, timeout=240)
+        yield Pair(client, router.url, prefill, decode)
     finally:
         if router is not None:
             router.stop()
@@ -144,7 +158,74 @@ def test_structured_output_colocated(client: openai.OpenAI, colocated: list[str]
         assert e.value.body and e.value.body.get("param") == param, e.value.body  # type: ignore[union-attr]
 
 
-def test_structured_output_through_a_disaggregated_pair(pair: openai.OpenAI, colocated: list[str]) -> None:
+def test_structured_output_through_a_disaggregated_pair(pair: Pair, colocated: list[str]) -> None:
     """Greedy and seeded draws give the colocated answers, token for token (R4: seed and position)."""
-    assert schema_answers(pair, 4) == colocated[:4]
-    assert_regex_and_choice(pair)
+    assert schema_answers(pair.client, 4) == colocated[:4]
+    assert_regex_and_choice(pair.client)
+
+
+# ---- n > 1 through the pair: one prefill, n choices forked on the decode instance --------------------------
+
+
+BLOCK = 16  # the instances' KV block size (the default)
+
+
+def prompt_counts(instance: Instance) -> tuple[float, float]:
+    """An instance's /metrics: (prompt tokens its requests looked up in its prefix cache, prompt tokens
+    it ran through its model)."""
+    text = instance.get("/metrics").text
+    return metric(text, "pdserve_prefix_cache_queries_total"), metric(text, "pdserve_prompt_tokens_computed")
+
+
+def test_n_choices_share_one_prefill(pair: Pair, client: openai.OpenAI) -> None:
+    """n = 3 through the router: the prefill instance counts (and computes) the prompt once, each
+    choice draws on its own (seed + index) as it does colocated, the stream gives the same choices as
+    the answer, usage counts the prompt once, and greedy choices are all one answer."""
+    prompt = f"Request {uuid.uuid4().hex[:8]}: a poem about the sea, the wind, the gulls and the old boats."
+    kw: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 1.0, "seed": 11}
+    kw["extra_body"] = {"ignore_eos": True}
+    before, decode_before = prompt_counts(pair.prefill), prompt_counts(pair.decode)[1]
+    answer = pair.client.completions.create(n=3, **kw)
+    used = answer.usage
+    assert used is not None and used.completion_tokens == 12, used
+    length = used.prompt_tokens
+    assert length > BLOCK and used.prompt_tokens_details.cached_tokens == 0, used  # type: ignore[union-attr]
+    assert prompt_counts(pair.prefill) == (before[0] + length, before[1] + length), "prompt prefilled twice"
+    tail = length - (length - 1) // BLOCK * BLOCK  # after the last full block: the other choices' own
+    assert prompt_counts(pair.decode)[1] == decode_before + 2 * tail
+    texts = [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(answer.choices, key=lambda c: c.index)] == [0, 1, 2]
+    assert len(set(texts)) == 3, texts  # seeded seed, seed + 1, seed + 2: three draws
+    colocated = client.completions.create(n=3, **kw).choices
+    assert [c.text for c in sorted(colocated, key=lambda c: c.index)] == texts
+    streamed = ["", "", ""]
+    usage = None
+    options = {"include_usage": True}
+    for chunk in pair.client.completions.create(n=3, stream=True, stream_options=options, **kw):  # type: ignore[arg-type]
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+        usage = chunk.usage or usage
+    assert streamed == texts
+    assert usage is not None and usage.prompt_tokens == used.prompt_tokens
+    many = pair.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0.0, n=3
+    )
+    assert len(many.choices) == 3 and len({c.message.content for c in many.choices}) == 1, many.choices
+    assert pair.decode.wait_pool_free()["pool_free"] and pair.prefill.wait_pool_free()["pool_free"]
+
+
+def test_tokenize_and_detokenize_through_the_router(pair: Pair) -> None:
+    """The router has no tokenizer: it forwards /tokenize and /detokenize to an instance, whose
+    answers (a completion prompt, chat messages through the template, an error) it passes on as they are."""
+    bodies = [
+        ("/tokenize", {"model": MODEL, "prompt": "The capital of France is"}),
+        ("/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}),
+        ("/detokenize", {"model": MODEL, "tokens": [504, 3575, 282, 4649, 314]}),
+        ("/detokenize", {"model": MODEL, "tokens": "not a list"}),
+    ]
+    with httpx.Client(timeout=60) as http:
+        for path, body in bodies:
+            routed = http.post(f"{pair.router}{path}", json=body)
+            direct = http.post(f"{pair.decode.url}{path}", json=body)
+            assert (routed.status_code, routed.json()) == (direct.status_code, direct.json()), path
+        assert routed.status_code == 400

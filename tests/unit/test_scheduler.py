@@ -665,3 +665,60 @@ def test_cached_prefix_blocks_are_held_while_the_rest_is_awaited() -> None:
     sched.finish_request(hog, RequestStatus.FINISHED_ABORTED)
     assert_pool_free(sched.bm)
     assert sched.bm.get_computed_blocks(_remote("x", turn1 + [5]))[:2] == hits, "the hits were evicted"
+
+
+# --- n > 1 disaggregated: the other choices wait for the first choice's KV and share it ---------------------
+
+
+def test_local_requests_with_a_remote_requests_tokens_wait_for_its_kv_then_share_it() -> None:
+    """Choices 1 and 2 (local, same prompt) are held while choice 0's KV is on its way, then queue
+    first, take its full blocks from the prefix cache and compute only the tail; a third request with
+    other tokens is not held."""
+    sched = _remote_scheduler(num_blocks=32)
+    prompt = tokens(1, 10)  # 2 full blocks and 2 tokens
+    leader = _remote("r-0", prompt)
+    sched.add_request(leader)
+    followers = [add(sched, f"r-{i}", prompt) for i in (1, 2)]
+    other = add(sched, "x", tokens(500, 10))
+    chunks, out = step(sched)
+    assert out.reserved == [leader] and chunks == [("x", 0, 10)]
+    assert step(sched)[0] == [("x", 10, 1)]  # the others are held still
+    assert all(f.status is RequestStatus.WAITING and f not in sched.waiting for f in followers)
+    sched.activate(leader)
+    assert list(sched.waiting)[:2] == followers
+    out = sched.schedule()
+    shared = {c.request.request_id: (c.start, c.num_tokens) for c in out.chunks}
+    assert shared["r-1"] == shared["r-2"] == (8, 2), shared  # 2 blocks from the cache, 2 tokens each
+    assert all(f.block_ids[:2] == leader.block_ids[:2] for f in followers)
+    assert all(f.num_cached_tokens == 8 for f in followers)
+    for r in (leader, *followers, other):
+        sched.finish_request(r, RequestStatus.FINISHED_ABORTED)
+    assert not sched.has_unfinished and sched.sharing == {}
+    assert_pool_free(sched.bm)
+
+
+def test_held_requests_are_released_when_the_remote_request_ends_without_kv() -> None:
+    """The first choice fails before its KV arrives: the others are no longer held (they compute the
+    prompt here); one aborted while held simply leaves."""
+    sched = _remote_scheduler(num_blocks=32)
+    prompt = tokens(1, 10)
+    leader = _remote("r-0", prompt)
+    sched.add_request(leader)
+    kept, aborted = add(sched, "r-1", prompt), add(sched, "r-2", prompt)
+    sched.schedule()
+    sched.finish_request(aborted, RequestStatus.FINISHED_ABORTED)
+    assert sched.sharing == {"r-0": [kept]}
+    sched.finish_request(leader, RequestStatus.FINISHED_ERROR)
+    assert list(sched.waiting) == [kept] and sched.sharing == {}
+    assert sched.schedule().chunks[0].num_tokens == 10
+    sched.finish_request(kept, RequestStatus.FINISHED_ABORTED)
+    assert_pool_free(sched.bm)
+
+
+@pytest.mark.parametrize("length", [BS, BS - 1])
+def test_a_prompt_of_one_block_or_less_is_not_held(length: int) -> None:
+    """Nothing to share through the prefix cache: the local request is queued as usual."""
+    sched = _remote_scheduler()
+    sched.add_request(_remote("r-0", tokens(1, length)))
+    local = add(sched, "r-1", tokens(1, length))
+    assert list(sched.waiting)[-1] is local and sched.sharing == {}

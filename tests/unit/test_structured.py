@@ -162,6 +162,26 @@ def test_tool_call_grammar_required_named_and_parallel(grammars: Grammars, token
             tool_call_grammar(tools, mode)
 
 
+def test_tool_call_grammar_after_reasoning(grammars: Grammars, tokenizer: Any) -> None:
+    """With a reasoning parser the calls may follow the model's reasoning: qwen3's think block is
+    optional, deepseek_r1's answer opens inside it and must close it; nothing else comes first."""
+    one = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    thought = "<think>\nI need the time.\n</think>\n\n"
+    opened = "I need the time.\n</think>\n\n"  # the prompt opened the block
+    qwen3, r1 = (tool_call_grammar(TOOLS, "now", reasoning=r) for r in ("qwen3", "deepseek_r1"))
+    assert not accepts(grammars, tokenizer, tool_call_grammar(TOOLS, "now"), thought + one)
+    assert accepts(grammars, tokenizer, qwen3, thought + one) and accepts(grammars, tokenizer, qwen3, one)
+    assert not accepts(grammars, tokenizer, qwen3, opened + one)
+    assert accepts(grammars, tokenizer, r1, opened + one) and accepts(grammars, tokenizer, r1, thought + one)
+    assert not accepts(grammars, tokenizer, r1, one)
+    for spec in (qwen3, r1):
+        assert not accepts(grammars, tokenizer, spec, "<think>a</think>b</think>" + one)
+        assert not accepts(grammars, tokenizer, spec, "<think>a</think>Sure! " + one)
+        assert not accepts(grammars, tokenizer, spec, thought)  # the calls must come
+    with pytest.raises(InvalidRequestError):
+        tool_call_grammar(TOOLS, "now", reasoning="other")
+
+
 def test_spec_validation_and_its_wire_form() -> None:
     spec = GrammarSpec("regex", "a+")
     params = SamplingParams(structured=spec)

@@ -5,17 +5,17 @@
     </tool_call>
     <tool_call>...</tool_call>
 
-Text before the first call is content; a call is given out once its closing tag arrives (or at the end,
-if the answer stops inside one); after the first call, text between calls is dropped, as vLLM does.
-A block whose JSON is not a call stays content, tags and all.
+Text before the first call is content; a call streams as it is written (call_stream.py: its name,
+then its arguments piece by piece), or, written another way, is given out whole once its closing tag
+arrives (or at the end, if the answer stops inside one); after the first call, text between calls is
+dropped, as vLLM does. A block whose JSON is not a call stays content, tags and all.
 """
 
 from __future__ import annotations
 
-import json
-
-from pdserve.server.parsers.held import split_at_tag
-from pdserve.server.parsers.tool_calls import MAX_CALLS, ParsedCall, ToolSplit, call_of
+from pdserve.server.parsers.call_stream import CallScanner
+from pdserve.server.parsers.held import partial_tag_start, split_at_tag
+from pdserve.server.parsers.tool_calls import MAX_CALLS, ToolSplit
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -26,6 +26,8 @@ class HermesParser:
         self.held = ""  # outside a call: a maybe-tag; inside: the call's text so far
         self.calls = 0
         self.searched = 0  # inside a call: where in `held` the closing tag may start
+        self.scanner = CallScanner()
+        self.scanned = 0  # inside a call: how much of `held` the scanner has had
 
     def feed(self, text: str) -> ToolSplit:
         out = ToolSplit()
@@ -52,7 +54,8 @@ class HermesParser:
         if self.calls >= MAX_CALLS:
             return ""  # the rest is dropped
         self.in_call = True
-        self.searched = 0
+        self.searched = self.scanned = 0
+        self.scanner = CallScanner()
         return after
 
     def _call(self, text: str, out: ToolSplit) -> str:
@@ -60,21 +63,23 @@ class HermesParser:
         if index < 0:
             self.held = text
             self.searched = max(0, len(text) - len(CLOSE) + 1)
+            self._scan(text, partial_tag_start(text, CLOSE), out)  # not what may be the tag's start
             return ""
         self.in_call = False
         out.add(self._close(text[:index], CLOSE))
         return text[index + len(CLOSE) :]
 
+    def _scan(self, body: str, end: int, out: ToolSplit) -> None:
+        if end > self.scanned:
+            out.pieces += self.scanner.feed(body[self.scanned : end])
+            self.scanned = end
+
     def _close(self, body: str, close: str = "") -> ToolSplit:
-        call = _parse(body)
-        if call is None:
+        out = ToolSplit()
+        self._scan(body, len(body), out)
+        pieces = self.scanner.close()
+        if pieces is None:
             return ToolSplit(content=f"{OPEN}{body}{close}")
         self.calls += 1
-        return ToolSplit(calls=[call])
-
-
-def _parse(body: str) -> ParsedCall | None:
-    try:
-        return call_of(json.loads(body))
-    except (ValueError, RecursionError):
-        return None
+        out.pieces += pieces
+        return out

@@ -1,5 +1,6 @@
 """One choice's parsers in a row: the reasoning parser parts the text, the tool parser reads the
-content part. What a chat answer's streamed deltas and its whole message are built from."""
+content part. What a chat answer's streamed deltas (calls piece by piece) and its whole message (the
+same pieces assembled) are built from."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Literal
 from pdserve.server.parsers.hermes import HermesParser
 from pdserve.server.parsers.llama3_json import Llama3JsonParser
 from pdserve.server.parsers.reasoning import ReasoningParser, Split
-from pdserve.server.parsers.tool_calls import ParsedCall, ToolParser
+from pdserve.server.parsers.tool_calls import CallPiece, ParsedCall, ToolParser, assemble
 
 TOOL_CALL_PARSERS: dict[str, Callable[[], ToolParser]] = {
     "hermes": HermesParser,
@@ -36,17 +37,21 @@ class ParserSpec:
 
 @dataclass
 class Parsed:
-    """One piece of a choice's answer, parted."""
+    """One piece of a choice's answer, parted; its calls as the pieces they streamed in."""
 
     reasoning: str = ""
     content: str = ""
-    calls: list[ParsedCall] = field(default_factory=list)
+    pieces: list[CallPiece] = field(default_factory=list)
 
     def add(self, other: Parsed) -> Parsed:
         self.reasoning += other.reasoning
         self.content += other.content
-        self.calls += other.calls
+        self.pieces += other.pieces
         return self
+
+    @property
+    def calls(self) -> list[ParsedCall]:
+        return assemble(self.pieces)
 
 
 class ChoiceParser:
@@ -56,7 +61,7 @@ class ChoiceParser:
         self.reasoning = ReasoningParser(spec.reasoning) if spec.reasoning else None
         self.tools = _tool_parser(spec)
         self.max_calls = None if spec.parallel_tool_calls else 1
-        self.num_calls = 0
+        self.num_calls = 0  # calls started
 
     def feed(self, text: str) -> Parsed:
         split = self.reasoning.feed(text) if self.reasoning else Split(content=text)
@@ -72,10 +77,22 @@ class ChoiceParser:
         tools = self.tools.feed(split.content)
         if final:
             tools.add(self.tools.finish())
-        if self.max_calls is not None:
-            tools.calls = tools.calls[: max(0, self.max_calls - self.num_calls)]
-        self.num_calls += len(tools.calls)
-        return Parsed(split.reasoning, tools.content, tools.calls)
+        return Parsed(split.reasoning, tools.content, self._kept(tools.pieces))
+
+    def _kept(self, pieces: list[CallPiece]) -> list[CallPiece]:
+        """The pieces of the calls allowed (parallel_tool_calls false: the first call's only)."""
+        kept = []
+        for piece in pieces:
+            self.num_calls += piece.name is not None
+            if self.max_calls is None or self.num_calls <= self.max_calls:
+                kept.append(piece)
+        return kept
+
+    @property
+    def calls_given(self) -> int:
+        """Calls started so far and kept: after priming with what a resumed stream's client has had,
+        the index its next call takes."""
+        return self.num_calls if self.max_calls is None else min(self.num_calls, self.max_calls)
 
     def whole(self, text: str) -> Parsed:
         """A whole answer, parsed as its stream would be."""

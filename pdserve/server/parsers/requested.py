@@ -6,9 +6,10 @@
     auto (the default with tools)     the server's --tool-call-parser, if --enable-auto-tool-choice;
                                       else 400
     required, or a named function     the output constrained to hermes <tool_call> blocks
-                                      (pdserve.structured's tool_call_grammar) from its first token,
-                                      read by the hermes parser (no reasoning parser: the whole
-                                      answer is those calls)
+                                      (pdserve.structured's tool_call_grammar), read by the hermes
+                                      parser; with a reasoning parser, after the model's reasoning
+                                      (the grammar allows the think block first, the reasoning
+                                      parser reads it)
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ def parser_spec(req: p.ChatCompletionRequest, config: ServerConfig) -> ParserSpe
             )
         return ParserSpec(reasoning, config.tool_call_parser, "auto", parallel_tool_calls=parallel)
     if choice == "required":
-        return ParserSpec(None, "hermes", "required", parallel_tool_calls=parallel)
+        return ParserSpec(reasoning, "hermes", "required", parallel_tool_calls=parallel)
     names = {t.function.name for t in req.tools}
     if choice.function.name not in names:
         raise InvalidRequestError(
             f"tool_choice names {choice.function.name!r}, not one of the tools", "tool_choice"
         )
-    return ParserSpec(None, "hermes", "function", choice.function.name, parallel_tool_calls=False)
+    return ParserSpec(reasoning, "hermes", "function", choice.function.name, parallel_tool_calls=False)
 
 
 def forced_grammar(req: p.ChatCompletionRequest, spec: ParserSpec) -> Any:
@@ -62,7 +63,8 @@ def forced_grammar(req: p.ChatCompletionRequest, spec: ParserSpec) -> Any:
         ) from None
     choice = req.tool_choice
     mode = choice.model_dump() if isinstance(choice, p.NamedToolChoice) else choice  # as sent
-    return tool_call_grammar(template_tools(req) or [], mode, parallel=spec.parallel_tool_calls)
+    tools = template_tools(req) or []
+    return tool_call_grammar(tools, mode, parallel=spec.parallel_tool_calls, reasoning=spec.reasoning)
 
 
 def template_tools(req: p.ChatCompletionRequest | p.TokenizeRequest) -> list[dict[str, Any]] | None:

@@ -1,4 +1,5 @@
-"""Tool calls as the parsers find them, and the checks every parser's JSON goes through."""
+"""Tool calls as the parsers find them (whole, or piece by piece as they stream), and the checks every
+parser's JSON goes through."""
 
 from __future__ import annotations
 
@@ -17,16 +18,36 @@ class ParsedCall:
     arguments: str
 
 
+@dataclass(frozen=True)
+class CallPiece:
+    """A piece of a call as it streams: its start (`name` set: a new call) and/or more of its
+    arguments' JSON text (parsers/call_stream.py)."""
+
+    name: str | None = None
+    arguments: str = ""
+
+
+def assemble(pieces: list[CallPiece]) -> list[ParsedCall]:
+    """The calls the pieces make, each's arguments the text its pieces carried."""
+    calls: list[ParsedCall] = []
+    for piece in pieces:
+        if piece.name is not None:
+            calls.append(ParsedCall(piece.name, piece.arguments))
+        elif calls:
+            calls[-1] = ParsedCall(calls[-1].name, calls[-1].arguments + piece.arguments)
+    return calls
+
+
 @dataclass
 class ToolSplit:
-    """One piece of content, parted into text and the calls it completed."""
+    """One piece of content, parted into text and the pieces of calls it wrote (call_stream.py)."""
 
     content: str = ""
-    calls: list[ParsedCall] = field(default_factory=list)
+    pieces: list[CallPiece] = field(default_factory=list)
 
     def add(self, other: ToolSplit) -> ToolSplit:
         self.content += other.content
-        self.calls += other.calls
+        self.pieces += other.pieces
         return self
 
 
