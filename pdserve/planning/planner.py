@@ -112,7 +112,7 @@ def plan(
 def verdict(ranked: list[Candidate]) -> str:
     """One plain sentence: what to run, and whether disaggregation pays here."""
     if not ranked or ranked[0].goodput <= 0:
-        return "No layout meets the SLOs even with one request at a time: relax them, or use bigger GPUs / more TP."
+        return "No layout meets the SLOs even with one request at a time: relax them, or add GPUs or TP."
     best = ranked[0]
     colocated = [c for c in ranked if not c.layout.disaggregated]
     pd = [c for c in ranked if c.layout.disaggregated]

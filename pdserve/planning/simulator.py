@@ -14,6 +14,7 @@ request's token times, which report.py turns into `pdserve bench serve`'s JSON.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections.abc import Callable, Sequence
@@ -98,7 +99,7 @@ class Simulator:
 
     def run(self, specs: Sequence[RequestSpec]) -> SimRun:
         for i, spec in enumerate(specs):
-            self._at(spec.arrival, lambda now, i=i, spec=spec: self._arrive(now, i, spec))
+            self._at(spec.arrival, functools.partial(self._arrive, index=i, spec=spec))
         end = 0.0
         while self.events:
             end, _, action = heapq.heappop(self.events)
@@ -112,7 +113,7 @@ class Simulator:
         views = {i.refresh_view().url: i for i in pool}
         return views[self.policy.choose([i.view for i in pool], role, body).url]
 
-    def _arrive(self, now: float, index: int, spec: RequestSpec) -> None:
+    def _arrive(self, now: float, *, index: int, spec: RequestSpec) -> None:
         rid = f"r{index}"
         trace = self.traces[rid] = Trace(spec)
         prompt = list(range(index << 20, (index << 20) + spec.input_len))  # unique: no accidental prefix hits
@@ -152,7 +153,7 @@ class Simulator:
         for request in activated:
             self._token(request, now)
         for request in reserved:
-            self._at(now + self.options.control_seconds, lambda t, r=request: self._reserve(r, t))
+            self._at(now + self.options.control_seconds, functools.partial(self._reserve, request))
         if seconds is not None:
             self._at(now + seconds, lambda t: self._end(instance, t))
 
