@@ -130,3 +130,24 @@ def _ratio(a: Candidate, b: Candidate) -> str:
         return "the other meets no SLO"
     change = a.goodput / b.goodput - 1
     return f"{change:+.0%} goodput" if math.isfinite(change) else "n/a"
+
+
+SPARE = 4  # instances of the other role while one role's capacity is measured: never its bottleneck
+
+
+def recommend_counts(
+    profile: Profile, workload: Workload, slo: SLO, attainment: float = DEFAULT_ATTAINMENT
+) -> dict[str, int] | None:
+    """Prefill and decode instances (at the profile's TP) that `workload.rate` needs: each role's
+    capacity alone (the other role plentiful), as DistServe sizes the phases apart. None: one
+    instance of some role cannot meet the SLOs at all."""
+    tp, profiles = profile.tp, {profile.tp: profile}
+    one_prefill = Layout(prefill=1, decode=SPARE, tp_prefill=tp, tp_decode=tp)
+    one_decode = Layout(prefill=SPARE, decode=1, tp_prefill=tp, tp_decode=tp)
+    per = [
+        capacity(lay, profiles, workload, slo, attainment=attainment, iterations=5)
+        for lay in (one_prefill, one_decode)
+    ]
+    if min(per) <= 0:
+        return None
+    return {"prefill": math.ceil(workload.rate / per[0]), "decode": math.ceil(workload.rate / per[1])}
