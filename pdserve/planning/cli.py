@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-blocks", type=_positive, default=None, help="KV pool blocks (default: as serve)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="as pdserve serve's")
     p.add_argument("--quick", action="store_true", help="a few points only (tests, smoke runs)")
+    for flag, what in GRID_FLAGS.items():
+        p.add_argument(
+            flag, type=_int_list, default=None, metavar="N,N,...", help=f"{what} (default: by device)"
+        )
     p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
     p.set_defaults(func=_profile)
@@ -118,6 +123,24 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_plan)
 
 
+GRID_FLAGS = {
+    "--prefill-tokens": "prompt chunk sizes to time",
+    "--prefill-cached": "cached prefix lengths to time them after",
+    "--decode-batch": "decode batch sizes to time",
+    "--decode-context": "context lengths per sequence of those batches",
+}
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or min(values) < 0 or list(values) != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"want ascending integers >= 0, e.g. 1,4,16: {text!r}")
+    return values
+
+
 def _slo(text: str) -> SLO:
     try:
         return parse_slo(text)
@@ -146,8 +169,14 @@ def _profile(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         logger.error("profile: %s", e)
         return 2
+    points = QUICK if args.quick else CUDA if device.startswith("cuda") else CPU
+    given = {
+        f.removeprefix("--").replace("-", "_"): getattr(args, f.removeprefix("--").replace("-", "_"))
+        for f in GRID_FLAGS
+    }
+    points = replace(points, **{k: v for k, v in given.items() if v is not None})
     try:
-        profile = measure(llm, QUICK if args.quick else CUDA if device.startswith("cuda") else CPU)
+        profile = measure(llm, points)
     finally:
         llm.close()
     profile.meta["source"] = Path(args.out).name
