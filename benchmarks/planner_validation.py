@@ -12,6 +12,13 @@
    predicted_vs_measured.png.
 
 The router and the load generator are not pinned: on a 2-core machine they share the instances' cores.
+
+Against runs measured elsewhere (`bench serve` or `bench sweep` JSON; the layout read off the label:
+1p1d -> pd:1:1, colocated2 -> colocated:2), with a profile of that hardware, nothing is started:
+
+    python benchmarks/planner_validation.py --profile profile_7b.json --out-dir val-7b --against \
+        docs/bench/h200x2/rerun-7b/qwen2.5-7b-1p1d.json \
+        docs/bench/h200x2/rerun-7b/qwen2.5-7b-colocated2.json
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -111,7 +119,27 @@ def measure(layout: str, args: argparse.Namespace, out: Path, env: dict[str, str
     return files
 
 
-def simulate_like(measured: dict[str, Any], layout: str, profile: Profile) -> dict[str, Any]:
+def layout_of(label: str) -> str:
+    """'qwen2.5-7b-1p1d' -> 'pd:1:1', 'colocated2' -> 'colocated:2' (pd_vs_colocated.py's labels)."""
+    pd = re.search(r"(\d+)p(\d+)d", label)
+    if pd:
+        return f"pd:{pd.group(1)}:{pd.group(2)}"
+    colocated = re.search(r"colocated:?(\d+)", label)
+    if colocated:
+        return f"colocated:{colocated.group(1)}"
+    raise ValueError(f"no layout in the label {label!r}")
+
+
+def runs_in(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(layout, one run's result) for each run of a bench serve or sweep file."""
+    data = json.loads(path.read_text())
+    layout = layout_of(str(data.get("label") or path.stem))
+    return [(layout, r) for r in data.get("results", [data])]
+
+
+def simulate_like(
+    measured: dict[str, Any], layout: str, profile: Profile, transport: str | None
+) -> dict[str, Any]:
     """The measured run's requests (arrivals, prompt lengths as the server counted them), simulated."""
     inputs = [u or n for u, n in zip(measured["usage_input_lens"], measured["input_lens"], strict=True)]
     specs = [
@@ -119,7 +147,7 @@ def simulate_like(measured: dict[str, Any], layout: str, profile: Profile) -> di
         for t, n in zip(measured["start_times"], inputs, strict=True)
     ]
     lay = parse_layout(layout)
-    run = Simulator(lay, {profile.tp: profile}, SimOptions(transport="tcp")).run(specs)
+    run = Simulator(lay, {profile.tp: profile}, SimOptions(transport=transport)).run(specs)
     result = sim_result(
         run, SLO(), lay, {profile.tp: profile}, measured["request_rate"], f"simulated {layout}"
     )
@@ -152,7 +180,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 4.2))
     for ax, key in zip(axes, METRICS, strict=True):
-        for layout, marker in (("colocated:2", "o"), ("pd:1:1", "s")):
+        for layout, marker in zip(sorted({r["layout"] for r in rows}), "os^vD*", strict=False):
             pts = [(r[key]["measured"], r[key]["predicted"]) for r in rows if r["layout"] == layout]
             if pts:
                 ax.scatter(*zip(*pts, strict=True), marker=marker, label=layout)
@@ -165,6 +193,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def profile_cpu(out: Path, env: dict[str, str]) -> Path:
+    """The default model's CPU profile on one core (the instances' conditions)."""
+    path = out / "profile_cpu.json"
+    cmd = [*PY, "profile", "--device", "cpu", "--out", str(path), "--prefill-tokens", "16,64,128,256"]
+    cmd += ["--prefill-cached", "0,64", "--decode-batch", "1,2,4,8", "--decode-context", "64,160"]
+    subprocess.run(pinned(0, cmd), check=True, env=env)
+    return path
+
+
+def measure_runs(
+    layout: str, args: argparse.Namespace, out: Path, env: dict[str, str]
+) -> list[tuple[str, dict[str, Any]]]:
+    return [(layout, json.loads(p.read_text())) for p in measure(layout, args, out, env)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.4, 0.8])
@@ -175,32 +218,26 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="a CPU profile to use instead of measuring one")
     ap.add_argument("--port", type=int, default=18700)
     ap.add_argument("--out-dir", default="results/planner")
+    ap.add_argument("--against", nargs="+", default=None, help="measured bench JSON files: start nothing")
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PDSERVE_CLUSTER_SECRET": secrets.token_urlsafe(32)}
-    profile_path = Path(args.profile) if args.profile else out / "profile_cpu.json"
-    if not args.profile:
-        cmd = [
-            *PY,
-            "profile",
-            "--device",
-            "cpu",
-            "--out",
-            str(profile_path),
-            "--prefill-tokens",
-            "16,64,128,256,512",
-        ]
-        cmd += ["--prefill-cached", "0,64", "--decode-batch", "1,2,4,8", "--decode-context", "64,160"]
-        subprocess.run(pinned(0, cmd), check=True, env=env)
-    profile = Profile.load(profile_path)
+    if args.against:
+        profile = Profile.load(args.profile)
+        measured = [run for path in args.against for run in runs_in(Path(path))]
+        transport = None  # the profile's fastest: what `auto` picks between two GPUs of one host
+    else:
+        profile = Profile.load(args.profile or profile_cpu(out, env))
+        measured = [run for layout in args.layouts.split(",") for run in measure_runs(layout, args, out, env)]
+        transport = "tcp"
     rows = []
-    for layout in args.layouts.split(","):
-        for path in measure(layout, args, out, env):
-            measured = json.loads(path.read_text())
-            predicted = simulate_like(measured, layout, profile)
-            (out / path.name.replace("measured", "simulated")).write_text(json.dumps(predicted, indent=1))
-            rows.append(row(layout, measured, predicted))
+    for i, (layout, result) in enumerate(measured):
+        predicted = simulate_like(result, layout, profile, transport)
+        (out / f"simulated-{i}-{layout.replace(':', '_')}-{result['request_rate']}.json").write_text(
+            json.dumps(predicted, indent=1)
+        )
+        rows.append(row(layout, result, predicted))
     (out / "validation.json").write_text(json.dumps(rows, indent=1))
     (out / "validation.md").write_text(table(rows) + "\n")
     plot(rows, out / "predicted_vs_measured.png")

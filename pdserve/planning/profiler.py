@@ -41,6 +41,7 @@ class Points:
     steps: int = 6
 
 
+MAX_PROBE_BYTES = 1 << 29
 QUICK = Points((16, 64), (0, 32), (1, 4), (16, 64), (1, 16), repeats=1, steps=2)
 CPU = Points((16, 64, 256, 512, 1024), (0, 256), (1, 2, 4, 8, 16), (64, 256, 512), (1, 16, 64, 256))
 CUDA = Points(
@@ -151,9 +152,11 @@ def prefill_grid(probe: EngineProbe, points: Points, log: Callable[[str], None])
 def decode_grid(probe: EngineProbe, points: Points, log: Callable[[str], None]) -> Grid:
     engine = probe.engine
     pool_tokens = engine.block_manager.num_blocks * engine.block_manager.block_size
-    batches = [b for b in points.decode_batch if b <= engine.config.scheduler.max_num_seqs]
-    room = pool_tokens // max(batches) - 64  # every sequence of the largest batch, and its outputs
-    contexts = [c for c in points.decode_context if c <= min(room, engine.max_model_len - 64)]
+    batches = [b for b in points.decode_batch if b <= engine.config.scheduler.max_num_seqs] or [1]
+    while len(batches) > 1 and pool_tokens // batches[-1] - 64 < points.decode_context[0]:
+        batches.pop()  # a pool too small for this batch at the shortest context
+    room = min(pool_tokens // batches[-1], engine.max_model_len) - 64  # each sequence and its outputs
+    contexts = [c for c in points.decode_context if c <= room] or [max(1, room)]
     rows = []
     for b in batches:
         rows.append(tuple(probe.decode(b, c, points.steps) for c in contexts))
@@ -165,6 +168,7 @@ def decode_grid(probe: EngineProbe, points: Points, log: Callable[[str], None]) 
 def transfers(engine: Any, sizes: list[int], log: Callable[[str], None]) -> dict[str, Curve]:
     from pdserve.planning.transfer_probe import device_copy_curve, tcp_curve
 
+    sizes = [n for n in sizes if n <= MAX_PROBE_BYTES] or [min(sizes)]  # larger: extrapolated
     out = {"tcp": tcp_curve(sizes)}
     if engine.runner.device.type == "cuda":
         out["cuda_ipc"] = device_copy_curve(sizes, engine.runner.device)
