@@ -1,5 +1,5 @@
-"""The `pdserve` command: `serve` one instance and `prepare` the model here; `router`, `up` and `bench`
-come from their own modules, which never import this one.
+"""The `pdserve` command: `serve` one instance and `prepare` the model here; `router`, `up`, `bench`
+and `profile`/`simulate`/`plan` come from their own modules, which never import this one.
 
 Every option has a default, so a bare `pdserve serve` serves the default model on 127.0.0.1:8000.
 `serve`'s options are declared once, in pdserve/options.py. Heavy imports (torch, transformers, the
@@ -23,6 +23,7 @@ from pdserve.cluster_secret import SECRET_ENV, ClusterSecret
 from pdserve.config import ServerConfig
 from pdserve.deploy.cli import add_deploy_parser
 from pdserve.launcher import add_up_parser
+from pdserve.planning.cli import add_planning_parsers
 from pdserve.router.cli_commands import LOG_LEVELS, add_router_parser
 
 LOG_LEVEL_HELP = "how much the log shows"
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_up_parser(sub)
     add_bench_parser(sub)
     add_deploy_parser(sub)
+    add_planning_parsers(sub)  # profile, simulate, plan
     return parser
 
 

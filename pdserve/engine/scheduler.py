@@ -26,16 +26,23 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pdserve.config import SchedulerConfig
+from pdserve.disagg.handoff import HandOff
 from pdserve.engine.block_manager import BlockManager, cdiv
 from pdserve.engine.outputs import StageLog
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.errors import InvalidRequestError, OverloadedError
 
-if TYPE_CHECKING:
-    from pdserve.disagg.connector import KVConnector
+
+class RemoteKV(Protocol):
+    """The scheduler's two questions about disaggregation: disagg/connector.py's KVConnector answers
+    them for the engine, planning/sim_instance.py's for the simulator on its simulated clock."""
+
+    def gets_kv_remotely(self, handoff: HandOff | None) -> bool: ...
+
+    def request_finished(self, request_id: str, handoff: HandOff | None) -> bool: ...
 
 
 @dataclass
@@ -73,7 +80,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, block_manager: BlockManager, connector: KVConnector | None = None
+        self, config: SchedulerConfig, block_manager: BlockManager, connector: RemoteKV | None = None
     ) -> None:
         self.config = config
         self.bm = block_manager

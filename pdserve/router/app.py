@@ -5,6 +5,7 @@
     GET  /v1/models, POST /tokenize, /detokenize  -> a healthy instance's answer (the router has no
                                                     tokenizer: any instance's is the model's)
     GET  /health, /metrics, /router/instances     -> the router's own view
+    GET  /pd/workload                             -> the workload it observed (router/workload.py)
 
 The router parses the body only to check that it is a JSON object (400 otherwise); everything else is
 the instance's to validate. With an API key, every route but /health wants `Authorization: Bearer <key>`
@@ -52,6 +53,7 @@ from pdserve.router.policies import DEFAULT_IMBALANCE, POLICIES, make_policy
 from pdserve.router.proxy import Call, Proxy
 from pdserve.router.relay import SSEResponse
 from pdserve.router.upstream import Upstream
+from pdserve.router.workload import Recommender, WorkloadRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class RouterConfig:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S  # SIGTERM: how long open relays get (router/drain.py)
     max_resumes: int = 2  # retries and resumes of one request after its instance failed (proxy.py)
     stall_timeout: float = 30.0  # a stream silent this long after a token is resumed elsewhere
+    plan_profile: str | None = None  # a `pdserve profile`: export recommended instance counts (workload.py)
+    plan_slo: str = ""  # the SLOs those counts are for, e.g. ttft=2000,tpot=50
 
     def __post_init__(self) -> None:
         if self.instances and (self.prefill or self.decode):
@@ -160,6 +164,7 @@ def _v1_router(app: FastAPI, api_key: str | None) -> APIRouter:
         authorization = None if api_key else raw.headers.get("authorization")
         span = tracing.start("router.request", tracing.incoming(raw.headers), path=path)
         call = Call(path, content, body, authorization, span=span)
+        app.state.workload.record(body, call.tokens)
         proxy: Proxy = app.state.proxy
         work = proxy.stream(call) if body.get("stream") is True else proxy.unary(call)
         try:
@@ -222,7 +227,9 @@ def _health_router(registry: Registry) -> APIRouter:
     return router
 
 
-def _metrics_router(app: FastAPI, registry: Registry, metrics: RouterMetrics) -> APIRouter:
+def _metrics_router(
+    app: FastAPI, registry: Registry, metrics: RouterMetrics, recommender: Recommender | None
+) -> APIRouter:
     router = APIRouter()
 
     @router.get("/metrics")
@@ -230,7 +237,13 @@ def _metrics_router(app: FastAPI, registry: Registry, metrics: RouterMetrics) ->
         proxy: Proxy = app.state.proxy
         await metrics.scrape_kv(proxy.client, registry.instances, proxy.poller.timeout)
         metrics.set_state(registry)
+        workload = app.state.workload.snapshot()
+        metrics.set_workload(workload, recommender.refresh(workload) if recommender else None)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @router.get("/pd/workload")
+    async def observed_workload() -> Response:
+        return JSONResponse(app.state.workload.snapshot())
 
     return router
 
@@ -325,13 +338,16 @@ def build_app(config: RouterConfig) -> FastAPI:
     app = FastAPI(title="pdserve router", version="0.1.0", lifespan=lifespan, redirect_slashes=False, **docs)
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.workload = WorkloadRecorder()
+    recommender = Recommender(config.plan_profile, config.plan_slo) if config.plan_profile else None
     _install_error_handlers(app, metrics)
     keyed = [Depends(_auth(config.api_key))]
     app.include_router(_health_router(registry))
     app.include_router(_v1_router(app, config.api_key), dependencies=keyed)
     app.include_router(_tokenizer_router(app, config.api_key), dependencies=keyed)
     app.include_router(
-        _metrics_router(app, registry, metrics), dependencies=[] if config.metrics_public else keyed
+        _metrics_router(app, registry, metrics, recommender),
+        dependencies=[] if config.metrics_public else keyed,
     )
     app.include_router(_instances_router(registry), dependencies=keyed)
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)

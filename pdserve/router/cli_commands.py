@@ -160,6 +160,15 @@ def add_edge_options(r: argparse.ArgumentParser) -> None:
         help="send OpenTelemetry spans to this OTLP/HTTP endpoint, e.g. http://collector:4318/v1/traces",
     )
     r.add_argument(
+        "--plan-profile",
+        default=None,
+        metavar="FILE",
+        help="a `pdserve profile`: export the prefill/decode counts the observed workload needs",
+    )
+    r.add_argument(
+        "--plan-slo", default="ttft=2000,tpot=100", help="the SLOs of --plan-profile's counts (ms)"
+    )
+    r.add_argument(
         "--drain-timeout",
         type=positive_float,
         default=30.0,
@@ -194,6 +203,8 @@ def run_router(args: argparse.Namespace) -> None:
             drain_timeout=args.drain_timeout,
             max_resumes=args.max_resumes,
             stall_timeout=args.stall_timeout,
+            plan_profile=args.plan_profile,
+            plan_slo=args.plan_slo,
         )
     except ValueError as e:
         logger.error("%s", e)

@@ -4,7 +4,8 @@ Counted here: requests routed per instance, errors by kind (client requests only
 router's own /health is not one), retries by reason, streams resumed (or not) after their instance
 failed and the resumed part's first-token delay, time to first token and request latency as the
 client sees them. Set at scrape time: per-stage queue lengths and per-instance health from the latest
-load reports. KV transfer totals are summed from the instances' own /metrics
+load reports, the observed arrival rate and the recommended instances per role (workload.py). KV
+transfer totals are summed from the instances' own /metrics
 (`pdserve_kv_transfer_bytes_total`, histogram `pdserve_kv_transfer_seconds`), scraped when the router
 is scraped; an instance that does not answer keeps its last totals, so the sums never go backwards.
 Every KV byte leaves one instance and reaches another: only the received direction is summed, so each
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -158,6 +160,15 @@ class RouterMetrics:
         )
         self.kv = KVTransferCollector()
         r.register(self.kv)
+        self.arrival_rate = Gauge(
+            "pdserve_router_observed_arrival_rate", "Requests a second over the workload window", registry=r
+        )
+        self.recommended = Gauge(
+            "pdserve_router_recommended_instances",
+            "Instances per role the observed workload needs (router --plan-profile; workload.py)",
+            ["role"],
+            registry=r,
+        )
 
     def count_error(self, kind: str) -> None:
         self.errors.labels(kind=kind).inc()
@@ -184,6 +195,11 @@ class RouterMetrics:
                 stages["decode_waiting_for_kv"] += load.num_waiting_for_kv
         for stage, value in stages.items():
             self.queue.labels(stage=stage).set(value)
+
+    def set_workload(self, workload: dict[str, Any], counts: dict[str, int] | None) -> None:
+        self.arrival_rate.set(workload["arrival_rate"])
+        for role, count in (counts or {}).items():
+            self.recommended.labels(role=role).set(count)
 
     async def scrape_kv(self, client: Upstream, instances: list[Instance], timeout: float) -> None:
         async def one(instance: Instance) -> None:

@@ -38,6 +38,9 @@ def test_every_command_is_walked() -> None:
         "bench sweep",
         "bench plot",
         "deploy",
+        "profile",
+        "simulate",
+        "plan",
     }
     assert {name.removeprefix("pdserve ") for name in COMMANDS} == expected
 

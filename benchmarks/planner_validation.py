@@ -1,0 +1,248 @@
+"""The planner against real runs on CPU: 1P1D vs 2 colocated, each instance pinned to one core.
+
+    python benchmarks/planner_validation.py --rates 0.2,0.4,0.8 --num-prompts 16 --out-dir results/planner
+
+1. A CPU profile of the default model on one core (`taskset -c 0 pdserve profile`), unless --profile.
+2. Each layout for real: two `pdserve serve` instances (`taskset -c 0` and `-c 1`: prefill + decode,
+   or two colocated) behind a `pdserve router` (round_robin), and `pdserve bench serve` at each rate
+   (random prompts of --input-len tokens, --output-len tokens each, EOS ignored).
+3. The same runs simulated from the profile: the measured run's own arrival times and prompt lengths
+   as the trace, so both sides see the same requests.
+4. Predicted vs measured mean and p90 TTFT and TPOT: OUT_DIR/validation.md (a table), validation.json,
+   predicted_vs_measured.png.
+
+The router and the load generator are not pinned: on a 2-core machine they share the instances' cores.
+
+Against runs measured elsewhere (`bench serve` or `bench sweep` JSON; the layout read off the label:
+1p1d -> pd:1:1, colocated2 -> colocated:2), with a profile of that hardware, nothing is started:
+
+    python benchmarks/planner_validation.py --profile profile_7b.json --out-dir val-7b --against \
+        docs/bench/h200x2/rerun-7b/qwen2.5-7b-1p1d.json \
+        docs/bench/h200x2/rerun-7b/qwen2.5-7b-colocated2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pdserve.bench.metrics import SLO
+from pdserve.planning.layout import parse_layout
+from pdserve.planning.profile import Profile
+from pdserve.planning.report import sim_result
+from pdserve.planning.simulator import SimOptions, Simulator
+from pdserve.planning.workload import RequestSpec
+
+PY = [sys.executable, "-m", "pdserve.cli"]
+METRICS = ("mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms", "p90_tpot_ms")
+
+
+def pinned(core: int, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *cmd]
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log.open("ab") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in reversed(procs):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def wait_healthy(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a process of the layout exited; see its log")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url} not healthy after {timeout:.0f}s")
+
+
+def launch(layout: str, port: int, out: Path, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """Two instances, one core each, and a router in front of them on `port`."""
+    roles = ["prefill", "decode"] if layout.startswith("pd") else ["both", "both"]
+    procs, urls = [], []
+    for core, role in enumerate(roles):
+        p = port + 10 + 10 * core
+        cmd = [*PY, "serve", "--port", str(p), "--role", role, "--log-level", "warning"]
+        procs.append(start(pinned(core, cmd), out / f"{layout.replace(':', '_')}-{core}-{role}.log", env))
+        urls.append(f"http://127.0.0.1:{p}")
+    for url, proc in zip(urls, procs, strict=True):
+        wait_healthy(url, [proc])
+    router = [*PY, "router", "--port", str(port), "--log-level", "warning", "--health-interval", "0.5"]
+    router += ["--prefill", urls[0], "--decode", urls[1]] if roles[0] == "prefill" else ["--instance", *urls]
+    procs.append(start(router, out / f"{layout.replace(':', '_')}-router.log", env))
+    wait_healthy(f"http://127.0.0.1:{port}", procs)
+    return procs
+
+
+def measure(layout: str, args: argparse.Namespace, out: Path, env: dict[str, str]) -> list[Path]:
+    procs = launch(layout, args.port, out, env)
+    files = []
+    try:
+        for i, rate in enumerate(args.rates):
+            path = out / f"measured-{layout.replace(':', '_')}-{rate:g}.json"
+            cmd = [*PY, "bench", "serve", "--base-url", f"http://127.0.0.1:{args.port}"]
+            cmd += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos"]
+            cmd += ["--num-prompts", str(args.num_prompts), "--request-rate", str(rate), "--seed", str(i)]
+            cmd += ["--label", f"measured {layout}", "--output", str(path), "--disable-tqdm"]
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            files.append(path)
+            print(f"measured {layout} at {rate:g} req/s", flush=True)
+    finally:
+        stop(procs)
+    return files
+
+
+def layout_of(label: str) -> str:
+    """'qwen2.5-7b-1p1d' -> 'pd:1:1', 'colocated2' -> 'colocated:2' (pd_vs_colocated.py's labels)."""
+    pd = re.search(r"(\d+)p(\d+)d", label)
+    if pd:
+        return f"pd:{pd.group(1)}:{pd.group(2)}"
+    colocated = re.search(r"colocated:?(\d+)", label)
+    if colocated:
+        return f"colocated:{colocated.group(1)}"
+    raise ValueError(f"no layout in the label {label!r}")
+
+
+def runs_in(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(layout, one run's result) for each run of a bench serve or sweep file."""
+    data = json.loads(path.read_text())
+    layout = layout_of(str(data.get("label") or path.stem))
+    return [(layout, r) for r in data.get("results", [data])]
+
+
+def simulate_like(
+    measured: dict[str, Any], layout: str, profile: Profile, transport: str | None
+) -> dict[str, Any]:
+    """The measured run's requests (arrivals, prompt lengths as the server counted them), simulated."""
+    inputs = [u or n for u, n in zip(measured["usage_input_lens"], measured["input_lens"], strict=True)]
+    specs = [
+        RequestSpec(t, n, measured["args"]["output_len"])
+        for t, n in zip(measured["start_times"], inputs, strict=True)
+    ]
+    lay = parse_layout(layout)
+    run = Simulator(lay, {profile.tp: profile}, SimOptions(transport=transport)).run(specs)
+    result = sim_result(
+        run, SLO(), lay, {profile.tp: profile}, measured["request_rate"], f"simulated {layout}"
+    )
+    result["duration"] = max(result["duration"], 1e-9)
+    return result
+
+
+def row(layout: str, measured: dict[str, Any], predicted: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"layout": layout, "rate": measured["request_rate"]}
+    for key in METRICS:
+        m, p = measured[key], predicted[key]
+        out[key] = {"measured": m, "predicted": p, "error": (p - m) / m if m else None}
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| layout | req/s | " + " | ".join(f"{k} meas / pred (err)" for k in METRICS) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(METRICS)]
+    for r in rows:
+        cells = [f"{r[k]['measured']:.0f} / {r[k]['predicted']:.0f} ({r[k]['error']:+.0%})" for k in METRICS]
+        lines.append(f"| {r['layout']} | {r['rate']:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 4.2))
+    for ax, key in zip(axes, METRICS, strict=True):
+        for layout, marker in zip(sorted({r["layout"] for r in rows}), "os^vD*", strict=False):
+            pts = [(r[key]["measured"], r[key]["predicted"]) for r in rows if r["layout"] == layout]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), marker=marker, label=layout)
+        top = max(max(r[key]["measured"], r[key]["predicted"]) for r in rows) * 1.1
+        ax.plot([0, top], [0, top], "k--", lw=0.8)
+        ax.fill_between([0, top], [0, top * 0.85], [0, top * 1.15], color="grey", alpha=0.15, label="+-15%")
+        ax.set(xlabel="measured (ms)", ylabel="predicted (ms)", title=key, xlim=(0, top), ylim=(0, top))
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def profile_cpu(out: Path, env: dict[str, str]) -> Path:
+    """The default model's CPU profile on one core (the instances' conditions)."""
+    path = out / "profile_cpu.json"
+    cmd = [*PY, "profile", "--device", "cpu", "--out", str(path), "--prefill-tokens", "16,64,128,256"]
+    cmd += ["--prefill-cached", "0,64", "--decode-batch", "1,2,4,8", "--decode-context", "64,160"]
+    subprocess.run(pinned(0, cmd), check=True, env=env)
+    return path
+
+
+def measure_runs(
+    layout: str, args: argparse.Namespace, out: Path, env: dict[str, str]
+) -> list[tuple[str, dict[str, Any]]]:
+    return [(layout, json.loads(p.read_text())) for p in measure(layout, args, out, env)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.4, 0.8])
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--layouts", default="colocated:2,pd:1:1")
+    ap.add_argument("--profile", default=None, help="a CPU profile to use instead of measuring one")
+    ap.add_argument("--port", type=int, default=18700)
+    ap.add_argument("--out-dir", default="results/planner")
+    ap.add_argument("--against", nargs="+", default=None, help="measured bench JSON files: start nothing")
+    args = ap.parse_args()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PDSERVE_CLUSTER_SECRET": secrets.token_urlsafe(32)}
+    if args.against:
+        profile = Profile.load(args.profile)
+        measured = [run for path in args.against for run in runs_in(Path(path))]
+        transport = None  # the profile's fastest: what `auto` picks between two GPUs of one host
+    else:
+        profile = Profile.load(args.profile or profile_cpu(out, env))
+        measured = [run for layout in args.layouts.split(",") for run in measure_runs(layout, args, out, env)]
+        transport = "tcp"
+    rows = []
+    for i, (layout, result) in enumerate(measured):
+        predicted = simulate_like(result, layout, profile, transport)
+        (out / f"simulated-{i}-{layout.replace(':', '_')}-{result['request_rate']}.json").write_text(
+            json.dumps(predicted, indent=1)
+        )
+        rows.append(row(layout, result, predicted))
+    (out / "validation.json").write_text(json.dumps(rows, indent=1))
+    (out / "validation.md").write_text(table(rows) + "\n")
+    plot(rows, out / "predicted_vs_measured.png")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
