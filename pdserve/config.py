@@ -9,6 +9,9 @@ from pdserve.cluster_secret import ClusterSecret
 from pdserve.http_edge.limits import DEFAULT_MAX_CHAT_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
 from pdserve.kernels.config import KernelConfig
 
+# layers/quant.py: weight-only int8 / int4, fp8 weights and activations
+QUANTIZATIONS = ("wint8", "wint4", "fp8")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -24,8 +27,12 @@ class ModelConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU's memory for weights, activations and KV
     enforce_eager: bool = False  # CUDA: no CUDA graphs
     tensor_parallel_size: int = 1  # ranks (GPUs from `device` on) that each hold a slice of the model
+    quantization: str | None = None  # QUANTIZATIONS: the projections quantized at load; None: as dtype
 
     def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            choices = ", ".join(QUANTIZATIONS)
+            raise ValueError(f"quantization must be one of {choices}, got {self.quantization!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.load_format not in ("auto", "dummy"):

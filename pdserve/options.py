@@ -19,6 +19,7 @@ from typing import Any
 from pdserve.cli_types import http_url, int_at_least, parse_size, positive_float
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, SecretError
 from pdserve.config import (
+    QUANTIZATIONS,
     ROLES,
     CacheConfig,
     DisaggConfig,
@@ -210,6 +211,16 @@ OPTIONS: tuple[Option, ...] = (
         default="auto",
         choices=("auto", "dummy"),
         help="dummy: random weights from config.json (time large shapes without a checkpoint)",
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "quantization",
+        ("--quantization",),
+        "model",
+        choices=QUANTIZATIONS,
+        help="quantize the layers' projections at load: wint8 (int8 weights, a scale per output channel), "
+        "wint4 (int4 weights, a scale per 128 inputs), fp8 (e4m3 weights per channel, activations per "
+        "token); both roles of a disaggregated pair must use the same",
         group=MODEL_GROUP,
     ),
     Option(

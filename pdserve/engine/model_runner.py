@@ -136,6 +136,7 @@ class ModelRunner:
             model_config.load_format,
             model_config.seed,
             self.tp,
+            model_config.quantization,
         )
         self.layout = KVLayout(
             hf_config.num_hidden_layers,
