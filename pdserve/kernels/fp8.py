@@ -1,7 +1,7 @@
 """fp8 (e4m3) products: x @ W^T for a weight quantized per output row, the activations quantized per
 token at run time (dynamic scales: each row of x by its own max |x| / 448).
 
-    scaled_mm_linear   on a GPU with fp8 tensor cores (sm_89+): torch._scaled_mm with row-wise scales,
+    scaled_mm_linear   on a GPU with fp8 tensor cores (sm_90+): torch._scaled_mm with row-wise scales,
                        x's scale [M, 1] and W's [1, N] applied to the fp32 accumulator (cuBLASLt)
     emulated_linear    anywhere: x quantized to e4m3 and back, W dequantized, a float matmul -- the same
                        math in higher precision, what the CPU runs and what the GPU path is tested against
@@ -37,8 +37,8 @@ def emulated_linear(
 
 
 def has_fp8_mm(device: torch.device) -> bool:
-    """Whether torch._scaled_mm runs fp8 on `device` (CUDA compute capability 8.9 or later)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    """Whether torch._scaled_mm runs fp8 with row-wise scales on `device` (Hopper, sm_90, or later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def scaled_mm_linear(

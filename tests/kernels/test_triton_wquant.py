@@ -77,7 +77,7 @@ def test_fp8_emulation_is_quantized_activations_times_dequantized_weights() -> N
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA or not fp8.has_fp8_mm(DEVICE), reason="needs fp8 tensor cores (sm_89+)")
+@pytest.mark.skipif(not CUDA or not fp8.has_fp8_mm(DEVICE), reason="needs fp8 tensor cores (sm_90+)")
 @pytest.mark.parametrize("m,n,k", [(1, 4608, 3584), (37, 3584, 18944), (512, 1024, 4096)])
 def test_scaled_mm_matches_the_emulation(m: int, n: int, k: int) -> None:
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
