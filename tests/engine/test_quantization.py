@@ -237,3 +237,10 @@ def test_quantization_mismatch_refused_at_handshake(model_dir):
     finally:
         prefill.close()
         decode.close()
+
+
+def test_tensor_parallel_ranks_hold_the_tp1_quantized_model(model_dir, prompts):
+    """TP 2: each rank quantizes its shard; row-parallel rows are scaled by the full row's max |w|
+    (gathered over the ranks), so the ranks together run the tp=1 wint8 model."""
+    want = hf_greedy(model_dir, prompts, lambda _, w: fake_wint8(w))
+    assert greedy(model_dir, prompts, quantization="wint8", tensor_parallel_size=2) == want
