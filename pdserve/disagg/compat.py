@@ -12,8 +12,7 @@ from typing import Any
 # layout key -> (what it is, the flag both roles must agree on)
 _NAMED = {
     "quantization": ("weight quantization", "--quantization"),
-    "kv_cache_dtype": ("KV cache dtype", "--kv-cache-dtype"),
-    "dtype": ("KV dtype", "--dtype"),
+    "dtype": ("KV cache dtype", "--dtype and --kv-cache-dtype"),
 }
 
 

@@ -208,18 +208,30 @@ def test_fp8_block_checkpoint_loads_as_its_dequantized_weights(model_dir, prompt
 
 
 # ---- a disaggregated pair must agree --------------------------------------------------------------
-def _engine(model_dir: str, role: str, quantization: str | None) -> Engine:
+def _engine(model_dir: str, role: str, quantization: str | None, kv_cache_dtype: str = "auto") -> Engine:
     return Engine(
         EngineConfig(
             model=ModelConfig(path=model_dir, quantization=quantization),
-            cache=CacheConfig(num_blocks=64),
+            cache=CacheConfig(num_blocks=64, kv_cache_dtype=kv_cache_dtype),
             disagg=DisaggConfig(role=role, kv_transport="inproc"),
         )
     )
 
 
-def test_quantization_mismatch_refused_at_handshake(model_dir):
-    prefill, decode = _engine(model_dir, "prefill", "wint8"), _engine(model_dir, "decode", None)
+KV_MISMATCH = "KV cache dtype mismatch: decode runs torch.float32, prefill runs torch.float8_e4m3fn"
+
+
+@pytest.mark.parametrize(
+    ("prefill_options", "decode_options", "message"),
+    [
+        (("wint8",), (None,), "weight quantization mismatch: decode runs none, prefill runs wint8"),
+        ((None, "fp8"), (None,), KV_MISMATCH),
+    ],
+    ids=["quantization", "kv-cache-dtype"],
+)
+def test_mismatch_refused_at_handshake(model_dir, prefill_options, decode_options, message):
+    prefill = _engine(model_dir, "prefill", *prefill_options)
+    decode = _engine(model_dir, "decode", *decode_options)
     try:
         assert prefill.connector and decode.connector
         decode.add_request("r", [1, 2, 3, 4, 5], GREEDY, FromPrefill(prefill.connector.address))
@@ -231,16 +243,37 @@ def test_quantization_mismatch_refused_at_handshake(model_dir):
                 break
         last = outs[-1]
         assert last.finish_reason == "error"
-        assert "weight quantization mismatch: decode runs none, prefill runs wint8" in (last.error or "")
-        assert "--quantization" in (last.error or "")
+        assert message in (last.error or "") and "both roles need the same --" in (last.error or "")
         assert decode.check_pool_free() and prefill.check_pool_free()
     finally:
         prefill.close()
         decode.close()
 
 
+@pytest.mark.slow  # a worker process: 6-12 s on 2 cores; not needed for the formats' proof above
 def test_tensor_parallel_ranks_hold_the_tp1_quantized_model(model_dir, prompts):
     """TP 2: each rank quantizes its shard; row-parallel rows are scaled by the full row's max |w|
     (gathered over the ranks), so the ranks together run the tp=1 wint8 model."""
     want = hf_greedy(model_dir, prompts, lambda _, w: fake_wint8(w))
     assert greedy(model_dir, prompts, quantization="wint8", tensor_parallel_size=2) == want
+
+
+# ---- --kv-cache-dtype fp8 -------------------------------------------------------------------------
+def test_fp8_kv_cache_moves_its_bytes_unchanged(model_dir, prompts):
+    """An e4m3 pool: the same greedy tokens colocated, with 4-token prefill chunks (each chunk reads
+    the ones before from the pool) and 1P1D over tcp, whose hand-off moves a quarter of float32's bytes."""
+    colocated = greedy(model_dir, prompts, kv_cache_dtype="fp8")
+    assert greedy(model_dir, prompts, kv_cache_dtype="fp8", max_num_batched_tokens=4) == colocated
+    moved = {}
+    for kv in ("fp8", "auto"):
+        pair = dict(prefill=1, decode=1, kv_transport="tcp")
+        llm = LLM(model_dir, dtype="float32", num_blocks=128, kv_cache_dtype=kv, **pair)
+        try:
+            assert llm.engine.runner.kv_cache.dtype == (E4M3 if kv == "fp8" else torch.float32)
+            out = [c.token_ids for c in llm.generate_ids(prompts, GREEDY)]
+            assert out == colocated or kv == "auto"
+            assert llm.engine.connector is not None
+            moved[kv] = llm.engine.connector.bytes_received
+        finally:
+            llm.close()
+    assert moved["fp8"] * 4 == moved["auto"] > 0
