@@ -30,32 +30,35 @@ Tile = tuple[int, int, int, int, int]  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stage
 def _wquant_kernel(  # type: ignore[no-untyped-def]
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
     INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    HALF: tl.constexpr = BLOCK_K // 2
     if INT4:
-        HALF: tl.constexpr = BLOCK_K // 2
         for k0 in range(0, K, BLOCK_K):
             j = k0 // 2 + tl.arange(0, HALF)  # bytes of this step; even k = 2j, odd k = 2j + 1
             even = 2 * j
-            b = tl.load(w_ptr + n[:, None] * stride_wn + j[None, :], mask=n_ok[:, None] & (even < K)[None, :])
+            b_mask = n_ok[:, None] & (even < K)[None, :]
+            b = tl.load(w_ptr + n[:, None] * stride_wn + j[None, :], mask=b_mask, other=0)
             lo = ((b << 4) >> 4).to(x_ptr.dtype.element_ty)
             hi = (b >> 4).to(x_ptr.dtype.element_ty)
             x_row = x_ptr + m[:, None] * stride_xm
             xe = tl.load(x_row + even[None, :], mask=m_ok[:, None] & (even < K)[None, :], other=0.0)
             xo = tl.load(x_row + even[None, :] + 1, mask=m_ok[:, None] & (even + 1 < K)[None, :], other=0.0)
-            part = tl.dot(xe, tl.trans(lo)) + tl.dot(xo, tl.trans(hi))
+            part = tl.dot(xe, tl.trans(lo), input_precision=PRECISION)
+            part += tl.dot(xo, tl.trans(hi), input_precision=PRECISION)
             s = tl.load(s_ptr + n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
             acc += part * s[None, :]
     else:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :])
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :])
-            acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+            w_mask, x_mask = n_ok[:, None] & (k < K)[None, :], m_ok[:, None] & (k < K)[None, :]
+            w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=w_mask, other=0)
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
+            acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), input_precision=PRECISION)
         acc *= tl.load(s_ptr + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -98,5 +101,6 @@ def wquant_linear(
         rows.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
         INT4=int4, GROUP=GROUP, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32: exact products, not tf32
     )  # fmt: skip
     return y.view(*x.shape[:-1], n)

@@ -100,13 +100,15 @@ def hf_greedy(
     prompts: list[list[int]],
     weights: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     fp8_inputs: bool = False,
+    device: str = "cpu",
 ) -> list[list[int]]:
     """transformers' greedy tokens (float32) of hf_model(model_dir, weights, fp8_inputs)."""
-    model = hf_model(model_dir, weights, fp8_inputs)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = hf_model(model_dir, weights, fp8_inputs).to(device)
     outs = []
     with torch.inference_mode():
         for ids in prompts:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False)
             outs.append(y[0, len(ids) :].tolist())
     return outs
@@ -168,6 +170,34 @@ def hf_scores(
 def test_quantized_disaggregated_pair_equals_colocated(model_dir, prompts):
     colocated = greedy(model_dir, prompts, quantization="wint4")
     assert greedy(model_dir, prompts, quantization="wint4", prefill=1, decode=1) == colocated
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("method", ["wint8", "wint4"])
+def test_weight_only_gemm_on_cuda_equals_the_dequantized_model(model_dir, prompts, method):
+    """float32 on the GPU: the Triton GEMM that dequantizes in registers (ieee products), CUDA graphs."""
+    want = hf_greedy(model_dir, prompts, lambda _, w: FAKE[method](w), device="cuda")
+    assert greedy(model_dir, prompts, quantization=method, device="cuda") == want
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize(
+    "options", [{"quantization": "wint8"}, {"quantization": "wint4"}, {"quantization": "fp8"}, {"kv_cache_dtype": "fp8"}]
+)
+def test_bfloat16_quantized_runs_clean_on_cuda(model_dir, prompts, options):
+    llm = LLM(model_dir, device="cuda", dtype="bfloat16", num_blocks=128, **options)
+    try:
+        outs = llm.generate_ids(prompts, SamplingParams(temperature=0.8, max_tokens=16, seed=1))
+        assert all(len(o.token_ids) >= 1 for o in outs) and llm.check_pool_free()
+        want = E4M3 if options.get("kv_cache_dtype") == "fp8" else torch.bfloat16
+        assert llm.engine.runner.kv_cache.dtype == want
+    finally:
+        llm.close()
 
 
 # ---- fp8 checkpoints as the Qwen3 FP8 releases store them -----------------------------------------
