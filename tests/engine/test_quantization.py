@@ -187,7 +187,7 @@ def test_weight_only_gemm_on_cuda_equals_the_dequantized_model(model_dir, prompt
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize(
-    "options", [{"quantization": "wint8"}, {"quantization": "wint4"}, {"quantization": "fp8"}, {"kv_cache_dtype": "fp8"}]
+    "options", [*({"quantization": m} for m in ("wint8", "wint4", "fp8")), {"kv_cache_dtype": "fp8"}]
 )
 def test_bfloat16_quantized_runs_clean_on_cuda(model_dir, prompts, options):
     llm = LLM(model_dir, device="cuda", dtype="bfloat16", num_blocks=128, **options)
