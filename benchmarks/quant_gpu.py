@@ -191,8 +191,8 @@ def bench_prefill(runner: ModelRunner, prompt_len: int) -> float:
 
 
 def run_format(args: argparse.Namespace, fmt: str, gbps: float) -> dict[str, Any]:
-    per_seq = -(-(max(args.context, args.prompt_len) + 1) // 16)
-    blocks = max(args.batches) * per_seq + 1
+    decode_blocks = max(args.batches) * -(-(args.context + 1) // 16)
+    blocks = max(decode_blocks, -(-(args.prompt_len + 1) // 16)) + 1  # decode batch, or the one prompt
     t0 = time.perf_counter()
     runner = make_runner(args, fmt, blocks)
     out: dict[str, Any] = {"format": fmt, "load_seconds": time.perf_counter() - t0}
