@@ -43,7 +43,7 @@ def _wquant_kernel(  # type: ignore[no-untyped-def]
             even = 2 * j
             b_mask = n_ok[:, None] & (even < K)[None, :]
             b = tl.load(w_ptr + n[:, None] * stride_wn + j[None, :], mask=b_mask, other=0)
-            lo = ((b << 4) >> 4).to(x_ptr.dtype.element_ty)
+            lo = ((b << 4).to(tl.int8) >> 4).to(x_ptr.dtype.element_ty)  # int8 wrap, whatever the promotion
             hi = (b >> 4).to(x_ptr.dtype.element_ty)
             x_row = x_ptr + m[:, None] * stride_xm
             xe = tl.load(x_row + even[None, :], mask=m_ok[:, None] & (even < K)[None, :], other=0.0)
