@@ -15,8 +15,9 @@ model's chosen implementation (`kernels.linear`: F.linear, or on CUDA for a few 
 GEMM where it was measured faster; kernels/triton_linear.py). With `--quantization` the two parallel
 projections swap their float weight for a QuantizedWeight after loading (`quantize`, layers/quant.py)
 and multiply through quant_linear; a row-parallel shard scales its rows by the full row's max |w|
-(gathered over the ranks), so every rank holds its slice of the tp=1 quantized model (wint4's groups
-of 128 inputs too, where the shard starts on a multiple of 128, as every shape we serve does).
+(gathered over the ranks), so every rank holds its slice of the tp=1 quantized model; wint4's groups
+of 128 inputs are the shard's own, the tp=1 groups where the shard starts on a multiple of 128 (the
+shipped shapes' shards at TP 2, 4 and 8 all do).
 """
 
 from __future__ import annotations
