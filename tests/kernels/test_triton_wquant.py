@@ -76,6 +76,24 @@ def test_fp8_emulation_is_quantized_activations_times_dequantized_weights() -> N
     assert (fp8.emulated_linear(x, w.data, w.scale) - x @ dequantize(w).T).abs().max() < 0.05
 
 
+def test_triton_activation_quantizer_matches_torch() -> None:
+    """triton_fp8.quantize_rows (one launch) gives quantize_rows' bytes and scales. On CPU the rows are
+    e4m3 values times a power of two (triton 3.6's interpreter rounds some other values to e4m3
+    wrongly, see test_kv_fp8.py); on a GPU random rows."""
+    from pdserve.kernels import triton_fp8
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4100, device=DEVICE)  # two K blocks, the second ragged
+    if not CUDA:
+        x = x.to(torch.float8_e4m3fn).float() * 2.0 ** torch.arange(-3, 3, device=DEVICE)[:, None]
+        x[:, 7] = 448.0 * 2.0 ** torch.arange(-3, 3, device=DEVICE)  # each row's max: scale 2^j exactly
+    x[2] = 0.0
+    q, s = triton_fp8.quantize_rows(x)
+    want_q, want_s = fp8.quantize_rows(x)
+    assert torch.equal(s, want_s) and s.shape == (6, 1)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or not fp8.has_fp8_mm(DEVICE), reason="needs fp8 tensor cores (sm_90+)")
 @pytest.mark.parametrize("m,n,k", [(1, 4608, 3584), (37, 3584, 18944), (512, 1024, 4096)])
@@ -83,6 +101,8 @@ def test_scaled_mm_matches_the_emulation(m: int, n: int, k: int) -> None:
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
     w = quantize(torch.randn(n, k, device=DEVICE) * 0.02, "fp8")
     bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
-    got = fp8.scaled_mm_linear(x, w.data, w.scale, bias).float()
+    from pdserve.kernels import triton_fp8
+
+    got = fp8.scaled_mm_linear(x, w.data, w.scale, bias, quantize=triton_fp8.quantize_rows).float()
     want = fp8.emulated_linear(x.float(), w.data, w.scale, bias.float())
     torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
