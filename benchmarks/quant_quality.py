@@ -65,7 +65,7 @@ the population doubles, and in the winter it shrinks again to the families who h
 generations. They still argue about the year the tower was built, and they probably always will.
 """
 
-FORMATS = ("bf16", "wint8", "wint4", "fp8")
+FORMATS = ("bf16", "wint8", "wint4", "fp8", "fp8-kv")
 
 
 @torch.inference_mode()
