@@ -9,6 +9,10 @@ from pdserve.cluster_secret import ClusterSecret
 from pdserve.http_edge.limits import DEFAULT_MAX_CHAT_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
 from pdserve.kernels.config import KernelConfig
 
+# layers/quant.py: weight-only int8 / int4, fp8 weights and activations
+QUANTIZATIONS = ("wint8", "wint4", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")  # the KV pool's element type (engine/model_runner.py kv_dtype)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -24,8 +28,12 @@ class ModelConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU's memory for weights, activations and KV
     enforce_eager: bool = False  # CUDA: no CUDA graphs
     tensor_parallel_size: int = 1  # ranks (GPUs from `device` on) that each hold a slice of the model
+    quantization: str | None = None  # QUANTIZATIONS: the projections quantized at load; None: as dtype
 
     def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            choices = ", ".join(QUANTIZATIONS)
+            raise ValueError(f"quantization must be one of {choices}, got {self.quantization!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.load_format not in ("auto", "dummy"):
@@ -43,8 +51,12 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None
     enable_prefix_caching: bool = True
     share_pool: bool = False  # tensor parallel: workers hand their KV shards to rank 0 (disaggregated roles)
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES; auto: the model's dtype, fp8: e4m3 (half of bf16)
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            choices = ", ".join(KV_CACHE_DTYPES)
+            raise ValueError(f"kv_cache_dtype must be one of {choices}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 2:

@@ -19,6 +19,8 @@ from typing import Any
 from pdserve.cli_types import http_url, int_at_least, parse_size, positive_float
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, SecretError
 from pdserve.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
     ROLES,
     CacheConfig,
     DisaggConfig,
@@ -210,6 +212,26 @@ OPTIONS: tuple[Option, ...] = (
         default="auto",
         choices=("auto", "dummy"),
         help="dummy: random weights from config.json (time large shapes without a checkpoint)",
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "quantization",
+        ("--quantization",),
+        "model",
+        choices=QUANTIZATIONS,
+        help="quantize the layers' projections at load: wint8 (int8 weights, a scale per output channel), "
+        "wint4 (int4 weights, a scale per 128 inputs), fp8 (e4m3 weights per channel, activations per "
+        "token); both roles of a disaggregated pair must use the same",
+        group=MODEL_GROUP,
+    ),
+    Option(
+        "kv_cache_dtype",
+        ("--kv-cache-dtype",),
+        "cache",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="the KV cache's element type: auto (the model's dtype) or fp8 (e4m3: half of bf16's bytes, "
+        "twice the tokens in the same memory); both roles of a disaggregated pair must use the same",
         group=MODEL_GROUP,
     ),
     Option(

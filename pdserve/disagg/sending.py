@@ -34,6 +34,7 @@ import torch
 
 from pdserve.disagg import protocol as p
 from pdserve.disagg.actions import Cancel, StartPrefill
+from pdserve.disagg.compat import layout_mismatch
 from pdserve.disagg.handoff import FirstToken, PromptKV, ToDecode
 from pdserve.disagg.layer_stream import Streamed, make_hook
 from pdserve.disagg.link import Link
@@ -196,7 +197,7 @@ class Sender:
         if msg.model != link.model_name:
             reason = f"model mismatch: decode serves {msg.model!r}, prefill serves {link.model_name!r}"
         elif msg.layout != link.layout:
-            reason = f"KV layout mismatch: decode {msg.layout}, prefill {link.layout}"
+            reason = layout_mismatch(msg.layout, link.layout)
         else:
             try:
                 path = link.transport.accept(msg.sender, msg.kv_offer)

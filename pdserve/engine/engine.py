@@ -91,6 +91,7 @@ class Engine:
             "head_dim": lay.head_dim,
             "block_size": lay.block_size,
             "dtype": str(lay.dtype),
+            "quantization": self.config.model.quantization or "none",  # disagg/compat.py
         }
         return KVConnector(
             transport,

@@ -70,6 +70,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def kv_dtype(cache: CacheConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's element type: the model's, or e4m3 for --kv-cache-dtype fp8 (attention widens it
+    on read: layers/attention/torch_backend.py, kernels/attention/triton_tile.py)."""
+    return torch.float8_e4m3fn if cache.kv_cache_dtype == "fp8" else model_dtype
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """The shape of the pool; two peers exchanging KV must agree on it."""
@@ -136,13 +142,14 @@ class ModelRunner:
             model_config.load_format,
             model_config.seed,
             self.tp,
+            model_config.quantization,
         )
         self.layout = KVLayout(
             hf_config.num_hidden_layers,
             model_head_shard(hf_config, self.tp.size, self.tp.rank).kv_heads,
             head_dim_of(hf_config),
             cache_config.block_size,
-            self.dtype,
+            kv_dtype(cache_config, self.dtype),
         )
         model_len = model_config.max_model_len or int(hf_config.max_position_embeddings)
         self.num_blocks = self.tp.all_min(self._pool_blocks(cache_config, model_len))  # same on every rank
@@ -150,7 +157,7 @@ class ModelRunner:
         graph_safe = backend_class(self.kernels).cuda_graph_safe
         use_graphs = self.device.type == "cuda" and not model_config.enforce_eager and graph_safe
         shape = (lay.num_layers, self.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
-        self.kv_cache = allocate_kv_pool(*shape, self.dtype, self.device)  # block-major memory
+        self.kv_cache = allocate_kv_pool(*shape, lay.dtype, self.device)  # block-major memory
         if cache_config.share_pool and self.device.type == "cpu":
             self.kv_cache.share_memory_()  # before any view of it: rank 0 maps it (shared_pool.py)
         self.kv_caches = list(self.kv_cache.unbind(0))
@@ -179,7 +186,7 @@ class ModelRunner:
             budget = profile_kv_bytes(
                 self.model,
                 (lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim),
-                self.dtype,
+                lay.dtype,
                 self.device,
                 sched.max_num_batched_tokens,
                 sched.max_num_seqs,

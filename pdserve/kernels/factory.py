@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
-from pdserve.kernels import linear, norm, split_k
+from pdserve.kernels import fp8, linear, norm, split_k
 from pdserve.kernels.config import KernelConfig
 from pdserve.kernels.ops import AttentionKernels, Kernels
 from pdserve.kernels.pdl import Pdl
@@ -34,6 +35,7 @@ def build_kernels(config: KernelConfig, device: torch.device) -> Kernels:
         split_products=_split_products(config, tuning),
         rotary=None,
         attention=_attention(config, tuning, pdl) if uses_triton_attention(config) else None,
+        fp8_linear=fp8.scaled_mm_linear if fp8.has_fp8_mm(device) else fp8.emulated_linear,
     )
     return _with_triton(kernels, tuning, pdl) if config.triton else kernels
 
@@ -52,7 +54,7 @@ def _split_products(config: KernelConfig, tuning: Tuning) -> functools.partial[s
 
 def _with_triton(kernels: Kernels, tuning: Tuning, pdl: Pdl) -> Kernels:
     """`kernels` with the Triton implementations of the dense operations."""
-    from pdserve.kernels import triton_fused, triton_rotary
+    from pdserve.kernels import triton_fp8, triton_fused, triton_rotary, triton_wquant
     from pdserve.kernels.triton_linear import Projections
 
     config = kernels.config
@@ -63,8 +65,18 @@ def _with_triton(kernels: Kernels, tuning: Tuning, pdl: Pdl) -> Kernels:
         add_rms_norm=functools.partial(triton_fused.add_rms_norm, pdl=pdl),
         linear=projections.linear,
         silu_mul_linear=projections.silu_mul_linear,
+        silu_and_mul=functools.partial(triton_fused.silu_and_mul, pdl=pdl),
         rotary=triton_rotary.triton_rotary,
+        wint_linear=triton_wquant.wquant_linear,
+        fp8_linear=_fp8_linear(kernels, triton_fp8.quantize_rows),
     )
+
+
+def _fp8_linear(kernels: Kernels, quantizer: fp8.Quantizer) -> Callable[..., torch.Tensor]:
+    """The fp8 product with the Triton activation quantizer where it runs on the fp8 tensor cores."""
+    if kernels.fp8_linear is not fp8.scaled_mm_linear:
+        return kernels.fp8_linear
+    return functools.partial(fp8.scaled_mm_linear, quantize=quantizer)
 
 
 def _attention(config: KernelConfig, tuning: Tuning, pdl: Pdl) -> AttentionKernels:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.kernels import activation, fp8
 from pdserve.kernels.config import KernelConfig
 from pdserve.kernels.split_k import Partials
 
@@ -43,3 +44,8 @@ class Kernels:
     # positions, q, k, cos table, sin table -> q, k rotated in place; None: the torch rotation
     rotary: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None
     attention: AttentionKernels | None  # None: the torch attention backend
+    silu_and_mul: Callable[[Tensor], Tensor] = activation.silu_and_mul  # gate_up's product -> [.., I]
+    # --quantization (layers/quant.py): x, e4m3 weight, its row scales, bias
+    fp8_linear: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor] = fp8.emulated_linear
+    # x, int8 / packed int4 weight, its scales, bias; None: dequantize then F.linear (layers/quant.py)
+    wint_linear: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor] | None = None

@@ -12,7 +12,12 @@ Each sharded parameter carries a ParamShard (pdserve.distributed.weights) saying
 full tensor, so checkpoint loading and dummy init cut full tensors the same way. At tp=1 the forward
 passes are plain matmuls / F.embedding and no collective runs. The projections multiply through the
 model's chosen implementation (`kernels.linear`: F.linear, or on CUDA for a few rows the Triton skinny
-GEMM where it was measured faster; kernels/triton_linear.py).
+GEMM where it was measured faster; kernels/triton_linear.py). With `--quantization` the two parallel
+projections swap their float weight for a QuantizedWeight after loading (`quantize`, layers/quant.py)
+and multiply through quant_linear; a row-parallel shard scales its rows by the full row's max |w|
+(gathered over the ranks), so every rank holds its slice of the tp=1 quantized model; wint4's groups
+of 128 inputs are the shard's own, the tp=1 groups where the shard starts on a multiple of 128 (the
+shipped shapes' shards at TP 2, 4 and 8 all do).
 """
 
 from __future__ import annotations
@@ -26,16 +31,37 @@ from pdserve.distributed.sharding import split
 from pdserve.distributed.weights import ParamShard, copy_full_rows, set_shard
 from pdserve.kernels.ops import Kernels
 from pdserve.kernels.split_k import Partials
+from pdserve.layers.quant import QuantizedWeight, quant_linear, quantize, row_amax
 
 RowSlice = tuple[int, int, int]  # (full rows, first row this rank holds, rows it holds)
 
 
-class MergedLinear(nn.Linear):
+class QuantizableLinear(nn.Linear):
+    """An nn.Linear whose weight may be replaced by a quantized one (`qweight`) once it is loaded."""
+
+    kernels: Kernels
+    qweight: QuantizedWeight | None
+
+    def quantize(self, method: str, amax: torch.Tensor | None = None) -> None:
+        """Replace the float weight by its `method` form (layers/quant.py); the float one is freed."""
+        self.qweight = quantize(self.weight.detach(), method, amax)
+        del self.weight
+        self.register_parameter("weight", None)
+
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T (+ bias) with whichever weight this layer holds."""
+        if self.qweight is None:
+            return self.kernels.linear(x, self.weight, bias)
+        return quant_linear(self.kernels, x, self.qweight, bias)
+
+
+class MergedLinear(QuantizableLinear):
     """Column-parallel nn.Linear with named row ranges, one per checkpoint tensor stacked into it."""
 
     def __init__(self, in_features: int, shards: dict[str, RowSlice], bias: bool, kernels: Kernels) -> None:
         super().__init__(in_features, sum(size for _, _, size in shards.values()), bias=bias)
         self.kernels = kernels
+        self.qweight = None
         self.shards: dict[str, tuple[int, int]] = {}  # name -> (offset, rows) in the full stacked tensor
         segments = []
         full = local = 0
@@ -56,10 +82,16 @@ class MergedLinear(nn.Linear):
         copy_full_rows(target, tensor.reshape(rows, -1), offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.linear(x, self.weight, self.bias)
+        return self.product(x, self.bias)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(x @ gate^T) * (x @ up^T) for this gate_up projection (gate stacked over up, no bias)."""
+        if self.qweight is None:
+            return self.kernels.silu_mul_linear(x, self.weight)
+        return self.kernels.silu_and_mul(self.product(x, None))
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(QuantizableLinear):
     """nn.Linear over the input columns [start, start + size) of `in_features`; outputs summed over ranks."""
 
     def __init__(
@@ -74,20 +106,26 @@ class RowParallelLinear(nn.Linear):
         super().__init__(cols[1], out_features, bias=bias)
         self.tp = tp
         self.kernels = kernels
+        self.qweight = None
         set_shard(self.weight, ParamShard((out_features, in_features), ((0, 0, out_features),), cols))
+
+    def quantize(self, method: str, amax: torch.Tensor | None = None) -> None:
+        if amax is None and self.tp.size > 1 and method != "wint4":  # the full rows' max |w|
+            local = row_amax(self.weight.detach())[:, None]  # [N, 1]
+            amax = self.tp.all_gather_cols(local, [1] * self.tp.size).amax(dim=1)
+        super().quantize(method, amax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return self.kernels.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(self.kernels.linear(x, self.weight, None))
+            return self.product(x, self.bias)
+        y = self.tp.all_reduce(self.product(x, None))
         return y if self.bias is None else y + self.bias
 
     def forward_partials(self, x: torch.Tensor) -> torch.Tensor | Partials:
         """forward(x), or at tp=1 without a bias, where the tuning's split_k table holds this shape and
         x's row count, its split_k.Partials: for a consumer that sums them (RMSNorm.forward_residual)."""
-        parts = (
-            self.kernels.split_products(x, self.weight) if self.tp.size == 1 and self.bias is None else None
-        )
+        whole = self.tp.size > 1 or self.bias is not None or self.qweight is not None
+        parts = None if whole else self.kernels.split_products(x, self.weight)
         return self.forward(x) if parts is None else parts
 
 
@@ -121,3 +159,10 @@ class ParallelLMHead(nn.Linear):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.tp.all_gather_cols(F.linear(hidden, self.weight), self.widths)
+
+
+def quantize_projections(model: nn.Module, method: str) -> None:
+    """Quantize every MergedLinear and RowParallelLinear of `model` (loaded) by `method`."""
+    for module in list(model.modules()):
+        if isinstance(module, QuantizableLinear):
+            module.quantize(method)

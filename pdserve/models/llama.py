@@ -96,7 +96,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | Partials:
         """The MLP's output, possibly as partial sums the next add-RMSNorm reduces (kernels/split_k.py)."""
-        return self.down_proj.forward_partials(self.kernels.silu_mul_linear(x, self.gate_up_proj.weight))
+        return self.down_proj.forward_partials(self.gate_up_proj.silu_mul(x))
 
 
 class DecoderLayer(nn.Module):

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from pdserve.distributed.group import TPGroup
 from pdserve.distributed.weights import copy_full_rows, shard_of
 from pdserve.kernels.ops import Kernels
+from pdserve.layers.linear import quantize_projections
+from pdserve.models.fp8_checkpoint import read_tensors
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.registry import model_class
 
@@ -30,6 +31,7 @@ def build_model(
     load_format: str = "auto",
     seed: int = 0,
     tp: TPGroup | None = None,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     cls = model_class(hf_config)
     with torch.device(device), _default_dtype(dtype):  # built in place: a 32B model never exists in fp32
@@ -38,6 +40,10 @@ def build_model(
         init_dummy(model, seed)
     else:
         load_safetensors(model, model_dir)
+    if quantization is not None:
+        quantize_projections(model, quantization)  # layers/quant.py
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the float weights just freed: the KV pool is sized after this
     # rotary tables stay float32; they are cast per use
     return model.eval().requires_grad_(False)
 
@@ -48,10 +54,8 @@ def load_safetensors(model: LlamaForCausalLM, model_dir: str) -> None:
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
     params = dict(model.named_parameters())
     filled: set[str] = set()
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                filled.update(model.load_weight(name, f.get_tensor(name), params))
+    for name, tensor in read_tensors(files, model.config):  # fp8 checkpoints dequantized (fp8_checkpoint.py)
+        filled.update(model.load_weight(name, tensor, params))
     expected = _expected_fills(model, params)
     missing = sorted(expected - filled)
     if missing:

@@ -41,7 +41,7 @@ from pdserve.disagg.transport.shards import ShardedPool, copy_run, head_copies
 logger = logging.getLogger(__name__)
 
 _EXPORTED: dict[str, torch.Tensor] = {}  # token -> a pool this process exported (in-process peers)
-_DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16)}
+_DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)}
 
 
 def _b64(data: bytes) -> str:

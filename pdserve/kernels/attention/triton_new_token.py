@@ -66,5 +66,5 @@ def store_and_attend(  # type: ignore[no-untyped-def]
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(score - m_safe)
     alpha = tl.exp2(m_i - m_safe)
-    acc = acc * alpha[:, None] + p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
+    acc = acc * alpha[:, None] + p.to(q.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
     return acc, m_new, l_i * alpha + p

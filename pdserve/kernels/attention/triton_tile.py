@@ -84,9 +84,10 @@ def attend_tile(  # type: ignore[no-untyped-def]
     """Read one K/V tile through the block table and fold it into (acc, m_i, l_i)."""
     k = load_kv_tile(
         cache_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE
-    )
+    ).to(q.dtype)  # an fp8 pool (--kv-cache-dtype fp8) is widened here; else a no-op
     v_ptr = cache_ptr + stride_kv
     v = load_kv_tile(v_ptr, table, pos, valid, head_offset, dims, dim_mask, stride_cb, stride_ct, BLOCK_SIZE)
+    v = v.to(q.dtype)
     return online_softmax_step(q, k, v, visible, acc, m_i, l_i, scale_log2, DOT_PRECISION)
 
 

@@ -2,6 +2,11 @@
 
 Decodes are attended together (keys gathered through the block tables, padded, masked); each prompt
 chunk is attended alone, causally, over its cached prefix plus itself.
+
+An fp8 pool (--kv-cache-dtype fp8, e4m3, scale 1: values past +-448 saturate) is written by casting
+K/V down and widened back to the queries' dtype where it is read. A chunk with no cached prefix
+attends its own K/V as the pool holds them (rounded through e4m3), so its output does not depend on
+whether the chunk came from the pool or not (chunked prefill, prefix hits, a disaggregated decode).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, H_kv, D], strided
         where = (meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size)
-        k_cache.index_put_(where, k)  # by (block, offset): blocks are not adjacent in memory
-        v_cache.index_put_(where, v)
+        k_cache.index_put_(where, k.to(k_cache.dtype))  # by (block, offset): blocks are not adjacent
+        v_cache.index_put_(where, v.to(v_cache.dtype))
+        if k_cache.dtype != q.dtype:  # fp8 pool: this step's K/V as read back from it
+            k, v = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
@@ -43,10 +50,12 @@ class TorchAttentionBackend(AttentionBackend):
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
         return out.transpose(0, 1)
 
-    def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-        # block_table [..., nb] -> [..., H_kv, length, D]
+    def _gather(
+        self, cache: torch.Tensor, block_table: torch.Tensor, length: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        # block_table [..., nb] -> [..., H_kv, length, D] in `dtype`
         x = cache[block_table]  # [..., nb, block_size, H_kv, D]
-        x = x.flatten(-4, -3)[..., :length, :, :]
+        x = x.flatten(-4, -3)[..., :length, :, :].to(dtype)
         return x.transpose(-3, -2)
 
     def _decode(
@@ -56,8 +65,8 @@ class TorchAttentionBackend(AttentionBackend):
         max_len = max(meta.context_lens[:nd])
         nb = -(-max_len // meta.block_size)
         tables = meta.block_tables[:nd, :nb]
-        keys = self._gather(k_cache, tables, max_len)  # [nd, H_kv, L, D]
-        values = self._gather(v_cache, tables, max_len)
+        keys = self._gather(k_cache, tables, max_len, q.dtype)  # [nd, H_kv, L, D]
+        values = self._gather(v_cache, tables, max_len, q.dtype)
         mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:nd, None]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [nd, H, 1, D]
@@ -74,8 +83,8 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         n, ctx = q.shape[0], meta.context_lens[i]
         nb = -(-ctx // meta.block_size)
-        keys = self._gather(k_cache, meta.block_tables[i, :nb], ctx)  # [H_kv, ctx, D]
-        values = self._gather(v_cache, meta.block_tables[i, :nb], ctx)
+        keys = self._gather(k_cache, meta.block_tables[i, :nb], ctx, q.dtype)  # [H_kv, ctx, D]
+        values = self._gather(v_cache, meta.block_tables[i, :nb], ctx, q.dtype)
         qh = q.transpose(0, 1)  # [H, n, D]
         if n == ctx:
             out = F.scaled_dot_product_attention(
