@@ -34,6 +34,7 @@
 #   bash scripts/gpu_session.sh front      # one GPU (~6 min): 7B offline vs through HTTP at 64 and 256 streams of
 #                                           1000 + 256 tokens, py-spy profiles of both (issue 30's split)
 #   bash scripts/gpu_session.sh moe        # one H100/H200 (~5 min): fused MoE block and whole-model steps, qwen3-30b-a3b and ernie-4.5-21b-a3b
+#   bash scripts/gpu_session.sh newgpu     # one GPU (~3 min): the GPU tests of the MoE, weight-quantized and fp8 KV paths
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
 #             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
@@ -268,16 +269,18 @@ structured)
   echo "rc=$?" >>"$OUT/structured_tpot.log"
   tail -5 "$OUT/structured_tpot.log"
   ;;
-front)  # the offline engine and the HTTP server on the same work; py-spy (carried wheel) samples both
-  spy=/tmp/site/bin/py-spy
-  for c in 64 256; do
+front)  # [STREAMS] [offline]: the offline engine and the HTTP server on the same work; py-spy (carried
+  # wheel) samples both
+  spy=/tmp/site/bin/py-spy streams=${2:-64 256}
+  for c in $streams; do
+    [ "${3:-offline}" = offline ] || break
     timeout 150 "$spy" record --idle --threads --format raw -r 50 -o "$OUT/spy_offline_$c.txt" -- \
       python3 benchmarks/engine_loop_gpu.py --batch "$c" --input-len 1000 --output-len 256 \
       --output "$OUT/front_offline.jsonl" >>"$OUT/front.log" 2>&1 || echo "offline $c rc=$?" >>"$OUT/front.log"
   done
   serve_7b "$OUT/front_serve.log" --max-num-seqs 256
   pid=$(pgrep -f "pdserve.cli serve" | sort -n | tail -1)
-  for c in 64 256; do
+  for c in $streams; do
     timeout 60 "$spy" record --idle --threads --format raw -r 50 -d 25 -o "$OUT/spy_http_$c.txt" --pid "$pid" \
       >>"$OUT/front.log" 2>&1 &
     spy_pid=$!
@@ -295,6 +298,13 @@ moe)
   timeout 420 python3 benchmarks/moe_gpu.py --out "$OUT/moe.json" >"$OUT/moe.log" 2>&1
   echo "rc=$?" >>"$OUT/moe.log"
   tail -30 "$OUT/moe.log"
+  ;;
+newgpu)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_triton_moe.py \
+    tests/kernels/test_triton_wquant.py tests/kernels/test_kv_fp8.py tests/engine/test_moe_models.py \
+    tests/engine/test_quantization.py >"$OUT/newgpu.log" 2>&1
+  echo "rc=$?" >>"$OUT/newgpu.log"
+  tail -15 "$OUT/newgpu.log"
   ;;
 *)
   echo "unknown phase $1" >&2
