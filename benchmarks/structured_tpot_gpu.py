@@ -65,16 +65,18 @@ def still_open(llm: LLM, outs: list[Any]) -> int:
 def measure(llm: LLM, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(batch)
     prompts = [[rng.randrange(100, 30000) for _ in range(args.input_len)] for _ in range(batch)]
-    steps: dict[str, list[float]] = {"free": [], "half": []}
+    modes = args.modes.split(",")
+    steps: dict[str, list[float]] = {mode: [] for mode in ("free", "half")}
     open_rows = 0
     for _ in range(args.rounds):
-        for mode in ("free", "half"):
+        for mode in modes:
             prefill, _ = run(llm, prompts, 1, mode == "half")
             full, outs = run(llm, prompts, args.output_len, mode == "half")
             steps[mode].append((full - prefill) / (args.output_len - 1))
             if mode == "half":
                 open_rows = still_open(llm, outs)
-    free, half = statistics.median(steps["free"]), statistics.median(steps["half"])
+    free = statistics.median(steps["free"] or [float("nan")])
+    half = statistics.median(steps["half"] or [float("nan")])
     return {
         "batch": batch,
         "constrained_rows": (batch + 1) // 2,
@@ -95,6 +97,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=129)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--modes", default="free,half", help="which sides to run (one alone: for a profiler)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (with --load-format auto)")
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--output", default=None, help="write the results as JSON here")
