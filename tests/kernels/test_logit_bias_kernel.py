@@ -12,17 +12,14 @@ from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling import SamplingParams
 from pdserve.kernels import sampling_triton
 
-from .triton_env import CUDA, DEVICE, HAS_TRITON, fix_interpreter
+from .triton_env import DEVICE, HAS_TRITON, interpreted_or_skip
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
 @pytest.fixture(autouse=True)
 def _interpreter_ready() -> None:
-    if not CUDA and type(sampling_triton._sample_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("the kernel was defined before TRITON_INTERPRET=1 was set")
-    if not CUDA:
-        fix_interpreter()
+    interpreted_or_skip(sampling_triton._sample_kernel)
 
 
 def test_biased_rows_take_the_kernel_with_the_bias_applied() -> None:

@@ -20,7 +20,16 @@ from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.attention.torch_backend import TorchAttentionBackend
 from pdserve.layers.attention.triton_backend import TritonAttentionBackend
 
-from .triton_env import CUDA, DEVICE, HAS_TRITON, build, fix_interpreter, gpu, grid, hopper_tuning
+from .triton_env import (
+    CUDA,
+    DEVICE,
+    HAS_TRITON,
+    build,
+    gpu,
+    grid,
+    hopper_tuning,
+    interpreted_or_skip,
+)
 
 if HAS_TRITON:
     from pdserve.kernels.attention import triton_decode
@@ -43,10 +52,8 @@ def triton_backend(
 
 @pytest.fixture(autouse=True)
 def _interpreter_ready() -> None:
-    if HAS_TRITON and not CUDA:
-        if type(triton_decode._decode_split_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("triton kernels were defined before TRITON_INTERPRET=1 was set")
-        fix_interpreter()
+    if HAS_TRITON:
+        interpreted_or_skip(triton_decode._decode_split_kernel)
 
 
 @dataclass

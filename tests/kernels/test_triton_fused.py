@@ -14,7 +14,7 @@ from pdserve.kernels import activation, norm, triton_fused
 from pdserve.kernels.split_k import Partials
 from pdserve.layers.norm import RMSNorm
 
-from .triton_env import BF16, CUDA, DEVICE, DTYPES, HAS_TRITON, build, gpu, grid
+from .triton_env import BF16, DEVICE, DTYPES, HAS_TRITON, build, gpu, grid, interpreted_or_skip
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 EPS = 1e-6
@@ -22,8 +22,8 @@ EPS = 1e-6
 
 @pytest.fixture(autouse=True)
 def _interpreter_ready() -> None:
-    if HAS_TRITON and not CUDA and type(triton_fused._rms_norm_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("triton kernels were defined before TRITON_INTERPRET=1 was set")
+    if HAS_TRITON:
+        interpreted_or_skip(triton_fused._rms_norm_kernel)
 
 
 def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .triton_env import BF16, CUDA, DEVICE, HAS_TRITON, fix_interpreter, gpu, grid
+from .triton_env import BF16, CUDA, DEVICE, HAS_TRITON, gpu, grid, interpreted_or_skip
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -17,10 +17,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 def _interpreter_ready() -> None:
     from pdserve.kernels import triton_moe
 
-    if not CUDA:
-        if type(triton_moe._moe_gemm_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("triton kernels were defined before TRITON_INTERPRET=1 was set")
-        fix_interpreter()
+    interpreted_or_skip(triton_moe._moe_gemm_kernel)
 
 
 def routed(tokens: int, experts: int, top_k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from pdserve.kernels import norm, triton_rotary
 from pdserve.layers.rotary import RotaryEmbedding
 
-from .triton_env import CUDA, DEVICE, DTYPES, HAS_TRITON, build, grid
+from .triton_env import DEVICE, DTYPES, HAS_TRITON, build, grid, interpreted_or_skip
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 KERNELS = build()  # what the default config chooses here: Triton on CUDA, torch on CPU
@@ -23,8 +23,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @pytest.fixture(autouse=True)
 def _interpreter_ready() -> None:
-    if not CUDA and type(triton_rotary._rotary_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("the kernel was defined before TRITON_INTERPRET=1 was set")
+    interpreted_or_skip(triton_rotary._rotary_kernel)
 
 
 def _reference(rope: RotaryEmbedding, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple:

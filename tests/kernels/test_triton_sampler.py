@@ -27,17 +27,14 @@ from pdserve.kernels.config import KernelConfig
 from pdserve.kernels.sampling import KernelSample, RowFilters, top_k_top_p
 
 from .fit import fits
-from .triton_env import CUDA, DEVICE, HAS_TRITON, by_device, fix_interpreter, gpu, grid
+from .triton_env import CUDA, DEVICE, HAS_TRITON, by_device, gpu, grid, interpreted_or_skip
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
 @pytest.fixture(autouse=True)
 def _interpreter_ready() -> None:
-    if not CUDA and type(sampling_triton._sample_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("the kernel was defined before TRITON_INTERPRET=1 was set")
-    if not CUDA:
-        fix_interpreter()
+    interpreted_or_skip(sampling_triton._sample_kernel)
 
 
 CASES = [(1, 50, torch.float32), (6, 5000, torch.float32), (3, 9000, torch.float16)]

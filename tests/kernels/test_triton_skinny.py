@@ -16,7 +16,16 @@ from pdserve.kernels.pdl import ALWAYS, OFF, Pdl
 from pdserve.kernels.sm_count import num_sms
 from pdserve.kernels.tuning.tables import Tile
 
-from .triton_env import CUDA, DEVICE, HAS_TRITON, build, fix_interpreter, gpu, grid, hopper_tuning
+from .triton_env import (
+    CUDA,
+    DEVICE,
+    HAS_TRITON,
+    build,
+    gpu,
+    grid,
+    hopper_tuning,
+    interpreted_or_skip,
+)
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 SKINNY = hopper_tuning().skinny
@@ -24,10 +33,7 @@ SKINNY = hopper_tuning().skinny
 
 @pytest.fixture(autouse=True)
 def _interpreter_ready() -> None:
-    if not CUDA:
-        if type(triton_skinny._skinny_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("the kernel was defined before TRITON_INTERPRET=1 was set")
-        fix_interpreter()
+    interpreted_or_skip(triton_skinny._skinny_kernel)
 
 
 def _check(m: int, n: int, k: int, dtype: torch.dtype, bias: bool = False, pdl: Pdl = OFF) -> None:

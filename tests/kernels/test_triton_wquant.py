@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pdserve.kernels import fp8
 from pdserve.layers.quant import dequantize, quantize
 
-from .triton_env import CUDA, DEVICE, HAS_TRITON, fix_interpreter, grid
+from .triton_env import CUDA, DEVICE, HAS_TRITON, grid, interpreted_or_skip
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 def _interpreter_ready() -> None:
     from pdserve.kernels import triton_wquant
 
-    if not CUDA:
-        if type(triton_wquant._wquant_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("the kernel was defined before TRITON_INTERPRET=1 was set")
-        fix_interpreter()
+    interpreted_or_skip(triton_wquant._wquant_kernel)
 
 
 def _check(method: str, m: int, n: int, k: int, dtype: torch.dtype, bias: bool = False, **tile: int) -> None:

@@ -48,6 +48,17 @@ def fix_interpreter() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def interpreted_or_skip(kernel: object) -> None:
+    """For a test file's autouse fixture: on CPU, skip unless `kernel` runs under the interpreter
+    (its module was imported after TRITON_INTERPRET=1 was set), then ready the interpreter; on CUDA
+    nothing."""
+    if CUDA:
+        return
+    if type(kernel).__name__ != "InterpretedFunction":
+        pytest.skip("the kernel was defined before TRITON_INTERPRET=1 was set")
+    fix_interpreter()
+
+
 def grid(cpu: list, full: list) -> list:  # type: ignore[type-arg]
     """Test cases: the smaller `cpu` list under the interpreter (slow), the `full` one on a GPU."""
     return full if CUDA else cpu
