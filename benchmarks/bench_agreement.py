@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -227,17 +228,33 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, str, int, Path], Metrics]] = {
 }
 
 
+def run_tool(args: argparse.Namespace, url: str, tool: str, k: int, seed: int) -> Metrics:
+    out = Path(args.work_dir) / f"round{k}" / tool
+    out.mkdir(parents=True, exist_ok=True)
+    if args.together:
+        time.sleep(args.delays.get(tool, 0.0))
+    started = time.monotonic()
+    metrics = RUNNERS[tool](args, url, seed, out)
+    print(f"round {k} {tool}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    return metrics
+
+
 def run_rounds(args: argparse.Namespace, url: str) -> dict[str, list[Metrics]]:
-    """Every tool once per round, the order rotated each round; a fresh seed for every run."""
+    """Every tool once per round, a fresh seed for every run: one after another, the order rotated each
+    round, or (--together) all three at once, each offering the whole workload, so that whatever else
+    the machine runs slows the server alike for all three."""
     runs: dict[str, list[Metrics]] = {tool: [] for tool in TOOLS}
     for k in range(args.rounds):
         order = TOOLS[k % 3 :] + TOOLS[: k % 3]
-        for i, tool in enumerate(order):
-            out = Path(args.work_dir) / f"round{k}" / tool
-            out.mkdir(parents=True, exist_ok=True)
-            started = time.monotonic()
-            runs[tool].append(RUNNERS[tool](args, url, 100 * (k + 1) + i, out))
-            print(f"round {k} {tool}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        seeds = {tool: 100 * (k + 1) + i for i, tool in enumerate(order)}
+        if args.together:
+            with ThreadPoolExecutor(len(TOOLS)) as pool:
+                futures = {t: pool.submit(run_tool, args, url, t, k, seeds[t]) for t in order}
+                for tool, future in futures.items():
+                    runs[tool].append(future.result())
+        else:
+            for tool in order:
+                runs[tool].append(run_tool(args, url, tool, k, seeds[tool]))
     return runs
 
 
@@ -299,6 +316,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=0.5, help="constant request rate, req/s")
     p.add_argument("--concurrency", type=int, default=None, help="a concurrency instead of a rate")
     p.add_argument("--rounds", type=int, default=2, help="runs of each tool, order rotated")
+    p.add_argument("--together", action="store_true", help="run the three tools at once in each round")
+    p.add_argument(
+        "--delays",
+        default="guidellm=0,aiperf=15,pdserve=25",
+        help="with --together, seconds each tool starts late, so that their first requests (after their "
+        "different start-up times) go out together",
+    )
     p.add_argument("--tool-timeout", type=float, default=900.0, help="seconds per tool run")
     p.add_argument("--server-cpus", default=None, help="taskset CPU list for the server, e.g. 0")
     p.add_argument("--client-cpus", default=None, help="taskset CPU list for every tool, e.g. 1")
@@ -306,6 +330,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the result JSON here")
     args = p.parse_args()
     args.model_path = args.model_path or resolve_model(None)
+    args.delays = {k: float(v) for k, _, v in (d.partition("=") for d in args.delays.split(",") if d)}
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     return args
 
@@ -319,6 +344,7 @@ def main() -> int:
     means = averaged(runs)
     load = f"concurrency {args.concurrency}" if args.concurrency else f"constant {args.rate:g} req/s"
     workload = f"{args.input_len} in / {args.output_len} out tokens, {load}, {args.num_prompts} requests"
+    workload += ", the three tools at once" if args.together else ", one tool at a time"
     result = {
         "date": started,
         "machine": machine(),

@@ -359,7 +359,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     result = run_once(args, setup, args.request_rate, args.seed)
     _print_result(result, "Serving Benchmark Result")
     _write(args.output, result)
-    return 0 if result["completed"] else 1
+    return 0 if result["completed"] or result["cut"] else 1  # 1: every request sent failed
 
 
 def _bench_sweep(args: argparse.Namespace) -> int:
