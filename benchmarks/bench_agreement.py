@@ -63,19 +63,18 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def pdserve_server(args: argparse.Namespace) -> Iterator[str]:
-    """The base URL of a ready server: --base-url as given, else a `pdserve serve` we start and stop."""
+    """The base URL of a ready server: --base-url as given, else one we start and stop: `pdserve serve`,
+    or (--mock-server) guidellm's mock server."""
     if args.base_url:
         yield args.base_url.rstrip("/").removesuffix("/v1")
         return
     port = free_port()
     cmd = [*pinned(args.server_cpus), sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port)]
-    cmd += [
-        "--model",
-        args.model_path,
-        "--served-model-name",
-        args.model_name,
-        *shlex.split(args.server_args),
-    ]
+    cmd += ["--model", args.model_path, "--served-model-name", args.model_name]
+    cmd += shlex.split(args.server_args)
+    if args.mock_server:
+        cmd = [str(Path(args.guidellm_venv) / "bin" / "guidellm"), "mock-server", "--port", str(port)]
+        cmd += ["--model", args.model_name, *shlex.split(args.mock_server)]
     log = open(Path(args.work_dir) / "server.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -136,7 +135,7 @@ def run_pdserve(args: argparse.Namespace, url: str, seed: int, out: Path) -> Met
     if args.concurrency:
         cmd += ["--max-concurrency", str(args.concurrency)]
     else:
-        cmd += ["--request-rate", str(args.rate), "--arrival", "constant"]
+        cmd += ["--request-rate", str(args.rate), "--arrival", args.arrival]
     run(cmd, out / "pdserve.log", args)
     r = json.loads((out / "pdserve.json").read_text())
     g, a = r["equivalents"]["guidellm"], r["equivalents"]["aiperf"]
@@ -160,7 +159,7 @@ def run_guidellm(args: argparse.Namespace, url: str, seed: int, out: Path) -> Me
     profile = (
         f"kind=concurrent,streams={args.concurrency}"
         if args.concurrency
-        else f"kind=constant,rate={args.rate}"
+        else f"kind={args.arrival},rate={args.rate}"
     )
     data = f"kind=synthetic_text,prompt_tokens={args.input_len},output_tokens={args.output_len}"
     cmd = [str(Path(args.guidellm_venv) / "bin" / "guidellm"), "run", "--backend", backend]
@@ -200,7 +199,7 @@ def run_aiperf(args: argparse.Namespace, url: str, seed: int, out: Path) -> Metr
     if args.concurrency:
         cmd += ["--concurrency", str(args.concurrency)]
     else:
-        cmd += ["--request-rate", str(args.rate), "--arrival-pattern", "constant"]
+        cmd += ["--request-rate", str(args.rate), "--arrival-pattern", args.arrival]
     run(cmd, out / "aiperf.log", args)
     r = json.loads((out / "aiperf" / "profile_export_aiperf.json").read_text())
 
@@ -310,16 +309,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model-path", default=None, help="model dir (default: pdserve's default model)")
     p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="the served model name")
     p.add_argument("--server-args", default="--device cpu", help="more `pdserve serve` arguments")
+    p.add_argument(
+        "--mock-server",
+        default=None,
+        help="a control: guidellm's mock server with these timing arguments (e.g. '--ttft-ms 300 "
+        "--itl-ms 50') instead of pdserve, so that only the definitions differ, not the server's speed",
+    )
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=20, help="requests per run")
-    p.add_argument("--rate", type=float, default=0.5, help="constant request rate, req/s")
+    p.add_argument("--rate", type=float, default=0.5, help="request rate, req/s")
+    p.add_argument("--arrival", choices=["constant", "poisson"], default="constant", help="at --rate")
     p.add_argument("--concurrency", type=int, default=None, help="a concurrency instead of a rate")
     p.add_argument("--rounds", type=int, default=2, help="runs of each tool, order rotated")
     p.add_argument("--together", action="store_true", help="run the three tools at once in each round")
     p.add_argument(
         "--delays",
-        default="guidellm=0,aiperf=15,pdserve=25",
+        default="",
         help="with --together, seconds each tool starts late, so that their first requests (after their "
         "different start-up times) go out together",
     )
@@ -342,7 +348,7 @@ def main() -> int:
         warm_up(url, args.model_name)
         runs = run_rounds(args, url)
     means = averaged(runs)
-    load = f"concurrency {args.concurrency}" if args.concurrency else f"constant {args.rate:g} req/s"
+    load = f"concurrency {args.concurrency}" if args.concurrency else f"{args.arrival} {args.rate:g} req/s"
     workload = f"{args.input_len} in / {args.output_len} out tokens, {load}, {args.num_prompts} requests"
     workload += ", the three tools at once" if args.together else ", one tool at a time"
     result = {
