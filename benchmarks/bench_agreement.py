@@ -1,17 +1,20 @@
 """Agreement of `pdserve bench serve` with guidellm and aiperf: one server, one workload, three tools.
 
-Starts `pdserve serve` (or uses --base-url), then runs each tool in turn on the same workload: random
-prompts of exactly --input-len tokens, exactly --output-len output tokens (ignore_eos; aiperf also gets
-min_tokens), streamed /v1/completions, at one constant request rate or one concurrency. Rounds rotate
-the order of the tools, so drift on a shared machine hits all three alike; every run has new prompts
-(its own seed, and --prefix-salt auto for ours), so no run is answered from another's prefix cache.
+Starts `pdserve serve` (or uses --base-url; or, as a control, guidellm's mock server, whose timing
+does not depend on the CPU), then runs each tool on the same workload: random prompts of exactly
+--input-len tokens, exactly --output-len output tokens (ignore_eos; aiperf also gets min_tokens),
+streamed /v1/completions, at one request rate (constant or Poisson arrivals) or one concurrency.
+Rounds run the tools one after another, the order rotated each round, or (--together) all three at
+once, so that whatever else the machine runs slows the server alike for all three. Every run has new
+prompts (its own seed, and --prefix-salt auto for ours): no run is answered from another's prefix cache.
 
 Each row of the table is one definition; the pdserve bench column is our measurement under that
 definition (pdserve/bench/definitions.py), the tools' columns are their own reports, and the deltas
 are (tool - ours) / ours.
 
     python3 benchmarks/bench_agreement.py --guidellm-venv /tmp/gl --aiperf-venv /tmp/ap \\
-        [--rate 0.5 | --concurrency 4] [--num-prompts 20] [--rounds 2] --out agreement.json
+        [--rate 0.5 [--arrival poisson] | --concurrency 4] [--num-prompts 20] [--rounds 2] \\
+        [--together] [--mock-server "--ttft-ms 300 --itl-ms 50"] --out agreement.json
 
 guidellm and aiperf each live in their own virtualenv (`python3 -m venv /tmp/gl && /tmp/gl/bin/pip
 install guidellm`; aiperf likewise); they are not pdserve dependencies.
