@@ -169,6 +169,7 @@ def test_failures_are_counted_not_fatal(up: Launched, out: Path, capsys: pytest.
     """In this process (the CLI's own main), to spare a start: a wrong model name gets HTTP 404s."""
     path = out / "fail.json"
     args = ["--base-url", up.router_v1, "--model", "no-such-model", *WORKLOAD, "--disable-tqdm"]
+    args += ["--history", ""]
     assert main(["bench", "serve", *args, "--output", str(path)]) == 1  # nothing completed
     r = json.loads(path.read_text())
     assert (r["completed"], r["failed"]) == (0, NUM_PROMPTS) and r["mean_ttft_ms"] is None
