@@ -79,7 +79,9 @@ def pdserve_server(args: argparse.Namespace) -> Iterator[str]:
         cmd = [str(Path(args.guidellm_venv) / "bin" / "guidellm"), "mock-server", "--port", str(port)]
         cmd += ["--model", args.model_name, *shlex.split(args.mock_server)]
     log = open(Path(args.work_dir) / "server.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=tool_env(cmd)
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
@@ -116,6 +118,14 @@ def pinned(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
+def tool_env(cmd: list[str]) -> dict[str, str]:
+    """Our environment; for guidellm and aiperf (their own virtualenvs) without PYTHONPATH, which
+    points at pdserve's tree and must not shadow their packages."""
+    if cmd[0] == sys.executable:
+        return dict(os.environ)
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def run(cmd: list[str], log: Path, args: argparse.Namespace) -> None:
     with log.open("w") as f:
         done = subprocess.run(
@@ -124,6 +134,7 @@ def run(cmd: list[str], log: Path, args: argparse.Namespace) -> None:
             stderr=subprocess.STDOUT,
             timeout=args.tool_timeout,
             cwd=ROOT,
+            env=tool_env(cmd),
         )
     if done.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed (rc {done.returncode}); its output: {log}")
