@@ -121,7 +121,7 @@ def pinned(cpus: str | None) -> list[str]:
 def tool_env(cmd: list[str]) -> dict[str, str]:
     """Our environment; for guidellm and aiperf (their own virtualenvs) without PYTHONPATH, which
     points at pdserve's tree and must not shadow their packages."""
-    if cmd[0] == sys.executable:
+    if sys.executable in cmd:
         return dict(os.environ)
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
