@@ -2,6 +2,8 @@
 
     pdserve bench serve --base-url http://127.0.0.1:8000 --input-len 1100 --output-len 140 \\
         --num-prompts 200 --request-rate 4 --ignore-eos --slo ttft=2000,tpot=100 --output run.json
+    pdserve bench serve ... --request-rate 2 --arrival constant --duration 60 --at-duration cut
+    pdserve bench serve ... --max-concurrency 8 --duration 60 --prefix-salt auto
     pdserve bench sweep ... --rates 0.5,1,2,4,8 --output sweep.json
     pdserve bench plot run.json sweep.json --output-dir plots/
 
@@ -23,10 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdserve.bench.arrivals import ARRIVALS, prompts_for_duration
 from pdserve.bench.client import Target, first_model_id, normalize_base_url
 from pdserve.bench.dataset import BenchRequest, load_tokenizer, random_requests
+from pdserve.bench.definitions import definitions
 from pdserve.bench.metrics import SLO, error_summary, format_table, parse_slo, per_request, summarize
-from pdserve.bench.runner import run_requests
+from pdserve.bench.repeats import (
+    DEFAULT_HISTORY,
+    History,
+    fingerprint,
+    repeat_warnings,
+    resolve_salt,
+    unexplained_cache_hits,
+)
+from pdserve.bench.runner import AT_LIMIT, Load, RunOutcome, run_requests
 from pdserve.bench.sweep import format_sweep, geometric_rates, parse_rates, prompts_for_rate, run_sweep
 from pdserve.cli_types import int_at_least, positive_float
 from pdserve.options import HelpFormatter
@@ -35,6 +47,7 @@ logger = logging.getLogger("pdserve.bench")
 _positive = int_at_least(1)
 _count = int_at_least(0)
 LOG_LEVELS = ["debug", "info", "warning", "error"]
+DEFAULT_NUM_PROMPTS = 200
 
 
 def _slo(text: str) -> SLO:
@@ -60,7 +73,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--request-rate",
         type=positive_float,
         default=math.inf,
-        help="requests a second, Poisson arrivals; inf: all at once",
+        help="requests a second (arrivals as --arrival says); inf: all at once",
     )
     serve.set_defaults(func=_bench_serve)
     sweep = bench_sub.add_parser(
@@ -101,8 +114,38 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=_positive, default=140, help="max_tokens of each request")
     p.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- ratio)")
     p.add_argument("--prefix-len", type=_count, default=0, help="tokens of a prefix shared by all prompts")
-    p.add_argument("--num-prompts", type=_positive, default=200, help="requests in the run")
+    p.add_argument(
+        "--num-prompts",
+        type=_positive,
+        default=None,
+        help=f"requests in the run (default: {DEFAULT_NUM_PROMPTS}, or with --duration and a finite rate, "
+        "enough to arrive for the whole duration)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
+    p.add_argument(
+        "--prefix-salt",
+        default=None,
+        help="mixed into the prompts' seed: other prompts of the same sizes, which no earlier run sent "
+        "(so the server's prefix cache cannot answer them); 'auto': a fresh salt each run",
+    )
+    p.add_argument(
+        "--history",
+        default=DEFAULT_HISTORY,
+        help="file recording which prompts went to which server, to warn on a repeat ('' : none)",
+    )
+    p.add_argument("--arrival", choices=ARRIVALS, default="poisson", help="arrival times at a finite rate")
+    p.add_argument(
+        "--duration",
+        type=positive_float,
+        default=None,
+        help="seconds: send nothing after this (default: send every prompt)",
+    )
+    p.add_argument(
+        "--at-duration",
+        choices=AT_LIMIT,
+        default="wait",
+        help="requests in flight at --duration: wait for them, or cut them (cancelled, counted apart)",
+    )
     p.add_argument(
         "--max-concurrency",
         type=_positive,
@@ -177,29 +220,73 @@ def _tokenizer_path(tokenizer: str | None, model: str) -> str:
     return resolve_model(None)
 
 
-def _requests(args: argparse.Namespace, setup: Setup, seed: int) -> list[BenchRequest]:
+def num_prompts(args: argparse.Namespace, rate: float) -> int:
+    """--num-prompts, or enough to arrive for all of --duration at `rate`, or the default."""
+    if args.num_prompts is not None:
+        return int(args.num_prompts)
+    if args.duration is not None:
+        return prompts_for_duration(rate, args.duration, args.arrival) or DEFAULT_NUM_PROMPTS
+    return DEFAULT_NUM_PROMPTS
+
+
+def _requests(
+    args: argparse.Namespace, setup: Setup, n: int, seed: int, salt: str | None
+) -> list[BenchRequest]:
     return random_requests(
         setup.tokenizer,
-        args.num_prompts,
+        n,
         args.input_len,
         args.output_len,
         range_ratio=args.range_ratio,
         prefix_len=args.prefix_len,
         seed=seed,
+        salt=salt,
     )
 
 
 def run_once(args: argparse.Namespace, setup: Setup, rate: float, seed: int) -> dict[str, Any]:
     """One load run at `rate` on prompts made from `seed`: the result dict `bench serve` writes."""
-    requests = _requests(args, setup, seed)
-    outcome = asyncio.run(
-        run_requests(setup.target, requests, rate, args.max_concurrency, seed, progress=not args.disable_tqdm)
-    )
+    salt = resolve_salt(args.prefix_salt)
+    n = num_prompts(args, rate)
+    requests = _requests(args, setup, n, seed, salt)
+    target, prints = setup.target, fingerprint(requests)
+    history = History.at(args.history)
+    earlier = history.earlier(target.base_url, target.model, prints) if history else None
+    load = Load(rate, args.arrival, args.max_concurrency, args.duration, args.at_duration)
+    outcome = asyncio.run(run_requests(target, requests, load, seed, progress=not args.disable_tqdm))
+    if history:
+        history.record(target.base_url, target.model, prints, args.label)
     result = _header(args, setup)
-    result.update(request_rate=_json_rate(rate), seed=seed)
+    result.update(request_rate=_json_rate(rate), seed=seed, prefix_salt=salt, prompts_fingerprint=prints)
+    result.update(_load_fields(load, outcome, n))
     result.update(summarize(outcome.results, outcome.duration, args.slo))
     result.update(per_request(outcome.results, outcome.start))
+    hits = unexplained_cache_hits(outcome.results, args.prefix_len)
+    result["warnings"] = repeat_warnings(earlier, hits, result["completed"]) + _limit_warnings(load, outcome)
+    result["definitions"] = definitions()
     return result
+
+
+def _load_fields(load: Load, outcome: RunOutcome, n: int) -> dict[str, Any]:
+    """How the run was offered and, with a duration limit, what the limit did."""
+    return {
+        "num_prompts": n,
+        "arrival": "all at once" if math.isinf(load.rate) else load.arrival,
+        "duration_limit": load.duration,
+        "at_duration": load.at_limit if load.duration is not None else None,
+        "sent": len(outcome.results),
+        "not_sent": outcome.not_sent,
+        "drained": outcome.drained,
+    }
+
+
+def _limit_warnings(load: Load, outcome: RunOutcome) -> list[str]:
+    if not outcome.ran_out:
+        return []
+    return [
+        f"all {len(outcome.results)} prompts were sent before the {load.duration:g} s limit: the run "
+        "ended with them, not with the limit (raise --num-prompts)"
+    ]
 
 
 def _header(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
@@ -239,6 +326,8 @@ def _json_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print_result(result: dict[str, Any], title: str) -> None:
     print(format_table(result, title))
+    for warning in result.get("warnings", ()):
+        print(f"WARNING: {warning}")
     errors = error_summary(result["errors"])
     if errors:
         print(f"errors (most frequent first):\n{errors}")
@@ -270,7 +359,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     result = run_once(args, setup, args.request_rate, args.seed)
     _print_result(result, "Serving Benchmark Result")
     _write(args.output, result)
-    return 0 if result["completed"] else 1
+    return 0 if result["completed"] or result["cut"] else 1  # 1: every request sent failed
 
 
 def _bench_sweep(args: argparse.Namespace) -> int:
@@ -288,7 +377,7 @@ def _bench_sweep(args: argparse.Namespace) -> int:
         return 2
 
     def run_at(rate: float, index: int) -> dict[str, Any]:
-        n = prompts_for_rate(rate, args.num_prompts, args.arrival_seconds)
+        n = prompts_for_rate(rate, num_prompts(args, rate), args.arrival_seconds)
         at_rate = argparse.Namespace(**{**vars(args), "num_prompts": n})
         result = run_once(at_rate, setup, rate, args.seed + index)  # new prompts: no prefix-cache help
         _print_result(result, f"{_json_rate(rate)} req/s")

@@ -65,7 +65,9 @@ class RequestResult:
     latency: float = 0.0
     output_len: int = 0
     usage_input_len: int | None = None  # the server's prompt_tokens (a chat template adds some)
+    cached_input_len: int | None = None  # usage.prompt_tokens_details.cached_tokens: prefix-cache hits
     start: float = 0.0  # perf_counter() when sent
+    cut: bool = False  # cancelled by the run's duration limit while in flight
 
     @property
     def tpot(self) -> float | None:
@@ -97,9 +99,12 @@ def payload(target: Target, request: BenchRequest) -> dict[str, Any]:
     return body
 
 
-async def send(client: httpx.AsyncClient, target: Target, request: BenchRequest) -> RequestResult:
-    """Send one request and stream its answer; a result in every case, within `target.timeout`."""
-    result = RequestResult(request.input_len, request.output_len)
+async def send(
+    client: httpx.AsyncClient, target: Target, request: BenchRequest, result: RequestResult | None = None
+) -> RequestResult:
+    """Send one request and stream its answer into `result` (a new one by default); a result in every
+    case, within `target.timeout`. Cancelling the call leaves in `result` what was measured so far."""
+    result = result or RequestResult(request.input_len, request.output_len)
     result.start = time.perf_counter()
     try:
         await asyncio.wait_for(_stream(client, target, request, result), target.timeout)
@@ -153,6 +158,8 @@ def _take_chunk(chunk: dict[str, Any], r: RequestResult) -> bool:
     if usage:
         r.output_len = int(usage.get("completion_tokens") or 0)
         r.usage_input_len = usage.get("prompt_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        r.cached_input_len = details.get("cached_tokens")
     for choice in chunk.get("choices") or ():
         text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
         if text:

@@ -8,6 +8,8 @@ with fresh random ids until encoding it gives exactly the target count:
 
 Counts are without special tokens (a tokenizer that adds BOS to a completion prompt adds it on top).
 A shared prefix (`prefix_len`) is the same text at the start of every prompt; the counts include it.
+One seed gives the same prompts every time; a `salt` mixed into it gives others of the same sizes (so a
+rerun cannot be answered from the server's prefix cache: repeats.py).
 This module knows nothing about HTTP or timing.
 """
 
@@ -94,9 +96,11 @@ def random_requests(
     range_ratio: float = 0.0,
     prefix_len: int = 0,
     seed: int = 0,
+    salt: str | None = None,
 ) -> list[BenchRequest]:
-    """`num_prompts` prompts of `prefix_len` + about `input_len` tokens (the same ones for one seed)."""
-    rng = random.Random(seed)
+    """`num_prompts` prompts of `prefix_len` + about `input_len` tokens (the same ones for one seed
+    and salt)."""
+    rng = random.Random(seed if salt is None else f"{seed}:{salt}")
     maker = PromptMaker(tokenizer, rng)
     input_lens = sample_lengths(rng, num_prompts, input_len, range_ratio)
     output_lens = sample_lengths(rng, num_prompts, output_len, range_ratio)

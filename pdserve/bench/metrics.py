@@ -6,6 +6,8 @@ ttft, tpot, itl, e2el: mean_X_ms, median_X_ms, std_X_ms, p90_X_ms, p99_X_ms (Non
 one). Definitions:
 
 - throughputs count completed requests only, over the whole run's wall time (`duration`);
+- a request cut at a duration limit (runner.py) is neither completed nor failed: it is counted in
+  `cut` and left out of every distribution and of SLO attainment;
 - TPOT is per request, (E2EL - TTFT) / (output tokens - 1); a 1-token answer has none;
 - ITL is every gap between two streamed text chunks, over all requests;
 - a request is *good* when it completed and meets every SLO given (a 1-token answer meets any TPOT
@@ -15,6 +17,9 @@ one). Definitions:
 Per-request lists (ttfts, tpots, itls, e2els in seconds, as vLLM stores them; start_times: seconds from
 the run's start to when each was sent) keep the order requests were made in; a failed request has None
 (and no ITLs) there and its text in `errors`.
+
+How guidellm and aiperf name and define the same numbers: definitions.py (its values are in the report
+under `equivalents`, its table under `definitions`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from pdserve.bench.definitions import equivalents, format_equivalents
 
 if TYPE_CHECKING:
     from pdserve.bench.client import RequestResult
@@ -78,27 +85,32 @@ def distribution(name: str, seconds: Sequence[float]) -> dict[str, float | None]
 def summarize(results: Sequence[RequestResult], duration: float, slo: SLO) -> dict[str, Any]:
     """The aggregate numbers of one run (see the module docstring for definitions)."""
     done = [r for r in results if r.success]
+    decided = [r for r in results if not r.cut]
     seconds = max(duration, 1e-9)
     total_in = sum(r.input_len for r in done)
     total_out = sum(r.output_len for r in done)
-    good = sum(1 for r in results if slo.met_by(r))
+    good = sum(1 for r in decided if slo.met_by(r))
+    reported = [r.cached_input_len for r in done if r.cached_input_len is not None]
     summary: dict[str, Any] = {
         "duration": duration,
         "completed": len(done),
-        "failed": len(results) - len(done),
+        "failed": len(decided) - len(done),
+        "cut": len(results) - len(decided),
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,
         "request_throughput": len(done) / seconds,
         "request_goodput": good / seconds,
-        "slo_attainment": good / len(results) if results else 0.0,
+        "slo_attainment": good / len(decided) if decided else 0.0,
         "input_throughput": total_in / seconds,
         "output_throughput": total_out / seconds,
         "total_token_throughput": (total_in + total_out) / seconds,
+        "total_cached_input_tokens": sum(reported) if reported else None,  # None: the server never said
     }
     summary.update(distribution("ttft", [r.ttft for r in done if r.ttft is not None]))
     summary.update(distribution("tpot", [t for t in (r.tpot for r in done) if t is not None]))
     summary.update(distribution("itl", [gap for r in done for gap in r.itl]))
     summary.update(distribution("e2el", [r.latency for r in done]))
+    summary["equivalents"] = equivalents(done, summary["output_throughput"])
     return summary
 
 
@@ -109,6 +121,7 @@ def per_request(results: Sequence[RequestResult], run_start: float = 0.0) -> dic
         "input_lens": [r.input_len for r in results],
         "output_lens": [r.output_len if r.success else 0 for r in results],
         "usage_input_lens": [r.usage_input_len for r in results],
+        "cached_input_lens": [r.cached_input_len for r in results],
         "ttfts": [r.ttft if r.success else None for r in results],
         "tpots": [r.tpot for r in results],
         "itls": [r.itl if r.success else [] for r in results],
@@ -120,6 +133,7 @@ def per_request(results: Sequence[RequestResult], run_start: float = 0.0) -> dic
 COUNT_ROWS = (
     ("Successful requests:", "completed"),
     ("Failed requests:", "failed"),
+    ("Cut at the duration limit:", "cut"),
     ("Benchmark duration (s):", "duration"),
     ("Total input tokens:", "total_input_tokens"),
     ("Total generated tokens:", "total_output_tokens"),
@@ -141,6 +155,8 @@ def format_table(summary: dict[str, Any], title: str = "Serving Benchmark Result
         rows.append(f"{' ' + heading + ' ':-^{width}}")
         for stat, shown in STAT_LABELS.items():
             rows.append(_row(f"{shown} {name.upper()} (ms):", summary[f"{stat}_{name}_ms"]))
+    if "equivalents" in summary:
+        rows.append(format_equivalents(summary["equivalents"], width))
     rows.append("=" * width)
     return "\n".join(rows)
 

@@ -5,7 +5,9 @@ tokens with ignore_eos). Checked: every request completes with exactly the asked
 server's usage agrees with the prompt sizes the bench made), the summary agrees with the per-request
 lists, percentiles are ordered, `--max-concurrency` holds, a sweep stops where SLO attainment drops,
 failures are counted with their text (the run does not crash), plots are PNG files, and after every
-run the instances' KV pools are free again.
+run the instances' KV pools are free again. Then the load shapes: a constant rate with a duration limit
+on the first run's prompts again (the repeat is reported, from the history file and from the server's
+cached_tokens), and a run cut at its limit on salted prompts (cut requests are aborted on the server).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def bench(up: Launched | None, *args: str) -> subprocess.CompletedProcess[str]:
     """`pdserve bench ARGS` (serve and sweep get the cluster's URL); afterwards every KV pool is free."""
-    base = ["--base-url", up.router_v1] if up is not None else []
+    base = ["--base-url", up.router_v1, "--history", ""] if up is not None else []
     done = subprocess.run(
         [str(PDSERVE), "bench", *args[:1], *base, *args[1:]],
         cwd=ROOT,
@@ -76,9 +78,8 @@ def ran(done: subprocess.CompletedProcess[str], rc: int = 0) -> str:
 @pytest.fixture(scope="module")
 def inf_run(up: Launched, out: Path) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
     path = out / "inf.json"
-    done = bench(
-        up, "serve", *WORKLOAD, "--ignore-eos", "--slo", LOOSE_SLO, "--label", "inf", "--output", str(path)
-    )
+    args = [*WORKLOAD, "--ignore-eos", "--slo", LOOSE_SLO, "--label", "inf", "--output", str(path)]
+    done = bench(up, "serve", *args, "--history", str(out / "history.jsonl"))
     ran(done)
     return json.loads(path.read_text()), done
 
@@ -168,6 +169,7 @@ def test_failures_are_counted_not_fatal(up: Launched, out: Path, capsys: pytest.
     """In this process (the CLI's own main), to spare a start: a wrong model name gets HTTP 404s."""
     path = out / "fail.json"
     args = ["--base-url", up.router_v1, "--model", "no-such-model", *WORKLOAD, "--disable-tqdm"]
+    args += ["--history", ""]
     assert main(["bench", "serve", *args, "--output", str(path)]) == 1  # nothing completed
     r = json.loads(path.read_text())
     assert (r["completed"], r["failed"]) == (0, NUM_PROMPTS) and r["mean_ttft_ms"] is None
@@ -203,3 +205,56 @@ def test_random_prompts_have_exact_token_counts(tokenizer: Any) -> None:
     assert requests != random_requests(tokenizer, 40, 50, 4, range_ratio=0.5, prefix_len=16, seed=4)
     long = random_requests(tokenizer, 3, 1100, 140, seed=0)
     assert [maker.count(r.prompt) for r in long] == [1100] * 3
+
+
+def pools_free(up: Launched) -> None:
+    for instance in httpx.get(f"{up.router_url}/router/instances", timeout=10).json()["instances"]:
+        kv = Endpoint(instance["url"]).wait_pool_free()
+        assert kv["pool_free"], f"{instance['url']}: KV blocks still held: {kv}"
+
+
+def test_constant_rate_duration_limit_and_repeat_warning(
+    up: Launched, out: Path, inf_run: tuple[dict[str, Any], Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """inf_run's prompts again (same seed), in this process: 8 req/s constant for 0.6 s arrive at 0,
+    1/8, ... 4/8 (5 sent, 3 not), each waited for; the history and the server both say it is a repeat."""
+    path = out / "repeat.json"
+    args = ["--base-url", up.router_v1, *WORKLOAD, "--ignore-eos", "--disable-tqdm", "--output", str(path)]
+    args += ["--request-rate", "8", "--arrival", "constant", "--duration", "0.6"]
+    assert main(["bench", "serve", *args, "--history", str(out / "history.jsonl")]) == 0
+    r = json.loads(path.read_text())
+    assert (r["sent"], r["not_sent"], r["cut"], r["completed"], r["failed"]) == (5, 3, 0, 5, 0)
+    assert (r["arrival"], r["duration_limit"], r["at_duration"]) == ("constant", 0.6, "wait")
+    assert np.diff(r["start_times"]) == pytest.approx([0.125] * 4, abs=0.06)
+    assert r["prompts_fingerprint"] == inf_run[0]["prompts_fingerprint"]
+    assert all(c >= 48 for c in r["cached_input_lens"]), r["cached_input_lens"]  # 3 blocks of 16 at least
+    history, cache = r["warnings"]
+    assert "sent to this server before" in history and "(inf)" in history and "--prefix-salt" in history
+    assert cache.startswith("5 of 5 requests found more of their prompt in the server's prefix cache")
+    assert f"WARNING: {history}" in capsys.readouterr().out
+    eq = r["equivalents"]
+    assert eq["aiperf"]["time_to_first_token"] == pytest.approx(r["mean_ttft_ms"])
+    assert eq["guidellm"]["time_per_output_token_ms"] > eq["guidellm"]["inter_token_latency_ms"] > 0
+    pools_free(up)
+
+
+def test_cut_at_the_limit_on_salted_prompts(
+    up: Launched, out: Path, inf_run: tuple[dict[str, Any], Any]
+) -> None:
+    """Two in flight from t=0, 64 tokens each (seconds on this CPU), cut at 0.5 s: the run ends then, the
+    cut requests are aborted on the server (pools free), and the salted prompts are new to it."""
+    path = out / "cut.json"
+    args = ["--base-url", up.router_v1, "--input-len", "64", "--output-len", "64", "--num-prompts", "8"]
+    args += ["--ignore-eos", "--max-concurrency", "2", "--duration", "0.5", "--at-duration", "cut"]
+    args += ["--prefix-salt", "auto", "--history", str(out / "history.jsonl"), "--disable-tqdm"]
+    assert main(["bench", "serve", *args, "--output", str(path)]) == 0
+    r = json.loads(path.read_text())
+    assert r["cut"] >= 1 and r["completed"] + r["cut"] == r["sent"] and r["not_sent"] == 8 - r["sent"]
+    assert (
+        r["failed"] == 0
+        and r["duration"] < 2.0
+        and r["errors"].count("cut at the duration limit") == r["cut"]
+    )
+    assert len(r["prefix_salt"]) == 8 and r["prompts_fingerprint"] != inf_run[0]["prompts_fingerprint"]
+    assert r["warnings"] == []
+    pools_free(up)

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
+from pdserve.bench.arrivals import arrival_offsets
 from pdserve.bench.client import RequestResult, Target, normalize_base_url, payload, send
 from pdserve.bench.dataset import BenchRequest, sample_lengths
 from pdserve.bench.metrics import (
@@ -30,7 +31,6 @@ from pdserve.bench.metrics import (
     per_request,
     summarize,
 )
-from pdserve.bench.runner import arrival_offsets
 from pdserve.bench.sweep import best_point, geometric_rates, parse_rates, prompts_for_rate, run_sweep
 
 
