@@ -164,7 +164,7 @@ def _v1_router(app: FastAPI, api_key: str | None) -> APIRouter:
         authorization = None if api_key else raw.headers.get("authorization")
         span = tracing.start("router.request", tracing.incoming(raw.headers), path=path)
         call = Call(path, content, body, authorization, span=span)
-        app.state.workload.record(body, call.tokens)
+        sample = call.sample = app.state.workload.record(call.tokens)
         proxy: Proxy = app.state.proxy
         work = proxy.stream(call) if body.get("stream") is True else proxy.unary(call)
         try:
@@ -172,7 +172,8 @@ def _v1_router(app: FastAPI, api_key: str | None) -> APIRouter:
         except BaseException:
             span.end()
             raise
-        if not isinstance(response, SSEResponse):  # a relayed stream ends its span when it ends
+        if not isinstance(response, SSEResponse):  # a relayed stream ends its span (and sample) itself
+            sample.answered(response.body)
             span.end()
         return response
 

@@ -46,6 +46,7 @@ from pdserve.router.relay import Relay, SSEResponse
 from pdserve.router.resume import PREFILL_CODES, RESUMABLE_CODES, RESUMABLE_HEADER
 from pdserve.router.sse import json_error_code
 from pdserve.router.upstream import CONNECT_TIMEOUT_S, Upstream
+from pdserve.router.workload import Sample
 
 _TOKENIZE_TIMEOUT_S = 60.0  # a long prompt through a chat template on a busy instance
 
@@ -123,6 +124,7 @@ class Call:
     tries: Tries = field(default_factory=Tries)
     span: Span = field(default_factory=lambda: INVALID_SPAN)  # the router's span (tracing.py)
     resume: dict[str, Any] | None = None  # the `resume` field the next attempt carries (relay.py)
+    sample: Sample | None = None  # where the answer's output length goes (workload.py)
 
     @property
     def resumable(self) -> bool:

@@ -72,6 +72,7 @@ class Relay:
         self.ended = False  # [DONE] or an error event has reached the client
         self.failure: Failure | None = None
         self.resumed_at: float | None = None  # a resume went out: waiting for its first token
+        self.usage: Any = None  # the last `usage` relayed: the answer's output length
 
     async def events(self) -> AsyncIterator[bytes]:
         try:
@@ -91,6 +92,7 @@ class Relay:
             with anyio.CancelScope(shield=True):
                 await self.close()
             self.proxy.metrics.e2e.observe(time.monotonic() - self.call.arrival)
+            self.record_length()
             self.call.span.end()
 
     async def pump(self) -> AsyncIterator[bytes]:
@@ -140,6 +142,8 @@ class Relay:
     def relayed(self, event: bytes, data: Any) -> bytes | None:
         """What of `event` goes to the client now (None: held back until a token comes)."""
         self.progress.see(data)  # a held role chunk names the completion too
+        if isinstance(data, dict) and data.get("usage"):  # already parsed: no second look at each chunk
+            self.usage = data["usage"]
         if not self.committed:
             if not carries_token(data):
                 self.held.append(event)
@@ -156,6 +160,15 @@ class Relay:
             self.route.prefill_done()
             self.proxy.metrics.ttft.observe(time.monotonic() - self.call.arrival)
             self.first_resumed_token()
+
+    def record_length(self) -> None:
+        """The answer's output tokens for the workload: its usage, else (a finished stream of one
+        choice without usage) the token ids its events were marked with."""
+        sample = self.call.sample
+        if sample is None or sample.generated(self.usage):
+            return
+        if self.progress.finished and self.progress.token_ids:
+            sample.output_tokens = len(self.progress.token_ids)
 
     def first_resumed_token(self) -> None:
         if self.resumed_at is not None:

@@ -6,8 +6,11 @@
                         "samples": [[seconds ago, input tokens, output tokens], ...]}
 
 Input tokens are the router's own estimate (exact for token-id prompts, ~4 characters a token for
-text); output tokens are what the request asked for (max_tokens / max_completion_tokens; 0 when it
-did not say). `pdserve plan --from-router URL` resamples these pairs at the observed rate and
+text); output tokens are what the answer generated: its final `usage.completion_tokens` (a whole
+answer's body, a stream's last chunk with usage), else for a stream of one choice the token ids its
+events were marked with (relay.py). 0 while the answer is still running, or when it failed or said
+nothing of its length: such samples count as arrivals but stay out of output_len (and the planner's
+length pairs). `pdserve plan --from-router URL` resamples these pairs at the observed rate and
 burstiness (the inverse squared coefficient of variation of the gaps between arrivals: 1 for Poisson).
 
 Given a profile (`pdserve router --plan-profile FILE --plan-slo ttft=...,tpot=...`), the router also
@@ -20,9 +23,11 @@ for it (the gauges appear once the first one is done).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 WINDOW_S = 600.0
@@ -33,12 +38,32 @@ MIN_SAMPLES = 10
 SIMULATED_REQUESTS = 60  # per simulated run of the capacity search
 
 
-def requested_output(body: Mapping[str, Any]) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 0
+@dataclass
+class Sample:
+    """One request: when it arrived, its prompt's tokens, and (once it has answered) its output's."""
+
+    at: float
+    input_tokens: int
+    output_tokens: int = 0  # 0 until the answer says how many it generated
+
+    def generated(self, usage: Any) -> bool:
+        """Take an answer's `usage` object; False if it carries no completion_tokens."""
+        count = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        if type(count) is not int:
+            return False
+        self.output_tokens = count
+        return True
+
+    def answered(self, content: bytes) -> None:
+        """A whole answer's body: its usage, parsed only when the body has one (not an error's)."""
+        if b'"usage"' not in content:
+            return
+        try:
+            answer = json.loads(content)
+        except ValueError:
+            return
+        if isinstance(answer, dict):
+            self.generated(answer.get("usage"))
 
 
 class WorkloadRecorder:
@@ -46,16 +71,19 @@ class WorkloadRecorder:
 
     def __init__(self, window: float = WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.window, self.clock = window, clock
-        self.samples: deque[tuple[float, int, int]] = deque(maxlen=MAX_SAMPLES)
+        self.samples: deque[Sample] = deque(maxlen=MAX_SAMPLES)
 
-    def record(self, body: Mapping[str, Any], input_tokens: int) -> None:
-        self.samples.append((self.clock(), input_tokens, requested_output(body)))
+    def record(self, input_tokens: int) -> Sample:
+        """A request has arrived; its output length is filled in on the returned sample when known."""
+        sample = Sample(self.clock(), input_tokens)
+        self.samples.append(sample)
+        return sample
 
     def snapshot(self) -> dict[str, Any]:
         now = self.clock()
-        while self.samples and self.samples[0][0] < now - self.window:
+        while self.samples and self.samples[0].at < now - self.window:
             self.samples.popleft()
-        recent = list(self.samples)
+        recent = [(s.at, s.input_tokens, s.output_tokens) for s in self.samples]
         times = [t for t, _, _ in recent]
         span = (times[-1] - times[0]) if len(times) > 1 else 0.0
         return {
@@ -64,7 +92,7 @@ class WorkloadRecorder:
             "arrival_rate": (len(times) - 1) / span if span > 0 else 0.0,
             "burstiness": _burstiness(times),
             "input_len": _histogram(n for _, n, _ in recent),
-            "output_len": _histogram(n for _, _, n in recent),
+            "output_len": _histogram(n for _, _, n in recent if n > 0),
             "samples": [[round(now - t, 3), n_in, n_out] for t, n_in, n_out in recent],
         }
 

@@ -238,6 +238,29 @@ def test_load_spreads_over_instances(instances: Instances, start_router: Callabl
     assert counts == [2, 2]
 
 
+def test_workload_records_generated_lengths(
+    instances: Instances, start_router: Callable[..., Router]
+) -> None:
+    """/pd/workload records how many tokens each answer generated (whole: the body's usage; streamed:
+    the usage chunk, else the stream's token ids), not the max_tokens of 50 it asked for."""
+    router = start_router(*colocated(instances))
+    via = router.client()
+    kw: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "max_tokens": 50, "temperature": 0, "stop": ["."]}
+    whole = via.chat.completions.create(messages=CHAT, **kw).usage
+    usage = {"include_usage": True}
+    chunks = list(
+        via.completions.create(prompt="The capital of France is", stream=True, stream_options=usage, **kw)
+    )
+    streamed = chunks[-1].usage
+    assert whole is not None and streamed is not None
+    list(via.completions.create(prompt="The capital of France is", stream=True, **kw))  # no usage chunk
+
+    seen = httpx.get(f"{router.url}/pd/workload", timeout=10).json()
+    lengths = [s[2] for s in seen["samples"]]
+    assert lengths == [whole.completion_tokens, streamed.completion_tokens, streamed.completion_tokens]
+    assert 0 < max(lengths) < 50 and sum(seen["output_len"]["counts"]) == 3
+
+
 def test_api_key(instances: Instances, start_router: Callable[..., Router]) -> None:
     router = start_router(*colocated(instances), api_key="secret")
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret"}):
