@@ -23,12 +23,13 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import statistics
 import time
 from typing import Any
 
 import httpx
+
+from pdserve.router.metrics import metric_sum
 
 SYSTEM = (
     "You are a careful assistant for a travel agency. Answer briefly and concretely; when a question "
@@ -47,21 +48,6 @@ QUESTIONS = [
 ]
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    """The sum of a series' samples whose labels include `labels` (0 when absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
-            continue
-        m = re.match(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
-        if m is None:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
-
-
 async def _counters(client: httpx.AsyncClient, base: str) -> dict[str, float]:
     listing = (await client.get(f"{base}/router/instances")).json()
     instances = listing.get("instances", listing) if isinstance(listing, dict) else listing
@@ -69,11 +55,13 @@ async def _counters(client: httpx.AsyncClient, base: str) -> dict[str, float]:
     for inst in instances:
         text = (await client.get(f"{inst['url']}/metrics")).text
         if inst.get("role") == "prefill":
-            out["prefill_computed"] += _metric(text, "pdserve_prompt_tokens_computed")
+            out["prefill_computed"] += metric_sum(text, "pdserve_prompt_tokens_computed")
         if inst.get("role") == "decode":
-            out["kv_bytes_received"] += _metric(text, "pdserve_kv_transfer_bytes_total", direction="received")
-            out["decode_reused"] += _metric(text, "pdserve_kv_reused_tokens_total")
-            out["prompt_tokens"] += _metric(text, "pdserve_prompt_tokens_total")
+            out["kv_bytes_received"] += metric_sum(
+                text, "pdserve_kv_transfer_bytes_total", direction="received"
+            )
+            out["decode_reused"] += metric_sum(text, "pdserve_kv_reused_tokens_total")
+            out["prompt_tokens"] += metric_sum(text, "pdserve_prompt_tokens_total")
     return out
 
 

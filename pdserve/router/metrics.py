@@ -10,7 +10,8 @@ transfer totals are summed from the instances' own /metrics
 is scraped; an instance that does not answer keeps its last totals, so the sums never go backwards.
 Every KV byte leaves one instance and reaches another: only the received direction is summed, so each
 byte counts once. Every series carries a `model_name` label: the model the instances report
-(observability/model_label.py), "unknown" until one has.
+(observability/model_label.py), "unknown" until one has. Reading Prometheus text (an instance's, or a
+router's for tests and benchmarks) is `samples` / `metric_sum`, prometheus_client's parser.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from pdserve.observability.model_label import labelled_registry
 from pdserve.router.instances import Instance, Registry
@@ -42,6 +44,21 @@ _STAGES = {
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
+def samples(text: str) -> Iterator[Sample]:
+    """Every sample in a Prometheus text exposition."""
+    for family in text_string_to_metric_families(text):
+        yield from family.samples
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` (0 when there are none)."""
+    return sum(
+        s.value
+        for s in samples(text)
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 @dataclass
 class KVTotals:
     """One instance's KV transfer totals, as of its latest scrape."""
@@ -54,23 +71,22 @@ class KVTotals:
     @classmethod
     def parse(cls, text: str) -> KVTotals | None:
         totals, seen = cls(), False
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == KV_BYTES:
-                    # each byte is counted by its sender and its receiver: the receiver's count only
-                    # (a total without a direction label counts as received)
-                    if s.labels.get("direction", "received") == "received":
-                        totals.bytes += s.value
-                elif s.name == KV_SECONDS + "_sum":
-                    totals.seconds_sum += s.value
-                elif s.name == KV_SECONDS + "_count":
-                    totals.seconds_count += s.value
-                elif s.name == KV_SECONDS + "_bucket":
-                    le = float(s.labels.get("le", "inf"))
-                    totals.buckets[le] = totals.buckets.get(le, 0.0) + s.value
-                else:
-                    continue
-                seen = True
+        for s in samples(text):
+            if s.name == KV_BYTES:
+                # each byte is counted by its sender and its receiver: the receiver's count only
+                # (a total without a direction label counts as received)
+                if s.labels.get("direction", "received") == "received":
+                    totals.bytes += s.value
+            elif s.name == KV_SECONDS + "_sum":
+                totals.seconds_sum += s.value
+            elif s.name == KV_SECONDS + "_count":
+                totals.seconds_count += s.value
+            elif s.name == KV_SECONDS + "_bucket":
+                le = float(s.labels.get("le", "inf"))
+                totals.buckets[le] = totals.buckets.get(le, 0.0) + s.value
+            else:
+                continue
+            seen = True
         return totals if seen else None
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 
 from pdserve.cluster_secret import ClusterSecret
+from pdserve.router.metrics import metric_sum
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
@@ -229,17 +230,7 @@ class Instance(Endpoint):
             self.proc.stop()
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the Prometheus samples called `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
+metric = metric_sum  # the sum of the samples called `name` whose labels include `labels`
 
 
 class Router:

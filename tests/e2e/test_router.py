@@ -35,9 +35,9 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.models.prepare import resolve_model
+from pdserve.router.metrics import metric_sum
 from tests.e2e.cluster import NUM_BLOCKS, READY_TIMEOUT_S, ROOT, Proc, free_port, wait_until
 
 CHAT = [{"role": "user", "content": "Name a color."}]
@@ -148,13 +148,7 @@ class Router:
         return {i["url"]: i for i in answer["instances"]}
 
     def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
+        return metric_sum(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
 
 
 @pytest.fixture
