@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .tiny_models import TEXTS, save_tiny_model
+from .tiny_models import TEXTS, hf_greedy_ids, save_tiny_model
 
 CUDA = pytest.param(
     "cuda",
@@ -65,15 +65,8 @@ def _reference(model_dir, prompts, device) -> list[list[int]]:
     """transformers' greedy tokens, float32, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    torch.backends.cuda.matmul.allow_tf32 = False
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    outs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids], device=device)
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False)
-            outs.append(y[0, len(ids) :].tolist())
-    return outs
+    return hf_greedy_ids(model, prompts)
 
 
 def _greedy(llm, prompts):

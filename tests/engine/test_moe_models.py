@@ -14,10 +14,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from pdserve import LLM, SamplingParams
+from pdserve import SamplingParams
 from pdserve.models.prepare import resolve_model
 
-from .tiny_models import TEXTS, save_tiny_model
+from .tiny_models import TEXTS, engine_greedy, hf_greedy_ids, save_tiny_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 MOE = dict(moe_intermediate_size=64, head_dim=32)  # 4 experts, top-2, in all four MoE layers or three
@@ -75,14 +75,7 @@ def tiny(tmp_path_factory) -> Callable[[str], tuple[str, list[list[int]], list[l
             tok = AutoTokenizer.from_pretrained(path)
             prompts = [tok.encode(t)[: 5 + 3 * i] for i, t in enumerate(TEXTS[:6])]
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            ref = []
-            with torch.inference_mode():
-                for ids in prompts:
-                    x = torch.tensor([ids])
-                    y = model.generate(
-                        x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False
-                    )
-                    ref.append(y[0, len(ids) :].tolist())
+            ref = hf_greedy_ids(model, prompts, max_new_tokens=12)
             assert len({tuple(r) for r in ref}) > 3  # the prompts lead to different outputs
             built[arch] = (path, prompts, ref)
         return built[arch]
@@ -91,13 +84,7 @@ def tiny(tmp_path_factory) -> Callable[[str], tuple[str, list[list[int]], list[l
 
 
 def _greedy(path: str, prompts: list[list[int]], **kwargs) -> list[list[int]]:
-    llm = LLM(path, dtype="float32", num_blocks=128, block_size=8, **kwargs)
-    try:
-        out = [c.token_ids for c in llm.generate_ids(prompts, GREEDY)]
-        assert llm.check_pool_free()
-        return out
-    finally:
-        llm.close()
+    return engine_greedy(path, prompts, max_tokens=12, block_size=8, **kwargs)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

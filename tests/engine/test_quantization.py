@@ -32,7 +32,7 @@ from pdserve.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig
 from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.engine import Engine
 
-from .tiny_models import TEXTS, save_tiny_model
+from .tiny_models import TEXTS, engine_greedy, hf_greedy_ids, save_tiny_model
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -103,32 +103,14 @@ def hf_greedy(
     device: str = "cpu",
 ) -> list[list[int]]:
     """transformers' greedy tokens (float32) of hf_model(model_dir, weights, fp8_inputs)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    model = hf_model(model_dir, weights, fp8_inputs).to(device)
-    outs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids], device=device)
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False)
-            outs.append(y[0, len(ids) :].tolist())
-    return outs
-
-
-def greedy(model_dir: str, prompts: list[list[int]], **options: object) -> list[list[int]]:
-    llm = LLM(model_dir, dtype="float32", num_blocks=128, **options)
-    try:
-        out = [c.token_ids for c in llm.generate_ids(prompts, GREEDY)]
-        assert llm.check_pool_free()
-        return out
-    finally:
-        llm.close()
+    return hf_greedy_ids(hf_model(model_dir, weights, fp8_inputs).to(device), prompts)
 
 
 # ---- quantized at load -----------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["wint8", "wint4"])
 def test_weight_only_greedy_equals_the_dequantized_model(model_dir, prompts, method):
     want = hf_greedy(model_dir, prompts, lambda _, w: FAKE[method](w))
-    assert greedy(model_dir, prompts, quantization=method) == want
+    assert engine_greedy(model_dir, prompts, quantization=method) == want
     if method == "wint4":  # the comparison can tell quantized from not: wint4 moves some greedy tokens
         assert want != hf_greedy(model_dir, prompts)
 
@@ -168,8 +150,8 @@ def hf_scores(
 
 
 def test_quantized_disaggregated_pair_equals_colocated(model_dir, prompts):
-    colocated = greedy(model_dir, prompts, quantization="wint4")
-    assert greedy(model_dir, prompts, quantization="wint4", prefill=1, decode=1) == colocated
+    colocated = engine_greedy(model_dir, prompts, quantization="wint4")
+    assert engine_greedy(model_dir, prompts, quantization="wint4", prefill=1, decode=1) == colocated
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -181,7 +163,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_weight_only_gemm_on_cuda_equals_the_dequantized_model(model_dir, prompts, method):
     """float32 on the GPU: the Triton GEMM that dequantizes in registers (ieee products), CUDA graphs."""
     want = hf_greedy(model_dir, prompts, lambda _, w: FAKE[method](w), device="cuda")
-    assert greedy(model_dir, prompts, quantization=method, device="cuda") == want
+    assert engine_greedy(model_dir, prompts, quantization=method, device="cuda") == want
 
 
 @pytest.mark.gpu
@@ -234,7 +216,7 @@ def test_fp8_block_checkpoint_loads_as_its_dequantized_weights(model_dir, prompt
     dequantized = write_fp8_checkpoint(model_dir, dst)
     assert any(w.shape[0] % 128 for w in dequantized.values())  # gate/up: a part-filled row of blocks
     want = hf_greedy(model_dir, prompts, lambda name, _: dequantized[name + ".weight"])
-    assert greedy(str(dst), prompts) == want
+    assert engine_greedy(str(dst), prompts) == want
 
 
 # ---- a disaggregated pair must agree --------------------------------------------------------------
@@ -285,15 +267,15 @@ def test_tensor_parallel_ranks_hold_the_tp1_quantized_model(model_dir, prompts):
     """TP 2: each rank quantizes its shard; row-parallel rows are scaled by the full row's max |w|
     (gathered over the ranks), so the ranks together run the tp=1 wint8 model."""
     want = hf_greedy(model_dir, prompts, lambda _, w: fake_wint8(w))
-    assert greedy(model_dir, prompts, quantization="wint8", tensor_parallel_size=2) == want
+    assert engine_greedy(model_dir, prompts, quantization="wint8", tensor_parallel_size=2) == want
 
 
 # ---- --kv-cache-dtype fp8 -------------------------------------------------------------------------
 def test_fp8_kv_cache_moves_its_bytes_unchanged(model_dir, prompts):
     """An e4m3 pool: the same greedy tokens colocated, with 4-token prefill chunks (each chunk reads
     the ones before from the pool) and 1P1D over tcp, whose hand-off moves a quarter of float32's bytes."""
-    colocated = greedy(model_dir, prompts, kv_cache_dtype="fp8")
-    assert greedy(model_dir, prompts, kv_cache_dtype="fp8", max_num_batched_tokens=4) == colocated
+    colocated = engine_greedy(model_dir, prompts, kv_cache_dtype="fp8")
+    assert engine_greedy(model_dir, prompts, kv_cache_dtype="fp8", max_num_batched_tokens=4) == colocated
     moved = {}
     for kv in ("fp8", "auto"):
         pair = dict(prefill=1, decode=1, kv_transport="tcp")

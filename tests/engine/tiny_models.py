@@ -1,6 +1,6 @@
 """Small random-weight models of each architecture, with a tokenizer trained on the spot, saved as an
 ordinary Hugging Face directory: what the GPU, transport and tensor-parallel tests run without a
-checkpoint or a download."""
+checkpoint or a download. Also the two greedy runs those tests compare: transformers' and the engine's."""
 
 from __future__ import annotations
 
@@ -46,3 +46,36 @@ def save_tiny_model(path: str, model_type: str = "llama", **overrides: Any) -> s
                 p.normal_(0, 0.08)
     model.save_pretrained(path)
     return path
+
+
+def hf_greedy_ids(model: Any, prompts: list[list[int]], max_new_tokens: int = 16) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, on the model's device (no TF32: float32 means it)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = next(model.parameters()).device
+    outs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids], device=device)
+            y = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False
+            )
+            outs.append(y[0, len(ids) :].tolist())
+    return outs
+
+
+def engine_greedy(
+    model_dir: str, prompts: list[list[int]], max_tokens: int = 16, **options: Any
+) -> list[list[int]]:
+    """The engine's greedy tokens (float32, 128 blocks, `options`); its pool must be free afterwards."""
+    from pdserve import LLM, SamplingParams
+
+    llm = LLM(model_dir, dtype="float32", num_blocks=128, **options)
+    try:
+        out = [
+            c.token_ids
+            for c in llm.generate_ids(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        ]
+        assert llm.check_pool_free()
+        return out
+    finally:
+        llm.close()
