@@ -5,7 +5,7 @@ reduce launch, qkv and o at 60-64% (docs/performance.md), and two Triton kernels
 to it. This times, per projection shape and row count, y = x @ W^T as F.linear does it and in the
 swapped form small-M kernels elsewhere use (y^T = W @ x^T: cuBLAS sees N as its M; plus the
 transpose copy back to [M, N] the engine would need), each with cuBLAS and with cuBLASLt, replayed
-from a CUDA graph over weight copies cycled past the L2 (skinny_gemm_bench.graph_time).
+from a CUDA graph over weight copies cycled past the L2 (common.graph_time).
 
     python3 benchmarks/cublas_forms_bench.py --m 64,128 --models qwen2.5-7b --output cublas_forms.json
 """
@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from gpu_engine import ceilings  # this folder: run as a script
-from skinny_gemm_bench import L2_FLUSH_BYTES, MODELS, graph_time, save
+from common import graph_time  # this folder: run as a script
+from gpu_engine import ceilings
+from skinny_gemm_bench import L2_FLUSH_BYTES, MODELS, save
 
 FORMS = {
     "linear": lambda x, w: F.linear(x, w),

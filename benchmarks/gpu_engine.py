@@ -24,6 +24,7 @@ from datetime import date
 from typing import Any
 
 import torch
+from common import timed  # benchmarks/ is sys.path[0]
 from transformers import AutoConfig
 
 from pdserve.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -33,21 +34,6 @@ from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.kernels.config import KernelConfig
 from pdserve.models.prepare import resolve_model
-
-
-def timed(fn: Any, iters: int, warmup: int = 3) -> float:
-    """Median seconds of fn() over iters runs, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def ceilings() -> dict[str, float]:

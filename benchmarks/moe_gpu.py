@@ -27,7 +27,8 @@ from datetime import date
 from typing import Any
 
 import torch
-from gpu_engine import ceilings, fake_requests, make_runner, timed  # benchmarks/ is sys.path[0]
+from common import timed  # benchmarks/ is sys.path[0]
+from gpu_engine import ceilings, fake_requests, make_runner
 from transformers import AutoConfig
 
 from pdserve.distributed.group import TPGroup

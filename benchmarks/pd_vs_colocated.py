@@ -13,14 +13,11 @@ per-request latencies in the files).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from common import start, stop, wait_healthy  # benchmarks/ is sys.path[0]
 
 
 def layout_args(layout: str) -> tuple[str, list[str]]:
@@ -31,20 +28,6 @@ def layout_args(layout: str) -> tuple[str, list[str]]:
     if kind == "pd" and len(counts) == 2:
         return f"{counts[0]}p{counts[1]}d", ["--prefill", counts[0], "--decode", counts[1]]
     raise ValueError(f"layout {layout!r}: use colocated:N or pd:P:D")
-
-
-def wait_up(proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pdserve up exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{url} not healthy after {timeout:.0f}s")
 
 
 def run_layout(layout: str, args: argparse.Namespace, extra: list[str]) -> Path:
@@ -74,9 +57,9 @@ def run_layout(layout: str, args: argparse.Namespace, extra: list[str]) -> Path:
     up += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     up += extra
     print(f"== {name}: {' '.join(up)}", flush=True)
-    proc = subprocess.Popen(up, start_new_session=True)
+    proc = start(up)
     try:
-        wait_up(proc, url, args.startup_timeout)
+        wait_healthy(url, [proc], args.startup_timeout)
         result = out / f"{name}.json"
         bench = [sys.executable, "-m", "pdserve.cli", "bench", "sweep", "--base-url", url, "--label", label]
         bench += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos"]
@@ -87,11 +70,7 @@ def run_layout(layout: str, args: argparse.Namespace, extra: list[str]) -> Path:
         subprocess.run(bench, check=True)
         return result
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop([proc], timeout=60)
 
 
 def main() -> None:

@@ -25,18 +25,17 @@ import gc
 import json
 import platform
 import time
-from collections.abc import Callable
 from datetime import date
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import graph_time, timed  # benchmarks/ is sys.path[0]
+from gpu_engine import bench_decode, fake_requests
 from transformers import AutoConfig
 
 from pdserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.request import Request
-from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.kernels.config import KernelConfig
 from pdserve.kernels.factory import build_kernels
@@ -46,42 +45,11 @@ from pdserve.models.prepare import resolve_model
 FORMATS = ("bf16", "wint8", "wint4", "fp8")
 
 
-def seconds(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
-    """Median seconds of fn() (CUDA events on a GPU, the wall clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def copy_gbps(device: str) -> float:
     """Device copy bandwidth: bytes read + written per second."""
     src = torch.empty((2 << 30) if device == "cuda" else (64 << 20), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / seconds(lambda: dst.copy_(src), 10) / 1e9
-
-
-def graph_seconds(fn: Callable[[int], Any], launches: int) -> float:
-    """Seconds per launch of fn(i), i < launches, captured in one CUDA graph (median of replays)."""
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(launches):
-            fn(i)
-    return seconds(graph.replay, 10, warmup=2) / launches
+    return 2 * src.numel() / timed(lambda: dst.copy_(src), 10) / 1e9
 
 
 # ---- 1. the projections alone ---------------------------------------------------------------------
@@ -114,7 +82,7 @@ def bench_gemm(fmt: str, n: int, k: int, rows: int, gbps: float) -> dict[str, An
         wi = weights[i % copies]
         return F.linear(x, wi) if fmt == "bf16" else quant_linear(kernels, x, wi, None)
 
-    t = graph_seconds(run, 2 * copies)
+    t = graph_time(run, 2 * copies, replays=10, warmup=2)
     bound = (nbytes + rows * (n + k) * 2) / (gbps * 1e9)
     return {"format": fmt, "n": n, "k": k, "rows": rows, "us": t * 1e6, "bound_us": bound * 1e6}
 
@@ -156,16 +124,6 @@ def make_runner(args: argparse.Namespace, fmt: str, blocks: int) -> ModelRunner:
     )
 
 
-def fake_requests(n: int, context: int, block_size: int) -> list[Request]:
-    per = -(-(context + 1) // block_size)
-    reqs = []
-    for i in range(n):
-        r = Request(f"r{i}", [1 + (i + j) % 1000 for j in range(context)], SamplingParams(max_tokens=4))
-        r.block_ids = list(range(i * per, (i + 1) * per))
-        reqs.append(r)
-    return reqs
-
-
 def weight_bytes(runner: ModelRunner) -> int:
     """Bytes a decode step reads of the weights: all but an untied embedding table (a lookup)."""
     model = runner.model
@@ -176,18 +134,9 @@ def weight_bytes(runner: ModelRunner) -> int:
     return total
 
 
-def bench_decode(runner: ModelRunner, batch: int, context: int) -> float:
-    reqs = fake_requests(batch, context, runner.layout.block_size)
-    for r in reqs:
-        r.token_ids.append(7)
-        r.num_computed_tokens = context  # the last token is this step's query
-    chunks = [ScheduledChunk(r, 1) for r in reqs]
-    return seconds(lambda: runner.execute(chunks), 20)
-
-
 def bench_prefill(runner: ModelRunner, prompt_len: int) -> float:
     reqs = fake_requests(1, prompt_len, runner.layout.block_size)
-    return seconds(lambda: runner.execute([ScheduledChunk(reqs[0], prompt_len)]), 5, warmup=2)
+    return timed(lambda: runner.execute([ScheduledChunk(reqs[0], prompt_len)]), 5, warmup=2)
 
 
 def run_format(args: argparse.Namespace, fmt: str, gbps: float) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,35 +34,14 @@ import time
 from pathlib import Path
 
 import httpx
+from common import free_port, start, wait_healthy  # benchmarks/ is sys.path[0]
+from common import stop as stop_all
+
+from pdserve.router.metrics import metric_sum
 
 ROOT = Path(__file__).resolve().parent.parent
+PY = [sys.executable, "-m", "pdserve.cli"]
 PROMPT = "Write a long story about a lighthouse keeper and the sea, chapter {i}:"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pdserve.cli", *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env
-    )
-
-
-def wait_healthy(url: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy in {timeout} s")
 
 
 class Cluster:
@@ -88,13 +66,13 @@ class Cluster:
         for name in ("prefill", "decode0", "decode1"):
             role = "prefill" if name == "prefill" else "decode"
             args = ["serve", "--role", role, "--port", str(self.ports[name]), *self.serve]
-            self.procs[name] = start(args, self.log_dir / f"{name}.log", self.env)
+            self.procs[name] = start([*PY, *args], self.log_dir / f"{name}.log", self.env)
         for name in ("prefill", "decode0", "decode1"):
-            wait_healthy(self.url(name))
+            wait_healthy(self.url(name), [self.procs[name]])
         router = ["router", "--port", str(self.ports["router"]), "--health-interval", "0.5"]
         router += ["--prefill", self.url("prefill"), "--decode", self.url("decode0"), self.url("decode1")]
-        self.procs["router"] = start(router, self.log_dir / "router.log", self.env)
-        wait_healthy(self.url("router"), 60)
+        self.procs["router"] = start([*PY, *router], self.log_dir / "router.log", self.env)
+        wait_healthy(self.url("router"), [self.procs["router"]], timeout=60)
         self.model = httpx.get(f"{self.url('decode1')}/v1/models", timeout=10).json()["data"][0]["id"]
 
     def kill_decode0(self) -> None:
@@ -107,22 +85,11 @@ class Cluster:
         return set(re.findall(r"request (\S+): .* resumed on ", text))
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(list(self.procs.values()))
 
     def resumes(self) -> float:
         text = httpx.get(f"{self.url('router')}/metrics", timeout=10).text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith("pdserve_router_resumes_total") and 'outcome="resumed"' in line:
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(text, "pdserve_router_resumes_total", outcome="resumed")
 
 
 async def one_stream(

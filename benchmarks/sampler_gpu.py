@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import date
 
 import torch
-from gpu_engine import timed  # this folder: run as a script
+from common import timed  # this folder: run as a script
 
 from pdserve.engine import sampler
 from pdserve.engine.request import Request

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from gpu_engine import ceilings  # this folder: run as a script
+from common import graph_time  # this folder: run as a script
+from gpu_engine import ceilings
 
 from pdserve.kernels.sm_count import num_sms
 from pdserve.kernels.triton_fused import silu_and_mul
@@ -72,26 +73,6 @@ MODELS = {  # per model, name: (N, K, bias) of its projections at TP 1
 L2_FLUSH_BYTES = 256 << 20  # weight bytes cycled per shape, over 5x the H200's 50 MB L2
 TILES = list(itertools.product([16, 32, 64], [256, 512], [3, 4], [4]))  # BLOCK_N, BLOCK_K, stages, warps
 ROW_TILES = list(itertools.product([64, 128, 256], [64, 128], [3, 4], [4, 8]))  # past 32 rows
-
-
-def graph_time(fn: Any, launches: int = 20, replays: int = 20) -> float:
-    """Seconds per launch of fn(i), i = 0..launches-1 captured in one CUDA graph, median of replays."""
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(launches):
-            fn(i)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / launches)
-    return sorted(times)[len(times) // 2]
 
 
 def save(path: str, ceiling: float, results: list[dict[str, Any]]) -> None:

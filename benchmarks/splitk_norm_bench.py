@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from skinny_gemm_bench import graph_time  # this folder: run as a script
+from common import graph_time  # this folder: run as a script
 
 from pdserve.kernels.split_k import Partials, partial_products
 from pdserve.kernels.triton_fused import add_rms_norm, triton_add_partials_rms_norm
