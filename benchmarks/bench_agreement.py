@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from common import free_port  # benchmarks/ is sys.path[0]
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("pdserve", "guidellm", "aiperf")
@@ -56,12 +56,6 @@ ROWS = (
     ("output_tps", "output tokens/s over the run (all three)"),
     ("request_tps", "completed requests/s over the run (all three)"),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -15,19 +15,13 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from common import free_port  # benchmarks/ is sys.path[0]
 
 
 def start_cluster(layout: list[str], port: int, num_blocks: int) -> subprocess.Popen[bytes]:

@@ -28,7 +28,6 @@ import os
 import pstats
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common import free_port, wait_healthy  # benchmarks/ is sys.path[0]
 
 STAMP = b'"t_ns":'
 
@@ -196,12 +197,6 @@ async def generate(port: int, concurrency: int, warmup: float, duration: float) 
 # ---- processes, CPU, profile ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def pinned(core: int, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", str(core), *cmd] if shutil.which("taskset") else cmd
 
@@ -211,18 +206,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def wait_healthy(port: int, timeout: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing healthy on port {port} after {timeout:.0f}s")
-
-
 def start_router(
     backend: int, port: int, client: str, profile: str | None, policy: str
 ) -> subprocess.Popen[bytes]:
@@ -230,7 +213,7 @@ def start_router(
     cmd = [sys.executable, *wrapper, "router", "--instance", f"http://127.0.0.1:{backend}"]
     cmd += ["--port", str(port), "--log-level", "warning", "--policy", policy]
     router = subprocess.Popen(pinned(0, cmd), start_new_session=True)
-    wait_healthy(port)
+    wait_healthy(f"http://127.0.0.1:{port}", timeout=60)
     return router
 
 
@@ -338,7 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     backend_cmd += ["--chunks", str(args.chunks), "--interval-ms", str(args.interval_ms)]
     backend = subprocess.Popen(pinned(1, backend_cmd), start_new_session=True)
     try:
-        wait_healthy(backend_port)
+        wait_healthy(f"http://127.0.0.1:{backend_port}", timeout=60)
         rows = {s: {"concurrency": s, "direct": measure(backend_port, s, args, None)} for s in args.levels}
         for client in args.clients:
             router = start_router(backend_port, router_port, client, None, args.policy)
