@@ -142,7 +142,7 @@ class Relay:
     def relayed(self, event: bytes, data: Any) -> bytes | None:
         """What of `event` goes to the client now (None: held back until a token comes)."""
         self.progress.see(data)  # a held role chunk names the completion too
-        if isinstance(data, dict) and data.get("usage"):  # already parsed: no second look at each chunk
+        if isinstance(data, dict) and data.get("usage"):  # parsed for the relay already: a key lookup
             self.usage = data["usage"]
         if not self.committed:
             if not carries_token(data):
