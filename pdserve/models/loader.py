@@ -35,7 +35,7 @@ def build_model(
     seed: int = 0,
     tp: TPGroup | None = None,
     quantization: str | None = None,
-    on_tensor: Callable[[], None] | None = None,
+    on_tensor: Callable[[torch.nn.Module], None] | None = None,
 ) -> LlamaForCausalLM:
     """`on_tensor`, if given, is called after each checkpoint tensor is in place (before quantizing
     the module it completed): a progress hook, and how tests watch the memory the load holds."""
@@ -60,7 +60,7 @@ def load_safetensors(
     model: LlamaForCausalLM,
     model_dir: str,
     quantization: str | None = None,
-    on_tensor: Callable[[], None] | None = None,
+    on_tensor: Callable[[torch.nn.Module], None] | None = None,
 ) -> None:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -73,7 +73,7 @@ def load_safetensors(
         fills = model.load_weight(name, tensor, params)
         filled.update(fills)
         if on_tensor is not None:
-            on_tensor()
+            on_tensor(model)
         if quantizer is not None:
             quantizer.filled(fills)
     missing = sorted(expected - filled)
