@@ -182,3 +182,12 @@ def test_shipped_moe_shapes_have_their_published_sizes(name, total, active):
     routed = sum(p.numel() for b in blocks for p in b.parameters())
     used = params - routed + routed * cfg.num_experts_per_tok / blocks[0].num_experts
     assert params / 1e9 == pytest.approx(total, abs=0.1) and used / 1e9 == pytest.approx(active, abs=0.1)
+
+
+@pytest.mark.slow  # two worker processes: ~10 s on 2 cores; the formats' proof is the test above
+def test_quantized_experts_tensor_parallel_hold_the_tp1_model(tiny):
+    """TP 2, wint8: each rank quantizes its half of every expert; down_proj's rows are scaled by the
+    full row's max |w| (gathered over the ranks), so the ranks run the tp=1 quantized model."""
+    path, prompts, _ = tiny("qwen2_moe")
+    want = _dequantized_greedy(path, prompts, "wint8")
+    assert _greedy(path, prompts, quantization="wint8", tensor_parallel_size=2) == want
