@@ -13,11 +13,11 @@ full tensor, so checkpoint loading and dummy init cut full tensors the same way.
 passes are plain matmuls / F.embedding and no collective runs. The projections multiply through the
 model's chosen implementation (`kernels.linear`: F.linear, or on CUDA for a few rows the Triton skinny
 GEMM where it was measured faster; kernels/triton_linear.py). With `--quantization` the two parallel
-projections swap their float weight for a QuantizedWeight after loading (`quantize`, layers/quant.py)
-and multiply through quant_linear; a row-parallel shard scales its rows by the full row's max |w|
-(gathered over the ranks), so every rank holds its slice of the tp=1 quantized model; wint4's groups
-of 128 inputs are the shard's own, the tp=1 groups where the shard starts on a multiple of 128 (the
-shipped shapes' shards at TP 2, 4 and 8 all do).
+projections swap their float weight for a QuantizedWeight as soon as loading has filled it (`quantize`,
+layers/quant.py; models/load_quantize.py) and multiply through quant_linear; a row-parallel shard
+scales its rows by the full row's max |w| (gathered over the ranks), so every rank holds its slice of
+the tp=1 quantized model; wint4's groups of 128 inputs are the shard's own, the tp=1 groups where the
+shard starts on a multiple of 128 (the shipped shapes' shards at TP 2, 4 and 8 all do).
 """
 
 from __future__ import annotations
@@ -31,16 +31,20 @@ from pdserve.distributed.sharding import split
 from pdserve.distributed.weights import ParamShard, copy_full_rows, set_shard
 from pdserve.kernels.ops import Kernels
 from pdserve.kernels.split_k import Partials
-from pdserve.layers.quant import QuantizedWeight, quant_linear, quantize, row_amax
+from pdserve.layers.quant import LoadQuantizable, QuantizedWeight, quant_linear, quantize, row_amax
 
 RowSlice = tuple[int, int, int]  # (full rows, first row this rank holds, rows it holds)
 
 
-class QuantizableLinear(nn.Linear):
+class QuantizableLinear(nn.Linear, LoadQuantizable):
     """An nn.Linear whose weight may be replaced by a quantized one (`qweight`) once it is loaded."""
 
     kernels: Kernels
     qweight: QuantizedWeight | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        with self.float_params():
+            super().__init__(in_features, out_features, bias=bias)
 
     def quantize(self, method: str, amax: torch.Tensor | None = None) -> None:
         """Replace the float weight by its `method` form (layers/quant.py); the float one is freed."""
@@ -74,6 +78,7 @@ class MergedLinear(QuantizableLinear):
                 set_shard(p, ParamShard((full, *p.shape[1:]), tuple(segments)))
 
     def load_shard(self, shard: str, param: str, tensor: torch.Tensor) -> None:
+        self.materialize()
         offset, rows = self.shards[shard]
         target = self.weight if param == "weight" else self.bias
         assert target is not None
@@ -159,10 +164,3 @@ class ParallelLMHead(nn.Linear):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.tp.all_gather_cols(F.linear(hidden, self.weight), self.widths)
-
-
-def quantize_projections(model: nn.Module, method: str) -> None:
-    """Quantize every MergedLinear and RowParallelLinear of `model` (loaded) by `method`."""
-    for module in list(model.modules()):
-        if isinstance(module, QuantizableLinear):
-            module.quantize(method)

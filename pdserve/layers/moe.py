@@ -16,6 +16,15 @@ the intermediate dimension, and the block's partial output (routed + shared) is 
 Where the experts run: CUDA with Triton chosen, kernels/triton_moe.fused_moe (sorted by expert, two
 grouped GEMMs, no host sync, so CUDA graphs capture it); otherwise `experts_torch`, the reference
 (tokens grouped by expert, one matmul pair per expert hit, summed in expert order as transformers does).
+
+With `--quantization` the stacked weights are quantized as they load, per expert in the formats of
+layers/quant.py: a row of the 2-D stack is one expert's output channel, so per-row scales (wint8, fp8)
+and groups of 128 inputs (wint4) are each expert's own; at tp > 1 down_proj's rows are scaled by the
+full row's max |w| like RowParallelLinear's. They run through the reference loop, each expert hit
+multiplying through quant_linear (on CPU: dequantize, then matmul, exact to the dequantized model;
+fp8 also rounds the activations per token). The fused Triton kernel takes no quantized experts yet:
+on CUDA with Triton the layer's experts are dequantized to the activations' dtype every step and run
+through it (graph-capturable, but each step reads the whole quantized stack and writes a float copy).
 """
 
 from __future__ import annotations
@@ -35,6 +44,14 @@ from pdserve.distributed.weights import ParamShard, copy_full_rows, load_full, s
 from pdserve.kernels import activation
 from pdserve.kernels.ops import Kernels
 from pdserve.layers.linear import MergedLinear, RowParallelLinear
+from pdserve.layers.quant import (
+    LoadQuantizable,
+    QuantizedWeight,
+    dequantize,
+    quant_linear,
+    quantize,
+    row_amax,
+)
 
 FusedMoe = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -82,16 +99,25 @@ class Router(nn.Module):
         return ids, weights.to(x.dtype)
 
 
-class FusedExperts(nn.Module):
+class FusedExperts(LoadQuantizable):
     """E SwiGLU experts of intermediate size I, this rank's slice [start, start + I_r) of each."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, tp: TPGroup, fused: FusedMoe | None):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        tp: TPGroup,
+        fused: FusedMoe | None,
+        kernels: Kernels,
+    ) -> None:
         super().__init__()
         start, size = split(intermediate, tp.size, tp.rank)
         e, i = num_experts, intermediate
         self.num_experts, self.hidden, self.intermediate, self.local = e, hidden, intermediate, size
-        self.gate_up_proj = nn.Parameter(torch.empty(e * 2 * size, hidden))  # [E, 2I_r, H] flattened
-        self.down_proj = nn.Parameter(torch.empty(e * hidden, size))  # [E, H, I_r] flattened
+        with self.float_params():
+            self.gate_up_proj = nn.Parameter(torch.empty(e * 2 * size, hidden))  # [E, 2I_r, H] flattened
+            self.down_proj = nn.Parameter(torch.empty(e * hidden, size))  # [E, H, I_r] flattened
         segments = []
         for x in range(e):  # expert x's gate rows, then its up rows, each cut to this rank's slice
             segments += [
@@ -100,7 +126,9 @@ class FusedExperts(nn.Module):
             ]
         set_shard(self.gate_up_proj, ParamShard((e * 2 * i, hidden), tuple(segments)))
         set_shard(self.down_proj, ParamShard((e * hidden, i), ((0, 0, e * hidden),), (start, size)))
-        self.fused = fused
+        self.fused, self.kernels, self.tp = fused, kernels, tp
+        self.q13: QuantizedWeight | None = None  # the stacks quantized (`quantize`), else None
+        self.q2: QuantizedWeight | None = None
 
     @property
     def w13(self) -> torch.Tensor:  # [E, 2I_r, H]
@@ -110,19 +138,46 @@ class FusedExperts(nn.Module):
     def w2(self) -> torch.Tensor:  # [E, H, I_r]
         return self.down_proj.view(self.num_experts, self.hidden, self.local)
 
+    def quantize(self, method: str) -> None:
+        """Both stacks quantized per expert (see the module docstring); the float ones freed."""
+        amax = None
+        if self.tp.size > 1 and method != "wint4":  # down_proj's full rows' max |w|, as RowParallelLinear
+            local = row_amax(self.down_proj.detach())[:, None]  # [E*H, 1]
+            amax = self.tp.all_gather_cols(local, [1] * self.tp.size).amax(dim=1)
+        self.q13 = quantize(self.gate_up_proj.detach(), method)
+        self.q2 = quantize(self.down_proj.detach(), method, amax)
+        for name in ("gate_up_proj", "down_proj"):
+            delattr(self, name)
+            self.register_parameter(name, None)
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the experts' weighted outputs, [T, H]."""
         if self.fused is not None and x.is_cuda:
-            return self.fused(x, self.w13, self.w2, ids, weights)
+            if self.q13 is None or self.q2 is None:
+                return self.fused(x, self.w13, self.w2, ids, weights)
+            w13 = dequantize(self.q13, x.dtype).view(self.num_experts, 2 * self.local, self.hidden)
+            w2 = dequantize(self.q2, x.dtype).view(self.num_experts, self.hidden, self.local)
+            return self.fused(x, w13, w2, ids, weights)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "the torch MoE reference waits for the GPU: use Triton kernels or enforce_eager"
             )
-        return experts_torch(x, self.w13, self.w2, ids, weights)
+        if self.q13 is None or self.q2 is None:
+            return experts_torch(x, self.w13, self.w2, ids, weights)
+        q13, q2, k, rows13, rows2 = self.q13, self.q2, self.kernels, 2 * self.local, self.hidden
+        return experts_loop(
+            x,
+            lambda e, h: quant_linear(k, h, q13.rows(e * rows13, (e + 1) * rows13), None),
+            lambda e, h: quant_linear(k, h, q2.rows(e * rows2, (e + 1) * rows2), None),
+            ids,
+            weights,
+            self.num_experts,
+        )
 
     def load(self, expert: int | None, part: str, tensor: torch.Tensor, prefix: str) -> list[str]:
         """One checkpoint tensor: expert `expert`'s gate_proj / up_proj / down_proj ([I, H] / [I, H] /
         [H, I]), or with expert None the stacked gate_up_proj [E, 2I, H] / down_proj [E, H, I]."""
+        self.materialize()
         e, i, h = self.num_experts, self.intermediate, self.hidden
         if expert is None:
             target = self.gate_up_proj if part == "gate_up_proj" else self.down_proj
@@ -151,16 +206,33 @@ class FusedExperts(nn.Module):
         ]
 
 
+ExpertProduct = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, its tokens' rows) -> product
+
+
 def experts_torch(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """The reference: x [T, H], w13 [E, 2I, H], w2 [E, H, I], ids / weights [T, K] -> [T, H]. Tokens
-    grouped by expert; each expert hit runs once on its tokens; outputs added in expert order."""
+    """The reference: x [T, H], w13 [E, 2I, H], w2 [E, H, I], ids / weights [T, K] -> [T, H]."""
+    return experts_loop(
+        x, lambda e, h: F.linear(h, w13[e]), lambda e, h: F.linear(h, w2[e]), ids, weights, w13.shape[0]
+    )
+
+
+def experts_loop(
+    x: torch.Tensor,
+    gate_up: ExpertProduct,
+    down: ExpertProduct,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    num_experts: int,
+) -> torch.Tensor:
+    """experts_torch with each expert's two products given as functions. Tokens grouped by expert;
+    each expert hit runs once on its tokens; outputs added in expert order."""
     k = ids.shape[1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignment numbers (token * K + slot), by expert
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    out: torch.Tensor | None = None
     start = 0
     for expert, n in enumerate(counts):
         if n == 0:
@@ -168,10 +240,12 @@ def experts_torch(
         rows = order[start : start + n]
         start += n
         tokens = rows // k
-        h = activation.silu_and_mul(F.linear(x[tokens], w13[expert]))  # [n, I]
-        y = F.linear(h, w2[expert]) * weights.reshape(-1)[rows, None]
+        h = activation.silu_and_mul(gate_up(expert, x[tokens]))  # [n, I]
+        y = down(expert, h) * weights.reshape(-1)[rows, None]  # [n, H]
+        if out is None:
+            out = torch.zeros(x.shape[0], y.shape[1], dtype=x.dtype, device=x.device)
         out.index_add_(0, tokens, y.to(out.dtype))
-    return out
+    return out if out is not None else torch.zeros_like(x)  # no token (H out = H in)
 
 
 class SharedExpert(nn.Module):
@@ -187,8 +261,7 @@ class SharedExpert(nn.Module):
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial output (not yet summed over ranks)."""
-        h = self.kernels.silu_mul_linear(x, self.gate_up_proj.weight)
-        return self.kernels.linear(h, self.down_proj.weight, None)
+        return self.down_proj.product(self.gate_up_proj.silu_mul(x), None)
 
 
 @dataclass(frozen=True)
@@ -206,7 +279,9 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, hidden: int, shape: MoeShape, tp: TPGroup, kernels: Kernels) -> None:
         super().__init__()
         self.gate = Router(hidden, shape.num_experts, shape.routing)
-        self.experts = FusedExperts(shape.num_experts, hidden, shape.intermediate, tp, fused_moe_for(kernels))
+        self.experts = FusedExperts(
+            shape.num_experts, hidden, shape.intermediate, tp, fused_moe_for(kernels), kernels
+        )
         self.shared_expert = (
             SharedExpert(hidden, shape.shared_intermediate, tp, kernels)
             if shape.shared_intermediate

@@ -15,9 +15,19 @@ activations, per token, at run time (kernels/fp8.py); wint8 and wint4 are weight
 The product: fp8 through `kernels.fp8_linear` (torch._scaled_mm on a GPU that has fp8, else the
 emulation); wint through `kernels.wint_linear` (the Triton GEMM that dequantizes in registers), or
 where that is None (CPU) the reference: dequantize, then F.linear, exact to the dequantized model.
+
+Quantized while loading: a module holding big float weights (the projections, the MoE experts) is a
+LoadQuantizable. Built under `deferred_weights()` its float parameters sit on the meta device (no
+memory); the loader calls `materialize` before the first checkpoint tensor lands in it and `quantize`
+once its last one has (models/load_quantize.py), so at most a few modules are float at any moment and
+a model that fits only quantized still loads.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +55,54 @@ class QuantizedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.method}, out={self.data.shape[0]}, in={self.in_features}"
+
+    def rows(self, start: int, end: int) -> QuantizedWeight:
+        """Rows [start, end) of this weight (a view): one expert of a stacked expert weight."""
+        return QuantizedWeight(self.method, self.data[start:end], self.scale[start:end], self.in_features)
+
+
+# the only module-level state here: set while build_model builds a model it will quantize as it loads
+_DEFERRED: ContextVar[bool] = ContextVar("pdserve_deferred_weights", default=False)
+
+
+@contextmanager
+def deferred_weights() -> Iterator[None]:
+    """LoadQuantizable modules built inside put their float parameters on the meta device."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+class LoadQuantizable(nn.Module):
+    """A module whose float weights are replaced by quantized ones once loaded (`quantize`). Its
+    constructor creates them inside `self.float_params()`: on the meta device under deferred_weights(),
+    to be allocated on the build's device by `materialize` when loading reaches them."""
+
+    target_device: torch.device | None = None  # where materialize allocates; None: nothing deferred
+
+    def float_params(self) -> AbstractContextManager[object]:
+        if not _DEFERRED.get():
+            return nullcontext()
+        # object's setattr: called before nn.Module.__init__ has set up the module
+        object.__setattr__(self, "target_device", torch.get_default_device())
+        return torch.device("meta")
+
+    def materialize(self) -> None:
+        """Allocate (uninitialised) every parameter of this module still on the meta device."""
+        if self.target_device is None:
+            return
+        for name, p in list(self.named_parameters(recurse=False)):
+            if p.is_meta:
+                real = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=self.target_device), False)
+                for attr, value in vars(p).items():  # its ParamShard (distributed/weights.py)
+                    setattr(real, attr, value)
+                setattr(self, name, real)
+        self.target_device = None
+
+    def quantize(self, method: str) -> None:
+        raise NotImplementedError
 
 
 def check_method(method: str) -> None:

@@ -3,6 +3,8 @@ with shared experts, dense first layer and score-correction bias) and ERNIE-4.5 
 rotary): the engine's greedy output equals transformers' (float32) for small random-weight models
 written by transformers, colocated; Qwen2-MoE also at tensor_parallel_size=2 (experts' intermediate
 dimension split over two Gloo ranks) and ERNIE-4.5 MoE disaggregated (one prefill, one decode engine).
+With --quantization wint8 / wint4 the experts are quantized per expert as they load: the greedy output
+equals transformers' with every projection and expert replaced by its quantized-then-dequantized value.
 The shipped MoE shapes build with their published parameter counts. On a GPU (`gpu`) the same
 comparison runs through the fused Triton MoE.
 """
@@ -83,6 +85,42 @@ def tiny(tmp_path_factory) -> Callable[[str], tuple[str, list[list[int]], list[l
     return get
 
 
+def _dequantized_greedy(path: str, prompts: list[list[int]], method: str) -> list[list[int]]:
+    """transformers' greedy tokens with the projections (shared experts' included) and the stacked
+    routed experts ([E, 2I, H], [E, H, I]: quantized along their last dim, per expert and row)
+    replaced by their `method` quantized-then-dequantized weights; routers and embeddings as they are."""
+    from transformers import AutoModelForCausalLM
+
+    from .test_quantization import FAKE, PROJ
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            module = name.rsplit(".", 2)[-2]
+            if (module in PROJ and name.endswith(".weight")) or name.endswith(
+                ("experts.gate_up_proj", "experts.down_proj")
+            ):
+                p.copy_(FAKE[method](p.reshape(-1, p.shape[-1])).view_as(p))
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)
+            out.append(y[0, len(ids) :].tolist())
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "method"), [("qwen3_moe", "wint4"), ("qwen3_moe", "wint8"), ("qwen2_moe", "wint8")]
+)
+def test_quantized_experts_equal_the_dequantized_model(tiny, arch, method):
+    path, prompts, ref = tiny(arch)
+    want = _dequantized_greedy(path, prompts, method)
+    assert _greedy(path, prompts, quantization=method) == want
+    if method == "wint4":  # the comparison can tell quantized experts from float ones
+        assert want != ref
+
+
 def _greedy(path: str, prompts: list[list[int]], **kwargs) -> list[list[int]]:
     return engine_greedy(path, prompts, max_tokens=12, block_size=8, **kwargs)
 
@@ -131,3 +169,12 @@ def test_shipped_moe_shapes_have_their_published_sizes(name, total, active):
     routed = sum(p.numel() for b in blocks for p in b.parameters())
     used = params - routed + routed * cfg.num_experts_per_tok / blocks[0].num_experts
     assert params / 1e9 == pytest.approx(total, abs=0.1) and used / 1e9 == pytest.approx(active, abs=0.1)
+
+
+@pytest.mark.slow  # two worker processes: ~10 s on 2 cores; the formats' proof is the test above
+def test_quantized_experts_tensor_parallel_hold_the_tp1_model(tiny):
+    """TP 2, wint8: each rank quantizes its half of every expert; down_proj's rows are scaled by the
+    full row's max |w| (gathered over the ranks), so the ranks run the tp=1 quantized model."""
+    path, prompts, _ = tiny("qwen2_moe")
+    want = _dequantized_greedy(path, prompts, "wint8")
+    assert _greedy(path, prompts, quantization="wint8", tensor_parallel_size=2) == want

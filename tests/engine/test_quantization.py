@@ -289,3 +289,65 @@ def test_fp8_kv_cache_moves_its_bytes_unchanged(model_dir, prompts):
         finally:
             llm.close()
     assert moved["fp8"] * 4 == moved["auto"] > 0
+
+
+# ---- quantized while loading ----------------------------------------------------------------------
+def _float_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of float projection weights, bytes of all float parameters) the model holds now; the
+    meta placeholders of projections not yet loaded and the quantized weights' data and scales not
+    counted."""
+    from pdserve.layers.linear import QuantizableLinear
+    from pdserve.layers.quant import QuantizedWeight
+
+    proj = total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedWeight):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_meta or not p.is_floating_point():
+                continue
+            size = p.numel() * p.element_size()
+            total += size
+            proj += size if isinstance(module, QuantizableLinear) else 0
+    return proj, total
+
+
+def test_wint4_load_holds_one_module_in_float_at_a_time(model_dir):
+    """The projections are quantized as they load: the float projection weights held at any moment
+    (watched after every checkpoint tensor) are at most one layer's, never the model's; the quantized
+    weights are those of quantizing the full-precision model after loading."""
+    from transformers import AutoConfig
+
+    from pdserve.kernels.config import KernelConfig
+    from pdserve.kernels.factory import build_kernels
+    from pdserve.layers.linear import QuantizableLinear
+    from pdserve.layers.quant import quantize
+    from pdserve.models.loader import build_model
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    kernels = build_kernels(KernelConfig(), torch.device("cpu"))
+    cpu, f32 = torch.device("cpu"), torch.float32
+    full = build_model(cfg, model_dir, kernels, f32, cpu)
+    full_proj, full_total = _float_bytes(full)
+    layer_proj = _float_bytes(full.model.layers[0])[0]
+    assert full_proj == cfg.num_hidden_layers * layer_proj
+    seen: list[tuple[int, int]] = []
+    model = build_model(
+        cfg,
+        model_dir,
+        kernels,
+        f32,
+        cpu,
+        quantization="wint4",
+        on_tensor=lambda m: seen.append(_float_bytes(m)),
+    )
+    assert len(seen) > 4 * cfg.num_hidden_layers  # watched after every tensor
+    peak_proj, peak_total = max(p for p, _ in seen), max(t for _, t in seen)
+    assert 0 < peak_proj <= layer_proj  # measured: one gate_up (q, k, v, o and down are smaller)
+    assert peak_total <= full_total - full_proj + layer_proj
+    assert _float_bytes(model)[0] == 0
+    quantized = dict(model.named_modules())
+    for name, module in full.named_modules():
+        if isinstance(module, QuantizableLinear):
+            want, got = quantize(module.weight, "wint4"), quantized[name].qweight
+            assert got is not None and torch.equal(got.data, want.data) and torch.equal(got.scale, want.scale)
