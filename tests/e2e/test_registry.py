@@ -339,8 +339,14 @@ def test_instances_register_and_the_router_routes_through_them(hosts: Hosts) -> 
     assert "num_free_blocks" in decode["load"]
     ttl = hosts.run(lambda: hosts.redis.client().pttl(f"pdserve:member:{hosts.url('decode0')}"))
     assert 0 < ttl <= TTL_S * 1000
+
+    def routed() -> bool:
+        table = hosts.table()
+        return set(table) == set(want) and all(i["healthy"] for i in table.values())
+
+    # the router reads the registry every interval: an entry written a moment ago may be one read away
+    assert hosts.run(wait_until, routed, 5.0, 0.1), hosts.table()
     table = hosts.table()
-    assert set(table) == set(want) and all(i["healthy"] for i in table.values()), table
     assert table[hosts.url("decode0")]["role"] == "decode"
     assert hosts.complete()
     router_metrics = hosts.metrics(hosts.router)
