@@ -109,6 +109,25 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model to ask for (default: first id of /v1/models)")
     p.add_argument("--served-model-name", default=None, help="the name sent in requests (default: --model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model if a dir, else ours)")
+    _add_prompt_args(p)
+    _add_arrival_args(p)
+    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: every answer is output-len")
+    p.add_argument("--temperature", type=float, default=0.0, help="of every request")
+    p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request")
+    p.add_argument(
+        "--slo",
+        type=_slo,
+        default=SLO(),
+        help="latency targets for goodput, e.g. ttft=500,tpot=50 (ms; e2el too) (default: none)",
+    )
+    p.add_argument("--label", default=None, help="a name for this run in the JSON and the plots")
+    p.add_argument("--output", default=None, help="write the result JSON here")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
+
+
+def _add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """What the prompts are, and the record that warns when a server has seen them."""
     p.add_argument("--dataset", choices=["random"], default="random", help="random: token-id prompts")
     p.add_argument("--input-len", type=_positive, default=1100, help="prompt tokens (after the prefix)")
     p.add_argument("--output-len", type=_positive, default=140, help="max_tokens of each request")
@@ -133,6 +152,10 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_HISTORY,
         help="file recording which prompts went to which server, to warn on a repeat ('' : none)",
     )
+
+
+def _add_arrival_args(p: argparse.ArgumentParser) -> None:
+    """When requests are sent: arrival times, the duration bound, the concurrency cap."""
     p.add_argument("--arrival", choices=ARRIVALS, default="poisson", help="arrival times at a finite rate")
     p.add_argument(
         "--duration",
@@ -152,19 +175,6 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="requests in flight at most (default: no limit)",
     )
-    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: every answer is output-len")
-    p.add_argument("--temperature", type=float, default=0.0, help="of every request")
-    p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request")
-    p.add_argument(
-        "--slo",
-        type=_slo,
-        default=SLO(),
-        help="latency targets for goodput, e.g. ttft=500,tpot=50 (ms; e2el too) (default: none)",
-    )
-    p.add_argument("--label", default=None, help="a name for this run in the JSON and the plots")
-    p.add_argument("--output", default=None, help="write the result JSON here")
-    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
