@@ -8,10 +8,12 @@ only then; collecting N, building its outputs and scheduling overlap N+1 on the 
 Allowed only where nothing can change the batch or need the token on the host first: N was decodes
 only, every one sampling; no request waits for admission and the running list is N's; every request
 needs nothing of its token on the host (sampler.kernel_draws: no seed, no logprobs; penalties and
-min_tokens bans count N's tokens on the device, engine/penalties.py; no grammar still constraining:
-its next mask depends on N's token); none can reach
+min_tokens bans count N's tokens on the device, engine/penalties.py); none can reach
 its length limit with N's token, none hands KV to a decode instance, and the pool has the blocks for
-everyone's next slot (no preemption). A request that N ends (EOS, a stop id, a stop string) has one
+everyone's next slot (no preemption). A grammar still constraining a row needs N's token on the host
+for N+1's mask: then only N+1's forward is launched ahead, and its sampling is queued once N is
+collected and its tokens accepted (sampler.DeferredSample), the mask filled while the forward runs.
+A request that N ends (EOS, a stop id, a stop string) has one
 wasted row in N+1, dropped when N+1 is collected (Engine._update skips finished requests).
 
 Why this is not part of the scheduler's one rule: that rule reads the host's view of each request
@@ -58,8 +60,6 @@ def can_run_ahead(flight: InFlight, scheduler: Scheduler, connector: KVConnector
     need = 0
     for r in flight.sampling:
         if not kernel_draws(r) or r.num_output_tokens + 2 > r.max_output_tokens:
-            return False
-        if r.matcher is not None and r.matcher.constrains:  # its next mask needs N's token on the host
             return False
         if connector is not None and connector.sends_kv(r.handoff):
             return False

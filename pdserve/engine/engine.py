@@ -306,6 +306,8 @@ class Engine:
         self.num_steps_ahead += 1
         self.idle = False
         tokens = self._update(flight, flight.pending.wait())
+        if self.in_flight is not None:  # N's tokens are appended: the grammar masks of N+1 can be made
+            self.in_flight.pending.release()
         return self._apply(self._poll()) + self._emit(tokens)
 
     def _collect(self) -> list[Token]:

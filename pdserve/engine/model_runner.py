@@ -31,7 +31,7 @@ from pdserve.distributed.sharding import model_head_shard
 from pdserve.distributed.shared_pool import ipc_export, open_handle
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from pdserve.engine.memory_profile import profile_kv_bytes
-from pdserve.engine.sampler import PendingSample, Sampler, SampleResult
+from pdserve.engine.sampler import DeferredSample, PendingSample, Sampler, SampleResult
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.warmup import warm_sampler, warmup_steps
 from pdserve.host_tensors import long_tensor, padded_rows, to_device
@@ -244,7 +244,9 @@ class ModelRunner:
         """Queue a step (as execute); `wait()` on the result gives its tokens. On a GPU the host is
         free in between: the engine builds the previous step's outputs there. `ahead`: the input ids
         of the chunks (decodes whose token the previous step is still sampling, one a chunk); their
-        penalties count those tokens on the device.
+        penalties count those tokens on the device. Where a grammar still constrains a row, only the
+        forward is queued: the engine releases the sampling once those tokens are on the host
+        (sampler.DeferredSample).
         `after_layer`: see AttentionMetadata (called on eager steps only; single-rank runners)."""
         assert (ahead is None and after_layer is None) or self.single_rank
         graphs = self.graphs
@@ -264,7 +266,10 @@ class ModelRunner:
             if isinstance(step, DecodeInputs) and len(rows) < len(chunks):  # a graph computes every row
                 logits = logits[to_device(long_tensor(rows), self.device)]
             assert ahead is None or len(rows) == len(chunks) == ahead.shape[0], "ahead: every row samples"
-            return self.sampler.sample_later(logits, [chunks[i].request for i in rows], ahead)
+            requests = [chunks[i].request for i in rows]
+            if ahead is not None and any(r.matcher is not None and r.matcher.constrains for r in requests):
+                return DeferredSample(self.sampler, logits, requests)
+            return self.sampler.sample_later(logits, requests, ahead)
 
     def _run_all_ranks(self, step: StepInputs | DecodeInputs) -> torch.Tensor | None:
         """Run a step on every rank (through the driver with tensor parallelism); rank 0's logits."""

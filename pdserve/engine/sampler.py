@@ -45,6 +45,32 @@ class PendingSample:
     token_ids: torch.Tensor | None
     wait: Callable[[], list[SampleResult]]
 
+    def release(self) -> None:
+        """Queue the sampling if it is held back (DeferredSample); queued already here."""
+
+
+class DeferredSample(PendingSample):
+    """The sampling of a step launched ahead (engine/ahead.py) whose rows include a grammar still
+    constraining: its masks need the previous step's tokens accepted on the host, so the forward
+    runs at once and the sampling is queued by `release()`, after the engine has appended those
+    tokens. The host then fills the masks while the GPU still runs the forward, and the rows are
+    sampled from exactly the state a step that was not launched ahead would see (no `unseen`)."""
+
+    def __init__(self, sampler: Sampler, logits: torch.Tensor, requests: list[Request]) -> None:
+        super().__init__(None, self._wait_released)
+        self._queue = lambda: sampler.sample_later(logits, requests)
+        self._queued: PendingSample | None = None
+
+    def release(self) -> None:
+        if self._queued is None:
+            self._queued = self._queue()
+            self.token_ids = self._queued.token_ids
+
+    def _wait_released(self) -> list[SampleResult]:
+        self.release()
+        assert self._queued is not None
+        return self._queued.wait()
+
 
 @dataclass(frozen=True)
 class Sampler:

@@ -106,3 +106,28 @@ def test_disaggregated_pair_constrains_the_first_token_and_continues(llm, model_
         assert disagg.check_pool_free()
     finally:
         disagg.close()
+
+
+def test_steps_launched_ahead_sample_constrained_rows_as_waited_steps(llm, model_dir, prompts):
+    """Overlap forced on the CPU: with a grammar constraining rows at every step, decode steps are
+    still launched ahead (their sampling queued once the previous tokens are accepted), and every
+    row, constrained, penalized or free, gets the tokens of the engine that waits for each step."""
+    long_text = GrammarSpec("regex", "[a-z ]{300}")  # constrains every one of the 16 tokens
+    params = [
+        replace(GREEDY, structured=long_text, max_tokens=16),
+        replace(GREEDY, structured=JSON, max_tokens=16, repetition_penalty=1.3),
+        replace(GREEDY, max_tokens=16),
+    ]
+    batch = [p for p in prompts for _ in params]
+    per_row = params * len(prompts)
+    waited = llm.generate_ids(batch, per_row)
+    ahead = LLM(model_dir, num_blocks=256, max_num_seqs=8, overlap_outputs=True)
+    try:
+        launched = ahead.generate_ids(batch, per_row)
+        assert ahead.engine.num_steps_ahead > 0, "no step was launched ahead of a constrained batch"
+        assert ahead.check_pool_free()
+    finally:
+        ahead.close()
+    for i, (w, a) in enumerate(zip(waited, launched, strict=True)):
+        assert a.token_ids == w.token_ids, f"row {i}: {a.text!r} != {w.text!r}"
+    assert re.fullmatch("[a-z ]+", waited[0].text), waited[0].text
