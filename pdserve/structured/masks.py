@@ -6,9 +6,8 @@ becomes -inf. Free rows are left alone, so a batch mixes constrained and free re
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,27 +21,15 @@ def constrained_rows(requests: Sequence[Request]) -> list[int]:
     return [i for i, r in enumerate(requests) if r.matcher is not None and r.matcher.constrains]
 
 
-@functools.cache
-def _batch_filler() -> Any:
-    """xgrammar's threaded filler: a step's rows are filled in parallel (a big batch of constrained
-    rows filled one by one costs milliseconds of host time per step)."""
-    import xgrammar as xgr
-
-    return xgr.BatchGrammarMatcher(max_threads="auto")
-
-
 def host_bitmask(requests: Sequence[Request], rows: list[int], vocab: int) -> torch.Tensor:
-    """[len(rows), ceil(vocab / 32)] int32 on the host: bit t of row j allows token t for rows[j]."""
+    """[len(rows), ceil(vocab / 32)] int32 on the host: bit t of row j allows token t for rows[j].
+    Row by row: with a Qwen vocabulary a row costs tens of microseconds, and xgrammar's threaded
+    BatchGrammarMatcher measured slower than this loop on an H100 host (docs/benchmarks.md)."""
     bitmask = torch.zeros((len(rows), (vocab + 31) // 32), dtype=torch.int32)
-    matchers = []
-    for i in rows:
+    for j, i in enumerate(rows):
         matcher = requests[i].matcher
         assert matcher is not None
-        matchers.append(matcher.xgrammar_matcher)
-    if len(matchers) == 1:
-        requests[rows[0]].matcher.fill(bitmask, 0)  # type: ignore[union-attr]
-    else:
-        _batch_filler().batch_fill_next_token_bitmask(matchers, bitmask)
+        matcher.fill(bitmask, j)
     return bitmask
 
 

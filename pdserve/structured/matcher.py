@@ -37,11 +37,6 @@ class Matcher:
         one the grammar refuses."""
         return all(self.accept(t) for t in token_ids)
 
-    @property
-    def xgrammar_matcher(self) -> Any:
-        """The xgrammar.GrammarMatcher (masks.py fills a step's rows in one threaded call)."""
-        return self._m
-
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into bitmask[row] (a CPU int32 [rows, words] tensor)."""
         self._m.fill_next_token_bitmask(bitmask, row)
