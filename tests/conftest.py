@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import httpx
 import pytest
 
 from pdserve.models.prepare import resolve_model
+from tests.parallel import distributed, one_thread_per_worker, plan
+from tests.ports import free_port
 
 API_KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
@@ -32,10 +33,16 @@ SERVER_FIXTURES = ("server", "small_server")
 TUNED = {"temperature": 0.0, "repetition_penalty": 1.3, "do_sample": True}  # small_server's model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def pytest_configure(config: pytest.Config) -> None:
+    one_thread_per_worker()
+    if distributed(config) and not hasattr(config, "workerinput"):
+        resolve_model(None)  # prepared once here, before the workers start: two would race to write it
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if distributed(config):
+        plan(items)
 
 
 class ServerProcess:
