@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from pdserve.models.prepare import resolve_model
-from tests.parallel import distributed, one_thread_per_worker, plan
+from tests.lifetimes import plan_releases, release_unneeded
+from tests.parallel import distributed, make_scheduler, one_thread_per_worker, plan
 from tests.ports import free_port
 
 API_KEY = "test-key"
@@ -39,10 +40,26 @@ def pytest_configure(config: pytest.Config) -> None:
         resolve_model(None)  # prepared once here, before the workers start: two would race to write it
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if distributed(config):
         plan(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    return make_scheduler(config, log)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    plan_releases(session.items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        release_unneeded(item)
 
 
 class ServerProcess:

@@ -2,22 +2,28 @@
 
 - One torch thread per worker: two workers each taking every core slow each other down (and every
   server a test starts inherits OMP_NUM_THREADS=1).
-- A test file is one unit of work, as with `--dist loadfile`: its module fixtures (servers, clusters)
-  start once. Files that share an expensive session fixture carry one `xdist_group` mark (see
-  tests/e2e/conftest.py) and so run on the same worker.
-- The units are handed out heaviest first (`--no-loadscope-reorder` keeps this order), so the last
-  unit a worker takes is a short one and both workers end at about the same time. HEAVY lists the
-  slow units, by their measured wall time on two cores; every other file follows in collection order.
+- A unit of work is a test file, or a group of files that share an expensive session fixture (GROUPS):
+  a unit runs whole on one worker, so its module and group fixtures (servers, clusters) start once.
+  xdist's own `xdist_group` marks do nothing under pytest 9 (xdist 3.8 renames items through
+  `item._nodeid`, which pytest 9 no longer reads), hence the scheduler here (`UnitScheduling`,
+  picked by `--dist loadgroup` through tests/conftest.py).
+- Units are handed out heaviest first (HEAVY; the rest in collection order), so that the last unit a
+  worker takes is a short one and both workers end at about the same time.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
-GROUP = "xdist_group"
-# slowest first (seconds on 2 busy cores, measured with --durations); a file not named here is short
+# files that share a session fixture private to them: tests/e2e/conftest.py
+GROUPS = {
+    "tests/e2e/test_internal_auth.py": "pair-1p1d",
+    "tests/e2e/test_structured_output.py": "pair-1p1d",
+}
+# slowest first (seconds on 2 busy cores, measured with --durations); a unit not named here is short
 HEAVY: list[str] = []
 
 
@@ -36,19 +42,19 @@ def one_thread_per_worker() -> None:
     torch.set_num_threads(1)
 
 
+def unit_of_nodeid(nodeid: str) -> str:
+    """The unit a test belongs to: its file's group, else its file."""
+    path = nodeid.split("::", 1)[0]
+    return GROUPS.get(path, path)
+
+
 def unit_of(item: pytest.Item) -> str:
-    """The work unit an item belongs to: its xdist group, else its file."""
-    mark = item.get_closest_marker(GROUP)
-    if mark is not None:
-        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-    return item.nodeid.split("::", 1)[0]
+    return unit_of_nodeid(item.nodeid)
 
 
 def plan(items: list[pytest.Item]) -> None:
-    """Group every ungrouped item by its file, then order the units heaviest first (stable)."""
-    for item in items:
-        if item.get_closest_marker(GROUP) is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+    """Order the items unit by unit, heaviest unit first (stable otherwise). Every worker collects
+    the same order, which is the order the scheduler hands the units out in."""
     rank = {unit: i for i, unit in enumerate(HEAVY)}
     first_seen: dict[str, int] = {}
     for index, item in enumerate(items):
@@ -59,3 +65,18 @@ def plan(items: list[pytest.Item]) -> None:
         return (rank.get(unit, len(HEAVY)), first_seen[unit], pair[0])
 
     items[:] = [item for _, item in sorted(enumerate(items), key=key)]
+
+
+def make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`: xdist's load-by-scope scheduling, a unit (unit_of_nodeid) per scope, in
+    collection order (which `plan` made heaviest first); any other --dist: xdist's own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of_nodeid(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection's (heavy-first) order
+    return UnitScheduling(config, log)

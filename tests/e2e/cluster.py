@@ -277,8 +277,6 @@ class Router:
 
 # ---- one prefill + one decode instance behind a router ---------------------------------------------------
 
-PAIR_GROUP = "pair-1p1d"  # the xdist group of the test files that share the `pair` fixture
-
 
 class Pair:
     """One prefill and one decode instance (default options, tcp KV on CPU, this test process's cluster

@@ -35,7 +35,7 @@ import zmq
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, sign_handoff
 from pdserve.disagg import protocol as p
 from pdserve.disagg.transport.tcp import TcpTransport, data_address
-from tests.e2e.cluster import MODEL, PAIR_GROUP, ROOT, Pair, cluster_secret, free_port, wait_until
+from tests.e2e.cluster import MODEL, ROOT, Pair, cluster_secret, free_port, wait_until
 
 QUIET_S = 1.5  # how long an attacker waits for an answer that must not come
 ISSUE_RESERVE = {  # issue 29, item 1: this one message killed the prefill engine for good
@@ -53,7 +53,6 @@ VARIANTS: list[dict[str, Any]] = [  # and so did these
     {"params": {}},  # a valid one: the prefill would have computed it and sent back its KV
 ]
 OTHER = ClusterSecret.from_text("another cluster's secret, not ours")
-pytestmark = pytest.mark.xdist_group(PAIR_GROUP)  # the `pair` cluster: one start for both files
 
 
 def complete(base_url: str, **extra: Any) -> str:

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, MODEL, ServerProcess
-from tests.e2e.cluster import PAIR_GROUP, Instance, Pair, metric
+from tests.e2e.cluster import Instance, Pair, metric
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -46,7 +46,6 @@ RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema
 PETS = ["a cat", "a dog", "a parrot", "an old cat", "a puppy"]
 MAX_TOKENS = 120
 CHOICES = ["zebra crossing", "quokka smile"]
-pytestmark = pytest.mark.xdist_group(PAIR_GROUP)  # the `pair` cluster: one start for both files
 MODES = [
     (stream, temp) for stream in (False, True) for temp in (0.0, 1.0)
 ]  # no answer to "Hi" starts like these unconstrained
