@@ -29,7 +29,7 @@ lint: install
 TEST_WORKERS ?= 2
 test: install lint
 	$(BIN)/pdserve prepare
-	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
+	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart 0 \
 		--durations=15 tests
 
 # On a GPU machine with its own torch: `make test-gpu`, or `make test-gpu GPU_PYTHON=python3` to use

@@ -3,6 +3,9 @@
 Servers are started lazily (only tests that ask for them pay), once per session, each in its own
 process group on a free port, and killed with their children at teardown even when tests fail. After
 every test that used a server, the KV pool of that server must return to fully free.
+
+The hooks here run the suite on pytest-xdist workers (tests/parallel.py: units of work, heaviest
+first, one torch thread each) and end module fixtures after their last test (tests/lifetimes.py).
 """
 
 from __future__ import annotations
