@@ -24,9 +24,13 @@ lint: install
 	$(BIN)/ruff check pdserve tests benchmarks
 	$(BIN)/mypy pdserve
 
+# Two pytest-xdist workers, each test file (or xdist_group) one unit, heaviest first, one torch thread
+# per worker and per server it starts: tests/parallel.py. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: install lint
 	$(BIN)/pdserve prepare
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart 0 \
+		--durations=15 tests
 
 # On a GPU machine with its own torch: `make test-gpu`, or `make test-gpu GPU_PYTHON=python3` to use
 # that interpreter as it is (no .venv; e.g. the lent machines, after `source scripts/device_env.sh`).

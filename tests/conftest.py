@@ -3,6 +3,9 @@
 Servers are started lazily (only tests that ask for them pay), once per session, each in its own
 process group on a free port, and killed with their children at teardown even when tests fail. After
 every test that used a server, the KV pool of that server must return to fully free.
+
+The hooks here run the suite on pytest-xdist workers (tests/parallel.py: units of work, heaviest
+first, one torch thread each) and end module fixtures after their last test (tests/lifetimes.py).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +25,9 @@ import httpx
 import pytest
 
 from pdserve.models.prepare import resolve_model
+from tests.lifetimes import plan_releases, release_unneeded
+from tests.parallel import distributed, make_scheduler, one_thread_per_worker, plan
+from tests.ports import free_port
 
 API_KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
@@ -32,10 +37,32 @@ SERVER_FIXTURES = ("server", "small_server")
 TUNED = {"temperature": 0.0, "repetition_penalty": 1.3, "do_sample": True}  # small_server's model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def pytest_configure(config: pytest.Config) -> None:
+    one_thread_per_worker()
+    if distributed(config) and not hasattr(config, "workerinput"):
+        resolve_model(None)  # prepared once here, before the workers start: two would race to write it
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if distributed(config):
+        plan(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    return make_scheduler(config, log)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    plan_releases(session.items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        release_unneeded(item)
 
 
 class ServerProcess:

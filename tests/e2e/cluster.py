@@ -6,6 +6,10 @@ failure. The same workload runner serves the tests (in this process) and a clien
 network namespace: `python -m tests.e2e.cluster client ROUTER_URL SPEC_FILE INSTANCE_URL...` prints the
 answers and the instances' counters as JSON.
 
+`Pair` is the 1P1D cluster (prefill, decode, router) that several test files share through the `pair`
+session fixture (tests/e2e/conftest.py); `concurrent_streams`, `parse_stream` and `check_lossless` run
+and check the streams that must come through a fault whole (test_resume.py, test_nothing_lost.py).
+
 Every prefill/decode instance and every router started here shares one cluster secret, in a file
 (mode 0600) made once per test process (`secret_file`); `pdserve up` makes its own.
 """
@@ -21,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ import httpx
 
 from pdserve.cluster_secret import ClusterSecret
 from pdserve.router.metrics import metric_sum
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
@@ -57,12 +61,6 @@ def secret_file() -> Path:
 
 def cluster_secret() -> ClusterSecret:
     return ClusterSecret.from_file(secret_file())
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
@@ -275,6 +273,39 @@ class Router:
 
     def stop(self) -> None:
         self.proc.stop()
+
+
+# ---- one prefill + one decode instance behind a router ---------------------------------------------------
+
+
+class Pair:
+    """One prefill and one decode instance (default options, tcp KV on CPU, this test process's cluster
+    secret) behind a router: the `pair` session fixture (tests/e2e/conftest.py). Tests that share it
+    leave it as they found it: no kill, no restart, every KV pool free."""
+
+    def __init__(self, model: str, log_dir: Path) -> None:
+        self.prefill = Instance("prefill", "prefill", model, log_dir)
+        self.decode = Instance("decode", "decode", model, log_dir)
+        self.router = Router(log_dir / "router.log", [self.prefill.url], [self.decode.url])
+
+    @property
+    def instances(self) -> tuple[Instance, Instance]:
+        return self.prefill, self.decode
+
+    def start(self) -> None:
+        for instance in self.instances:
+            instance.start()
+        for instance in self.instances:
+            instance.wait_ready()
+        self.router.start().wait_healthy()
+
+    def stop(self) -> None:
+        """SIGTERM to all at once (nothing is in flight: each exits at once), then SIGKILL what lingers."""
+        procs = [self.router.proc, *(i.proc for i in self.instances if i.proc is not None)]
+        for proc in procs:
+            proc.signal(signal.SIGTERM)
+        for proc in procs:
+            proc.stop(grace=5.0)
 
 
 # ---- pdserve up ------------------------------------------------------------------------------------------
@@ -509,6 +540,95 @@ class NetnsPair:
     @staticmethod
     def exec_prefix(ns: str) -> list[str]:
         return ["ip", "netns", "exec", ns]
+
+
+# ---- streams that must survive a fault (test_resume.py, test_nothing_lost.py) ------------------------------
+
+STREAMS = 12
+KILL_AFTER = 3
+STREAM_TOKENS = 24
+
+
+def parse_stream(raw: bytes, chat: bool) -> dict[str, Any]:
+    """A relayed stream's text, usage, [DONE]s, error codes, completion ids, role chunks (and no id
+    line may reach the client)."""
+    out: dict[str, Any] = {"text": "", "usage": None, "done": 0, "errors": [], "ids": set(), "roles": 0}
+    for event in raw.decode().split("\n\n"):
+        for line in event.split("\n"):
+            assert not line.startswith("id:"), f"an id line reached the client: {raw!r}"
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                out["done"] += 1
+                continue
+            obj = json.loads(data)
+            if "error" in obj:
+                out["errors"].append(obj["error"]["code"])
+                continue
+            out["ids"].add(obj["id"])
+            out["usage"] = obj.get("usage") or out["usage"]
+            for choice in obj["choices"]:
+                out["text"] += (choice["delta"].get("content") or "") if chat else choice["text"]
+                out["roles"] += 1 if chat and "role" in choice["delta"] else 0
+    return out
+
+
+def _stream_body(i: int, seeded: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Tell me a short story about the number {i}."}],
+        "max_tokens": STREAM_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    body.update({"temperature": 0.8, "seed": 1000 + i} if seeded else {"temperature": 0.0})
+    return body
+
+
+async def _one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], first: asyncio.Event) -> Any:
+    """One stream, read raw; `first` is set once a token has come."""
+    raw = b""
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for piece in r.aiter_bytes():
+            raw += piece
+            if re.search(rb'"content": ?"[^"]', raw):
+                first.set()
+    first.set()
+    return parse_stream(raw, chat=True)
+
+
+async def concurrent_streams(
+    url: str, seeded: bool, during: Any = None, n: int = STREAMS
+) -> list[dict[str, Any]]:
+    """`n` concurrent chat streams of STREAM_TOKENS tokens, greedy or seeded; `during()` runs (in a
+    thread) once KILL_AFTER have sent a first token (the rest: some still in prefill or waiting for KV,
+    which are retried whole)."""
+    firsts = [asyncio.Event() for _ in range(n)]
+    async with httpx.AsyncClient(timeout=180) as client:
+        tasks = [
+            asyncio.create_task(_one_stream(client, url, _stream_body(i, seeded), firsts[i]))
+            for i in range(n)
+        ]
+        if during is not None:
+            waits = [asyncio.ensure_future(f.wait()) for f in firsts]
+            while sum(w.done() for w in waits) < min(KILL_AFTER, n):
+                await asyncio.wait(waits, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.to_thread(during)
+        return list(await asyncio.gather(*tasks))
+
+
+def check_lossless(reference: list[dict[str, Any]], answers: list[dict[str, Any]]) -> None:
+    """Every answer as the fault-free one: text, usage, one role chunk and completion id, one [DONE]."""
+    for want, got in zip(reference, answers, strict=True):
+        assert want["errors"] == [] and want["done"] == 1, want
+        assert got["errors"] == [] and got["done"] == 1, got
+        assert got["text"] == want["text"], (got, want)
+        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] == STREAM_TOKENS
+        assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+        assert got["roles"] == 1 and len(got["ids"]) == 1, got
 
 
 # ---- the workload ----------------------------------------------------------------------------------------

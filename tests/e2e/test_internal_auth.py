@@ -1,7 +1,7 @@
 """The internal channels admit only holders of the cluster secret: real instances, sockets, clients.
 
 A 1P1D cluster (one prefill, one decode instance, a router; tests/e2e/cluster.py gives them one
-secret) is attacked the way issue 29 did it:
+secret; the `pair` fixture that test_structured_output.py shares) is attacked the way issue 29 did it:
 
 - a ZeroMQ DEALER on the prefill's KV control port (`kv_addr` from /pd/info): without CURVE, with
   CURVE but another cluster's keys, and with the right server key but a client key of its own; it
@@ -25,8 +25,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,7 +35,7 @@ import zmq
 from pdserve.cluster_secret import SECRET_ENV, ClusterSecret, sign_handoff
 from pdserve.disagg import protocol as p
 from pdserve.disagg.transport.tcp import TcpTransport, data_address
-from tests.e2e.cluster import MODEL, ROOT, Instance, Router, cluster_secret, free_port, wait_until
+from tests.e2e.cluster import MODEL, ROOT, Pair, cluster_secret, free_port, wait_until
 
 QUIET_S = 1.5  # how long an attacker waits for an answer that must not come
 ISSUE_RESERVE = {  # issue 29, item 1: this one message killed the prefill engine for good
@@ -57,54 +55,21 @@ VARIANTS: list[dict[str, Any]] = [  # and so did these
 OTHER = ClusterSecret.from_text("another cluster's secret, not ours")
 
 
-class PD1:
-    """One prefill and one decode instance and a router, all with the test process's cluster secret."""
-
-    def __init__(self, model: str, log_dir: Path) -> None:
-        self.prefill = Instance("prefill", "prefill", model, log_dir)
-        self.decode = Instance("decode", "decode", model, log_dir)
-        self.router: Router | None = None
-        self.log_dir = log_dir
-
-    def start(self) -> None:
-        for instance in (self.prefill, self.decode):
-            instance.start()
-        for instance in (self.prefill, self.decode):
-            instance.wait_ready()
-        self.router = Router(self.log_dir / "router.log", [self.prefill.url], [self.decode.url]).start()
-        self.router.wait_healthy()
-
-    def stop(self) -> None:
-        for proc in (self.router, self.prefill, self.decode):
-            if proc is not None:
-                with contextlib.suppress(Exception):
-                    proc.stop()
-
-    def complete(self, base_url: str, **extra: Any) -> str:
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=60)
-        answer = client.completions.create(
-            model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0.0, **extra
-        )
-        return answer.choices[0].text
-
-    def assert_alive(self) -> None:
-        """Both engines healthy, the router answers, every KV pool free again."""
-        for instance in (self.prefill, self.decode):
-            assert instance.get("/health").status_code == 200, instance.proc and instance.proc.log()
-        assert self.router is not None
-        assert self.complete(self.router.url)
-        for instance in (self.prefill, self.decode):
-            assert instance.wait_pool_free()["pool_free"]
+def complete(base_url: str, **extra: Any) -> str:
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=60)
+    answer = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0.0, **extra
+    )
+    return answer.choices[0].text
 
 
-@pytest.fixture(scope="module")
-def pd1(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD1]:
-    cluster = PD1(model_dir, tmp_path_factory.mktemp("auth"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+def assert_alive(pair: Pair) -> None:
+    """Both engines healthy, the router answers, every KV pool free again."""
+    for instance in pair.instances:
+        assert instance.get("/health").status_code == 200, instance.proc and instance.proc.log()
+    assert complete(pair.router.url)
+    for instance in pair.instances:
+        assert instance.wait_pool_free()["pool_free"]
 
 
 # ---- the KV control port (ZeroMQ) --------------------------------------------------------------------
@@ -142,8 +107,8 @@ def _attack_messages(reply_to: str, model: str) -> list[bytes]:
     return [hello, *(json.dumps(m).encode() for m in [ISSUE_RESERVE, *mine])]
 
 
-def test_control_port_refuses_peers_without_the_secret(pd1: PD1) -> None:
-    info = pd1.prefill.info()
+def test_control_port_refuses_peers_without_the_secret(pair: Pair) -> None:
+    info = pair.prefill.info()
     ctx = zmq.Context()
     try:
         listeners, attackers = {}, {}
@@ -159,9 +124,9 @@ def test_control_port_refuses_peers_without_the_secret(pd1: PD1) -> None:
         assert not answered, f"the prefill answered peers without the secret: {answered}"
     finally:
         ctx.destroy(0)
-    pd1.assert_alive()
-    assert pd1.prefill.proc is not None
-    assert "refused a peer without the cluster secret" in pd1.prefill.proc.log(200_000)
+    assert_alive(pair)
+    assert pair.prefill.proc is not None
+    assert "refused a peer without the cluster secret" in pair.prefill.proc.log(200_000)
 
 
 # ---- the KV data ports (plain TCP) -------------------------------------------------------------------
@@ -180,10 +145,10 @@ def _closed(conn: socket.socket, timeout: float = 10.0) -> bool:
     return True
 
 
-def test_data_ports_close_connections_that_fail_the_challenge(pd1: PD1) -> None:
+def test_data_ports_close_connections_that_fail_the_challenge(pair: Pair) -> None:
     header = p.encode(p.KVData("tcp://127.0.0.1:1", "x0", [0, 1], 64))
     frame = struct.pack("!I", len(header)) + header + bytes(64)  # what an old-protocol sender writes
-    for instance in (pd1.prefill, pd1.decode):
+    for instance in (pair.prefill, pair.decode):
         addr = data_address(instance.info()["kv_addr"])
         with socket.create_connection(addr, timeout=5) as conn:  # answers the challenge wrongly
             conn.settimeout(5)
@@ -194,7 +159,7 @@ def test_data_ports_close_connections_that_fail_the_challenge(pd1: PD1) -> None:
         with socket.create_connection(addr, timeout=5) as conn:  # ignores it, sends KV straight away
             conn.sendall(frame)
             assert _closed(conn)
-    pd1.assert_alive()
+    assert_alive(pair)
 
 
 def _fake_listener() -> tuple[socket.socket, str]:
@@ -268,8 +233,8 @@ def test_transports_talk_with_the_same_secret_only() -> None:
 # ---- the hand-off fields on a client request ---------------------------------------------------------
 
 
-def _params(pd1: PD1) -> dict[str, Any]:
-    return {"prefill_kv_addr": pd1.prefill.info()["kv_addr"], "prefill_url": pd1.prefill.url}
+def _params(pair: Pair) -> dict[str, Any]:
+    return {"prefill_kv_addr": pair.prefill.info()["kv_addr"], "prefill_url": pair.prefill.url}
 
 
 def _post(url: str, params: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
@@ -277,8 +242,8 @@ def _post(url: str, params: dict[str, Any], headers: dict[str, str] | None = Non
     return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
 
 
-def test_decode_refuses_hand_off_fields_the_cluster_did_not_sign(pd1: PD1) -> None:
-    secret, fields = cluster_secret(), _params(pd1)
+def test_decode_refuses_hand_off_fields_the_cluster_did_not_sign(pair: Pair) -> None:
+    secret, fields = cluster_secret(), _params(pair)
     signed = sign_handoff(secret, fields)
     forged = {
         "unsigned": fields,
@@ -289,23 +254,22 @@ def test_decode_refuses_hand_off_fields_the_cluster_did_not_sign(pd1: PD1) -> No
         "malformed": {**signed, "signature": "not hex"},
     }
     for name, params in forged.items():
-        answer = _post(pd1.decode.url, params)
+        answer = _post(pair.decode.url, params)
         assert answer.status_code == 403, (name, answer.text)
         error = answer.json()["error"]
         assert (error["type"], error["code"]) == ("permission_error", "invalid_handoff_signature"), name
     with pytest.raises(openai.PermissionDeniedError) as refused:  # as an OpenAI client sees it
-        pd1.complete(pd1.decode.url, extra_body={"kv_transfer_params": fields})
+        complete(pair.decode.url, extra_body={"kv_transfer_params": fields})
     assert refused.value.code == "invalid_handoff_signature"
     # what the router signs is taken: the same answer as through the router
-    assert pd1.router is not None
-    direct = pd1.complete(pd1.decode.url, extra_body={"kv_transfer_params": signed})
-    assert direct == pd1.complete(pd1.router.url)
+    direct = complete(pair.decode.url, extra_body={"kv_transfer_params": signed})
+    assert direct == complete(pair.router.url)
     # an instance that takes no hand-offs says so, signed or not
     for params in (fields, signed):
-        answer = _post(pd1.prefill.url, params)
+        answer = _post(pair.prefill.url, params)
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"]["param"] == "kv_transfer_params"
-    pd1.assert_alive()
+    assert_alive(pair)
 
 
 def test_colocated_instance_refuses_hand_off_fields(server: Any) -> None:

@@ -33,8 +33,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.cluster import MODEL, Instance, Proc, Router, run_one, wait_until
-from tests.e2e.test_resume import _streams, check_lossless, parse_stream
+from tests.e2e.cluster import (
+    MODEL,
+    Instance,
+    Proc,
+    Router,
+    check_lossless,
+    concurrent_streams,
+    parse_stream,
+    run_one,
+    wait_until,
+)
 
 DRAIN_S = 1.0  # every instance's --drain-timeout: a drain that outlasts it hands its streams on
 RATE = 2.0  # requests per second of the steady load
@@ -281,7 +290,7 @@ def test_colocated_instance_killed_mid_stream(cluster: Cluster) -> None:
     is SIGKILLed after their first chunks: every stream ends as the fault-free run does."""
     cluster.wait_healthy(cluster.corouter)
     url = cluster.corouter.url
-    reference = asyncio.run(_streams(url, False, n=6))
+    reference = asyncio.run(concurrent_streams(url, False, n=6))
     resumed = _resumed(cluster.corouter)
 
     def kill_a_busy_one() -> None:
@@ -290,7 +299,7 @@ def test_colocated_instance_killed_mid_stream(cluster: Cluster) -> None:
         assert victim.proc is not None
         victim.proc.kill()
 
-    answers = asyncio.run(_streams(url, False, during=kill_a_busy_one, n=6))
+    answers = asyncio.run(concurrent_streams(url, False, during=kill_a_busy_one, n=6))
     check_lossless(reference, answers)
     assert _resumed(cluster.corouter) >= resumed + 1
     cluster.pools_free()

@@ -12,8 +12,6 @@ instance serving streams is SIGKILLed after their first chunks, greedy and seede
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -24,7 +22,18 @@ import httpx
 import pytest
 
 from tests.e2e import fake_instance as fake
-from tests.e2e.cluster import MODEL, Instance, Proc, Router, free_port, metric, wait_until
+from tests.e2e.cluster import (
+    MODEL,
+    Instance,
+    Proc,
+    Router,
+    check_lossless,
+    concurrent_streams,
+    free_port,
+    metric,
+    parse_stream,
+    wait_until,
+)
 
 STALL_S = 1.0
 
@@ -91,31 +100,6 @@ def stream(url: str, how: str, chat: bool = True) -> dict[str, Any]:
         for piece in r.iter_bytes():
             raw += piece
     return parse_stream(raw, chat)
-
-
-def parse_stream(raw: bytes, chat: bool) -> dict[str, Any]:
-    """A relayed stream's text, usage, [DONE]s, error codes, completion ids, role chunks (and no id
-    line may reach the client)."""
-    out: dict[str, Any] = {"text": "", "usage": None, "done": 0, "errors": [], "ids": set(), "roles": 0}
-    for event in raw.decode().split("\n\n"):
-        for line in event.split("\n"):
-            assert not line.startswith("id:"), f"an id line reached the client: {raw!r}"
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                out["done"] += 1
-                continue
-            obj = json.loads(data)
-            if "error" in obj:
-                out["errors"].append(obj["error"]["code"])
-                continue
-            out["ids"].add(obj["id"])
-            out["usage"] = obj.get("usage") or out["usage"]
-            for choice in obj["choices"]:
-                out["text"] += (choice["delta"].get("content") or "") if chat else choice["text"]
-                out["roles"] += 1 if chat and "role" in choice["delta"] else 0
-    return out
 
 
 FAILURES = ["die@3", "stall@4", "end@5", "error:engine_dead@2", "error:instance_failed@7"]
@@ -185,10 +169,6 @@ def test_unary_retried_and_draining_skipped(fakes: FakeCluster) -> None:
 
 # ---- a real cluster: 1 prefill + 2 decode + router, the default model ------------------------------------
 
-STREAMS = 12
-KILL_AFTER = 3
-MAX_TOKENS = 24
-
 
 class Disagg:
     """Two prefill and two decode instances behind a router, started once for the module. The first
@@ -240,57 +220,6 @@ def disagg(tmp_path_factory: pytest.TempPathFactory, model_dir: str) -> Iterator
         cluster.stop()
 
 
-def _body(i: int, seeded: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": f"Tell me a short story about the number {i}."}],
-        "max_tokens": MAX_TOKENS,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    body.update({"temperature": 0.8, "seed": 1000 + i} if seeded else {"temperature": 0.0})
-    return body
-
-
-async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], first: asyncio.Event) -> Any:
-    """One stream, read raw; `first` is set once a token has come."""
-    raw = b""
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200, await r.aread()
-        async for piece in r.aiter_bytes():
-            raw += piece
-            if re.search(rb'"content": ?"[^"]', raw):
-                first.set()
-    first.set()
-    return parse_stream(raw, chat=True)
-
-
-async def _streams(url: str, seeded: bool, during: Any = None, n: int = STREAMS) -> list[dict[str, Any]]:
-    """STREAMS concurrent streams; `during()` runs (in a thread) once KILL_AFTER have sent a first
-    token (the rest: some still in prefill or waiting for KV, which are retried whole)."""
-    firsts = [asyncio.Event() for _ in range(n)]
-    async with httpx.AsyncClient(timeout=180) as client:
-        tasks = [asyncio.create_task(_one(client, url, _body(i, seeded), firsts[i])) for i in range(n)]
-        if during is not None:
-            waits = [asyncio.ensure_future(f.wait()) for f in firsts]
-            while sum(w.done() for w in waits) < min(KILL_AFTER, n):
-                await asyncio.wait(waits, timeout=120, return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.to_thread(during)
-        return list(await asyncio.gather(*tasks))
-
-
-def check_lossless(reference: list[dict[str, Any]], answers: list[dict[str, Any]]) -> None:
-    """Every answer as the fault-free one: text, usage, one role chunk and completion id, one [DONE]."""
-    for want, got in zip(reference, answers, strict=True):
-        assert want["errors"] == [] and want["done"] == 1, want
-        assert got["errors"] == [] and got["done"] == 1, got
-        assert got["text"] == want["text"], (got, want)
-        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] == MAX_TOKENS
-        assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
-        assert got["roles"] == 1 and len(got["ids"]) == 1, got
-
-
 def killer(instance: Instance) -> Any:
     def kill() -> None:
         assert instance.proc is not None
@@ -304,10 +233,10 @@ def test_decode_killed_mid_stream_loses_nothing(disagg: Disagg, seeded: bool) ->
     """12 streams; the decode instance serving half of them is SIGKILLed after their first chunks:
     every stream ends as the fault-free run does, with one [DONE], no error and the whole usage."""
     disagg.wait_all_healthy()
-    reference = asyncio.run(_streams(disagg.router.url, seeded))
+    reference = asyncio.run(concurrent_streams(disagg.router.url, seeded))
     victim = disagg.decodes[1 if seeded else 0]
     resumed = disagg.router.metric("pdserve_router_resumes_total", outcome="resumed")
-    answers = asyncio.run(_streams(disagg.router.url, seeded, during=killer(victim)))
+    answers = asyncio.run(concurrent_streams(disagg.router.url, seeded, during=killer(victim)))
     check_lossless(reference, answers)
     assert disagg.router.metric("pdserve_router_resumes_total", outcome="resumed") >= resumed + 1
     for instance in disagg.instances:
@@ -321,8 +250,10 @@ def test_prefill_entry_resumes_when_its_decode_peer_dies(disagg: Disagg) -> None
     disagg.wait_all_healthy()
     ok = wait_until(lambda: all(p["healthy"] for p in disagg.prefill.get("/pd/peers").json()["peers"]), 30)
     assert ok, disagg.prefill.get("/pd/peers").text
-    reference = asyncio.run(_streams(disagg.prefill.url, False, n=4))
-    answers = asyncio.run(_streams(disagg.prefill.url, False, during=killer(disagg.decodes[0]), n=4))
+    reference = asyncio.run(concurrent_streams(disagg.prefill.url, False, n=4))
+    answers = asyncio.run(
+        concurrent_streams(disagg.prefill.url, False, during=killer(disagg.decodes[0]), n=4)
+    )
     check_lossless(reference, answers)
     log = disagg.prefill.proc.log(20000) if disagg.prefill.proc else ""
     assert "resumed on" in log, log

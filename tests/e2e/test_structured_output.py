@@ -1,8 +1,8 @@
 """Structured output over real HTTP with the openai SDK: a colocated server (the shared `server`) and a
-1P1D pair behind the router. A nested JSON schema (objects in objects, an enum, an array, required
-fields) gives output `jsonschema` validates for 20 prompts, streamed and not, greedy and sampled;
-vLLM's regex and choice fields hold too; a schema the engine cannot
-compile and an unsupported response_format are 400s that name the field. Through the pair, the choice
+1P1D pair behind the router (the shared `pair`, tests/e2e/conftest.py). A nested JSON schema (objects
+in objects, an enum, an array, required fields) gives output `jsonschema` validates for 20 prompts,
+streamed and not, greedy and sampled; vLLM's regex and choice fields hold too; a schema the engine
+cannot compile and an unsupported response_format are 400s that name the field. Through the pair, the choice
 words are ones the model would never start with unconstrained: the prefill instance must constrain
 the first token, or the decode instance refuses it."""
 
@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -22,7 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, MODEL, ServerProcess
-from tests.e2e.cluster import Instance, Router, metric
+from tests.e2e.cluster import Instance, Pair, metric
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -107,36 +105,10 @@ def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=240)
 
 
-@dataclass
-class Pair:
-    """The 1P1D cluster: the SDK on its router, and its two instances."""
-
-    client: openai.OpenAI
-    router: str
-    prefill: Instance
-    decode: Instance
-
-
 @pytest.fixture(scope="module")
-def pair(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    """One prefill and one decode instance (tcp KV) behind a router."""
-    log_dir = tmp_path_factory.mktemp("structured-pd")
-    prefill = Instance("prefill-0", "prefill", model_dir, log_dir).start()
-    decode = Instance("decode-0", "decode", model_dir, log_dir).start()
-    router: Router | None = None
-    try:
-        prefill.wait_ready()
-        decode.wait_ready()
-        router = Router(log_dir / "router.log", [prefill.url], [decode.url]).start()
-        router.wait_healthy()
-        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="none", max_retries=0, timeout=240)
-        yield Pair(client, router.url, prefill, decode)
-    finally:
-        if router is not None:
-            router.stop()
-        for instance in (prefill, decode):  # nothing is in flight: no need to wait for a drain
-            if instance.proc is not None:
-                instance.proc.stop(grace=3.0)
+def pair_client(pair: Pair) -> openai.OpenAI:
+    """The SDK on the `pair` cluster's router (the 1P1D fixture test_internal_auth.py shares)."""
+    return openai.OpenAI(base_url=f"{pair.router.url}/v1", api_key="none", max_retries=0, timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +130,12 @@ def test_structured_output_colocated(client: openai.OpenAI, colocated: list[str]
         assert e.value.body and e.value.body.get("param") == param, e.value.body  # type: ignore[union-attr]
 
 
-def test_structured_output_through_a_disaggregated_pair(pair: Pair, colocated: list[str]) -> None:
+def test_structured_output_through_a_disaggregated_pair(
+    pair_client: openai.OpenAI, colocated: list[str]
+) -> None:
     """Greedy and seeded draws give the colocated answers, token for token (R4: seed and position)."""
-    assert schema_answers(pair.client, 4) == colocated[:4]
-    assert_regex_and_choice(pair.client)
+    assert schema_answers(pair_client, 4) == colocated[:4]
+    assert_regex_and_choice(pair_client)
 
 
 # ---- n > 1 through the pair: one prefill, n choices forked on the decode instance --------------------------
@@ -177,7 +151,7 @@ def prompt_counts(instance: Instance) -> tuple[float, float]:
     return metric(text, "pdserve_prefix_cache_queries_total"), metric(text, "pdserve_prompt_tokens_computed")
 
 
-def test_n_choices_share_one_prefill(pair: Pair, client: openai.OpenAI) -> None:
+def test_n_choices_share_one_prefill(pair: Pair, pair_client: openai.OpenAI, client: openai.OpenAI) -> None:
     """n = 3 through the router: the prefill instance counts (and computes) the prompt once, each
     choice draws on its own (seed + index) as it does colocated, the stream gives the same choices as
     the answer, usage counts the prompt once, and greedy choices are all one answer."""
@@ -185,7 +159,7 @@ def test_n_choices_share_one_prefill(pair: Pair, client: openai.OpenAI) -> None:
     kw: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 1.0, "seed": 11}
     kw["extra_body"] = {"ignore_eos": True}
     before, decode_before = prompt_counts(pair.prefill), prompt_counts(pair.decode)[1]
-    answer = pair.client.completions.create(n=3, **kw)
+    answer = pair_client.completions.create(n=3, **kw)
     used = answer.usage
     assert used is not None and used.completion_tokens == 12, used
     length = used.prompt_tokens
@@ -201,13 +175,13 @@ def test_n_choices_share_one_prefill(pair: Pair, client: openai.OpenAI) -> None:
     streamed = ["", "", ""]
     usage = None
     options = {"include_usage": True}
-    for chunk in pair.client.completions.create(n=3, stream=True, stream_options=options, **kw):  # type: ignore[arg-type]
+    for chunk in pair_client.completions.create(n=3, stream=True, stream_options=options, **kw):  # type: ignore[arg-type]
         for c in chunk.choices:
             streamed[c.index] += c.text
         usage = chunk.usage or usage
     assert streamed == texts
     assert usage is not None and usage.prompt_tokens == used.prompt_tokens
-    many = pair.client.chat.completions.create(
+    many = pair_client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0.0, n=3
     )
     assert len(many.choices) == 3 and len({c.message.content for c in many.choices}) == 1, many.choices
@@ -225,7 +199,7 @@ def test_tokenize_and_detokenize_through_the_router(pair: Pair) -> None:
     ]
     with httpx.Client(timeout=60) as http:
         for path, body in bodies:
-            routed = http.post(f"{pair.router}{path}", json=body)
+            routed = http.post(f"{pair.router.url}{path}", json=body)
             direct = http.post(f"{pair.decode.url}{path}", json=body)
             assert (routed.status_code, routed.json()) == (direct.status_code, direct.json()), path
         assert routed.status_code == 400

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -50,8 +53,27 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
-def hf_greedy(model_dir, prompt_ids) -> list[list[int]]:
-    """transformers' generate(do_sample=False), float32, CPU, one prompt at a time."""
+def hf_greedy(model_dir, prompt_ids, tmp_path_factory) -> list[list[int]]:
+    """transformers' generate(do_sample=False), float32, CPU, one prompt at a time. Computed once per
+    run: under pytest-xdist the first worker that needs it writes it where the others read it (the
+    workers' temporary directories share a parent), behind a file lock."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _hf_greedy(model_dir, prompt_ids)
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "hf_greedy.json"
+    key = {"model": model_dir, "prompts": prompt_ids, "max_new": MAX_NEW}
+    with FileLock(f"{shared}.lock"):
+        if shared.is_file():
+            cached = json.loads(shared.read_text())
+            if cached["key"] == key:
+                return list(cached["outs"])
+        outs = _hf_greedy(model_dir, prompt_ids)
+        shared.write_text(json.dumps({"key": key, "outs": outs}))
+    return outs
+
+
+def _hf_greedy(model_dir: str, prompt_ids: list[list[int]]) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

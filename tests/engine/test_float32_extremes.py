@@ -11,6 +11,8 @@ from pdserve.engine.sampling import FLOAT32_SAFE
 
 from .conftest import MAX_NEW
 
+ROWS = (0, 1, 3, 10)  # of tests/engine/conftest.py's prompts: short, code, a long text, a chat
+
 
 @pytest.fixture(scope="module")
 def llm(model_dir: str) -> LLM:
@@ -25,6 +27,8 @@ def _tokens(llm: LLM, prompt_ids: list[list[int]], **kwargs: float | int) -> lis
 def test_values_float32_cannot_carry_pick_what_their_limits_pick(
     llm: LLM, prompt_ids: list[list[int]], hf_greedy: list[list[int]]
 ) -> None:
+    # every extreme acts on each row of the sampler alike: a few prompts (text, code, a chat) prove it
+    prompt_ids, hf_greedy = [prompt_ids[i] for i in ROWS], [hf_greedy[i] for i in ROWS]
     greedy = _tokens(llm, prompt_ids, temperature=0.0)
     assert [g[: len(h)] for g, h in zip(greedy, hf_greedy, strict=True)] == hf_greedy
     # 1 / 1e-38 overflows float32: unmoved, every logit would be +-inf, softmax NaN, token 0 every step
