@@ -53,7 +53,10 @@ class _Wire:
             self._socket.send(data, copy=False)
 
     def outputs(self, outputs: list[RequestOutput], load: dict[str, int]) -> None:
-        self.send(m.StepOutputs(outputs, load))
+        """One step's outputs and the load after it; nothing if neither is news."""
+        if outputs or load != self._load:
+            self._load = load
+            self.send(m.StepOutputs(outputs, load))
 
     def reply(self, seq: int, done: concurrent.futures.Future[Any]) -> None:
         error = done.exception()

@@ -253,6 +253,8 @@ class EngineFront(abc.ABC):
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """One step's outputs, on the engine-side thread: to their streams; orphans are aborted."""
+        if not outputs:
+            return
         orphans = self._sinks.dispatch(outputs)
         if orphans:
             self._send_abort(orphans)

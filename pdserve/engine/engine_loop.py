@@ -86,7 +86,7 @@ class EngineLoop:
 
     def __init__(self, config: EngineConfig, emit: Emit) -> None:
         self.config = config
-        self.emit = emit  # called on the loop thread with each step's outputs (never empty)
+        self.emit = emit  # called on the loop thread after each step with its outputs for the front
         self.commands: queue.Queue[Command] = queue.Queue()
         self.engine: Any = None  # pdserve.engine.engine.Engine, touched only on the loop thread
         self.live: set[str] = set()  # requests added and not finished (loop thread only)
@@ -235,11 +235,11 @@ class EngineLoop:
             self._tell_dead(self.fatal)
             return
         self.load = self.engine.load()
+        outputs = [out for out in outputs if out.request_id in self.live]  # not a peer's, nor aborted
         for out in outputs:
             if out.finished:
                 self.live.discard(out.request_id)
-        if outputs:
-            self.emit(outputs)
+        self.emit(outputs)  # even with none: the load may have changed
 
     def _tell_dead(self, reason: str) -> None:
         on_dead, self.on_dead = self.on_dead, None  # once (the front's callback logs its own errors)
