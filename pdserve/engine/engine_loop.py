@@ -140,10 +140,10 @@ class EngineLoop:
         finally:
             with self._lock:
                 self.stopped = True
-            self._end_all("abort" if self.fatal is None else "error", self.fatal)
-            self._refuse_pending()
             if self.fatal is not None:
                 self._tell_dead(self.fatal)
+            self._end_all("abort" if self.fatal is None else "error", self.fatal)
+            self._refuse_pending()
 
     def _refuse_pending(self) -> None:
         """After the loop: answer whatever is still queued (nothing can be queued any more)."""
@@ -230,9 +230,9 @@ class EngineLoop:
         except Exception as e:  # noqa: BLE001 - fatal: report to everyone, keep answering commands
             logger.exception("engine step failed; the engine is now dead")
             self.fatal = f"{type(e).__name__}: {e}"
+            self._tell_dead(self.fatal)  # first: a front must know it is dead when the errors arrive
             self._end_all("error", self.fatal)
             self._shut_connector(self.fatal)
-            self._tell_dead(self.fatal)
             return
         self.load = self.engine.load()
         outputs = [out for out in outputs if out.request_id in self.live]  # not a peer's, nor aborted
