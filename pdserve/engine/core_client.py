@@ -175,18 +175,25 @@ class CoreClient(EngineFront):
 
     def _read(self) -> None:
         """Route the core's messages until it exits; then end whatever is still open."""
-        assert self._process is not None
+        process = self._process
+        assert process is not None
         poller = zmq.Poller()
         poller.register(self._results, zmq.POLLIN)
-        poller.register(self._process.sentinel, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll())
-            while self._results.poll(0):  # everything it sent before it exited comes first
-                self._handle(m.loads(self._results.recv()))
-            if self._process.sentinel in events:
-                break
-        self._process.join(5)
-        self._gone(self._process.exitcode)
+        poller.register(process.sentinel, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                while self._results.poll(0):  # everything it sent before it exited comes first
+                    self._handle(m.loads(self._results.recv()))
+                if process.sentinel in events:
+                    break
+        except Exception as e:  # noqa: BLE001 - a bug here must not leave streams waiting forever
+            logger.exception("reading the engine core's messages failed")
+            with self._lock:
+                self._fatal = self._fatal or f"the engine core's messages could not be read: {e}"
+            process.kill()
+        process.join(5)
+        self._gone(process.exitcode)
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, m.StepOutputs):

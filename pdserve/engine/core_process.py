@@ -50,7 +50,7 @@ class _Wire:
     def send(self, message: object) -> None:
         data = m.dumps(message)
         with self._lock:
-            self._socket.send(data, copy=False)
+            self._socket.send(data)
 
     def outputs(self, outputs: list[RequestOutput], load: dict[str, int]) -> None:
         """One step's outputs and the load after it; nothing if neither is news."""

@@ -6,7 +6,8 @@ One instance of the default model with its engine in a child process (CPU):
 - a client that leaves mid-stream has its request aborted in the core (/metrics: nothing running, the
   KV pool free, long before the request could have finished by itself);
 - the core SIGKILLed: the open stream ends with an engine_dead error event and [DONE], and the server
-  exits with EngineDeadError.EXIT_STATUS (for its supervisor to restart it).
+  exits with EngineDeadError.EXIT_STATUS (for its supervisor to restart it);
+- a core whose Engine cannot be built raises in start() what the engine thread raises.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.core_client import CoreClient
 from pdserve.errors import EngineDeadError
+from pdserve.options import engine_config
 from tests.conftest import API_KEY, ServerProcess
 from tests.e2e.cluster import MODEL, Instance, wait_until
 from tests.e2e.test_engine_survives import _workers
@@ -94,3 +98,14 @@ def test_a_killed_core_ends_open_streams_and_the_server(core_server: Instance) -
     assert proc.popen.wait(30) == EngineDeadError.EXIT_STATUS, proc.log()
     assert time.monotonic() - started < 30
     assert not Path(f"/proc/{core}").exists()
+
+
+def test_a_core_that_cannot_start_raises_what_the_engine_thread_raises(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    config = engine_config(model=str(tmp_path), device="cpu")
+    raised = []
+    for engine in (AsyncEngine(config), CoreClient(config)):
+        with pytest.raises(Exception) as error:  # noqa: PT011 - whatever it is, both must raise it
+            engine.start(timeout=120)
+        raised.append((type(error.value), str(error.value)))
+    assert raised[0] == raised[1]
