@@ -1,7 +1,7 @@
 """The engine on a thread of the HTTP server vs in its own process (`--engine-process`): an A/B.
 
 For each round, each mode in turn (thread, process, thread, process, ...): start one `pdserve serve`,
-run `pdserve bench serve` at every --streams level (closed loop: N streams, N prompts, fresh prompts
+warm it up (a short run), run `pdserve bench serve` at every --streams level (closed loop: N streams, N prompts, fresh prompts
 each run so no prefix cache answers them, --ignore-eos), stop it. Prints output tok/s, mean TPOT and
 the run's duration per mode and level (the median over rounds, and every run), writes them to --out.
 
@@ -78,6 +78,8 @@ def one_server(args: argparse.Namespace, mode: str, levels: list[int], work: Pat
         except (RuntimeError, TimeoutError):
             print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
             raise
+        warm = argparse.Namespace(**{**vars(args), "output_len": 8})  # first requests pay for lazy setup
+        bench(warm, f"http://127.0.0.1:{port}", min(levels), "warmup", work / "warmup.json")
         runs = []
         for streams in levels:
             label = f"{mode}_{streams}_{i}"
