@@ -1,9 +1,10 @@
 """The engine on a thread of the HTTP server vs in its own process (`--engine-process`): an A/B.
 
 For each round, each mode in turn (thread, process, thread, process, ...): start one `pdserve serve`,
-warm it up (a short run), run `pdserve bench serve` at every --streams level (closed loop: N streams, N prompts, fresh prompts
-each run so no prefix cache answers them, --ignore-eos), stop it. Prints output tok/s, mean TPOT and
-the run's duration per mode and level (the median over rounds, and every run), writes them to --out.
+warm it up (a short run), run `pdserve bench serve` at every --streams level (closed loop: N streams,
+N prompts, fresh prompts each run so no prefix cache answers them, --ignore-eos), stop it. Prints
+output tok/s, mean TPOT and the run's duration per mode and level (the median over rounds, and every
+run), writes them to --out.
 
     GPU (one card, 7B dummy weights, issue 30's shape; about 7 min):
         python3 benchmarks/front_ab.py --out $OUT/front_ab.json
