@@ -198,7 +198,7 @@ class CoreClient(EngineFront):
     def _handle(self, message: Any) -> None:
         if isinstance(message, m.StepOutputs):
             self._load = message.load
-            self._deliver(message.outputs)
+            self._deliver(message.outputs())
         elif isinstance(message, m.Reply):
             with self._lock:
                 done = self._pending.pop(message.seq, None)

@@ -56,7 +56,7 @@ class _Wire:
         """One step's outputs and the load after it; nothing if neither is news."""
         if outputs or load != self._load:
             self._load = load
-            self.send(m.StepOutputs(outputs, load))
+            self.send(m.StepOutputs.of(outputs, load))
 
     def reply(self, seq: int, done: concurrent.futures.Future[Any]) -> None:
         error = done.exception()
