@@ -452,7 +452,7 @@ OPTIONS: tuple[Option, ...] = (
         flag=True,
         const=True,
         off_flags=("--no-engine-process",),
-        help=f"run the engine in its own process, so the HTTP side never holds up its steps; "
+        help="run the engine in its own process, so that HTTP work never holds up its steps; "
         f"--no-engine-process: on a thread of the server's (default: ${ENGINE_PROCESS_ENV}=1 or 0, "
         "else a thread)",
         offline=False,
@@ -606,7 +606,10 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option] = OPT
                 help=option.help,
             )
             for off in option.off_flags:
-                target.add_argument(off, dest=option.name, action="store_const", const=not option.const)
+                help_off = f"the opposite of {option.flags[0]}"
+                target.add_argument(
+                    off, dest=option.name, action="store_const", const=not option.const, help=help_off
+                )
             continue
         extra: dict[str, Any] = {"choices": list(option.choices)} if option.choices else {}
         if option.metavar:
