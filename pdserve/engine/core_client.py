@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 class CoreClient(EngineFront):
     """Starts the engine core process, sends it commands, and routes its outputs to the streams."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, traces: tuple[str | None, str] = (None, "")) -> None:
         super().__init__(config)
+        self._traces = traces  # (OTLP endpoint, service name): the core's spans (a prefill's) go there too
         self._context: zmq.Context[Any] = zmq.Context()
         self._dir = ""
         self._commands: Any = None  # zmq PUSH socket, sent on under _lock
@@ -67,7 +68,7 @@ class CoreClient(EngineFront):
         self._results.bind(out_addr)
         spawn = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
-        args = (self.config, in_addr, out_addr, os.getpid(), level)
+        args = (self.config, in_addr, out_addr, os.getpid(), level, self._traces)
         # not a daemon: a daemonic process may not have children, and --tp ranks are the core's
         self._process = spawn.Process(target=run_core, args=args, name="pdserve-engine-core")
         self._process.start()

@@ -30,6 +30,7 @@ from pdserve.engine import core_messages as m
 from pdserve.engine.engine_loop import QUERIES, Add, Call, EngineLoop
 from pdserve.engine.outputs import RequestOutput
 from pdserve.errors import EngineDeadError
+from pdserve.observability import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,28 @@ class _Wire:
         self._socket.close()
 
 
-def run_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pid: int, log_level: int) -> None:
+def run_core(
+    config: EngineConfig,
+    in_addr: str,
+    out_addr: str,
+    parent_pid: int,
+    log_level: int,
+    traces: tuple[str | None, str] = (None, ""),
+) -> None:
     """The child's entry point (multiprocessing 'spawn' target)."""
     _follow_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the front decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so does the supervisor's SIGTERM: the front drains
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tracing.setup(*traces)
+    try:
+        _serve(config, in_addr, out_addr, parent_pid)
+    finally:
+        tracing.shutdown()
+
+
+def _serve(config: EngineConfig, in_addr: str, out_addr: str, parent_pid: int) -> None:
+    """Build the Engine, say Ready (or why not), then step it until Shutdown."""
     context: zmq.Context[Any] = zmq.Context()
     wire = _Wire(context, out_addr)
     commands = context.socket(zmq.PULL)

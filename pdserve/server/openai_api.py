@@ -183,8 +183,13 @@ def run_server(config: ServerConfig) -> None:
     """Start the engine, serve HTTP until SIGTERM/SIGINT has drained it, then stop both (exit status 0).
     If the engine dies, answer the requests in flight (errors), stop, and exit with
     EngineDeadError.EXIT_STATUS so that a supervisor restarts this instance."""
-    engine: EngineFront = (CoreClient if config.engine_process else AsyncEngine)(config.engine)
-    tracing.setup(config.otlp_traces_endpoint, f"pdserve-{config.engine.disagg.role}")
+    service = f"pdserve-{config.engine.disagg.role}"
+    engine: EngineFront = (
+        CoreClient(config.engine, (config.otlp_traces_endpoint, service))
+        if config.engine_process
+        else AsyncEngine(config.engine)
+    )
+    tracing.setup(config.otlp_traces_endpoint, service)
     logger.info("loading %s", config.engine.model.path)
     engine.start()
     try:
