@@ -6,8 +6,8 @@ N prompts, fresh prompts each run so no prefix cache answers them, --ignore-eos)
 output tok/s, mean TPOT and the run's duration per mode and level (the median over rounds, and every
 run), writes them to --out.
 
-    GPU (one card, 7B dummy weights, issue 30's shape; about 7 min):
-        python3 benchmarks/front_ab.py --out $OUT/front_ab.json
+    GPU (one card, 7B dummy weights, issue 30's shape; about 7 min, from the repository root):
+        source scripts/device_env.sh && python3 benchmarks/front_ab.py --out $OUT/front_ab.json
     CPU (the default model):
         .venv/bin/python benchmarks/front_ab.py --device cpu --model '' --tokenizer '' --max-num-seqs 64 \
             --streams 64 --input-len 128 --output-len 64 --out /tmp/front_ab_cpu.json
@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--streams", default="64,256", help="concurrency levels, comma-separated")
     ap.add_argument("--input-len", type=int, default=1000)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=1.0, help="as gpu_session.sh's front phase")
     ap.add_argument("--rounds", type=int, default=2, help="servers started per mode")
     ap.add_argument("--serve-arg", action="append", default=[], help="one more `serve` argument")
     ap.add_argument("--out", type=Path, default=Path("front_ab.json"))
@@ -58,7 +59,7 @@ def bench(args: argparse.Namespace, url: str, streams: int, label: str, out: Pat
     cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     cmd += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos"]
     cmd += ["--num-prompts", str(streams), "--max-concurrency", str(streams), "--prefix-salt", "auto"]
-    cmd += ["--history", "", "--disable-tqdm", "--label", label, "--output", str(out)]
+    cmd += ["--temperature", str(args.temperature), "--history", "", "--disable-tqdm", "--label", label, "--output", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     result = json.loads(out.read_text())
     keys = ("output_throughput", "mean_tpot_ms", "duration", "completed")
