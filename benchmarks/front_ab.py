@@ -59,7 +59,8 @@ def bench(args: argparse.Namespace, url: str, streams: int, label: str, out: Pat
     cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     cmd += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos"]
     cmd += ["--num-prompts", str(streams), "--max-concurrency", str(streams), "--prefix-salt", "auto"]
-    cmd += ["--temperature", str(args.temperature), "--history", "", "--disable-tqdm", "--label", label, "--output", str(out)]
+    cmd += ["--temperature", str(args.temperature), "--history", "", "--disable-tqdm"]
+    cmd += ["--label", label, "--output", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     result = json.loads(out.read_text())
     keys = ("output_throughput", "mean_tpot_ms", "duration", "completed")
