@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import functools
 import threading
 from typing import Any
 
 from pdserve.config import EngineConfig
 from pdserve.engine.engine_front import EngineFront, RequestStream
-from pdserve.engine.engine_loop import QUERIES, Add, Call, EngineLoop, SubRequest
+from pdserve.engine.engine_loop import Add, EngineLoop, SubRequest, query
 
 __all__ = ["AsyncEngine", "RequestStream", "SubRequest"]
 
@@ -73,7 +72,7 @@ class AsyncEngine(EngineFront):
 
     def _send_query(self, name: str, args: tuple[Any, ...]) -> concurrent.futures.Future[Any]:
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._loop.submit(Call(functools.partial(QUERIES[name], *args), done), allow_dead=True)
+        self._loop.submit(query(name, args, done), allow_dead=True)
         return done
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:

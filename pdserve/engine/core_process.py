@@ -27,7 +27,7 @@ import zmq
 
 from pdserve.config import EngineConfig
 from pdserve.engine import core_messages as m
-from pdserve.engine.engine_loop import QUERIES, Add, Call, EngineLoop
+from pdserve.engine.engine_loop import Add, Call, EngineLoop, query
 from pdserve.engine.outputs import RequestOutput
 from pdserve.errors import EngineDeadError
 from pdserve.observability import tracing
@@ -157,8 +157,7 @@ def _read_commands(commands: zmq.Socket[Any], loop: EngineLoop, wire: _Wire, par
         elif isinstance(message, m.Query):
             done = concurrent.futures.Future()
             done.add_done_callback(functools.partial(wire.reply, message.seq))
-            call = Call(functools.partial(QUERIES[message.name], *message.args), done)
-            _submit(loop, call, done, allow_dead=True)
+            _submit(loop, query(message.name, message.args, done), done, allow_dead=True)
 
 
 def _submit(

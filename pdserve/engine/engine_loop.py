@@ -81,6 +81,12 @@ QUERIES: dict[str, Callable[..., Any]] = {
 }
 
 
+def query(name: str, args: tuple[Any, ...], done: concurrent.futures.Future[Any]) -> Call:
+    """The Call that runs QUERIES[name](engine, *args) on the loop thread."""
+    fn = QUERIES[name]
+    return Call(lambda engine: fn(engine, *args), done)
+
+
 class EngineLoop:
     """An Engine, its command queue and the requests it serves; `run()` steps it until Stop."""
 
