@@ -21,7 +21,7 @@ from typing import Any
 
 from pdserve.config import EngineConfig
 from pdserve.engine.engine_front import EngineFront, RequestStream
-from pdserve.engine.engine_loop import Add, EngineLoop, SubRequest, query
+from pdserve.engine.engine_loop import Add, EngineLoop, SubRequest
 
 __all__ = ["AsyncEngine", "RequestStream", "SubRequest"]
 
@@ -72,7 +72,7 @@ class AsyncEngine(EngineFront):
 
     def _send_query(self, name: str, args: tuple[Any, ...]) -> concurrent.futures.Future[Any]:
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._loop.submit(query(name, args, done), allow_dead=True)
+        self._loop.query(name, args, done)
         return done
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:

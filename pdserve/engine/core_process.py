@@ -27,7 +27,7 @@ import zmq
 
 from pdserve.config import EngineConfig
 from pdserve.engine import core_messages as m
-from pdserve.engine.engine_loop import Add, Call, EngineLoop, query
+from pdserve.engine.engine_loop import Add, EngineLoop
 from pdserve.engine.outputs import RequestOutput
 from pdserve.errors import EngineDeadError
 from pdserve.observability import tracing
@@ -150,21 +150,19 @@ def _read_commands(commands: zmq.Socket[Any], loop: EngineLoop, wire: _Wire, par
             return
         if isinstance(message, m.AbortRequests):
             loop.abort(message.request_ids)
-        elif isinstance(message, m.AddRequests):
-            done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            done.add_done_callback(functools.partial(wire.reply, message.seq))
-            _submit(loop, Add(message.requests, done), done)
-        elif isinstance(message, m.Query):
-            done = concurrent.futures.Future()
-            done.add_done_callback(functools.partial(wire.reply, message.seq))
-            _submit(loop, query(message.name, message.args, done), done, allow_dead=True)
+        elif isinstance(message, m.AddRequests | m.Query):
+            _pass_on(loop, message, wire)
 
 
-def _submit(
-    loop: EngineLoop, command: Add | Call, done: concurrent.futures.Future[Any], allow_dead: bool = False
-) -> None:
+def _pass_on(loop: EngineLoop, message: m.AddRequests | m.Query, wire: _Wire) -> None:
+    """Hand an add or a query to the loop; its Reply goes to the front when it is answered."""
+    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    done.add_done_callback(functools.partial(wire.reply, message.seq))
     try:
-        loop.submit(command, allow_dead)
+        if isinstance(message, m.AddRequests):
+            loop.submit(Add(message.requests, done))
+        else:
+            loop.query(message.name, message.args, done)
     except EngineDeadError as e:
         done.set_exception(e)
 

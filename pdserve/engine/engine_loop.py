@@ -16,6 +16,7 @@ This module knows nothing about HTTP, asyncio or text.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import queue
 import threading
@@ -81,10 +82,19 @@ QUERIES: dict[str, Callable[..., Any]] = {
 }
 
 
-def query(name: str, args: tuple[Any, ...], done: concurrent.futures.Future[Any]) -> Call:
-    """The Call that runs QUERIES[name](engine, *args) on the loop thread."""
-    fn = QUERIES[name]
-    return Call(lambda engine: fn(engine, *args), done)
+# Queries safe from any thread (the connector's Sender has its own lock): answered at once, not after
+# the step in flight (a draining prefill instance refuses the next Reserve, not one a step later).
+ANY_THREAD = frozenset({"refuse_reserves"})
+
+
+def _answer(done: concurrent.futures.Future[Any], fn: Callable[[], Any]) -> None:
+    """Set `done` to fn()'s result or exception, unless its caller has given up on it."""
+    if not done.set_running_or_notify_cancel():
+        return
+    try:
+        done.set_result(fn())
+    except Exception as e:  # noqa: BLE001 - handed to the caller
+        done.set_exception(e)
 
 
 class EngineLoop:
@@ -120,6 +130,15 @@ class EngineLoop:
             if self.stopped:
                 raise EngineDeadError("the engine is not running")
             self.commands.put(command)
+
+    def query(self, name: str, args: tuple[Any, ...], done: concurrent.futures.Future[Any]) -> None:
+        """Answer QUERIES[name](engine, *args) through `done`: between two steps (also on a dead
+        engine), or at once for ANY_THREAD ones; EngineDeadError if the loop has stopped."""
+        fn = QUERIES[name]
+        if name in ANY_THREAD:
+            _answer(done, lambda: fn(self.engine, *args))
+        else:
+            self.submit(Call(lambda engine: fn(engine, *args), done), allow_dead=True)
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort requests by id (unknown or finished ones are ignored). Safe from any thread."""
@@ -195,12 +214,7 @@ class EngineLoop:
             for request_id in command.request_ids:
                 self._abort_one(request_id)
         elif isinstance(command, Call):
-            if not command.done.set_running_or_notify_cancel():
-                return
-            try:
-                command.done.set_result(command.fn(self.engine))
-            except Exception as e:  # noqa: BLE001 - handed to the caller
-                command.done.set_exception(e)
+            _answer(command.done, functools.partial(command.fn, self.engine))
 
     def _apply_add(self, command: Add) -> None:
         if not command.done.set_running_or_notify_cancel():
