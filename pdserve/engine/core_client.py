@@ -75,6 +75,7 @@ class CoreClient(EngineFront):
         try:
             self._publish(self._wait_ready(timeout))
         except BaseException:
+            self._stopping = True  # a later shutdown() has nothing left to do
             self._kill()
             raise
         self._running = True
