@@ -179,6 +179,7 @@ class ServerConfig:
     reasoning_parser: str | None = None  # server/parsers/reasoning.py's names
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None  # server/parsers/pipeline.py TOOL_CALL_PARSERS' names
+    engine_process: bool = False  # the engine in its own process (engine/core_client.py), else a thread
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefill_peers", tuple(self.prefill_peers))

@@ -309,6 +309,7 @@ def _add_serve_passthrough(up: argparse.ArgumentParser) -> None:
             extra["type"] = _checked(option.type)
         group.add_argument(
             *option.flags,
+            *option.off_flags,
             action=_PassThrough,
             dest="serve_args",
             default=[],  # nothing given: the instance's own default, which the help shows

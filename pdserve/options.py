@@ -12,6 +12,7 @@ dataclass's own default. This module knows nothing of argparse sub-commands, the
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from pdserve.server.parsers.pipeline import TOOL_CALL_PARSERS
 from pdserve.server.parsers.reasoning import REASONING_PARSERS
 
 _positive = int_at_least(1)
+ENGINE_PROCESS_ENV = "PDSERVE_ENGINE_PROCESS"  # --engine-process's default when neither flag is given
 API_KEY_ENV = "PDSERVE_API_KEY"  # read when --api-key is not given (how `pdserve up` passes it)
 MODEL_GROUP = "model and device"
 DISAGG_GROUP = "disaggregation"
@@ -91,6 +93,7 @@ class Option:
     metavar: str | None = None
     flag: bool = False  # takes no value: given, it sets `const`
     const: Any = None
+    off_flags: tuple[str, ...] = ()  # a flag's opposites: given, they set `not const`
     group: str | None = None  # the argparse group it is listed under
     offline: bool = True  # an LLM keyword too (the server's and the KV endpoint's are not)
     nargs: str | None = None  # "+": one or more values (a list)
@@ -442,6 +445,19 @@ OPTIONS: tuple[Option, ...] = (
         offline=False,
     ),
     Option(
+        "engine_process",
+        ("--engine-process",),
+        "server",
+        default=None,
+        flag=True,
+        const=True,
+        off_flags=("--no-engine-process",),
+        help="run the engine in its own process, so that HTTP work never holds up its steps; "
+        f"--no-engine-process: on a thread of the server's (default: ${ENGINE_PROCESS_ENV}=1 or 0, "
+        "else a thread)",
+        offline=False,
+    ),
+    Option(
         "drain_timeout",
         ("--drain-timeout",),
         "server",
@@ -589,6 +605,11 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option] = OPT
                 default=option.default,
                 help=option.help,
             )
+            for off in option.off_flags:
+                help_off = f"the opposite of {option.flags[0]}"
+                target.add_argument(
+                    off, dest=option.name, action="store_const", const=not option.const, help=help_off
+                )
             continue
         extra: dict[str, Any] = {"choices": list(option.choices)} if option.choices else {}
         if option.metavar:
@@ -654,6 +675,8 @@ def server_config(**options: Any) -> ServerConfig:
     engine = {k: v for k, v in options.items() if k not in server_names}
     if engine.get("kv_host") is None:  # the KV socket binds where the HTTP server does, unless told
         engine["kv_host"] = server["host"]
+    if server["engine_process"] is None:
+        server["engine_process"] = os.environ.get(ENGINE_PROCESS_ENV, "0") not in ("", "0")
     return ServerConfig(**_fields(server, "server"), engine=engine_config(**engine))
 
 

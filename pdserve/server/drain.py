@@ -20,7 +20,7 @@ import time
 
 from prometheus_client import Counter, Gauge
 
-from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine_front import EngineFront
 from pdserve.http_edge.draining import Drain
 from pdserve.server.errors import InstanceDrainingError, error_body, kind_of
 from pdserve.server.metrics import ServerMetrics
@@ -30,7 +30,7 @@ DRAINING = "draining"  # the Failed reason a draining prefill instance gives a R
 _SETTLE_POLL_S = 0.1
 
 
-def instance_drain(engine: AsyncEngine, timeout: float, metrics: ServerMetrics) -> Drain:
+def instance_drain(engine: EngineFront, timeout: float, metrics: ServerMetrics) -> Drain:
     """The drain of one instance, its metrics registered in `metrics`."""
     error = InstanceDrainingError("this instance is draining (shutting down): send the request elsewhere")
     drain = Drain(timeout, error_body(str(error), kind_of(error)), name="instance")
@@ -53,7 +53,7 @@ def instance_drain(engine: AsyncEngine, timeout: float, metrics: ServerMetrics) 
     return drain
 
 
-async def _engine_idle(engine: AsyncEngine, deadline: float) -> None:
+async def _engine_idle(engine: EngineFront, deadline: float) -> None:
     """Until nothing runs in the engine (a prefill's Reserves computed and their KV sent) or `deadline`."""
     while engine.is_healthy() and time.monotonic() < deadline:
         load = engine.load

@@ -23,7 +23,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.config import ServerConfig
-from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine_front import EngineFront
 from pdserve.http_edge.auth import bearer_header
 from pdserve.router.errors import RouterError
 from pdserve.server.entry_decode import DecodeEntryRunner
@@ -71,7 +71,7 @@ class Entry:
         app.add_exception_handler(RouterError, entry_error)
 
 
-def make_entry(engine: AsyncEngine, config: ServerConfig) -> Entry | None:
+def make_entry(engine: EngineFront, config: ServerConfig) -> Entry | None:
     """The entry this instance is, given its role and peers (config checked the pairing), or None."""
     headers = bearer_header(config.api_key)  # the peers want the key this instance wants
     if config.prefill_peers and engine.role == "decode":

@@ -23,7 +23,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from pdserve.disagg.handoff import FromPrefill
-from pdserve.engine.async_engine import AsyncEngine, RequestStream
+from pdserve.engine.engine_front import EngineFront, RequestStream
 from pdserve.engine.outputs import RequestOutput
 from pdserve.router.errors import unavailable
 from pdserve.router.instances import Instance
@@ -42,7 +42,7 @@ _DISCONNECT_CHECK_S = 1.0
 class DecodeEntryRunner(GenerationRunner):
     """A GenerationRunner whose requests without a hand-off get one: a prefill peer chosen here."""
 
-    def __init__(self, engine: AsyncEngine, prefills: Peers, max_retries: int = 2) -> None:
+    def __init__(self, engine: EngineFront, prefills: Peers, max_retries: int = 2) -> None:
         super().__init__(engine)
         self.prefills = prefills
         self.max_retries = max_retries  # --max-resumes
@@ -129,7 +129,7 @@ def _prefill_failed(out: RequestOutput) -> bool:
 class Peeked(RequestStream):
     """A stream whose first output was read already: it comes first, then the rest of `inner`."""
 
-    def __init__(self, engine: AsyncEngine, inner: RequestStream, first: RequestOutput) -> None:
+    def __init__(self, engine: EngineFront, inner: RequestStream, first: RequestOutput) -> None:
         super().__init__(engine, inner.request_ids, asyncio.Queue())
         self.inner: RequestStream = inner
         self.first: RequestOutput | None = first

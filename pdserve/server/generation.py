@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pdserve.disagg.handoff import FromPrefill
-from pdserve.engine.async_engine import SubRequest
+from pdserve.engine.engine_loop import SubRequest
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import Logprob
 from pdserve.engine.resume import Resume

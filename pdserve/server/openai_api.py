@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front of one instance: the FastAPI app, its routes, and run_server.
 
-    POST /v1/chat/completions, /v1/completions   text in -> token ids -> AsyncEngine -> text out
+    POST /v1/chat/completions, /v1/completions   text in -> token ids -> the engine (EngineFront) -> text out
     POST /tokenize, /detokenize                  vLLM's: the tokenizer (and chat template) alone
     GET  /v1/models, /health, /metrics           (/pd/info, /debug/kv: pd_routes.py)
 
@@ -28,6 +28,8 @@ from fastapi.responses import JSONResponse, Response
 
 from pdserve.config import ServerConfig
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.core_client import CoreClient
+from pdserve.engine.engine_front import EngineFront
 from pdserve.errors import EngineDeadError
 from pdserve.http_edge.auth import API_DOCS_OFF, REFUSAL, require_api_key
 from pdserve.http_edge.body_limit import BodyLimit
@@ -52,7 +54,7 @@ logger = logging.getLogger(__name__)
 class OpenAIServer:
     """One instance's OpenAI front: requests in through `requests`, answers out through `runner`."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: EngineFront, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
         self.metrics = metrics
         self.api_key = config.api_key
@@ -118,7 +120,7 @@ def _tokenizer_router(requests: RequestBuilder) -> APIRouter:
     return router
 
 
-def _health_router(engine: AsyncEngine) -> APIRouter:
+def _health_router(engine: EngineFront) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
@@ -130,7 +132,7 @@ def _health_router(engine: AsyncEngine) -> APIRouter:
     return router
 
 
-def _metrics_router(engine: AsyncEngine, metrics: ServerMetrics) -> APIRouter:
+def _metrics_router(engine: EngineFront, metrics: ServerMetrics) -> APIRouter:
     router = APIRouter()
 
     @router.get("/metrics")
@@ -142,8 +144,8 @@ def _metrics_router(engine: AsyncEngine, metrics: ServerMetrics) -> APIRouter:
     return router
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    """The app for one started AsyncEngine. The engine's lifetime belongs to the caller."""
+def build_app(engine: EngineFront, config: ServerConfig) -> FastAPI:
+    """The app for one started engine. The engine's lifetime belongs to the caller."""
     metrics = ServerMetrics(block_size=config.engine.cache.block_size)
     server = OpenAIServer(engine, config, metrics)
     metrics.model_name = server.served_model_name
@@ -181,8 +183,13 @@ def run_server(config: ServerConfig) -> None:
     """Start the engine, serve HTTP until SIGTERM/SIGINT has drained it, then stop both (exit status 0).
     If the engine dies, answer the requests in flight (errors), stop, and exit with
     EngineDeadError.EXIT_STATUS so that a supervisor restarts this instance."""
-    engine = AsyncEngine(config.engine)
-    tracing.setup(config.otlp_traces_endpoint, f"pdserve-{config.engine.disagg.role}")
+    service = f"pdserve-{config.engine.disagg.role}"
+    engine: EngineFront = (
+        CoreClient(config.engine, (config.otlp_traces_endpoint, service))
+        if config.engine_process
+        else AsyncEngine(config.engine)
+    )
+    tracing.setup(config.otlp_traces_endpoint, service)
     logger.info("loading %s", config.engine.model.path)
     engine.start()
     try:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine_front import EngineFront
 
 
-def pd_router(engine: AsyncEngine, model: str) -> APIRouter:
+def pd_router(engine: EngineFront, model: str) -> APIRouter:
     router = APIRouter()
 
     @router.get("/pd/info")

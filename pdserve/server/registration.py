@@ -19,7 +19,7 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry, Gauge
 
 from pdserve.config import ServerConfig
-from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine_front import EngineFront
 from pdserve.registry.member import Member, Role
 from pdserve.registry.redis_keys import redact
 from pdserve.registry.redis_registry import Registration
@@ -38,7 +38,7 @@ def advertised_url(config: ServerConfig) -> str:
     return f"http://{host}:{config.port}"
 
 
-def member_of(engine: AsyncEngine, config: ServerConfig) -> Callable[[], Member]:
+def member_of(engine: EngineFront, config: ServerConfig) -> Callable[[], Member]:
     url = advertised_url(config)
     tp = config.engine.model.tensor_parallel_size
 
@@ -50,7 +50,7 @@ def member_of(engine: AsyncEngine, config: ServerConfig) -> Callable[[], Member]
 
 
 def registration_lifespan(
-    engine: AsyncEngine,
+    engine: EngineFront,
     config: ServerConfig,
     metrics_registry: CollectorRegistry,
     on_drain: list[Callable[[], Awaitable[None]]] | None = None,

@@ -31,7 +31,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from pdserve.config import ServerConfig
-from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine_front import EngineFront
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import InvalidRequestError, ModelNotFoundError
 from pdserve.server import protocol as p
@@ -87,7 +87,7 @@ def template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
 class RequestBuilder:
     """Turns validated OpenAI requests into Generations ready for the engine."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: EngineFront, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
         self.metrics = metrics
         self.tokenizer = engine.tokenizer

@@ -28,7 +28,7 @@ from fastapi.responses import Response, StreamingResponse
 from opentelemetry.trace import Span
 from pydantic import BaseModel
 
-from pdserve.engine.async_engine import AsyncEngine, RequestStream
+from pdserve.engine.engine_front import EngineFront, RequestStream
 from pdserve.engine.outputs import RequestOutput
 from pdserve.errors import (
     EngineDeadError,
@@ -57,7 +57,7 @@ _FINISHED_OK = ("stop", "length")
 class GenerationRunner:
     """Adds a Generation's requests to the engine and turns their outputs into the HTTP answer."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: EngineFront) -> None:
         self.engine = engine
         self.token_str = TokenText(engine.tokenizer)
 

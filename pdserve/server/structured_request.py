@@ -2,7 +2,7 @@
 (text, json_object, json_schema) and vLLM's extras, `structured_outputs` {json, regex, choice,
 grammar, json_object} and the older guided_json / guided_regex / guided_choice / guided_grammar.
 At most one of them may be given; every value the engine cannot take is a 400 naming its field.
-Whether a schema or grammar compiles is the engine's to say (AsyncEngine.add, also a 400).
+Whether a schema or grammar compiles is the engine's to say (EngineFront.add, also a 400).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ keyed by the spec), and makes per-request Matchers from them.
 xgrammar was chosen by measurement (benchmarks/grammar_engines.py, docs/benchmarks.md): its masks cost
 microseconds per token at a 152k vocabulary where llguidance's p99 costs milliseconds; its compile is
 slower (tens to hundreds of ms for a nested schema), which the cache pays once per schema and the HTTP
-edge pays off the engine's thread (AsyncEngine.add compiles before it queues a request).
+edge pays off the engine's thread (EngineFront.add compiles before it queues a request).
 Thread-safe: the HTTP edge compiles on worker threads while the engine thread reads the cache.
 """
 
