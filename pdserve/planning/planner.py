@@ -1,8 +1,8 @@
 """Which layout of N GPUs serves a workload best under SLOs: simulate each one, compare goodput per GPU.
 
 A layout's *goodput* (DistServe's definition) is the highest request rate at which at least
-`attainment` (default 90%) of the requests meet every SLO; found by doubling the rate from a
-single request's pace until the SLOs fail, then bisecting. Every candidate is simulated with the same
+`attainment` (default 90%) of the requests meet every SLO; found by bisection below the layout's
+saturation throughput (a faster arrival rate is not sustainable). Every candidate is simulated with the same
 requests (same seed), so the comparison is between layouts, not between samples.
 """
 
@@ -20,7 +20,6 @@ from pdserve.planning.simulator import SimOptions, Simulator
 from pdserve.planning.workload import Workload
 
 DEFAULT_ATTAINMENT = 0.9
-MAX_DOUBLINGS = 24
 
 
 def simulate(
@@ -43,7 +42,11 @@ def capacity(
     attainment: float = DEFAULT_ATTAINMENT,
     iterations: int = 7,
 ) -> float:
-    """The highest rate (req/s) at which `attainment` of the requests meet `slo`; 0: not even one alone."""
+    """The highest rate (req/s) at which `attainment` of the requests meet `slo`; 0: not even one alone.
+
+    Searched below the layout's saturation throughput (every request sent at once): a higher arrival
+    rate is not sustainable, its queue grows without bound, even if a finite run of requests still
+    meets the SLOs (loose SLOs, few requests) before the backlog shows."""
 
     def meets(rate: float) -> bool:
         result = simulate(layout, profiles, workload.at_rate(rate), slo, options)
@@ -52,11 +55,10 @@ def capacity(
     alone = simulate(layout, profiles, workload.at_rate(1.0, num_requests=1), slo, options)
     if alone["slo_attainment"] < 1.0:
         return 0.0
-    lo, hi = 0.0, layout.gpus * 1000.0 / max(alone["mean_e2el_ms"], 1e-6)
-    for _ in range(MAX_DOUBLINGS):
-        if not meets(hi):
-            break
-        lo, hi = hi, hi * 2
+    burst = simulate(layout, profiles, workload.at_rate(math.inf), slo, options)
+    lo, hi = 0.0, float(burst["request_throughput"])
+    if meets(hi):
+        return hi
     for _ in range(iterations):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if meets(mid) else (lo, mid)

@@ -3,7 +3,7 @@
 - M/D/1: one colocated instance serving one request a step (max_num_seqs 1, one output token) at
   Poisson rate lam with a constant step D has the Pollaczek-Khinchine mean wait
   W = lam * D^2 / (2 * (1 - lam * D)); the mean TTFT is W + D.
-- A layout's capacity is monotone in its GPU count.
+- A layout's capacity is monotone in its GPU count, and never above its saturation throughput.
 - A pd layout moves KV: the hand-off's cost appears in TTFT, and not in a colocated one's.
 """
 
@@ -50,6 +50,19 @@ def test_capacity_is_monotone_in_gpus() -> None:
     assert rates[0] < rates[1] < rates[2]
     pd = [capacity(Layout(prefill=p, decode=p), {1: profile}, work, slo, iterations=5) for p in (1, 2)]
     assert 0 < pd[0] < pd[1]
+
+
+def test_capacity_never_exceeds_saturation_under_slos_a_short_run_always_meets() -> None:
+    """With SLOs so loose that a finite run meets them at any arrival rate, goodput is still bounded
+    by what the layout serves when every request comes at once, not by the search's reach."""
+    profile = constant_profile(prefill_s=0.020, decode_s=0.010, max_num_seqs=8)
+    work = Workload(input_len=64, output_len=16, num_requests=60, seed=4)
+    loose = SLO(ttft_ms=1e9, tpot_ms=1e9)
+    layout = Layout(colocated=1)
+    burst = simulate("colocated:1", profile, work.at_rate(math.inf))["request_throughput"]
+    rate = capacity(layout, {1: profile}, work, loose, iterations=5)
+    assert 0 < rate <= burst  # one instance: 8 requests per 16 decode steps and their prefills
+    assert rate < 100  # bounded at the pace of the steps, about 30 req/s
 
 
 def test_pd_handoff_cost_appears_in_ttft() -> None:
