@@ -31,6 +31,7 @@
 #   bash scripts/gpu_session.sh multiturn [KV]  # one H200 (~5 min; an H100 with KV=2GiB): 2P2D of 7B on one GPU, 64x6 chat turns, round_robin vs cache_aware
 #   bash scripts/gpu_session.sh resume     # one GPU (~3 min): the cost of a resume, 1P2D of 7B sharing the GPU
 #   bash scripts/gpu_session.sh structured # one GPU (~2 min): decode step with half the batch JSON-constrained vs none, B=32,128
+#   bash scripts/gpu_session.sh frontab    # one GPU (~8 min): 7B through HTTP, engine thread vs --engine-process (issue 30)
 #   bash scripts/gpu_session.sh front      # one GPU (~6 min): 7B offline vs through HTTP at 64 and 256 streams of
 #                                           1000 + 256 tokens, py-spy profiles of both (issue 30's split)
 #   bash scripts/gpu_session.sh moe        # one H100/H200 (~5 min): fused MoE block and whole-model steps, qwen3-30b-a3b and ernie-4.5-21b-a3b
@@ -262,6 +263,11 @@ resume)  # one GPU (~3 min): benchmarks/resume_cost.py with 1 prefill + 2 decode
     --tokenizer .whl/tokenizer --kv-cache-memory 6GiB >"$OUT/resume_cost_gpu.log" 2>&1
   echo "rc=$?" >>"$OUT/resume_cost_gpu.log"
   tail -30 "$OUT/resume_cost_gpu.log"
+  ;;
+frontab)  # one GPU (~8 min; ~5 with ROUNDS=1): issue 30's A/B, the engine on a thread vs in its own process
+  timeout 580 python3 benchmarks/front_ab.py --rounds "${ROUNDS:-2}" --out "$OUT/front_ab.json" >"$OUT/front_ab.log" 2>&1
+  echo "rc=$?" >>"$OUT/front_ab.log"
+  tail -12 "$OUT/front_ab.log"
   ;;
 structured)
   timeout 300 python3 benchmarks/structured_tpot_gpu.py --batches 32,128 \
