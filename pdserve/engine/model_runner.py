@@ -42,6 +42,7 @@ from pdserve.layers.attention.metadata import AttentionMetadata
 from pdserve.layers.attention.registry import backend_class
 from pdserve.models.llama import head_dim_of
 from pdserve.models.loader import build_model
+from pdserve.structured.masks import constrained_rows
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ class ModelRunner:
                 logits = logits[to_device(long_tensor(rows), self.device)]
             assert ahead is None or len(rows) == len(chunks) == ahead.shape[0], "ahead: every row samples"
             requests = [chunks[i].request for i in rows]
-            if ahead is not None and any(r.matcher is not None and r.matcher.constrains for r in requests):
+            if ahead is not None and constrained_rows(requests):
                 return DeferredSample(self.sampler, logits, requests)
             return self.sampler.sample_later(logits, requests, ahead)
 
