@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 from pdserve.config import EngineConfig
+from pdserve.engine.core_messages import CoreInfo
 from pdserve.engine.engine_front import EngineFront, RequestStream
 from pdserve.engine.engine_loop import Add, EngineLoop, SubRequest
 
@@ -92,11 +93,7 @@ class AsyncEngine(EngineFront):
         # The front end tokenizes concurrently with detokenization here: give it its own copy.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.grammars = engine.grammars  # thread-safe, and the engine thread then finds it compiled
-        self.max_model_len = int(engine.max_model_len)
-        self.model_name = str(engine.model_name)
-        self.model_dir = str(engine.config.model.path)  # resolved: a directory
-        connector = engine.connector
-        self.kv_addr = connector.address if connector is not None else None
+        self._adopt(CoreInfo.of(engine))
 
     @property
     def load(self) -> dict[str, int]:

@@ -110,11 +110,7 @@ class CoreClient(EngineFront):
 
         self.tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_dir)
         self.grammars = Grammars(self.tokenizer, info.vocab_size, info.eos_token_ids)
-        self.max_model_len = info.max_model_len
-        self.model_name = info.model_name
-        self.model_dir = info.model_dir
-        self.kv_addr = info.kv_addr
-        self._load = info.load
+        self._adopt(info)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the core (in-flight requests end with finish_reason "abort") and wait for it."""

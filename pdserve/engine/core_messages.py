@@ -60,6 +60,21 @@ class CoreInfo:
     kv_addr: str | None
     load: dict[str, int]
 
+    @classmethod
+    def of(cls, engine: Any) -> CoreInfo:
+        """The facts of a built Engine (pdserve.engine.engine)."""
+        connector = engine.connector
+        return cls(
+            max_model_len=int(engine.max_model_len),
+            model_name=str(engine.model_name),
+            model_dir=str(engine.config.model.path),
+            tokenizer_dir=str(engine.tokenizer_dir),
+            vocab_size=int(engine.hf_config.vocab_size),
+            eos_token_ids=tuple(engine.eos_token_ids),
+            kv_addr=connector.address if connector is not None else None,
+            load=engine.load(),
+        )
+
 
 @dataclass(frozen=True)
 class Ready:

@@ -103,7 +103,7 @@ def _serve(config: EngineConfig, in_addr: str, out_addr: str, parent_pid: int) -
         except BaseException as e:  # noqa: BLE001 - handed to the front's start()
             wire.send(m.StartFailed(m.portable(e)))
             return
-        wire.send(m.Ready(_info(loop.engine)))
+        wire.send(m.Ready(m.CoreInfo.of(loop.engine)))
         loop.on_dead = lambda reason: wire.send(m.Dead(reason))
         reader = threading.Thread(
             target=_read_commands,
@@ -118,22 +118,6 @@ def _serve(config: EngineConfig, in_addr: str, out_addr: str, parent_pid: int) -
         wire.close()
         commands.close(linger=0)
         context.term()
-
-
-def _info(engine: Any) -> m.CoreInfo:
-    from pdserve.models.prepare import tokenizer_path
-
-    connector = engine.connector
-    return m.CoreInfo(
-        max_model_len=int(engine.max_model_len),
-        model_name=str(engine.model_name),
-        model_dir=str(engine.config.model.path),
-        tokenizer_dir=tokenizer_path(engine.config.model),
-        vocab_size=int(engine.hf_config.vocab_size),
-        eos_token_ids=tuple(engine.eos_token_ids),
-        kv_addr=connector.address if connector is not None else None,
-        load=engine.load(),
-    )
 
 
 def _read_commands(commands: zmq.Socket[Any], loop: EngineLoop, wire: _Wire, parent_pid: int) -> None:

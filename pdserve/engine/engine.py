@@ -52,7 +52,8 @@ class Engine:
         path = resolve_model(config.model.path or None)
         self.config = config = replace(config, model=replace(config.model, path=path))
         self.hf_config = AutoConfig.from_pretrained(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(config.model))
+        self.tokenizer_dir = tokenizer_path(config.model)  # resolved once: fronts load their own copy
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         self.model_name = path.rstrip("/").rsplit("/", 1)[-1]
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 4096))
         self.eos_token_ids = self._eos_ids(path)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from pdserve.config import EngineConfig
+from pdserve.engine.core_messages import CoreInfo
 from pdserve.engine.engine_loop import SubRequest
 from pdserve.engine.outputs import EngineStats, RequestOutput
 from pdserve.engine.sampling import SamplingParams
@@ -153,6 +154,14 @@ class EngineFront(abc.ABC):
     def load(self) -> dict[str, int]:
         """The engine's load after its latest step (/pd/info, routers), read without waiting for it."""
         return self._load
+
+    def _adopt(self, info: CoreInfo) -> None:
+        """The model facts of the engine just built (the tokenizer and grammars are the subclass's)."""
+        self.max_model_len = info.max_model_len
+        self.model_name = info.model_name
+        self.model_dir = info.model_dir
+        self.kv_addr = info.kv_addr
+        self._load = info.load
 
     # ---- where the engine runs (subclasses) --------------------------------------------------------------
 
