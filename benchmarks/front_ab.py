@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=1.0, help="as gpu_session.sh's front phase")
     ap.add_argument("--rounds", type=int, default=2, help="servers started per mode")
     ap.add_argument("--serve-arg", action="append", default=[], help="one more `serve` argument")
+    ap.add_argument("--router-streams", default="", help="levels run again through `pdserve router`")
     ap.add_argument("--out", type=Path, default=Path("front_ab.json"))
     return ap.parse_args()
 
@@ -83,26 +84,48 @@ def one_server(args: argparse.Namespace, mode: str, levels: list[int], work: Pat
             raise
         warm = argparse.Namespace(**{**vars(args), "output_len": 8})  # first requests pay for lazy setup
         bench(warm, f"http://127.0.0.1:{port}", min(levels), "warmup", work / "warmup.json")
-        runs = []
-        for streams in levels:
-            label = f"{mode}_{streams}_{i}"
-            row = bench(args, f"http://127.0.0.1:{port}", streams, label, work / f"{label}.json")
-            runs.append({"mode": mode, "streams": streams, "round": i, **row})
-            print(
-                f"{label:>20}: {row['output_throughput']:.0f} tok/s, TPOT {row['mean_tpot_ms']:.1f} ms, "
-                f"{row['duration']:.2f} s",
-                flush=True,
-            )
+        runs = run_levels(args, f"http://127.0.0.1:{port}", mode, levels, work, i)
+        if args.router_streams:
+            runs += through_router(args, port, mode, work, i)
         return runs
     finally:
         stop([proc])
 
 
+def run_levels(args: argparse.Namespace, url: str, mode: str, levels: list[int], work: Path, i: int) -> Runs:
+    runs = []
+    for streams in levels:
+        label = f"{mode}_{streams}_{i}"
+        row = bench(args, url, streams, label, work / f"{label}.json")
+        runs.append({"mode": mode, "streams": streams, "round": i, **row})
+        print(
+            f"{label:>20}: {row['output_throughput']:.0f} tok/s, TPOT {row['mean_tpot_ms']:.1f} ms, "
+            f"{row['duration']:.2f} s",
+            flush=True,
+        )
+    return runs
+
+
+def through_router(args: argparse.Namespace, port: int, mode: str, work: Path, i: int) -> Runs:
+    """The --router-streams levels again, through a `pdserve router` in front of the server."""
+    rport = free_port()
+    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(rport)]
+    router = start([*cmd, "--instance", f"http://127.0.0.1:{port}"], work / f"router_{mode}_{i}.log")
+    try:
+        wait_healthy(f"http://127.0.0.1:{rport}", [router])
+        levels = [int(s) for s in args.router_streams.split(",")]
+        return run_levels(args, f"http://127.0.0.1:{rport}", f"{mode}+router", levels, work, i)
+    finally:
+        stop([router])
+
+
 def summary(runs: list[dict[str, Any]], levels: list[int]) -> list[dict[str, Any]]:
     rows = []
     for streams in levels:
-        for mode in MODES:
+        for mode in sorted({r["mode"] for r in runs}):
             mine = [r for r in runs if r["mode"] == mode and r["streams"] == streams]
+            if not mine:
+                continue
             rows.append(
                 {
                     "streams": streams,
@@ -123,7 +146,7 @@ def main() -> None:
         for i in range(args.rounds):
             for mode in MODES:
                 runs += one_server(args, mode, levels, Path(tmp), i)
-    rows = summary(runs, levels)
+    rows = summary(runs, sorted({r["streams"] for r in runs}))
     print(f"\n{'streams':>7} {'mode':>8} {'output tok/s':>13} {'mean TPOT ms':>13} {'duration s':>11}")
     for r in rows:
         print(
