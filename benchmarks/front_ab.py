@@ -24,7 +24,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 from common import free_port, start, stop, wait_healthy  # benchmarks/ is sys.path[0]
+
+from pdserve.router.metrics import metric_sum
 
 MODES = {"thread": "--no-engine-process", "process": "--engine-process"}
 
@@ -84,7 +87,8 @@ def one_server(args: argparse.Namespace, mode: str, levels: list[int], work: Pat
             raise
         warm = argparse.Namespace(**{**vars(args), "output_len": 8})  # first requests pay for lazy setup
         bench(warm, f"http://127.0.0.1:{port}", min(levels), "warmup", work / "warmup.json")
-        runs = run_levels(args, f"http://127.0.0.1:{port}", mode, levels, work, i)
+        url = f"http://127.0.0.1:{port}"
+        runs = run_levels(args, url, mode, levels, work, i, url)
         if args.router_streams:
             runs += through_router(args, port, mode, work, i)
         return runs
@@ -92,15 +96,30 @@ def one_server(args: argparse.Namespace, mode: str, levels: list[int], work: Pat
         stop([proc])
 
 
-def run_levels(args: argparse.Namespace, url: str, mode: str, levels: list[int], work: Path, i: int) -> Runs:
+def engine_clock(url: str) -> dict[str, float]:
+    """The engine's device busy and host wait totals (engine/step_clock.py) from the server's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    names = {"busy_s": "pdserve_engine_device_busy_seconds", "wait_s": "pdserve_engine_host_wait_seconds"}
+    return {key: metric_sum(text, name) for key, name in names.items()}
+
+
+def run_levels(
+    args: argparse.Namespace, url: str, mode: str, levels: list[int], work: Path, i: int, engine_url: str
+) -> Runs:
+    """Each level against `url`; the engine's clock read from `engine_url` around each run, so a run's
+    duration can be set against the device time its steps took."""
     runs = []
     for streams in levels:
         label = f"{mode}_{streams}_{i}"
+        before = engine_clock(engine_url)
         row = bench(args, url, streams, label, work / f"{label}.json")
+        after = engine_clock(engine_url)
+        row |= {key: after[key] - before[key] for key in after}
+        row["overhead"] = row["duration"] / row["busy_s"] - 1 if row["busy_s"] else None
         runs.append({"mode": mode, "streams": streams, "round": i, **row})
         print(
             f"{label:>20}: {row['output_throughput']:.0f} tok/s, TPOT {row['mean_tpot_ms']:.1f} ms, "
-            f"{row['duration']:.2f} s",
+            f"{row['duration']:.2f} s, device busy {row['busy_s']:.2f} s, host waited {row['wait_s']:.2f} s",
             flush=True,
         )
     return runs
@@ -114,7 +133,8 @@ def through_router(args: argparse.Namespace, port: int, mode: str, work: Path, i
     try:
         wait_healthy(f"http://127.0.0.1:{rport}", [router])
         levels = [int(s) for s in args.router_streams.split(",")]
-        return run_levels(args, f"http://127.0.0.1:{rport}", f"{mode}+router", levels, work, i)
+        url = f"http://127.0.0.1:{rport}"
+        return run_levels(args, url, f"{mode}+router", levels, work, i, f"http://127.0.0.1:{port}")
     finally:
         stop([router])
 
@@ -133,6 +153,8 @@ def summary(runs: list[dict[str, Any]], levels: list[int]) -> list[dict[str, Any
                     "output_tok_s": statistics.median(r["output_throughput"] for r in mine),
                     "mean_tpot_ms": statistics.median(r["mean_tpot_ms"] for r in mine),
                     "duration_s": statistics.median(r["duration"] for r in mine),
+                    "device_busy_s": statistics.median(r["busy_s"] for r in mine),
+                    "host_wait_s": statistics.median(r["wait_s"] for r in mine),
                 }
             )
     return rows
@@ -147,11 +169,13 @@ def main() -> None:
             for mode in MODES:
                 runs += one_server(args, mode, levels, Path(tmp), i)
     rows = summary(runs, sorted({r["streams"] for r in runs}))
-    print(f"\n{'streams':>7} {'mode':>8} {'output tok/s':>13} {'mean TPOT ms':>13} {'duration s':>11}")
+    head = f"{'streams':>7} {'mode':>14} {'output tok/s':>13} {'mean TPOT ms':>13} {'duration s':>11}"
+    print(f"\n{head} {'device busy s':>14} {'over busy':>10}")
     for r in rows:
+        over = r["duration_s"] / r["device_busy_s"] - 1 if r["device_busy_s"] else float("nan")
         print(
-            f"{r['streams']:>7} {r['mode']:>8} {r['output_tok_s']:>13.0f} {r['mean_tpot_ms']:>13.2f} "
-            f"{r['duration_s']:>11.2f}"
+            f"{r['streams']:>7} {r['mode']:>14} {r['output_tok_s']:>13.0f} {r['mean_tpot_ms']:>13.2f} "
+            f"{r['duration_s']:>11.2f} {r['device_busy_s']:>14.2f} {over:>+10.1%}"
         )
     config = {k: v for k, v in vars(args).items() if k != "out"}
     args.out.parent.mkdir(parents=True, exist_ok=True)

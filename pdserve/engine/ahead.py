@@ -32,6 +32,7 @@ from pdserve.engine.block_manager import cdiv
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import PendingSample, kernel_draws
 from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from pdserve.engine.step_clock import Marks
 
 if TYPE_CHECKING:
     from pdserve.disagg.connector import KVConnector
@@ -46,6 +47,7 @@ class InFlight:
     sampling: list[Request] = field(default_factory=list)  # the requests that sample, in row order
     prefill_tokens: int = 0  # prompt tokens it computes
     computed_applied: bool = False  # update_computed ran already (a step was launched ahead of it)
+    marks: Marks | None = None  # StepClock's marks around its launch
 
 
 def can_run_ahead(flight: InFlight, scheduler: Scheduler, connector: KVConnector | None) -> bool:

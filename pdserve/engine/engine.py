@@ -38,6 +38,7 @@ from pdserve.engine.resume import Resume
 from pdserve.engine.sampler import SampleResult
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.step_clock import StepClock
 from pdserve.errors import InvalidRequestError, OverloadedError, PDServeError
 from pdserve.models.prepare import resolve_model, tokenizer_path
 from pdserve.structured.compiler import Grammars
@@ -75,6 +76,7 @@ class Engine:
         self.num_steps = 0
         self.num_steps_ahead = 0
         self.num_prefill_tokens = 0  # prompt tokens this instance ran through the model
+        self.clock = StepClock(self.runner.device)  # device busy time and host waits, for /metrics
         self.kv_times = TransferLog()  # cumulative: any number of stats() readers
         self.idle = False  # the last step had nothing to compute (all waiting on peers or blocks)
         overlap = config.scheduler.overlap_outputs
@@ -270,6 +272,7 @@ class Engine:
 
     def _launch(self, sched: SchedulerOutput, ahead: InFlight | None = None) -> None:
         """Queue a step on the runner; what depends on the requests' state now is decided now."""
+        start = self.clock.start()
         flight = InFlight(
             sched,
             self.runner.launch(
@@ -281,6 +284,7 @@ class Engine:
                 for c in sched.chunks
             ),
         )
+        flight.marks = self.clock.stop(start)
         self.in_flight = flight
 
     def _layer_hook(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
@@ -306,7 +310,7 @@ class Engine:
         self._launch(schedule_ahead(flight, self.scheduler), ahead=flight)
         self.num_steps_ahead += 1
         self.idle = False
-        tokens = self._update(flight, flight.pending.wait())
+        tokens = self._update(flight, self.clock.timed_wait(flight.pending.wait))
         if self.in_flight is not None:  # N's tokens are appended: the grammar masks of N+1 can be made
             self.in_flight.pending.release()
         return self._apply(self._poll()) + self._emit(tokens)
@@ -315,10 +319,11 @@ class Engine:
         """Wait for the step in flight and apply its tokens to the requests (stop tokens, lengths,
         KV hand-off); what is left for the client (text, stop strings) is returned for _emit."""
         flight, self.in_flight = self.in_flight, None
-        return self._update(flight, flight.pending.wait()) if flight is not None else []
+        return self._update(flight, self.clock.timed_wait(flight.pending.wait)) if flight is not None else []
 
     def _update(self, flight: InFlight, results: list[SampleResult]) -> list[Token]:
         self.num_steps += 1
+        self.clock.collected(flight.marks)
         self.num_prefill_tokens += flight.prefill_tokens
         if not flight.computed_applied:
             self.scheduler.update_computed(flight.sched)
@@ -510,6 +515,8 @@ class Engine:
             num_prefill_tokens=self.num_prefill_tokens,
             num_steps=self.num_steps,
             num_steps_ahead=self.num_steps_ahead,
+            device_busy_seconds=self.clock.busy_s,
+            host_wait_seconds=self.clock.wait_s,
             num_waiting_for_kv=len(self.scheduler.waiting_for_kv),
             tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in self._queued()),
             request_stages=self.scheduler.finished_times.snapshot(),

@@ -100,6 +100,8 @@ class EngineStats:
     num_prefill_tokens: int = 0  # tokens run through the model as prompt (not decode)
     num_steps: int = 0
     num_steps_ahead: int = 0  # decode steps launched before the previous one was collected
+    device_busy_seconds: float = 0.0  # the device's time on collected steps (engine/step_clock.py)
+    host_wait_seconds: float = 0.0  # the engine thread's time blocked on a step's tokens
     num_waiting_for_kv: int = 0  # decode: blocks reserved, KV on its way from a prefill instance
     tokens_in_flight: int = 0  # prompt tokens admitted or queued but not yet computed
     kv_bytes_sent: int = 0

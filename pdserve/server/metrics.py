@@ -89,6 +89,16 @@ class ServerMetrics:
         self.prefill_tokens = Gauge(
             "pdserve_prompt_tokens_computed", "Prompt tokens this instance ran through the model", registry=r
         )
+        self.device_busy = Gauge(
+            "pdserve_engine_device_busy_seconds",
+            "The device's time on the engine's steps since start (CUDA events around each step)",
+            registry=r,
+        )
+        self.host_wait = Gauge(
+            "pdserve_engine_host_wait_seconds",
+            "The engine thread's time blocked waiting for a step's tokens since start",
+            registry=r,
+        )
         self.steps_ahead = Gauge(
             "pdserve_num_steps_ahead",
             "Decode steps launched before the previous one was collected",
@@ -161,6 +171,8 @@ class ServerMetrics:
         self.waiting_for_kv.set(stats.num_waiting_for_kv)
         self.prefill_tokens.set(stats.num_prefill_tokens)
         self.steps_ahead.set(stats.num_steps_ahead)
+        self.device_busy.set(stats.device_busy_seconds)
+        self.host_wait.set(stats.host_wait_seconds)
         self.kv_streamed.set(stats.kv_transfers_streamed)
         self._count_kv(stats)
         self._count_totals(stats)
