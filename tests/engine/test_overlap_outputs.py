@@ -6,6 +6,8 @@ really happens (detokenizing runs while a step is in flight)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pdserve.engine import engine as engine_module
@@ -110,11 +112,18 @@ def test_steady_decodes_launch_ahead_and_match(
     engines: tuple[LLM, LLM], monkeypatch: pytest.MonkeyPatch, prompt_ids: list[list[int]]
 ) -> None:
     calls = _count_ahead(monkeypatch)
-    before = engines[0].engines[0].stats().num_steps_ahead
+    before = engines[0].engines[0].stats()
     params = SamplingParams(temperature=0.0, max_tokens=16)  # EOS on: some end inside an ahead step
+    t0 = time.perf_counter()
     a = engines[0].generate_ids(prompt_ids, params)
+    wall = time.perf_counter() - t0
+    after = engines[0].engines[0].stats()
     assert len(calls) >= 10  # most decode steps of the batch went ahead
-    assert engines[0].engines[0].stats().num_steps_ahead - before == len(calls)  # /metrics' gauge
+    assert after.num_steps_ahead - before.num_steps_ahead == len(calls)  # /metrics' gauge
+    # StepClock: every collected step's device time counted once (on the CPU a launch computes it)
+    busy = after.device_busy_seconds - before.device_busy_seconds
+    assert 0.3 * wall < busy <= wall, (busy, wall)
+    assert 0 <= after.host_wait_seconds - before.host_wait_seconds <= wall
     b = engines[1].generate_ids(prompt_ids, params)
     assert [(c.token_ids, c.text, c.finish_reason) for c in a] == [
         (c.token_ids, c.text, c.finish_reason) for c in b
