@@ -8,12 +8,18 @@ copy GB/s. Then per shape:
   routing picked (distinct experts x 3 x H x I x 2 bytes, plus router and shared expert, / copy GB/s);
   prefill MFU = 2 x (top-k + shared) expert FLOPs per token x tokens / time / matmul ceiling. The torch
   reference's decode time is given beside it;
+- with --quantization wint8,wint4,fp8 the same block again per format (routed and shared experts
+  quantized as --quantization does at load), through the quantized fused kernel: decode time vs that
+  format's bound (the picked experts' quantized bytes, scales included), its ratio to the bf16 block,
+  and beside it the path it replaces (both stacks dequantized to bf16, then the bf16 fused kernel);
 - the whole model through the engine's ModelRunner (CUDA graphs): decode step at B = 1/32/128 with a
   1k context vs the bound = (weights outside the routed experts + the distinct experts each MoE layer's
   routing picked in that step + KV read) / copy GB/s; prefill of 4 x 1024 tokens in one step as MFU.
 
     python3 benchmarks/moe_gpu.py --out $OUT/moe.json
     python3 benchmarks/moe_gpu.py --shapes qwen3-30b-a3b --no-model --out moe.json   # blocks only
+    python3 benchmarks/moe_gpu.py --shapes qwen3-30b-a3b --no-model --quantization wint8,wint4,fp8 \
+        --out $OUT/moe_quant.json   # bf16 vs the quantized fused MoE
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.kernels.config import KernelConfig
 from pdserve.kernels.factory import build_kernels
 from pdserve.layers.moe import FusedExperts, Router, SparseMoeBlock, experts_torch
-from pdserve.models.loader import init_dummy
+from pdserve.layers.quant import LoadQuantizable, dequantize
 from pdserve.models.prepare import resolve_model
 from pdserve.models.registry import model_class
 
@@ -56,8 +62,9 @@ def graphed(fn: Any) -> Any:
     return graph.replay
 
 
-def moe_block(cfg: Any, device: str = "cuda") -> SparseMoeBlock:
-    """The first MoE layer's block of the shape, dummy weights, bf16 on `device`."""
+def moe_block(cfg: Any, device: str = "cuda", quantization: str = "bf16") -> SparseMoeBlock:
+    """The first MoE layer's block of the shape, dummy weights, bf16 on `device`; its experts (routed
+    and shared) then quantized by `quantization` unless that is bf16."""
     kernels = build_kernels(KernelConfig(), torch.device(device))
     torch.set_default_dtype(DTYPE)
     try:
@@ -69,7 +76,13 @@ def moe_block(cfg: Any, device: str = "cuda") -> SparseMoeBlock:
     finally:
         torch.set_default_dtype(torch.float32)
     assert isinstance(block, SparseMoeBlock)
-    init_dummy(block, seed=0)  # type: ignore[arg-type]
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # init_dummy's scale (it takes whole models only)
+        for p in block.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+    if quantization != "bf16":
+        for module in [m for m in block.modules() if isinstance(m, LoadQuantizable)]:
+            module.quantize(quantization)
     return block.eval().requires_grad_(False)
 
 
@@ -77,7 +90,8 @@ def block_bytes(block: SparseMoeBlock, ids: torch.Tensor) -> tuple[float, int]:
     """(bytes a pass must read: picked experts, router, shared expert; distinct experts picked)."""
     experts = block.experts
     distinct = int(torch.unique(ids).numel())
-    per_expert = 3 * experts.hidden * experts.local * DTYPE.itemsize
+    # bf16 stacks or the quantized ones (data and scales): the same bytes for every expert
+    per_expert = sum(p.numel() * p.element_size() for p in experts.parameters()) / experts.num_experts
     rest = sum(
         p.numel() * p.element_size() for n, p in block.named_parameters() if not n.startswith("experts.")
     )
@@ -85,11 +99,11 @@ def block_bytes(block: SparseMoeBlock, ids: torch.Tensor) -> tuple[float, int]:
 
 
 def bench_block(
-    shape: str, cfg: Any, ceil: dict[str, float], batches: list[int], prefill: int
+    shape: str, cfg: Any, ceil: dict[str, float], batches: list[int], prefill: int, quantization: str = "bf16"
 ) -> dict[str, Any]:
-    block = moe_block(cfg)
-    experts, hidden = block.experts, block.experts.hidden
-    out: dict[str, Any] = {"decode": [], "prefill": {}}
+    block = moe_block(cfg, quantization=quantization)
+    hidden = block.experts.hidden
+    out: dict[str, Any] = {"quantization": quantization, "decode": [], "prefill": {}}
     for tokens in [*batches, prefill]:
         x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE)
         ids, weights = block.gate(x)
@@ -100,24 +114,67 @@ def bench_block(
         row: dict[str, Any] = {"tokens": tokens, "ms": t * 1e3, "distinct_experts": distinct}
         if tokens < prefill:
             bound = need / (ceil["copy_gbps"] * 1e9)
-            with torch.inference_mode():
-                ref = timed(lambda x=x, i=ids, w=weights: experts_torch(x, experts.w13, experts.w2, i, w), 10)
-            row |= {"bound_ms": bound * 1e3, "fraction_of_bound": bound / t, "torch_reference_ms": ref * 1e3}
+            ref_name, ref = baseline(block, x, ids, weights)
+            row |= {"bound_ms": bound * 1e3, "fraction_of_bound": bound / t, ref_name: ref * 1e3}
             out["decode"].append(row)
             print(
-                f"{shape} MoE block T={tokens}: {t * 1e3:.3f} ms, bound {bound * 1e3:.3f} ms "
-                f"({bound / t:.0%}), {distinct} experts; torch reference {ref * 1e3:.3f} ms"
+                f"{shape} MoE block {quantization} T={tokens}: {t * 1e3:.3f} ms, bound {bound * 1e3:.3f} ms "
+                f"({bound / t:.0%}), {distinct} experts; {ref_name[:-3].replace('_', ' ')} {ref * 1e3:.3f} ms"
             )
         else:
-            shared = block.shared_expert
-            shared_i = 0 if shared is None else shared.down_proj.weight.shape[1]
-            flops = 2 * 3 * hidden * tokens * (ids.shape[1] * experts.local + shared_i)
-            tflops = flops / t / 1e12
-            row |= {"tflops": tflops, "mfu_vs_matmul": tflops / ceil["matmul_tflops"]}
+            row |= prefill_rate(block, ids, tokens, t, ceil)
             out["prefill"] = row
-            print(f"{shape} MoE block prefill T={tokens}: {t * 1e3:.2f} ms, {tflops:.0f} TFLOP/s "
-                  f"({tflops / ceil['matmul_tflops']:.0%} of matmul)")  # fmt: skip
+            print(f"{shape} MoE block {quantization} prefill T={tokens}: {t * 1e3:.2f} ms, "
+                  f"{row['tflops']:.0f} TFLOP/s ({row['mfu_vs_matmul']:.0%} of matmul)")  # fmt: skip
     return out
+
+
+def baseline(
+    block: SparseMoeBlock, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> tuple[str, float]:
+    """What the block's experts are compared with at decode: bf16, the torch reference; quantized, the
+    path the quantized kernel replaced (both stacks dequantized to bf16 every step, the bf16 kernel)."""
+    experts = block.experts
+    e, rows = experts.num_experts, 2 * experts.local
+    q13, q2 = experts.q13, experts.q2
+    with torch.inference_mode():
+        if q13 is None or q2 is None:
+            return "torch_reference_ms", timed(
+                lambda: experts_torch(x, experts.w13, experts.w2, ids, weights), 10
+            )
+        assert experts.fused is not None
+        fused = experts.fused.float_experts
+
+        def dequantized() -> torch.Tensor:
+            w13 = dequantize(q13, DTYPE).view(e, rows, experts.hidden)
+            return fused(x, w13, dequantize(q2, DTYPE).view(e, experts.hidden, experts.local), ids, weights)
+
+        return "dequantize_then_bf16_kernel_ms", timed(dequantized, 20)
+
+
+def prefill_rate(
+    block: SparseMoeBlock, ids: torch.Tensor, tokens: int, t: float, ceil: dict[str, float]
+) -> dict[str, float]:
+    """The prefill block's TFLOP/s (routed top-k + shared expert products) and its share of the ceiling."""
+    shared = block.shared_expert
+    shared_i = 0 if shared is None else shared.down_proj.in_features
+    flops = 2 * 3 * block.experts.hidden * tokens * (ids.shape[1] * block.experts.local + shared_i)
+    tflops = flops / t / 1e12
+    return {"tflops": tflops, "mfu_vs_matmul": tflops / ceil["matmul_tflops"]}
+
+
+def compare(shape: str, results: dict[str, Any]) -> None:
+    """Each quantized format's decode time as a fraction of bf16's, per batch, as a table."""
+    base = results.get("block", {}).get("decode", [])
+    for fmt, entry in results.items():
+        if not fmt.startswith("block_") or "decode" not in entry:
+            continue
+        for b, q in zip(base, entry["decode"], strict=True):
+            print(
+                f"{shape} T={q['tokens']:>4} {fmt[6:]:>5}: {q['ms']:.3f} ms = {q['ms'] / b['ms']:.2f}x bf16 "
+                f"({b['ms']:.3f} ms); {q['fraction_of_bound']:.0%} of its bound "
+                f"(bf16 {b['fraction_of_bound']:.0%} of its own)"
+            )
 
 
 def distinct_per_step(runner: Any, chunks: list[ScheduledChunk]) -> list[int]:
@@ -208,6 +265,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill", type=int, default=4096, help="tokens of the MoE-block prefill case")
     ap.add_argument("--no-model", action="store_true", help="MoE blocks only, no whole-model runs")
+    ap.add_argument("--quantization", default="", help="e.g. wint8,wint4,fp8: the block again per format")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -221,6 +279,10 @@ def main() -> None:
         cfg = AutoConfig.from_pretrained(resolve_model(shape))
         entry: dict[str, Any] = results["shapes"].setdefault(shape, {})
         parts = [("block", lambda s=shape, c=cfg: bench_block(s, c, ceil, batches, args.prefill))]
+        for q in filter(None, args.quantization.split(",")):
+            parts.append(
+                (f"block_{q}", lambda s=shape, c=cfg, q=q: bench_block(s, c, ceil, batches, args.prefill, q))
+            )
         if not args.no_model:
             parts.append(("model", lambda s=shape, c=cfg: bench_model(s, c, ceil, batches, args.context)))
         for name, run in parts:
@@ -233,6 +295,7 @@ def main() -> None:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(results, f, indent=2)
+        compare(shape, entry)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,15 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
             acc_up += tl.dot(a, up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    _moe_store(acc, acc_up, out_ptr, weights_ptr, ids, offs_m, offs_n, valid, n_ok, stride_om, GATED)
+
+
+@triton.jit
+def _moe_store(  # type: ignore[no-untyped-def]
+    acc, acc_up, out_ptr, weights_ptr, ids, offs_m, offs_n, valid, n_ok, stride_om, GATED: tl.constexpr
+):  # fmt: skip
+    """The epilogue of both GEMMs (also triton_moe_quant's): gate_up stores SiLU(gate) * up in sorted
+    order, down the output times the routing weight at the assignment's row; rounded as the reference."""
     dtype = out_ptr.dtype.element_ty
     mask = valid[:, None] & n_ok[None, :]
     if GATED:
@@ -131,6 +140,37 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
         weight = tl.load(weights_ptr + ids, mask=valid, other=0.0).to(dtype).to(tl.float32)
         y = (acc.to(dtype).to(tl.float32) * weight[:, None]).to(dtype)
         tl.store(out_ptr + ids.to(tl.int64)[:, None] * stride_om + offs_n[None, :], y, mask=mask)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One call's assignments sorted by expert (align_by_expert), what both GEMMs' launches share."""
+
+    sorted_ids: torch.Tensor  # [P] int32
+    block_expert: torch.Tensor  # [P / tiles.block_m] int32
+    weights: torch.Tensor  # [T * K] routing weights, by assignment number
+    top_k: int
+    tiles: MoeTiles
+    precision: str  # tl.dot's: "ieee" for float32 activations (exact products, not tf32)
+
+    @property
+    def num_assignments(self) -> int:
+        return self.weights.numel()
+
+
+def route(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    tiles: MoeTiles | None,
+) -> Routed:
+    """The sorted rows for x [T, H] routed by topk_ids / topk_weights [T, K] (tiles by size if None)."""
+    m = topk_ids.numel()
+    tiles = tiles or tiles_for(m, num_experts)
+    sorted_ids, block_expert = align_by_expert(topk_ids, num_experts, tiles.block_m)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    return Routed(sorted_ids, block_expert, topk_weights.reshape(-1), topk_ids.shape[1], tiles, precision)
 
 
 def fused_moe(
@@ -145,27 +185,24 @@ def fused_moe(
     -> sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]), [T, H] in x's dtype."""
     t, h = x.shape
     e, two_i, _ = w13.shape
-    i, k = two_i // 2, topk_ids.shape[1]
+    i = two_i // 2
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1 and w13.shape[2] == h
-    m = t * k
-    tiles = tiles or tiles_for(m, e)
-    sorted_ids, block_expert = align_by_expert(topk_ids, e, tiles.block_m)
-    weights = topk_weights.reshape(-1)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    inter = x.new_empty(sorted_ids.numel(), i)  # SiLU(gate) * up, sorted rows; padding rows never read
-    grid = (block_expert.numel(), triton.cdiv(i, tiles.gate_up_n))
+    r = route(x, topk_ids, topk_weights, e, tiles)
+    tt, m, k = r.tiles, r.num_assignments, r.top_k
+    inter = x.new_empty(r.sorted_ids.numel(), i)  # SiLU(gate) * up, sorted rows; padding rows never read
+    grid = (r.block_expert.numel(), triton.cdiv(i, tt.gate_up_n))
     _moe_gemm_kernel[grid](
-        x, w13, inter, sorted_ids, block_expert, weights, m, i, h,
+        x, w13, inter, r.sorted_ids, r.block_expert, r.weights, m, i, h,
         x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
-        TOP_K=k, GATED=True, BLOCK_M=tiles.block_m, BLOCK_N=tiles.gate_up_n, BLOCK_K=tiles.block_k,
-        DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        TOP_K=k, GATED=True, BLOCK_M=tt.block_m, BLOCK_N=tt.gate_up_n, BLOCK_K=tt.block_k,
+        DOT_PRECISION=r.precision, num_warps=tt.num_warps, num_stages=tt.num_stages,
     )  # fmt: skip
     out = x.new_empty(m, h)
-    grid = (block_expert.numel(), triton.cdiv(h, tiles.down_n))
+    grid = (r.block_expert.numel(), triton.cdiv(h, tt.down_n))
     _moe_gemm_kernel[grid](
-        inter, w2, out, sorted_ids, block_expert, weights, m, h, i,
+        inter, w2, out, r.sorted_ids, r.block_expert, r.weights, m, h, i,
         inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        TOP_K=k, GATED=False, BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, BLOCK_K=tiles.block_k,
-        DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        TOP_K=k, GATED=False, BLOCK_M=tt.block_m, BLOCK_N=tt.down_n, BLOCK_K=tt.block_k,
+        DOT_PRECISION=r.precision, num_warps=tt.num_warps, num_stages=tt.num_stages,
     )  # fmt: skip
     return out.view(t, k, h).sum(dim=1)

@@ -13,18 +13,19 @@ up rows) and down [E, H, I], kept as 2-D parameters [E*2I, H] and [E*H, I] so th
 and dummy init cut them like MergedLinear / RowParallelLinear: each rank holds every expert's slice of
 the intermediate dimension, and the block's partial output (routed + shared) is all-reduced once.
 
-Where the experts run: CUDA with Triton chosen, kernels/triton_moe.fused_moe (sorted by expert, two
-grouped GEMMs, no host sync, so CUDA graphs capture it); otherwise `experts_torch`, the reference
-(tokens grouped by expert, one matmul pair per expert hit, summed in expert order as transformers does).
+Where the experts run: with Triton chosen (CUDA; on CPU only where a test forces it, under the
+interpreter), kernels/triton_moe.fused_moe (sorted by expert, two grouped GEMMs, no host sync, so CUDA
+graphs capture it); otherwise `experts_torch`, the reference (tokens grouped by expert, one matmul
+pair per expert hit, summed in expert order as transformers does).
 
 With `--quantization` the stacked weights are quantized as they load, per expert in the formats of
 layers/quant.py: a row of the 2-D stack is one expert's output channel, so per-row scales (wint8, fp8)
 and groups of 128 inputs (wint4) are each expert's own; at tp > 1 down_proj's rows are scaled by the
-full row's max |w| like RowParallelLinear's. They run through the reference loop, each expert hit
-multiplying through quant_linear (on CPU: dequantize, then matmul, exact to the dequantized model;
-fp8 also rounds the activations per token). The fused Triton kernel takes no quantized experts yet:
-on CUDA with Triton the layer's experts are dequantized to the activations' dtype every step and run
-through it (graph-capturable, but each step reads the whole quantized stack and writes a float copy).
+full row's max |w| like RowParallelLinear's. With Triton chosen they run through
+kernels/triton_moe_quant.fused_moe_quant, which reads each expert's tile quantized and dequantizes it
+in registers (fp8 weight-only there: the activations are not rounded through e4m3, see that module).
+Otherwise through the reference loop, each expert hit multiplying through quant_linear (on CPU:
+dequantize, then matmul, exact to the dequantized model; fp8 also rounds the activations per token).
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ from pdserve.layers.linear import MergedLinear, RowParallelLinear
 from pdserve.layers.quant import (
     LoadQuantizable,
     QuantizedWeight,
-    dequantize,
     quant_linear,
     quantize,
     row_amax,
 )
 
 FusedMoe = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (x, w13, s13, w2, s2, ids, weights): the quantized stacks as kernels/triton_moe_quant takes them
+FusedMoeQuant = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    torch.Tensor,
+]
 
 # checkpoint names: one tensor per expert (HF checkpoints), or transformers' stacked in-memory form
 PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -99,6 +104,14 @@ class Router(nn.Module):
         return ids, weights.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class TritonMoe:
+    """The fused Triton MoE for float experts and for quantized ones."""
+
+    float_experts: FusedMoe
+    quantized_experts: FusedMoeQuant
+
+
 class FusedExperts(LoadQuantizable):
     """E SwiGLU experts of intermediate size I, this rank's slice [start, start + I_r) of each."""
 
@@ -108,7 +121,7 @@ class FusedExperts(LoadQuantizable):
         hidden: int,
         intermediate: int,
         tp: TPGroup,
-        fused: FusedMoe | None,
+        fused: TritonMoe | None,
         kernels: Kernels,
     ) -> None:
         super().__init__()
@@ -152,12 +165,8 @@ class FusedExperts(LoadQuantizable):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the experts' weighted outputs, [T, H]."""
-        if self.fused is not None and x.is_cuda:
-            if self.q13 is None or self.q2 is None:
-                return self.fused(x, self.w13, self.w2, ids, weights)
-            w13 = dequantize(self.q13, x.dtype).view(self.num_experts, 2 * self.local, self.hidden)
-            w2 = dequantize(self.q2, x.dtype).view(self.num_experts, self.hidden, self.local)
-            return self.fused(x, w13, w2, ids, weights)
+        if self.fused is not None:
+            return self.fused_forward(self.fused, x, ids, weights)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "the torch MoE reference waits for the GPU: use Triton kernels or enforce_eager"
@@ -173,6 +182,15 @@ class FusedExperts(LoadQuantizable):
             weights,
             self.num_experts,
         )
+
+    def fused_forward(
+        self, fused: TritonMoe, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """forward through the Triton kernels: the quantized stacks read as they are, viewed per expert."""
+        if self.q13 is None or self.q2 is None:
+            return fused.float_experts(x, self.w13, self.w2, ids, weights)
+        e = self.num_experts
+        return fused.quantized_experts(x, *per_expert(self.q13, e), *per_expert(self.q2, e), ids, weights)
 
     def load(self, expert: int | None, part: str, tensor: torch.Tensor, prefix: str) -> list[str]:
         """One checkpoint tensor: expert `expert`'s gate_proj / up_proj / down_proj ([I, H] / [I, H] /
@@ -204,6 +222,12 @@ class FusedExperts(LoadQuantizable):
             for x in range(self.num_experts)
             for p in ("gate_proj", "up_proj", "down_proj")
         ]
+
+
+def per_expert(w: QuantizedWeight, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stacked quantized weight's (data [E, R, K or K/2], scale [E, R] or [E, R, G]) views."""
+    data, scale = w.data, w.scale
+    return data.view(num_experts, -1, data.shape[1]), scale.view(num_experts, -1, *scale.shape[1:])
 
 
 ExpertProduct = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, its tokens' rows) -> product
@@ -301,13 +325,14 @@ class SparseMoeBlock(nn.Module):
         return self.tp.all_reduce(y) if self.tp.size > 1 else y
 
 
-def fused_moe_for(kernels: Kernels) -> FusedMoe | None:
+def fused_moe_for(kernels: Kernels) -> TritonMoe | None:
     """The Triton fused MoE where the kernel config chooses Triton (imported only then), else None."""
     if not kernels.config.triton:
         return None
     from pdserve.kernels.triton_moe import fused_moe
+    from pdserve.kernels.triton_moe_quant import fused_moe_quant
 
-    return fused_moe
+    return TritonMoe(fused_moe, fused_moe_quant)
 
 
 def load_expert_weight(model: nn.Module, name: str, tensor: torch.Tensor) -> list[str] | None:
