@@ -50,7 +50,8 @@ def _scales(llm: LLM) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     s = llm.engine.runner.kv_scales
     assert s is not None
     layers = llm.engine.runner.model.model.layers
-    assert [(la.self_attn.attn.k_scale, la.self_attn.attn.v_scale) for la in layers] == list(zip(s.k, s.v, strict=True))
+    held = [(la.self_attn.attn.k_scale, la.self_attn.attn.v_scale) for la in layers]
+    assert held == list(zip(s.k, s.v, strict=True))
     return s.k, s.v, s.source
 
 
