@@ -52,6 +52,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     share_pool: bool = False  # tensor parallel: workers hand their KV shards to rank 0 (disaggregated roles)
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES; auto: the model's dtype, fp8: e4m3 (half of bf16)
+    kv_scales_file: str | None = None  # fp8 KV: per-layer scales as JSON (engine/kv_scales.py)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

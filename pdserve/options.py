@@ -238,6 +238,15 @@ OPTIONS: tuple[Option, ...] = (
         group=MODEL_GROUP,
     ),
     Option(
+        "kv_scales_file",
+        ("--kv-scales-file",),
+        "cache",
+        metavar="PATH",
+        help='with --kv-cache-dtype fp8: the per-layer scales, JSON {"k_scale": [...], "v_scale": [...]} '
+        "(default: the checkpoint's k_scale / v_scale, else calibrated at load on a fixed text)",
+        group=MODEL_GROUP,
+    ),
+    Option(
         "tokenizer",
         ("--tokenizer",),
         "model",

@@ -1,8 +1,10 @@
 """Whether a decode instance and a prefill instance may exchange KV: what the handshake compares.
 
 Both sides describe themselves by the same dict (engine.py builds it): the pool's shape and dtype,
-and the weights' quantization, since KV computed by a differently quantized model is not the KV this
-decode instance would have computed. A mismatch is refused naming what differs and the flag to fix.
+the weights' quantization, since KV computed by a differently quantized model is not the KV this
+decode instance would have computed, and an fp8 pool's per-layer scales (a digest of them,
+engine/kv_scales.py), since the decode instance reads the prefill's bytes with its own scales.
+A mismatch is refused naming what differs and the flag to fix.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Any
 _NAMED = {
     "quantization": ("weight quantization", "--quantization"),
     "dtype": ("KV cache dtype", "--dtype and --kv-cache-dtype"),
+    "kv_scales": (
+        "fp8 KV cache scales (digest)",
+        "--kv-scales-file (or the same checkpoint and weights, whose scales are calibrated at load)",
+    ),
 }
 
 

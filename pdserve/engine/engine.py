@@ -95,6 +95,7 @@ class Engine:
             "block_size": lay.block_size,
             "dtype": str(lay.dtype),
             "quantization": self.config.model.quantization or "none",  # disagg/compat.py
+            "kv_scales": self.runner.kv_scales.digest if self.runner.kv_scales else "none",  # fp8 KV
         }
         return KVConnector(
             transport,

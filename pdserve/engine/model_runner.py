@@ -29,6 +29,7 @@ from pdserve.distributed.group import TPGroup
 from pdserve.distributed.messages import StepInputs
 from pdserve.distributed.sharding import model_head_shard
 from pdserve.distributed.shared_pool import ipc_export, open_handle
+from pdserve.engine import kv_scales
 from pdserve.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from pdserve.engine.memory_profile import profile_kv_bytes
 from pdserve.engine.sampler import DeferredSample, PendingSample, Sampler, SampleResult
@@ -152,9 +153,13 @@ class ModelRunner:
             cache_config.block_size,
             kv_dtype(cache_config, self.dtype),
         )
+        lay = self.layout
+        self.kv_scales = kv_scales.resolve(  # fp8 pool: the layers' scales, fixed from here on
+            self.model, hf_config, model_config, cache_config,
+            (lay.num_layers, lay.num_kv_heads, lay.head_dim), self.dtype, self.tp,
+        )  # fmt: skip
         model_len = model_config.max_model_len or int(hf_config.max_position_embeddings)
         self.num_blocks = self.tp.all_min(self._pool_blocks(cache_config, model_len))  # same on every rank
-        lay = self.layout
         graph_safe = backend_class(self.kernels).cuda_graph_safe
         use_graphs = self.device.type == "cuda" and not model_config.enforce_eager and graph_safe
         shape = (lay.num_layers, self.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)

@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 class AttentionKernels:
     """The Triton attention backend's launches, bound to the config's PDL and tuning."""
 
-    store_kv: Callable[[Tensor, Tensor, Tensor, Tensor], None]  # k, v, kv_cache, slot_mapping
+    store_kv: Callable[..., None]  # k, v, kv_cache, slot_mapping, k_scale, v_scale
     rotary_store_kv: Callable[..., None]  # triton_rotary.rotary_store_kv
     paged_decode: Callable[..., None]  # attention/triton_decode.paged_decode
     paged_prefill: Callable[..., None]  # attention/triton_prefill.paged_prefill

@@ -102,6 +102,7 @@ def _rotary_kernel(  # type: ignore[no-untyped-def]
 @triton.jit
 def _rotary_store_kernel(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, qw_ptr, kw_ptr, eps,
+    k_inv_scale, v_inv_scale,  # the pool stores K / k_scale, V / v_scale (engine/kv_scales.py)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
     stride_kv, stride_cb, stride_ct, stride_ch,  # cache: K to V, block, token, head
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
@@ -124,11 +125,13 @@ def _rotary_store_kernel(  # type: ignore[no-untyped-def]
     k1, k2 = _rotated(k_ptr + token * stride_kt, heads, dims, mask, stride_kh, c, s, kw_ptr, eps, HALF, NORM)
     dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
     dst += heads[:, None] * stride_ch + dims[None, :]
-    tl.store(dst, k1.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, k2.to(cache_ptr.dtype.element_ty), mask=mask)
+    dtype = cache_ptr.dtype.element_ty
+    tl.store(dst, (k1 * k_inv_scale).to(dtype), mask=mask)
+    tl.store(dst + HALF, (k2 * k_inv_scale).to(dtype), mask=mask)
     src = v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :]
-    tl.store(dst + stride_kv, tl.load(src, mask=mask), mask=mask)
-    tl.store(dst + stride_kv + HALF, tl.load(src + HALF, mask=mask), mask=mask)
+    v1, v2 = tl.load(src, mask=mask).to(tl.float32), tl.load(src + HALF, mask=mask).to(tl.float32)
+    tl.store(dst + stride_kv, (v1 * v_inv_scale).to(dtype), mask=mask)
+    tl.store(dst + stride_kv + HALF, (v2 * v_inv_scale).to(dtype), mask=mask)
 
 
 def triton_rotary(
@@ -171,6 +174,8 @@ def rotary_store_kv(
     slot_mapping: torch.Tensor,  # [T]; negative: skip
     norms: QKNorm | None = None,
     pdl: Pdl = ALWAYS,
+    k_scale: float = 1.0,  # the pool holds K / k_scale, V / v_scale
+    v_scale: float = 1.0,
 ) -> None:
     """Rotary and the KV-cache write in one launch (one per layer instead of two); with `norms`,
     q and k RMS-normalized per head first (Qwen3), in the same launch."""
@@ -180,7 +185,7 @@ def rotary_store_kv(
         return
     qw, kw, eps = norms if norms is not None else (q, q, 0.0)
     _rotary_store_kernel[(tokens,)](
-        q, k, v, positions, cos, sin, slot_mapping, kv_cache, qw, kw, eps,
+        q, k, v, positions, cos, sin, slot_mapping, kv_cache, qw, kw, eps, 1.0 / k_scale, 1.0 / v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_Q_HEADS=num_q, NUM_K_HEADS=k.shape[1], HALF=head_dim // 2,

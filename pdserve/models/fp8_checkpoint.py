@@ -9,10 +9,16 @@ Layers the release left unquantized (embeddings, norms, lm_head) are ordinary te
 gives the checkpoint's tensors by name with every fp8 weight dequantized (float32), so the model
 loads exactly the weights the release stands for; `--quantization fp8` then requantizes them per
 output channel like any other model. This module knows nothing of the model's parameter names.
+
+Checkpoints made for an fp8 KV cache (vLLM's, llm-compressor's) also carry a scalar per attention
+layer, `model.layers.N.self_attn.k_scale` and `.v_scale` (or one `.kv_scale` for both; older AutoFP8
+ones `.k_proj.output_scale`, `.v_proj.output_scale`). They are no weights: `read_tensors` leaves them
+out and `kv_cache_scales` reads them (engine/kv_scales.py decides whether they are used).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,8 @@ import torch
 from safetensors import safe_open
 
 SCALE_SUFFIX = "_scale_inv"  # `x.weight` -> `x.weight_scale_inv`
+# a KV-cache scale's name: its layer, and k, v or kv in one of the two groups
+_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)")
 
 
 def weight_block_size(hf_config: Any) -> tuple[int, int] | None:
@@ -57,7 +65,7 @@ def read_tensors(files: list[Path], hf_config: Any) -> Iterator[tuple[str, torch
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if block is not None and name.endswith(SCALE_SUFFIX):
+                if (block is not None and name.endswith(SCALE_SUFFIX)) or kv_scale_name(name) is not None:
                     continue
                 tensor = f.get_tensor(name)
                 if tensor.dtype == torch.float8_e4m3fn:
@@ -76,3 +84,27 @@ def _names(file: Path) -> list[str]:
 def _tensor(file: Path, name: str) -> torch.Tensor:
     with safe_open(str(file), framework="pt") as f:
         return f.get_tensor(name)
+
+
+def kv_scale_name(name: str) -> tuple[int, str] | None:
+    """(layer, "k" | "v" | "kv") for a KV-cache scale's checkpoint name, else None."""
+    m = _KV_SCALE.fullmatch(name)
+    return None if m is None else (int(m.group(1)), m.group(2) or m.group(3))
+
+
+def kv_cache_scales(files: list[Path]) -> dict[tuple[int, str], float]:
+    """The checkpoint's KV-cache scales: (layer, "k" | "v" | "kv") -> the scalar (empty: it has none)."""
+    found: dict[tuple[int, str], float] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                key = kv_scale_name(name)
+                if key is None:
+                    continue
+                tensor = f.get_tensor(name)
+                if tensor.numel() != 1:
+                    raise ValueError(
+                        f"{name}: a KV-cache scale must be one number, got shape {tuple(tensor.shape)}"
+                    )
+                found[key] = float(tensor.float().item())
+    return found

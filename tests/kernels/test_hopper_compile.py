@@ -56,7 +56,7 @@ KERNELS = {
             "pdserve.kernels.triton_rotary", "_rotary_store_kernel",
             {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32",
              "sin_ptr": "*fp32", "slot_ptr": "*i64", "cache_ptr": "*bf16", "qw_ptr": "*bf16",
-             "kw_ptr": "*bf16", "eps": "fp32"},
+             "kw_ptr": "*bf16", "eps": "fp32", "k_inv_scale": "fp32", "v_inv_scale": "fp32"},
             {"NUM_Q_HEADS": q_heads, "NUM_K_HEADS": kv_heads, "HALF": 64, "BLOCK_H": 32, "BLOCK_HALF": 64,
              "BLOCK_SIZE": 16, "NORM": norm, "PDL": True}, 4, 3)
         for q_heads, kv_heads, norm in [(28, 4, False), (32, 8, True)]
@@ -85,13 +85,15 @@ KERNELS = {
     "silu_mul": ("pdserve.kernels.triton_fused", "_silu_mul_kernel",
                  {"x_ptr": "*bf16", "out_ptr": "*bf16"}, {"BLOCK": 1024, "PDL": True}, 4, 3),
     "store_kv": ("pdserve.kernels.attention.triton_cache", "_store_kv_kernel",
-                 {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64"},
+                 {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64",
+                  "k_inv_scale": "fp32", "v_inv_scale": "fp32"},
                  {"NUM_KV_HEADS": 4, "HEAD_DIM": 128, "BLOCK_H": 4, "BLOCK_D": 128, "BLOCK_SIZE": 16}, 4, 3),
     **{  # plain; with the new token rotated, stored and attended inside (triton_new_token), Qwen3's norms
         f"decode_split{suffix}": (
             "pdserve.kernels.attention.triton_decode", "_decode_split_kernel",
             {"q_ptr": "*bf16", "cache_ptr": "*bf16", "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64",
              "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "scale_log2": "fp32",
+             "v_scale": "fp32", "k_inv_scale": "fp32", "v_inv_scale": "fp32",
              "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
              "slot_ptr": "*i64", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "eps": "fp32"},
             {"QUERY_GROUP": 7, "HEAD_DIM": 128, "BLOCK_G": 16, "BLOCK_D": 128, "BLOCK_N": 64,
@@ -104,7 +106,7 @@ KERNELS = {
                       {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_SPLITS": 8, "PDL": True}, 4, 3),
     "prefill": ("pdserve.kernels.attention.triton_prefill", "_prefill_kernel",
                 {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16", "block_tables_ptr": "*i64",
-                 "seq_lens_ptr": "*i64", "query_start_ptr": "*i32", "scale_log2": "fp32"},
+                 "seq_lens_ptr": "*i64", "query_start_ptr": "*i32", "scale_log2": "fp32", "v_scale": "fp32"},
                 {"QUERY_GROUP": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64, "BLOCK_N": 64,
                  "BLOCK_SIZE": 16, "DOT_PRECISION": "tf32"}, 4, 2),
 }  # fmt: skip

@@ -39,11 +39,13 @@ LOG2E = math.log2(math.e)
 @triton.jit(do_not_specialize=["num_splits", "stride_bt", "stride_pb", "stride_ph", "stride_ps"])
 def _decode_split_kernel(  # type: ignore[no-untyped-def]
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, scale_log2,
+    v_scale,  # the pool holds V / v_scale: each partition's output is multiplied back (K's: in scale_log2)
     num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_cb, stride_ct, stride_ch,  # cache strides: K to V, block, token, head
     stride_bt,
     stride_pb, stride_ph, stride_ps,  # part_out: batch, head, split (dim contiguous); part_lse [b, h, s]
     k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, eps,  # NEW_TOKEN: triton_new_token
+    k_inv_scale, v_inv_scale,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
     QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -86,13 +88,14 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     if NEW_TOKEN:
         holds = (start < seq_len) & (end == seq_len)  # this partition ends at the new token: one a head
         acc, m_i, l_i = store_and_attend(
-            q, k_ptr, v_ptr, slot_ptr, kw_ptr, eps, cache_ptr, stride_kv, stride_cb, stride_ct, head_offset,
-            seq, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, c, s, dims, dim_mask, holds,
+            q, k_ptr, v_ptr, slot_ptr, kw_ptr, eps, k_inv_scale, v_inv_scale,
+            cache_ptr, stride_kv, stride_cb, stride_ct, head_offset, seq, kv_head,
+            stride_kt, stride_kh, stride_vt, stride_vh, c, s, dims, dim_mask, holds,
             acc, m_i, l_i, scale_log2, BLOCK_SIZE, HALF, NORM,
         )  # fmt: skip
     _write_partition(
-        acc, m_i, l_i, out_ptr, part_out_ptr, part_lse_ptr, seq, heads, split, dims, row_mask, io_mask,
-        stride_ot, stride_oh, stride_pb, stride_ph, stride_ps, SINGLE_SPLIT,
+        acc, m_i, l_i, v_scale, out_ptr, part_out_ptr, part_lse_ptr, seq, heads, split, dims, row_mask,
+        io_mask, stride_ot, stride_oh, stride_pb, stride_ph, stride_ps, SINGLE_SPLIT,
     )  # fmt: skip
 
 
@@ -107,12 +110,13 @@ def _partition(seq_lens_ptr, seq, split, num_splits, BLOCK_N: tl.constexpr):  # 
 
 @triton.jit
 def _write_partition(  # type: ignore[no-untyped-def]
-    acc, m_i, l_i, out_ptr, part_out_ptr, part_lse_ptr, seq, heads, split, dims, row_mask, io_mask,
-    stride_ot, stride_oh, stride_pb, stride_ph, stride_ps, SINGLE_SPLIT: tl.constexpr,
+    acc, m_i, l_i, v_scale, out_ptr, part_out_ptr, part_lse_ptr, seq, heads, split, dims, row_mask,
+    io_mask, stride_ot, stride_oh, stride_pb, stride_ph, stride_ps, SINGLE_SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """A partition's normalized output (the output itself with one partition) and its log-sum-exp."""
+    """A partition's normalized output times v_scale (the output itself with one partition) and its
+    log-sum-exp."""
     seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out = acc / tl.where(seen, l_i, 1.0)[:, None] * v_scale  # exact for a pool of scale 1
     if SINGLE_SPLIT:
         o_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -188,6 +192,8 @@ def paged_decode(
     config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages)
     new_token: NewToken | None = None,  # q not yet rotated: the kernel rotates, stores and attends it
     pdl: Pdl = ALWAYS,
+    k_scale: float = 1.0,  # the pool holds K / k_scale, V / v_scale (engine/kv_scales.py)
+    v_scale: float = 1.0,
 ) -> None:
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -203,11 +209,12 @@ def paged_decode(
     fp32 = q.dtype == torch.float32
     block_n, num_warps, num_stages = config or tiles.decode_tile(q.dtype)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_splits,
+        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * k_scale * LOG2E, v_scale,
+        num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *kv_cache.stride()[:4], block_tables.stride(0),
         num_heads * num_splits * head_dim, num_splits * head_dim, head_dim,
-        *kernel_args(new_token, q),
+        *kernel_args(new_token, q, k_scale, v_scale),
         QUERY_GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=kv_cache.shape[2], SINGLE_SPLIT=num_splits == 1, DOT_PRECISION=dot_precision(fp32),
         NEW_TOKEN=new_token is not None, HALF=head_dim // 2, NORM=bool(new_token and new_token.norms),

@@ -43,8 +43,9 @@ def roped(ptrs, mask, dims, c, s, w_ptr, eps, HALF: tl.constexpr, NORM: tl.const
 @triton.jit
 def store_and_attend(  # type: ignore[no-untyped-def]
     q,  # [BLOCK_G, BLOCK_D], rotated, in q's dtype
-    k_ptr, v_ptr, slot_ptr, kw_ptr, eps, cache_ptr, stride_kv, stride_cb, stride_ct, head_offset,
-    seq, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, c, s, dims, dim_mask, holds,
+    k_ptr, v_ptr, slot_ptr, kw_ptr, eps, k_inv_scale, v_inv_scale,  # the pool: K / k_scale, V / v_scale
+    cache_ptr, stride_kv, stride_cb, stride_ct, head_offset, seq, kv_head,
+    stride_kt, stride_kh, stride_vt, stride_vh, c, s, dims, dim_mask, holds,
     acc, m_i, l_i, scale_log2, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
     """With `holds` (this program's partition ends at the new token): the token's k (normalized,)
@@ -53,9 +54,10 @@ def store_and_attend(  # type: ignore[no-untyped-def]
     one key: sharing triton_tile's as a [BLOCK_G, 1] tile compiled to 148 registers instead of 116."""
     k_mask = dim_mask & holds
     k_ptrs = k_ptr + seq * stride_kt + kv_head * stride_kh + dims
-    k = roped(k_ptrs, k_mask, dims, c, s, kw_ptr, eps, HALF, NORM).to(cache_ptr.dtype.element_ty)
+    k = roped(k_ptrs, k_mask, dims, c, s, kw_ptr, eps, HALF, NORM)
+    k = (k * k_inv_scale).to(cache_ptr.dtype.element_ty)  # as the cache holds it: k_scale is in scale_log2
     v = tl.load(v_ptr + seq * stride_vt + kv_head * stride_vh + dims, mask=k_mask, other=0.0)
-    v = v.to(cache_ptr.dtype.element_ty)  # as the cache holds it
+    v = (v.to(tl.float32) * v_inv_scale).to(cache_ptr.dtype.element_ty)  # v_scale: the output's
     slot = tl.load(slot_ptr + seq).to(tl.int64)
     dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + head_offset + dims
     tl.store(dst, k, mask=k_mask & (slot >= 0))

@@ -48,7 +48,8 @@ def _find_sequence(query_start_ptr, tile_id, num_seqs, token_base, BLOCK_M: tl.c
 )
 def _prefill_kernel(  # type: ignore[no-untyped-def]
     q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2, num_seqs,
-    token_base, stride_qt, stride_qh, stride_ot, stride_oh,
+    token_base, v_scale,  # the pool holds V / v_scale (and K / k_scale: folded into scale_log2)
+    stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_cb, stride_ct, stride_ch,  # cache strides: K to V, block, token, head
     stride_bt,
     QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -99,7 +100,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
             stride_cb, stride_ct, acc, m_i, l_i, scale_log2, BLOCK_SIZE, DOT_PRECISION,
         )  # fmt: skip
 
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None] * v_scale  # exact for a pool of scale 1
     o_ptrs = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -115,6 +116,8 @@ def paged_prefill(
     token_base: int,  # query_start_loc[0]: the first prefill token
     num_tokens: int,  # query_start_loc[P] - token_base (an upper bound is fine)
     tiles: AttentionTiles,  # the tuning's
+    k_scale: float = 1.0,  # the pool holds K / k_scale, V / v_scale (engine/kv_scales.py)
+    v_scale: float = 1.0,
 ) -> None:
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or num_tokens == 0:
@@ -129,9 +132,10 @@ def paged_prefill(
         block_tables,
         seq_lens,
         query_start_loc,
-        scale * LOG2E,
+        scale * k_scale * LOG2E,
         num_seqs,
         token_base,
+        v_scale,
         q.stride(0),
         q.stride(1),
         out.stride(0),

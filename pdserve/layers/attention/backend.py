@@ -2,6 +2,11 @@
 
 The implementations are torch_backend.py and triton_backend.py; registry.py picks one from the
 model's Kernels (KernelConfig.attention).
+
+An fp8 pool holds K / k_scale and V / v_scale, this layer's scales (engine/kv_scales.py sets them once,
+after load and before the pool is used or a CUDA graph captured): a backend writes the scaled values
+and reads them back by folding k_scale into the softmax scale and v_scale into the output. They stay
+1.0 for a pool of the model's dtype.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ class AttentionBackend(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        if not (k_scale > 0.0 and v_scale > 0.0):
+            raise ValueError(f"KV cache scales must be positive, got k {k_scale}, v {v_scale}")
+        self.k_scale, self.v_scale = float(k_scale), float(v_scale)
 
     @abstractmethod
     def forward(

@@ -3,10 +3,11 @@
 Decodes are attended together (keys gathered through the block tables, padded, masked); each prompt
 chunk is attended alone, causally, over its cached prefix plus itself.
 
-An fp8 pool (--kv-cache-dtype fp8, e4m3, scale 1: values past +-448 saturate) is written by casting
-K/V down and widened back to the queries' dtype where it is read. A chunk with no cached prefix
-attends its own K/V as the pool holds them (rounded through e4m3), so its output does not depend on
-whether the chunk came from the pool or not (chunked prefill, prefix hits, a disaggregated decode).
+An fp8 pool (--kv-cache-dtype fp8, e4m3) is written as K / k_scale and V / v_scale cast down (in
+float32, as the Triton kernels do) and widened back to the queries' dtype where it is read; k_scale
+is folded into the softmax scale and v_scale into the output. A chunk with no cached prefix attends
+its own K/V as the pool holds them (rounded through e4m3), so its output does not depend on whether
+the chunk came from the pool or not (chunked prefill, prefix hits, a disaggregated decode).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, H_kv, D], strided
         where = (meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size)
-        k_cache.index_put_(where, k.to(k_cache.dtype))  # by (block, offset): blocks are not adjacent
-        v_cache.index_put_(where, v.to(v_cache.dtype))
-        if k_cache.dtype != q.dtype:  # fp8 pool: this step's K/V as read back from it
-            k, v = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype)
+        k, v = _stored(k, k_cache.dtype, self.k_scale), _stored(v, v_cache.dtype, self.v_scale)
+        k_cache.index_put_(where, k)  # by (block, offset): blocks are not adjacent
+        v_cache.index_put_(where, v)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # fp8 pool: this step's K/V as read back from it
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
@@ -43,11 +44,17 @@ class TorchAttentionBackend(AttentionBackend):
                 out[start:end] = self._causal(q[start:end], k[start:end], v[start:end])
             else:
                 out[start:end] = self._prefill(q[start:end], k_cache, v_cache, meta, i)
-        return out
+        return out if self.v_scale == 1.0 else out * self.v_scale
+
+    @property
+    def _softmax_scale(self) -> float:
+        return self.scale * self.k_scale
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, n, D]
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=self._softmax_scale, enable_gqa=True
+        )
         return out.transpose(0, 1)
 
     def _gather(
@@ -73,7 +80,7 @@ class TorchAttentionBackend(AttentionBackend):
             keys,
             values,
             attn_mask=mask[:, None, None, :],
-            scale=self.scale,
+            scale=self._softmax_scale,
             enable_gqa=True,
         )
         return out.squeeze(2)
@@ -88,12 +95,20 @@ class TorchAttentionBackend(AttentionBackend):
         qh = q.transpose(0, 1)  # [H, n, D]
         if n == ctx:
             out = F.scaled_dot_product_attention(
-                qh, keys, values, is_causal=True, scale=self.scale, enable_gqa=True
+                qh, keys, values, is_causal=True, scale=self._softmax_scale, enable_gqa=True
             )
         else:
             q_pos = torch.arange(ctx - n, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
             out = F.scaled_dot_product_attention(
-                qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+                qh, keys, values, attn_mask=mask, scale=self._softmax_scale, enable_gqa=True
             )
         return out.transpose(0, 1)
+
+
+def _stored(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x as a pool of `dtype` holds it: x / scale, rounded once from float32 (a pool of x's own dtype
+    has scale 1 and holds x itself)."""
+    if dtype == x.dtype and scale == 1.0:
+        return x
+    return (x.float() * (1.0 / scale)).to(dtype)

@@ -49,7 +49,7 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        self.ops.store_kv(k, v, kv_cache, meta.slot_mapping)
+        self.ops.store_kv(k, v, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         return self._attend(q, kv_cache, meta)
 
     def forward_rotary(
@@ -72,8 +72,9 @@ class TritonAttentionBackend(AttentionBackend):
             self._decode(q, kv_cache, meta, out, new)
             return out
         self.ops.rotary_store_kv(
-            positions, q, k, v, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping, norms
-        )
+            positions, q, k, v, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping, norms,
+            k_scale=self.k_scale, v_scale=self.v_scale,
+        )  # fmt: skip
         return self._attend(q, kv_cache, meta)
 
     def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -94,6 +95,8 @@ class TritonAttentionBackend(AttentionBackend):
                 self.scale,
                 token_base=meta.query_start_loc[nd],
                 num_tokens=q.shape[0] - meta.query_start_loc[nd],
+                k_scale=self.k_scale,
+                v_scale=self.v_scale,
             )
         return out
 
@@ -110,8 +113,9 @@ class TritonAttentionBackend(AttentionBackend):
         splits = self.ops.num_splits(nd, self.num_kv_heads, max_len, q.device)
         tables, lens = meta.block_tables[:nd], meta.seq_lens[:nd]
         self.ops.paged_decode(
-            q[:nd], kv_cache, tables, lens, out[:nd], self.scale, splits, new_token=new_token
-        )
+            q[:nd], kv_cache, tables, lens, out[:nd], self.scale, splits, new_token=new_token,
+            k_scale=self.k_scale, v_scale=self.v_scale,
+        )  # fmt: skip
 
 
 def _device_query_start_loc(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:
