@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=2, help="servers started per mode")
     ap.add_argument("--serve-arg", action="append", default=[], help="one more `serve` argument")
     ap.add_argument("--router-streams", default="", help="levels run again through `pdserve router`")
+    ap.add_argument("--modes", default=",".join(MODES), help="engine placements, comma-separated")
     ap.add_argument("--out", type=Path, default=Path("front_ab.json"))
     return ap.parse_args()
 
@@ -166,7 +167,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="front_ab_") as tmp:
         for i in range(args.rounds):
-            for mode in MODES:
+            for mode in args.modes.split(","):
                 runs += one_server(args, mode, levels, Path(tmp), i)
     rows = summary(runs, sorted({r["streams"] for r in runs}))
     head = f"{'streams':>7} {'mode':>14} {'output tok/s':>13} {'mean TPOT ms':>13} {'duration s':>11}"
