@@ -14,7 +14,14 @@ from pdserve import LLM, SamplingParams
 from pdserve.models.llama import head_dim_of
 from pdserve.models.prepare import SHAPES_DIR, resolve_model, shipped_shapes
 
-KV_KIB_PER_TOKEN = {"qwen2.5-7b": 56, "qwen2.5-32b": 256, "qwq-32b": 256, "qwen3-8b": 144, "qwen3-32b": 256}
+KV_KIB_PER_TOKEN = {
+    "qwen2.5-7b": 56,
+    "qwen2.5-32b": 256,
+    "qwq-32b": 256,
+    "qwen2.5-72b": 320,
+    "qwen3-8b": 144,
+    "qwen3-32b": 256,
+}
 KV_KIB_PER_TOKEN |= {"llama-3.1-8b": 128}
 
 
