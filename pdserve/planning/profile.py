@@ -4,6 +4,8 @@
     decode    seconds of a decode step of `batch` sequences of `context` tokens each         (grid)
     transfer  per KV transport, seconds to hand `bytes` of KV from a prefill to a decode     (curve)
     pool      block_size, num_blocks, kv_bytes_per_token (the KV capacity of one instance)
+    front     per request, outside the engine's steps: a fixed part (HTTP in, the hand-off to the
+              engine, the first token's way back) plus tokenization per prompt token (optional: 0)
 
 plus the instance's scheduler limits, its TP, and where it was measured (machine, versions, date).
 Between measured points costs are linear, beyond them linearly extrapolated (never below zero).
@@ -73,6 +75,31 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class Front:
+    """What a request costs in the server's front, outside the engine: seconds added to its TTFT
+    and latency (never to TPOT). A profile without a front section has the zero one."""
+
+    fixed_s: float = 0.0
+    per_token_s: float = 0.0  # tokenizing the prompt, per prompt token
+    source: dict[str, Any] = field(default_factory=dict)  # what was measured, and how
+
+    def __post_init__(self) -> None:
+        if self.fixed_s < 0 or self.per_token_s < 0:
+            raise ValueError("a front's costs are never negative")
+
+    def seconds(self, prompt_tokens: int) -> float:
+        return self.fixed_s + self.per_token_s * prompt_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fixed_s": self.fixed_s, "per_token_s": self.per_token_s, **self.source}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Front:
+        rest = {k: v for k, v in obj.items() if k not in ("fixed_s", "per_token_s")}
+        return cls(float(obj.get("fixed_s", 0.0)), float(obj.get("per_token_s", 0.0)), rest)
+
+
+@dataclass(frozen=True)
 class Profile:
     """One instance (TP ranks included) of one model on one machine."""
 
@@ -87,6 +114,7 @@ class Profile:
     decode: Grid  # x: batch, y: context tokens per sequence
     transfer: dict[str, Curve] = field(default_factory=dict)  # transport -> seconds by bytes
     meta: dict[str, Any] = field(default_factory=dict)  # machine, device, versions, date, command
+    front: Front = field(default_factory=Front)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -119,6 +147,7 @@ class Profile:
             "prefill": self.prefill.to_json("tokens", "cached"),
             "decode": self.decode.to_json("batch", "context"),
             "transfer": {k: {"bytes": list(c.xs), "seconds": list(c.ys)} for k, c in self.transfer.items()},
+            **({"front": self.front.to_json()} if self.front != Front() else {}),
             **self.meta,
         }
 
@@ -126,7 +155,7 @@ class Profile:
     def from_json(cls, obj: dict[str, Any]) -> Profile:
         if obj.get("format") != FORMAT:
             raise ValueError(f"not a pdserve profile (format {obj.get('format')!r}, expected {FORMAT})")
-        known = {"format", "model", "tp", "kv", "scheduler", "prefill", "decode", "transfer"}
+        known = {"format", "model", "tp", "kv", "scheduler", "prefill", "decode", "transfer", "front"}
         return cls(
             model=str(obj["model"]),
             tp=int(obj["tp"]),
@@ -142,6 +171,7 @@ class Profile:
                 for k, v in obj.get("transfer", {}).items()
             },
             meta={k: v for k, v in obj.items() if k not in known},
+            front=Front.from_json(obj.get("front", {})),
         )
 
     def save(self, path: str | Path) -> None:

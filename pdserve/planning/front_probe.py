@@ -1,0 +1,127 @@
+"""The front of a server: what one request costs outside the engine's steps (`pdserve profile --front`).
+
+    tokenize   the model's tokenizer on prompts of N tokens, in this process (the server tokenizes on
+               its event loop, before the engine sees the request): seconds by prompt tokens, fitted
+               as a fixed part plus a part per token (least squares over the sizes measured)
+    http       `requests` streaming completions of a few tokens, max_tokens 1, one at a time, against
+               a running `pdserve serve`: the client's time to the first token minus the engine's own
+               time for the same requests (its queue and prefill stage sums, read from /metrics before
+               and after) and minus the tokenization of their prompts: HTTP in, the hand-off to the
+               engine thread, the first token's way back (detokenize, SSE, the client's read)
+
+What the simulator adds to TTFT and end-to-end latency (profile.Front); a decode step never pays it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pdserve.planning.profile import Front
+
+TOKENIZE_SIZES = (16, 256, 1024, 2048)
+STAGE_SUMS = ("pdserve_request_queue_time_seconds_sum", "pdserve_request_prefill_time_seconds_sum")
+STAGE_COUNT = "pdserve_request_prefill_time_seconds_count"
+
+
+def prompt_text(tokenizer: Any, num_tokens: int, rng: random.Random) -> str:
+    """Text of about `num_tokens` tokens: random ids decoded, as `pdserve bench serve`'s random set."""
+    ids = [rng.randrange(1000, min(len(tokenizer), 30000)) for _ in range(num_tokens)]
+    return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def tokenize_costs(
+    tokenizer: Any, sizes: Sequence[int] = TOKENIZE_SIZES, repeats: int = 7, seed: int = 0
+) -> list[tuple[int, float]]:
+    """(tokens, median seconds to encode a prompt of that many tokens) for each size."""
+    rng = random.Random(seed)
+    points = []
+    for n in sizes:
+        text = prompt_text(tokenizer, n, rng)
+        tokens = len(tokenizer.encode(text, add_special_tokens=False))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tokenizer.encode(text, add_special_tokens=False)
+            times.append(time.perf_counter() - start)
+        points.append((tokens, statistics.median(times)))
+    return points
+
+
+def fit_line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through the points, neither below zero."""
+    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
+    if len(set(xs)) < 2:
+        return max(0.0, statistics.mean(ys)), 0.0
+    slope, intercept = statistics.linear_regression(xs, ys)
+    return max(0.0, intercept), max(0.0, slope)
+
+
+def stage_sums(metrics_text: str) -> tuple[float, float]:
+    """(queue + prefill seconds summed over finished requests, how many) from a /metrics page."""
+    total, count = 0.0, 0.0
+    for line in metrics_text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.split("{")[0] in STAGE_SUMS:
+            total += float(value)
+        elif name.split("{")[0] == STAGE_COUNT:
+            count += float(value)
+    return total, count
+
+
+def http_overhead(base_url: str, prompt: str, requests: int = 20, timeout: float = 60.0) -> dict[str, float]:
+    """Client TTFT vs the engine's queue + prefill for `requests` one-token streamed completions."""
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=timeout) as client:
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0.0}
+        _first_token(client, body)  # warm-up: the connection, the first request's one-off costs
+        engine_before, count_before = stage_sums(client.get("/metrics").text)
+        ttfts = [_first_token(client, body) for _ in range(requests)]
+        engine_after, count_after = stage_sums(client.get("/metrics").text)
+    done = count_after - count_before
+    if done < requests:
+        raise RuntimeError(f"the server's /metrics counted {done:g} of {requests} requests")
+    engine = (engine_after - engine_before) / done
+    return {"client_ttft_s": statistics.mean(ttfts), "engine_s": engine, "requests": float(requests)}
+
+
+def _first_token(client: Any, body: dict[str, Any]) -> float:
+    """Seconds from sending `body` to the first SSE event that carries a choice (read to the end)."""
+    start, first = time.perf_counter(), None
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            data = line[5:].strip() if line.startswith("data:") else "[DONE]"
+            if first is None and data != "[DONE]" and json.loads(data).get("choices"):
+                first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError("the stream carried no choice")
+    return first
+
+
+def measure_front(
+    tokenizer: Any, base_url: str | None, log: Callable[[str], None] = print, requests: int = 20
+) -> Front:
+    """The front section of a profile: tokenization always, HTTP when a server URL is given."""
+    points = tokenize_costs(tokenizer)
+    intercept, per_token = fit_line(points)
+    shown = ", ".join(f"{n} tokens {s * 1e3:.2f} ms" for n, s in points)
+    log(f"tokenize: {shown} -> {intercept * 1e3:.3f} ms + {per_token * 1e6:.3f} us/token")
+    fixed, http = intercept, None
+    if base_url is not None:
+        prompt = prompt_text(tokenizer, 8, random.Random(1))
+        http = http_overhead(base_url, prompt, requests)
+        tokenize = intercept + per_token * 8
+        fixed = max(0.0, http["client_ttft_s"] - http["engine_s"] - per_token * 8)
+        log(
+            f"http: client TTFT {http['client_ttft_s'] * 1e3:.2f} ms, engine {http['engine_s'] * 1e3:.2f} ms,"
+            f" tokenize {tokenize * 1e3:.3f} ms -> fixed {fixed * 1e3:.2f} ms a request"
+        )
+    source = {"tokenize": [list(p) for p in points], "http": http}
+    return Front(fixed_s=fixed, per_token_s=per_token, source=source)
