@@ -62,6 +62,12 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             flag, type=_int_list, default=None, metavar="N,N,...", help=f"{what} (default: by device)"
         )
+    p.add_argument(
+        "--front",
+        action="store_true",
+        help="also time the front (tokenization; HTTP: a pdserve serve like this engine, started after it)",
+    )
+    p.add_argument("--front-url", default=None, help="time the HTTP front against this running server")
     p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
     p.set_defaults(func=_profile)
@@ -176,14 +182,28 @@ def _profile(args: argparse.Namespace) -> int:
         for f in GRID_FLAGS
     }
     points = replace(points, **{k: v for k, v in given.items() if v is not None})
+    tokenizer = llm.engine.tokenizer
     try:
         profile = measure(llm, points)
     finally:
         llm.close()
+    if args.front or args.front_url:
+        profile = replace(profile, front=_front(args, options, tokenizer))
     profile.meta["source"] = Path(args.out).name
     profile.save(args.out)
     print(f"wrote {args.out}: KV pool {profile.num_blocks} blocks x {profile.block_size} tokens")
     return 0
+
+
+def _front(args: argparse.Namespace, options: dict[str, Any], tokenizer: Any) -> Any:
+    """The profile's front section: against --front-url, or a server started like the engine."""
+    from pdserve.planning.front_probe import measure_front
+    from pdserve.planning.front_server import running_server
+
+    if args.front_url:
+        return measure_front(tokenizer, args.front_url)
+    with running_server({**options, "model": args.model, "tp": args.tp}) as url:
+        return measure_front(tokenizer, url)
 
 
 def _default_device() -> str:

@@ -73,11 +73,14 @@ def stage_sums(metrics_text: str) -> tuple[float, float]:
     return total, count
 
 
-def http_overhead(base_url: str, prompt: str, requests: int = 20, timeout: float = 60.0) -> dict[str, float]:
+def http_overhead(
+    base_url: str, prompt: str, requests: int = 20, api_key: str | None = None, timeout: float = 60.0
+) -> dict[str, float]:
     """Client TTFT vs the engine's queue + prefill for `requests` one-token streamed completions."""
     import httpx
 
-    with httpx.Client(base_url=base_url, timeout=timeout) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=base_url, timeout=timeout, headers=headers) as client:
         model = client.get("/v1/models").json()["data"][0]["id"]
         body = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0.0}
         _first_token(client, body)  # warm-up: the connection, the first request's one-off costs
@@ -106,7 +109,11 @@ def _first_token(client: Any, body: dict[str, Any]) -> float:
 
 
 def measure_front(
-    tokenizer: Any, base_url: str | None, log: Callable[[str], None] = print, requests: int = 20
+    tokenizer: Any,
+    base_url: str | None,
+    log: Callable[[str], None] = print,
+    requests: int = 20,
+    api_key: str | None = None,
 ) -> Front:
     """The front section of a profile: tokenization always, HTTP when a server URL is given."""
     points = tokenize_costs(tokenizer)
@@ -116,7 +123,7 @@ def measure_front(
     fixed, http = intercept, None
     if base_url is not None:
         prompt = prompt_text(tokenizer, 8, random.Random(1))
-        http = http_overhead(base_url, prompt, requests)
+        http = http_overhead(base_url, prompt, requests, api_key)
         tokenize = intercept + per_token * 8
         fixed = max(0.0, http["client_ttft_s"] - http["engine_s"] - per_token * 8)
         log(

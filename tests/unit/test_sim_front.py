@@ -1,0 +1,92 @@
+"""What the simulator adds to TTFT outside the priced steps, against exact figures (constant-cost
+profiles, no model): the profile's front, admission one step later behind a step launched ahead, and
+the first token with text when some tokens have none."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdserve.bench.metrics import SLO
+from pdserve.planning.layout import parse_layout
+from pdserve.planning.profile import Front, Profile, constant_profile
+from pdserve.planning.report import sim_result
+from pdserve.planning.simulator import SimOptions, Simulator
+from pdserve.planning.workload import RequestSpec, Workload
+
+H100_PROFILE = Path(__file__).parents[2] / "docs/bench/h100/profile-qwen2.5-7b-2026-12-07.json"
+
+
+def run(profile: Profile, specs: list[RequestSpec], layout: str = "colocated:1", **options: Any) -> dict[str, Any]:
+    lay = parse_layout(layout)
+    sim = Simulator(lay, {1: profile}, SimOptions(**options)).run(specs)
+    return sim_result(sim, SLO(), lay, {1: profile}, 1.0)
+
+
+@pytest.mark.parametrize("layout", ["colocated:1", "pd:1:1"])
+def test_the_front_shifts_ttft_and_latency_by_exactly_its_cost(layout: str) -> None:
+    base = constant_profile(prefill_s=0.020, decode_s=0.010, transfer_s=0.002, max_num_seqs=4)
+    fronted = dataclasses.replace(base, front=Front(fixed_s=0.005, per_token_s=1e-5))
+    # a busy run (queueing, mixed steps): every prompt the same length, so everything shifts alike
+    specs = list(Workload(input_len=64, output_len=8, rate=40.0, num_requests=200, seed=3).requests())
+    before, after = run(base, specs, layout), run(fronted, specs, layout)
+    shift = 0.005 + 64 * 1e-5
+    assert before["completed"] == after["completed"] == 200
+    assert after["ttfts"] == pytest.approx([t + shift for t in before["ttfts"]], abs=1e-9)
+    assert after["e2els"] == pytest.approx([t + shift for t in before["e2els"]], abs=1e-9)
+    assert after["tpots"] == pytest.approx(before["tpots"], abs=1e-12)
+    assert after["mean_ttft_ms"] - before["mean_ttft_ms"] == pytest.approx(shift * 1000)
+
+
+def test_a_profile_without_a_front_reads_and_writes_as_before() -> None:
+    stored = json.loads(H100_PROFILE.read_text())
+    assert "front" not in stored
+    profile = Profile.from_json(stored)
+    assert profile.front == Front() and profile.front.seconds(1100) == 0.0
+    assert profile.to_json() == stored  # nothing added, nothing lost
+    fronted = dataclasses.replace(profile, front=Front(0.004, 2e-6, {"http": {"requests": 20.0}}))
+    again = Profile.from_json(json.loads(json.dumps(fronted.to_json())))
+    assert again.front == fronted.front and again.front.seconds(1000) == pytest.approx(0.006)
+    with pytest.raises(ValueError):
+        Front(fixed_s=-1.0)
+
+
+def test_a_step_launched_ahead_admits_an_arrival_one_decode_step_later() -> None:
+    """A: prefill [0, 20 ms), then decode steps of 10 ms. B arrives at 54 ms, inside [50, 60).
+    Without launching ahead it joins at 60 (mixed step of 20 ms: first token at 80, TTFT 26 ms);
+    with it, [60, 70) was decided when [50, 60) began, so B joins at 70: TTFT 36 ms. B arriving
+    during A's prefill (not a decode-only step) waits the same either way."""
+    profile = constant_profile(prefill_s=0.020, decode_s=0.010)
+    for arrival, extra in ((0.054, 0.010), (0.012, 0.0)):
+        specs = [RequestSpec(0.0, 32, 100), RequestSpec(arrival, 32, 4)]
+        plain = run(profile, specs, launch_ahead=False)["ttfts"][1]
+        ahead = run(profile, specs, launch_ahead=True)["ttfts"][1]
+        assert ahead - plain == pytest.approx(extra, abs=1e-9)
+    assert plain == pytest.approx(0.020 + 0.008)  # joined at A's first decode step, 20 ms of prefill
+
+
+def test_launch_ahead_follows_the_profiles_device_unless_told() -> None:
+    gpu = Profile.load(H100_PROFILE)
+    cpu = dataclasses.replace(gpu, meta={**gpu.meta, "device": "cpu"})
+    lay = parse_layout("colocated:1")
+    assert Simulator(lay, {1: gpu}).both[0].launch_ahead
+    assert not Simulator(lay, {1: cpu}).both[0].launch_ahead
+    assert not Simulator(lay, {1: gpu}, SimOptions(launch_ahead=False)).both[0].launch_ahead
+
+
+def test_ttft_counts_to_the_first_token_with_text() -> None:
+    """Each token has text with chance p: the first with text comes after (1 - p) / p more decode
+    steps on average (geometric), one request at a time so that nothing else moves."""
+    profile = constant_profile(prefill_s=0.020, decode_s=0.010)
+    specs = [RequestSpec(10.0 * i, 32, 64) for i in range(3000)]
+    plain = run(profile, specs)
+    seen = run(profile, specs, visible_fraction=0.25)
+    assert plain["mean_ttft_ms"] == pytest.approx(20.0)
+    assert seen["mean_ttft_ms"] - 20.0 == pytest.approx(3 * 10.0, rel=0.06)
+    assert seen["total_output_tokens"] == plain["total_output_tokens"]  # tokens are all still counted
+    with pytest.raises(ValueError):
+        SimOptions(visible_fraction=0.0)
