@@ -183,27 +183,28 @@ def _profile(args: argparse.Namespace) -> int:
     }
     points = replace(points, **{k: v for k, v in given.items() if v is not None})
     tokenizer = llm.engine.tokenizer
+    dummy_vocab = int(llm.engine.hf_config.vocab_size) if args.load_format == "dummy" else None
     try:
         profile = measure(llm, points)
     finally:
         llm.close()
     if args.front or args.front_url:
-        profile = replace(profile, front=_front(args, options, tokenizer))
+        profile = replace(profile, front=_front(args, options, tokenizer, dummy_vocab))
     profile.meta["source"] = Path(args.out).name
     profile.save(args.out)
     print(f"wrote {args.out}: KV pool {profile.num_blocks} blocks x {profile.block_size} tokens")
     return 0
 
 
-def _front(args: argparse.Namespace, options: dict[str, Any], tokenizer: Any) -> Any:
+def _front(args: argparse.Namespace, options: dict[str, Any], tokenizer: Any, dummy_vocab: int | None) -> Any:
     """The profile's front section: against --front-url, or a server started like the engine."""
     from pdserve.planning.front_probe import measure_front
     from pdserve.planning.front_server import running_server
 
     if args.front_url:
-        return measure_front(tokenizer, args.front_url)
+        return measure_front(tokenizer, args.front_url, dummy_vocab=dummy_vocab)
     with running_server({**options, "model": args.model, "tp": args.tp}) as url:
-        return measure_front(tokenizer, url)
+        return measure_front(tokenizer, url, dummy_vocab=dummy_vocab)
 
 
 def _default_device() -> str:

@@ -108,14 +108,24 @@ def _first_token(client: Any, body: dict[str, Any]) -> float:
     return first
 
 
+def visible_fraction(tokenizer: Any, model_vocab: int) -> float:
+    """The share of ids in [0, model_vocab) whose text is not empty: what a dummy-weight model,
+    sampling ids about uniformly, shows the client (ids past the tokenizer's have no text)."""
+    known = min(len(tokenizer), model_vocab)
+    with_text = sum(1 for i in range(known) if tokenizer.decode([i], skip_special_tokens=True))
+    return with_text / model_vocab
+
+
 def measure_front(
     tokenizer: Any,
     base_url: str | None,
     log: Callable[[str], None] = print,
     requests: int = 20,
     api_key: str | None = None,
+    dummy_vocab: int | None = None,
 ) -> Front:
-    """The front section of a profile: tokenization always, HTTP when a server URL is given."""
+    """The front section of a profile: tokenization always, HTTP when a server URL is given, the
+    share of tokens with text when the weights are dummy ones over a `dummy_vocab`-id vocabulary."""
     points = tokenize_costs(tokenizer)
     intercept, per_token = fit_line(points)
     shown = ", ".join(f"{n} tokens {s * 1e3:.2f} ms" for n, s in points)
@@ -130,5 +140,8 @@ def measure_front(
             f"http: client TTFT {http['client_ttft_s'] * 1e3:.2f} ms, engine {http['engine_s'] * 1e3:.2f} ms,"
             f" tokenize {tokenize * 1e3:.3f} ms -> fixed {fixed * 1e3:.2f} ms a request"
         )
+    visible = visible_fraction(tokenizer, dummy_vocab) if dummy_vocab else 1.0
+    if dummy_vocab:
+        log(f"dummy weights over {dummy_vocab} ids: {visible:.3f} of the tokens have text")
     source = {"tokenize": [list(p) for p in points], "http": http}
-    return Front(fixed_s=fixed, per_token_s=per_token, source=source)
+    return Front(fixed_s=fixed, per_token_s=per_token, source=source, visible_fraction=visible)

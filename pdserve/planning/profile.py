@@ -82,21 +82,33 @@ class Front:
     fixed_s: float = 0.0
     per_token_s: float = 0.0  # tokenizing the prompt, per prompt token
     source: dict[str, Any] = field(default_factory=dict)  # what was measured, and how
+    # the chance that a generated token has text: below 1 for dummy weights, whose ids are uniform
+    # over the model's vocabulary, of which the tokenizer may know only part (a client's TTFT waits
+    # for the first token with text)
+    visible_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.fixed_s < 0 or self.per_token_s < 0:
             raise ValueError("a front's costs are never negative")
+        if not 0 < self.visible_fraction <= 1:
+            raise ValueError("visible_fraction must be in (0, 1]")
 
     def seconds(self, prompt_tokens: int) -> float:
         return self.fixed_s + self.per_token_s * prompt_tokens
 
     def to_json(self) -> dict[str, Any]:
-        return {"fixed_s": self.fixed_s, "per_token_s": self.per_token_s, **self.source}
+        costs = {"fixed_s": self.fixed_s, "per_token_s": self.per_token_s}
+        return {**costs, "visible_fraction": self.visible_fraction, **self.source}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Front:
-        rest = {k: v for k, v in obj.items() if k not in ("fixed_s", "per_token_s")}
-        return cls(float(obj.get("fixed_s", 0.0)), float(obj.get("per_token_s", 0.0)), rest)
+        rest = {k: v for k, v in obj.items() if k not in ("fixed_s", "per_token_s", "visible_fraction")}
+        return cls(
+            float(obj.get("fixed_s", 0.0)),
+            float(obj.get("per_token_s", 0.0)),
+            rest,
+            float(obj.get("visible_fraction", 1.0)),
+        )
 
 
 @dataclass(frozen=True)

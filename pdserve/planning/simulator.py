@@ -61,10 +61,10 @@ class SimOptions:
     control_seconds: float = 0.0  # a Reserve's trip to the prefill instance
     seed: int = 0
     launch_ahead: bool | None = None  # engine/ahead.py (None: as the profile's engine, off on a CPU)
-    visible_fraction: float = 1.0  # the chance that a token's text is not empty
+    visible_fraction: float | None = None  # the chance that a token has text (None: the profile's)
 
     def __post_init__(self) -> None:
-        if not 0 < self.visible_fraction <= 1:
+        if self.visible_fraction is not None and not 0 < self.visible_fraction <= 1:
             raise ValueError("visible_fraction must be in (0, 1]")
 
 
@@ -88,6 +88,7 @@ class Simulator:
         self.policy: Policy = make_policy(options.policy, rng=random.Random(options.seed))
         self.visible_rng = random.Random(options.seed + 1)
         self.entry = profiles[layout.tp_decode if layout.disaggregated else layout.tp]
+        self.visible = options.visible_fraction or self.entry.front.visible_fraction
         self.both = self._instances("both", layout.colocated, profiles[layout.tp])
         self.prefills = self._instances("prefill", layout.prefill, profiles[layout.tp_prefill])
         self.decodes = self._instances("decode", layout.decode, profiles[layout.tp_decode])
@@ -155,7 +156,7 @@ class Simulator:
 
     def _first_visible(self) -> int:
         """How many tokens come before the first with text (geometric in visible_fraction)."""
-        p, n = self.options.visible_fraction, 0
+        p, n = self.visible, 0
         while p < 1 and self.visible_rng.random() >= p:
             n += 1
         return n

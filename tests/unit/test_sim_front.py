@@ -21,7 +21,9 @@ from pdserve.planning.workload import RequestSpec, Workload
 H100_PROFILE = Path(__file__).parents[2] / "docs/bench/h100/profile-qwen2.5-7b-2026-12-07.json"
 
 
-def run(profile: Profile, specs: list[RequestSpec], layout: str = "colocated:1", **options: Any) -> dict[str, Any]:
+def run(
+    profile: Profile, specs: list[RequestSpec], layout: str = "colocated:1", **options: Any
+) -> dict[str, Any]:
     lay = parse_layout(layout)
     sim = Simulator(lay, {1: profile}, SimOptions(**options)).run(specs)
     return sim_result(sim, SLO(), lay, {1: profile}, 1.0)
@@ -88,5 +90,7 @@ def test_ttft_counts_to_the_first_token_with_text() -> None:
     assert plain["mean_ttft_ms"] == pytest.approx(20.0)
     assert seen["mean_ttft_ms"] - 20.0 == pytest.approx(3 * 10.0, rel=0.06)
     assert seen["total_output_tokens"] == plain["total_output_tokens"]  # tokens are all still counted
+    from_profile = run(dataclasses.replace(profile, front=Front(visible_fraction=0.25)), specs)
+    assert from_profile["ttfts"] == seen["ttfts"]  # a profile's own fraction, as measured with it
     with pytest.raises(ValueError):
         SimOptions(visible_fraction=0.0)
