@@ -3,11 +3,12 @@
     tokenize   the model's tokenizer on prompts of N tokens, in this process (the server tokenizes on
                its event loop, before the engine sees the request): seconds by prompt tokens, fitted
                as a fixed part plus a part per token (least squares over the sizes measured)
-    http       `requests` streaming completions of a few tokens, max_tokens 1, one at a time, against
-               a running `pdserve serve`: the client's time to the first token minus the engine's own
-               time for the same requests (its queue and prefill stage sums, read from /metrics before
-               and after) and minus the tokenization of their prompts: HTTP in, the hand-off to the
-               engine thread, the first token's way back (detokenize, SSE, the client's read)
+    http       `requests` streaming completions, max_tokens 1, one at a time, against a running
+               `pdserve serve`, at a short and a long prompt: the client's time to the first token
+               minus the engine's own time for the same requests (its queue and prefill stage sums,
+               read from /metrics before and after): HTTP in, tokenization, the hand-off to the
+               engine thread, the first token's way back (detokenize, SSE, the client's read); a
+               line through the two sizes: a fixed part and a part per prompt token
 
 What the simulator adds to TTFT and end-to-end latency (profile.Front); a decode step never pays it.
 """
@@ -24,6 +25,7 @@ from typing import Any
 from pdserve.planning.profile import Front
 
 TOKENIZE_SIZES = (16, 256, 1024, 2048)
+HTTP_SIZES = (8, 1024)
 STAGE_SUMS = ("pdserve_request_queue_time_seconds_sum", "pdserve_request_prefill_time_seconds_sum")
 STAGE_COUNT = "pdserve_request_prefill_time_seconds_count"
 
@@ -37,7 +39,8 @@ def prompt_text(tokenizer: Any, num_tokens: int, rng: random.Random) -> str:
 def tokenize_costs(
     tokenizer: Any, sizes: Sequence[int] = TOKENIZE_SIZES, repeats: int = 7, seed: int = 0
 ) -> list[tuple[int, float]]:
-    """(tokens, median seconds to encode a prompt of that many tokens) for each size."""
+    """(tokens, the fastest of `repeats` encodings of a prompt of that many tokens) for each size: the
+    work itself, not what else the machine's cores were doing at that moment."""
     rng = random.Random(seed)
     points = []
     for n in sizes:
@@ -48,7 +51,7 @@ def tokenize_costs(
             start = time.perf_counter()
             tokenizer.encode(text, add_special_tokens=False)
             times.append(time.perf_counter() - start)
-        points.append((tokens, statistics.median(times)))
+        points.append((tokens, min(times)))
     return points
 
 
@@ -123,23 +126,34 @@ def measure_front(
     requests: int = 20,
     api_key: str | None = None,
     dummy_vocab: int | None = None,
+    http_sizes: Sequence[int] = HTTP_SIZES,
 ) -> Front:
-    """The front section of a profile: tokenization always, HTTP when a server URL is given, the
-    share of tokens with text when the weights are dummy ones over a `dummy_vocab`-id vocabulary."""
+    """The front section of a profile. Without a server: tokenization only (fixed part and slope of
+    the fitted line). With one: the front's time (client TTFT - engine time) at each of `http_sizes`
+    prompt tokens, a line through those: everything a longer prompt costs outside the engine (JSON,
+    tokenization, copies) in its slope. `dummy_vocab`: the share of tokens with text."""
     points = tokenize_costs(tokenizer)
-    intercept, per_token = fit_line(points)
+    fixed, per_token = fit_line(points)
     shown = ", ".join(f"{n} tokens {s * 1e3:.2f} ms" for n, s in points)
-    log(f"tokenize: {shown} -> {intercept * 1e3:.3f} ms + {per_token * 1e6:.3f} us/token")
-    fixed, http = intercept, None
+    log(f"tokenize: {shown} -> {fixed * 1e3:.3f} ms + {per_token * 1e6:.3f} us/token")
+    http = []
     if base_url is not None:
-        prompt = prompt_text(tokenizer, 8, random.Random(1))
-        http = http_overhead(base_url, prompt, requests, api_key)
-        tokenize = intercept + per_token * 8
-        fixed = max(0.0, http["client_ttft_s"] - http["engine_s"] - per_token * 8)
-        log(
-            f"http: client TTFT {http['client_ttft_s'] * 1e3:.2f} ms, engine {http['engine_s'] * 1e3:.2f} ms,"
-            f" tokenize {tokenize * 1e3:.3f} ms -> fixed {fixed * 1e3:.2f} ms a request"
-        )
+        rng = random.Random(1)
+        for size in http_sizes:
+            prompt = prompt_text(tokenizer, size, rng)
+            tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
+            http.append(
+                {"prompt_tokens": float(tokens), **http_overhead(base_url, prompt, requests, api_key)}
+            )
+            h = http[-1]
+            log(
+                f"http, {tokens} prompt tokens: client TTFT {h['client_ttft_s'] * 1e3:.2f} ms,"
+                f" engine {h['engine_s'] * 1e3:.2f} ms"
+            )
+        fronts = [(int(h["prompt_tokens"]), h["client_ttft_s"] - h["engine_s"]) for h in http]
+        fixed, slope = fit_line(fronts)
+        per_token = slope if len(fronts) > 1 else per_token
+        log(f"front: {fixed * 1e3:.2f} ms a request + {per_token * 1e6:.3f} us a prompt token")
     visible = visible_fraction(tokenizer, dummy_vocab) if dummy_vocab else 1.0
     if dummy_vocab:
         log(f"dummy weights over {dummy_vocab} ids: {visible:.3f} of the tokens have text")

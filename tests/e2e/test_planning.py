@@ -63,10 +63,14 @@ def test_front_probe_times_a_real_servers_front(server: ServerProcess, tokenizer
     """Over real HTTP: the client's time to the first token is more than the engine's own time for
     the request, by what the front costs; tokenizing costs more for longer prompts; the section
     round-trips through a profile and the simulator adds it to TTFT."""
-    front = measure_front(tokenizer, server.url, log=lambda _: None, requests=4, api_key=server.api_key)
-    http = front.source["http"]
-    assert http["requests"] == 4 and 0 < http["engine_s"] < http["client_ttft_s"]
-    assert 0 < front.fixed_s < http["client_ttft_s"] and front.per_token_s > 0
+    front = measure_front(
+        tokenizer, server.url, log=lambda _: None, requests=3, api_key=server.api_key, http_sizes=(8, 256)
+    )
+    short, long = front.source["http"]
+    assert short["prompt_tokens"] < long["prompt_tokens"] and short["requests"] == 3
+    assert all(0 < h["engine_s"] < h["client_ttft_s"] for h in (short, long))
+    assert long["engine_s"] > short["engine_s"]  # the engine's own time, a longer prefill
+    assert 0 < front.fixed_s < short["client_ttft_s"] and front.per_token_s >= 0
     tokens, seconds = zip(*front.source["tokenize"], strict=True)
     assert list(tokens) == sorted(tokens) and seconds[-1] > seconds[0]
     profile = Profile.from_json(
