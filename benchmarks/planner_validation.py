@@ -29,7 +29,8 @@ front, without launching ahead and counting every token as text ("before"):
 
     python benchmarks/planner_validation.py --profile docs/bench/h100/profile-qwen2.5-7b-2026-12-07.json \
         --out-dir docs/bench/h100/planner-7b-2026-12-07 --front-tokenizer .whl/tokenizer \
-        --dummy-vocab 152064 --measure-front docs/bench/h100/planner-7b-2026-12-07/front-cpu.json \
+        --dummy-vocab 152064 --front-router \
+        --measure-front docs/bench/h100/planner-7b-2026-12-07/front-cpu.json \
         --against docs/bench/h100/planner-7b-2026-12-07/measured-colocated1.json
 """
 
@@ -225,18 +226,33 @@ def front_for(args: argparse.Namespace, env: dict[str, str]) -> Front:
 
     tokenizer = AutoTokenizer.from_pretrained(args.front_tokenizer or resolve_model(None))
     port = args.port + 1
-    server = start(
-        [*PY, "serve", "--port", str(port), "--device", "cpu", "--log-level", "warning"], None, env
-    )
+    instance = f"http://127.0.0.1:{port}"
+    procs = [
+        start([*PY, "serve", "--port", str(port), "--device", "cpu", "--log-level", "warning"], None, env)
+    ]
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", [server])
-        front = measure_front(
-            tokenizer, f"http://127.0.0.1:{port}", requests=30, dummy_vocab=args.dummy_vocab
-        )
+        wait_healthy(instance, procs)
+        url = instance
+        if args.front_router:  # as the measured runs were served: `pdserve up` puts its router in front
+            url = f"http://127.0.0.1:{port + 1}"
+            router = [
+                *PY,
+                "router",
+                "--port",
+                str(port + 1),
+                "--log-level",
+                "warning",
+                "--instance",
+                instance,
+            ]
+            procs.append(start(router, None, env))
+            wait_healthy(url, procs)
+        front = measure_front(tokenizer, url, requests=30, dummy_vocab=args.dummy_vocab, metrics_url=instance)
     finally:
-        stop([server])
+        stop(procs)
     path = Path(args.measure_front)
     note = "measured on this machine's CPU with the default model's server (HTTP) and the served tokenizer"
+    note += ", through a pdserve router" if args.front_router else ""
     path.write_text(
         json.dumps({**front.to_json(), "note": note, "machine": platform.node()}, indent=1) + "\n"
     )
@@ -258,6 +274,7 @@ def main() -> None:
     ap.add_argument("--measure-front", default=None, help="measure a front here first, write it there")
     ap.add_argument("--front-tokenizer", default=None, help="the served tokenizer (default: the model's)")
     ap.add_argument("--dummy-vocab", type=int, default=None, help="the dummy-weight model's vocabulary")
+    ap.add_argument("--front-router", action="store_true", help="measure the front through a router")
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -77,19 +77,26 @@ def stage_sums(metrics_text: str) -> tuple[float, float]:
 
 
 def http_overhead(
-    base_url: str, prompt: str, requests: int = 20, api_key: str | None = None, timeout: float = 60.0
+    base_url: str,
+    prompt: str,
+    requests: int = 20,
+    api_key: str | None = None,
+    metrics_url: str | None = None,
+    timeout: float = 60.0,
 ) -> dict[str, float]:
-    """Client TTFT vs the engine's queue + prefill for `requests` one-token streamed completions."""
+    """Client TTFT vs the engine's queue + prefill for `requests` one-token streamed completions.
+    `metrics_url`: the instance whose engine answers, where `base_url` is a router in front of it."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    metrics = f"{metrics_url or base_url}/metrics"
     with httpx.Client(base_url=base_url, timeout=timeout, headers=headers) as client:
         model = client.get("/v1/models").json()["data"][0]["id"]
         body = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0.0}
         _first_token(client, body)  # warm-up: the connection, the first request's one-off costs
-        engine_before, count_before = stage_sums(client.get("/metrics").text)
+        engine_before, count_before = stage_sums(client.get(metrics).text)
         ttfts = [_first_token(client, body) for _ in range(requests)]
-        engine_after, count_after = stage_sums(client.get("/metrics").text)
+        engine_after, count_after = stage_sums(client.get(metrics).text)
     done = count_after - count_before
     if done < requests:
         raise RuntimeError(f"the server's /metrics counted {done:g} of {requests} requests")
@@ -127,6 +134,7 @@ def measure_front(
     api_key: str | None = None,
     dummy_vocab: int | None = None,
     http_sizes: Sequence[int] = HTTP_SIZES,
+    metrics_url: str | None = None,
 ) -> Front:
     """The front section of a profile. Without a server: tokenization only (fixed part and slope of
     the fitted line). With one: the front's time (client TTFT - engine time) at each of `http_sizes`
