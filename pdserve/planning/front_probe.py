@@ -150,10 +150,8 @@ def measure_front(
         for size in http_sizes:
             prompt = prompt_text(tokenizer, size, rng)
             tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
-            http.append(
-                {"prompt_tokens": float(tokens), **http_overhead(base_url, prompt, requests, api_key)}
-            )
-            h = http[-1]
+            h = http_overhead(base_url, prompt, requests, api_key, metrics_url)
+            http.append({"prompt_tokens": float(tokens), **h})
             log(
                 f"http, {tokens} prompt tokens: client TTFT {h['client_ttft_s'] * 1e3:.2f} ms,"
                 f" engine {h['engine_s'] * 1e3:.2f} ms"
