@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from pdserve.planning.profile import Front
@@ -98,10 +100,44 @@ def http_overhead(
         ttfts = [_first_token(client, body) for _ in range(requests)]
         engine_after, count_after = stage_sums(client.get(metrics).text)
     done = count_after - count_before
-    if done < requests:
-        raise RuntimeError(f"the server's /metrics counted {done:g} of {requests} requests")
+    if done != requests:
+        raise RuntimeError(f"the server's /metrics counted {done:g} requests finished, not {requests}")
     engine = (engine_after - engine_before) / done
     return {"client_ttft_s": statistics.mean(ttfts), "engine_s": engine, "requests": float(requests)}
+
+
+@contextmanager
+def decode_load(base_url: str, streams: int, api_key: str | None = None) -> Iterator[None]:
+    """`streams` long streamed completions decoding until the block ends (then their connections
+    close, which aborts them): the engine busy, as under serving load."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    done, decoding = threading.Event(), threading.Semaphore(0)
+
+    def one(model: str) -> None:
+        body = {"model": model, "prompt": "Once upon a time", "stream": True, "ignore_eos": True}
+        client = httpx.Client(base_url=base_url, timeout=600, headers=headers)
+        with client, client.stream("POST", "/v1/completions", json={**body, "max_tokens": 2048}) as answer:
+            for i, _ in enumerate(answer.iter_lines()):
+                if i == 2:
+                    decoding.release()
+                if done.is_set():
+                    return
+
+    model = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    threads = [threading.Thread(target=one, args=(model,), daemon=True) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in threads:
+            if not decoding.acquire(timeout=300):
+                raise RuntimeError("the background streams did not start decoding")
+        yield
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
 
 
 def _first_token(client: Any, body: dict[str, Any]) -> float:
@@ -135,11 +171,14 @@ def measure_front(
     dummy_vocab: int | None = None,
     http_sizes: Sequence[int] = HTTP_SIZES,
     metrics_url: str | None = None,
+    busy_streams: int = 0,
 ) -> Front:
     """The front section of a profile. Without a server: tokenization only (fixed part and slope of
     the fitted line). With one: the front's time (client TTFT - engine time) at each of `http_sizes`
     prompt tokens, a line through those: everything a longer prompt costs outside the engine (JSON,
-    tokenization, copies) in its slope. `dummy_vocab`: the share of tokens with text."""
+    tokenization, copies) in its slope; with `busy_streams`, the fixed part again while that many
+    streams decode (the front shares the process with a busy engine loop). `dummy_vocab`: the share
+    of tokens with text."""
     points = tokenize_costs(tokenizer)
     fixed, per_token = fit_line(points)
     shown = ", ".join(f"{n} tokens {s * 1e3:.2f} ms" for n, s in points)
@@ -160,8 +199,17 @@ def measure_front(
         fixed, slope = fit_line(fronts)
         per_token = slope if len(fronts) > 1 else per_token
         log(f"front: {fixed * 1e3:.2f} ms a request + {per_token * 1e6:.3f} us a prompt token")
+    busy_fixed, busy = None, {}
+    if base_url is not None and busy_streams:
+        prompt = prompt_text(tokenizer, http_sizes[0], random.Random(2))
+        tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
+        with decode_load(base_url, busy_streams, api_key):
+            busy = http_overhead(base_url, prompt, requests, api_key, metrics_url)
+        busy_fixed = max(0.0, busy["client_ttft_s"] - busy["engine_s"] - per_token * tokens)
+        busy.update(prompt_tokens=float(tokens), streams=float(busy_streams))
+        log(f"front with {busy_streams} streams decoding: {busy_fixed * 1e3:.2f} ms a request")
     visible = visible_fraction(tokenizer, dummy_vocab) if dummy_vocab else 1.0
     if dummy_vocab:
         log(f"dummy weights over {dummy_vocab} ids: {visible:.3f} of the tokens have text")
-    source = {"tokenize": [list(p) for p in points], "http": http}
-    return Front(fixed_s=fixed, per_token_s=per_token, source=source, visible_fraction=visible)
+    source = {"tokenize": [list(p) for p in points], "http": http, "http_busy": busy}
+    return Front(fixed, per_token, source, visible, busy_fixed)

@@ -86,28 +86,34 @@ class Front:
     # over the model's vocabulary, of which the tokenizer may know only part (a client's TTFT waits
     # for the first token with text)
     visible_fraction: float = 1.0
+    # the fixed part when the request reaches an engine that is stepping (None: as fixed_s): the
+    # front and the engine loop share one process, and the loop's host work delays the front's
+    busy_fixed_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.fixed_s < 0 or self.per_token_s < 0:
+        if self.fixed_s < 0 or self.per_token_s < 0 or (self.busy_fixed_s or 0.0) < 0:
             raise ValueError("a front's costs are never negative")
         if not 0 < self.visible_fraction <= 1:
             raise ValueError("visible_fraction must be in (0, 1]")
 
-    def seconds(self, prompt_tokens: int) -> float:
-        return self.fixed_s + self.per_token_s * prompt_tokens
+    def seconds(self, prompt_tokens: int, busy: bool = False) -> float:
+        fixed = self.busy_fixed_s if busy and self.busy_fixed_s is not None else self.fixed_s
+        return fixed + self.per_token_s * prompt_tokens
 
     def to_json(self) -> dict[str, Any]:
-        costs = {"fixed_s": self.fixed_s, "per_token_s": self.per_token_s}
+        costs = {"fixed_s": self.fixed_s, "per_token_s": self.per_token_s, "busy_fixed_s": self.busy_fixed_s}
         return {**costs, "visible_fraction": self.visible_fraction, **self.source}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Front:
-        rest = {k: v for k, v in obj.items() if k not in ("fixed_s", "per_token_s", "visible_fraction")}
+        own = ("fixed_s", "per_token_s", "visible_fraction", "busy_fixed_s")
+        busy = obj.get("busy_fixed_s")
         return cls(
             float(obj.get("fixed_s", 0.0)),
             float(obj.get("per_token_s", 0.0)),
-            rest,
+            {k: v for k, v in obj.items() if k not in own},
             float(obj.get("visible_fraction", 1.0)),
+            None if busy is None else float(busy),
         )
 
 

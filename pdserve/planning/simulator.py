@@ -6,8 +6,9 @@ instance runs its real scheduler on a simulated clock, prefills hand KV to decod
                         decode ◀─(KV + first token, transfer_seconds(bytes))─┘ blocks held till then
                         decode: activate (first token out), decode steps ─▶ tokens
 
-A request reaches its instance after the profile's front (tokenization, HTTP, the hand-off to the
-engine: profile.Front), so TTFT and latency include it and TPOT does not. Where a token's text may be
+A request reaches its instance's engine after the profile's front (tokenization, HTTP, the hand-off
+to the engine: profile.Front; its busy figure where that engine is stepping), so TTFT and latency
+include it and TPOT does not. Where a token's text may be
 empty (`visible_fraction` < 1: a dummy-weight model sampling ids its tokenizer has no text for), the
 client's first token is the first one with text, as `pdserve bench serve` counts it.
 
@@ -117,8 +118,7 @@ class Simulator:
 
     def run(self, specs: Sequence[RequestSpec]) -> SimRun:
         for i, spec in enumerate(specs):
-            reaches = spec.arrival + self.entry.front.seconds(spec.input_len)
-            self._at(reaches, functools.partial(self._arrive, index=i, spec=spec))
+            self._at(spec.arrival, functools.partial(self._arrive, index=i, spec=spec))
         end = 0.0
         while self.events:
             end, _, action = heapq.heappop(self.events)
@@ -133,8 +133,10 @@ class Simulator:
         return views[self.policy.choose([i.view for i in pool], role, body).url]
 
     def _arrive(self, now: float, *, index: int, spec: RequestSpec) -> None:
+        """The router picks the instances at once; the request reaches its engine after the front
+        (the instance's HTTP, tokenization, hand-off), slower where that engine is stepping."""
         rid = f"r{index}"
-        trace = self.traces[rid] = Trace(spec, first_visible=self._first_visible())
+        self.traces[rid] = Trace(spec, first_visible=self._first_visible())
         prompt = list(range(index << 20, (index << 20) + spec.input_len))  # unique: no accidental prefix hits
         body = {"prompt": prompt}
         params = self._params(spec.output_len)
@@ -146,12 +148,16 @@ class Simulator:
         else:
             target = self._choose(self.both, "both", body)
             request = Request(rid, prompt, params)
+        front = target.profile.front.seconds(spec.input_len, busy=target.busy)
+        self._at(now + front, functools.partial(self._deliver, target=target, request=request))
+
+    def _deliver(self, now: float, *, target: SimInstance, request: Request) -> None:
         try:
             target.add(request)
         except PDServeError as e:
-            trace.error = str(e)
+            self.traces[request.request_id].error = str(e)
             return
-        self.decode_of[rid] = target
+        self.decode_of[request.request_id] = target
         self._kick(target, now)
 
     def _first_visible(self) -> int:

@@ -44,6 +44,20 @@ def test_the_front_shifts_ttft_and_latency_by_exactly_its_cost(layout: str) -> N
     assert after["mean_ttft_ms"] - before["mean_ttft_ms"] == pytest.approx(shift * 1000)
 
 
+def test_the_busy_front_applies_where_the_engine_is_stepping() -> None:
+    """A reaches the idle engine at 4 ms: prefill [4, 24 ms), then decode steps of 10 ms (boundaries
+    at 504, 514, 524 ms...); B arrives at 507 ms (the engine stepping), C at 5 s (idle). B's busy
+    front of 9 ms brings it to the engine at 516 ms: it joins at 524, its mixed step of 20 ms gives
+    TTFT 37 ms; with the idle figure (4 ms) it would be there at 511, join at 514: 27 ms. A and C
+    pay the idle figure."""
+    base = constant_profile(prefill_s=0.020, decode_s=0.010)
+    specs = [RequestSpec(0.0, 32, 101), RequestSpec(0.507, 32, 2), RequestSpec(5.0, 32, 2)]
+    busy = run(dataclasses.replace(base, front=Front(fixed_s=0.004, busy_fixed_s=0.009)), specs)["ttfts"]
+    idle = run(dataclasses.replace(base, front=Front(fixed_s=0.004)), specs)["ttfts"]
+    assert busy[1] == pytest.approx(0.037) and idle[1] == pytest.approx(0.027)
+    assert busy[0] == idle[0] == pytest.approx(0.024) and busy[2] == idle[2] == pytest.approx(0.024)
+
+
 def test_a_profile_without_a_front_reads_and_writes_as_before() -> None:
     stored = json.loads(H100_PROFILE.read_text())
     assert "front" not in stored
