@@ -247,7 +247,14 @@ def front_for(args: argparse.Namespace, env: dict[str, str]) -> Front:
             ]
             procs.append(start(router, None, env))
             wait_healthy(url, procs)
-        front = measure_front(tokenizer, url, requests=30, dummy_vocab=args.dummy_vocab, metrics_url=instance)
+        front = measure_front(
+            tokenizer,
+            url,
+            requests=30,
+            dummy_vocab=args.dummy_vocab,
+            metrics_url=instance,
+            busy_streams=args.front_busy_streams,
+        )
     finally:
         stop(procs)
     path = Path(args.measure_front)
@@ -275,6 +282,9 @@ def main() -> None:
     ap.add_argument("--front-tokenizer", default=None, help="the served tokenizer (default: the model's)")
     ap.add_argument("--dummy-vocab", type=int, default=None, help="the dummy-weight model's vocabulary")
     ap.add_argument("--front-router", action="store_true", help="measure the front through a router")
+    ap.add_argument(
+        "--front-busy-streams", type=int, default=0, help="streams decoding for the busy figure (0: none)"
+    )
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,12 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         help="also time the front (tokenization; HTTP: a pdserve serve like this engine, started after it)",
     )
     p.add_argument("--front-url", default=None, help="time the HTTP front against this running server")
+    p.add_argument(
+        "--front-busy-streams",
+        type=int,
+        default=4,
+        help="the front's busy figure: measured again while this many streams decode (0: not measured)",
+    )
     p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
     p.set_defaults(func=_profile)
@@ -201,10 +207,11 @@ def _front(args: argparse.Namespace, options: dict[str, Any], tokenizer: Any, du
     from pdserve.planning.front_probe import measure_front
     from pdserve.planning.front_server import running_server
 
+    kwargs: dict[str, Any] = {"dummy_vocab": dummy_vocab, "busy_streams": args.front_busy_streams}
     if args.front_url:
-        return measure_front(tokenizer, args.front_url, dummy_vocab=dummy_vocab)
+        return measure_front(tokenizer, args.front_url, **kwargs)
     with running_server({**options, "model": args.model, "tp": args.tp}) as url:
-        return measure_front(tokenizer, url, dummy_vocab=dummy_vocab)
+        return measure_front(tokenizer, url, **kwargs)
 
 
 def _default_device() -> str:

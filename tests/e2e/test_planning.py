@@ -64,13 +64,22 @@ def test_front_probe_times_a_real_servers_front(server: ServerProcess, tokenizer
     the request, by what the front costs; tokenizing costs more for longer prompts; the section
     round-trips through a profile and the simulator adds it to TTFT."""
     front = measure_front(
-        tokenizer, server.url, log=lambda _: None, requests=3, api_key=server.api_key, http_sizes=(8, 256)
+        tokenizer,
+        server.url,
+        log=lambda _: None,
+        requests=3,
+        api_key=server.api_key,
+        http_sizes=(8, 256),
+        busy_streams=1,
     )
     short, long = front.source["http"]
     assert short["prompt_tokens"] < long["prompt_tokens"] and short["requests"] == 3
     assert all(0 < h["engine_s"] < h["client_ttft_s"] for h in (short, long))
     assert long["engine_s"] > short["engine_s"]  # the engine's own time, a longer prefill
     assert 0 < front.fixed_s < short["client_ttft_s"] and front.per_token_s >= 0
+    busy = front.source["http_busy"]  # the same requests while a stream decodes: all counted, none lost
+    assert busy["streams"] == 1 and busy["requests"] == 3 and front.busy_fixed_s is not None
+    assert front.seconds(8, busy=True) == pytest.approx(front.busy_fixed_s + 8 * front.per_token_s)
     tokens, seconds = zip(*front.source["tokenize"], strict=True)
     assert list(tokens) == sorted(tokens) and seconds[-1] > seconds[0]
     profile = Profile.from_json(
