@@ -141,6 +141,8 @@ GRID_FLAGS = {
     "--prefill-cached": "cached prefix lengths to time them after",
     "--decode-batch": "decode batch sizes to time",
     "--decode-context": "context lengths per sequence of those batches",
+    "--mixed-tokens": "prompt chunk sizes to time beside decodes (a mixed step)",
+    "--mixed-batch": "decode batch sizes beside them",
 }
 
 

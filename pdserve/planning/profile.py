@@ -2,6 +2,8 @@
 
     prefill   seconds of a step computing a chunk of `tokens` after `cached` prefix tokens  (grid)
     decode    seconds of a decode step of `batch` sequences of `context` tokens each         (grid)
+    mixed     seconds of a step computing a `tokens` prompt chunk beside `batch` decodes of one
+              context (grid; optional: without it costs.py composes mixed steps from the two above)
     transfer  per KV transport, seconds to hand `bytes` of KV from a prefill to a decode     (curve)
     pool      block_size, num_blocks, kv_bytes_per_token (the KV capacity of one instance)
     front     per request, outside the engine's steps: a fixed part (HTTP in, the hand-off to the
@@ -75,6 +77,21 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class MixedGrid:
+    """Mixed steps as measured: x prompt tokens, y decode batch, the decodes at `context` tokens."""
+
+    grid: Grid
+    context: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.grid.to_json("tokens", "batch"), "context": self.context}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> MixedGrid:
+        return cls(Grid.from_json(obj, "tokens", "batch"), float(obj["context"]))
+
+
+@dataclass(frozen=True)
 class Front:
     """What a request costs in the server's front, outside the engine: seconds added to its TTFT
     and latency (never to TPOT). A profile without a front section has the zero one."""
@@ -133,6 +150,7 @@ class Profile:
     transfer: dict[str, Curve] = field(default_factory=dict)  # transport -> seconds by bytes
     meta: dict[str, Any] = field(default_factory=dict)  # machine, device, versions, date, command
     front: Front = field(default_factory=Front)
+    mixed: MixedGrid | None = None
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -166,6 +184,7 @@ class Profile:
             "decode": self.decode.to_json("batch", "context"),
             "transfer": {k: {"bytes": list(c.xs), "seconds": list(c.ys)} for k, c in self.transfer.items()},
             **({"front": self.front.to_json()} if self.front != Front() else {}),
+            **({"mixed": self.mixed.to_json()} if self.mixed is not None else {}),
             **self.meta,
         }
 
@@ -173,7 +192,18 @@ class Profile:
     def from_json(cls, obj: dict[str, Any]) -> Profile:
         if obj.get("format") != FORMAT:
             raise ValueError(f"not a pdserve profile (format {obj.get('format')!r}, expected {FORMAT})")
-        known = {"format", "model", "tp", "kv", "scheduler", "prefill", "decode", "transfer", "front"}
+        known = {
+            "format",
+            "model",
+            "tp",
+            "kv",
+            "scheduler",
+            "prefill",
+            "decode",
+            "transfer",
+            "front",
+            "mixed",
+        }
         return cls(
             model=str(obj["model"]),
             tp=int(obj["tp"]),
@@ -190,6 +220,7 @@ class Profile:
             },
             meta={k: v for k, v in obj.items() if k not in known},
             front=Front.from_json(obj.get("front", {})),
+            mixed=MixedGrid.from_json(obj["mixed"]) if "mixed" in obj else None,
         )
 
     def save(self, path: str | Path) -> None:
