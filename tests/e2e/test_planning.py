@@ -40,6 +40,8 @@ def test_profile_quick_feeds_simulate_and_plot(model_dir: str, tmp_path: Path) -
     assert data["kv"]["num_blocks"] > 0 and data["kv"]["bytes_per_token"] > 0
     assert all(s > 0 for row in data["prefill"]["seconds"] + data["decode"]["seconds"] for s in row)
     assert data["transfer"]["tcp"]["bytes"][0] == 0 and {"torch", "python"} <= set(data["versions"])
+    assert data["mixed"]["tokens"] == [16] and data["mixed"]["batch"] == [1]  # --quick's mixed point
+    assert data["mixed"]["seconds"][0][0] > 0 and data["mixed"]["context"] == 64
 
     runs = {}
     for layout in ("colocated:1", "pd:1:1"):

@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.bench.metrics import SLO
 from pdserve.planning.layout import parse_layout
-from pdserve.planning.profile import Front, Profile, constant_profile
+from pdserve.planning.profile import Front, Grid, MixedGrid, Profile, constant_profile
 from pdserve.planning.report import sim_result
 from pdserve.planning.simulator import SimOptions, Simulator
 from pdserve.planning.workload import RequestSpec, Workload
@@ -108,3 +108,18 @@ def test_ttft_counts_to_the_first_token_with_text() -> None:
     assert from_profile["ttfts"] == seen["ttfts"]  # a profile's own fraction, as measured with it
     with pytest.raises(ValueError):
         SimOptions(visible_fraction=0.0)
+
+
+def test_a_measured_mixed_step_prices_a_prompt_beside_decodes() -> None:
+    """As in the launch-ahead case, B joins A's decodes at 60 ms; a profile that measured a mixed
+    step at 35 ms (the composed price: 20 ms) gives B its first token at 95 ms: TTFT 41 ms, and A's
+    tokens around it wait as long. Alone, B's prefill is still the 20 ms of the prefill grid."""
+    base = constant_profile(prefill_s=0.020, decode_s=0.010)
+    mixed = dataclasses.replace(base, mixed=MixedGrid(Grid((1.0, 2.0), (1.0, 2.0), ((0.035,) * 2,) * 2), 1.0))
+    specs = [RequestSpec(0.0, 32, 100), RequestSpec(0.054, 32, 4), RequestSpec(9.0, 32, 4)]
+    composed, measured = run(base, specs), run(mixed, specs)
+    assert composed["ttfts"][1] == pytest.approx(0.026) and measured["ttfts"][1] == pytest.approx(0.041)
+    assert measured["ttfts"][2] == composed["ttfts"][2] == pytest.approx(0.020)
+    assert measured["e2els"][0] - composed["e2els"][0] == pytest.approx(0.015)
+    again = Profile.from_json(json.loads(json.dumps(mixed.to_json())))
+    assert again.mixed == mixed.mixed
