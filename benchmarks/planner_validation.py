@@ -214,6 +214,23 @@ def measure_runs(
     return [(layout, json.loads(p.read_text())) for p in measure(layout, args, out, env)]
 
 
+def model_note(profile: Profile, args: argparse.Namespace) -> str:
+    """What the predictions were made with, above the table."""
+    f = profile.front
+    busy = f"{f.busy_fixed_s * 1e3:.2f} ms" if f.busy_fixed_s is not None else "not measured (as idle)"
+    where = args.front or args.measure_front or "the profile"
+    lines = [
+        f"Predicted from `{profile.meta.get('source', profile.model)}` ({profile.meta.get('device', '?')}):",
+        f"- front (from {where}): {f.fixed_s * 1e3:.2f} ms a request + {f.per_token_s * 1e6:.2f} us a prompt"
+        f" token; with the engine stepping: {busy}; tokens with text: {f.visible_fraction:.3f}",
+        "- mixed steps: "
+        + ("measured (the profile's mixed grid)" if profile.mixed else "composed (costs.py)"),
+        f"- launching ahead: {'off' if profile.meta.get('device', 'cpu') == 'cpu' else 'on'} (its device)",
+        "- before: the same simulator without the front, without launching ahead, every token text",
+    ]
+    return "\n".join(lines)
+
+
 def front_for(args: argparse.Namespace, env: dict[str, str]) -> Front:
     """The front section --front names, or one measured here (--measure-front), written there."""
     if args.front:
@@ -307,7 +324,7 @@ def main() -> None:
         )
         rows.append(row(layout, result, predicted, simulate_like(result, layout, profile, transport, True)))
     (out / "validation.json").write_text(json.dumps(rows, indent=1))
-    (out / "validation.md").write_text(table(rows) + "\n")
+    (out / "validation.md").write_text(model_note(profile, args) + "\n\n" + table(rows) + "\n")
     plot(rows, out / "predicted_vs_measured.png")
     print(table(rows))
 
