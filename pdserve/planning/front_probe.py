@@ -155,11 +155,12 @@ def _first_token(client: Any, body: dict[str, Any]) -> float:
 
 
 def visible_fraction(tokenizer: Any, model_vocab: int) -> float:
-    """The share of ids in [0, model_vocab) whose text is not empty: what a dummy-weight model,
-    sampling ids about uniformly, shows the client (ids past the tokenizer's have no text)."""
+    """The share of ids in [0, model_vocab) with text of their own: what a dummy-weight model,
+    sampling ids about uniformly, shows the client. Ids past the tokenizer's have none; a piece of a
+    UTF-8 character is held back by the detokenizer (engine/detokenizer.py) until it completes."""
     known = min(len(tokenizer), model_vocab)
-    with_text = sum(1 for i in range(known) if tokenizer.decode([i], skip_special_tokens=True))
-    return with_text / model_vocab
+    texts = (tokenizer.decode([i], skip_special_tokens=True) for i in range(known))
+    return sum(1 for text in texts if text and not text.endswith("\ufffd")) / model_vocab
 
 
 def measure_front(
