@@ -130,10 +130,11 @@ def simulate_like(
         for t, n in zip(measured["start_times"], inputs, strict=True)
     ]
     lay = parse_layout(layout)
-    options = SimOptions(transport=transport)
+    # the measured runs' tokens: dummy weights count as text only where their tokenizer has some
+    options = SimOptions(transport=transport, visible_fraction=profile.front.visible_fraction)
     if plain:
         profile = replace(profile, front=Front())
-        options = replace(options, launch_ahead=False)
+        options = replace(options, launch_ahead=False, visible_fraction=1.0)
     run = Simulator(lay, {profile.tp: profile}, options).run(specs)
     result = sim_result(
         run, SLO(), lay, {profile.tp: profile}, measured["request_rate"], f"simulated {layout}"

@@ -103,6 +103,12 @@ def _add_workload_args(p: argparse.ArgumentParser, rate: bool) -> None:
     p.add_argument("--transport", default=None, help="the profile's KV transport (default: its fastest)")
     p.add_argument("--max-num-seqs", type=_positive, default=None, help="default: the profile's")
     p.add_argument("--max-num-batched-tokens", type=_positive, default=None, help="default: the profile's")
+    p.add_argument(
+        "--visible-fraction",
+        default="1",
+        help="chance a token has text (TTFT counts to the first that has): 1 for real weights; "
+        "'profile': the profile's front, measured with its dummy weights",
+    )
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
 
@@ -240,8 +246,16 @@ def _inputs(args: argparse.Namespace) -> tuple[dict[int, Any], Any, Any]:
     work = Workload(
         args.input_len, args.output_len, args.range_ratio, rate, args.burstiness, args.num_prompts, args.seed
     )
+    visible = args.visible_fraction
+    if visible == "profile":
+        visible = next(iter(profiles.values())).front.visible_fraction
     options = SimOptions(
-        args.policy, args.transport, args.max_num_seqs, args.max_num_batched_tokens, seed=args.seed
+        args.policy,
+        args.transport,
+        args.max_num_seqs,
+        args.max_num_batched_tokens,
+        seed=args.seed,
+        visible_fraction=float(visible),
     )
     return profiles, work, options
 

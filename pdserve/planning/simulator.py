@@ -10,7 +10,7 @@ A request reaches its instance's engine after the profile's front (tokenization,
 to the engine: profile.Front; its busy figure where that engine is stepping), so TTFT and latency
 include it and TPOT does not. Where a token's text may be
 empty (`visible_fraction` < 1: a dummy-weight model sampling ids its tokenizer has no text for), the
-client's first token is the first one with text, as `pdserve bench serve` counts it.
+client's first token is the first one with text, as `pdserve bench serve` counts it (SimOptions).
 
 Events are (time, order): step ends, KV landing, arrivals. Every instance is one engine loop: when
 its step ends it starts the next at once, and an idle one starts when something reaches it. Routing
@@ -62,10 +62,12 @@ class SimOptions:
     control_seconds: float = 0.0  # a Reserve's trip to the prefill instance
     seed: int = 0
     launch_ahead: bool | None = None  # engine/ahead.py (None: as the profile's engine, off on a CPU)
-    visible_fraction: float | None = None  # the chance that a token has text (None: the profile's)
+    # the chance that a token has text: 1 for real weights; a dummy-weight run's is in its profile's
+    # front (profile.Front.visible_fraction), for comparing with runs measured with those weights
+    visible_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.visible_fraction is not None and not 0 < self.visible_fraction <= 1:
+        if not 0 < self.visible_fraction <= 1:
             raise ValueError("visible_fraction must be in (0, 1]")
 
 
@@ -88,8 +90,6 @@ class Simulator:
 
         self.policy: Policy = make_policy(options.policy, rng=random.Random(options.seed))
         self.visible_rng = random.Random(options.seed + 1)
-        self.entry = profiles[layout.tp_decode if layout.disaggregated else layout.tp]
-        self.visible = options.visible_fraction or self.entry.front.visible_fraction
         self.both = self._instances("both", layout.colocated, profiles[layout.tp])
         self.prefills = self._instances("prefill", layout.prefill, profiles[layout.tp_prefill])
         self.decodes = self._instances("decode", layout.decode, profiles[layout.tp_decode])
@@ -162,7 +162,7 @@ class Simulator:
 
     def _first_visible(self) -> int:
         """How many tokens come before the first with text (geometric in visible_fraction)."""
-        p, n = self.visible, 0
+        p, n = self.options.visible_fraction, 0
         while p < 1 and self.visible_rng.random() >= p:
             n += 1
         return n
