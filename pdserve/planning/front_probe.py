@@ -163,6 +163,12 @@ def visible_fraction(tokenizer: Any, model_vocab: int) -> float:
     return sum(1 for text in texts if text and not text.endswith("\ufffd")) / model_vocab
 
 
+def _busy_fixed(busy: dict[str, float], tokens: int, per_token: float) -> float:
+    """The fixed part of a front measured at `tokens` prompt tokens (recorded in `busy`)."""
+    busy["prompt_tokens"] = float(tokens)
+    return max(0.0, busy["client_ttft_s"] - busy["engine_s"] - per_token * tokens)
+
+
 def measure_front(
     tokenizer: Any,
     base_url: str | None,
@@ -203,11 +209,10 @@ def measure_front(
     busy_fixed, busy = None, {}
     if base_url is not None and busy_streams:
         prompt = prompt_text(tokenizer, http_sizes[0], random.Random(2))
-        tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
         with decode_load(base_url, busy_streams, api_key):
             busy = http_overhead(base_url, prompt, requests, api_key, metrics_url)
-        busy_fixed = max(0.0, busy["client_ttft_s"] - busy["engine_s"] - per_token * tokens)
-        busy.update(prompt_tokens=float(tokens), streams=float(busy_streams))
+        busy_fixed = _busy_fixed(busy, len(tokenizer.encode(prompt, add_special_tokens=False)), per_token)
+        busy["streams"] = float(busy_streams)
         log(f"front with {busy_streams} streams decoding: {busy_fixed * 1e3:.2f} ms a request")
     visible = visible_fraction(tokenizer, dummy_vocab) if dummy_vocab else 1.0
     if dummy_vocab:

@@ -78,7 +78,8 @@ def test_front_probe_times_a_real_servers_front(server: ServerProcess, tokenizer
     assert short["prompt_tokens"] < long["prompt_tokens"] and short["requests"] == 3
     assert all(0 < h["engine_s"] < h["client_ttft_s"] for h in (short, long))
     assert long["engine_s"] > short["engine_s"]  # the engine's own time, a longer prefill
-    assert 0 < front.fixed_s < short["client_ttft_s"] and front.per_token_s >= 0
+    # the line through two noisy points (a loaded machine) may put its intercept at 0, never below
+    assert 0 <= front.fixed_s < short["client_ttft_s"] and front.per_token_s >= 0
     busy = front.source["http_busy"]  # the same requests while a stream decodes: all counted, none lost
     assert busy["streams"] == 1 and busy["requests"] == 3 and front.busy_fixed_s is not None
     assert front.seconds(8, busy=True) == pytest.approx(front.busy_fixed_s + 8 * front.per_token_s)
