@@ -98,7 +98,7 @@ def test_ttft_counts_to_the_first_token_with_text() -> None:
     """Each token has text with chance p: the first with text comes after (1 - p) / p more decode
     steps on average (geometric), one request at a time so that nothing else moves."""
     profile = constant_profile(prefill_s=0.020, decode_s=0.010)
-    specs = [RequestSpec(10.0 * i, 32, 64) for i in range(3000)]
+    specs = [RequestSpec(10.0 * i, 32, 32) for i in range(1500)]  # seeded: the same draws every run
     plain = run(profile, specs)
     seen = run(profile, specs, visible_fraction=0.25)
     assert plain["mean_ttft_ms"] == pytest.approx(20.0)
