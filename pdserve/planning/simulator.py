@@ -182,8 +182,8 @@ class Simulator:
 
     def _begin(self, instance: SimInstance, now: float) -> None:
         activated, reserved, seconds = instance.begin()
-        for request, error in instance.refused:
-            self.traces[request.request_id].error = str(error)
+        for request, error in instance.refused:  # a prefill's own "kv-" copy answers for its client's
+            self.traces[request.request_id.removeprefix("kv-")].error = str(error)
         instance.refused = []
         for request in activated:
             self._token(request, now)
