@@ -62,6 +62,18 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             flag, type=_int_list, default=None, metavar="N,N,...", help=f"{what} (default: by device)"
         )
+    p.add_argument(
+        "--front",
+        action="store_true",
+        help="also time the front (tokenization; HTTP: a pdserve serve like this engine, started after it)",
+    )
+    p.add_argument("--front-url", default=None, help="time the HTTP front against this running server")
+    p.add_argument(
+        "--front-busy-streams",
+        type=int,
+        default=4,
+        help="the front's busy figure: measured again while this many streams decode (0: not measured)",
+    )
     p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
     p.set_defaults(func=_profile)
@@ -91,6 +103,12 @@ def _add_workload_args(p: argparse.ArgumentParser, rate: bool) -> None:
     p.add_argument("--transport", default=None, help="the profile's KV transport (default: its fastest)")
     p.add_argument("--max-num-seqs", type=_positive, default=None, help="default: the profile's")
     p.add_argument("--max-num-batched-tokens", type=_positive, default=None, help="default: the profile's")
+    p.add_argument(
+        "--visible-fraction",
+        default="1",
+        help="chance a token has text (TTFT counts to the first that has): 1 for real weights; "
+        "'profile': the profile's front, measured with its dummy weights",
+    )
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="how much the log shows")
 
@@ -129,6 +147,8 @@ GRID_FLAGS = {
     "--prefill-cached": "cached prefix lengths to time them after",
     "--decode-batch": "decode batch sizes to time",
     "--decode-context": "context lengths per sequence of those batches",
+    "--mixed-tokens": "prompt chunk sizes to time beside decodes (a mixed step)",
+    "--mixed-batch": "decode batch sizes beside them",
 }
 
 
@@ -176,14 +196,30 @@ def _profile(args: argparse.Namespace) -> int:
         for f in GRID_FLAGS
     }
     points = replace(points, **{k: v for k, v in given.items() if v is not None})
+    tokenizer = llm.engine.tokenizer
+    dummy_vocab = int(llm.engine.hf_config.vocab_size) if args.load_format == "dummy" else None
     try:
         profile = measure(llm, points)
     finally:
         llm.close()
+    if args.front or args.front_url:
+        profile = replace(profile, front=_front(args, options, tokenizer, dummy_vocab))
     profile.meta["source"] = Path(args.out).name
     profile.save(args.out)
     print(f"wrote {args.out}: KV pool {profile.num_blocks} blocks x {profile.block_size} tokens")
     return 0
+
+
+def _front(args: argparse.Namespace, options: dict[str, Any], tokenizer: Any, dummy_vocab: int | None) -> Any:
+    """The profile's front section: against --front-url, or a server started like the engine."""
+    from pdserve.planning.front_probe import measure_front
+    from pdserve.planning.front_server import running_server
+
+    kwargs: dict[str, Any] = {"dummy_vocab": dummy_vocab, "busy_streams": args.front_busy_streams}
+    if args.front_url:
+        return measure_front(tokenizer, args.front_url, **kwargs)
+    with running_server({**options, "model": args.model, "tp": args.tp}) as url:
+        return measure_front(tokenizer, url, **kwargs)
 
 
 def _default_device() -> str:
@@ -210,8 +246,16 @@ def _inputs(args: argparse.Namespace) -> tuple[dict[int, Any], Any, Any]:
     work = Workload(
         args.input_len, args.output_len, args.range_ratio, rate, args.burstiness, args.num_prompts, args.seed
     )
+    visible = args.visible_fraction
+    if visible == "profile":
+        visible = next(iter(profiles.values())).front.visible_fraction
     options = SimOptions(
-        args.policy, args.transport, args.max_num_seqs, args.max_num_batched_tokens, seed=args.seed
+        args.policy,
+        args.transport,
+        args.max_num_seqs,
+        args.max_num_batched_tokens,
+        seed=args.seed,
+        visible_fraction=float(visible),
     )
     return profiles, work, options
 

@@ -5,10 +5,14 @@ after preemption) is prefill work. The profile measured the two kinds apart, so 
 
     decodes only   decode(B, mean context)
     prefill only   prefill(T, P)                      T: tokens of the step, P: their mean cached prefix
-    mixed          prefill(T + B, P) + decode(B, ctx) - decode(B, smallest context profiled)
+    mixed          measured (profile.mixed): mixed(T, B) + decode(B, ctx) - decode(B, its context)
+                                     + prefill(T, P) - prefill(T, 0)
+                   not measured:     prefill(T + B, P) + decode(B, ctx) - decode(B, smallest context)
 
 (a mixed step reads the weights once, as a prefill of T + B tokens; the decodes add their attention
-over their context). The simulator never looks at the model; this is all it knows of it.
+over their context; a measured one also has whatever the engine does differently for a step that
+mixes the two, which the composed price misses). The simulator never looks at the model; this is all
+it knows of it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ def step_seconds(profile: Profile, chunks: Sequence[ScheduledChunk]) -> float:
         return profile.decode.at(batch, context) if batch else 0.0
     tokens = sum(c.num_tokens for c in prompts)
     cached = sum(c.start * c.num_tokens for c in prompts) / tokens
+    if batch and profile.mixed is not None:
+        m = profile.mixed
+        seconds = (
+            m.grid.at(tokens, batch) + profile.decode.at(batch, context) - profile.decode.at(batch, m.context)
+        )
+        return max(0.0, seconds + profile.prefill.at(tokens, cached) - profile.prefill.at(tokens, 0.0))
     seconds = profile.prefill.at(tokens + batch, cached)
     if batch:
         seconds += max(

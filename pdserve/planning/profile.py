@@ -2,8 +2,12 @@
 
     prefill   seconds of a step computing a chunk of `tokens` after `cached` prefix tokens  (grid)
     decode    seconds of a decode step of `batch` sequences of `context` tokens each         (grid)
+    mixed     seconds of a step computing a `tokens` prompt chunk beside `batch` decodes of one
+              context (grid; optional: without it costs.py composes mixed steps from the two above)
     transfer  per KV transport, seconds to hand `bytes` of KV from a prefill to a decode     (curve)
     pool      block_size, num_blocks, kv_bytes_per_token (the KV capacity of one instance)
+    front     per request, outside the engine's steps: a fixed part (HTTP in, the hand-off to the
+              engine, the first token's way back) plus tokenization per prompt token (optional: 0)
 
 plus the instance's scheduler limits, its TP, and where it was measured (machine, versions, date).
 Between measured points costs are linear, beyond them linearly extrapolated (never below zero).
@@ -73,6 +77,64 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class MixedGrid:
+    """Mixed steps as measured: x prompt tokens, y decode batch, the decodes at `context` tokens."""
+
+    grid: Grid
+    context: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.grid.to_json("tokens", "batch"), "context": self.context}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> MixedGrid:
+        return cls(Grid.from_json(obj, "tokens", "batch"), float(obj["context"]))
+
+
+@dataclass(frozen=True)
+class Front:
+    """What a request costs in the server's front, outside the engine: seconds added to its TTFT
+    and latency (never to TPOT). A profile without a front section has the zero one."""
+
+    fixed_s: float = 0.0
+    per_token_s: float = 0.0  # tokenizing the prompt, per prompt token
+    source: dict[str, Any] = field(default_factory=dict)  # what was measured, and how
+    # the chance that a generated token has text: below 1 for dummy weights, whose ids are uniform
+    # over the model's vocabulary, of which the tokenizer may know only part (a client's TTFT waits
+    # for the first token with text)
+    visible_fraction: float = 1.0
+    # the fixed part when the request reaches an engine that is stepping (None: as fixed_s): the
+    # front and the engine loop share one process, and the loop's host work delays the front's
+    busy_fixed_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.fixed_s < 0 or self.per_token_s < 0 or (self.busy_fixed_s or 0.0) < 0:
+            raise ValueError("a front's costs are never negative")
+        if not 0 < self.visible_fraction <= 1:
+            raise ValueError("visible_fraction must be in (0, 1]")
+
+    def seconds(self, prompt_tokens: int, busy: bool = False) -> float:
+        fixed = self.busy_fixed_s if busy and self.busy_fixed_s is not None else self.fixed_s
+        return fixed + self.per_token_s * prompt_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        costs = {"fixed_s": self.fixed_s, "per_token_s": self.per_token_s, "busy_fixed_s": self.busy_fixed_s}
+        return {**costs, "visible_fraction": self.visible_fraction, **self.source}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Front:
+        own = ("fixed_s", "per_token_s", "visible_fraction", "busy_fixed_s")
+        busy = obj.get("busy_fixed_s")
+        return cls(
+            float(obj.get("fixed_s", 0.0)),
+            float(obj.get("per_token_s", 0.0)),
+            {k: v for k, v in obj.items() if k not in own},
+            float(obj.get("visible_fraction", 1.0)),
+            None if busy is None else float(busy),
+        )
+
+
+@dataclass(frozen=True)
 class Profile:
     """One instance (TP ranks included) of one model on one machine."""
 
@@ -87,6 +149,8 @@ class Profile:
     decode: Grid  # x: batch, y: context tokens per sequence
     transfer: dict[str, Curve] = field(default_factory=dict)  # transport -> seconds by bytes
     meta: dict[str, Any] = field(default_factory=dict)  # machine, device, versions, date, command
+    front: Front = field(default_factory=Front)
+    mixed: MixedGrid | None = None
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -119,6 +183,8 @@ class Profile:
             "prefill": self.prefill.to_json("tokens", "cached"),
             "decode": self.decode.to_json("batch", "context"),
             "transfer": {k: {"bytes": list(c.xs), "seconds": list(c.ys)} for k, c in self.transfer.items()},
+            **({"front": self.front.to_json()} if self.front != Front() else {}),
+            **({"mixed": self.mixed.to_json()} if self.mixed is not None else {}),
             **self.meta,
         }
 
@@ -126,7 +192,18 @@ class Profile:
     def from_json(cls, obj: dict[str, Any]) -> Profile:
         if obj.get("format") != FORMAT:
             raise ValueError(f"not a pdserve profile (format {obj.get('format')!r}, expected {FORMAT})")
-        known = {"format", "model", "tp", "kv", "scheduler", "prefill", "decode", "transfer"}
+        known = {
+            "format",
+            "model",
+            "tp",
+            "kv",
+            "scheduler",
+            "prefill",
+            "decode",
+            "transfer",
+            "front",
+            "mixed",
+        }
         return cls(
             model=str(obj["model"]),
             tp=int(obj["tp"]),
@@ -142,6 +219,8 @@ class Profile:
                 for k, v in obj.get("transfer", {}).items()
             },
             meta={k: v for k, v in obj.items() if k not in known},
+            front=Front.from_json(obj.get("front", {})),
+            mixed=MixedGrid.from_json(obj["mixed"]) if "mixed" in obj else None,
         )
 
     def save(self, path: str | Path) -> None:

@@ -5,6 +5,9 @@
                     token (median of `repeats`)
     decode(B, C)    B requests of C-token prompts, all decoding: wall time per step over `steps`
                     steps (tokens out / B), so host work a GPU step overlaps is not counted twice
+    mixed(T, B)     B decoding (context: the middle decode context) and a T-token prompt arriving: the
+                    time the decodes take for `steps` tokens, less `steps` - 1 of their plain steps;
+                    what the step carrying the prompt costs them, and the prompt its first token
     transfer        pdserve's tcp transport on loopback (transfer_probe.py); on CUDA also a
                     device-to-device copy, the floor of a cuda_ipc hand-off on one host
     pool            the engine's own KV pool (blocks), as `pdserve serve` with the same options gets
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.planning.profile import Curve, Grid, Profile
+from pdserve.planning.profile import Curve, Grid, MixedGrid, Profile
 
 
 @dataclass(frozen=True)
@@ -39,17 +42,31 @@ class Points:
     transfer_blocks: tuple[int, ...]
     repeats: int = 3
     steps: int = 6
+    mixed_tokens: tuple[int, ...] = ()  # none: mixed steps priced from prefill and decode (costs.py)
+    mixed_batch: tuple[int, ...] = ()
 
 
 MAX_PROBE_BYTES = 1 << 29
-QUICK = Points((16, 64), (0, 32), (1, 4), (16, 64), (1, 16), repeats=1, steps=2)
-CPU = Points((16, 64, 256, 512, 1024), (0, 256), (1, 2, 4, 8, 16), (64, 256, 512), (1, 16, 64, 256))
+QUICK = Points(
+    (16, 64), (0, 32), (1, 4), (16, 64), (1, 16), repeats=1, steps=2, mixed_tokens=(16,), mixed_batch=(1,)
+)
+CPU = Points(
+    (16, 64, 256, 512, 1024),
+    (0, 256),
+    (1, 2, 4, 8, 16),
+    (64, 256, 512),
+    (1, 16, 64, 256),
+    mixed_tokens=(64, 256, 1024),
+    mixed_batch=(1, 4),
+)
 CUDA = Points(
     (64, 256, 1024, 2048, 4096, 8192),
     (0, 2048, 8192),
     (1, 8, 32, 64, 128, 256),
     (256, 1024, 2048, 4096),
     (1, 16, 64, 256, 1024),
+    mixed_tokens=(256, 1024, 1792),
+    mixed_batch=(1, 8, 32, 128),
 )
 
 
@@ -97,21 +114,46 @@ class EngineProbe:
         return statistics.median(times)
 
     def decode(self, batch: int, context: int, steps: int) -> float:
+        rids = self._decoding(batch, context)
+        seconds = self._decode_tokens(rids, steps, None)[0] / steps
+        self._abort(rids)
+        return seconds
+
+    def mixed(self, tokens: int, batch: int, context: int, steps: int) -> float:
+        """Seconds of the step that computes a `tokens` prompt beside `batch` decodes of `context`."""
+        rids = self._decoding(batch, context)
+        plain = self._decode_tokens(rids, steps, None)[0] / steps
+        elapsed, took = self._decode_tokens(rids, steps, self.prompt(tokens))
+        self._abort(rids)
+        return max(plain, elapsed - (took - 1) * plain)
+
+    def _decoding(self, batch: int, context: int) -> set[str]:
         rids = {self._add(self.prompt(context), 1 << 20) for _ in range(batch)}
         started: set[str] = set()
         while started != rids:
             started |= {o.request_id for o in self.engine.step() if o.new_token_ids}
+        return rids
+
+    def _decode_tokens(self, rids: set[str], steps: int, prompt: list[int] | None) -> tuple[float, int]:
+        """(seconds, decode steps) until every one of `rids` has `steps` more tokens (and `prompt`, if
+        given, added first, has its token): each decode gets one token a step, mixed or not."""
         self.sync()
-        start, tokens = time.perf_counter(), 0
-        while tokens < steps * batch:
-            tokens += sum(len(o.new_token_ids) for o in self.engine.step() if o.request_id in rids)
+        start, tokens, batch = time.perf_counter(), 0, len(rids)
+        waiting = self._add(prompt, 1) if prompt is not None else None
+        while tokens < steps * batch or waiting is not None:
+            for o in self.engine.step():
+                if o.request_id in rids:
+                    tokens += len(o.new_token_ids)
+                elif o.request_id == waiting and o.finished:
+                    waiting = None
         self.sync()
-        seconds = (time.perf_counter() - start) / (tokens / batch)
+        return time.perf_counter() - start, tokens // batch
+
+    def _abort(self, rids: set[str]) -> None:
         for rid in rids:
             self.engine.abort_request(rid)
         while self.engine.has_unfinished():
             self.engine.step()
-        return seconds
 
 
 def measure(llm: Any, points: Points, log: Callable[[str], None] = print) -> Profile:
@@ -130,6 +172,7 @@ def measure(llm: Any, points: Points, log: Callable[[str], None] = print) -> Pro
         max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
         prefill=prefill_grid(probe, points, log),
         decode=decode_grid(probe, points, log),
+        mixed=mixed_grid(probe, points, log),
         transfer=transfers(
             engine, [n * cfg.cache.block_size * kv_token for n in points.transfer_blocks], log
         ),
@@ -163,6 +206,23 @@ def decode_grid(probe: EngineProbe, points: Points, log: Callable[[str], None]) 
         shown = (f"ctx {c} {s * 1e3:.1f} ms" for c, s in zip(contexts, rows[-1], strict=True))
         log(f"decode batch {b:>4}: " + ", ".join(shown))
     return Grid(tuple(map(float, batches)), tuple(map(float, contexts)), tuple(rows))
+
+
+def mixed_grid(probe: EngineProbe, points: Points, log: Callable[[str], None]) -> MixedGrid | None:
+    """Steps of a prompt chunk beside decodes, at the middle decode context (None: no points)."""
+    sched = probe.engine.config.scheduler
+    context = sorted(points.decode_context)[len(points.decode_context) // 2]
+    batches = [b for b in points.mixed_batch if b < sched.max_num_seqs]
+    tokens = [t for t in points.mixed_tokens if t + max(batches, default=0) <= sched.max_num_batched_tokens]
+    if not batches or not tokens or context + max(tokens) >= probe.engine.max_model_len - 64:
+        return None
+    rows = []
+    for t in tokens:
+        rows.append(tuple(probe.mixed(t, b, context, points.steps) for b in batches))
+        shown = (f"batch {b} {s * 1e3:.1f} ms" for b, s in zip(batches, rows[-1], strict=True))
+        log(f"mixed {t:>6} prompt tokens: " + ", ".join(shown))
+    grid = Grid(tuple(map(float, tokens)), tuple(map(float, batches)), tuple(rows))
+    return MixedGrid(grid, float(context))
 
 
 def transfers(engine: Any, sizes: list[int], log: Callable[[str], None]) -> dict[str, Curve]:

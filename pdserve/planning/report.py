@@ -22,8 +22,9 @@ def request_result(trace: Trace) -> RequestResult:
         result.error = trace.error or "never finished"
         return result
     result.success = True
-    result.ttft = times[0] - spec.arrival
-    result.itl = [b - a for a, b in zip(times, times[1:], strict=False)]
+    shown = times[min(trace.first_visible, len(times) - 1) :]  # what the client's stream shows
+    result.ttft = shown[0] - spec.arrival
+    result.itl = [b - a for a, b in zip(shown, shown[1:], strict=False)]
     result.latency = trace.finished - spec.arrival
     result.output_len = len(times)
     return result

@@ -6,6 +6,12 @@ instance runs its real scheduler on a simulated clock, prefills hand KV to decod
                         decode ◀─(KV + first token, transfer_seconds(bytes))─┘ blocks held till then
                         decode: activate (first token out), decode steps ─▶ tokens
 
+A request reaches its instance's engine after the profile's front (tokenization, HTTP, the hand-off
+to the engine: profile.Front; its busy figure where that engine is stepping), so TTFT and latency
+include it and TPOT does not. Where a token's text may be
+empty (`visible_fraction` < 1: a dummy-weight model sampling ids its tokenizer has no text for), the
+client's first token is the first one with text, as `pdserve bench serve` counts it (SimOptions).
+
 Events are (time, order): step ends, KV landing, arrivals. Every instance is one engine loop: when
 its step ends it starts the next at once, and an idle one starts when something reaches it. Routing
 sees exact load reports (a real router's are up to one poll old). What comes out is each client
@@ -43,6 +49,7 @@ class Trace:
     token_times: list[float] = field(default_factory=list)
     finished: float | None = None
     error: str = ""
+    first_visible: int = 0  # the index of the first token whose text the client sees
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,14 @@ class SimOptions:
     prefix_caching: bool = True
     control_seconds: float = 0.0  # a Reserve's trip to the prefill instance
     seed: int = 0
+    launch_ahead: bool | None = None  # engine/ahead.py (None: as the profile's engine, off on a CPU)
+    # the chance that a token has text: 1 for real weights; a dummy-weight run's is in its profile's
+    # front (profile.Front.visible_fraction), for comparing with runs measured with those weights
+    visible_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.visible_fraction <= 1:
+            raise ValueError("visible_fraction must be in (0, 1]")
 
 
 @dataclass
@@ -74,6 +89,7 @@ class Simulator:
         import random
 
         self.policy: Policy = make_policy(options.policy, rng=random.Random(options.seed))
+        self.visible_rng = random.Random(options.seed + 1)
         self.both = self._instances("both", layout.colocated, profiles[layout.tp])
         self.prefills = self._instances("prefill", layout.prefill, profiles[layout.tp_prefill])
         self.decodes = self._instances("decode", layout.decode, profiles[layout.tp_decode])
@@ -91,7 +107,10 @@ class Simulator:
             max_num_batched_tokens=o.max_num_batched_tokens or profile.max_num_batched_tokens,
             max_waiting=1 << 30,  # the simulated client waits; the queue is what it measures
         )
-        return [SimInstance(f"{role}-{i}", role, profile, config, o.prefix_caching) for i in range(count)]
+        ahead = o.launch_ahead if o.launch_ahead is not None else profile.meta.get("device", "cpu") != "cpu"
+        return [
+            SimInstance(f"{role}-{i}", role, profile, config, o.prefix_caching, ahead) for i in range(count)
+        ]
 
     @property
     def instances(self) -> list[SimInstance]:
@@ -114,8 +133,10 @@ class Simulator:
         return views[self.policy.choose([i.view for i in pool], role, body).url]
 
     def _arrive(self, now: float, *, index: int, spec: RequestSpec) -> None:
+        """The router picks the instances at once; the request reaches its engine after the front
+        (the instance's HTTP, tokenization, hand-off), slower where that engine is stepping."""
         rid = f"r{index}"
-        trace = self.traces[rid] = Trace(spec)
+        self.traces[rid] = Trace(spec, first_visible=self._first_visible())
         prompt = list(range(index << 20, (index << 20) + spec.input_len))  # unique: no accidental prefix hits
         body = {"prompt": prompt}
         params = self._params(spec.output_len)
@@ -127,13 +148,24 @@ class Simulator:
         else:
             target = self._choose(self.both, "both", body)
             request = Request(rid, prompt, params)
+        front = target.profile.front.seconds(spec.input_len, busy=target.busy)
+        self._at(now + front, functools.partial(self._deliver, target=target, request=request))
+
+    def _deliver(self, now: float, *, target: SimInstance, request: Request) -> None:
         try:
             target.add(request)
         except PDServeError as e:
-            trace.error = str(e)
+            self.traces[request.request_id].error = str(e)
             return
-        self.decode_of[rid] = target
+        self.decode_of[request.request_id] = target
         self._kick(target, now)
+
+    def _first_visible(self) -> int:
+        """How many tokens come before the first with text (geometric in visible_fraction)."""
+        p, n = self.options.visible_fraction, 0
+        while p < 1 and self.visible_rng.random() >= p:
+            n += 1
+        return n
 
     def _params(self, max_tokens: int) -> SamplingParams:
         """Shared by every request of that length: validating one per request would dominate the run."""
@@ -150,6 +182,9 @@ class Simulator:
 
     def _begin(self, instance: SimInstance, now: float) -> None:
         activated, reserved, seconds = instance.begin()
+        for request, error in instance.refused:  # a prefill's own "kv-" copy answers for its client's
+            self.traces[request.request_id.removeprefix("kv-")].error = str(error)
+        instance.refused = []
         for request in activated:
             self._token(request, now)
         for request in reserved:

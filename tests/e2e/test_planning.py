@@ -9,13 +9,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from pdserve.bench.plot import make_plots
 from pdserve.cli import main
-from pdserve.planning.profile import constant_profile
+from pdserve.planning.front_probe import measure_front, visible_fraction
+from pdserve.planning.profile import Profile, constant_profile
+from tests.conftest import ServerProcess
 from tests.e2e.cluster import Proc, free_port, metric, wait_until
 from tests.e2e.fake_instance import N_TOKENS
 
@@ -37,6 +40,8 @@ def test_profile_quick_feeds_simulate_and_plot(model_dir: str, tmp_path: Path) -
     assert data["kv"]["num_blocks"] > 0 and data["kv"]["bytes_per_token"] > 0
     assert all(s > 0 for row in data["prefill"]["seconds"] + data["decode"]["seconds"] for s in row)
     assert data["transfer"]["tcp"]["bytes"][0] == 0 and {"torch", "python"} <= set(data["versions"])
+    assert data["mixed"]["tokens"] == [16] and data["mixed"]["batch"] == [1]  # --quick's mixed point
+    assert data["mixed"]["seconds"][0][0] > 0 and data["mixed"]["context"] == 64
 
     runs = {}
     for layout in ("colocated:1", "pd:1:1"):
@@ -54,6 +59,39 @@ def test_profile_quick_feeds_simulate_and_plot(model_dir: str, tmp_path: Path) -
     assert runs["pd:1:1"]["mean_ttft_ms"] > runs["colocated:1"]["mean_ttft_ms"]
     written = make_plots([tmp_path / "colocated_1.json", tmp_path / "pd_1_1.json"], tmp_path / "plots")
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_front_probe_times_a_real_servers_front(server: ServerProcess, tokenizer: Any) -> None:
+    """Over real HTTP: the client's time to the first token is more than the engine's own time for
+    the request, by what the front costs; tokenizing costs more for longer prompts; the section
+    round-trips through a profile and the simulator adds it to TTFT."""
+    front = measure_front(
+        tokenizer,
+        server.url,
+        log=lambda _: None,
+        requests=3,
+        api_key=server.api_key,
+        http_sizes=(8, 256),
+        busy_streams=1,
+    )
+    short, long = front.source["http"]
+    assert short["prompt_tokens"] < long["prompt_tokens"] and short["requests"] == 3
+    assert all(0 < h["engine_s"] < h["client_ttft_s"] for h in (short, long))
+    assert long["engine_s"] > short["engine_s"]  # the engine's own time, a longer prefill
+    # the line through two noisy points (a loaded machine) may put its intercept at 0, never below
+    assert 0 <= front.fixed_s < short["client_ttft_s"] and front.per_token_s >= 0
+    busy = front.source["http_busy"]  # the same requests while a stream decodes: all counted, none lost
+    assert busy["streams"] == 1 and busy["requests"] == 3 and front.busy_fixed_s is not None
+    assert front.seconds(8, busy=True) == pytest.approx(front.busy_fixed_s + 8 * front.per_token_s)
+    tokens, seconds = zip(*front.source["tokenize"], strict=True)
+    assert list(tokens) == sorted(tokens) and seconds[-1] > seconds[0]
+    profile = Profile.from_json(
+        json.loads(json.dumps({**constant_profile(0.02, 0.01).to_json(), "front": front.to_json()}))
+    )
+    assert profile.front == front and profile.front.seconds(100) > front.fixed_s
+    # the default model's tokenizer knows every id of its model but a few special ones
+    assert 0.99 < visible_fraction(tokenizer, len(tokenizer)) <= 1.0
+    assert visible_fraction(tokenizer, 2 * len(tokenizer)) < 0.5
 
 
 @pytest.mark.slow  # ~15 s on two loaded cores: beyond this file's share of the CI budget
