@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pdserve import LLM
-from pdserve.layers.attention.metadata import AttentionMetadata
+from pdserve.layers.attention.metadata import one_prompt
 
 TEXT = """\
 The lighthouse at the end of the northern breakwater was built in the winter of a year that nobody in \
@@ -76,15 +76,7 @@ def text_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     blocks = -(-t // block_size)
     assert blocks <= runner.num_blocks, "the pool is smaller than the text"
     positions = torch.arange(t, device=device)
-    meta = AttentionMetadata(
-        slot_mapping=positions.clone(),
-        block_tables=torch.arange(blocks, device=device)[None, :],
-        seq_lens=torch.tensor([t], device=device),
-        query_start_loc=[0, t],
-        context_lens=[t],
-        num_decodes=0,
-        block_size=block_size,
-    )
+    meta = one_prompt(t, block_size, device)
     hidden = runner.model(torch.tensor(ids, device=device), positions, runner.kv_caches, meta)
     return runner.model.compute_logits(hidden).float().cpu()
 

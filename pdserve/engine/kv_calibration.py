@@ -20,7 +20,7 @@ import torch
 
 from pdserve.distributed.group import TPGroup
 from pdserve.kv_layout import allocate_kv_pool
-from pdserve.layers.attention.metadata import AttentionMetadata
+from pdserve.layers.attention.metadata import one_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +80,7 @@ def kv_amax(
     blocks = -(-t // block_size)
     pool = allocate_kv_pool(layers, blocks, block_size, kv_heads, head_dim, dtype, device)
     positions = torch.arange(t, device=device)
-    meta = AttentionMetadata(
-        slot_mapping=positions.clone(),
-        block_tables=torch.arange(blocks, device=device)[None, :],
-        seq_lens=torch.tensor([t], device=device),
-        query_start_loc=[0, t],
-        context_lens=[t],
-        num_decodes=0,
-        block_size=block_size,
-    )
+    meta = one_prompt(t, block_size, device)
     model(torch.tensor(ids, device=device), positions, list(pool.unbind(0)), meta)
     amax = pool.abs().float().amax(dim=(2, 3, 4, 5)).double().cpu()  # [layers, 2]; unwritten slots are 0
     return _max_over_ranks(amax, tp)

@@ -40,3 +40,18 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
+
+
+def one_prompt(num_tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    """The metadata of one prompt of `num_tokens` computed whole into blocks 0, 1, ... of a pool (a
+    calibration or quality pass over a fixed text, outside the scheduler)."""
+    blocks = -(-num_tokens // block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens, device=device),
+        block_tables=torch.arange(blocks, device=device)[None, :],
+        seq_lens=torch.tensor([num_tokens], device=device),
+        query_start_loc=[0, num_tokens],
+        context_lens=[num_tokens],
+        num_decodes=0,
+        block_size=block_size,
+    )
