@@ -28,20 +28,35 @@ Tile = tuple[int, int, int, int, int]  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stage
 
 
 @triton.jit
-def weight_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT: tl.constexpr, BLOCK_K: tl.constexpr, dtype):  # type: ignore[no-untyped-def]
-    """W[n, k0 : k0 + BLOCK_K] as [len(n), BLOCK_K] in `dtype`, zero past k_end or N, unscaled. FMT:
-    triton_wquant_plan.FORMATS' index (0 int8, 1 packed int4, 2 e4m3)."""
+def raw_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT: tl.constexpr, BLOCK_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The stored bytes of W[n, k0 : k0 + BLOCK_K]: [len(n), BLOCK_K] int8 / e4m3, or for packed int4
+    (FMT 1) [len(n), BLOCK_K / 2] bytes; zero past k_end or N. FMT: triton_wquant_plan.FORMATS'
+    index (0 int8, 1 packed int4, 2 e4m3)."""
     if FMT == 1:  # byte j holds k = 2j (low nibble) and k = 2j + 1 (high)
         j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         mask = n_ok[:, None] & (2 * j < k_end)[None, :]
-        b = tl.load(w_ptr + n[:, None] * stride_wn + j[None, :], mask=mask, other=0)
-        lo = (b << 4).to(tl.int8) >> 4  # int8 wrap, whatever the promotion
-        hi = b >> 4
-        return tl.interleave(lo, hi).to(dtype)  # [.., 2j] = lo, [.., 2j + 1] = hi: k order
+        return tl.load(w_ptr + n[:, None] * stride_wn + j[None, :], mask=mask, other=0)
     else:
         k = k0 + tl.arange(0, BLOCK_K)
         mask = n_ok[:, None] & (k < k_end)[None, :]
-        return tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=mask, other=0.0 if FMT == 2 else 0).to(dtype)
+        return tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=mask, other=0.0 if FMT == 2 else 0)
+
+
+@triton.jit
+def convert_tile(raw, FMT: tl.constexpr, dtype):  # type: ignore[no-untyped-def]
+    """raw_tile's bytes as values in `dtype` [len(n), BLOCK_K], in k order, unscaled."""
+    if FMT == 1:
+        lo = (raw << 4).to(tl.int8) >> 4  # int8 wrap, whatever the promotion
+        hi = raw >> 4
+        return tl.interleave(lo, hi).to(dtype)  # [.., 2j] = lo, [.., 2j + 1] = hi: k order
+    else:
+        return raw.to(dtype)
+
+
+@triton.jit
+def weight_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT: tl.constexpr, BLOCK_K: tl.constexpr, dtype):  # type: ignore[no-untyped-def]
+    """W[n, k0 : k0 + BLOCK_K] as [len(n), BLOCK_K] in `dtype`, zero past k_end or N, unscaled."""
+    return convert_tile(raw_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT, BLOCK_K), FMT, dtype)
 
 
 @triton.jit

@@ -53,6 +53,7 @@ class SkinnyPlan:
     stages: int
     warps: int
     dot: bool
+    prefetch: bool = True  # the next K step's weight loaded a step ahead, into registers (see prefetch())
 
 
 # (format, N, K) -> ((up to rows, plan), ...), measured shapes only
@@ -97,7 +98,15 @@ def plan(fmt: str, n: int, k: int, rows: int, sms: int) -> SkinnyPlan:
     assert best is not None
     _, width, span = best
     warps = 8 if width * step >= 16384 else 4
-    return SkinnyPlan(width, span, step, 3 if padded >= 64 else 4, warps, rows > 1)
+    return SkinnyPlan(width, span, step, 3 if padded >= 64 else 4, warps, rows > 1, prefetch(fmt, rows > 1))
+
+
+def prefetch(fmt: str, dot: bool) -> bool:
+    """Whether the kernel loads the next step's weight a step ahead itself: where Triton's pipeliner
+    does not stage the weight through shared memory (cp.async) -- loads that no dot consumes (one
+    row) and wint4's unpacked bytes (checked in the PTX for sm_90); wint8 / fp8 tiles feeding a dot
+    are pipelined num_stages deep by Triton."""
+    return not dot or fmt == "wint4"
 
 
 def _span(k: int, split: int) -> int:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.triton_wquant import weight_tile
+from pdserve.kernels.triton_wquant import convert_tile, raw_tile
 from pdserve.kernels.triton_wquant_plan import FORMATS, GROUP, SkinnyPlan
 
 
@@ -35,15 +35,22 @@ from pdserve.kernels.triton_wquant_plan import FORMATS, GROUP, SkinnyPlan
 def _dot_span(  # type: ignore[no-untyped-def]
     x_ptr, w_ptr, s_ptr, n, n_ok, M, k_start, k_end, stride_xm, stride_wn, stride_sn,
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """sum over k in [k_start, k_end) of W[n, k] * x[m, k] as [BLOCK_N, BLOCK_M] float32, scaled."""
     m = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if PREFETCH:
+        ahead = raw_tile(w_ptr, n, n_ok, k_start, k_end, stride_wn, FMT, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < k_end)[None, :], other=0.0)
-        w = weight_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT, BLOCK_K, x_ptr.dtype.element_ty)
+        if PREFETCH:  # the next step's weight loads in flight while this step's are used
+            raw = ahead
+            ahead = raw_tile(w_ptr, n, n_ok, k0 + BLOCK_K, k_end, stride_wn, FMT, BLOCK_K)
+        else:
+            raw = raw_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT, BLOCK_K)
+        w = convert_tile(raw, FMT, x_ptr.dtype.element_ty)
         part = tl.dot(w, tl.trans(x), input_precision=PRECISION)
         if FMT == 1:
             acc += part * tl.load(s_ptr + n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)[:, None]
@@ -58,13 +65,21 @@ def _dot_span(  # type: ignore[no-untyped-def]
 def _gemv_span(  # type: ignore[no-untyped-def]
     x_ptr, w_ptr, s_ptr, n, n_ok, k_start, k_end, stride_wn, stride_sn,
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """_dot_span for one row of x, on the CUDA cores: [BLOCK_N] float32, scaled."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if PREFETCH:
+        ahead = raw_tile(w_ptr, n, n_ok, k_start, k_end, stride_wn, FMT, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
-        w = weight_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT, BLOCK_K, tl.float32)
+        if PREFETCH:
+            raw = ahead
+            ahead = raw_tile(w_ptr, n, n_ok, k0 + BLOCK_K, k_end, stride_wn, FMT, BLOCK_K)
+        else:
+            raw = raw_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT, BLOCK_K)
+        w = convert_tile(raw, FMT, tl.float32)
         part = tl.sum(w * x[None, :], axis=1)
         if FMT == 1:
             acc += part * tl.load(s_ptr + n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
@@ -80,6 +95,7 @@ def _wq_skinny_kernel(  # type: ignore[no-untyped-def]
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_SPAN, stride_xm, stride_wn, stride_sn, stride_ym,
     FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Program (n block, K span): SPLIT == 1 stores y (+ bias) in y's dtype; else float32 partials
     at y_ptr [SPLIT, M, N] for _reduce_kernel."""
@@ -90,7 +106,7 @@ def _wq_skinny_kernel(  # type: ignore[no-untyped-def]
     if DOT:
         acc = _dot_span(
             x_ptr, w_ptr, s_ptr, n, n_ok, M, k_start, k_end, stride_xm, stride_wn, stride_sn,
-            FMT, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+            FMT, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, PREFETCH,
         )  # fmt: skip
         m = tl.arange(0, BLOCK_M)
         mask = n_ok[:, None] & (m < M)[None, :]
@@ -103,7 +119,8 @@ def _wq_skinny_kernel(  # type: ignore[no-untyped-def]
             tl.store(y_ptr + rows[None, :] * N + n[:, None], acc, mask=mask)
     else:
         acc = _gemv_span(
-            x_ptr, w_ptr, s_ptr, n, n_ok, k_start, k_end, stride_wn, stride_sn, FMT, GROUP, BLOCK_N, BLOCK_K
+            x_ptr, w_ptr, s_ptr, n, n_ok, k_start, k_end, stride_wn, stride_sn, FMT, GROUP, BLOCK_N, BLOCK_K,
+            PREFETCH,
         )  # fmt: skip
         if SPLIT == 1:
             if HAS_BIAS:
@@ -155,7 +172,7 @@ def wq_skinny_linear(
         x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
         FMT=code, GROUP=GROUP, HAS_BIAS=bias is not None and split == 1, SPLIT=split, DOT=plan.dot,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-        PRECISION=precision, num_warps=plan.warps, num_stages=plan.stages,
+        PRECISION=precision, PREFETCH=plan.prefetch, num_warps=plan.warps, num_stages=plan.stages,
     )  # fmt: skip
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))

@@ -54,11 +54,13 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     [(1, 32, 256, 128), (1, 16, 640, 64), (3, 16, 256, 64), (16, 64, 640, 128), (9, 32, 384, 128)],
 )
 def test_skinny_matches_the_dequantized_matmul(method: str, m: int, block_n: int, span: int, block_k: int) -> None:
+    """Both ways of loading the weight: a step ahead in registers, and each step's own loads."""
     from pdserve.kernels.triton_wquant_skinny import wq_skinny_linear
 
     x, w, _, want = _case(method, m, 40, 576, torch.float32)
-    tiles = SkinnyPlan(block_n, span, block_k, 2, 4, dot=m > 1)
-    _close(wq_skinny_linear(x, w.data, w.scale, method, tiles), want, torch.float32)
+    for prefetch in (True, False):
+        tiles = SkinnyPlan(block_n, span, block_k, 2, 4, dot=m > 1, prefetch=prefetch)
+        _close(wq_skinny_linear(x, w.data, w.scale, method, tiles), want, torch.float32)
 
 
 @pytest.mark.parametrize("method", ["wint8", "wint4", "fp8"])
