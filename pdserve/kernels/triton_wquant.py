@@ -71,7 +71,9 @@ def _wquant_kernel(  # type: ignore[no-untyped-def]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0
+        )
         w = weight_tile(w_ptr, n, n_ok, k0, K, stride_wn, FMT, BLOCK_K, x_ptr.dtype.element_ty)
         part = tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if FMT == 1:  # BLOCK_K divides GROUP: this step's inputs share one scale
@@ -97,14 +99,20 @@ def _dequantize_kernel(  # type: ignore[no-untyped-def]
     n_ok, k_ok = n < N, k < K
     w = weight_tile(w_ptr, n, n_ok, tl.program_id(1) * BLOCK_K, K, stride_wn, FMT, BLOCK_K, tl.float32)
     if FMT == 1:
-        s = tl.load(s_ptr + n[:, None] * stride_sn + (k // GROUP)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        s = tl.load(
+            s_ptr + n[:, None] * stride_sn + (k // GROUP)[None, :],
+            mask=n_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
     else:
         s = tl.load(s_ptr + n, mask=n_ok, other=0.0)[:, None]
     mask = n_ok[:, None] & k_ok[None, :]
     tl.store(out_ptr + n[:, None] * stride_on + k[None, :], (w * s).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, fmt: str, k: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, fmt: str, k: int, dtype: torch.dtype
+) -> torch.Tensor:
     """The float weight [N, K] in `dtype` that `fmt`'s data and scale stand for, in one launch."""
     n = weight.shape[0]
     out = torch.empty((n, k), dtype=dtype, device=weight.device)

@@ -61,7 +61,7 @@ PLANS: dict[tuple[str, int, int], tuple[tuple[int, SkinnyPlan], ...]] = {}
 
 
 def route(fmt: str, rows: int) -> str:
-    """"skinny", "tiles", "dequant" (wint) or "scaled_mm" (fp8) for `rows` rows of x."""
+    """ "skinny", "tiles", "dequant" (wint) or "scaled_mm" (fp8) for `rows` rows of x."""
     if fmt == "fp8":
         return "skinny" if rows <= FP8_SKINNY_MAX_ROWS else "scaled_mm"
     if rows <= SKINNY_MAX_ROWS:
@@ -111,7 +111,8 @@ def prefetch(fmt: str, dot: bool) -> bool:
 
 def _span(k: int, split: int) -> int:
     """K / split rounded up to a multiple of GROUP."""
-    return -(-(-(-k // split)) // GROUP) * GROUP
+    per_split = -(-k // split)
+    return -(-per_split // GROUP) * GROUP
 
 
 def _cost(fmt: str, n: int, k: int, rows: int, sms: int, width: int, span: int) -> float:

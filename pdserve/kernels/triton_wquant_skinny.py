@@ -44,7 +44,11 @@ def _dot_span(  # type: ignore[no-untyped-def]
         ahead = raw_tile(w_ptr, n, n_ok, k_start, k_end, stride_wn, FMT, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < k_end)[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + m[:, None] * stride_xm + k[None, :],
+            mask=(m < M)[:, None] & (k < k_end)[None, :],
+            other=0.0,
+        )
         if PREFETCH:  # the next step's weight loads in flight while this step's are used
             raw = ahead
             ahead = raw_tile(w_ptr, n, n_ok, k0 + BLOCK_K, k_end, stride_wn, FMT, BLOCK_K)

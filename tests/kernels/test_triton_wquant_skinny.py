@@ -53,7 +53,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     "m,block_n,span,block_k",
     [(1, 32, 256, 128), (1, 16, 640, 64), (3, 16, 256, 64), (16, 64, 640, 128), (9, 32, 384, 128)],
 )
-def test_skinny_matches_the_dequantized_matmul(method: str, m: int, block_n: int, span: int, block_k: int) -> None:
+def test_skinny_matches_the_dequantized_matmul(
+    method: str, m: int, block_n: int, span: int, block_k: int
+) -> None:
     """Both ways of loading the weight: a step ahead in registers, and each step's own loads."""
     from pdserve.kernels.triton_wquant_skinny import wq_skinny_linear
 
