@@ -97,12 +97,12 @@ def _gemv_span(  # type: ignore[no-untyped-def]
 @triton.jit
 def _wq_skinny_kernel(  # type: ignore[no-untyped-def]
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_SPAN, stride_xm, stride_wn, stride_sn, stride_ym,
-    FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
+    FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):  # fmt: skip
-    """Program (n block, K span): SPLIT == 1 stores y (+ bias) in y's dtype; else float32 partials
-    at y_ptr [SPLIT, M, N] for _reduce_kernel."""
+    """Program (n block, K span): stores y (+ bias) in y's dtype; PARTIALS (K split in several spans):
+    float32 partials at y_ptr [spans, M, N] for _reduce_kernel instead."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     k_start = tl.program_id(1) * K_SPAN
@@ -114,7 +114,7 @@ def _wq_skinny_kernel(  # type: ignore[no-untyped-def]
         )  # fmt: skip
         m = tl.arange(0, BLOCK_M)
         mask = n_ok[:, None] & (m < M)[None, :]
-        if SPLIT == 1:
+        if not PARTIALS:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -126,7 +126,7 @@ def _wq_skinny_kernel(  # type: ignore[no-untyped-def]
             x_ptr, w_ptr, s_ptr, n, n_ok, k_start, k_end, stride_wn, stride_sn, FMT, GROUP, BLOCK_N, BLOCK_K,
             PREFETCH,
         )  # fmt: skip
-        if SPLIT == 1:
+        if not PARTIALS:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -136,14 +136,14 @@ def _wq_skinny_kernel(  # type: ignore[no-untyped-def]
 
 @triton.jit
 def _reduce_kernel(  # type: ignore[no-untyped-def]
-    p_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr
+    p_ptr, b_ptr, y_ptr, M, N, SPLIT, stride_ym, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
 ):  # fmt: skip
     """y[m, n] = sum over s of partials[s, m, n] (s in order) (+ bias), in y's dtype."""
     m = tl.program_id(1)
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     n_ok = n < N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
+    for s in range(SPLIT):
         acc += tl.load(p_ptr + (s * M + m) * N + n, mask=n_ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -174,14 +174,14 @@ def wq_skinny_linear(
     _wq_skinny_kernel[(triton.cdiv(n, plan.block_n), split)](
         x, weight, scale, scale if bias is None else bias, out, m, n, k, plan.span,
         x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
-        FMT=code, GROUP=GROUP, HAS_BIAS=bias is not None and split == 1, SPLIT=split, DOT=plan.dot,
+        FMT=code, GROUP=GROUP, HAS_BIAS=bias is not None and split == 1, PARTIALS=split > 1, DOT=plan.dot,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
         PRECISION=precision, PREFETCH=plan.prefetch, num_warps=plan.warps, num_stages=plan.stages,
     )  # fmt: skip
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _reduce_kernel[(triton.cdiv(n, block), m)](
-            out, scale if bias is None else bias, y, m, n, y.stride(0),
-            HAS_BIAS=bias is not None, SPLIT=split, BLOCK=block, num_warps=4,
+            out, scale if bias is None else bias, y, m, n, split, y.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
         )  # fmt: skip
     return y

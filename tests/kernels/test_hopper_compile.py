@@ -142,7 +142,7 @@ def _quantized_gemms() -> dict[str, tuple]:  # type: ignore[type-arg]
                         "FMT": FORMATS.index(fmt),
                         "GROUP": GROUP,
                         "HAS_BIAS": split == 1,
-                        "SPLIT": split,
+                        "PARTIALS": split > 1,
                         "DOT": p.dot,
                         "BLOCK_M": max(16, rows),
                         "BLOCK_N": p.block_n,
@@ -157,7 +157,7 @@ def _quantized_gemms() -> dict[str, tuple]:  # type: ignore[type-arg]
         "pdserve.kernels.triton_wquant_skinny",
         "_reduce_kernel",
         {"p_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16"},
-        {"HAS_BIAS": True, "SPLIT": 9, "BLOCK": 1024},
+        {"HAS_BIAS": True, "BLOCK": 1024},
         4,
         3,
     )
