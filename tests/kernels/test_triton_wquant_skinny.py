@@ -122,3 +122,22 @@ def test_fp8_decode_rows_are_weight_only_and_wider_batches_quantize_x() -> None:
     _close(product(x, w.data, w.scale), want, torch.float32)
     x = torch.randn(17, 576, device=DEVICE)
     assert torch.equal(product(x, w.data, w.scale), fp8.emulated_linear(x, w.data, w.scale))
+
+
+def test_the_factory_binds_the_routed_products() -> None:
+    """build_kernels with Triton chosen: Kernels.wint_linear is the routed product (layers/quant.py's
+    quant_linear goes through it and matches the reference); fp8 keeps the emulation where there are
+    no fp8 tensor cores (the CPU), and on a GPU with them takes the skinny kernel at decode rows."""
+    from pdserve.kernels import triton_wquant_choice
+    from pdserve.layers.quant import quant_linear
+
+    from .triton_env import build
+
+    kernels = build(triton=True)
+    assert kernels.wint_linear is triton_wquant_choice.wint_linear
+    x, w, _, want = _case("wint4", 2, 40, 576, torch.float32)
+    _close(quant_linear(kernels, x, w, None), want, torch.float32)
+    if fp8.has_fp8_mm(DEVICE):
+        assert isinstance(kernels.fp8_linear, triton_wquant_choice.Fp8Linear) and kernels.fp8_linear.skinny
+    else:
+        assert kernels.fp8_linear is fp8.emulated_linear
