@@ -26,6 +26,7 @@ overrides it for measured shapes (benchmarks/quant_gpu.py --sweep prints entries
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 GROUP = 128  # wint4 inputs per scale (layers/quant.py WINT4_GROUP)
@@ -79,6 +80,13 @@ def plan(fmt: str, n: int, k: int, rows: int, sms: int) -> SkinnyPlan:
     for up_to, measured in PLANS.get((fmt, n, k), ()):
         if rows <= up_to:
             return measured
+    return _modelled(fmt, n, k, rows, sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _modelled(fmt: str, n: int, k: int, rows: int, sms: int) -> SkinnyPlan:
+    """plan() where PLANS has no entry: the wave model's best (cached: it runs at every product
+    outside a CUDA graph)."""
     step = block_k(fmt, rows)
     padded = max(16, 1 << (rows - 1).bit_length())
     # registers: the [BN, BM] float32 accumulator and the converted [BN, BK] weight tile (float32

@@ -1,22 +1,26 @@
 """The decode-rows GEMM for quantized weights: y = x @ W^T for a few rows of x (M <= 128), W as wint8,
 wint4 or fp8 (layers/quant.py's layout), streamed once from memory and dequantized in registers.
 
-Each program owns BLOCK_N output rows of W and one of SPLIT spans of K (a multiple of wint4's group),
-so that the grid fills the SMs even where N / BLOCK_N does not (down_proj: N 3584, K 18944). A
-step of K loads the weight tile [BLOCK_N, BLOCK_K] and converts it to x's dtype:
+Each program owns BLOCK_N output rows of W and one span of K (a multiple of wint4's group), so that
+the grid fills the SMs even where N / BLOCK_N does not (down_proj: N 3584, K 18944). A step of K
+loads the weight tile [BLOCK_N, BLOCK_K] and converts it to x's dtype:
 
     wint8   int8 -> x's dtype (exact: |w| <= 127); the row scale once, on the partial sum
-    fp8     e4m3 -> x's dtype (exact: e4m3 fits bf16 / fp16); the row scale once, as wint8
+    fp8     e4m3 -> x's dtype (exact: e4m3 fits bf16 / fp16); the row scale once, as wint8; x is not
+            quantized (weight-only: no activation quantizer launch at decode)
     wint4   bytes [BN, BK/2]: low nibble = even k, high = odd k (sign-extended); tl.interleave of the
             two gives the [BN, BK] tile in k order, so ONE dot runs against a contiguous x tile;
             BK divides 128, so one group's scale per step, applied to the step's partial product
 
 The product of a step is the weight tile times x^T ([BN, BK] @ [BK, BM] -> [BN, BM]): the dequantized
-tile is the dot's left operand, straight from registers, and x (rows padded to 16) the small right
-one. At one row (DOT off) no tensor cores: w * x summed along K, which skips the padding and the
-operand shuffle. SPLIT > 1: each span writes float32 partials [SPLIT, M, N] and a second launch
-sums them in a fixed order (no atomics: the result does not depend on scheduling), adds the bias
-and casts; SPLIT = 1 stores y directly. The plan (BLOCK_N, SPLIT, ...) is triton_wquant_plan.py's.
+tile is the dot's left operand, straight from registers (wgmma takes it so on Hopper), and x (rows
+padded to 16) the small right one. At one row (DOT off) no tensor cores: w * x summed along K,
+which skips the padding and the operand shuffle. PREFETCH: the next step's weight bytes are loaded
+a step ahead into registers, where Triton's pipeliner does not stage them itself (plan.prefetch).
+
+K split in several spans (PARTIALS): each span writes float32 partials [spans, M, N] and a second
+launch sums them in span order (no atomics: the result does not depend on scheduling), adds the bias
+and casts; one span stores y directly. The tiles are triton_wquant_plan.plan()'s.
 
 This module imports triton: only the kernel factory (through triton_wquant_choice.py) imports it.
 """
