@@ -54,6 +54,26 @@ def convert_tile(raw, FMT: tl.constexpr, dtype):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def convert_tile_f32(raw, FMT: tl.constexpr):  # type: ignore[no-untyped-def]
+    """convert_tile to float32 without int -> float conversion instructions (their throughput, 16 a
+    clock per SM, is below what streaming int4 at full bandwidth needs): an integer u in [0, 2^23) or'd
+    into the bits of 2^23 is the float 2^23 + u, exactly; u = w + 8 (int4) or w + 128 (int8), then one
+    float subtraction. e4m3 converts in hardware (two a time)."""
+    if FMT == 2:  # (one return per branch: Triton compiles what follows a constexpr branch's return)
+        return raw.to(tl.float32)
+    elif FMT == 1:
+        bits = raw.to(tl.int32)  # sign-extended
+        lo = (bits & 0xF) ^ 8  # the low nibble's two's complement value + 8
+        hi = ((bits >> 4) & 0xF) ^ 8
+        lo_f = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+        hi_f = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        return tl.interleave(lo_f, hi_f)
+    else:
+        bits = raw.to(tl.int32)
+        return ((bits + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+
+
+@triton.jit
 def weight_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT: tl.constexpr, BLOCK_K: tl.constexpr, dtype):  # type: ignore[no-untyped-def]
     """W[n, k0 : k0 + BLOCK_K] as [len(n), BLOCK_K] in `dtype`, zero past k_end or N, unscaled."""
     return convert_tile(raw_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT, BLOCK_K), FMT, dtype)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.triton_wquant import convert_tile, raw_tile
+from pdserve.kernels.triton_wquant import convert_tile, convert_tile_f32, raw_tile
 from pdserve.kernels.triton_wquant_plan import FORMATS, GROUP, SkinnyPlan
 
 
@@ -87,7 +87,7 @@ def _gemv_span(  # type: ignore[no-untyped-def]
             ahead = raw_tile(w_ptr, n, n_ok, k0 + BLOCK_K, k_end, stride_wn, FMT, BLOCK_K)
         else:
             raw = raw_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT, BLOCK_K)
-        w = convert_tile(raw, FMT, tl.float32)
+        w = convert_tile_f32(raw, FMT)
         part = tl.sum(w * x[None, :], axis=1)
         if FMT == 1:
             acc += part * tl.load(s_ptr + n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
