@@ -44,13 +44,13 @@ def raw_tile(w_ptr, n, n_ok, k0, k_end, stride_wn, FMT: tl.constexpr, BLOCK_K: t
 
 @triton.jit
 def convert_tile(raw, FMT: tl.constexpr, dtype):  # type: ignore[no-untyped-def]
-    """raw_tile's bytes as values in `dtype` [len(n), BLOCK_K], in k order, unscaled."""
-    if FMT == 1:
-        lo = (raw << 4).to(tl.int8) >> 4  # int8 wrap, whatever the promotion
-        hi = raw >> 4
-        return tl.interleave(lo, hi).to(dtype)  # [.., 2j] = lo, [.., 2j + 1] = hi: k order
-    else:
+    """raw_tile's bytes as values in `dtype` [len(n), BLOCK_K], in k order, unscaled: the integer
+    formats through convert_tile_f32 (no int -> float instructions), then float32 -> dtype (exact,
+    two a instruction), e4m3 straight."""
+    if FMT == 2:
         return raw.to(dtype)
+    else:
+        return convert_tile_f32(raw, FMT).to(dtype)
 
 
 @triton.jit
