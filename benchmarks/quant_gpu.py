@@ -125,7 +125,7 @@ def sweep_candidates(fmt: str, n: int, k: int, rows: int) -> list[wplan.SkinnyPl
     found = [base, replace(base, prefetch=not base.prefetch)]
     for width in (32, 64, 128, 256):
         for split in (1, 2, 4, 8):
-            span = wplan._span(k, split)
+            span = wplan.split_span(k, split)
             for dot in (False, True) if rows == 1 else (True,):
                 regs_ok = width * max(16, rows) <= 8192 and width * step <= (32768 if dot else 16384)
                 if not regs_ok or (split > 1 and span < wplan.MIN_SPAN):

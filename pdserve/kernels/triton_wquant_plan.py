@@ -97,7 +97,7 @@ def _modelled(fmt: str, n: int, k: int, rows: int, sms: int) -> SkinnyPlan:
     best: tuple[float, int, int] | None = None
     for width in deep:
         for split in range(1, MAX_SPLIT + 1):
-            span = _span(k, split)
+            span = split_span(k, split)
             if split > 1 and (span < MIN_SPAN or -(-k // span) != split):
                 continue
             cost = _cost(fmt, n, k, rows, sms, width, span)
@@ -117,7 +117,7 @@ def prefetch(fmt: str, dot: bool) -> bool:
     return not dot or fmt == "wint4"
 
 
-def _span(k: int, split: int) -> int:
+def split_span(k: int, split: int) -> int:
     """K / split rounded up to a multiple of GROUP."""
     per_split = -(-k // split)
     return -(-per_split // GROUP) * GROUP
