@@ -9,10 +9,17 @@ In one run (dummy weights, the 7B shape by default; the ceilings measured in the
    step time vs (this format's weight bytes + KV bytes read) / copy bandwidth;
 3. prefill of one 8k-token prompt: tokens/s, and its ratio to bf16.
 
+The quantized products take the kernels the engine chooses (kernels/triton_wquant_choice.py: the
+weight-streaming skinny kernel at decode rows, fp8 weight-only up to 16 rows). --sweep first times
+a few tile choices of the skinny kernel per projection, format and row count (--sweep-rows), prints
+each best against plan()'s own choice, installs the bests (triton_wquant_plan.PLANS) for the rest of
+the run and prints them as PLANS entries to keep.
+
 The issue's targets: wint4 step at B=1 at most 0.4x the bf16 step, wint8 and fp8 at most 0.6x; fp8
 prefill at 8k tokens at least 1.5x the bf16 throughput.
 
     python3 benchmarks/quant_gpu.py --out $OUT/quant.json
+    python3 benchmarks/quant_gpu.py --sweep --out $OUT/quant.json          # tiles swept first, then all
     python3 benchmarks/quant_gpu.py --formats bf16,wint4 --no-prefill      # a quicker subset
     python3 benchmarks/quant_gpu.py --device cpu --shape PATH --batches 1,2 --prompt-len 64 --no-gemms
                                                                               # smoke test of the script
@@ -25,6 +32,7 @@ import gc
 import json
 import platform
 import time
+from dataclasses import replace
 from datetime import date
 from typing import Any
 
@@ -37,6 +45,7 @@ from transformers import AutoConfig
 from pdserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.kernels import triton_wquant_plan as wplan
 from pdserve.kernels.config import KernelConfig
 from pdserve.kernels.factory import build_kernels
 from pdserve.layers.quant import QuantizedWeight, quant_linear, quantize
@@ -105,6 +114,74 @@ def run_gemms(cfg: Any, formats: list[str], batches: list[int], gbps: float) -> 
             print(f"  {name:>8} [{n}x{k}] m={m:<4} " + "  ".join(line))
             torch.cuda.empty_cache()
     return rows
+
+
+# ---- the skinny kernel's tiles, swept -------------------------------------------------------------
+def sweep_candidates(fmt: str, n: int, k: int, rows: int) -> list[wplan.SkinnyPlan]:
+    """plan()'s tiles (with and without the register prefetch), then widths x K splits (x the dot or
+    the CUDA cores at one row) within the kernel's register limits."""
+    base = wplan.plan(fmt, n, k, rows, 132)
+    step = wplan.block_k(fmt, rows)
+    found = [base, replace(base, prefetch=not base.prefetch)]
+    for width in (32, 64, 128, 256):
+        for split in (1, 2, 4, 8):
+            span = wplan.split_span(k, split)
+            for dot in (False, True) if rows == 1 else (True,):
+                regs_ok = width * max(16, rows) <= 8192 and width * step <= (32768 if dot else 16384)
+                if not regs_ok or (split > 1 and span < wplan.MIN_SPAN):
+                    continue
+                warps = 8 if width * step >= 16384 else 4
+                found.append(wplan.SkinnyPlan(width, span, step, 4, warps, dot, wplan.prefetch(fmt, dot)))
+    return list(dict.fromkeys(found))
+
+
+def time_plan(fmt: str, weights: list[QuantizedWeight], x: torch.Tensor, tiles: wplan.SkinnyPlan) -> float:
+    from pdserve.kernels.triton_wquant_skinny import wq_skinny_linear
+
+    def run(i: int) -> torch.Tensor:
+        w = weights[i % len(weights)]
+        return wq_skinny_linear(x, w.data, w.scale, fmt, tiles)
+
+    return graph_time(run, 2 * len(weights), replays=10, warmup=2)
+
+
+def sweep(cfg: Any, formats: list[str], rows_list: list[int], gbps: float) -> list[dict[str, Any]]:
+    """The best tiles per (format, projection, rows), installed into PLANS and printed as its entries."""
+    found: list[dict[str, Any]] = []
+    for fmt in [f for f in formats if f != "bf16"]:
+        for name, (n, k) in gemm_shapes(cfg).items():
+            found += sweep_shape(fmt, name, n, k, rows_list, gbps)
+            torch.cuda.empty_cache()
+    print("PLANS = {")
+    for key, entries in wplan.PLANS.items():
+        print(f"    {key!r}: {tuple(entries)!r},")
+    print("}")
+    return found
+
+
+def sweep_shape(
+    fmt: str, name: str, n: int, k: int, rows_list: list[int], gbps: float
+) -> list[dict[str, Any]]:
+    first = quantize(torch.randn(n, k, device="cuda") * 0.02, fmt)
+    nbytes = first.data.numel() * first.data.element_size() + first.scale.numel() * 4
+    weights = [first] + [_copy(first) for _ in range(max(2, -(-(256 << 20) // nbytes)) - 1)]
+    found, entries = [], []
+    for rows in rows_list:
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 0.5
+        times = {p: time_plan(fmt, weights, x, p) for p in sweep_candidates(fmt, n, k, rows)}
+        best = min(times, key=lambda p: times[p])
+        default = wplan.plan(fmt, n, k, rows, 132)
+        bound = (nbytes + rows * (n + k) * 2) / (gbps * 1e9)
+        mine, theirs = times[default], times[best]
+        print(
+            f"  sweep {fmt:>5} {name:>8} m={rows:<3} plan {mine * 1e6:7.1f} us ({bound / mine:.0%})  "
+            f"best {theirs * 1e6:7.1f} us ({bound / theirs:.0%}) {best}"
+        )
+        entries.append((rows, best))
+        found.append({"format": fmt, "gemm": name, "rows": rows, "best": vars(best),
+                      "best_us": theirs * 1e6, "plan_us": mine * 1e6, "bound_us": bound * 1e6})  # fmt: skip
+    wplan.PLANS[(fmt, n, k)] = tuple(entries)
+    return found
 
 
 # ---- 2. and 3. the engine -------------------------------------------------------------------------
@@ -192,6 +269,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--no-gemms", action="store_true")
+    ap.add_argument("--no-engine", action="store_true", help="the projections (and sweep) only")
+    ap.add_argument("--sweep", action="store_true", help="time the skinny kernel's tiles first")
+    ap.add_argument("--sweep-rows", default="1,16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -201,14 +281,16 @@ def main() -> None:
     gbps = copy_gbps(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
     print(f"{args.shape} on {device_name}: copy {gbps:.0f} GB/s")
+    swept = sweep(cfg, formats, [int(r) for r in args.sweep_rows.split(",")], gbps) if args.sweep else []
     gemms = [] if args.no_gemms or args.device != "cuda" else run_gemms(cfg, formats, args.batches, gbps)
-    results = [run_format(args, fmt, gbps) for fmt in formats]
+    results = [] if args.no_engine else [run_format(args, fmt, gbps) for fmt in formats]
     payload = {
         "date": str(date.today()),
         "device": device_name,
         "torch": torch.__version__,
         "shape": args.shape,
         "copy_gbps": gbps,
+        "sweep": swept,
         "gemms": gemms,
         "engine": results,
         "vs_bf16": summary(results),

@@ -54,7 +54,7 @@ def _split_products(config: KernelConfig, tuning: Tuning) -> functools.partial[s
 
 def _with_triton(kernels: Kernels, tuning: Tuning, pdl: Pdl) -> Kernels:
     """`kernels` with the Triton implementations of the dense operations."""
-    from pdserve.kernels import triton_fp8, triton_fused, triton_rotary, triton_wquant
+    from pdserve.kernels import triton_fp8, triton_fused, triton_rotary, triton_wquant_choice
     from pdserve.kernels.triton_linear import Projections
 
     config = kernels.config
@@ -67,16 +67,19 @@ def _with_triton(kernels: Kernels, tuning: Tuning, pdl: Pdl) -> Kernels:
         silu_mul_linear=projections.silu_mul_linear,
         silu_and_mul=functools.partial(triton_fused.silu_and_mul, pdl=pdl),
         rotary=triton_rotary.triton_rotary,
-        wint_linear=triton_wquant.wquant_linear,
+        wint_linear=triton_wquant_choice.wint_linear,
         fp8_linear=_fp8_linear(kernels, triton_fp8.quantize_rows),
     )
 
 
 def _fp8_linear(kernels: Kernels, quantizer: fp8.Quantizer) -> Callable[..., torch.Tensor]:
-    """The fp8 product with the Triton activation quantizer where it runs on the fp8 tensor cores."""
+    """Where the fp8 tensor cores run: the weight-only skinny kernel at decode rows, else
+    torch._scaled_mm with the Triton activation quantizer; elsewhere the product already chosen."""
+    from pdserve.kernels.triton_wquant_choice import Fp8Linear
+
     if kernels.fp8_linear is not fp8.scaled_mm_linear:
         return kernels.fp8_linear
-    return functools.partial(fp8.scaled_mm_linear, quantize=quantizer)
+    return Fp8Linear(functools.partial(fp8.scaled_mm_linear, quantize=quantizer), skinny=True)
 
 
 def _attention(config: KernelConfig, tuning: Tuning, pdl: Pdl) -> AttentionKernels:

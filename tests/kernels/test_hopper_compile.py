@@ -111,6 +111,86 @@ KERNELS = {
                  "BLOCK_SIZE": 16, "DOT_PRECISION": "tf32"}, 4, 2),
 }  # fmt: skip
 
+
+def _quantized_gemms() -> dict[str, tuple]:  # type: ignore[type-arg]
+    """The quantized GEMMs (triton_wquant*.py) with the tiles plan() gives the 7B shapes at 1, 16 and
+    128 rows (one row: the CUDA-core form), split or not; the tile and dequantize kernels. (Not checked
+    here: whether a tile's weight loads are pipelined, see triton_wquant_plan.prefetch.)"""
+    from pdserve.kernels.triton_wquant_plan import FORMATS, GROUP, plan
+
+    wtype = {"wint8": "*i8", "wint4": "*i8", "fp8": "*fp8e4nv"}
+    kernels: dict[str, tuple] = {}  # type: ignore[type-arg]
+    for fmt in FORMATS:
+        for n, k in [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]:
+            for rows in (1, 16, 128):
+                p = plan(fmt, n, k, rows, 132)
+                split = -(-k // p.span)
+                name = (
+                    f"wq_skinny_{fmt}_{rows}x{p.block_n}x{p.block_k}x{p.warps}{'_split' if split > 1 else ''}"
+                )
+                kernels[name] = (
+                    "pdserve.kernels.triton_wquant_skinny",
+                    "_wq_skinny_kernel",
+                    {
+                        "x_ptr": "*bf16",
+                        "w_ptr": wtype[fmt],
+                        "s_ptr": "*fp32",
+                        "b_ptr": "*bf16",
+                        "y_ptr": "*fp32" if split > 1 else "*bf16",
+                    },
+                    {
+                        "FMT": FORMATS.index(fmt),
+                        "GROUP": GROUP,
+                        "HAS_BIAS": split == 1,
+                        "PARTIALS": split > 1,
+                        "DOT": p.dot,
+                        "BLOCK_M": max(16, rows),
+                        "BLOCK_N": p.block_n,
+                        "BLOCK_K": p.block_k,
+                        "PRECISION": "tf32",
+                        "PREFETCH": p.prefetch,
+                    },
+                    p.warps,
+                    p.stages,
+                )
+    kernels["wq_reduce"] = (
+        "pdserve.kernels.triton_wquant_skinny",
+        "_reduce_kernel",
+        {"p_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16"},
+        {"HAS_BIAS": True, "BLOCK": 1024},
+        4,
+        3,
+    )
+    for fmt in ("wint8", "wint4"):
+        kernels[f"wq_tiles_{fmt}"] = (
+            "pdserve.kernels.triton_wquant",
+            "_wquant_kernel",
+            {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16"},
+            {
+                "FMT": FORMATS.index(fmt),
+                "GROUP": GROUP,
+                "HAS_BIAS": False,
+                "BLOCK_M": 128,
+                "BLOCK_N": 128,
+                "BLOCK_K": 64,
+                "PRECISION": "tf32",
+            },
+            8,
+            3,
+        )
+        kernels[f"wq_dequantize_{fmt}"] = (
+            "pdserve.kernels.triton_wquant",
+            "_dequantize_kernel",
+            {"w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*bf16"},
+            {"FMT": FORMATS.index(fmt), "GROUP": GROUP, "BLOCK_N": 32, "BLOCK_K": 256},
+            4,
+            3,
+        )
+    return kernels  # fmt: skip
+
+
+KERNELS.update(_quantized_gemms())
+
 COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
 import triton
