@@ -100,7 +100,12 @@ def one_server(args: argparse.Namespace, mode: str, levels: list[int], work: Pat
 def engine_clock(url: str) -> dict[str, float]:
     """The engine's device busy and host wait totals (engine/step_clock.py) from the server's /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    names = {"busy_s": "pdserve_engine_device_busy_seconds", "wait_s": "pdserve_engine_host_wait_seconds"}
+    names = {
+        "busy_s": "pdserve_engine_device_busy_seconds",
+        "wait_s": "pdserve_engine_host_wait_seconds",
+        "front_s": "pdserve_request_front_seconds_sum",  # arrival -> prompt in the engine, summed
+        "fronts": "pdserve_request_front_seconds_count",
+    }
     return {key: metric_sum(text, name) for key, name in names.items()}
 
 
@@ -117,10 +122,12 @@ def run_levels(
         after = engine_clock(engine_url)
         row |= {key: after[key] - before[key] for key in after}
         row["overhead"] = row["duration"] / row["busy_s"] - 1 if row["busy_s"] else None
+        row["front_mean_s"] = row["front_s"] / row["fronts"] if row["fronts"] else None
         runs.append({"mode": mode, "streams": streams, "round": i, **row})
         print(
             f"{label:>20}: {row['output_throughput']:.0f} tok/s, TPOT {row['mean_tpot_ms']:.1f} ms, "
-            f"{row['duration']:.2f} s, device busy {row['busy_s']:.2f} s, host waited {row['wait_s']:.2f} s",
+            f"{row['duration']:.2f} s, device busy {row['busy_s']:.2f} s, host waited {row['wait_s']:.2f} s, "
+            f"mean front {row['front_s'] / max(row['fronts'], 1) * 1000:.0f} ms",
             flush=True,
         )
     return runs

@@ -80,6 +80,7 @@ class DecodeEntryRunner(GenerationRunner):
         prefill.begin(tokens)
         try:
             stream = await self.engine.add(gen.sub_requests())
+            gen.choices[0].tracker.added()
             try:
                 return stream, await _first_output(stream, raw)
             except BaseException:

@@ -65,6 +65,12 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.front = Histogram(
+            "pdserve_request_front_seconds",
+            "From a request's arrival to its prompt in the engine (parse, template, tokenize, hand-over)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.e2e = Histogram(
             "pdserve_e2e_request_latency_seconds", "Arrival to last token", buckets=_E2E_BUCKETS, registry=r
         )
@@ -233,6 +239,10 @@ class RequestTracker:
         self.num_prompt_tokens = 0
         self.num_output_tokens = 0
         self.done = False
+
+    def added(self) -> None:
+        """The request's prompt is in the engine: its front time (arrival to here) is recorded."""
+        self.metrics.front.observe(time.monotonic() - self.arrival)
 
     def on_output(self, out: RequestOutput) -> None:
         now = time.monotonic()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -106,9 +107,14 @@ class RequestBuilder:
 
     async def build(self, raw: Request, model: type[R], make: Callable[[R], T]) -> T:
         """Read the body here; parse, check and tokenize it on the prompt thread."""
+        arrival = time.monotonic()
         body = await raw.body()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, lambda: make(self.parse(body, model)))
+        built = await loop.run_in_executor(self.pool, lambda: make(self.parse(body, model)))
+        if isinstance(built, Generation):  # its times (TTFT, the front) count from the arrival
+            for choice in built.choices:
+                choice.tracker.arrival = arrival
+        return built
 
     # ---- parsing and validation ----
 

@@ -84,7 +84,9 @@ class GenerationRunner:
 
     async def open(self, gen: Generation, raw: Request) -> RequestStream:
         """Add the generation's requests to the engine (an entry decode instance picks a prefill first)."""
-        return await self.engine.add(gen.sub_requests())
+        stream = await self.engine.add(gen.sub_requests())
+        gen.choices[0].tracker.added()
+        return stream
 
     async def collect(self, gen: Generation, stream: RequestStream, raw: Request) -> None:
         """Gather every choice's outputs; abort if the client goes away before the answer is ready."""

@@ -315,6 +315,22 @@ def test_metrics_exposed_and_counting(server: ServerProcess, client: OpenAI) -> 
         before, "pdserve_time_to_first_token_seconds_count"
     )
     assert metric(after, "pdserve_num_requests_running") == 0.0
+    # the front (arrival -> prompt in the engine) is timed once per request, and TTFT counts from the
+    # same arrival, so it includes the front
+    fronts = metric(after, "pdserve_request_front_seconds_count") - metric(
+        before, "pdserve_request_front_seconds_count"
+    )
+    assert fronts == 1
+    front_s = metric(after, "pdserve_request_front_seconds_sum") - metric(
+        before, "pdserve_request_front_seconds_sum"
+    )
+    ttft_s = metric(after, "pdserve_time_to_first_token_seconds_sum") - metric(
+        before, "pdserve_time_to_first_token_seconds_sum"
+    )
+    assert 0 < front_s < ttft_s
+    assert metric(after, "pdserve_engine_device_busy_seconds") > metric(
+        before, "pdserve_engine_device_busy_seconds"
+    )
 
 
 def test_api_key_required_on_v1(server: ServerProcess) -> None:
