@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import httpx2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -222,7 +222,7 @@ class RouterMetrics:
             try:
                 answer = await client.get(f"{instance.url}/metrics", timeout=timeout)
                 totals = KVTotals.parse(answer.text) if answer.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
+            except (httpx2.HTTPError, ValueError):
                 return
             if totals is not None:
                 self.kv.by_instance[instance.url] = totals

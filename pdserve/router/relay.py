@@ -1,11 +1,13 @@
 """Relaying one upstream stream to the client, event by event, and resuming it when its instance fails.
 
 Events that carry no token yet (the role preamble) are held back until the first one that does, so a
-retry before that token stays invisible. A stream of one choice is asked for token ids
-(resume.py): each event's `id:` line is taken off (an event that is nothing else is not relayed) and
-kept. When the instance then fails the stream (it breaks off, ends without [DONE], sends an error
-event with one of resume.RESUMABLE_CODES, or sends nothing for the proxy's stall_timeout), the
-request goes to another pair with `resume` (the ids and characters delivered, its completion id):
+retry before that token stays invisible. After that token, an event is parsed only if it may say
+something the relay acts on (sse.needs_parse: an error, usage, a finish_reason, [DONE]). A stream of
+one choice is asked for token ids (resume.py): each event's `id:` line is taken off (an event that is
+nothing else is not relayed) and kept. When the instance then fails the stream (it breaks off, ends
+without [DONE], sends an error event with one of resume.RESUMABLE_CODES, or sends nothing for the
+proxy's stall_timeout), the request goes to another pair with `resume` (the ids and characters
+delivered, its completion id):
 
     client ◀── role, "Hel", "lo"  ╳ decode A dies ── same body + resume{ids, 5 chars} ──▶ decode B
            ◀── ", world", ..., usage, [DONE]  ◀──────────────────────────────────────────┘
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
+import httpx2
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -40,6 +42,7 @@ from pdserve.router.sse import (
     error_code,
     event_data,
     json_error_code,
+    needs_parse,
     split_id,
     sse_event,
     sse_events,
@@ -62,7 +65,7 @@ class Failure:
 class Relay:
     """One client stream over one or more upstream attempts."""
 
-    def __init__(self, proxy: Proxy, call: Call, route: Route, response: httpx.Response) -> None:
+    def __init__(self, proxy: Proxy, call: Call, route: Route, response: httpx2.Response) -> None:
         self.proxy, self.call = proxy, call
         self.route, self.response = route, response
         self.progress = Progress()
@@ -105,6 +108,9 @@ class Relay:
                         self.first_resumed_token()
                     if event is None:
                         continue
+                    if self.committed and not needs_parse(event):  # a plain token: nothing to act on
+                        yield event
+                        continue
                     data = event_data(event)
                     code = error_code(data)
                     if code in RESUMABLE_CODES and (self.call.resumable or not self.committed):
@@ -113,7 +119,7 @@ class Relay:
                     out = self.relayed(event, data)
                     if out is not None:
                         yield out
-        except httpx.HTTPError as e:
+        except httpx2.HTTPError as e:
             failure = self.proxy.instance_failed(self.route.target, e)
             self.failure = Failure(failure.code, failure.body())
             return

@@ -6,7 +6,9 @@ the request then fails before any byte of an answer (the peer's FIN: RemoteProto
 ReadError; a write into a closed socket: WriteError). That says nothing about the instance, so such a
 failure on a *reused* connection is retried once on a new one, and only a failure there counts against
 the instance. Whether the connection was reused, and whether answer headers had arrived, is read from
-httpcore's trace events for that request.
+httpcore2's trace events for that request. The client is httpx2 (a fork of httpx): httpx 0.x's pool
+(httpcore 1.0) does its bookkeeping in O(n^2) time in open connections on every request start and end,
+which capped one router at ~2.5k relayed chunks/s (docs/benchmarks.md, "Router relay capacity").
 
     pooled   keep-alive, idle connections dropped after KEEPALIVE_EXPIRY_S: shorter than the instances'
              uvicorn keep-alive timeout, so the router lets go of an idle connection before the instance
@@ -21,7 +23,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
-import httpx
+import httpx2
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ KEEPALIVE_EXPIRY_S = 4.0
 MAX_KEEPALIVE = 256
 
 # failures before any byte of an answer that a connection closed under us produces
-_STALE_ERRORS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+_STALE_ERRORS = (httpx2.ReadError, httpx2.WriteError, httpx2.RemoteProtocolError)
 _NEW_CONNECTION = "connection.connect_tcp.started"
 _ANSWER_BEGAN = "http11.receive_response_headers.complete"
 
@@ -46,24 +48,24 @@ class Upstream:
         on_stale_retry: Callable[[], None] | None = None,
         headers: Mapping[str, str] | None = None,  # on every call: the router's own API key
     ) -> None:
-        timeout = httpx.Timeout(request_timeout, connect=CONNECT_TIMEOUT_S)
-        pooled = httpx.Limits(
+        timeout = httpx2.Timeout(request_timeout, connect=CONNECT_TIMEOUT_S)
+        pooled = httpx2.Limits(
             max_connections=None, max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=KEEPALIVE_EXPIRY_S
         )
-        self.pooled = httpx.AsyncClient(timeout=timeout, limits=pooled, headers=headers, trust_env=False)
-        fresh = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-        self.fresh = httpx.AsyncClient(timeout=timeout, limits=fresh, headers=headers, trust_env=False)
+        self.pooled = httpx2.AsyncClient(timeout=timeout, limits=pooled, headers=headers, trust_env=False)
+        fresh = httpx2.Limits(max_connections=None, max_keepalive_connections=0)
+        self.fresh = httpx2.AsyncClient(timeout=timeout, limits=fresh, headers=headers, trust_env=False)
         self.on_stale_retry = on_stale_retry
 
     @property
-    def headers(self) -> httpx.Headers:
+    def headers(self) -> httpx2.Headers:
         """What every call carries (the router's own API key, when it has one)."""
         return self.pooled.headers
 
-    def build_request(self, method: str, url: str, **kwargs: Any) -> httpx.Request:
+    def build_request(self, method: str, url: str, **kwargs: Any) -> httpx2.Request:
         return self.pooled.build_request(method, url, **kwargs)
 
-    async def send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+    async def send(self, request: httpx2.Request, stream: bool = False) -> httpx2.Response:
         """The answer (headers only when `stream`); a stale reused connection costs one quiet retry."""
         events: list[str] = []
 
@@ -84,7 +86,7 @@ class Upstream:
             self.on_stale_retry()
         return await self.fresh.send(request, stream=stream)
 
-    async def get(self, url: str, timeout: float | None = None) -> httpx.Response:
+    async def get(self, url: str, timeout: float | None = None) -> httpx2.Response:
         """A whole GET answer; `timeout` (seconds) replaces the request timeout."""
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         return await self.send(self.build_request("GET", url, **extra))
