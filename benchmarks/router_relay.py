@@ -18,7 +18,7 @@ imports) aliased to CLIENT: httpx (0.x, whose httpcore 1.0 pool is O(n^2) in ope
 repeats the router under cProfile, between two signals (steady state), and lists its top costs.
 Before/after a change, in one run (the base's code exported by git):
 
-    git -C . worktree add /tmp/base BASE_COMMIT   # or: git archive BASE_COMMIT pdserve | tar -x -C /tmp/base
+    mkdir -p /tmp/base && git archive BASE_COMMIT pdserve | tar -x -C /tmp/base
     .venv/bin/python benchmarks/router_relay.py --routers before=httpx@/tmp/base,after=httpx2
 
     .venv/bin/python benchmarks/router_relay.py [--chunks 64] [--interval-ms 10] [--levels 1,32,128,256]

@@ -21,6 +21,7 @@ and the instances' counts released.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -138,11 +139,10 @@ class Relay:
         async with aclosing(sse_events(self.response)) as events:
             while True:
                 watched = self.call.resumable and (self.committed or bool(self.progress.token_ids))
-                with anyio.fail_after(self.proxy.stall_timeout if watched else None):
-                    try:
-                        event = await anext(events)
-                    except StopAsyncIteration:
-                        return
+                try:
+                    event = await next_within(events, self.proxy.stall_timeout if watched else None)
+                except StopAsyncIteration:
+                    return
                 yield event
 
     def relayed(self, event: bytes, data: Any) -> bytes | None:
@@ -254,6 +254,21 @@ class Relay:
     async def close(self) -> None:
         self.route.release()
         await self.response.aclose()
+
+
+_asyncio_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+
+async def next_within(events: AsyncIterator[bytes], seconds: float | None) -> bytes:
+    """The next event; TimeoutError after `seconds` without one (None: no limit). asyncio's timeout
+    where there is one: it is paid on every relayed event, and costs a third of anyio.fail_after's."""
+    if seconds is None:
+        return await anext(events)
+    if _asyncio_timeout is not None:
+        async with _asyncio_timeout(seconds):
+            return await anext(events)
+    with anyio.fail_after(seconds):
+        return await anext(events)
 
 
 class SSEResponse(StreamingResponse):
