@@ -12,17 +12,17 @@ The load generator keeps S streams open at a time (closed loop, keep-alive conne
 at the backend, then through the router, for each S in --levels.
 The router runs pinned to one core (taskset); its CPU use per run comes from /proc. It runs once per
 --routers entry LABEL=CLIENT[@SRC]: the router's code from SRC (a checkout's root, first on its
-PYTHONPATH; default: this tree), its upstream client module (whichever of httpx and httpx2 that code
-imports) aliased to CLIENT: httpx (0.x, whose httpcore 1.0 pool is O(n^2) in open connections) or httpx2
-(the fork with a linear pool, what `pdserve router` uses). A last run per entry at --profile-level
-repeats the router under cProfile, between two signals (steady state), and lists its top costs.
-Before/after a change, in one run (the base's code exported by git):
+PYTHONPATH; default: this tree), with CLIENT "-" as it is, else with the httpx/httpx2 module it imports
+aliased to CLIENT (for code from before the router moved to aiohttp: httpx 0.x, whose httpcore 1.0 pool
+is O(n^2) in open connections, or httpx2, a fork with a linear pool). A last run per entry at
+--profile-level repeats the router under cProfile, between two signals (steady state), and lists its
+top costs. Before/after a change, in one run (the base's code exported by git):
 
     mkdir -p /tmp/base && git archive BASE_COMMIT pdserve | tar -x -C /tmp/base
-    .venv/bin/python benchmarks/router_relay.py --routers before=httpx@/tmp/base,after=httpx2
+    .venv/bin/python benchmarks/router_relay.py --routers before=httpx@/tmp/base,after=-
 
     .venv/bin/python benchmarks/router_relay.py [--chunks 64] [--interval-ms 10] [--levels 1,32,128,256]
-        [--routers httpx=httpx,httpx2=httpx2] [--policy round_robin] [--out FILE]
+        [--routers router=-] [--policy round_robin] [--out FILE]
 """
 
 from __future__ import annotations
@@ -222,7 +222,8 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass(frozen=True)
 class RouterVariant:
-    """One router to measure: LABEL=CLIENT[@SRC] (the code from SRC, its client module aliased)."""
+    """One router to measure: LABEL=CLIENT[@SRC] (the code from SRC, its client module aliased unless
+    CLIENT is "-")."""
 
     label: str
     client: str
@@ -266,8 +267,9 @@ def wrapped_router(client: str, out: str, argv: list[str]) -> None:
     import cProfile
     import importlib
 
-    module = importlib.import_module(client)
-    sys.modules["httpx"] = sys.modules["httpx2"] = module  # the two share their API
+    if client != "-":  # "-": the router's code as it is
+        module = importlib.import_module(client)
+        sys.modules["httpx"] = sys.modules["httpx2"] = module  # the two share their API
     from pdserve.cli import main as pdserve_main
 
     if out == "-":
@@ -299,7 +301,8 @@ def package(filename: str) -> str:
 
 def top_costs(profile: str, n: int = 12) -> dict[str, object]:
     """Own time by function and by package, as shares of the router's busy time (epoll waits apart), and
-    the share inside httpcore's pool bookkeeping (_assign_requests_to_connections, inclusive)."""
+    the share inside httpcore's pool bookkeeping (_assign_requests_to_connections, inclusive; 0 for a
+    router on aiohttp)."""
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     idle = sum(v[2] for (_, _, name), v in stats.items() if name == IDLE)
     busy = sum(v[2] for v in stats.values()) - idle
@@ -400,9 +403,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--routers",
         type=lambda s: [RouterVariant.parse(x) for x in s.split(",")],
-        default=[RouterVariant.parse("httpx=httpx"), RouterVariant.parse("httpx2=httpx2")],
+        default=[RouterVariant.parse("router=-")],
         help="LABEL=CLIENT[@SRC],...: one router run each, its code from SRC (default: this tree), its "
-        "upstream client module CLIENT (httpx or httpx2)",
+        "httpx/httpx2 module aliased to CLIENT (httpx or httpx2; '-': as it is)",
     )
     p.add_argument("--policy", default="round_robin", help="the router's --policy")
     p.add_argument("--profile-level", type=int, default=128, help="concurrency of the cProfile run")

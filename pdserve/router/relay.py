@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx2
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -48,6 +47,7 @@ from pdserve.router.sse import (
     sse_event,
     sse_events,
 )
+from pdserve.router.upstream import Answer, UpstreamError
 
 if TYPE_CHECKING:
     from pdserve.router.proxy import Call, Proxy, Route
@@ -66,7 +66,7 @@ class Failure:
 class Relay:
     """One client stream over one or more upstream attempts."""
 
-    def __init__(self, proxy: Proxy, call: Call, route: Route, response: httpx2.Response) -> None:
+    def __init__(self, proxy: Proxy, call: Call, route: Route, response: Answer) -> None:
         self.proxy, self.call = proxy, call
         self.route, self.response = route, response
         self.progress = Progress()
@@ -120,7 +120,7 @@ class Relay:
                     out = self.relayed(event, data)
                     if out is not None:
                         yield out
-        except httpx2.HTTPError as e:
+        except UpstreamError as e:
             failure = self.proxy.instance_failed(self.route.target, e)
             self.failure = Failure(failure.code, failure.body())
             return
@@ -136,7 +136,7 @@ class Relay:
     async def upstream(self) -> AsyncGenerator[bytes, None]:
         """The attempt's events; once a token is out (and the stream resumable), a silence longer than
         the stall timeout raises TimeoutError."""
-        async with aclosing(sse_events(self.response)) as events:
+        async with aclosing(sse_events(self.response.aiter_bytes())) as events:
             while True:
                 watched = self.call.resumable and (self.committed or bool(self.progress.token_ids))
                 try:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import httpx2
 
 DONE = b"data: [DONE]\n\n"
 
@@ -27,10 +26,10 @@ def sse_event(obj: Any) -> bytes:
 # ---- reading SSE events -----------------------------------------------------------------------------------
 
 
-async def sse_events(response: httpx2.Response) -> AsyncGenerator[bytes, None]:
-    """The response body cut into whole events (each ending in a blank line)."""
+async def sse_events(body: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """A response body (its chunks as they come) cut into whole events (each ending in a blank line)."""
     rest = b""
-    async for chunk in response.aiter_bytes():
+    async for chunk in body:
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n")
         if rest:

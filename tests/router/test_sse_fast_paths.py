@@ -9,7 +9,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-import httpx2
 import pytest
 
 from pdserve.router.sse import event_data, needs_parse, split_id, sse_events
@@ -25,7 +24,7 @@ def cut(body: list[bytes], chunks: list[bytes]) -> list[bytes]:
             yield chunk
 
     async def read() -> list[bytes]:
-        return [e async for e in sse_events(httpx2.Response(200, content=stream()))]
+        return [e async for e in sse_events(stream())]
 
     return asyncio.run(read())
 
