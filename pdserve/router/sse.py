@@ -15,7 +15,6 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-
 DONE = b"data: [DONE]\n\n"
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from pdserve.router.sse import event_data, needs_parse, split_id, sse_events
 
-TOKEN = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}],"usage":null}\n\n'
+TOKEN = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]'
+TOKEN += b',"usage":null}\n\n'
 MARKED = b"id: 2:17\n" + TOKEN
 BODY = [b"data: {}\n\n", MARKED, b"id: 2:18\n\n", TOKEN, b"data: [DONE]\n\n"]
 
