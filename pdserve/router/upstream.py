@@ -193,7 +193,8 @@ class Upstream:
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 raise upstream_error(e) from e
         else:
-            if len(events) > 1 and self.on_stale_retry is not None:  # aiohttp retried a GET itself
+            retried = len(events) > 1 and events[0] == "reused"  # aiohttp retried a GET itself
+            if retried and self.on_stale_retry is not None:
                 self.on_stale_retry()
         if not stream:
             try:
