@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from fastapi.responses import StreamingResponse
@@ -44,8 +44,8 @@ from pdserve.router.sse import (
     json_error_code,
     needs_parse,
     split_id,
+    sse_batches,
     sse_event,
-    sse_events,
 )
 from pdserve.router.upstream import Answer, UpstreamError
 
@@ -100,26 +100,17 @@ class Relay:
             self.call.span.end()
 
     async def pump(self) -> AsyncIterator[bytes]:
-        """Relay the current attempt; a failure is left in `self.failure` for `events` to recover."""
+        """Relay the current attempt, what one upstream read brought as one write (a router that falls
+        behind then writes several events at once); a failure is left in `self.failure` for `events`
+        to recover."""
         try:
-            async with aclosing(self.upstream()) as events:
-                async for raw in events:
-                    event, mark = split_id(raw)
-                    if mark is not None and self.progress.mark(mark):
-                        self.first_resumed_token()
-                    if event is None:
-                        continue
-                    if self.committed and not needs_parse(event):  # a plain token: nothing to act on
-                        yield event
-                        continue
-                    data = event_data(event)
-                    code = error_code(data)
-                    if code in RESUMABLE_CODES and (self.call.resumable or not self.committed):
-                        self.failure = Failure(code, data)
-                        return
-                    out = self.relayed(event, data)
-                    if out is not None:
+            async with aclosing(self.upstream()) as batches:
+                async for batch in batches:
+                    out = self.relay_batch(batch)
+                    if out:
                         yield out
+                    if self.failure is not None:
+                        return
         except UpstreamError as e:
             failure = self.proxy.instance_failed(self.route.target, e)
             self.failure = Failure(failure.code, failure.body())
@@ -133,17 +124,40 @@ class Relay:
             message = f"instance {self.route.target.url} ended the stream early"
             self.failure = Failure("instance_failed", error_body(message, "server_error", "instance_failed"))
 
-    async def upstream(self) -> AsyncGenerator[bytes, None]:
-        """The attempt's events; once a token is out (and the stream resumable), a silence longer than
-        the stall timeout raises TimeoutError."""
-        async with aclosing(sse_events(self.response.aiter_bytes())) as events:
+    async def upstream(self) -> AsyncGenerator[list[bytes], None]:
+        """The attempt's events, those of one read together; once a token is out (and the stream
+        resumable), a silence longer than the stall timeout raises TimeoutError."""
+        async with aclosing(sse_batches(self.response.aiter_bytes())) as batches:
             while True:
                 watched = self.call.resumable and (self.committed or bool(self.progress.token_ids))
                 try:
-                    event = await next_within(events, self.proxy.stall_timeout if watched else None)
+                    batch = await next_within(batches, self.proxy.stall_timeout if watched else None)
                 except StopAsyncIteration:
                     return
-                yield event
+                yield batch
+
+    def relay_batch(self, batch: list[bytes]) -> bytes:
+        """What of these events goes to the client now; an error event another pair may do better on
+        ends the batch, left in `self.failure`."""
+        out: list[bytes] = []
+        for raw in batch:
+            event, mark = split_id(raw)
+            if mark is not None and self.progress.mark(mark):
+                self.first_resumed_token()
+            if event is None:
+                continue
+            if self.committed and not needs_parse(event):  # a plain token: nothing to act on
+                out.append(event)
+                continue
+            data = event_data(event)
+            code = error_code(data)
+            if code in RESUMABLE_CODES and (self.call.resumable or not self.committed):
+                self.failure = Failure(code, data)
+                break
+            relayed = self.relayed(event, data)
+            if relayed is not None:
+                out.append(relayed)
+        return b"".join(out)
 
     def relayed(self, event: bytes, data: Any) -> bytes | None:
         """What of `event` goes to the client now (None: held back until a token comes)."""
@@ -256,19 +270,20 @@ class Relay:
         await self.response.aclose()
 
 
+T = TypeVar("T")
 _asyncio_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 
 
-async def next_within(events: AsyncIterator[bytes], seconds: float | None) -> bytes:
-    """The next event; TimeoutError after `seconds` without one (None: no limit). asyncio's timeout
+async def next_within(items: AsyncIterator[T], seconds: float | None) -> T:
+    """The next item; TimeoutError after `seconds` without one (None: no limit). asyncio's timeout
     where there is one: it is paid on every relayed event, and costs a third of anyio.fail_after's."""
     if seconds is None:
-        return await anext(events)
+        return await anext(items)
     if _asyncio_timeout is not None:
         async with _asyncio_timeout(seconds):
-            return await anext(events)
+            return await anext(items)
     with anyio.fail_after(seconds):
-        return await anext(events)
+        return await anext(items)
 
 
 class SSEResponse(StreamingResponse):

@@ -3,9 +3,10 @@ events, an event's `id:` line split off, its data and error code, whether it car
 whether its data must be parsed at all once tokens flow (`needs_parse`).
 
 The relay's per-event cost matters: every output token of every stream crosses it. So the common cases
-take a fast path on bytes: a body chunk that is one whole event is passed on as it is, an `id:` line
-that leads its event is cut off by one slice, and an event that can only be a plain token (no error,
-usage, finish_reason or [DONE]) is never parsed after the first token.
+take a fast path on bytes: a body chunk that is one whole event is passed on as it is (the events of
+one chunk are relayed as one write), an `id:` line that leads its event is cut off by one slice, and an
+event that can only be a plain token (no error, usage, finish_reason or [DONE]) is never parsed after
+the first token.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def sse_event(obj: Any) -> bytes:
 # ---- reading SSE events -----------------------------------------------------------------------------------
 
 
-async def sse_events(body: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
-    """A response body (its chunks as they come) cut into whole events (each ending in a blank line)."""
+async def sse_batches(body: AsyncIterator[bytes]) -> AsyncGenerator[list[bytes], None]:
+    """A response body (its chunks as they come) cut into whole events (each ending in a blank line),
+    the events that each chunk completes in one list."""
     rest = b""
     async for chunk in body:
         if b"\r" in chunk:
@@ -34,13 +36,13 @@ async def sse_events(body: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         if rest:
             chunk, rest = rest + chunk, b""
         if 0 <= chunk.find(b"\n\n") == len(chunk) - 2:  # one whole event: an instance's usual chunk
-            yield chunk
+            yield [chunk]
             continue
         *events, rest = chunk.split(b"\n\n")
-        for event in events:
-            yield event + b"\n\n"
+        if events:
+            yield [event + b"\n\n" for event in events]
     if rest.strip():
-        yield rest if rest.endswith(b"\n\n") else rest.rstrip(b"\n") + b"\n\n"
+        yield [rest if rest.endswith(b"\n\n") else rest.rstrip(b"\n") + b"\n\n"]
 
 
 def split_id(event: bytes) -> tuple[bytes | None, bytes | None]:

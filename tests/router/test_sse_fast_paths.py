@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from pdserve.router.sse import event_data, needs_parse, split_id, sse_events
+from pdserve.router.sse import event_data, needs_parse, split_id, sse_batches
 
 TOKEN = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]'
 TOKEN += b',"usage":null}\n\n'
@@ -19,21 +19,26 @@ MARKED = b"id: 2:17\n" + TOKEN
 BODY = [b"data: {}\n\n", MARKED, b"id: 2:18\n\n", TOKEN, b"data: [DONE]\n\n"]
 
 
-def cut(body: list[bytes], chunks: list[bytes]) -> list[bytes]:
+def batches(chunks: list[bytes]) -> list[list[bytes]]:
     async def stream() -> AsyncIterator[bytes]:
         for chunk in chunks:
             yield chunk
 
-    async def read() -> list[bytes]:
-        return [e async for e in sse_events(stream())]
+    async def read() -> list[list[bytes]]:
+        return [b async for b in sse_batches(stream())]
 
     return asyncio.run(read())
+
+
+def cut(body: list[bytes], chunks: list[bytes]) -> list[bytes]:
+    return [event for batch in batches(chunks) for event in batch]
 
 
 def test_events_are_the_same_however_the_body_is_chunked() -> None:
     whole = b"".join(BODY)
     assert cut(BODY, BODY) == BODY  # one event a chunk: passed on as they are
     assert cut(BODY, [whole]) == BODY  # all in one chunk
+    assert batches([whole]) == [BODY]  # relayed as one write
     assert cut(BODY, [whole[i : i + 7] for i in range(0, len(whole), 7)]) == BODY  # events split
     assert cut(BODY, [b"d", b"ata: {}\n", b"\n"]) == [b"data: {}\n\n"]  # a 1-byte chunk is no event
     assert cut(BODY, [whole.replace(b"\n", b"\r\n")]) == BODY
