@@ -6,15 +6,23 @@
 The backend is written for this benchmark only: a raw-asyncio HTTP/1.1 server that answers every
 POST with an OpenAI chat stream of --chunks events, one every --interval-ms, each stamped with
 time.monotonic_ns() (one clock for every process of the machine), so the load generator measures each
-chunk's delivery latency. The load generator keeps S streams open at a time (closed loop, keep-alive
-connections), first straight at the backend, then through the router, for each S in --levels.
+chunk's delivery latency. Asked with X-PDServe-Resumable (the router asks for streams of one choice), it
+marks every event with an `id:` line as pdserve's instances do; the last event has a finish_reason.
+The load generator keeps S streams open at a time (closed loop, keep-alive connections), first straight
+at the backend, then through the router, for each S in --levels.
 The router runs pinned to one core (taskset); its CPU use per run comes from /proc. It runs once per
---clients entry: its upstream client module as shipped (httpx), then swapped for another by module
-alias (httpx2, a fork with a linear connection pool). A last run per client at --profile-level repeats
-the router under cProfile, between two signals (steady state), and lists its top costs.
+--routers entry LABEL=CLIENT[@SRC]: the router's code from SRC (a checkout's root, first on its
+PYTHONPATH; default: this tree), with CLIENT "-" as it is, else with the httpx/httpx2 module it imports
+aliased to CLIENT (for code from before the router moved to aiohttp: httpx 0.x, whose httpcore 1.0 pool
+is O(n^2) in open connections, or httpx2, a fork with a linear pool). A last run per entry at
+--profile-level repeats the router under cProfile, between two signals (steady state), and lists its
+top costs. Before/after a change, in one run (the base's code exported by git):
+
+    mkdir -p /tmp/base && git archive BASE_COMMIT pdserve | tar -x -C /tmp/base
+    .venv/bin/python benchmarks/router_relay.py --routers before=httpx@/tmp/base,after=-
 
     .venv/bin/python benchmarks/router_relay.py [--chunks 64] [--interval-ms 10] [--levels 1,32,128,256]
-        [--clients httpx,httpx2] [--policy round_robin] [--out FILE]
+        [--routers router=-] [--policy round_robin] [--out FILE]
 """
 
 from __future__ import annotations
@@ -43,22 +51,27 @@ STAMP = b'"t_ns":'
 # ---- the synthetic backend ------------------------------------------------------------------------------
 
 
-def chunk_event(i: int) -> bytes:
+def chunk_event(i: int, last: bool, marked: bool) -> bytes:
     body = {
         "id": "chatcmpl-synthetic",
         "object": "chat.completion.chunk",
+        "created": 1,
         "model": "synthetic",
-        "choices": [{"index": 0, "delta": {"content": f" tok{i}"}, "finish_reason": None}],
+        "choices": [
+            {"index": 0, "delta": {"content": f" tok{i}"}, "finish_reason": "stop" if last else None}
+        ],
         "t_ns": time.monotonic_ns(),
     }
-    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+    mark = b"id: %d:%d\n" % (6 * (i + 1), 1000 + i) if marked else b""  # chars so far : this token's id
+    return mark + b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
 def http_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes, bytes]:
+    """Method, path, body and the head (lower case)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     method, path, _ = lines[0].split(" ", 2)
@@ -67,7 +80,8 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
             length = int(value)
-    return method, path, await reader.readexactly(length) if length else b""
+    body = await reader.readexactly(length) if length else b""
+    return method, path, body, head.lower()
 
 
 def plain(status: str, body: bytes) -> bytes:
@@ -75,10 +89,10 @@ def plain(status: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
-async def stream_answer(writer: asyncio.StreamWriter, chunks: int, interval: float) -> None:
+async def stream_answer(writer: asyncio.StreamWriter, chunks: int, interval: float, marked: bool) -> None:
     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
     for i in range(chunks):
-        writer.write(http_chunk(chunk_event(i)))
+        writer.write(http_chunk(chunk_event(i, i == chunks - 1, marked)))
         await writer.drain()
         if interval:
             await asyncio.sleep(interval)
@@ -91,9 +105,9 @@ async def serve_connection(
 ) -> None:
     with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
         while True:
-            method, path, _ = await read_request(reader)
+            method, path, _, head = await read_request(reader)
             if method == "POST":
-                await stream_answer(writer, chunks, interval)
+                await stream_answer(writer, chunks, interval, b"x-pdserve-resumable: 1" in head)
             elif path == "/health":
                 writer.write(plain("200 OK", b'{"status":"ok"}'))
             elif path == "/v1/models":
@@ -206,13 +220,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+@dataclass(frozen=True)
+class RouterVariant:
+    """One router to measure: LABEL=CLIENT[@SRC] (the code from SRC, its client module aliased unless
+    CLIENT is "-")."""
+
+    label: str
+    client: str
+    src: str | None
+
+    @classmethod
+    def parse(cls, spec: str) -> RouterVariant:
+        label, _, rest = spec.partition("=")
+        client, _, src = (rest or label).partition("@")
+        return cls(label, client, os.path.abspath(src) if src else None)
+
+
 def start_router(
-    backend: int, port: int, client: str, profile: str | None, policy: str
+    backend: int, port: int, variant: RouterVariant, profile: str | None, policy: str
 ) -> subprocess.Popen[bytes]:
-    wrapper = [__file__, "wrapped-router", client, profile or "-"]
+    wrapper = [__file__, "wrapped-router", variant.client, profile or "-"]
     cmd = [sys.executable, *wrapper, "router", "--instance", f"http://127.0.0.1:{backend}"]
     cmd += ["--port", str(port), "--log-level", "warning", "--policy", policy]
-    router = subprocess.Popen(pinned(0, cmd), start_new_session=True)
+    env = dict(os.environ)
+    if variant.src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (variant.src, env.get("PYTHONPATH")) if p)
+    router = subprocess.Popen(pinned(0, cmd), start_new_session=True, env=env)
     wait_healthy(f"http://127.0.0.1:{port}", timeout=60)
     return router
 
@@ -228,14 +261,15 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def wrapped_router(client: str, out: str, argv: list[str]) -> None:
-    """`pdserve router ARGS`, its upstream client module swapped for httpx2 (a fork whose connection pool
-    is linear) if `client` says so, and with `out` != "-" a cProfile from SIGUSR1 to SIGUSR2 only
-    (steady state, no start-up)."""
+    """`pdserve router ARGS`, its upstream client module (httpx or httpx2, whichever its code imports)
+    being `client`, and with `out` != "-" a cProfile from SIGUSR1 to SIGUSR2 only (steady state, no
+    start-up)."""
     import cProfile
     import importlib
 
-    if client != "httpx":
-        sys.modules["httpx"] = importlib.import_module(client)
+    if client != "-":  # "-": the router's code as it is
+        module = importlib.import_module(client)
+        sys.modules["httpx"] = sys.modules["httpx2"] = module  # the two share their API
     from pdserve.cli import main as pdserve_main
 
     if out == "-":
@@ -267,7 +301,8 @@ def package(filename: str) -> str:
 
 def top_costs(profile: str, n: int = 12) -> dict[str, object]:
     """Own time by function and by package, as shares of the router's busy time (epoll waits apart), and
-    the share inside httpcore's pool bookkeeping (_assign_requests_to_connections, inclusive)."""
+    the share inside httpcore's pool bookkeeping (_assign_requests_to_connections, inclusive; 0 for a
+    router on aiohttp)."""
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     idle = sum(v[2] for (_, _, name), v in stats.items() if name == IDLE)
     busy = sum(v[2] for v in stats.values()) - idle
@@ -323,24 +358,26 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         wait_healthy(f"http://127.0.0.1:{backend_port}", timeout=60)
         rows = {s: {"concurrency": s, "direct": measure(backend_port, s, args, None)} for s in args.levels}
-        for client in args.clients:
-            router = start_router(backend_port, router_port, client, None, args.policy)
+        for variant in args.routers:
+            router = start_router(backend_port, router_port, variant, None, args.policy)
             try:
                 for s, row in rows.items():
-                    row[f"router_{client}"] = measure(router_port, s, args, router.pid)
+                    row[f"router_{variant.label}"] = measure(router_port, s, args, router.pid)
                     print(json.dumps(row), flush=True)
             finally:
                 stop(router)
-        profile = {c: profile_router(backend_port, free_port(), c, args) for c in args.clients}
+        profile = {v.label: profile_router(backend_port, free_port(), v, args) for v in args.routers}
     finally:
         stop(backend)
     return {"rows": list(rows.values()), "profile": profile}
 
 
-def profile_router(backend_port: int, port: int, client: str, args: argparse.Namespace) -> dict[str, object]:
+def profile_router(
+    backend_port: int, port: int, variant: RouterVariant, args: argparse.Namespace
+) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "router.prof")
-        router = start_router(backend_port, port, client, path, args.policy)
+        router = start_router(backend_port, port, variant, path, args.policy)
         try:
             os.kill(router.pid, signal.SIGUSR1)
             row = measure(port, args.profile_level, args, router.pid)
@@ -364,10 +401,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds per run not counted")
     p.add_argument("--duration", type=float, default=4.0, help="seconds counted per run")
     p.add_argument(
-        "--clients",
-        type=lambda s: s.split(","),
-        default=["httpx", "httpx2"],
-        help="the router's upstream client module, one router run each (httpx2: only if installed)",
+        "--routers",
+        type=lambda s: [RouterVariant.parse(x) for x in s.split(",")],
+        default=[RouterVariant.parse("router=-")],
+        help="LABEL=CLIENT[@SRC],...: one router run each, its code from SRC (default: this tree), its "
+        "httpx/httpx2 module aliased to CLIENT (httpx or httpx2; '-': as it is)",
     )
     p.add_argument("--policy", default="round_robin", help="the router's --policy")
     p.add_argument("--profile-level", type=int, default=128, help="concurrency of the cProfile run")
@@ -394,8 +432,9 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "command": " ".join(["benchmarks/router_relay.py", *sys.argv[1:]]),
     }
-    keys = ("chunks", "interval_ms", "levels", "warmup", "duration", "clients", "policy")
-    config = {k: getattr(args, k) for k in keys}
+    keys = ("chunks", "interval_ms", "levels", "warmup", "duration", "policy")
+    config: dict[str, object] = {k: getattr(args, k) for k in keys}
+    config["routers"] = [f"{v.label}={v.client}@{v.src or '.'}" for v in args.routers]
     out.write_text(json.dumps({**meta, "config": config, **results}, indent=2) + "\n")
     print(f"wrote {out}")
 

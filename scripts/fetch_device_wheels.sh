@@ -13,7 +13,8 @@ for name in pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-typ
   opentelemetry-api annotated-doc opentelemetry-sdk opentelemetry-semantic-conventions \
   opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common opentelemetry-proto \
   opentelemetry-exporter-http-transport opentelemetry-exporter-otlp-common protobuf googleapis-common-protos \
-  xgrammar apache-tvm-ffi; do
+  xgrammar apache-tvm-ffi \
+  aiohttp aiohappyeyeballs aiosignal frozenlist multidict propcache yarl; do
   version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)
   pkg=$name${version:+==$version}
   $PIP $PLAT "$pkg" || $PIP "$pkg"

@@ -359,7 +359,6 @@ def build_app(config: RouterConfig) -> FastAPI:
 
 def run_router(config: RouterConfig, log_level: str = "info") -> None:
     """Serve the router until SIGTERM/SIGINT has drained it (a second one: at once)."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check
     app = build_app(config)
     modes = (
         f"{len(config.instances)} colocated"

@@ -22,11 +22,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-import httpx
-
 from pdserve.registry.dns import is_dns_url
 from pdserve.registry.membership import Seen
-from pdserve.router.upstream import Upstream
+from pdserve.router.upstream import Answer, ConnectFailed, Upstream, UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -278,14 +276,14 @@ class HealthPoller:
         pending = (instance.pending_requests, instance.pending_tokens)
         try:
             info = await self._probe(instance.url)
-        except httpx.TimeoutException:
+        except UpstreamTimeout:
             # A busy instance can answer slowly (its engine shares the CPU with the HTTP loop): only
             # several timeouts in a row take it out. A refused connection does at once.
             instance.timeouts += 1
             if instance.timeouts >= TIMEOUT_STRIKES or not instance.healthy:
                 instance.mark_down(f"timed out {instance.timeouts} times in a row")
             return
-        except (httpx.HTTPError, ValueError) as e:
+        except (UpstreamError, ValueError) as e:
             instance.mark_down(_describe(e))
             return
         problem = role_problem(instance.role, info)
@@ -329,14 +327,14 @@ class HealthPoller:
 
 
 def _describe(error: Exception) -> str:
-    if isinstance(error, httpx.ConnectError):
+    if isinstance(error, ConnectFailed):
         return "connection refused"
-    if isinstance(error, httpx.TimeoutException):
+    if isinstance(error, UpstreamTimeout):
         return "timed out"
     return str(error) or type(error).__name__
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(response: Answer) -> str:
     try:
         return str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):

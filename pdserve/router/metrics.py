@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,7 +29,7 @@ from prometheus_client.samples import Sample
 
 from pdserve.observability.model_label import labelled_registry
 from pdserve.router.instances import Instance, Registry
-from pdserve.router.upstream import Upstream
+from pdserve.router.upstream import Upstream, UpstreamError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KV_BYTES = "pdserve_kv_transfer_bytes_total"
@@ -222,7 +221,7 @@ class RouterMetrics:
             try:
                 answer = await client.get(f"{instance.url}/metrics", timeout=timeout)
                 totals = KVTotals.parse(answer.text) if answer.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
+            except (UpstreamError, ValueError):
                 return
             if totals is not None:
                 self.kv.by_instance[instance.url] = totals

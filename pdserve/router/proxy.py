@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx
 from fastapi.responses import Response
 from opentelemetry.trace import INVALID_SPAN, Span
 
@@ -45,7 +44,16 @@ from pdserve.router.policies import Policy
 from pdserve.router.relay import Relay, SSEResponse
 from pdserve.router.resume import PREFILL_CODES, RESUMABLE_CODES, RESUMABLE_HEADER
 from pdserve.router.sse import json_error_code
-from pdserve.router.upstream import CONNECT_TIMEOUT_S, Upstream
+from pdserve.router.upstream import (
+    CONNECT_TIMEOUT_S,
+    Answer,
+    ConnectFailed,
+    ConnectTimedOut,
+    Upstream,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamTimeout,
+)
 from pdserve.router.workload import Sample
 
 _TOKENIZE_TIMEOUT_S = 60.0  # a long prompt through a chat template on a busy instance
@@ -184,7 +192,7 @@ class Proxy:
         target = self.choose("decode", call.tries.targets, call.body)
         return Route(target, self.choose("prefill", call.tries.prefills, call.body), call.tokens)
 
-    async def open(self, call: Call) -> tuple[Route, httpx.Response]:
+    async def open(self, call: Call) -> tuple[Route, Answer]:
         """Send one attempt; an instance that refuses the connection or is draining is marked down and
         another tried."""
         while True:
@@ -198,9 +206,9 @@ class Proxy:
                 if not await self.draining(response):
                     return route, response
                 why, kind = "is draining", "instance_draining"
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                why, kind = f"refused a connection: {str(e) or type(e).__name__}", "connect_failed"
-            except httpx.HTTPError as e:  # it took the request, then broke off before answering
+            except (ConnectFailed, ConnectTimedOut) as e:
+                why, kind = f"refused a connection: {e}", "connect_failed"
+            except UpstreamError as e:  # it took the request, then broke off before answering
                 route.release()
                 failure = self.instance_failed(route.target, e)
                 if self.may_retry(call, route, failure.code):  # nothing reached the client: whole
@@ -216,7 +224,7 @@ class Proxy:
             self.metrics.count_error(kind)
             self.metrics.retries.labels(reason=kind).inc()
 
-    def request(self, call: Call, route: Route) -> httpx.Request:
+    def request(self, call: Call, route: Route) -> UpstreamRequest:
         url = f"{route.target.url}{call.path}"
         headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
         if call.authorization is not None:
@@ -227,13 +235,13 @@ class Proxy:
         content = route.content(call, self.secret)
         return self.client.build_request("POST", url, content=content, headers=headers)
 
-    async def draining(self, response: httpx.Response) -> bool:
+    async def draining(self, response: Answer) -> bool:
         """A 503 "instance_draining" (read and closed here): the instance takes no new request."""
         if response.status_code != 503:
             return False
         try:
             content = await response.aread()
-        except httpx.HTTPError:
+        except UpstreamError:
             content = b""
         if json_error_code(content) == "instance_draining":
             await response.aclose()
@@ -242,11 +250,12 @@ class Proxy:
 
     def instance_failed(self, instance: Instance, error: Exception) -> RouterError:
         """An instance broke off an answer: out of the rotation until its health check passes."""
-        if isinstance(error, httpx.TimeoutException):
+        if isinstance(error, UpstreamTimeout):
             message = f"instance {instance.url} did not answer in time"
             return RouterError(504, message, "instance_timeout")
-        self.take_out(instance, f"broke off an answer: {type(error).__name__}")
-        message = f"instance {instance.url} failed while answering ({type(error).__name__})"
+        kind = error.kind if isinstance(error, UpstreamError) else type(error).__name__
+        self.take_out(instance, f"broke off an answer: {kind}")
+        message = f"instance {instance.url} failed while answering ({kind})"
         return RouterError(502, message, "instance_failed")
 
     def take_out(self, instance: Instance, why: str) -> None:
@@ -278,18 +287,18 @@ class Proxy:
         self.metrics.retries.labels(reason=code).inc()
         return True
 
-    async def read(self, route: Route, response: httpx.Response) -> bytes:
+    async def read(self, route: Route, response: Answer) -> bytes:
         """A whole (non-stream) answer; the route is released however it ends."""
         try:
             return await response.aread()
-        except httpx.HTTPError as e:
+        except UpstreamError as e:
             raise self.instance_failed(route.target, e) from None
         finally:
             route.release()
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
-    def passthrough(self, status: int, content: bytes, response: httpx.Response) -> Response:
+    def passthrough(self, status: int, content: bytes, response: Answer) -> Response:
         if status >= 400:
             self.metrics.count_error(f"upstream_{json_error_code(content) or status}")
         media_type = response.headers.get("content-type", "application/json")
@@ -334,9 +343,7 @@ class Proxy:
         instance that answers, its answer as it is; one that cannot be reached is marked down."""
         roles: tuple[Role, ...] = ("both",) if self.registry.colocated else ("decode", "prefill")
         headers = {"content-type": "application/json"} if content is not None else {}
-        timeout = httpx.Timeout(
-            _TOKENIZE_TIMEOUT_S if content else CONNECT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S
-        )
+        timeout = _TOKENIZE_TIMEOUT_S if content else CONNECT_TIMEOUT_S
         if authorization is not None:
             headers["authorization"] = authorization
         for instance in [i for role in roles for i in self.registry.healthy(role)]:
@@ -345,8 +352,8 @@ class Proxy:
             )
             try:
                 answer = await self.client.send(request)
-            except httpx.HTTPError as e:
-                instance.mark_down(f"{method} {path} failed: {type(e).__name__}")
+            except UpstreamError as e:
+                instance.mark_down(f"{method} {path} failed: {e.kind}")
                 continue
             media_type = answer.headers.get("content-type", "application/json")
             return Response(answer.content, status_code=answer.status_code, media_type=media_type)

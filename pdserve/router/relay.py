@@ -1,11 +1,13 @@
 """Relaying one upstream stream to the client, event by event, and resuming it when its instance fails.
 
 Events that carry no token yet (the role preamble) are held back until the first one that does, so a
-retry before that token stays invisible. A stream of one choice is asked for token ids
-(resume.py): each event's `id:` line is taken off (an event that is nothing else is not relayed) and
-kept. When the instance then fails the stream (it breaks off, ends without [DONE], sends an error
-event with one of resume.RESUMABLE_CODES, or sends nothing for the proxy's stall_timeout), the
-request goes to another pair with `resume` (the ids and characters delivered, its completion id):
+retry before that token stays invisible. After that token, an event is parsed only if it may say
+something the relay acts on (sse.needs_parse: an error, usage, a finish_reason, [DONE]). A stream of
+one choice is asked for token ids (resume.py): each event's `id:` line is taken off (an event that is
+nothing else is not relayed) and kept. When the instance then fails the stream (it breaks off, ends
+without [DONE], sends an error event with one of resume.RESUMABLE_CODES, or sends nothing for the
+proxy's stall_timeout), the request goes to another pair with `resume` (the ids and characters
+delivered, its completion id):
 
     client ◀── role, "Hel", "lo"  ╳ decode A dies ── same body + resume{ids, 5 chars} ──▶ decode B
            ◀── ", world", ..., usage, [DONE]  ◀──────────────────────────────────────────┘
@@ -19,16 +21,16 @@ and the instances' counts released.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-import httpx
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -40,10 +42,12 @@ from pdserve.router.sse import (
     error_code,
     event_data,
     json_error_code,
+    needs_parse,
     split_id,
+    sse_batches,
     sse_event,
-    sse_events,
 )
+from pdserve.router.upstream import Answer, UpstreamError
 
 if TYPE_CHECKING:
     from pdserve.router.proxy import Call, Proxy, Route
@@ -62,7 +66,7 @@ class Failure:
 class Relay:
     """One client stream over one or more upstream attempts."""
 
-    def __init__(self, proxy: Proxy, call: Call, route: Route, response: httpx.Response) -> None:
+    def __init__(self, proxy: Proxy, call: Call, route: Route, response: Answer) -> None:
         self.proxy, self.call = proxy, call
         self.route, self.response = route, response
         self.progress = Progress()
@@ -96,24 +100,18 @@ class Relay:
             self.call.span.end()
 
     async def pump(self) -> AsyncIterator[bytes]:
-        """Relay the current attempt; a failure is left in `self.failure` for `events` to recover."""
+        """Relay the current attempt, what one upstream read brought as one write (a router that falls
+        behind then writes several events at once); a failure is left in `self.failure` for `events`
+        to recover."""
         try:
-            async with aclosing(self.upstream()) as events:
-                async for raw in events:
-                    event, mark = split_id(raw)
-                    if mark is not None and self.progress.mark(mark):
-                        self.first_resumed_token()
-                    if event is None:
-                        continue
-                    data = event_data(event)
-                    code = error_code(data)
-                    if code in RESUMABLE_CODES and (self.call.resumable or not self.committed):
-                        self.failure = Failure(code, data)
-                        return
-                    out = self.relayed(event, data)
-                    if out is not None:
+            async with aclosing(self.upstream()) as batches:
+                async for batch in batches:
+                    out = self.relay_batch(batch)
+                    if out:
                         yield out
-        except httpx.HTTPError as e:
+                    if self.failure is not None:
+                        return
+        except UpstreamError as e:
             failure = self.proxy.instance_failed(self.route.target, e)
             self.failure = Failure(failure.code, failure.body())
             return
@@ -126,18 +124,40 @@ class Relay:
             message = f"instance {self.route.target.url} ended the stream early"
             self.failure = Failure("instance_failed", error_body(message, "server_error", "instance_failed"))
 
-    async def upstream(self) -> AsyncGenerator[bytes, None]:
-        """The attempt's events; once a token is out (and the stream resumable), a silence longer than
-        the stall timeout raises TimeoutError."""
-        async with aclosing(sse_events(self.response)) as events:
+    async def upstream(self) -> AsyncGenerator[list[bytes], None]:
+        """The attempt's events, those of one read together; once a token is out (and the stream
+        resumable), a silence longer than the stall timeout raises TimeoutError."""
+        async with aclosing(sse_batches(self.response.aiter_bytes())) as batches:
             while True:
                 watched = self.call.resumable and (self.committed or bool(self.progress.token_ids))
-                with anyio.fail_after(self.proxy.stall_timeout if watched else None):
-                    try:
-                        event = await anext(events)
-                    except StopAsyncIteration:
-                        return
-                yield event
+                try:
+                    batch = await next_within(batches, self.proxy.stall_timeout if watched else None)
+                except StopAsyncIteration:
+                    return
+                yield batch
+
+    def relay_batch(self, batch: list[bytes]) -> bytes:
+        """What of these events goes to the client now; an error event another pair may do better on
+        ends the batch, left in `self.failure`."""
+        out: list[bytes] = []
+        for raw in batch:
+            event, mark = split_id(raw)
+            if mark is not None and self.progress.mark(mark):
+                self.first_resumed_token()
+            if event is None:
+                continue
+            if self.committed and not needs_parse(event):  # a plain token: nothing to act on
+                out.append(event)
+                continue
+            data = event_data(event)
+            code = error_code(data)
+            if code in RESUMABLE_CODES and (self.call.resumable or not self.committed):
+                self.failure = Failure(code, data)
+                break
+            relayed = self.relayed(event, data)
+            if relayed is not None:
+                out.append(relayed)
+        return b"".join(out)
 
     def relayed(self, event: bytes, data: Any) -> bytes | None:
         """What of `event` goes to the client now (None: held back until a token comes)."""
@@ -248,6 +268,22 @@ class Relay:
     async def close(self) -> None:
         self.route.release()
         await self.response.aclose()
+
+
+T = TypeVar("T")
+_asyncio_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+
+async def next_within(items: AsyncIterator[T], seconds: float | None) -> T:
+    """The next item; TimeoutError after `seconds` without one (None: no limit). asyncio's timeout
+    where there is one: it is paid on every relayed event, and costs a third of anyio.fail_after's."""
+    if seconds is None:
+        return await anext(items)
+    if _asyncio_timeout is not None:
+        async with _asyncio_timeout(seconds):
+            return await anext(items)
+    with anyio.fail_after(seconds):
+        return await anext(items)
 
 
 class SSEResponse(StreamingResponse):

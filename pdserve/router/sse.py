@@ -1,14 +1,20 @@
 """Server-sent events as the router writes and reads them: one JSON event, a body cut into whole
-events, an event's `id:` line split off, its data and error code, and whether it carries a token yet.
+events, an event's `id:` line split off, its data and error code, whether it carries a token yet, and
+whether its data must be parsed at all once tokens flow (`needs_parse`).
+
+The relay's per-event cost matters: every output token of every stream crosses it. So the common cases
+take a fast path on bytes: a body chunk that is one whole event is passed on as it is (the events of
+one chunk are relayed as one write), an `id:` line that leads its event is cut off by one slice, and an
+event that can only be a plain token (no error, usage, finish_reason or [DONE]) is never parsed after
+the first token.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
-
-import httpx
 
 DONE = b"data: [DONE]\n\n"
 
@@ -20,27 +26,51 @@ def sse_event(obj: Any) -> bytes:
 # ---- reading SSE events -----------------------------------------------------------------------------------
 
 
-async def sse_events(response: httpx.Response) -> AsyncGenerator[bytes, None]:
-    """The response body cut into whole events (each ending in a blank line)."""
-    buffer = b""
-    async for chunk in response.aiter_bytes():
-        buffer += chunk.replace(b"\r\n", b"\n")
-        while (end := buffer.find(b"\n\n")) >= 0:
-            yield buffer[: end + 2]
-            buffer = buffer[end + 2 :]
-    if buffer.strip():
-        yield buffer if buffer.endswith(b"\n\n") else buffer.rstrip(b"\n") + b"\n\n"
+async def sse_batches(body: AsyncIterator[bytes]) -> AsyncGenerator[list[bytes], None]:
+    """A response body (its chunks as they come) cut into whole events (each ending in a blank line),
+    the events that each chunk completes in one list."""
+    rest = b""
+    async for chunk in body:
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        if rest:
+            chunk, rest = rest + chunk, b""
+        if 0 <= chunk.find(b"\n\n") == len(chunk) - 2:  # one whole event: an instance's usual chunk
+            yield [chunk]
+            continue
+        *events, rest = chunk.split(b"\n\n")
+        if events:
+            yield [event + b"\n\n" for event in events]
+    if rest.strip():
+        yield [rest if rest.endswith(b"\n\n") else rest.rstrip(b"\n") + b"\n\n"]
 
 
 def split_id(event: bytes) -> tuple[bytes | None, bytes | None]:
     """The event without its `id:` lines (None if nothing else is left: an id-only event), and the
     value of its last `id:` line (None without one)."""
-    if not (event.startswith(b"id:") or b"\nid:" in event):
+    if event.startswith(b"id:"):  # an instance's marked event: the id line first, and only one
+        end = event.find(b"\n")
+        rest = event[end + 1 :]
+        if end > 0 and not rest.startswith(b"id:") and b"\nid:" not in rest:
+            rest = rest.strip(b"\n")
+            return (rest + b"\n\n" if rest.strip() else None), event[3:end].strip()
+    elif b"\nid:" not in event:
         return event, None
     lines = event.split(b"\n")
     marks = [line[3:].strip() for line in lines if line.startswith(b"id:")]
     rest = b"\n".join(line for line in lines if not line.startswith(b"id:")).strip(b"\n")
     return (rest + b"\n\n" if rest.strip() else None), marks[-1]
+
+
+# A key the relay acts on with a value that is not null, or the end marker. A JSON key is matched only
+# as a key: inside a string its quotes would be escaped. A match only costs a parse.
+_NEEDS_PARSE = re.compile(rb'"(?:error|usage|finish_reason)"\s*:(?!\s*null\b)|\[DONE\]')
+
+
+def needs_parse(event: bytes) -> bool:
+    """False for an event that can hold nothing but tokens (no error, usage, finish_reason or [DONE]):
+    once a token has reached the client, the relay passes those on unparsed."""
+    return _NEEDS_PARSE.search(event) is not None
 
 
 def event_data(event: bytes) -> Any:

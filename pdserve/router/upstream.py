@@ -1,27 +1,41 @@
-"""The router's HTTP client to its instances: pooled keep-alive connections, and the one retry that a
-connection the instance had already closed earns.
+"""The router's HTTP client to its instances: pooled keep-alive connections, the one retry that a
+connection the instance had already closed earns, and the client's errors as three typed ones.
+
+The client is aiohttp's: every relayed token crosses it, and its C parser and asyncio-native reads cost
+a third to a half of httpx2's per chunk (and httpx 0.x's pool is O(n^2) in open connections: it capped
+one router at ~2.5k chunks/s; docs/benchmarks.md, "Router relay capacity"). The rest of the router sees
+only this module's types: UpstreamRequest, Answer and the errors below.
 
 An idle keep-alive connection can be closed by the instance just as the router sends a request on it:
-the request then fails before any byte of an answer (the peer's FIN: RemoteProtocolError; its RST:
-ReadError; a write into a closed socket: WriteError). That says nothing about the instance, so such a
-failure on a *reused* connection is retried once on a new one, and only a failure there counts against
-the instance. Whether the connection was reused, and whether answer headers had arrived, is read from
-httpcore's trace events for that request.
+the request then fails before any byte of an answer (the peer's FIN: ServerDisconnectedError; its RST
+or a write into a closed socket: ClientOSError or ClientConnectionResetError). That says nothing about
+the instance, so such a failure on a *reused* connection is retried once on a new one, and only a
+failure there counts against the instance. Whether the connection was reused is read from aiohttp's
+trace signals for that request. (aiohttp itself retries an idempotent request, a GET, once that way:
+that retry is counted too.)
 
     pooled   keep-alive, idle connections dropped after KEEPALIVE_EXPIRY_S: shorter than the instances'
              uvicorn keep-alive timeout, so the router lets go of an idle connection before the instance
              does and the race above stays rare
     fresh    no keep-alive: every request on a new connection (the retry)
+
+    UpstreamError          an instance could not be reached, or broke off its answer
+      ConnectFailed          refused or unreachable: it never got the request
+      UpstreamTimeout        no answer (or no next byte of one) in time
+        ConnectTimedOut        no connection in CONNECT_TIMEOUT_S: it never got the request either
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-from collections.abc import Callable, Mapping
-from types import TracebackType
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace, TracebackType
 from typing import Any
 
-import httpx
+import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +43,97 @@ CONNECT_TIMEOUT_S = 3.0
 # Below the instances' uvicorn keep-alive timeout (uvicorn's default: 5 s; pdserve's instances keep idle
 # connections longer): the side that closes an idle connection first must be the client.
 KEEPALIVE_EXPIRY_S = 4.0
-MAX_KEEPALIVE = 256
 
-# failures before any byte of an answer that a connection closed under us produces
-_STALE_ERRORS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
-_NEW_CONNECTION = "connection.connect_tcp.started"
-_ANSWER_BEGAN = "http11.receive_response_headers.complete"
+
+class UpstreamError(Exception):
+    """An instance could not be reached, or broke off its answer; `kind`: the client's error class."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind or type(self).__name__
+
+
+class ConnectFailed(UpstreamError):
+    """Refused or unreachable: the instance never got the request."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No answer, or no next byte of one, in time."""
+
+
+class ConnectTimedOut(UpstreamTimeout):
+    """No connection in time: the instance never got the request."""
+
+
+def upstream_error(error: BaseException) -> UpstreamError:
+    """aiohttp's error (or a timeout inside it) as one of ours, its name kept in the message."""
+    kind = type(error).__name__
+    message = f"{kind}: {error}" if str(error) else kind
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return ConnectTimedOut(message, kind)
+    if isinstance(error, asyncio.TimeoutError):  # aiohttp's ServerTimeoutError among them
+        return UpstreamTimeout(message, kind)
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return ConnectFailed(message, kind)
+    return UpstreamError(message, kind)
+
+
+def _stale(error: BaseException) -> bool:
+    """A failure before any byte of an answer that a connection closed under us produces."""
+    return isinstance(error, aiohttp.ClientConnectionError) and not isinstance(
+        error, (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError)
+    )
+
+
+@dataclass
+class UpstreamRequest:
+    """One request to an instance; `timeout` (seconds): for each read instead of the client's request
+    timeout (and for connecting, if shorter than CONNECT_TIMEOUT_S)."""
+
+    method: str
+    url: str
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+class Answer:
+    """An instance's answer: status and headers; the body read whole (`aread`) or as it comes."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status_code = response.status
+        self.headers = response.headers
+        self.content = b""
+
+    async def aread(self) -> bytes:
+        try:
+            self.content = await self._response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise upstream_error(e) from e
+        return self.content
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise upstream_error(e) from e
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    async def aclose(self) -> None:
+        """Done with it: a whole answer's connection goes back to the pool; an answer cut short closes
+        its connection, which tells the instance the client went away."""
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
 
 
 class Upstream:
@@ -46,52 +145,88 @@ class Upstream:
         on_stale_retry: Callable[[], None] | None = None,
         headers: Mapping[str, str] | None = None,  # on every call: the router's own API key
     ) -> None:
-        timeout = httpx.Timeout(request_timeout, connect=CONNECT_TIMEOUT_S)
-        pooled = httpx.Limits(
-            max_connections=None, max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=KEEPALIVE_EXPIRY_S
-        )
-        self.pooled = httpx.AsyncClient(timeout=timeout, limits=pooled, headers=headers, trust_env=False)
-        fresh = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-        self.fresh = httpx.AsyncClient(timeout=timeout, limits=fresh, headers=headers, trust_env=False)
+        self.request_timeout = request_timeout
         self.on_stale_retry = on_stale_retry
+        self.headers = dict(headers or {})
+        self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
 
-    @property
-    def headers(self) -> httpx.Headers:
-        """What every call carries (the router's own API key, when it has one)."""
-        return self.pooled.headers
+    def sessions(self) -> tuple[aiohttp.ClientSession, aiohttp.ClientSession]:
+        """(pooled, fresh): made on first use, inside the event loop that serves them."""
+        if self._sessions is None:
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_create_start.append(_connection_event("new"))
+            trace.on_connection_reuseconn.append(_connection_event("reused"))
+            pooled = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_EXPIRY_S)
+            fresh = aiohttp.TCPConnector(limit=0, force_close=True)
+            self._sessions = (
+                aiohttp.ClientSession(connector=pooled, headers=self.headers, trace_configs=[trace]),
+                aiohttp.ClientSession(connector=fresh, headers=self.headers),
+            )
+        return self._sessions
 
-    def build_request(self, method: str, url: str, **kwargs: Any) -> httpx.Request:
-        return self.pooled.build_request(method, url, **kwargs)
+    def build_request(
+        self,
+        method: str,
+        url: str,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> UpstreamRequest:
+        return UpstreamRequest(method, url, content, dict(headers or {}), timeout)
 
-    async def send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
-        """The answer (headers only when `stream`); a stale reused connection costs one quiet retry."""
+    async def send(self, request: UpstreamRequest, stream: bool = False) -> Answer:
+        """The answer (headers only when `stream`, else read whole); a stale reused connection costs
+        one quiet retry."""
+        pooled, fresh = self.sessions()
         events: list[str] = []
-
-        async def trace(name: str, _info: dict[str, Any]) -> None:
-            events.append(name)
-
-        request.extensions["trace"] = trace
         try:
-            return await self.pooled.send(request, stream=stream)
-        except _STALE_ERRORS as e:
-            if _NEW_CONNECTION in events or _ANSWER_BEGAN in events:
-                raise  # a new connection broke, or the answer had begun: the instance's failure
+            answer = await self._send(pooled, request, SimpleNamespace(events=events))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            if not _stale(e) or not events or events[-1] == "new":
+                raise upstream_error(e) from e  # no connection, or a new one broke: the instance's
             # debug only: the retries counter shows how often; a log line each would bury failures
             logger.debug("%s: reused connection was closed (%r); retrying", request.url, e)
-        finally:
-            request.extensions.pop("trace", None)
-        if self.on_stale_retry is not None:
-            self.on_stale_retry()
-        return await self.fresh.send(request, stream=stream)
+            if self.on_stale_retry is not None:
+                self.on_stale_retry()
+            try:
+                answer = await self._send(fresh, request, None)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                raise upstream_error(e) from e
+        else:
+            retried = len(events) > 1 and events[0] == "reused"  # aiohttp retried a GET itself
+            if retried and self.on_stale_retry is not None:
+                self.on_stale_retry()
+        if not stream:
+            try:
+                await answer.aread()
+            finally:
+                await answer.aclose()
+        return answer
 
-    async def get(self, url: str, timeout: float | None = None) -> httpx.Response:
+    async def _send(
+        self, session: aiohttp.ClientSession, request: UpstreamRequest, trace: SimpleNamespace | None
+    ) -> Answer:
+        read = self.request_timeout if request.timeout is None else request.timeout
+        connect = min(read, CONNECT_TIMEOUT_S)
+        response = await session.request(
+            request.method,
+            request.url,
+            data=request.content,
+            headers=request.headers,
+            timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read),
+            trace_request_ctx=trace,
+        )
+        return Answer(response)
+
+    async def get(self, url: str, timeout: float | None = None) -> Answer:
         """A whole GET answer; `timeout` (seconds) replaces the request timeout."""
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-        return await self.send(self.build_request("GET", url, **extra))
+        return await self.send(self.build_request("GET", url, timeout=timeout))
 
     async def aclose(self) -> None:
-        await self.pooled.aclose()
-        await self.fresh.aclose()
+        if self._sessions is not None:
+            for session in self._sessions:
+                await session.close()
+            self._sessions = None
 
     async def __aenter__(self) -> Upstream:
         return self
@@ -103,3 +238,14 @@ class Upstream:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _connection_event(name: str) -> Callable[..., Any]:
+    """A trace handler that notes, in the request's `events`, each connection it was given."""
+
+    async def note(_session: Any, context: SimpleNamespace, _params: Any) -> None:
+        request_ctx = context.trace_request_ctx
+        if request_ctx is not None:
+            request_ctx.events.append(name)
+
+    return note
