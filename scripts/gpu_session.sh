@@ -36,6 +36,10 @@
 #                                           1000 + 256 tokens, py-spy profiles of both (issue 30's split)
 #   bash scripts/gpu_session.sh moe        # one H100/H200 (~5 min): fused MoE block and whole-model steps, qwen3-30b-a3b and ernie-4.5-21b-a3b
 #   bash scripts/gpu_session.sh newgpu     # one GPU (~3 min): the GPU tests of the MoE, weight-quantized and fp8 KV paths
+#   bash scripts/gpu_session.sh verify     # one GPU (~9 min): the GPU tests of the quantized decode kernels, MoE
+#                                           quant and fp8 KV scales (with attention); quant_gpu --sweep (tiles to
+#                                           paste into triton_wquant_plan.PLANS); the router at 256 streams
+#                                           (front_ab); the MoE block per quantized format
 #   bash scripts/gpu_session.sh compare MODEL LAYOUTS GPUS RATES PROMPTS [ARRIVAL_SECONDS]
 #        e.g. compare qwen2.5-32b colocated:2,pd:1:1 0,1 1,2,4,8 64    (2x H200, issue 5)
 #             compare qwen2.5-32b colocated:3,pd:2:1 0,1,2 1,2,4,8 64  (4x H200, issue 6)
@@ -304,6 +308,21 @@ moe)
   timeout 420 python3 benchmarks/moe_gpu.py --out "$OUT/moe.json" >"$OUT/moe.log" 2>&1
   echo "rc=$?" >>"$OUT/moe.log"
   tail -30 "$OUT/moe.log"
+  ;;
+verify)
+  timeout 160 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_triton_wquant_skinny.py \
+    tests/kernels/test_triton_wquant.py tests/kernels/test_triton_moe_quant.py tests/kernels/test_triton_moe.py \
+    tests/kernels/test_kv_scales.py tests/kernels/test_kv_fp8.py tests/kernels/test_triton_attention.py \
+    tests/engine/test_quantization.py tests/engine/test_moe_models.py >"$OUT/verify_tests.log" 2>&1
+  echo "tests rc=$?"; tail -4 "$OUT/verify_tests.log"
+  timeout 210 python3 benchmarks/quant_gpu.py --sweep --sweep-rows 1 --out "$OUT/quant.json" >"$OUT/quant.log" 2>&1
+  echo "quant rc=$?"; grep -E "decode B=|prefill 8192|vs bf16" "$OUT/quant.log"
+  timeout 135 python3 benchmarks/front_ab.py --modes process --rounds 1 --streams 256 --router-streams 256 \
+    --out "$OUT/front_router.json" >"$OUT/front_router.log" 2>&1
+  echo "front rc=$?"; tail -4 "$OUT/front_router.log"
+  timeout 60 python3 benchmarks/moe_gpu.py --shapes qwen3-30b-a3b --no-model --quantization wint8,wint4,fp8 \
+    --out "$OUT/moe_quant.json" >"$OUT/moe_quant.log" 2>&1
+  echo "moe rc=$?"; tail -12 "$OUT/moe_quant.log"
   ;;
 newgpu)
   timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_triton_moe.py \
