@@ -165,6 +165,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body: 413, before it is read whole
     max_chat_messages: int = DEFAULT_MAX_CHAT_MESSAGES
+    prompt_threads: int = 1  # request_builder.py: each with its own tokenizer copy
     metrics_public: bool = False  # /metrics without the API key
     access_log_polls: bool = False  # keep /health, /pd/info, /metrics polls in the access log
     registry: str | None = None  # redis://HOST:PORT[/DB]: registered there while serving

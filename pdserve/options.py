@@ -406,6 +406,16 @@ OPTIONS: tuple[Option, ...] = (
         offline=False,
     ),
     Option(
+        "prompt_threads",
+        ("--prompt-threads",),
+        "server",
+        default=1,
+        type=_positive,
+        help="threads that parse, template and tokenize requests, each with its own copy of the "
+        "tokenizer (which releases the GIL while it encodes)",
+        offline=False,
+    ),
+    Option(
         "reasoning_parser",
         ("--reasoning-parser",),
         "server",

@@ -4,11 +4,12 @@
 
 Value ranges are SamplingParams' to check; here go the checks it cannot make (unsupported fields, the
 context length, token ids against the vocabulary, messages and characters before templating). Parsing,
-the chat template and tokenization run on one thread of their own, never on the event loop (a request of
-megabytes would hold /health for seconds) nor on the engine thread; one thread, as the tokenizer is not
-safe to share between threads. Every refusal is a typed error (InvalidRequestError, ModelNotFoundError),
-mapped to HTTP in errors.py. `kv_transfer_params` from the router (protocol.KVTransferParams: the prefill
-instance's address only) rides along into the engine requests.
+the chat template and tokenization run on threads of their own (--prompt-threads, default one), never
+on the event loop (a request of megabytes would hold /health for seconds) nor on the engine thread; each
+extra thread works with its own copy of the tokenizer, which is not safe to share between threads.
+Every refusal is a typed error (InvalidRequestError, ModelNotFoundError), mapped to HTTP in errors.py.
+`kv_transfer_params` from the router (protocol.KVTransferParams: the prefill instance's address only)
+rides along into the engine requests.
 
 Chat: messages (tool calls and tool answers too), tools and chat_template_kwargs go through the chat
 template; parsers/requested.py decides how the answer is parsed (reasoning, tool calls) and, for
@@ -20,8 +21,10 @@ The same thread answers /tokenize and /detokenize.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -91,7 +94,8 @@ class RequestBuilder:
     def __init__(self, engine: EngineFront, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.tokenizer = engine.tokenizer
+        self.shared_tokenizer = engine.tokenizer  # the event loop's, and the only prompt thread's
+        self.own = threading.local()  # another prompt thread's copy
         self.served_model_name = config.served_model_name or engine.model_name
         self.vocab_size = len(self.tokenizer)
         # no token covers more characters than its vocabulary entry has (byte-level entries: one per
@@ -101,9 +105,19 @@ class RequestBuilder:
         self.max_chat_messages = config.max_chat_messages
         self.defaults = load_defaults(engine.model_dir, config.generation_config)
         self.config = config
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pdserve-prompts")
+        threads = config.prompt_threads
+        copy_it = self._copy_tokenizer if threads > 1 else None
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pdserve-prompts", initializer=copy_it)
         cache = config.engine.cache  # the decode scheduler's rule for sharing one prompt's KV
         self.shared_prefill_min = cache.block_size + 1 if cache.enable_prefix_caching else None
+
+    @property
+    def tokenizer(self) -> Any:
+        """This thread's tokenizer: its own copy on one of several prompt threads, else the shared one."""
+        return getattr(self.own, "tokenizer", self.shared_tokenizer)
+
+    def _copy_tokenizer(self) -> None:
+        self.own.tokenizer = copy.deepcopy(self.shared_tokenizer)
 
     async def build(self, raw: Request, model: type[R], make: Callable[[R], T]) -> T:
         """Read the body here; parse, check and tokenize it on the prompt thread."""

@@ -1,6 +1,9 @@
 """`pdserve serve --engine-process`: the engine core in its own process behaves as the engine thread does.
 
-One instance of the default model with its engine in a child process (CPU):
+One instance of the default model with its engine in a child process (CPU) and three prompt threads
+(--prompt-threads: each tokenizes with its own copy of the tokenizer):
+- concurrent chat, completion and /tokenize requests give what the session's `server` (one prompt
+  thread) gives them one at a time;
 - chat and completion streams through the openai SDK equal, chunk for chunk, those of the session's
   `server` (the engine on a thread, unless PDSERVE_ENGINE_PROCESS=1 runs the whole suite in process mode);
 - a client that leaves mid-stream has its request aborted in the core (/metrics: nothing running, the
@@ -17,6 +20,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -38,7 +42,13 @@ LONG = {"model": MODEL, "prompt": "Count:", "max_tokens": 4000, "ignore_eos": Tr
 @pytest.fixture(scope="module")
 def core_server(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
     log_dir = tmp_path_factory.mktemp("engine-process")
-    inst = Instance("core", "both", model_dir, log_dir, extra=["--engine-process", "--max-num-seqs", "16"])
+    inst = Instance(
+        "core",
+        "both",
+        model_dir,
+        log_dir,
+        extra=["--engine-process", "--max-num-seqs", "16", "--prompt-threads", "3"],
+    )
     inst.start()
     try:
         inst.wait_ready()
@@ -68,6 +78,27 @@ def test_streams_equal_the_engine_threads(server: ServerProcess, core_server: In
         expected = _streamed(thread, prompt)
         assert all(len(chunks) > 5 for chunks in expected)
         assert _streamed(process, prompt) == expected
+
+
+def _answers(client: OpenAI, url: str, headers: dict[str, str], i: int) -> tuple[str, str, list[int]]:
+    """A greedy chat answer, a greedy completion and the /tokenize ids of the i-th of several prompts."""
+    prompt = f"List {i + 2} colours of the rainbow, then count to {i + 5}: " + "one two three " * (i + 1)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0.0
+    )
+    text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.0)
+    ids = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": prompt}, headers=headers).json()
+    return chat.choices[0].message.content or "", text.choices[0].text, ids["tokens"]
+
+
+def test_prompt_threads_answer_as_one_does(server: ServerProcess, core_server: Instance) -> None:
+    thread = OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=120)
+    process = OpenAI(base_url=f"{core_server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    expected = [_answers(thread, server.url, server.headers, i) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda i: _answers(process, core_server.url, {}, i), range(6)))
+    assert got == expected
+    assert all(len(ids) > 10 for _, _, ids in got)
 
 
 def test_a_client_that_leaves_aborts_its_request_in_the_core(core_server: Instance) -> None:
