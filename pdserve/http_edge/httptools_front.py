@@ -47,6 +47,7 @@ class OpenAIShapedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         super().data_received(data)
         if self._in_head and self._head_bytes > self._limit() and not self.draining:
             self._head_too_large = True  # no end of the head in sight: not buffered any further
+            self.logger.warning("Invalid HTTP request received.")  # as uvicorn logs a parser error
             self.send_400_response("request head too large")
 
     def on_headers_complete(self) -> None:
