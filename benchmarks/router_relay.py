@@ -366,7 +366,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     print(json.dumps(row), flush=True)
             finally:
                 stop(router)
-        profile = {v.label: profile_router(backend_port, free_port(), v, args) for v in args.routers}
+        profile = {
+            v.label: profile_router(backend_port, free_port(), v, args)
+            for v in (args.routers if args.profile_level else ())  # 0: no cProfile runs
+        }
     finally:
         stop(backend)
     return {"rows": list(rows.values()), "profile": profile}
@@ -408,7 +411,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "httpx/httpx2 module aliased to CLIENT (httpx or httpx2; '-': as it is)",
     )
     p.add_argument("--policy", default="round_robin", help="the router's --policy")
-    p.add_argument("--profile-level", type=int, default=128, help="concurrency of the cProfile run")
+    p.add_argument("--profile-level", type=int, default=128, help="concurrency of the cProfile run (0: none)")
     p.add_argument("--out", default=None, help="results JSON (default docs/bench/cpu/router-relay-DATE.json)")
     return p.parse_args(argv)
 
