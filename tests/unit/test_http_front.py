@@ -3,14 +3,16 @@ uvicorn process built with `uvicorn_config` around a two-route app (no model): t
 whatever the TCP segments (uvicorn's httptools protocol has none of its own; h11 refused only a head
 still incomplete past it), parser errors in OpenAI's shape, keep-alive and pipelining.
 
-    python -m tests.unit.test_http_front PORT     the server the tests start
+    python -m tests.unit.test_http_front PORT httptools|h11     the server the tests start
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 import httpx
@@ -38,11 +40,12 @@ def read_answer(stream: BinaryIO) -> tuple[int, bytes]:
     return status, stream.read(length)
 
 
-@pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def front(protocol: str, log_dir: Path) -> Iterator[str]:
+    """A uvicorn process serving the echo app with `protocol` (httptools or h11): its base URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "tests.unit.test_http_front", str(port)]  # from the root, as the others
-    proc = Proc(cmd, tmp_path_factory.mktemp("front") / "front.log")
+    cmd = [sys.executable, "-m", "tests.unit.test_http_front", str(port), protocol]  # from the root
+    proc = Proc(cmd, log_dir / f"front-{protocol}.log")
     proc.start()
     try:
         base = f"http://127.0.0.1:{port}"
@@ -51,6 +54,19 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def any_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The front on either protocol: h11 is the fallback where httptools is not importable."""
+    with front(request.param, tmp_path_factory.mktemp("front")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with front("httptools", tmp_path_factory.mktemp("front")) as base:
+        yield base
 
 
 def test_a_head_over_the_limit_is_431_however_it_arrives(url: str) -> None:
@@ -66,7 +82,8 @@ def test_a_head_over_the_limit_is_431_however_it_arrives(url: str) -> None:
     assert httpx.get(f"{url}/echo", timeout=10).status_code == 200
 
 
-def test_parser_errors_keep_alive_and_pipelining(url: str) -> None:
+def test_parser_errors_keep_alive_and_pipelining(any_url: str) -> None:
+    url = any_url
     assert_openai_error(raw_exchange(url, b"NOT HTTP AT ALL\r\n\r\n"), 400)
     bad_length = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"
     assert_openai_error(raw_exchange(url, bad_length), 400)
@@ -91,21 +108,25 @@ def test_both_fronts_run_httptools() -> None:
     assert HTTP_PROTOCOL is OpenAIShapedHttpTools
 
 
-def serve(port: int) -> None:
+def serve(port: int, protocol: str) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from pdserve.http_edge.h11_front import OpenAIShapedH11
     from pdserve.http_edge.uvicorn_setup import uvicorn_config
 
     async def echo(request: Request) -> JSONResponse:
         return JSONResponse({"method": request.method, "body": len(await request.body())})
 
     app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])
-    uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, "warning")).run()
+    config = uvicorn_config(app, "127.0.0.1", port, "warning")
+    if protocol == "h11":
+        config.http = OpenAIShapedH11  # what uvicorn_setup picks where httptools is missing
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), sys.argv[2])
