@@ -19,7 +19,12 @@ is O(n^2) in open connections, or httpx2, a fork with a linear pool). A last run
 top costs. Before/after a change, in one run (the base's code exported by git):
 
     mkdir -p /tmp/base && git archive BASE_COMMIT pdserve | tar -x -C /tmp/base
-    .venv/bin/python benchmarks/router_relay.py --routers before=httpx@/tmp/base,after=-
+    .venv/bin/python benchmarks/router_relay.py --routers before=-@/tmp/base,after=-
+    (a base from before the aiohttp upstream: before=httpx@/tmp/base)
+
+On a shared machine the router's CPU per chunk moves with how much CPU it gets (a starved router
+handles more events per loop turn): repeat each entry (before=...,after=...,before2=...,after2=...) and
+compare the levels where every entry kept the same chunks/s; --profile-level 0 skips the cProfile runs.
 
     .venv/bin/python benchmarks/router_relay.py [--chunks 64] [--interval-ms 10] [--levels 1,32,128,256]
         [--routers router=-] [--policy round_robin] [--out FILE]
@@ -366,7 +371,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     print(json.dumps(row), flush=True)
             finally:
                 stop(router)
-        profile = {v.label: profile_router(backend_port, free_port(), v, args) for v in args.routers}
+        profile = {
+            v.label: profile_router(backend_port, free_port(), v, args)
+            for v in (args.routers if args.profile_level else ())  # 0: no cProfile runs
+        }
     finally:
         stop(backend)
     return {"rows": list(rows.values()), "profile": profile}
@@ -408,7 +416,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "httpx/httpx2 module aliased to CLIENT (httpx or httpx2; '-': as it is)",
     )
     p.add_argument("--policy", default="round_robin", help="the router's --policy")
-    p.add_argument("--profile-level", type=int, default=128, help="concurrency of the cProfile run")
+    p.add_argument("--profile-level", type=int, default=128, help="concurrency of the cProfile run (0: none)")
     p.add_argument("--out", default=None, help="results JSON (default docs/bench/cpu/router-relay-DATE.json)")
     return p.parse_args(argv)
 

@@ -9,7 +9,7 @@ rm -f .whl/*.whl  # old versions left beside new ones make the install there fai
 PIP="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl"
 PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_26_x86_64"
 # The versions .venv holds (what the tests ran against), with the dependencies the lent machines lack.
-for name in pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection gguf \
+for name in pyzmq fastapi starlette uvicorn httptools pydantic pydantic-core annotated-types typing-inspection gguf \
   opentelemetry-api annotated-doc opentelemetry-sdk opentelemetry-semantic-conventions \
   opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common opentelemetry-proto \
   opentelemetry-exporter-http-transport opentelemetry-exporter-otlp-common protobuf googleapis-common-protos \
