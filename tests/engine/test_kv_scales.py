@@ -18,10 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from pdserve import LLM, SamplingParams
 from pdserve.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig
-from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.engine import Engine
 
-from .tiny_models import TEXTS, engine_greedy, save_tiny_model
+from .tiny_models import TEXTS, engine_greedy, handed_off_output, save_tiny_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 K_BIAS = 600.0  # layer 0's K bias on a few dimensions: |K| past e4m3's 448
@@ -108,16 +107,9 @@ def test_different_scales_refused_at_handshake(model_dir, tmp_path):
     prefill, decode = engine("prefill", str(scales)), engine("decode", None)
     try:
         assert prefill.runner.kv_scales and prefill.runner.kv_scales.source == "file"
-        assert prefill.connector and decode.connector
-        decode.add_request("r", [1, 2, 3, 4, 5], GREEDY, FromPrefill(prefill.connector.address))
-        outs = []
-        for _ in range(500):
-            for e in (decode, prefill):
-                outs.extend(o for o in e.step() if o.request_id == "r")
-            if outs and outs[-1].finished:
-                break
-        assert outs[-1].finish_reason == "error"
-        error = outs[-1].error or ""
+        last = handed_off_output(prefill, decode, [1, 2, 3, 4, 5])
+        assert last.finish_reason == "error"
+        error = last.error or ""
         assert "fp8 KV cache scales (digest) mismatch" in error and "--kv-scales-file" in error
         assert decode.check_pool_free() and prefill.check_pool_free()
     finally:

@@ -29,10 +29,9 @@ from safetensors.torch import load_file, save_file
 
 from pdserve import LLM, SamplingParams
 from pdserve.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig
-from pdserve.disagg.handoff import FromPrefill
 from pdserve.engine.engine import Engine
 
-from .tiny_models import TEXTS, engine_greedy, hf_greedy_ids, save_tiny_model
+from .tiny_models import TEXTS, engine_greedy, handed_off_output, hf_greedy_ids, save_tiny_model
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -245,15 +244,7 @@ def test_mismatch_refused_at_handshake(model_dir, prefill_options, decode_option
     prefill = _engine(model_dir, "prefill", *prefill_options)
     decode = _engine(model_dir, "decode", *decode_options)
     try:
-        assert prefill.connector and decode.connector
-        decode.add_request("r", [1, 2, 3, 4, 5], GREEDY, FromPrefill(prefill.connector.address))
-        outs = []
-        for _ in range(500):
-            for e in (decode, prefill):
-                outs.extend(o for o in e.step() if o.request_id == "r")
-            if outs and outs[-1].finished:
-                break
-        last = outs[-1]
+        last = handed_off_output(prefill, decode, [1, 2, 3, 4, 5])
         assert last.finish_reason == "error"
         assert message in (last.error or "") and "both roles need the same --" in (last.error or "")
         assert decode.check_pool_free() and prefill.check_pool_free()

@@ -79,3 +79,21 @@ def engine_greedy(
         return out
     finally:
         llm.close()
+
+
+def handed_off_output(prefill: Any, decode: Any, prompt: list[int], max_tokens: int = 12) -> Any:
+    """Step a prefill and a decode Engine (inproc KV) on one greedy request handed from one to the
+    other until it ends; its last output (finished, or an error such as a refused handshake)."""
+    from pdserve import SamplingParams
+    from pdserve.disagg.handoff import FromPrefill
+
+    assert prefill.connector and decode.connector
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    decode.add_request("r", prompt, params, FromPrefill(prefill.connector.address))
+    outs = []
+    for _ in range(500):
+        for e in (decode, prefill):
+            outs.extend(o for o in e.step() if o.request_id == "r")
+        if outs and outs[-1].finished:
+            break
+    return outs[-1]
