@@ -88,7 +88,8 @@ def test_front_probe_times_a_real_servers_front(server: ServerProcess, tokenizer
     profile = Profile.from_json(
         json.loads(json.dumps({**constant_profile(0.02, 0.01).to_json(), "front": front.to_json()}))
     )
-    assert profile.front == front and profile.front.seconds(100) > front.fixed_s
+    assert profile.front == front  # the slope may be 0 on a loaded machine: seconds() is checked exactly
+    assert profile.front.seconds(100) == pytest.approx(front.fixed_s + 100 * front.per_token_s)
     # the default model's tokenizer knows every id of its model but a few special ones
     assert 0.99 < visible_fraction(tokenizer, len(tokenizer)) <= 1.0
     assert visible_fraction(tokenizer, 2 * len(tokenizer)) < 0.5
