@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ from contextlib import contextmanager
 from typing import IO
 
 import httpx
+
+from pdserve.ports import free_port
 
 SERVE_OPTIONS = (  # profile's argument -> serve's flag
     ("model", "--model"),
@@ -44,9 +45,7 @@ def serve_command(options: dict[str, object], port: int) -> list[str]:
 @contextmanager
 def running_server(options: dict[str, object], timeout: float = 900.0) -> Iterator[str]:
     """A `pdserve serve` with these options on a free port: its base URL until the block ends."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
