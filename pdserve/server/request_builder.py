@@ -15,7 +15,7 @@ Chat: messages (tool calls and tool answers too), tools and chat_template_kwargs
 template; parsers/requested.py decides how the answer is parsed (reasoning, tool calls) and, for
 tool_choice required or a named function, the grammar that constrains it. Completions: a batch of
 prompts is one Generation of P * n choices; without max_tokens each gets 16 tokens at most.
-The same thread answers /tokenize and /detokenize.
+The same threads answer /tokenize and /detokenize.
 """
 
 from __future__ import annotations
